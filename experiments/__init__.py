@@ -1,0 +1,1 @@
+"""absl-flag experiments run through `python launch.py --experiment=NAME`."""

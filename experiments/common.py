@@ -1,0 +1,107 @@
+"""What experiments share: common flags, loading data and models, atomic files, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import flags, logging
+
+from propmaps_jax import checkpoint, data, models
+from propmaps_jax.errors import PropmapsError
+
+flags.DEFINE_string(
+    "cifar10_path",
+    None,
+    "CIFAR-10 source: cifar-10-python.tar.gz, its cifar-10-batches-py/ folder or an "
+    ".npz; default $CIFAR10_PATH, else tensorflow-datasets.",
+)
+flags.DEFINE_string("workdir", None, "Folder for results (created if needed).")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+
+FLAGS = flags.FLAGS
+
+
+def require_workdir() -> str:
+    """The --workdir flag, created; a clear error when missing."""
+    if not FLAGS.workdir:
+        raise PropmapsError("--workdir is required: the folder where results are written")
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    return FLAGS.workdir
+
+
+def load_data() -> data.Cifar10:
+    """CIFAR-10 from --cifar10_path / $CIFAR10_PATH / tensorflow-datasets."""
+    dataset = data.load_cifar10(FLAGS.cifar10_path)
+    logging.info("CIFAR-10 from %s", dataset.source)
+    return dataset
+
+
+def load_model(name: str, weights: str | None):
+    """(config, module, variables, metadata) of --model with --weights or the bundled one."""
+    if name not in models.MODEL_REGISTRY:
+        raise PropmapsError(
+            f"unknown model {name!r}; choose one of {', '.join(models.MODEL_REGISTRY)}"
+        )
+    config, variables, metadata = checkpoint.load_weights(name, weights)
+    return config, models.create_model(config), variables, metadata
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomically write a text file."""
+    checkpoint.atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically write a JSON file (indented, keys in insertion order)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def device_description() -> dict[str, Any]:
+    """Backend, device kinds and count, versions: for summaries and benchmarks."""
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+class Progress:
+    """Progress lines: done/total, successes so far, rate, ETA."""
+
+    def __init__(self, total: int, what: str = "images", every_s: float = 10.0):
+        self.total, self.what, self.every_s = total, what, every_s
+        self.start = time.time()
+        self.last = 0.0
+
+    def update(self, done: int, successes: int | None = None, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = f"{done}/{self.total} {self.what}"
+        if successes is not None:
+            line += f", {successes} successes ({successes / max(done, 1):.1%})"
+        line += f", {rate:.2f} {self.what}/s, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
+        logging.info(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+def _fmt(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

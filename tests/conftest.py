@@ -1,0 +1,62 @@
+"""Shared fixtures: a PRNG key, tiny models, the real CIFAR-10 copy when available."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from propmaps_jax import models  # noqa: E402
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def cifar10_path():
+    """$CIFAR10_PATH (CI sets it to ../shared/cifar10); skip with a reason otherwise."""
+    path = os.environ.get("CIFAR10_PATH")
+    if not path:
+        pytest.skip("CIFAR10_PATH is not set: no real CIFAR-10 copy for this test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def keras_weights_dir():
+    """$KERAS_WEIGHTS_DIR holding lenet.h5 / resnet.h5; skip with a reason otherwise."""
+    path = os.environ.get("KERAS_WEIGHTS_DIR")
+    if not path or not os.path.isdir(path):
+        pytest.skip("KERAS_WEIGHTS_DIR is not set: the public Keras weights are absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet():
+    """(module, variables) of a tiny ResNet with non-trivial BatchNorm statistics."""
+    module = models.create_model("resnet_tiny")
+    variables = models.init_variables(module, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    stats = jax.tree_util.tree_map(
+        lambda x: np.asarray(rng.uniform(0.5, 1.5, x.shape), np.float32),
+        variables["batch_stats"],
+    )
+    return module, {"params": variables["params"], "batch_stats": stats}
+
+
+@pytest.fixture(scope="session")
+def tiny_lenet():
+    module = models.create_model("lenet_tiny")
+    return module, models.init_variables(module, jax.random.key(2))
+
+
+@pytest.fixture
+def random_images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
