@@ -25,7 +25,9 @@ def _experiment_name(argv: list[str]) -> str | None:
 def main() -> None:
     name = _experiment_name(sys.argv[1:])
     if name not in EXPERIMENTS:
-        what = "missing --experiment" if name is None else f"unknown experiment {name!r}"
+        what = (
+            "missing --experiment" if name is None else f"unknown experiment {name!r}"
+        )
         sys.stderr.write(f"error: {what}; choose one of: {', '.join(EXPERIMENTS)}\n")
         sys.exit(2)
     flags.DEFINE_enum("experiment", name, EXPERIMENTS, "Which experiment to run.")

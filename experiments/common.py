@@ -30,7 +30,9 @@ FLAGS = flags.FLAGS
 def require_workdir() -> str:
     """The --workdir flag, created; a clear error when missing."""
     if not FLAGS.workdir:
-        raise PropmapsError("--workdir is required: the folder where results are written")
+        raise PropmapsError(
+            "--workdir is required: the folder where results are written"
+        )
     os.makedirs(FLAGS.workdir, exist_ok=True)
     return FLAGS.workdir
 
@@ -84,7 +86,9 @@ class Progress:
         self.start = time.time()
         self.last = 0.0
 
-    def update(self, done: int, successes: int | None = None, force: bool = False) -> None:
+    def update(
+        self, done: int, successes: int | None = None, force: bool = False
+    ) -> None:
         now = time.time()
         if not force and now - self.last < self.every_s and done < self.total:
             return

@@ -30,7 +30,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -93,19 +95,33 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     }
 
 
-def check_variables_fit(template: Variables, variables: Variables, where: str) -> Variables:
+def check_variables_fit(
+    template: Variables, variables: Variables, where: str
+) -> Variables:
     """Restore `variables` into the structure of `template`, checking every shape."""
-    flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(template)}
+    flat_t = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(template)
+    }
     flat_v = {
-        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(variables)
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(variables)
     }
     missing = sorted(set(flat_t) - set(flat_v))
     extra = sorted(set(flat_v) - set(flat_t))
     if missing or extra:
         raise WeightsError(
             f"{where} does not fit the model: "
-            + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
-            + (f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else "")
+            + (
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+                if missing
+                else ""
+            )
+            + (
+                f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                if extra
+                else ""
+            )
         )
     for k, t in flat_t.items():
         if tuple(np.shape(flat_v[k])) != tuple(t.shape):
@@ -120,7 +136,9 @@ def check_variables_fit(template: Variables, variables: Variables, where: str) -
     )
 
 
-def load_checkpoint(path: str, expect_model: str | None = None) -> tuple[ModelConfig, Variables, dict]:
+def load_checkpoint(
+    path: str, expect_model: str | None = None
+) -> tuple[ModelConfig, Variables, dict]:
     """(config, variables, metadata) of a checkpoint, checked against its architecture."""
     ckpt = read_checkpoint(path)
     config = ckpt["config"]
@@ -129,7 +147,9 @@ def load_checkpoint(path: str, expect_model: str | None = None) -> tuple[ModelCo
             f"{path} holds a {config.name!r} model, not {expect_model!r}: "
             "pass the weights of the right model or change --model"
         )
-    template = init_variables(create_model(config), jax.random.key(0), config.image_shape)
+    template = init_variables(
+        create_model(config), jax.random.key(0), config.image_shape
+    )
     variables = check_variables_fit(template, ckpt["variables"], path)
     return config, variables, ckpt["metadata"]
 
@@ -139,7 +159,9 @@ def bundled_checkpoint_path(model_name: str) -> str:
     return str(resources.files("propmaps_jax") / "weights" / f"{model_name}.msgpack")
 
 
-def load_weights(model_name: str, weights: str | None = None) -> tuple[ModelConfig, Variables, dict]:
+def load_weights(
+    model_name: str, weights: str | None = None
+) -> tuple[ModelConfig, Variables, dict]:
     """Load `weights` (our checkpoint or a Keras .h5) or the bundled checkpoint of a model."""
     if weights is None:
         path = bundled_checkpoint_path(model_name)

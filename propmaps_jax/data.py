@@ -93,7 +93,9 @@ def _decode_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _concat(
+    parts: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
     return (
         np.concatenate([p[0] for p in parts]),
         np.concatenate([p[1] for p in parts]),
@@ -111,7 +113,11 @@ def _load_folder(folder: str) -> Cifar10:
         os.path.join(folder, BATCHES_DIR)
     ):
         folder = os.path.join(folder, BATCHES_DIR)
-    missing = [f for f in (*TRAIN_FILES, TEST_FILE) if not os.path.isfile(os.path.join(folder, f))]
+    missing = [
+        f
+        for f in (*TRAIN_FILES, TEST_FILE)
+        if not os.path.isfile(os.path.join(folder, f))
+    ]
     if missing:
         raise DataError(
             f"{folder} is not a {BATCHES_DIR} folder: missing {', '.join(missing)}; "
@@ -172,7 +178,9 @@ def _load_npz(path: str) -> Cifar10:
     for split in ("train", "test"):
         labels = np.asarray(arrays[f"y_{split}"]).reshape(-1)
         if not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{path}: y_{split} must hold integer labels, got {labels.dtype}")
+            raise DataError(
+                f"{path}: y_{split} must hold integer labels, got {labels.dtype}"
+            )
         arrays[f"y_{split}"] = labels.astype(np.int32)
         validate_split(arrays[f"x_{split}"], arrays[f"y_{split}"], f"{path} ({split})")
     return Cifar10(**arrays, source=path)
@@ -189,7 +197,9 @@ def load_from_path(path: str) -> Cifar10:
         return _load_npz(path)
     if tarfile.is_tarfile(path) or path.endswith((".tar.gz", ".tgz", ".tar")):
         return _load_tar(path)
-    raise DataError(f"{path} is neither a folder, a .tar.gz nor an .npz; " + HOW_TO_POINT)
+    raise DataError(
+        f"{path} is neither a folder, a .tar.gz nor an .npz; " + HOW_TO_POINT
+    )
 
 
 def _tfds_split(source, where: str) -> tuple[np.ndarray, np.ndarray]:

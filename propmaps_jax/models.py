@@ -56,7 +56,9 @@ class LeNet(nn.Module):
     def __call__(self, images: Images, train: bool = False) -> jax.Array:
         x = normalize(images, self.mean, self.std).astype(self.dtype)
         for i, width in enumerate(self.features):
-            x = nn.Conv(width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
+            x = nn.Conv(
+                width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}"
+            )(x)
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         # (H, W, C) flatten order, as Keras' Flatten with channels_last.
@@ -70,7 +72,11 @@ class LeNet(nn.Module):
 def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     # Keras defaults of the reference models: momentum 0.99, epsilon 1e-3.
     return nn.BatchNorm(
-        use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype, name=name
+        use_running_average=not train,
+        momentum=0.99,
+        epsilon=1e-3,
+        dtype=dtype,
+        name=name,
     )
 
 
@@ -93,7 +99,9 @@ class PreActBlock(nn.Module):
             name="conv1",
         )(y)
         y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
-        y = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, name="conv2")(y)
+        y = nn.Conv(
+            self.features, (3, 3), padding="SAME", dtype=self.dtype, name="conv2"
+        )(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             # Projection from the block input (not its activation), as in the Keras model.
             x = nn.Conv(
@@ -120,12 +128,17 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images: Images, train: bool = False) -> jax.Array:
         x = normalize(images, self.mean, self.std).astype(self.dtype)
-        x = nn.Conv(self.widths[0], (3, 3), padding="SAME", dtype=self.dtype, name="stem")(x)
+        x = nn.Conv(
+            self.widths[0], (3, 3), padding="SAME", dtype=self.dtype, name="stem"
+        )(x)
         for stage, width in enumerate(self.widths):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = PreActBlock(
-                    width, strides, dtype=self.dtype, name=f"stage{stage + 1}_block{block + 1}"
+                    width,
+                    strides,
+                    dtype=self.dtype,
+                    name=f"stage{stage + 1}_block{block + 1}",
                 )(x, train)
         x = nn.relu(_batch_norm(train, self.dtype, "bn_final")(x))
         x = jnp.mean(x, axis=(1, 2))
