@@ -15,11 +15,12 @@ from importlib import resources
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
 from propmaps_jax.errors import WeightsError
-from propmaps_jax.models import ModelConfig, create_model, init_variables
+from propmaps_jax.models import ModelConfig, create_model
 from propmaps_jax.types import Variables
 
 FORMAT = "propmaps-jax-checkpoint"
@@ -38,6 +39,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -136,6 +140,13 @@ def check_variables_fit(
     )
 
 
+def variables_template(config: ModelConfig) -> Variables:
+    """Shapes and dtypes of a model's variables, without compiling or running it."""
+    module = create_model(config)
+    dummy = jnp.zeros((1, *config.image_shape), jnp.float32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, train=False))
+
+
 def load_checkpoint(
     path: str, expect_model: str | None = None
 ) -> tuple[ModelConfig, Variables, dict]:
@@ -147,9 +158,7 @@ def load_checkpoint(
             f"{path} holds a {config.name!r} model, not {expect_model!r}: "
             "pass the weights of the right model or change --model"
         )
-    template = init_variables(
-        create_model(config), jax.random.key(0), config.image_shape
-    )
+    template = variables_template(config)
     variables = check_variables_fit(template, ckpt["variables"], path)
     return config, variables, ckpt["metadata"]
 

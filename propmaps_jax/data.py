@@ -186,6 +186,13 @@ def _load_npz(path: str) -> Cifar10:
     return Cifar10(**arrays, source=path)
 
 
+def _is_tarfile(path: str) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, tarfile.TarError, zlib.error):
+        return False  # a damaged archive: _load_tar reports it if the name says tar
+
+
 def load_from_path(path: str) -> Cifar10:
     """Load CIFAR-10 from a tar.gz archive, a batches folder or an .npz file."""
     path = os.path.expanduser(path)
@@ -195,7 +202,7 @@ def load_from_path(path: str) -> Cifar10:
         return _load_folder(path)
     if path.endswith(".npz"):
         return _load_npz(path)
-    if tarfile.is_tarfile(path) or path.endswith((".tar.gz", ".tgz", ".tar")):
+    if path.endswith((".tar.gz", ".tgz", ".tar")) or _is_tarfile(path):
         return _load_tar(path)
     raise DataError(
         f"{path} is neither a folder, a .tar.gz nor an .npz; " + HOW_TO_POINT

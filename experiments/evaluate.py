@@ -1,0 +1,100 @@
+"""Test accuracy of a model: our checkpoint, a Keras .h5, or the bundled checkpoint.
+
+    python launch.py --experiment=evaluate --model=lenet \
+        --weights=../shared/one-pixel-attack-keras/lenet.h5 --workdir=/tmp/eval
+
+writes DIR/evaluation.json (accuracy, counts, per-class accuracy, wall time, device)
+and, with --save_predictions, DIR/predictions.npz (`probs` (N, 10) float32, `labels`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import numpy as np
+from absl import flags
+
+from experiments import common
+from propmaps_jax import checkpoint, evaluation, models
+
+flags.DEFINE_string(
+    "model", "resnet", f"Architecture: one of {', '.join(models.MODEL_REGISTRY)}."
+)
+flags.DEFINE_string(
+    "weights",
+    None,
+    "Our checkpoint (.msgpack) or a Keras 2 .h5 file; default: the bundled "
+    "checkpoint of --model.",
+)
+flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
+flags.DEFINE_bool(
+    "save_predictions", False, "Also write predictions.npz (probs (N, 10), labels)."
+)
+
+FLAGS = flags.FLAGS
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def main(argv: list[str]) -> None:
+    """Evaluate --model with --weights on the test split and write the results."""
+    del argv
+    workdir = common.require_workdir()
+    config, module, variables, metadata = common.load_model(FLAGS.model, FLAGS.weights)
+    weights = FLAGS.weights or checkpoint.bundled_checkpoint_path(FLAGS.model)
+    dataset = common.load_data()
+    images, labels = dataset.split("test")
+
+    start = time.time()
+    progress = common.Progress(len(images), what="images")
+    probs = evaluation.predict(
+        models.make_logits_fn(module, variables),
+        images,
+        FLAGS.batch_size,
+        on_batch=progress.update,
+    )
+    wall_time = time.time() - start
+    summary = evaluation.accuracy_summary(probs, labels, config.num_classes)
+    names = (
+        models.CIFAR10_CLASSES
+        if config.num_classes == len(models.CIFAR10_CLASSES)
+        else [str(c) for c in range(config.num_classes)]
+    )
+    result = {
+        "model": config.name,
+        "weights": os.path.abspath(weights),
+        "weights_source": "bundled"
+        if FLAGS.weights is None
+        else metadata.get("source", "checkpoint"),
+        "config": config.to_dict(),
+        "data": dataset.source,
+        "split": "test",
+        "accuracy": summary["accuracy"],
+        "correct": summary["correct"],
+        "total": summary["total"],
+        "per_class_accuracy": {
+            names[c]: v["accuracy"] for c, v in summary["per_class"].items()
+        },
+        "batch_size": FLAGS.batch_size,
+        "wall_time_s": round(wall_time, 3),
+        "device": common.device_description(),
+    }
+    common.write_json(os.path.join(workdir, "evaluation.json"), result)
+    if FLAGS.save_predictions:
+        checkpoint.atomic_write_bytes(
+            os.path.join(workdir, "predictions.npz"),
+            _npz_bytes(probs=probs.astype(np.float32), labels=labels.astype(np.int32)),
+        )
+    print(
+        f"{config.name} ({weights}): test accuracy {summary['accuracy']:.2%} "
+        f"({summary['correct']}/{summary['total']}) in {wall_time:.1f} s; "
+        f"results in {workdir}"
+    )
+    for name, accuracy in result["per_class_accuracy"].items():
+        print(f"  {name:>10s}: " + ("-" if accuracy is None else f"{accuracy:.2%}"))
