@@ -1,0 +1,241 @@
+"""Figures of propagation maps, shared by experiments/propagation.py and statistics.py.
+
+No flags here, so both experiments can import it. Every function takes host arrays
+(NumPy) in forward layer order and returns or saves a matplotlib figure.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Circle  # noqa: E402
+
+from propmaps_jax import checkpoint  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: str, dpi: int = 110) -> None:
+    """Atomically write `fig` as a PNG and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+
+
+def layer_title(name: str, shape: Sequence[int]) -> str:
+    """Panel title on two lines: 'stage2_block1/conv1' and '16x16x32'."""
+    return f"{name}\n{'x'.join(str(int(s)) for s in shape)}"
+
+
+def _format_scale(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _draw_layer_panels(
+    fig: plt.Figure,
+    grid_cells: list,
+    maps: dict[str, np.ndarray],
+    shapes: dict[str, Sequence[int]],
+    vmax: dict[str, float] | None,
+    signed: bool,
+    colorbar_label: str,
+) -> None:
+    """One panel per layer with its own colour bar, in the given grid cells."""
+    for cell, (name, pm) in zip(grid_cells, maps.items(), strict=False):
+        ax = fig.add_subplot(cell)
+        if vmax is not None:
+            top = float(vmax[name])
+        else:
+            top = float(np.nanmax(np.abs(pm))) if pm.size else 0.0
+        top = top if np.isfinite(top) and top > 0 else 1.0
+        low = -top if signed else 0.0
+        image = ax.imshow(
+            pm,
+            cmap="RdBu_r" if signed else "inferno",
+            vmin=low,
+            vmax=top,
+            interpolation="nearest",
+        )
+        over = float(np.nanmax(pm)) > top
+        under = signed and float(np.nanmin(pm)) < low
+        extend = {
+            (False, False): "neither",
+            (True, False): "max",
+            (False, True): "min",
+            (True, True): "both",
+        }
+        bar = fig.colorbar(
+            image,
+            ax=ax,
+            fraction=0.046,
+            pad=0.03,
+            ticks=[low, 0.0, top] if signed else [0.0, top],
+            extend=extend[(over, under)],
+        )
+        bar.ax.set_yticklabels(
+            [_format_scale(t) for t in ([low, 0.0, top] if signed else [0.0, top])]
+        )
+        bar.ax.tick_params(labelsize=6, length=2, pad=1)
+        ax.set_title(
+            layer_title(name, shapes[name]), fontsize=7, pad=2, linespacing=1.1
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if colorbar_label and grid_cells:
+        fig.text(0.99, 0.0, colorbar_label, ha="right", va="bottom", fontsize=8)
+
+
+def _show_image(
+    ax: plt.Axes, image: np.ndarray, pixels: np.ndarray | None, title: str
+) -> None:
+    ax.imshow(np.asarray(image, np.uint8), interpolation="nearest")
+    if pixels is not None:
+        for row, col in np.asarray(pixels)[:, :2]:
+            # A ring around the pixel (not over it), drawn twice so it shows on dark
+            # and on light images.
+            for colour, width in (("black", 2.6), ("lime", 1.3)):
+                ax.add_patch(
+                    Circle(
+                        (col, row),
+                        2.2,
+                        fill=False,
+                        edgecolor=colour,
+                        linewidth=width,
+                    )
+                )
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def single_attack_figure(
+    maps: dict[str, np.ndarray],
+    shapes: dict[str, Sequence[int]],
+    fm_max: dict[str, float],
+    image: np.ndarray,
+    perturbed: np.ndarray,
+    pixels: np.ndarray,
+    caption_natural: str,
+    caption_perturbed: str,
+    title: str,
+    colorbar_label: str,
+    signed: bool = False,
+    columns: int = 6,
+) -> plt.Figure:
+    """Figures 2-6: the natural and perturbed image, then a panel per layer.
+
+    Each panel's colour scale runs from 0 to `fm_max[layer]`, the maximum of that
+    layer's original feature maps (symmetric around 0 when `signed`).
+    """
+    n = len(maps)
+    columns = max(1, min(columns, n))
+    rows = max(2, math.ceil(n / columns))
+    height = 0.6 + 1.8 * rows
+    fig = plt.figure(figsize=(3.2 + 2.05 * columns, height))
+    grid = fig.add_gridspec(
+        rows,
+        columns + 1,
+        width_ratios=[2.3] + [1.0] * columns,
+        wspace=0.45,
+        hspace=0.5,
+        top=1.0 - 0.55 / height,
+        bottom=0.25 / height,
+    )
+    half = rows // 2
+    _show_image(fig.add_subplot(grid[:half, 0]), image, pixels, caption_natural)
+    _show_image(fig.add_subplot(grid[half:, 0]), perturbed, pixels, caption_perturbed)
+    cells = [grid[i // columns, 1 + i % columns] for i in range(n)]
+    _draw_layer_panels(fig, cells, maps, shapes, fm_max, signed, colorbar_label)
+    fig.suptitle(title, fontsize=11, y=0.995)
+    return fig
+
+
+def mean_maps_figure(
+    maps: dict[str, np.ndarray],
+    shapes: dict[str, Sequence[int]],
+    title: str,
+    colorbar_label: str,
+    columns: int = 6,
+) -> plt.Figure:
+    """Figures 7/8: one panel per layer, each scaled to its own maximum."""
+    n = len(maps)
+    columns = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / columns))
+    height = 0.6 + 1.8 * rows
+    fig = plt.figure(figsize=(2.05 * columns, height))
+    grid = fig.add_gridspec(
+        rows,
+        columns,
+        wspace=0.45,
+        hspace=0.5,
+        top=1.0 - 0.55 / height,
+        bottom=0.25 / height,
+    )
+    cells = [grid[i // columns, i % columns] for i in range(n)]
+    _draw_layer_panels(fig, cells, maps, shapes, None, False, colorbar_label)
+    fig.suptitle(title, fontsize=11, y=0.995)
+    return fig
+
+
+def layer_means_figure(
+    layers: Sequence[str],
+    curves: dict[str, np.ndarray],
+    title: str,
+    ylabel: str,
+    log_scale: bool = True,
+) -> plt.Figure:
+    """Figure 9: one line per curve over the layers (names on the x axis, rotated)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) + 2.0), 4.6))
+    x = np.arange(len(layers))
+    markers = ("o", "s", "^", "d", "v")
+    for i, (label, values) in enumerate(curves.items()):
+        values = np.asarray(values, np.float64)
+        if np.all(np.isnan(values)):
+            continue
+        ax.plot(
+            x, values, marker=markers[i % len(markers)], ms=3.5, lw=1.2, label=label
+        )
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=7)
+    ax.set_xlabel("layer (forward order)")
+    ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def distance_histogram_figure(
+    distances: dict[str, np.ndarray], bin_edges: np.ndarray, title: str
+) -> plt.Figure:
+    """Histogram (fraction of attacks) of the pixel's distance from the image centre."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for label, values in distances.items():
+        values = np.asarray(values, np.float64)
+        if values.size == 0:
+            continue
+        weights = np.full(values.shape, 1.0 / values.size)
+        ax.hist(
+            values,
+            bins=bin_edges,
+            weights=weights,
+            histtype="step",
+            lw=1.6,
+            label=f"{label} (n={values.size}, median {np.median(values):.1f})",
+        )
+    ax.set_xlabel("distance of the attacked pixel from the image centre (pixels)")
+    ax.set_ylabel("fraction of attacks")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

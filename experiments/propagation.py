@@ -1,0 +1,256 @@
+"""Propagation maps of one attack (paper figures 2-6).
+
+    python launch.py --experiment=propagation --model=resnet --weights=W --index=I \\
+        --workdir=DIR [--pixel=ROW,COL --rgb=R,G,B] [--move_to=ROW,COL]
+
+The perturbation of test image I comes from DIR/attack.csv (its best candidate, also
+for a failed attack), or from --pixel/--rgb. --move_to puts the same colour at another
+position (the paper's counterexamples, figure 4). Writes
+DIR/propagation/<name>_pm_max.png, <name>_pm_avg.png and <name>_maps.npz, where
+<name> is I, or I_moved_ROW_COL with --move_to.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+
+from experiments import common, plots
+from experiments.results import read_attack_csv
+from propmaps_jax import checkpoint, propagation
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import CIFAR10_CLASSES
+from propmaps_jax.perturb import apply_pixels
+
+flags.DEFINE_string("model", "resnet", "Architecture name (see models.MODEL_REGISTRY).")
+flags.DEFINE_string(
+    "weights", None, "Checkpoint of ours or Keras .h5; default: the bundled one."
+)
+flags.DEFINE_integer("index", None, "Index of the test image.")
+flags.DEFINE_string(
+    "pixel", None, "ROW,COL of the changed pixel (with --rgb); default: attack.csv."
+)
+flags.DEFINE_string("rgb", None, "R,G,B colour (0..255) of the pixel given by --pixel.")
+flags.DEFINE_string(
+    "move_to", None, "ROW,COL: put the same colour at this position instead."
+)
+flags.DEFINE_bool(
+    "signed",
+    False,
+    "Signed maps (FM - FM_adv, the paper's equations literally), not |FM - FM_adv|.",
+)
+flags.DEFINE_integer("columns", 6, "Layer panels per row in the figures.")
+
+FLAGS = flags.FLAGS
+
+
+def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:
+    """'12,30' -> (12, 30); a PropmapsError naming the flag when malformed."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != count or len(parts) != count:
+        raise PropmapsError(
+            f"--{flag}={text!r} is not {what}: give {count} integers separated by "
+            f"commas, e.g. --{flag}={','.join(['12'] * count)}"
+        )
+    return values
+
+
+def perturbation_from_flags(workdir: str, index: int) -> tuple[np.ndarray, str]:
+    """(pixels (k, 5), where they come from) from --pixel/--rgb or DIR/attack.csv."""
+    if FLAGS.pixel is not None or FLAGS.rgb is not None:
+        if FLAGS.pixel is None or FLAGS.rgb is None:
+            raise PropmapsError(
+                "--pixel and --rgb go together: give both (e.g. --pixel=12,30 "
+                "--rgb=255,0,0) or neither to read the perturbation from attack.csv"
+            )
+        row, col = parse_ints(FLAGS.pixel, 2, "pixel", "ROW,COL")
+        colour = parse_ints(FLAGS.rgb, 3, "rgb", "R,G,B")
+        if any(not 0 <= c <= 255 for c in colour):
+            raise PropmapsError(f"--rgb={FLAGS.rgb}: each colour must be in 0..255")
+        return np.array([[row, col, *colour]], np.int64), "--pixel/--rgb"
+    path = os.path.join(workdir, "attack.csv")
+    table = read_attack_csv(path)
+    rows = np.flatnonzero(table["index"] == index)
+    if rows.size == 0:
+        known = table["index"]
+        listed = ", ".join(str(i) for i in known[:8]) + (
+            ", ..." if known.size > 8 else ""
+        )
+        raise PropmapsError(
+            f"test image {index} is not in {path} (it holds {known.size} images: "
+            f"{listed or 'none'}); pick one of them or give --pixel and --rgb"
+        )
+    row = rows[-1]
+    if not table["attacked"][row]:
+        raise PropmapsError(
+            f"test image {index} was not attacked (the model misclassified it "
+            f"already, see {path}); pick another --index or give --pixel and --rgb"
+        )
+    outcome = "successful" if table["success"][row] else "failed (best candidate)"
+    return np.asarray(table["pixels"][row], np.int64), f"attack.csv, {outcome}"
+
+
+def check_pixels(pixels: np.ndarray, image_shape: tuple[int, ...], flag: str) -> None:
+    """PropmapsError unless every (row, col) lies inside the image."""
+    height, width = image_shape[:2]
+    for row, col in pixels[:, :2]:
+        if not (0 <= row < height and 0 <= col < width):
+            raise PropmapsError(
+                f"pixel ({row}, {col}) from {flag} lies outside the {height}x{width} "
+                f"image: rows must be in 0..{height - 1} and columns in 0..{width - 1}"
+            )
+    if np.any((pixels[:, 2:] < 0) | (pixels[:, 2:] > 255)):
+        raise PropmapsError(f"colours from {flag} must be in 0..255")
+
+
+def class_name(index: int, num_classes: int) -> str:
+    """CIFAR-10 name of a class (its number for other class counts)."""
+    return CIFAR10_CLASSES[index] if num_classes == len(CIFAR10_CLASSES) else str(index)
+
+
+def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically write a compressed .npz."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+
+
+def main(argv: list[str]) -> None:
+    """Compute and plot PM_max / PM_avg of one perturbed test image."""
+    del argv
+    workdir = common.require_workdir()
+    if FLAGS.index is None:
+        raise PropmapsError("--index is required: the test image to analyse")
+    index = FLAGS.index
+    pixels, source = perturbation_from_flags(workdir, index)
+    name = str(index)
+    if FLAGS.move_to is not None:
+        if pixels.shape[0] != 1:
+            raise PropmapsError(
+                f"--move_to moves a one-pixel perturbation; this one has "
+                f"{pixels.shape[0]} pixels"
+            )
+        row, col = parse_ints(FLAGS.move_to, 2, "move_to", "ROW,COL")
+        pixels = pixels.copy()
+        pixels[0, :2] = (row, col)
+        source += f", moved to ({row}, {col})"
+        name += f"_moved_{row}_{col}"
+
+    # Data before the model: bad input is reported without compiling anything.
+    dataset = common.load_data()
+    images, labels = dataset.split("test")
+    if not 0 <= index < images.shape[0]:
+        raise PropmapsError(
+            f"--index={index} is outside the test set (0..{images.shape[0] - 1})"
+        )
+    check_pixels(
+        pixels, images.shape[1:], "--move_to" if FLAGS.move_to is not None else source
+    )
+    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+    image, label = images[index], int(labels[index])
+    perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
+
+    order = propagation.layer_shapes(module, variables, config.image_shape)
+    analyze = jax.jit(
+        lambda v, x, x_adv: propagation.analyze(
+            module, v, x, x_adv, signed=FLAGS.signed
+        )
+    )
+    out = jax.device_get(analyze(variables, image[None], perturbed[None]))
+    probs = np.asarray(jax.nn.softmax(out["logits"][0]))
+    probs_adv = np.asarray(jax.nn.softmax(out["logits_adv"][0]))
+    pm = {
+        r: {n: np.asarray(out[f"pm_{r}"][n][0]) for n in order} for r in ("max", "avg")
+    }
+    summaries = {
+        key: np.array([out["summaries"][n][key][0] for n in order], np.float64)
+        for key in propagation.SUMMARY_NAMES
+    }
+    fm_max = dict(zip(order, summaries["fm_max"], strict=True))
+
+    num_classes = config.num_classes
+    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
+    changed = "class changed" if after != before else "class unchanged"
+    pixel_text = "; ".join(
+        f"({r}, {c}) -> RGB ({cr}, {cg}, {cb})" for r, c, cr, cg, cb in pixels
+    )
+    logging.info("perturbation from %s: %s", source, pixel_text)
+    caption_natural = (
+        f"natural, true class: {class_name(label, num_classes)}\n"
+        f"predicted {class_name(before, num_classes)} {probs[before]:.1%}"
+    )
+    true_prob = (
+        f", {class_name(label, num_classes)} {probs_adv[label]:.1%}"
+        if after != label
+        else ""
+    )
+    caption_perturbed = (
+        f"perturbed: {changed}\npredicted {class_name(after, num_classes)} "
+        f"{probs_adv[after]:.1%}{true_prob}\npixel {pixel_text}"
+    )
+    os.makedirs(os.path.join(workdir, "propagation"), exist_ok=True)
+    difference = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
+    for reduce, what in (("max", "max"), ("avg", "mean")):
+        title = (
+            f"PM_{reduce} = {what} over channels of {difference}, {FLAGS.model}, "
+            f"test image {index} ({source})"
+        )
+        fig = plots.single_attack_figure(
+            pm[reduce],
+            order,
+            fm_max,
+            image,
+            perturbed,
+            pixels,
+            caption_natural,
+            caption_perturbed,
+            title,
+            "colour scale of each layer: "
+            + ("-max .. max" if FLAGS.signed else "0 .. max")
+            + " of its original feature maps (arrow: the map exceeds it)",
+            signed=FLAGS.signed,
+            columns=FLAGS.columns,
+        )
+        path = os.path.join(workdir, "propagation", f"{name}_pm_{reduce}.png")
+        plots.save_figure(fig, path)
+        logging.info("wrote %s", path)
+        print(f"wrote {path}")
+
+    arrays: dict[str, np.ndarray] = {
+        "layers": np.array(list(order)),
+        "shapes": np.array([order[n] for n in order], np.int64),
+        "image": image,
+        "perturbed": perturbed,
+        "pixels": pixels,
+        "label": np.array(label),
+        "index": np.array(index),
+        "probs": probs,
+        "probs_adv": probs_adv,
+        "signed": np.array(FLAGS.signed),
+    }
+    arrays.update(summaries)
+    for reduce in ("max", "avg"):
+        arrays.update({f"pm_{reduce}/{n}": pm[reduce][n] for n in order})
+    npz_path = os.path.join(workdir, "propagation", f"{name}_maps.npz")
+    save_npz(npz_path, arrays)
+    print(f"wrote {npz_path}")
+    print(
+        f"test image {index}: {class_name(before, num_classes)} {probs[before]:.1%} -> "
+        f"{class_name(after, num_classes)} {probs_adv[after]:.1%} "
+        f"(true {class_name(label, num_classes)}), perturbation {pixel_text}"
+    )
+    print(f"{'layer':<28} {'HxWxK':>9} {'max|dFM|/maxFM':>15} {'spread>10%':>11}")
+    for i, n in enumerate(order):
+        print(
+            f"{n:<28} {'x'.join(map(str, order[n])):>9} "
+            f"{summaries['max_ratio'][i]:>15.3f} {summaries['spread'][i]:>11.1%}"
+        )

@@ -1,0 +1,361 @@
+"""Propagation maps over many attacks (paper section 6, figures 7-9, plus numbers).
+
+    python launch.py --experiment=statistics --model=resnet --weights=W --workdir=DIR
+
+Reads every attacked image of DIR/attack.csv (a failed attack contributes its best
+candidate), streams them in batches through one jitted step that adds the
+propagation maps to running sums on the device (only per-image scalars come back
+to the host), and writes to DIR/statistics/:
+
+- mean_pm_avg_successful.png, mean_pm_avg_failed.png (figures 7/8): per layer the
+  mean PM_avg over successful / failed attacks, each panel scaled to its own max;
+- layer_means.png (figure 9): per layer the mean |FM - FM_adv| over all feature
+  maps for successful and failed attacks, beside the mean original feature map;
+- distance_from_centre.png: where the attacked pixels lie;
+- per_layer.csv and summary.json: per layer and outcome the mean and 95th
+  percentile of max|dFM| / max FM, the fraction of attacks where it reaches 1, the
+  spread (fraction of positions where PM_max > 10% of the layer's original max),
+  the mean |dFM| and mean FM; per outcome the distance of the pixel from the centre;
+- mean_maps.npz: the mean PM_avg and PM_max maps per layer and outcome.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+
+from experiments import common, plots
+from experiments.results import read_attack_csv
+from propmaps_jax import checkpoint, propagation
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.perturb import apply_pixels_batch
+
+flags.DEFINE_string("model", "resnet", "Architecture name (see models.MODEL_REGISTRY).")
+flags.DEFINE_string(
+    "weights", None, "Checkpoint of ours or Keras .h5; default: the bundled one."
+)
+flags.DEFINE_integer("batch_size", 64, "Attacks per jitted step.")
+flags.DEFINE_bool(
+    "signed",
+    False,
+    "Average the signed PM_avg (FM - FM_adv) instead of |FM - FM_adv| in figures 7/8.",
+)
+flags.DEFINE_integer("columns", 6, "Layer panels per row in figures 7/8.")
+
+FLAGS = flags.FLAGS
+
+OUTCOMES = ("successful", "failed", "all")
+DISTANCE_BIN_WIDTH = 2.0
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if not math.isfinite(value) else float(value)
+
+
+def _nan_stat(fn, values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(fn(values)) if values.size else float("nan")
+
+
+def per_outcome_layer_stats(
+    scalars: dict[str, np.ndarray], mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-layer statistics (L,) over the attacks selected by `mask` (N,).
+
+    `scalars[name]` are per-image values (N, L) from `propagation.layer_summaries`.
+    """
+    num_layers = scalars["max_ratio"].shape[1]
+    out: dict[str, np.ndarray] = {}
+    for stat, source, fn in (
+        ("max_ratio_mean", "max_ratio", np.mean),
+        ("max_ratio_p95", "max_ratio", lambda v: np.percentile(v, 95)),
+        ("reaches_max_fraction", "max_ratio", lambda v: np.mean(v >= 1.0)),
+        ("spread_mean", "spread", np.mean),
+        ("spread_p95", "spread", lambda v: np.percentile(v, 95)),
+        ("mean_abs_diff", "mean_abs_diff", np.mean),
+        ("mean_fm", "mean_fm", np.mean),
+        ("mean_abs_fm", "mean_abs_fm", np.mean),
+    ):
+        values = scalars[source][mask]
+        out[stat] = np.array(
+            [_nan_stat(fn, values[:, j]) for j in range(num_layers)], np.float64
+        )
+    return out
+
+
+def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict:
+    """Mean, median, quartiles and histogram of pixel distances from the centre."""
+    if distances.size == 0:
+        return {"pixels": 0}
+    counts, _ = np.histogram(distances, bins=bin_edges)
+    q1, median, q3 = np.percentile(distances, [25, 50, 75])
+    return {
+        "pixels": int(distances.size),
+        "mean": float(np.mean(distances)),
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "histogram_edges": [float(e) for e in bin_edges],
+        "histogram_counts": [int(c) for c in counts],
+    }
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def main(argv: list[str]) -> None:
+    """Stream all attacks of DIR/attack.csv through the maps and write statistics."""
+    del argv
+    start = time.time()
+    workdir = common.require_workdir()
+    if FLAGS.batch_size < 1:
+        raise PropmapsError(f"--batch_size={FLAGS.batch_size} must be at least 1")
+    csv_path = os.path.join(workdir, "attack.csv")
+    table = read_attack_csv(csv_path)
+    attacked = np.flatnonzero(table["attacked"])
+    if attacked.size == 0:
+        raise PropmapsError(
+            f"{csv_path} holds no attacked image (all were misclassified before the "
+            "attack or it is empty): attack more images first"
+        )
+    indices = table["index"][attacked]
+    pixels = table["pixels"][attacked]
+    success = table["success"][attacked]
+    pred_after = table["pred_after"][attacked]
+
+    # Data before the model: bad input is reported without compiling anything.
+    dataset = common.load_data()
+    images, _ = dataset.split("test")
+    if indices.max() >= images.shape[0] or indices.min() < 0:
+        raise PropmapsError(
+            f"{csv_path} refers to test image {indices.max()} but the test set has "
+            f"{images.shape[0]} images: use the data set the attack ran on"
+        )
+    height, width = images.shape[1:3]
+    bad = np.flatnonzero(
+        (pixels[..., 0] < 0)
+        | (pixels[..., 0] >= height)
+        | (pixels[..., 1] < 0)
+        | (pixels[..., 1] >= width)
+        | np.any((pixels[..., 2:] < 0) | (pixels[..., 2:] > 255), axis=-1)
+    )
+    if bad.size:
+        raise PropmapsError(
+            f"{csv_path}: attacked image {indices[bad[0] // pixels.shape[1]]} has a "
+            f"pixel outside the {height}x{width} image or a colour outside 0..255; "
+            "was it written for another model? run the attack again"
+        )
+    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+
+    shapes = propagation.layer_shapes(module, variables, config.image_shape)
+    order = list(shapes)
+    signed = FLAGS.signed
+
+    def step(state, v, batch_images, batch_pixels, batch_success, valid):
+        perturbed = apply_pixels_batch(batch_images, batch_pixels)
+        return propagation.accumulate_statistics(
+            state, module, v, batch_images, perturbed, batch_success, valid, signed
+        )
+
+    step = jax.jit(step, donate_argnums=0)
+    state = propagation.init_statistics(shapes)
+    total, batch_size = indices.size, FLAGS.batch_size
+    scalars = {
+        name: np.empty((total, len(order)), np.float64)
+        for name in propagation.SUMMARY_NAMES
+    }
+    predicted = np.empty((total,), np.int64)
+    progress = common.Progress(total, "attacks")
+    for begin in range(0, total, batch_size):
+        end = min(begin + batch_size, total)
+        # Pad the last batch by repeating its first row (masked out) to keep one shape.
+        take = np.concatenate(
+            [np.arange(begin, end), np.full(batch_size - (end - begin), begin)]
+        )
+        valid = np.arange(batch_size) < end - begin
+        state, out = step(
+            state,
+            variables,
+            jnp.asarray(images[indices[take]]),
+            jnp.asarray(pixels[take]),
+            jnp.asarray(success[take]),
+            jnp.asarray(valid),
+        )
+        out = jax.device_get(out)
+        rows = end - begin
+        for name in propagation.SUMMARY_NAMES:
+            scalars[name][begin:end] = np.stack(
+                [out["summaries"][layer][name][:rows] for layer in order], axis=1
+            )
+        predicted[begin:end] = np.argmax(out["logits_adv"][:rows], axis=-1)
+        progress.update(end, successes=int(success[:end].sum()))
+    state = jax.device_get(state)
+    counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
+    mismatches = int(np.sum(predicted != pred_after))
+    if mismatches:
+        logging.warning(
+            "%d of %d perturbed images are now predicted differently from the "
+            "pred_after column of attack.csv (another model or data set?)",
+            mismatches,
+            total,
+        )
+
+    masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
+    layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}
+    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
+    distances = np.hypot(pixels[..., 0] - centre_row, pixels[..., 1] - centre_col)
+    max_distance = math.hypot(centre_row, centre_col)
+    bin_edges = np.arange(
+        0.0, max_distance + DISTANCE_BIN_WIDTH, DISTANCE_BIN_WIDTH, dtype=np.float64
+    )
+    distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
+
+    out_dir = os.path.join(workdir, "statistics")
+    os.makedirs(out_dir, exist_ok=True)
+    # Mean maps: outcome index 0 = failed, 1 = successful (see init_statistics).
+    mean_maps = {}
+    for outcome, slot in (("failed", 0), ("successful", 1)):
+        n = max(counts[outcome], 1)
+        for reduce in ("avg", "max"):
+            mean_maps[f"pm_{reduce}/{outcome}"] = {
+                layer: state[f"pm_{reduce}_sum"][layer][slot] / n for layer in order
+            }
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        layers=np.array(order),
+        counts=np.array([counts["failed"], counts["successful"]]),
+        **{
+            f"{key}/{layer}": value
+            for key, maps in mean_maps.items()
+            for layer, value in maps.items()
+        },
+    )
+    checkpoint.atomic_write_bytes(
+        os.path.join(out_dir, "mean_maps.npz"), buffer.getvalue()
+    )
+
+    header = ["layer", "height", "width", "channels", "outcome", "attacks"] + list(
+        layer_stats["all"]
+    )
+    csv_rows = []
+    for j, layer in enumerate(order):
+        for outcome in OUTCOMES:
+            n = int(masks[outcome].sum())
+            csv_rows.append(
+                [layer, *shapes[layer], outcome, n]
+                + [f"{layer_stats[outcome][s][j]:.6g}" for s in layer_stats[outcome]]
+            )
+    common.write_text(
+        os.path.join(out_dir, "per_layer.csv"), _csv_text(header, csv_rows)
+    )
+
+    summary = {
+        "model": FLAGS.model,
+        "weights": FLAGS.weights,
+        "attack_csv": csv_path,
+        "signed_maps": signed,
+        "spread_threshold": propagation.SPREAD_THRESHOLD,
+        "attacks": total,
+        "successful": counts["successful"],
+        "failed": counts["failed"],
+        "not_attacked": int(table["index"].size - total),
+        "pred_after_mismatches": mismatches,
+        "distance_from_centre": {
+            o: distance_stats(distance_by_outcome[o], bin_edges) for o in OUTCOMES
+        },
+        "per_layer": {
+            layer: {
+                outcome: {
+                    s: _nan_to_none(layer_stats[outcome][s][j])
+                    for s in layer_stats[outcome]
+                }
+                for outcome in OUTCOMES
+            }
+            for j, layer in enumerate(order)
+        },
+        "device": common.device_description(),
+        "seconds": round(time.time() - start, 2),
+    }
+    common.write_json(os.path.join(out_dir, "summary.json"), summary)
+
+    what = "FM - FM_adv" if signed else "|FM - FM_adv|"
+    for figure, outcome in (("7", "successful"), ("8", "failed")):
+        path = os.path.join(out_dir, f"mean_pm_avg_{outcome}.png")
+        if counts[outcome] == 0:
+            logging.info("no %s attacks: no %s", outcome, path)
+            continue
+        fig = plots.mean_maps_figure(
+            mean_maps[f"pm_avg/{outcome}"],
+            shapes,
+            f"Mean PM_avg (mean over channels of {what}) over {counts[outcome]} "
+            f"{outcome} attacks, {FLAGS.model} (figure {figure} of the paper)",
+            "colour scale of each layer: 0 .. the maximum of its mean map "
+            "(not scaled to the feature maps)",
+            columns=FLAGS.columns,
+        )
+        plots.save_figure(fig, path)
+        print(f"wrote {path}")
+
+    # Pre-activation conv outputs are often negative on average: compare the mean
+    # |dFM| with the mean magnitude |FM| of the original maps (log scale); the signed
+    # mean FM is in per_layer.csv.
+    curves = {
+        f"successful ({counts['successful']}): mean |FM - FM_adv|": layer_stats[
+            "successful"
+        ]["mean_abs_diff"],
+        f"failed ({counts['failed']}): mean |FM - FM_adv|": layer_stats["failed"][
+            "mean_abs_diff"
+        ],
+        "original feature maps: mean |FM| (all attacked images)": layer_stats["all"][
+            "mean_abs_fm"
+        ],
+    }
+    all_values = np.concatenate([np.asarray(c) for c in curves.values()])
+    log_scale = bool(np.all(all_values[np.isfinite(all_values)] > 0))
+    fig = plots.layer_means_figure(
+        order,
+        curves,
+        f"Mean over all feature maps (positions and channels) per layer, "
+        f"{FLAGS.model}, {total} attacks (figure 9 of the paper)",
+        "mean value" + (" (log scale)" if log_scale else ""),
+        log_scale=log_scale,
+    )
+    path = os.path.join(out_dir, "layer_means.png")
+    plots.save_figure(fig, path)
+    print(f"wrote {path}")
+
+    fig = plots.distance_histogram_figure(
+        {o: distance_by_outcome[o] for o in ("successful", "failed")},
+        bin_edges,
+        f"Attacked pixels: distance from the image centre, {FLAGS.model}",
+    )
+    path = os.path.join(out_dir, "distance_from_centre.png")
+    plots.save_figure(fig, path)
+    print(f"wrote {path}")
+
+    print(
+        f"{total} attacks ({counts['successful']} successful, {counts['failed']} "
+        f"failed); results in {out_dir}"
+    )
+    print(f"{'layer':<26} {'outcome':<11} {'ratio mean':>10} {'p95':>7} {'spread':>7}")
+    for j, layer in enumerate(order):
+        for outcome in ("successful", "failed"):
+            s = layer_stats[outcome]
+            print(
+                f"{layer:<26} {outcome:<11} {s['max_ratio_mean'][j]:>10.3f} "
+                f"{s['max_ratio_p95'][j]:>7.3f} {s['spread_mean'][j]:>7.1%}"
+            )

@@ -1,0 +1,309 @@
+"""Propagation maps against a float64 NumPy conv stack and receptive fields."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from propmaps_jax import propagation
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import layer_outputs
+
+
+class ConvStack(nn.Module):
+    """Conv 3x3, ReLU, Conv 3x3 stride 2, ReLU, Conv 1x1 (SAME), no normalisation."""
+
+    features: tuple = (3, 4, 2)
+    strides: tuple = (1, 2, 1)
+    kernels: tuple = (3, 3, 1)
+    use_bias: bool = True
+    relu: bool = True
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for i, (f, s, k) in enumerate(
+            zip(self.features, self.strides, self.kernels, strict=True)
+        ):
+            x = nn.Conv(
+                f,
+                (k, k),
+                strides=s,
+                padding="SAME",
+                use_bias=self.use_bias,
+                name=f"conv{i + 1}",
+            )(x)
+            if self.relu and i < len(self.features) - 1:
+                x = nn.relu(x)
+        return x.reshape((x.shape[0], -1)).sum(axis=-1, keepdims=True)
+
+
+def numpy_conv_same(x, kernel, bias, stride):
+    """float64 NHWC convolution with XLA/TensorFlow 'SAME' padding."""
+    n, h, w, _ = x.shape
+    kh, kw, _, out = kernel.shape
+    out_h, out_w = -(-h // stride), -(-w // stride)
+    pad_h = max((out_h - 1) * stride + kh - h, 0)
+    pad_w = max((out_w - 1) * stride + kw - w, 0)
+    xp = np.pad(
+        x,
+        (
+            (0, 0),
+            (pad_h // 2, pad_h - pad_h // 2),
+            (pad_w // 2, pad_w - pad_w // 2),
+            (0, 0),
+        ),
+    )
+    y = np.zeros((n, out_h, out_w, out), np.float64)
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
+            y[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, kernel)
+    return y + (0.0 if bias is None else bias)
+
+
+def numpy_stack_maps(module, params, images):
+    """Feature maps {convN: (N, H, W, K)} of ConvStack, in float64 NumPy."""
+    x = np.asarray(images, np.float64)
+    out = {}
+    for i, s in enumerate(module.strides):
+        p = params[f"conv{i + 1}"]
+        bias = np.asarray(p["bias"], np.float64) if "bias" in p else None
+        x = numpy_conv_same(x, np.asarray(p["kernel"], np.float64), bias, s)
+        out[f"conv{i + 1}"] = x
+        if module.relu and i < len(module.strides) - 1:
+            x = np.maximum(x, 0.0)
+    return out
+
+
+def numpy_reduce(fm, fm_adv, reduce, signed):
+    d = fm - fm_adv
+    d = d if signed else np.abs(d)
+    return d.max(axis=-1) if reduce == "max" else d.mean(axis=-1)
+
+
+def stack_variables(module, in_channels, rng, weight=None):
+    """ConvStack parameters built directly (no init tracing): random or all `weight`."""
+    params = {}
+    for i, (f, k) in enumerate(zip(module.features, module.kernels, strict=True)):
+        shape = (k, k, in_channels, f)
+        kernel = (
+            rng.normal(scale=0.5, size=shape)
+            if weight is None
+            else np.full(shape, weight)
+        )
+        params[f"conv{i + 1}"] = {"kernel": jnp.asarray(kernel, jnp.float32)}
+        if module.use_bias:
+            # Non-zero biases so that ReLU cuts some activations and others not.
+            params[f"conv{i + 1}"]["bias"] = jnp.asarray(
+                rng.normal(size=f) + 0.1, jnp.float32
+            )
+        in_channels = f
+    return {"params": params}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    module = ConvStack()
+    return module, stack_variables(module, 3, np.random.default_rng(3))
+
+
+@pytest.mark.parametrize("reduce", ["max", "avg"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_maps_match_float64_numpy_conv_stack(stack, reduce, signed):
+    module, variables = stack
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(3, 9, 10, 3)).astype(np.float32)
+    perturbed = images + rng.normal(scale=0.5, size=images.shape).astype(np.float32)
+    maps = propagation.propagation_maps(
+        module, variables, images, perturbed, reduce=reduce, signed=signed
+    )
+    ref = numpy_stack_maps(module, variables["params"], images)
+    ref_adv = numpy_stack_maps(module, variables["params"], perturbed)
+    assert list(maps) == ["conv1", "conv2", "conv3"]
+    for name in ref:
+        expected = numpy_reduce(ref[name], ref_adv[name], reduce, signed)
+        assert maps[name].shape == expected.shape
+        np.testing.assert_allclose(maps[name], expected, rtol=1e-4, atol=1e-5)
+    if signed:  # the signed maps are not just |.| of the absolute ones
+        assert any(float(np.min(maps[n])) < 0 for n in maps)
+
+
+def test_both_reductions_and_jit(stack):
+    module, variables = stack
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(2, 9, 10, 3)).astype(np.float32)
+    perturbed = images.copy()
+    perturbed[:, 4, 5] += 3.0
+    both = propagation.propagation_maps(module, variables, images, perturbed, "both")
+    assert set(both) == {"max", "avg"}
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def jitted(v, x, x_adv):
+        return propagation.propagation_maps(module, v, x, x_adv, "both")
+
+    for _ in range(2):
+        out = jitted(variables, images, perturbed)
+    for r in ("max", "avg"):
+        for name in both[r]:
+            np.testing.assert_allclose(out[r][name], both[r][name], rtol=1e-6)
+    with pytest.raises(PropmapsError, match="unknown reduction"):
+        propagation.propagation_maps(module, variables, images, perturbed, "median")
+
+
+def _expected_mask(height, width, rows, cols):
+    mask = np.zeros((height, width), bool)
+    mask[np.ix_(rows, cols)] = True
+    return mask
+
+
+def test_one_pixel_reaches_exactly_its_receptive_field():
+    # Two 3x3 SAME convs then a 3x3 stride-2 SAME conv, kernels all ones, no bias,
+    # no ReLU, on a positive image: a change at (r, c) reaches exactly the 3x3,
+    # then 5x5 window (clipped at borders), and in the strided layer the outputs
+    # i whose inputs 2i..2i+2 (TensorFlow SAME pads 0 before, 1 after) meet r-2..r+2.
+    module = ConvStack(
+        features=(2, 3, 2),
+        strides=(1, 1, 2),
+        kernels=(3, 3, 3),
+        use_bias=False,
+        relu=False,
+    )
+    size = 12
+    variables = stack_variables(module, 1, None, weight=1.0)
+    pixels = [(5, 6), (0, 11), (11, 0)]  # centre, and two corners (clipped windows)
+    images = np.ones((len(pixels), size, size, 1), np.float32)
+    perturbed = images.copy()
+    for n, (r, c) in enumerate(pixels):
+        perturbed[n, r, c, 0] = 5.0
+    maps_fn = jax.jit(
+        lambda x, x_adv: {
+            signed: propagation.propagation_maps(
+                module, variables, x, x_adv, "both", signed=signed
+            )
+            for signed in (False, True)
+        }
+    )
+    out = maps_fn(images, perturbed)
+    maps, signed = out[False], out[True]
+
+    def window(centre, radius):
+        return np.arange(max(centre - radius, 0), min(centre + radius, size - 1) + 1)
+
+    def strided(centre):
+        lo, hi = max(centre - 2, 0), min(centre + 2, size - 1)
+        return np.array(
+            [i for i in range(size // 2) if 2 * i <= hi and 2 * i + 2 >= lo]
+        )
+
+    for n, (r, c) in enumerate(pixels):
+        expected = {
+            "conv1": _expected_mask(size, size, window(r, 1), window(c, 1)),
+            "conv2": _expected_mask(size, size, window(r, 2), window(c, 2)),
+            "conv3": _expected_mask(size // 2, size // 2, strided(r), strided(c)),
+        }
+        for name, mask in expected.items():
+            for reduce in ("max", "avg"):
+                np.testing.assert_array_equal(
+                    np.asarray(maps[reduce][name][n]) > 0, mask
+                )
+        # conv1 with all-ones 3x3 kernels: every reached output changes by exactly 4.
+        np.testing.assert_allclose(
+            np.asarray(maps["max"]["conv1"][n])[expected["conv1"]], 4
+        )
+
+    # Activations only grow, so the signed equations are the negated absolute maps.
+    for name in ("conv1", "conv2", "conv3"):
+        np.testing.assert_allclose(signed["avg"][name], -maps["avg"][name], atol=1e-6)
+        # max_k of (FM - FM_adv) <= 0 picks the *smallest* change, -min_k |dFM|.
+        assert float(np.max(signed["max"][name])) <= 1e-6
+
+
+def test_layer_summaries_against_numpy():
+    rng = np.random.default_rng(4)
+    fm = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
+    fm_adv = fm + rng.normal(scale=0.3, size=fm.shape).astype(np.float32)
+    fm[2] = -np.abs(fm[2])  # an image whose layer max is <= 0
+    out = jax.device_get(
+        propagation.layer_summaries(jnp.asarray(fm), jnp.asarray(fm_adv))
+    )
+    f, fa = fm.astype(np.float64), fm_adv.astype(np.float64)
+    d = np.abs(f - fa)
+    fm_max = f.max(axis=(1, 2, 3))
+    np.testing.assert_allclose(out["fm_max"], fm_max, rtol=1e-6)
+    np.testing.assert_allclose(out["max_abs_diff"], d.max(axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(
+        out["max_ratio"][:2], d.max(axis=(1, 2, 3))[:2] / fm_max[:2], rtol=1e-5
+    )
+    spread = (d.max(axis=-1) > 0.1 * fm_max[:, None, None]).mean(axis=(1, 2))
+    np.testing.assert_allclose(out["spread"][:2], spread[:2])
+    assert np.isnan(out["max_ratio"][2]) and np.isnan(out["spread"][2])
+    np.testing.assert_allclose(out["mean_abs_diff"], d.mean(axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(
+        out["mean_fm"], f.mean(axis=(1, 2, 3)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        out["mean_abs_fm"], np.abs(f).mean(axis=(1, 2, 3)), rtol=1e-5
+    )
+
+
+def test_resnet_layers_in_forward_order_and_maps_of_layer_outputs(tiny_resnet):
+    module, variables = tiny_resnet
+    shapes = propagation.layer_shapes(module, variables)
+    assert list(shapes)[:3] == ["stem", "stage1_block1/conv1", "stage1_block1/conv2"]
+    assert shapes["stage3_block1/conv1"] == (8, 8, 8)
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    perturbed = images.copy()
+    perturbed[:, 16, 16] = (255, 0, 0)
+    maps = propagation.propagation_maps(module, variables, images, perturbed, "max")
+    assert list(maps) == list(shapes)
+    # Independent of the paired forward pass: two separate layer_outputs calls.
+    _, fm = layer_outputs(module, variables, jnp.asarray(images, jnp.float32))
+    _, fm_adv = layer_outputs(module, variables, jnp.asarray(perturbed, jnp.float32))
+    for name in shapes:
+        expected = np.abs(np.asarray(fm[name]) - np.asarray(fm_adv[name])).max(-1)
+        np.testing.assert_allclose(maps[name], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_statistics_equal_direct_sums(tiny_resnet):
+    module, variables = tiny_resnet
+    shapes = propagation.layer_shapes(module, variables)
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    perturbed = images.copy()
+    for i in range(5):
+        perturbed[i, rng.integers(32), rng.integers(32)] = rng.integers(0, 256, 3)
+    success = np.array([True, False, True, True, False])
+    step = jax.jit(
+        lambda s, v, x, xa, ok, valid: propagation.accumulate_statistics(
+            s, module, v, x, xa, ok, valid
+        )
+    )
+    state = propagation.init_statistics(shapes)
+    for begin in (0, 3):  # batches of 3, the last padded with a masked copy
+        take = (
+            np.array([begin, begin + 1, begin + 2])
+            if begin == 0
+            else np.array([3, 4, 0])
+        )
+        valid = (
+            np.array([True, True, True])
+            if begin == 0
+            else np.array([True, True, False])
+        )
+        state, _ = step(
+            state, variables, images[take], perturbed[take], success[take], valid
+        )
+    direct = propagation.analyze(module, variables, images, perturbed)
+    np.testing.assert_allclose(state["count"], [2, 3])
+    for name in shapes:
+        pm = np.asarray(direct["pm_avg"][name], np.float64)
+        np.testing.assert_allclose(
+            state["pm_avg_sum"][name][1], pm[success].sum(0), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            state["pm_avg_sum"][name][0], pm[~success].sum(0), rtol=1e-5, atol=1e-6
+        )
