@@ -1,0 +1,275 @@
+"""End to end: `launch.py --experiment=locality`, a tiny model, a tiny .npz dataset.
+
+The experiment runs in subprocesses (experiments/*.py define absl flags at import, and
+several of them define --model), so nothing here imports experiments.*.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.results import read_attack_csv
+from propmaps_jax import checkpoint, locality, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_SAMPLES = 16
+
+
+def run_launch(*args, check=True):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("CIFAR10_PATH", None)
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--experiment=locality", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A lenet_tiny checkpoint and an .npz whose test images it barely gets right."""
+    folder = tmp_path_factory.mktemp("locality")
+    module = models.create_model("lenet_tiny")
+    variables = models.init_variables(module, jax.random.key(3))
+    weights = str(folder / "lenet_tiny.msgpack")
+    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
+    logits = np.asarray(models.make_logits_fn(module, variables)(pool))
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    # The smallest top-2 margins: one pixel is likely to flip these.
+    chosen = np.argsort(top2[:, 1] - top2[:, 0])[:NUM_SAMPLES]
+    x = pool[chosen]
+    y = logits[chosen].argmax(axis=1).astype(np.int64)
+    y[::4] = (y[::4] + 1) % 10  # a quarter misclassified: not attacked
+    data = str(folder / "tiny.npz")
+    np.savez(data, x_train=x, y_train=y, x_test=x, y_test=y)
+    return {
+        "folder": folder,
+        "weights": weights,
+        "data": data,
+        "module": module,
+        "variables": variables,
+        "x": x,
+        "y": y,
+    }
+
+
+def tiny_args(setup, workdir):
+    return [
+        "--models=lenet_tiny",
+        f"--weights_lenet_tiny={setup['weights']}",
+        f"--cifar10_path={setup['data']}",
+        f"--num_samples={NUM_SAMPLES}",
+        "--population=8",
+        "--generations=3",
+        "--vulnerability_maps=2",
+        "--max_distance=2",
+        "--batch_size=512",
+        f"--workdir={workdir}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_setup):
+    workdir = str(tiny_setup["folder"] / "run")
+    proc = run_launch(*tiny_args(tiny_setup, workdir))
+    return workdir, proc
+
+
+def test_end_to_end_writes_every_file(finished_run, tiny_setup):
+    workdir, proc = finished_run
+    table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
+    successes = int(table["success"].sum())
+    assert successes >= 1, "the tiny setup should give successful attacks"
+    maps = min(2, successes)
+    for name in [
+        "table1.md",
+        "table1.csv",
+        "locality.json",
+        "locality_vs_distance.png",
+        "lenet_tiny/locality.csv",
+        "lenet_tiny/locality.json",
+        "lenet_tiny/vulnerability_maps.npz",
+    ]:
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    first = table["index"][table["success"]][:maps]
+    for index in first:
+        png = os.path.join(workdir, f"vulnerability_map_lenet_tiny_{index}.png")
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "images/s" in proc.stderr  # progress lines
+
+    summary = json.load(open(os.path.join(workdir, "locality.json")))
+    res = summary["models"]["lenet_tiny"]
+    correct = int(table["attacked"].sum())
+    assert res["original_all"]["successes"] == successes
+    assert res["original_all"]["n"] == NUM_SAMPLES
+    assert res["original_correct"]["n"] == correct
+    assert res["accuracy_on_samples"]["rate"] == pytest.approx(correct / NUM_SAMPLES)
+    assert res["random"]["n"] == res["nearby"]["n"] == successes
+    assert [r["distance"] for r in res["distance"]] == [1, 2]
+    assert summary["settings"]["attack"]["population"] == 8
+
+    md = open(os.path.join(workdir, "table1.md")).read()
+    for row in ("original one-pixel attack", "on random pixels", "on nearby pixels"):
+        assert row in md
+    assert f"{successes}/{NUM_SAMPLES}" in md and f"{successes}/{correct}" in md
+
+    with open(os.path.join(workdir, "table1.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows][2:] == ["on random pixels", "on nearby pixels"]
+    assert int(rows[0]["lenet_tiny_successes"]) == successes
+    assert float(rows[0]["lenet_tiny_ci_low"]) <= float(rows[0]["lenet_tiny_rate"])
+
+
+def test_moved_pixels_against_an_independent_forward(finished_run, tiny_setup):
+    """Valid positions; each recorded outcome matches a plain NumPy recomputation."""
+    workdir, _ = finished_run
+    with open(os.path.join(workdir, "lenet_tiny", "locality.csv")) as f:
+        rows = list(csv.DictReader(f))
+    table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
+    assert [int(r["index"]) for r in rows] == list(table["index"][table["success"]])
+    logits_fn = models.make_logits_fn(tiny_setup["module"], tiny_setup["variables"])
+    nearby_hits = random_hits = 0
+    for r in rows:
+        i, row, col = int(r["index"]), int(r["row"]), int(r["col"])
+        colour = [int(r["r"]), int(r["g"]), int(r["b"])]
+        for kind in ("nearby", "random"):
+            new_row, new_col = int(r[f"{kind}_row"]), int(r[f"{kind}_col"])
+            assert (new_row, new_col) != (row, col)
+            assert 0 <= new_row < 32 and 0 <= new_col < 32
+            if kind == "nearby":
+                assert max(abs(new_row - row), abs(new_col - col)) == 1
+            moved = np.array(tiny_setup["x"][i], copy=True)
+            moved[new_row, new_col] = colour
+            pred = int(np.argmax(np.asarray(logits_fn(jnp.asarray(moved[None])))[0]))
+            assert pred == int(r[f"{kind}_pred"])
+            success = pred != tiny_setup["y"][i]
+            assert success == bool(int(r[f"{kind}_success"]))
+            nearby_hits += success and kind == "nearby"
+            random_hits += success and kind == "random"
+        expected_n = len(locality.chebyshev_offsets(1)[0])
+        assert int(r["ring1_n"]) <= expected_n
+    res = json.load(open(os.path.join(workdir, "locality.json")))["models"]
+    assert res["lenet_tiny"]["nearby"]["successes"] == nearby_hits
+    assert res["lenet_tiny"]["random"]["successes"] == random_hits
+
+
+def test_vulnerability_map_agrees_with_the_attack(finished_run):
+    workdir, _ = finished_run
+    table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
+    with np.load(os.path.join(workdir, "lenet_tiny", "vulnerability_maps.npz")) as z:
+        maps = {k: z[k] for k in z.files}
+    assert maps["success"].shape == (len(maps["index"]), 32, 32)
+    for i, index in enumerate(maps["index"]):
+        row, col = maps["pixels"][i, 0, :2]
+        at = np.flatnonzero(table["index"] == index)[0]
+        assert maps["success"][i, row, col]
+        np.testing.assert_allclose(
+            maps["prob_true"][i, row, col], table["prob_true_after"][at], atol=1e-4
+        )
+
+
+def test_rerun_reuses_results(finished_run, tiny_setup):
+    workdir, _ = finished_run
+    before = open(os.path.join(workdir, "lenet_tiny", "locality.csv")).read()
+    proc = run_launch(*tiny_args(tiny_setup, workdir))
+    assert "reusing the locality results" in proc.stderr
+    after = open(os.path.join(workdir, "lenet_tiny", "locality.csv")).read()
+    assert before == after
+
+
+def test_bad_model_gives_one_line_error(tmp_path):
+    proc = run_launch("--models=lenet,alexnet", f"--workdir={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown model 'alexnet' in --models" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_flag_checks_and_two_model_table():
+    """Flag errors and Table 1 with both paper models, in one child process."""
+    script = textwrap.dedent(
+        """
+        import json
+        from absl import flags
+        import experiments.locality as loc
+        from propmaps_jax import stats
+        from propmaps_jax.errors import PropmapsError
+
+        errors = {}
+        def error(name, fn, *args):
+            try:
+                fn(*args)
+            except PropmapsError as e:
+                errors[name] = str(e)
+        error("empty", loc.parse_models, " , ")
+        error("unknown", loc.parse_models, "lenet,vgg")
+        error("twice", loc.parse_models, "lenet,lenet")
+        flags.FLAGS(["x", "--pixels=3"])
+        error("pixels", loc.check_flags)
+        flags.FLAGS(["x", "--pixels=1", "--target=3"])
+        error("target", loc.check_flags)
+        flags.FLAGS(["x", "--target=none", "--weights=a.h5"])
+        error("weights", loc.check_flags)
+        error("bundled", loc.model_weights, "resnet20")
+
+        def res(s, c, n, r, nb):
+            ring = [{"distance": 1, "pooled": stats.proportion(nb, 8 * s)}]
+            return {"accuracy_on_samples": stats.proportion(c, n),
+                    "original_all": stats.proportion(s, n),
+                    "original_correct": stats.proportion(s, c),
+                    "random": stats.proportion(r, s),
+                    "nearby": stats.proportion(nb, s), "distance": ring}
+        results = {"lenet": res(2934, 3700, 5000, 144, 971),
+                   "resnet": res(1638, 4600, 5000, 51, 513)}
+        settings = {"num_samples": 5000, "sample": "first", "seed": 0,
+                    "attack": {"population": 400, "generations": 100},
+                    "max_distance": 1}
+        print(json.dumps({"md": loc.table1_markdown(results, settings),
+                          "csv": loc.table1_csv(results), "errors": errors}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = out["errors"]
+    assert "--models is empty" in errors["empty"]
+    assert "unknown model 'vgg'" in errors["unknown"]
+    assert "twice" in errors["twice"]
+    assert "--pixels=3" in errors["pixels"]
+    assert "--target" in errors["target"]
+    assert "--weights_<model>" in errors["weights"]
+    # A missing bundled checkpoint names the flag of this experiment.
+    assert "--weights_resnet20=PATH" in errors["bundled"]
+    md = out["md"]
+    assert "LeNet (paper)" in md and "ResNet (paper)" in md
+    assert "59% (2934/5000)" in md and "33% (1638/5000)" in md
+    assert "4.9%" in md and "33.1%" in md and "3.1%" in md and "31.3%" in md
+    # 1638/5000 with its Wilson interval, as computed by stats.wilson_interval.
+    assert "32.8% (1638/5000; 95% CI 31.5–34.1%)" in md
+    rows = list(csv.DictReader(out["csv"].splitlines()))
+    assert rows[3]["row"] == "on nearby pixels"
+    assert float(rows[3]["resnet_paper_rate"]) == 0.313
+    assert int(rows[1]["lenet_n"]) == 3700
