@@ -1,0 +1,44 @@
+"""A small, fixed attack case shared by the in-process and the subprocess tests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from propmaps_jax import attack, models
+
+NUM_IMAGES = 8
+SLOTS = 4
+CONFIG = attack.AttackConfig(pixels=1, population=8, generations=4)
+
+
+@functools.lru_cache(maxsize=1)
+def lenet_case():
+    """(logits_fn, images, labels, indices): a tiny LeNet and images it classifies.
+
+    Cached: the same logits_fn object lets tests share the compiled attack program.
+    """
+    module = models.create_model("lenet_tiny")
+    variables = models.init_variables(module, jax.random.key(2))
+    logits_fn = models.make_logits_fn(module, variables)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
+    labels = np.asarray(jnp.argmax(logits_fn(images), -1))
+    indices = np.arange(100, 100 + NUM_IMAGES)
+    return logits_fn, images, labels, indices
+
+
+def attack_case(slots: int, chunk_ends=None, case=None) -> attack.AttackResult:
+    """The engine's results for the fixed case."""
+    logits_fn, images, labels, indices = case or lenet_case()
+    return attack.attack(
+        logits_fn,
+        images,
+        labels,
+        indices,
+        jax.random.key(7),
+        CONFIG,
+        slots=slots,
+        chunk_ends=chunk_ends,
+    )
