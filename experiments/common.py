@@ -1,4 +1,4 @@
-"""What experiments share: common flags, loading data and models, atomic files, progress."""
+"""What experiments share: flags, loading data and models, atomic files, progress."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def load_data() -> data.Cifar10:
 
 
 def load_model(name: str, weights: str | None):
-    """(config, module, variables, metadata) of --model with --weights or the bundled one."""
+    """(config, module, variables, metadata): `weights`, else the bundled model."""
     if name not in models.MODEL_REGISTRY:
         raise PropmapsError(
             f"unknown model {name!r}; choose one of {', '.join(models.MODEL_REGISTRY)}"

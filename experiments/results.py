@@ -46,7 +46,7 @@ def num_pixels(columns: list[str]) -> int:
 
 
 def read_attack_csv(path: str) -> dict[str, np.ndarray]:
-    """Columns of attack.csv as arrays, plus "pixels": int (N, k, 5) (row, col, r, g, b)."""
+    """attack.csv as arrays, plus "pixels": int (N, k, 5) (row, col, r, g, b)."""
     if not os.path.isfile(path):
         raise PropmapsError(
             f"{path} does not exist: run the attack first "

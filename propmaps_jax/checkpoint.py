@@ -74,7 +74,7 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """The raw checkpoint dict: config (ModelConfig), metadata, variables, train_state."""
+    """The raw checkpoint: config (ModelConfig), metadata, variables, train_state."""
     if not os.path.isfile(path):
         raise WeightsError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
@@ -150,7 +150,7 @@ def variables_template(config: ModelConfig) -> Variables:
 def load_checkpoint(
     path: str, expect_model: str | None = None
 ) -> tuple[ModelConfig, Variables, dict]:
-    """(config, variables, metadata) of a checkpoint, checked against its architecture."""
+    """(config, variables, metadata) of a checkpoint, checked against its model."""
     ckpt = read_checkpoint(path)
     config = ckpt["config"]
     if expect_model is not None and config.name != expect_model:
@@ -171,13 +171,13 @@ def bundled_checkpoint_path(model_name: str) -> str:
 def load_weights(
     model_name: str, weights: str | None = None
 ) -> tuple[ModelConfig, Variables, dict]:
-    """Load `weights` (our checkpoint or a Keras .h5) or the bundled checkpoint of a model."""
+    """Load `weights` (our checkpoint or a Keras .h5), else the bundled checkpoint."""
     if weights is None:
         path = bundled_checkpoint_path(model_name)
         if not os.path.isfile(path):
             raise WeightsError(
-                f"no bundled checkpoint for model {model_name!r} (it has not been trained "
-                f"yet); pass --weights with a checkpoint of ours or a Keras .h5 file"
+                f"no bundled checkpoint for model {model_name!r} (not trained yet); "
+                "pass --weights with a checkpoint of ours or a Keras .h5 file"
             )
         return load_checkpoint(path, expect_model=model_name)
     if not os.path.isfile(weights):

@@ -30,7 +30,7 @@ ENV_VAR = "CIFAR10_PATH"
 HOW_TO_POINT = (
     f"pass --cifar10_path (or set {ENV_VAR}) to cifar-10-python.tar.gz, its extracted "
     f"{BATCHES_DIR}/ folder or an .npz with x_train/y_train/x_test/y_test, or build "
-    "the tensorflow-datasets 'cifar10' dataset (TFDS_DATA_DIR) on a machine with network"
+    "the tensorflow-datasets 'cifar10' dataset (TFDS_DATA_DIR) on a machine online"
 )
 
 
@@ -222,7 +222,7 @@ def _tfds_split(source, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_from_tfds(data_dir: str | None = None) -> Cifar10:
-    """Load CIFAR-10 prepared by tensorflow-datasets (no TensorFlow needed to read it)."""
+    """CIFAR-10 prepared by tensorflow-datasets (no TensorFlow needed to read it)."""
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
     try:
         import tensorflow_datasets as tfds

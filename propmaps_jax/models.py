@@ -103,7 +103,7 @@ class PreActBlock(nn.Module):
             self.features, (3, 3), padding="SAME", dtype=self.dtype, name="conv2"
         )(y)
         if self.strides != 1 or x.shape[-1] != self.features:
-            # Projection from the block input (not its activation), as in the Keras model.
+            # Projection of the block input (not its activation), as in Keras.
             x = nn.Conv(
                 self.features,
                 (1, 1),
@@ -254,7 +254,7 @@ def layer_outputs(
     filter_fn: Callable[[nn.Module, str], bool] | bool = is_conv,
     **apply_kwargs: Any,
 ) -> tuple[jax.Array, LayerMaps]:
-    """Run any Flax linen module and return (output, {layer_name: output}) in forward order.
+    """Run any Flax linen module: (output, {layer_name: layer output}), forward order.
 
     Uses Flax's `capture_intermediates`; names are the module paths joined by "/"
     (e.g. "stage2_block1/conv1"). `filter_fn(module, method_name)` selects what is

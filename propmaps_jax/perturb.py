@@ -14,7 +14,7 @@ from propmaps_jax.types import Images, Perturbation
 
 
 def apply_pixels(image: jax.Array, pixels: Perturbation) -> jax.Array:
-    """Replace k pixels of one image (H, W, C) by (row, col, r, g, b) rows of `pixels` (k, 5).
+    """Replace k pixels of one image (H, W, C) by the (row, col, r, g, b) rows (k, 5).
 
     When two of the k pixels share a position, the later one wins.
     """
@@ -38,6 +38,6 @@ def apply_pixels_batch(images: Images, pixels: Perturbation) -> jax.Array:
 
 
 def move_pixels(pixels: Perturbation, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    """The same colours at other positions: pixels (..., k, 5) with new rows/cols (..., k)."""
+    """The same colours elsewhere: pixels (..., k, 5), new rows and cols (..., k)."""
     pixels = jnp.asarray(pixels)
     return pixels.at[..., 0].set(rows).at[..., 1].set(cols)
