@@ -32,10 +32,6 @@ from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, attack_stream
 from propmaps_jax.errors import PropmapsError
 
-flags.DEFINE_string("model", "resnet", "Model architecture (models.MODEL_REGISTRY).")
-flags.DEFINE_string(
-    "weights", None, "Checkpoint or Keras .h5 file; default the bundled checkpoint."
-)
 flags.DEFINE_integer("num_samples", 5000, "Number of CIFAR-10 test images sampled.")
 flags.DEFINE_integer("pixels", 1, "Pixels changed per image (k).")
 flags.DEFINE_integer("population", 400, "DE population size.")

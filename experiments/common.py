@@ -23,8 +23,41 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("workdir", None, "Folder for results (created if needed).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+# Flags shared by several experiments are defined here once, so that experiment
+# modules can be imported together (absl refuses a flag defined twice).
+flags.DEFINE_string(
+    "model", "resnet", "Model architecture: " + ", ".join(models.MODEL_REGISTRY) + "."
+)
+flags.DEFINE_string(
+    "weights",
+    None,
+    "Our checkpoint (.msgpack) or a Keras 2 .h5 file; default: the bundled "
+    "checkpoint of --model.",
+)
+flags.DEFINE_integer(
+    "batch_size",
+    None,
+    "Batch size; default per experiment: train 128, evaluate 500, statistics 64 "
+    "attacks, locality 4096 forward passes.",
+)
+flags.DEFINE_bool(
+    "signed",
+    False,
+    "Propagation maps: signed FM - FM_adv (the paper's equations literally) "
+    "instead of |FM - FM_adv|.",
+)
+flags.DEFINE_integer("columns", 6, "Propagation figures: layer panels per row.")
 
 FLAGS = flags.FLAGS
+
+
+def default_batch_size(default: int) -> int:
+    """Set --batch_size to this experiment's default when not given; check it."""
+    if FLAGS.batch_size is None:
+        FLAGS.batch_size = default
+    if FLAGS.batch_size < 1:
+        raise PropmapsError(f"--batch_size must be at least 1, got {FLAGS.batch_size}")
+    return FLAGS.batch_size
 
 
 def require_workdir() -> str:

@@ -19,16 +19,6 @@ from absl import flags
 from experiments import common
 from propmaps_jax import checkpoint, evaluation, models
 
-flags.DEFINE_string(
-    "model", "resnet", f"Architecture: one of {', '.join(models.MODEL_REGISTRY)}."
-)
-flags.DEFINE_string(
-    "weights",
-    None,
-    "Our checkpoint (.msgpack) or a Keras 2 .h5 file; default: the bundled "
-    "checkpoint of --model.",
-)
-flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
 flags.DEFINE_bool(
     "save_predictions", False, "Also write predictions.npz (probs (N, 10), labels)."
 )
@@ -45,6 +35,7 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 def main(argv: list[str]) -> None:
     """Evaluate --model with --weights on the test split and write the results."""
     del argv
+    common.default_batch_size(500)
     workdir = common.require_workdir()
     config, module, variables, metadata = common.load_model(FLAGS.model, FLAGS.weights)
     weights = FLAGS.weights or checkpoint.bundled_checkpoint_path(FLAGS.model)

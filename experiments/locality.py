@@ -57,9 +57,6 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "max_distance", 4, "Largest Chebyshev distance of the success-vs-distance study."
 )
-flags.DEFINE_integer(
-    "batch_size", 4096, "Forward passes per jitted call of the locality study."
-)
 
 FLAGS = flags.FLAGS
 
@@ -668,6 +665,7 @@ def vulnerability_figure(
 def main(argv: list[str]) -> None:
     """Attack each model (or reuse), run the locality study, write tables, figures."""
     del argv
+    common.default_batch_size(4096)
     names = parse_models(FLAGS.models)
     check_flags()
     weights = {name: model_weights(name) for name in names}

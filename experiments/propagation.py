@@ -27,10 +27,6 @@ from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
 from propmaps_jax.perturb import apply_pixels
 
-flags.DEFINE_string("model", "resnet", "Architecture name (see models.MODEL_REGISTRY).")
-flags.DEFINE_string(
-    "weights", None, "Checkpoint of ours or Keras .h5; default: the bundled one."
-)
 flags.DEFINE_integer("index", None, "Index of the test image.")
 flags.DEFINE_string(
     "pixel", None, "ROW,COL of the changed pixel (with --rgb); default: attack.csv."
@@ -39,12 +35,6 @@ flags.DEFINE_string("rgb", None, "R,G,B colour (0..255) of the pixel given by --
 flags.DEFINE_string(
     "move_to", None, "ROW,COL: put the same colour at this position instead."
 )
-flags.DEFINE_bool(
-    "signed",
-    False,
-    "Signed maps (FM - FM_adv, the paper's equations literally), not |FM - FM_adv|.",
-)
-flags.DEFINE_integer("columns", 6, "Layer panels per row in the figures.")
 
 FLAGS = flags.FLAGS
 

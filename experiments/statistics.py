@@ -38,18 +38,6 @@ from propmaps_jax import checkpoint, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
 
-flags.DEFINE_string("model", "resnet", "Architecture name (see models.MODEL_REGISTRY).")
-flags.DEFINE_string(
-    "weights", None, "Checkpoint of ours or Keras .h5; default: the bundled one."
-)
-flags.DEFINE_integer("batch_size", 64, "Attacks per jitted step.")
-flags.DEFINE_bool(
-    "signed",
-    False,
-    "Average the signed PM_avg (FM - FM_adv) instead of |FM - FM_adv| in figures 7/8.",
-)
-flags.DEFINE_integer("columns", 6, "Layer panels per row in figures 7/8.")
-
 FLAGS = flags.FLAGS
 
 OUTCOMES = ("successful", "failed", "all")
@@ -119,6 +107,7 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
 def main(argv: list[str]) -> None:
     """Stream all attacks of DIR/attack.csv through the maps and write statistics."""
     del argv
+    common.default_batch_size(64)
     start = time.time()
     workdir = common.require_workdir()
     if FLAGS.batch_size < 1:

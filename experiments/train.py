@@ -31,11 +31,7 @@ from experiments import common
 from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
 
-flags.DEFINE_string(
-    "model", "resnet", "Architecture: " + ", ".join(models.MODEL_REGISTRY)
-)
 flags.DEFINE_integer("epochs", 100, "Training epochs.")
-flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate (after warmup).")
 flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on kernels.")
 flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warmup, in epochs.")
@@ -125,6 +121,7 @@ def evaluate(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch: 
 
 def main(argv: list[str]) -> None:
     del argv
+    common.default_batch_size(128)
     workdir = common.require_workdir()
     if FLAGS.model not in models.MODEL_REGISTRY:
         raise PropmapsError(

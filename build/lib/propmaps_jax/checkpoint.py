@@ -1,0 +1,189 @@
+"""Checkpoints: model config + Flax variables (+ optional training state) in one file.
+
+The format is Flax's msgpack serialization of
+`{"format", "version", "config", "variables", "metadata", "train_state"}`; writes are
+atomic (a temporary file in the same folder, then `os.replace`), so an interrupted
+write never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from propmaps_jax.errors import WeightsError
+from propmaps_jax.models import ModelConfig, create_model
+from propmaps_jax.types import Variables
+
+FORMAT = "propmaps-jax-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _to_numpy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def save_checkpoint(
+    path: str,
+    config: ModelConfig,
+    variables: Variables,
+    metadata: dict[str, Any] | None = None,
+    train_state: Any = None,
+) -> None:
+    """Atomically write a checkpoint (metadata must be JSON-serialisable)."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": json.dumps(config.to_dict()),
+        "metadata": json.dumps(metadata or {}),
+        "variables": serialization.to_state_dict(_to_numpy(variables)),
+    }
+    if train_state is not None:
+        payload["train_state"] = serialization.to_state_dict(_to_numpy(train_state))
+    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The raw checkpoint: config (ModelConfig), metadata, variables, train_state."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        payload = serialization.msgpack_restore(raw)
+    except Exception as e:
+        raise WeightsError(
+            f"{path} is not a readable propmaps-jax checkpoint ({type(e).__name__}); "
+            "it may be truncated or corrupt: re-create it or pass another --weights"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise WeightsError(
+            f"{path} is not a propmaps-jax checkpoint (no '{FORMAT}' header); "
+            "--weights takes our .msgpack checkpoints or a Keras .h5 file"
+        )
+    return {
+        "config": ModelConfig.from_dict(json.loads(payload["config"])),
+        "metadata": json.loads(payload["metadata"]),
+        "variables": payload["variables"],
+        "train_state": payload.get("train_state"),
+    }
+
+
+def check_variables_fit(
+    template: Variables, variables: Variables, where: str
+) -> Variables:
+    """Restore `variables` into the structure of `template`, checking every shape."""
+    flat_t = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(template)
+    }
+    flat_v = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(variables)
+    }
+    missing = sorted(set(flat_t) - set(flat_v))
+    extra = sorted(set(flat_v) - set(flat_t))
+    if missing or extra:
+        raise WeightsError(
+            f"{where} does not fit the model: "
+            + (
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+                if missing
+                else ""
+            )
+            + (
+                f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                if extra
+                else ""
+            )
+        )
+    for k, t in flat_t.items():
+        if tuple(np.shape(flat_v[k])) != tuple(t.shape):
+            raise WeightsError(
+                f"{where} does not fit the model: {k} has shape "
+                f"{tuple(np.shape(flat_v[k]))}, the model expects {tuple(t.shape)}"
+            )
+    return jax.tree_util.tree_map(
+        lambda t, v: np.asarray(v, dtype=t.dtype),
+        template,
+        serialization.from_state_dict(template, variables),
+    )
+
+
+def variables_template(config: ModelConfig) -> Variables:
+    """Shapes and dtypes of a model's variables, without compiling or running it."""
+    module = create_model(config)
+    dummy = jnp.zeros((1, *config.image_shape), jnp.float32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, train=False))
+
+
+def load_checkpoint(
+    path: str, expect_model: str | None = None
+) -> tuple[ModelConfig, Variables, dict]:
+    """(config, variables, metadata) of a checkpoint, checked against its model."""
+    ckpt = read_checkpoint(path)
+    config = ckpt["config"]
+    if expect_model is not None and config.name != expect_model:
+        raise WeightsError(
+            f"{path} holds a {config.name!r} model, not {expect_model!r}: "
+            "pass the weights of the right model or change --model"
+        )
+    template = variables_template(config)
+    variables = check_variables_fit(template, ckpt["variables"], path)
+    return config, variables, ckpt["metadata"]
+
+
+def bundled_checkpoint_path(model_name: str) -> str:
+    """Path of the checkpoint shipped with the package for `model_name`."""
+    return str(resources.files("propmaps_jax") / "weights" / f"{model_name}.msgpack")
+
+
+def load_weights(
+    model_name: str, weights: str | None = None
+) -> tuple[ModelConfig, Variables, dict]:
+    """Load `weights` (our checkpoint or a Keras .h5), else the bundled checkpoint."""
+    if weights is None:
+        path = bundled_checkpoint_path(model_name)
+        if not os.path.isfile(path):
+            raise WeightsError(
+                f"no bundled checkpoint for model {model_name!r} (not trained yet); "
+                "pass --weights with a checkpoint of ours or a Keras .h5 file"
+            )
+        return load_checkpoint(path, expect_model=model_name)
+    if not os.path.isfile(weights):
+        raise WeightsError(f"weights file {weights} does not exist")
+    if weights.endswith((".h5", ".hdf5", ".keras")):
+        from propmaps_jax import keras_import
+
+        return keras_import.load_keras_weights(weights, model_name)
+    return load_checkpoint(weights, expect_model=model_name)

@@ -1,0 +1,256 @@
+"""CIFAR-10 as uint8 NHWC arrays and int32 labels, train and test, official order.
+
+Sources, in the order `load_cifar10` tries them:
+1. an explicit `path` (the `--cifar10_path` flag), else the `CIFAR10_PATH` variable:
+   the official `cifar-10-python.tar.gz`, its extracted `cifar-10-batches-py/` folder
+   (or a folder that contains it), or an `.npz` with `x_train, y_train, x_test, y_test`;
+2. tensorflow-datasets (`tfds.data_source("cifar10")`, honouring `TFDS_DATA_DIR`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tarfile
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from propmaps_jax.errors import DataError
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+BATCHES_DIR = "cifar-10-batches-py"
+ENV_VAR = "CIFAR10_PATH"
+
+HOW_TO_POINT = (
+    f"pass --cifar10_path (or set {ENV_VAR}) to cifar-10-python.tar.gz, its extracted "
+    f"{BATCHES_DIR}/ folder or an .npz with x_train/y_train/x_test/y_test, or build "
+    "the tensorflow-datasets 'cifar10' dataset (TFDS_DATA_DIR) on a machine online"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cifar10:
+    """CIFAR-10 splits: images uint8 (N, 32, 32, 3), labels int32 (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of "train" or "test"."""
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            return self.x_test, self.y_test
+        raise DataError(f"unknown split {name!r}; use 'train' or 'test'")
+
+
+def validate_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+    """Raise DataError unless images are uint8 (N, 32, 32, 3) with N labels in 0..9."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(
+            f"{where}: images must be uint8 of shape (N, 32, 32, 3), "
+            f"got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (images.shape[0],):
+        raise DataError(
+            f"{where}: expected {images.shape[0]} labels, got shape {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(
+            f"{where}: labels must be in 0..{NUM_CLASSES - 1}, "
+            f"found {labels.min()}..{labels.max()}"
+        )
+
+
+def _decode_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = pickle.loads(raw, encoding="bytes")
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as e:  # any unpickling problem means the file is damaged
+        raise DataError(
+            f"{where} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
+            "the file may be truncated or corrupt: download it again"
+        ) from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(
+            f"{where}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}"
+        )
+    # Rows are channel-major (1024 R, 1024 G, 1024 B), each 32x32 row-major.
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    images = np.ascontiguousarray(images)
+    labels = labels.astype(np.int32)
+    validate_split(images, labels, where)
+    return images, labels
+
+
+def _concat(
+    parts: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+    )
+
+
+def _from_reader(read: Callable[[str], bytes], where: str) -> Cifar10:
+    train = _concat([_decode_batch(read(f), f"{where}/{f}") for f in TRAIN_FILES])
+    test = _decode_batch(read(TEST_FILE), f"{where}/{TEST_FILE}")
+    return Cifar10(*train, *test, source=where)
+
+
+def _load_folder(folder: str) -> Cifar10:
+    if not os.path.exists(os.path.join(folder, TEST_FILE)) and os.path.isdir(
+        os.path.join(folder, BATCHES_DIR)
+    ):
+        folder = os.path.join(folder, BATCHES_DIR)
+    missing = [
+        f
+        for f in (*TRAIN_FILES, TEST_FILE)
+        if not os.path.isfile(os.path.join(folder, f))
+    ]
+    if missing:
+        raise DataError(
+            f"{folder} is not a {BATCHES_DIR} folder: missing {', '.join(missing)}; "
+            + HOW_TO_POINT
+        )
+
+    def read(name: str) -> bytes:
+        with open(os.path.join(folder, name), "rb") as f:
+            return f.read()
+
+    return _from_reader(read, folder)
+
+
+def _load_tar(path: str) -> Cifar10:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {
+                os.path.basename(m.name): m
+                for m in tar.getmembers()
+                if m.isfile() and os.path.basename(m.name) in (*TRAIN_FILES, TEST_FILE)
+            }
+            missing = [f for f in (*TRAIN_FILES, TEST_FILE) if f not in members]
+            if missing:
+                raise DataError(
+                    f"{path} does not contain the CIFAR-10 batches "
+                    f"(missing {', '.join(missing)}); " + HOW_TO_POINT
+                )
+
+            def read(name: str) -> bytes:
+                return tar.extractfile(members[name]).read()
+
+            return _from_reader(read, path)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(
+            f"{path} is not a readable tar archive ({type(e).__name__}: {e}); "
+            "it may be truncated or corrupt: download it again"
+        ) from None
+
+
+def _load_npz(path: str) -> Cifar10:
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise DataError(
+                    f"{path} lacks arrays {', '.join(missing)}; an .npz source needs "
+                    "x_train, y_train, x_test, y_test"
+                )
+            arrays = {k: npz[k] for k in keys}
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{path} is not a readable .npz file ({type(e).__name__}: {e}); "
+            "it may be truncated or corrupt"
+        ) from None
+    for split in ("train", "test"):
+        labels = np.asarray(arrays[f"y_{split}"]).reshape(-1)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"{path}: y_{split} must hold integer labels, got {labels.dtype}"
+            )
+        arrays[f"y_{split}"] = labels.astype(np.int32)
+        validate_split(arrays[f"x_{split}"], arrays[f"y_{split}"], f"{path} ({split})")
+    return Cifar10(**arrays, source=path)
+
+
+def _is_tarfile(path: str) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, tarfile.TarError, zlib.error):
+        return False  # a damaged archive: _load_tar reports it if the name says tar
+
+
+def load_from_path(path: str) -> Cifar10:
+    """Load CIFAR-10 from a tar.gz archive, a batches folder or an .npz file."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise DataError(f"CIFAR-10 path {path} does not exist; " + HOW_TO_POINT)
+    if os.path.isdir(path):
+        return _load_folder(path)
+    if path.endswith(".npz"):
+        return _load_npz(path)
+    if path.endswith((".tar.gz", ".tgz", ".tar")) or _is_tarfile(path):
+        return _load_tar(path)
+    raise DataError(
+        f"{path} is neither a folder, a .tar.gz nor an .npz; " + HOW_TO_POINT
+    )
+
+
+def _tfds_split(source, where: str) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    labels = np.empty((n,), np.int32)
+    for i in range(n):
+        record = source[i]
+        images[i] = record["image"]
+        labels[i] = record["label"]
+    validate_split(images, labels, where)
+    return images, labels
+
+
+def load_from_tfds(data_dir: str | None = None) -> Cifar10:
+    """CIFAR-10 prepared by tensorflow-datasets (no TensorFlow needed to read it)."""
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            "no CIFAR-10 source: tensorflow-datasets is not installed and no path was "
+            "given; " + HOW_TO_POINT
+        ) from None
+    try:
+        train = tfds.data_source("cifar10", split="train", data_dir=data_dir)
+        test = tfds.data_source("cifar10", split="test", data_dir=data_dir)
+        where = f"tfds cifar10 ({data_dir or 'default data dir'})"
+        x_train, y_train = _tfds_split(train, where + " train")
+        x_test, y_test = _tfds_split(test, where + " test")
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"no CIFAR-10 source: tensorflow-datasets could not provide 'cifar10' "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            + HOW_TO_POINT
+        ) from None
+    return Cifar10(x_train, y_train, x_test, y_test, source=where)
+
+
+def load_cifar10(path: str | None = None) -> Cifar10:
+    """CIFAR-10 from `path`, else `$CIFAR10_PATH`, else tensorflow-datasets."""
+    path = path or os.environ.get(ENV_VAR)
+    if path:
+        return load_from_path(path)
+    return load_from_tfds()

@@ -1,0 +1,274 @@
+"""Flax (linen) models for CIFAR-10 and the one helper that returns their feature maps.
+
+Every model takes raw pixels (float, 0..255, NHWC) and normalises inside with the
+per-channel constants of its `ModelConfig`, so that attacks work in pixel space.
+Models return logits; `jax.nn.softmax` of them matches the Keras models' softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.types import Images, LayerMaps, LogitsFn, Variables
+
+# Normalisation of the public Keras models (one-pixel-attack-keras): x in 0..255.
+CIFAR10_MEAN = (125.307, 122.95, 113.865)
+CIFAR10_STD = (62.9932, 62.0887, 66.7048)
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+def normalize(images: Images, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """(x - mean) / std per channel, computed in float32."""
+    images = jnp.asarray(images, jnp.float32)
+    return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+class LeNet(nn.Module):
+    """The paper's LeNet: Conv 6@5x5, pool, Conv 16@5x5, pool, Dense 120, 84, 10."""
+
+    num_classes: int = 10
+    mean: Sequence[float] = CIFAR10_MEAN
+    std: Sequence[float] = CIFAR10_STD
+    features: Sequence[int] = (6, 16)
+    hidden: Sequence[int] = (120, 84)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Images, train: bool = False) -> jax.Array:
+        x = normalize(images, self.mean, self.std).astype(self.dtype)
+        for i, width in enumerate(self.features):
+            x = nn.Conv(
+                width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}"
+            )(x)
+            x = nn.relu(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        # (H, W, C) flatten order, as Keras' Flatten with channels_last.
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+        return x.astype(jnp.float32)
+
+
+def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    # Keras defaults of the reference models: momentum 0.99, epsilon 1e-3.
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.99,
+        epsilon=1e-3,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: BN, ReLU, Conv, BN, ReLU, Conv, + shortcut."""
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(x))
+        y = nn.Conv(
+            self.features,
+            (3, 3),
+            strides=self.strides,
+            padding="SAME",
+            dtype=self.dtype,
+            name="conv1",
+        )(y)
+        y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
+        y = nn.Conv(
+            self.features, (3, 3), padding="SAME", dtype=self.dtype, name="conv2"
+        )(y)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            # Projection of the block input (not its activation), as in Keras.
+            x = nn.Conv(
+                self.features,
+                (1, 1),
+                strides=self.strides,
+                padding="SAME",
+                dtype=self.dtype,
+                name="shortcut",
+            )(x)
+        return x + y
+
+
+class ResNet(nn.Module):
+    """Pre-activation ResNet for CIFAR-10, depth 6 * blocks_per_stage + 2."""
+
+    blocks_per_stage: int = 5
+    widths: Sequence[int] = (16, 32, 64)
+    num_classes: int = 10
+    mean: Sequence[float] = CIFAR10_MEAN
+    std: Sequence[float] = CIFAR10_STD
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Images, train: bool = False) -> jax.Array:
+        x = normalize(images, self.mean, self.std).astype(self.dtype)
+        x = nn.Conv(
+            self.widths[0], (3, 3), padding="SAME", dtype=self.dtype, name="stem"
+        )(x)
+        for stage, width in enumerate(self.widths):
+            for block in range(self.blocks_per_stage):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = PreActBlock(
+                    width,
+                    strides,
+                    dtype=self.dtype,
+                    name=f"stage{stage + 1}_block{block + 1}",
+                )(x, train)
+        x = nn.relu(_batch_norm(train, self.dtype, "bn_final")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+        return x.astype(jnp.float32)
+
+
+ResNet32 = functools.partial(ResNet, blocks_per_stage=5)
+ResNet20 = functools.partial(ResNet, blocks_per_stage=3)
+ResNetTiny = functools.partial(ResNet, blocks_per_stage=1, widths=(4, 8, 8))
+LeNetTiny = functools.partial(LeNet, features=(3, 4), hidden=(16,))
+
+# Architectures by name. "resnet" is the paper's (and the Keras model's) ResNet-32.
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "lenet": LeNet,
+    "resnet": ResNet32,
+    "resnet20": ResNet20,
+    "lenet_tiny": LeNetTiny,
+    "resnet_tiny": ResNetTiny,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What is needed to rebuild a model: architecture name and normalisation."""
+
+    name: str
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    num_classes: int = 10
+    image_shape: tuple[int, int, int] = (32, 32, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(
+            name=str(data["name"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            num_classes=int(data["num_classes"]),
+            image_shape=tuple(int(v) for v in data["image_shape"]),
+        )
+
+
+def create_model(config: ModelConfig | str, dtype: Any = jnp.float32) -> nn.Module:
+    """The Flax module for a config (or a registry name with default normalisation)."""
+    if isinstance(config, str):
+        config = ModelConfig(config)
+    if config.name not in MODEL_REGISTRY:
+        raise PropmapsError(
+            f"unknown model {config.name!r}; choose one of {', '.join(MODEL_REGISTRY)}"
+        )
+    return MODEL_REGISTRY[config.name](
+        num_classes=config.num_classes, mean=config.mean, std=config.std, dtype=dtype
+    )
+
+
+def init_variables(
+    module: nn.Module, key: jax.Array, image_shape: Sequence[int] = (32, 32, 3)
+) -> Variables:
+    """Fresh variables ({"params", and "batch_stats" for BatchNorm models})."""
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    return jax.jit(lambda k: module.init(k, dummy, train=False))(key)
+
+
+def count_params(variables: Variables) -> int:
+    """Number of trainable parameters."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables["params"]))
+
+
+def make_logits_fn(module: nn.Module, variables: Variables) -> LogitsFn:
+    """A closure images -> logits in inference mode (images float or uint8, 0..255)."""
+
+    def logits_fn(images: Images) -> jax.Array:
+        return module.apply(variables, jnp.asarray(images, jnp.float32), train=False)
+
+    return logits_fn
+
+
+def is_conv(module: nn.Module, method_name: str) -> bool:
+    """Default filter of `layer_outputs`: the output of every convolution."""
+    return isinstance(module, nn.Conv) and method_name == "__call__"
+
+
+def _flatten_intermediates(tree: dict, prefix: tuple[str, ...], out: dict) -> None:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _flatten_intermediates(value, prefix + (key,), out)
+            continue
+        # A leaf is the tuple of values sown by one method of one module.
+        parts = prefix if key == "__call__" else prefix + (key,)
+        name = "/".join(parts) or "output"
+        values = tuple(value)
+        if len(values) == 1:
+            out[name] = values[0]
+        else:  # a module called several times: one entry per call
+            for i, v in enumerate(values):
+                out[f"{name}#{i}"] = v
+
+
+def layer_outputs(
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    filter_fn: Callable[[nn.Module, str], bool] | bool = is_conv,
+    **apply_kwargs: Any,
+) -> tuple[jax.Array, LayerMaps]:
+    """Run any Flax linen module: (output, {layer_name: layer output}), forward order.
+
+    Uses Flax's `capture_intermediates`; names are the module paths joined by "/"
+    (e.g. "stage2_block1/conv1"). `filter_fn(module, method_name)` selects what is
+    recorded: by default the output of every `nn.Conv`; `True` records every submodule.
+    Extra keyword arguments go to `module.apply` (e.g. `train=False`).
+    """
+    output, state = module.apply(
+        variables,
+        images,
+        capture_intermediates=filter_fn,
+        mutable=["intermediates"],
+        **apply_kwargs,
+    )
+    layers: LayerMaps = {}
+    _flatten_intermediates(dict(state.get("intermediates", {})), (), layers)
+    layers.pop("output", None)  # the root's own output is returned separately
+    return output, layers

@@ -1,0 +1,265 @@
+"""Propagation maps (paper sections 4-6): how a perturbation spreads through layers.
+
+For a layer with feature maps FM (N, H, W, K) of the natural images and FM_adv of
+the perturbed ones, the propagation maps reduce the difference over the K channels:
+
+- PM_max = max_k |FM - FM_adv|  (paper equation 6)
+- PM_avg = mean_k |FM - FM_adv| (paper equation 7)
+
+The paper's text speaks of *absolute* differences ("how strong is the maximum
+difference") while its equations are signed; we default to the absolute difference,
+and `signed=True` gives the equations literally (max_k / mean_k of FM - FM_adv).
+The per-layer scalar summaries (`layer_summaries`) always use absolute differences.
+
+Everything here is pure: arrays in, arrays out; `jax.jit` is applied by callers
+(close over the module, or pass it as a static argument).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import is_conv, layer_outputs
+from propmaps_jax.types import FeatureMaps, Images, LayerMaps, Variables
+
+REDUCTIONS = ("max", "avg")
+# A position "is reached" when PM_max exceeds this fraction of the layer's original max.
+SPREAD_THRESHOLD = 0.1
+SUMMARY_NAMES = (
+    "fm_max",  # max of the original feature maps over (H, W, K)
+    "max_abs_diff",  # max |FM - FM_adv| over (H, W, K)
+    "max_ratio",  # max_abs_diff / fm_max (NaN where fm_max <= 0)
+    "spread",  # fraction of (H, W) positions where PM_max > 10% of fm_max
+    "mean_abs_diff",  # mean |FM - FM_adv| over (H, W, K)
+    "mean_fm",  # mean of the original feature maps over (H, W, K)
+    "mean_abs_fm",  # mean |FM| of the original feature maps over (H, W, K)
+)
+
+FilterFn = Callable[[nn.Module, str], bool] | bool
+
+
+def _check_reduce(reduce: str) -> tuple[str, ...]:
+    if reduce == "both":
+        return REDUCTIONS
+    if reduce not in REDUCTIONS:
+        raise PropmapsError(f"unknown reduction {reduce!r}; use 'max', 'avg' or 'both'")
+    return (reduce,)
+
+
+def difference_map(
+    fm: FeatureMaps, fm_adv: FeatureMaps, reduce: str = "max", signed: bool = False
+) -> jax.Array:
+    """One layer's propagation map (N, H, W) from FM and FM_adv (N, H, W, K)."""
+    if reduce not in REDUCTIONS:
+        raise PropmapsError(f"unknown reduction {reduce!r}; use 'max' or 'avg'")
+    diff = fm.astype(jnp.float32) - fm_adv.astype(jnp.float32)
+    if not signed:
+        diff = jnp.abs(diff)
+    return jnp.max(diff, axis=-1) if reduce == "max" else jnp.mean(diff, axis=-1)
+
+
+def feature_maps(
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    filter_fn: FilterFn = is_conv,
+) -> LayerMaps:
+    """{layer: feature maps (N, H, W, K)} of `images` in forward order (inference)."""
+    _, layers = layer_outputs(
+        module, variables, jnp.asarray(images, jnp.float32), filter_fn, train=False
+    )
+    return layers
+
+
+def layer_shapes(
+    module: nn.Module,
+    variables: Variables,
+    image_shape: Sequence[int] = (32, 32, 3),
+    filter_fn: FilterFn = is_conv,
+) -> dict[str, tuple[int, ...]]:
+    """{layer: (H, W, K)} in forward order, without computing anything (abstract eval).
+
+    Use it to restore the forward order of maps returned through `jax.jit`: JAX
+    sorts the keys of dict outputs, so "stem" would come last.
+    """
+    order: list[str] = []
+
+    def shapes_of(v: Variables, x: jax.Array) -> LayerMaps:
+        _, layers = layer_outputs(module, v, x, filter_fn, train=False)
+        order.extend(layers)  # the names, in forward order, as traced
+        return layers
+
+    dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    shapes = jax.eval_shape(shapes_of, variables, dummy)
+    return {name: tuple(shapes[name].shape[1:]) for name in order}
+
+
+def paired_feature_maps(
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    perturbed_images: Images,
+    filter_fn: FilterFn = is_conv,
+) -> tuple[jax.Array, jax.Array, LayerMaps, LayerMaps]:
+    """(logits, logits_adv, FM, FM_adv) of natural and perturbed images, one pass."""
+    images = jnp.asarray(images, jnp.float32)
+    perturbed_images = jnp.asarray(perturbed_images, jnp.float32)
+    if images.shape != perturbed_images.shape:
+        raise PropmapsError(
+            f"images {images.shape} and perturbed images {perturbed_images.shape} "
+            "must have the same shape"
+        )
+    n = images.shape[0]
+    # Inference mode (BatchNorm running averages): examples are independent, so one
+    # forward pass over the concatenation gives both sets of feature maps.
+    both = jnp.concatenate([images, perturbed_images], axis=0)
+    logits, layers = layer_outputs(module, variables, both, filter_fn, train=False)
+    fm = {name: x[:n] for name, x in layers.items()}
+    fm_adv = {name: x[n:] for name, x in layers.items()}
+    return logits[:n], logits[n:], fm, fm_adv
+
+
+def propagation_maps(
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    perturbed_images: Images,
+    reduce: str = "max",
+    signed: bool = False,
+    filter_fn: FilterFn = is_conv,
+) -> dict[str, Any]:
+    """Propagation maps {layer: (N, H, W)} for reduce "max" or "avg".
+
+    With reduce="both" the result is {"max": {layer: ...}, "avg": {layer: ...}}.
+    Layers are those recorded by `models.layer_outputs` with `filter_fn` (by default
+    every convolution output), in forward order (through `jax.jit` the keys come
+    back sorted: `layer_shapes` gives the forward order).
+    """
+    reductions = _check_reduce(reduce)
+    _, _, fm, fm_adv = paired_feature_maps(
+        module, variables, images, perturbed_images, filter_fn
+    )
+    maps = {
+        r: {name: difference_map(fm[name], fm_adv[name], r, signed) for name in fm}
+        for r in reductions
+    }
+    return maps if reduce == "both" else maps[reduce]
+
+
+def layer_summaries(
+    fm: FeatureMaps, fm_adv: FeatureMaps, threshold: float = SPREAD_THRESHOLD
+) -> dict[str, jax.Array]:
+    """Per-image scalars (N,) of one layer, named as in `SUMMARY_NAMES`.
+
+    `max_ratio` >= 1 means the perturbation changed some activation by as much as the
+    strongest original activation of that layer; `spread` is the fraction of spatial
+    positions where PM_max exceeds `threshold` times the layer's original maximum.
+    """
+    fm = fm.astype(jnp.float32)
+    abs_diff = jnp.abs(fm - fm_adv.astype(jnp.float32))
+    fm_max = jnp.max(fm, axis=(1, 2, 3))
+    max_abs_diff = jnp.max(abs_diff, axis=(1, 2, 3))
+    positive = fm_max > 0
+    max_ratio = jnp.where(
+        positive, max_abs_diff / jnp.where(positive, fm_max, 1.0), jnp.nan
+    )
+    pm_max = jnp.max(abs_diff, axis=-1)
+    reached = pm_max > threshold * fm_max[:, None, None]
+    spread = jnp.where(positive, jnp.mean(reached, axis=(1, 2)), jnp.nan)
+    return {
+        "fm_max": fm_max,
+        "max_abs_diff": max_abs_diff,
+        "max_ratio": max_ratio,
+        "spread": spread,
+        "mean_abs_diff": jnp.mean(abs_diff, axis=(1, 2, 3)),
+        "mean_fm": jnp.mean(fm, axis=(1, 2, 3)),
+        "mean_abs_fm": jnp.mean(jnp.abs(fm), axis=(1, 2, 3)),
+    }
+
+
+def analyze(
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    perturbed_images: Images,
+    signed: bool = False,
+    filter_fn: FilterFn = is_conv,
+) -> dict[str, Any]:
+    """Everything a single-attack figure needs, from one forward pass.
+
+    Returns {"logits", "logits_adv": (N, classes), "pm_max", "pm_avg":
+    {layer: (N, H, W)}, "summaries": {layer: {name: (N,)}}}.
+    """
+    logits, logits_adv, fm, fm_adv = paired_feature_maps(
+        module, variables, images, perturbed_images, filter_fn
+    )
+    return {
+        "logits": logits,
+        "logits_adv": logits_adv,
+        "pm_max": {n: difference_map(fm[n], fm_adv[n], "max", signed) for n in fm},
+        "pm_avg": {n: difference_map(fm[n], fm_adv[n], "avg", signed) for n in fm},
+        "summaries": {n: layer_summaries(fm[n], fm_adv[n]) for n in fm},
+    }
+
+
+def init_statistics(layer_shapes: dict[str, Sequence[int]]) -> dict[str, Any]:
+    """Zero running sums for `accumulate_statistics`, from {layer: (H, W, K)}.
+
+    Sums are kept per outcome (index 0: failed attacks, 1: successful attacks).
+    """
+    return {
+        "count": jnp.zeros((2,), jnp.float32),
+        "pm_avg_sum": {
+            n: jnp.zeros((2, s[0], s[1]), jnp.float32) for n, s in layer_shapes.items()
+        },
+        "pm_max_sum": {
+            n: jnp.zeros((2, s[0], s[1]), jnp.float32) for n, s in layer_shapes.items()
+        },
+    }
+
+
+def accumulate_statistics(
+    state: dict[str, Any],
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    perturbed_images: Images,
+    success: jax.Array,
+    valid: jax.Array,
+    signed: bool = False,
+    filter_fn: FilterFn = is_conv,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Add one batch to the running sums; also return its per-image scalars.
+
+    `success` (N,) bool is the outcome of each attack; rows with `valid` False
+    (padding of the last batch) are ignored. Returns (new state, {"logits_adv":
+    (N, classes), "summaries": {layer: {name: (N,)}}}); the per-image scalars are
+    small (N x layers) and let callers compute percentiles on the host.
+    """
+    _, logits_adv, fm, fm_adv = paired_feature_maps(
+        module, variables, images, perturbed_images, filter_fn
+    )
+    valid = jnp.asarray(valid, bool)
+    success = jnp.asarray(success, bool)
+    # weights (2, N): row 0 failed, row 1 successful, padding rows all zero.
+    weights = jnp.stack([valid & ~success, valid & success]).astype(jnp.float32)
+    new_state = {
+        "count": state["count"] + weights.sum(axis=1),
+        "pm_avg_sum": {},
+        "pm_max_sum": {},
+    }
+    for name in fm:
+        for reduce in REDUCTIONS:
+            pm = difference_map(fm[name], fm_adv[name], reduce, signed)
+            key = f"pm_{reduce}_sum"
+            new_state[key][name] = state[key][name] + jnp.einsum(
+                "on,nhw->ohw", weights, pm
+            )
+    summaries = {n: layer_summaries(fm[n], fm_adv[n]) for n in fm}
+    return new_state, {"logits_adv": logits_adv, "summaries": summaries}
