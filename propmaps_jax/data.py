@@ -221,6 +221,13 @@ def _tfds_split(source, where: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _tfds_prepared(tfds, data_dir: str | None) -> bool:
+    try:
+        return bool(tfds.builder("cifar10", data_dir=data_dir).is_prepared())
+    except Exception:
+        return False
+
+
 def load_from_tfds(data_dir: str | None = None) -> Cifar10:
     """CIFAR-10 prepared by tensorflow-datasets (no TensorFlow needed to read it)."""
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
@@ -232,18 +239,29 @@ def load_from_tfds(data_dir: str | None = None) -> Cifar10:
             "given; " + HOW_TO_POINT
         ) from None
     try:
-        train = tfds.data_source("cifar10", split="train", data_dir=data_dir)
-        test = tfds.data_source("cifar10", split="test", data_dir=data_dir)
+        # download=False: never fetch at run time; a missing dataset is an error.
+        train = tfds.data_source(
+            "cifar10", split="train", data_dir=data_dir, download=False
+        )
+        test = tfds.data_source(
+            "cifar10", split="test", data_dir=data_dir, download=False
+        )
         where = f"tfds cifar10 ({data_dir or 'default data dir'})"
         x_train, y_train = _tfds_split(train, where + " train")
         x_test, y_test = _tfds_split(test, where + " test")
     except DataError:
         raise
     except Exception as e:
+        if not _tfds_prepared(tfds, data_dir):
+            raise DataError(
+                "no CIFAR-10 source: no path was given and tensorflow-datasets has no "
+                f"prepared 'cifar10' in {data_dir or 'its default data dir'}; "
+                + HOW_TO_POINT
+            ) from None
         raise DataError(
-            f"no CIFAR-10 source: tensorflow-datasets could not provide 'cifar10' "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            + HOW_TO_POINT
+            f"no CIFAR-10 source: tensorflow-datasets could not read 'cifar10' "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it "
+            "must be prepared with file_format='array_record'; " + HOW_TO_POINT
         ) from None
     return Cifar10(x_train, y_train, x_test, y_test, source=where)
 

@@ -146,15 +146,16 @@ def test_tfds_honours_data_dir_variable(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     seen = []
 
-    def fake_source(name, split, data_dir=None):
-        seen.append((name, split, data_dir))
+    def fake_source(name, split, data_dir=None, download=True):
+        seen.append((name, split, data_dir, download))
         raise FileNotFoundError("dataset cifar10 not found")
 
     monkeypatch.setattr(tfds, "data_source", fake_source)
     monkeypatch.setenv("TFDS_DATA_DIR", "/some/tfds")
     with pytest.raises(DataError):
         data.load_from_tfds()
-    assert seen == [("cifar10", "train", "/some/tfds")]
+    # download=False: nothing is fetched at run time.
+    assert seen == [("cifar10", "train", "/some/tfds", False)]
 
 
 def test_no_source_at_all_names_the_options(monkeypatch):
@@ -165,13 +166,33 @@ def test_no_source_at_all_names_the_options(monkeypatch):
         raise FileNotFoundError("Could not find cifar10\nmore lines")
 
     monkeypatch.setattr(tfds, "data_source", unavailable)
+    monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent/tfds")
     with pytest.raises(DataError) as error:
         data.load_cifar10()
     message = str(error.value)
-    assert "no CIFAR-10 source" in message and "Could not find cifar10" in message
+    assert message.startswith(
+        "no CIFAR-10 source: no path was given and tensorflow-datasets has no "
+        "prepared 'cifar10' in /nonexistent/tfds"
+    )
     for option in ("--cifar10_path", "CIFAR10_PATH", "cifar-10-python.tar.gz", ".npz"):
         assert option in message
     assert "\n" not in message
+
+
+def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+
+    def unreadable(*args, **kwargs):
+        raise NotImplementedError("Random access for FileFormat.TFRECORD\nmore")
+
+    monkeypatch.setattr(tfds, "data_source", unreadable)
+    monkeypatch.setattr(data, "_tfds_prepared", lambda tfds, data_dir: True)
+    with pytest.raises(DataError) as error:
+        data.load_cifar10()
+    message = str(error.value)
+    assert "could not read 'cifar10' (NotImplementedError: Random access" in message
+    assert "file_format='array_record'" in message and "\n" not in message
 
 
 def test_tfds_not_installed(monkeypatch):
