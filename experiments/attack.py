@@ -325,6 +325,17 @@ def run_attack(
     queue = np.flatnonzero(attacked)
     queue_ends = [int(np.sum(attacked[:e])) for e in ends]
     queue_start = int(np.sum(attacked[:resume_from]))
+    # Progress counts attacked images, finished in any order (only correctly
+    # classified images are attacked; the others take no time).
+    progress = common.Progress(len(queue), "attacked images", initial=queue_start)
+    successes = sum(c["successes"] for c in done_chunks)
+    resumed_successes = successes
+
+    def on_progress(finished: int, found: int) -> None:
+        if _is_main_process():
+            progress.update(queue_start_0 + finished, resumed_successes + found)
+
+    queue_start_0 = queue_start
     stream = attack_stream(
         logits_fn,
         images[queue],
@@ -338,9 +349,9 @@ def run_attack(
         start=queue_start,
         capacity=n,  # one program for resumes and for every target class
         num_classes=model_config.num_classes,
+        # Every process takes the same path (its device calls are collective).
+        on_progress=on_progress,
     )
-    progress = common.Progress(n, "images")
-    successes = sum(c["successes"] for c in done_chunks)
     chunk_start, tick = resume_from, time.time()
     for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
         rows = []
@@ -375,7 +386,7 @@ def run_attack(
             _save_chunk(chunks_dir, chunk_start, end, chunk)
         done_chunks.append(chunk)
         successes += chunk["successes"]
-        progress.update(end, successes, force=end == n)
+        progress.update(queue_end, successes, force=end == n)
         chunk_start, queue_start = end, queue_end
 
     summary = _summary(

@@ -114,8 +114,12 @@ def device_description() -> dict[str, Any]:
 class Progress:
     """Progress lines: done/total, successes so far, rate, ETA."""
 
-    def __init__(self, total: int, what: str = "images", every_s: float = 10.0):
+    def __init__(
+        self, total: int, what: str = "images", every_s: float = 10.0, initial: int = 0
+    ):
+        """`initial`: items already done before this run (a resume): not in the rate."""
         self.total, self.what, self.every_s = total, what, every_s
+        self.initial = initial
         self.start = time.time()
         self.last = 0.0
 
@@ -127,7 +131,7 @@ class Progress:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
-        rate = done / elapsed
+        rate = (done - self.initial) / elapsed
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         line = f"{done}/{self.total} {self.what}"
         if successes is not None:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -374,18 +375,26 @@ def _engine_functions(
             ),
         )
 
-    def run(key, queue, queue_size, bound, state: _SlotState) -> _SlotState:
-        """Steps until every queue position < bound is finished."""
+    def run(key, queue, queue_size, bound, max_steps, state: _SlotState) -> _SlotState:
+        """Steps until every queue position < bound is finished, or max_steps steps.
+
+        Stopping after max_steps and calling again continues the same sequence of
+        steps, so the results do not depend on max_steps.
+        """
         global TRACE_COUNT
         TRACE_COUNT += 1
 
-        def unfinished(state):
+        def unfinished(carry):
+            state, steps = carry
             pending = (state.slot_pos >= 0) & (state.slot_pos < bound)
-            return (state.next_pos < bound) | jnp.any(pending)
+            return ((state.next_pos < bound) | jnp.any(pending)) & (steps < max_steps)
 
-        return jax.lax.while_loop(
-            unfinished, lambda s: step(key, queue, queue_size, s), state
-        )
+        def body(carry):
+            state, steps = carry
+            return step(key, queue, queue_size, state), steps + 1
+
+        state, _ = jax.lax.while_loop(unfinished, body, (state, jnp.int32(0)))
+        return state
 
     return init_state, run
 
@@ -416,6 +425,8 @@ def attack_stream(
     capacity: int | None = None,
     mesh: Mesh | None = None,
     num_classes: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    progress_every_s: float = 10.0,
 ) -> Iterator[AttackResult]:
     """Attack every image; an iterator over the results chunk by chunk, in input order.
 
@@ -438,6 +449,11 @@ def attack_stream(
         share one compiled program whatever their N (e.g. targets, resumes).
       mesh: a 1-D mesh whose devices share the images; default all devices.
       num_classes: checks labels/targets against it when given.
+      on_progress: called as on_progress(finished, successes) about every
+        `progress_every_s` seconds while a chunk runs, with the images of this
+        call finished so far (in any order) and their successes. Without it each
+        chunk runs in one device call and the next chunk is dispatched before the
+        previous one is read. Results are the same either way.
     """
     images = np.asarray(images) if not isinstance(images, np.ndarray) else images
     labels = np.asarray(labels, np.int32)
@@ -503,33 +519,48 @@ def attack_stream(
     )
     key_data = put(np.asarray(jax.random.key_data(key)), replicated)
 
-    def local_counts(end: int) -> jax.Array:
+    def host_counts(end: int) -> np.ndarray:
         """Per device, how many of the queue positions < end it holds."""
-        counts = [len(range(d, end, num_devices)) for d in range(num_devices)]
-        return put(np.asarray(counts, np.int32), sharded)
+        return np.asarray(
+            [len(range(d, end, num_devices)) for d in range(num_devices)], np.int32
+        )
+
+    def local_counts(end: int) -> jax.Array:
+        return put(host_counts(end), sharded)
 
     queue_size = local_counts(n)
     state = init_program(local_counts(start))
-    return _run_chunks(
-        program,
+    run_all = put(np.asarray(np.iinfo(np.int32).max, np.int32), replicated)
+    if on_progress is None:
+        return _run_chunks(
+            functools.partial(program, key_data, queue, queue_size),
+            run_all,
+            state,
+            local_counts,
+            chunk_ends,
+            start,
+            n,
+            config,
+        )
+    return _run_chunks_with_progress(
+        functools.partial(program, key_data, queue, queue_size),
+        lambda steps: put(np.asarray(steps, np.int32), replicated),
         state,
-        key_data,
-        queue,
-        queue_size,
         local_counts,
+        host_counts,
         chunk_ends,
         start,
         n,
         config,
+        on_progress,
+        progress_every_s,
     )
 
 
 def _run_chunks(
     program,
+    run_all,
     state,
-    key_data,
-    queue,
-    queue_size,
     local_counts,
     chunk_ends,
     start,
@@ -539,7 +570,7 @@ def _run_chunks(
     """Run the program chunk by chunk, yielding each chunk's results in order."""
     pending = None
     for end in chunk_ends:
-        state = program(key_data, queue, queue_size, local_counts(end), state)
+        state = program(local_counts(end), run_all, state)
         # Dispatch is asynchronous: the next chunk is queued before this one is read.
         if pending is not None:
             yield _fetch(*pending)
@@ -547,6 +578,49 @@ def _run_chunks(
         start = end
     if pending is not None:
         yield _fetch(*pending)
+
+
+def _run_chunks_with_progress(
+    program,
+    put_steps,
+    state,
+    local_counts,
+    host_counts,
+    chunk_ends,
+    start,
+    n,
+    config,
+    on_progress,
+    progress_every_s,
+) -> Iterator[AttackResult]:
+    """Like `_run_chunks`, in device calls of a bounded number of DE steps.
+
+    The number of steps per call is adapted so that a call takes about
+    `progress_every_s` seconds; between calls `on_progress` is told how many images
+    are finished. Stopping and continuing the loop does not change any result.
+    """
+    steps, last = 1, time.time()
+    for end in chunk_ends:
+        bound, bound_host = local_counts(end), host_counts(end)
+        while True:
+            tick = time.time()
+            state = program(bound, put_steps(steps), state)
+            slot_pos = _gather(state.slot_pos)  # (devices, slots); syncs
+            next_pos = _gather(state.next_pos)
+            elapsed = max(time.time() - tick, 1e-6)
+            pending = (slot_pos >= 0) & (slot_pos < bound_host[:, None])
+            if not (np.any(next_pos < bound_host) or np.any(pending)):
+                break
+            # Aim at one call per progress interval (at most 8x more steps a time).
+            steps = int(min(max(1, steps * progress_every_s / elapsed), 8 * steps))
+            if time.time() - last >= progress_every_s:
+                last = time.time()
+                finished = _gather(state.res_generations) >= 0
+                on_progress(
+                    int(finished.sum()), int(_gather(state.res_success)[finished].sum())
+                )
+        yield _fetch(state, start, end, n, config)
+        start = end
 
 
 @functools.lru_cache(maxsize=8)
@@ -572,16 +646,18 @@ def _build_programs(
     def expand(tree):
         return jax.tree_util.tree_map(lambda x: x[None], tree)
 
-    def run_local(key_data, queue, queue_size, bound, state):
+    def run_local(key_data, queue, queue_size, bound, max_steps, state):
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
-        out = run(key, squeeze(queue), queue_size[0], bound[0], squeeze(state))
+        out = run(
+            key, squeeze(queue), queue_size[0], bound[0], max_steps, squeeze(state)
+        )
         return expand(out)
 
     program = jax.jit(
         jax.shard_map(
             run_local,
             mesh=mesh,
-            in_specs=(PartitionSpec(), spec, spec, spec, spec),
+            in_specs=(PartitionSpec(), spec, spec, spec, PartitionSpec(), spec),
             out_specs=spec,
             check_vma=False,
         )

@@ -209,6 +209,33 @@ def test_results_independent_of_slots_and_chunks(case, engine_result):
         np.testing.assert_array_equal(field, expected)
 
 
+def test_progress_calls_in_bounded_steps_give_the_same_results(case, engine_result):
+    # progress_every_s=0: one DE step per device call, the progress callback
+    # between every two calls; stopping and continuing the loop changes nothing.
+    reference, _ = engine_result
+    logits_fn, images, labels, indices = case
+    reports = []
+    result = attack.attack(
+        logits_fn,
+        images,
+        labels,
+        indices,
+        jax.random.key(7),
+        CONFIG,
+        slots=SLOTS,
+        chunk_ends=[4, 8],
+        on_progress=lambda finished, found: reports.append((finished, found)),
+        progress_every_s=0.0,
+    )
+    for field, expected in zip(result, reference, strict=True):
+        np.testing.assert_array_equal(field, expected)
+    assert reports, "on_progress was never called"
+    finished = [f for f, _ in reports]
+    assert finished == sorted(finished) and finished[-1] <= len(labels)
+    assert all(0 <= found <= f for f, found in reports)
+    assert max(found for _, found in reports) <= int(reference.success.sum())
+
+
 def test_resume_start_gives_the_same_results(case, engine_result):
     reference, _ = engine_result
     logits_fn, images, labels, indices = case
