@@ -331,9 +331,16 @@ def run_attack(
     successes = sum(c["successes"] for c in done_chunks)
     resumed_successes = successes
 
+    # Finished images in any order (from the engine while a chunk runs) or the
+    # prefix of finished chunks, whichever is further: the count never goes back.
+    latest = {"done": queue_start, "successes": successes}
+
     def on_progress(finished: int, found: int) -> None:
+        latest.update(
+            done=queue_start_0 + finished, successes=resumed_successes + found
+        )
         if _is_main_process():
-            progress.update(queue_start_0 + finished, resumed_successes + found)
+            progress.update(latest["done"], latest["successes"])
 
     queue_start_0 = queue_start
     stream = attack_stream(
@@ -386,7 +393,10 @@ def run_attack(
             _save_chunk(chunks_dir, chunk_start, end, chunk)
         done_chunks.append(chunk)
         successes += chunk["successes"]
-        progress.update(queue_end, successes, force=end == n)
+        if queue_end >= latest["done"]:
+            latest.update(done=queue_end, successes=successes)
+        if _is_main_process():
+            progress.update(latest["done"], latest["successes"], force=end == n)
         chunk_start, queue_start = end, queue_end
 
     summary = _summary(
