@@ -52,8 +52,16 @@ flags.DEFINE_integer(
     "--num_samples (10 to 500).",
 )
 flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host runs)."
+    "distributed",
+    False,
+    "Multi-host run: call jax.distributed.initialize() (cluster auto-detection on "
+    "Cloud TPU, SLURM, ..., or --coordinator_address/--num_processes/--process_id).",
 )
+flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: host:port of process 0."
+)
+flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
 
 FLAGS = flags.FLAGS
 
@@ -107,6 +115,25 @@ def parse_target(value: str | int | None, num_classes: int = 10) -> int | str | 
             f"--target must be a class in 0..{num_classes - 1}, got {target}"
         )
     return target
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize() from the flags (unset ones are auto-detected)."""
+    # CPU devices of different processes need a collectives implementation (it
+    # does not affect accelerators). No backend may start before initialize().
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise PropmapsError(
+            f"--distributed: jax.distributed.initialize() failed ({e}); outside a "
+            "detected cluster pass --coordinator_address, --num_processes and "
+            "--process_id"
+        ) from None
 
 
 def _is_main_process() -> bool:
@@ -512,7 +539,7 @@ def main(argv: list[str]) -> None:
     """Run the attack experiment from flags."""
     del argv
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        initialize_distributed()
     config = AttackConfig(
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )

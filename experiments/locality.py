@@ -670,7 +670,7 @@ def main(argv: list[str]) -> None:
     check_flags()
     weights = {name: model_weights(name) for name in names}
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        attack_experiment.initialize_distributed()
     workdir = FLAGS.workdir or DEFAULT_WORKDIR
     os.makedirs(workdir, exist_ok=True)
     start = time.time()

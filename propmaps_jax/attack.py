@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from evosax.algorithms import DifferentialEvolution
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -111,8 +110,12 @@ def concatenate_results(parts: Sequence[AttackResult]) -> AttackResult:
     return AttackResult(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
 
-def make_de(config: AttackConfig) -> tuple[DifferentialEvolution, Any]:
+def make_de(config: AttackConfig) -> tuple[Any, Any]:
     """evosax DE and its params for DE/rand/1, no elitism, F and CR of `config`."""
+    # Imported here: importing evosax.algorithms starts a JAX backend, which must
+    # not happen before jax.distributed.initialize() in multi-host runs.
+    from evosax.algorithms import DifferentialEvolution
+
     de = DifferentialEvolution(config.population, solution=jnp.zeros(config.num_dims))
     params = de.default_params.replace(
         elitism=False,

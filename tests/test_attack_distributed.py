@@ -1,12 +1,15 @@
 """The attack on 4 forced CPU devices and on 2 processes gives the 1-device results."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
+from propmaps_jax import checkpoint, models
 from tests._attack_case import SLOTS, attack_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,3 +55,88 @@ def test_four_devices_and_two_processes_match_one_device(tmp_path):
     for name, expected in reference._asdict().items():
         np.testing.assert_array_equal(four_devices[name], expected, err_msg=name)
         np.testing.assert_array_equal(two_processes[name], expected, err_msg=name)
+
+
+def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
+    """launch.py --experiment=attack --distributed on 2 localhost processes: process 0
+    alone writes, and attack.csv equals that of a single-process run."""
+    model = models.create_model("lenet_tiny")
+    variables = models.init_variables(model, jax.random.key(2))
+    weights = str(tmp_path / "lenet_tiny.msgpack")
+    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    y = np.asarray(models.make_logits_fn(model, variables)(x)).argmax(-1)
+    y[[2, 5]] = (y[[2, 5]] + 1) % 10  # two misclassified images: not attacked
+    npz = tmp_path / "data.npz"
+    np.savez(npz, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y)
+
+    def command(workdir, *extra):
+        return [
+            sys.executable,
+            os.path.join(ROOT, "launch.py"),
+            "--experiment=attack",
+            "--model=lenet_tiny",
+            f"--weights={weights}",
+            f"--cifar10_path={npz}",
+            "--num_samples=12",
+            "--population=8",
+            "--generations=3",
+            "--slots=4",
+            "--chunk_size=5",
+            f"--workdir={workdir}",
+            *extra,
+        ]
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    single = subprocess.run(
+        command(tmp_path / "one"), env=env, capture_output=True, text=True, timeout=240
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    address = f"localhost:{free_port()}"
+    runs = [
+        subprocess.Popen(
+            command(
+                tmp_path / "two",
+                "--distributed",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    for run in runs:
+        output, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, output.decode()[-3000:]
+    one = (tmp_path / "one" / "attack.csv").read_text()
+    two = (tmp_path / "two" / "attack.csv").read_text()
+    assert one == two
+    summary = json.loads((tmp_path / "two" / "attack_summary.json").read_text())
+    assert summary["device"]["process_count"] == 2
+    assert summary["attacked"] == 10 and summary["not_attacked_misclassified"] == 2
+
+
+def test_distributed_without_a_cluster_is_a_clear_error(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch.py"),
+            "--experiment=attack",
+            "--distributed",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --distributed: jax.distributed.initialize() failed")
+    )
