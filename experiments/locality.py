@@ -122,8 +122,6 @@ def check_flags() -> None:
         raise PropmapsError(
             f"--vulnerability_maps must be >= 0, got {FLAGS.vulnerability_maps}"
         )
-    if FLAGS.batch_size < 1:
-        raise PropmapsError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
 
 
 def model_weights(name: str) -> str | None:

@@ -110,8 +110,6 @@ def main(argv: list[str]) -> None:
     common.default_batch_size(64)
     start = time.time()
     workdir = common.require_workdir()
-    if FLAGS.batch_size < 1:
-        raise PropmapsError(f"--batch_size={FLAGS.batch_size} must be at least 1")
     csv_path = os.path.join(workdir, "attack.csv")
     table = read_attack_csv(csv_path)
     attacked = np.flatnonzero(table["attacked"])

@@ -128,7 +128,8 @@ def main(argv: list[str]) -> None:
             f"unknown model {FLAGS.model!r}; choose one of "
             f"{', '.join(models.MODEL_REGISTRY)}"
         )
-    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+    # --batch_size is checked by common.default_batch_size.
+    for name in ("epochs", "eval_every", "eval_batch_size"):
         if getattr(FLAGS, name) < 1:
             raise PropmapsError(f"--{name} must be at least 1")
     dataset = common.load_data()

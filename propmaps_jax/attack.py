@@ -533,10 +533,11 @@ def attack_stream(
 
     queue_size = local_counts(n)
     state = init_program(local_counts(start))
-    run_all = put(np.asarray(np.iinfo(np.int32).max, np.int32), replicated)
+    call = functools.partial(program, key_data, queue, queue_size)
     if on_progress is None:
+        run_all = put(np.asarray(np.iinfo(np.int32).max, np.int32), replicated)
         return _run_chunks(
-            functools.partial(program, key_data, queue, queue_size),
+            call,
             run_all,
             state,
             local_counts,
@@ -546,7 +547,7 @@ def attack_stream(
             config,
         )
     return _run_chunks_with_progress(
-        functools.partial(program, key_data, queue, queue_size),
+        call,
         lambda steps: put(np.asarray(steps, np.int32), replicated),
         state,
         local_counts,

@@ -16,12 +16,10 @@ import os
 from typing import Any
 
 import h5py
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from propmaps_jax import models
-from propmaps_jax.checkpoint import check_variables_fit
+from propmaps_jax.checkpoint import check_variables_fit, variables_template
 from propmaps_jax.errors import WeightsError
 from propmaps_jax.types import Variables
 
@@ -461,14 +459,10 @@ def load_keras_weights(
             f"{path} does not have the layer structure of our {model_name!r} "
             f"model ({e}); {hint}"
         ) from None
-    # Shapes and dtypes only: eval_shape avoids compiling the model's init.
-    template = jax.eval_shape(
-        lambda: module.init(
-            jax.random.key(0), jnp.zeros((1, *config.image_shape)), train=False
-        )
-    )
     variables = check_variables_fit(
-        template, _variables(keras, mapping), f"{path} (as model {model_name!r})"
+        variables_template(config),
+        _variables(keras, mapping),
+        f"{path} (as model {model_name!r})",
     )
     metadata = {
         "source": "keras",
