@@ -13,6 +13,7 @@ seed, the epoch and the example's index).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shlex
@@ -40,6 +41,12 @@ flags.DEFINE_integer("eval_every", 1, "Evaluate on the test split every N epochs
 flags.DEFINE_integer("eval_batch_size", 1000, "Batch size of evaluation.")
 flags.DEFINE_integer(
     "checkpoint_every_steps", 0, "Also checkpoint every N steps (0: per epoch only)."
+)
+flags.DEFINE_string(
+    "init_weights",
+    None,
+    "Fine-tune: start from these weights (a Keras 2 .h5 file or our .msgpack "
+    "checkpoint of --model) instead of a random initialisation.",
 )
 flags.DEFINE_integer(
     "stop_after_epochs",
@@ -71,7 +78,24 @@ def run_settings(num_train: int) -> dict[str, Any]:
         "augment": FLAGS.augment,
         "seed": FLAGS.seed,
         "train_examples": num_train,
+        "init_weights": init_weights_identity(FLAGS.init_weights),
     }
+
+
+def init_weights_identity(path: str | None) -> str | None:
+    """What identifies the starting weights: file name and SHA-256 of its bytes."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise PropmapsError(
+            f"--init_weights={path} does not exist: pass a Keras .h5 file or a "
+            "checkpoint of ours"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.basename(path)} sha256:{digest.hexdigest()[:16]}"
 
 
 def cpu_model() -> str:
@@ -161,6 +185,14 @@ def main(argv: list[str]) -> None:
     state = training.create_train_state(
         module, optimizer, jax.random.fold_in(base_key, 0), config.image_shape
     )
+    if FLAGS.init_weights is not None and ckpt is None:
+        _, init_variables, _ = checkpoint.load_weights(FLAGS.model, FLAGS.init_weights)
+        init_variables = checkpoint.check_variables_fit(
+            state.variables, init_variables, FLAGS.init_weights
+        )
+        state = training.state_from_variables(
+            jax.tree_util.tree_map(jnp.asarray, init_variables), optimizer
+        )
     augment_key = jax.random.fold_in(base_key, 1)
     wall_before = 0.0
     history: list[dict[str, Any]] = []
@@ -205,6 +237,19 @@ def main(argv: list[str]) -> None:
     )
     eval_fn = jax.jit(functools.partial(training.eval_step, module))
     start_time = time.time()
+    if FLAGS.init_weights is not None and ckpt is None:
+        init_accuracy, init_loss = evaluate(
+            eval_fn, state.variables, x_test, y_test, FLAGS.eval_batch_size
+        )
+        history.append(
+            {"epoch": 0, "test_accuracy": init_accuracy, "test_loss": init_loss}
+        )
+        logging.info(
+            "fine-tuning from %s: test accuracy %.2f%% before training, test loss %.4f",
+            FLAGS.init_weights,
+            100 * init_accuracy,
+            init_loss,
+        )
 
     def save(test_accuracy: float | None) -> None:
         metadata = {

@@ -2,6 +2,7 @@
 BatchNorm statistics, and the train experiment's resume-after-interruption."""
 
 import functools
+import json
 import math
 import os
 import subprocess
@@ -297,6 +298,95 @@ def test_resume_after_interruption_gives_identical_model(
         "resnet_tiny", str(straight / "model.msgpack")
     )
     assert config.name == "resnet_tiny" and b["train_state"] is None
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path, tiny_npz, compile_cache):
+    """--init_weights: the run starts from those weights (its epoch-0 evaluation is
+    theirs), the starting file is part of the settings, and resume is bit-identical."""
+    base = tmp_path / "base"
+    result = _train(base, tiny_npz, compile_cache, "--epochs=1", "--warmup_epochs=0")
+    assert result.returncode == 0, result.stderr
+    init = str(base / "model.msgpack")
+    base_accuracy = checkpoint.read_checkpoint(init)["metadata"]["test_accuracy"]
+
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    result = _train(straight, tiny_npz, compile_cache, f"--init_weights={init}")
+    assert result.returncode == 0, result.stderr
+    assert "fine-tuning from" in result.stderr
+    meta = checkpoint.read_checkpoint(str(straight / "model.msgpack"))["metadata"]
+    history = json.loads((straight / "train.json").read_text())["history"]
+    assert history[0]["epoch"] == 0
+    assert history[0]["test_accuracy"] == pytest.approx(base_accuracy)
+    assert meta["settings"]["init_weights"].startswith("model.msgpack sha256:")
+
+    result = _train(
+        interrupted,
+        tiny_npz,
+        compile_cache,
+        f"--init_weights={init}",
+        "--stop_after_epochs=1",
+    )
+    assert result.returncode == 0, result.stderr
+    # resuming from other starting weights is refused in one line
+    result = _train(interrupted, tiny_npz, compile_cache)
+    assert result.returncode == 2
+    assert "--init_weights=" in result.stderr and "Traceback" not in result.stderr
+    result = _train(interrupted, tiny_npz, compile_cache, f"--init_weights={init}")
+    assert result.returncode == 0, result.stderr
+    a = checkpoint.read_checkpoint(str(straight / "model.msgpack"))["variables"]
+    b = checkpoint.read_checkpoint(str(interrupted / "model.msgpack"))["variables"]
+    for x, y in zip(
+        jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+
+    # a missing file or the weights of another model: one line, exit 2
+    result = _train(tmp_path / "x", tiny_npz, compile_cache, "--init_weights=nope.h5")
+    assert result.returncode == 2 and "--init_weights=nope.h5 does not exist" in (
+        result.stderr
+    )
+    lenet = tmp_path / "lenet.msgpack"
+    module = models.create_model("lenet_tiny")
+    checkpoint.save_checkpoint(
+        str(lenet),
+        models.ModelConfig("lenet_tiny"),
+        models.init_variables(module, jax.random.key(0)),
+    )
+    result = _train(tmp_path / "y", tiny_npz, compile_cache, f"--init_weights={lenet}")
+    assert result.returncode == 2 and "not 'resnet_tiny'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_first_step_loss_of_given_weights_is_their_loss(tiny_resnet, random_images):
+    """A state built around given weights computes its first loss with exactly them."""
+    module, variables = tiny_resnet
+    labels = np.arange(len(random_images)) % 10
+    optimizer = training.make_optimizer(0.1, 5e-4, total_steps=10)
+    state = training.state_from_variables(variables, optimizer)
+    _, metrics = training.train_step(
+        module,
+        optimizer,
+        state,
+        random_images,
+        labels,
+        np.arange(len(labels)),
+        jax.random.key(0),
+        do_augment=False,
+    )
+    logits, _ = module.apply(
+        variables,
+        random_images.astype(np.float32),
+        train=True,
+        mutable=["batch_stats"],
+    )
+    logits = np.asarray(logits, np.float64)
+    log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))[:, None]
+        - logits.max(-1)[:, None]
+    )
+    expected = -log_probs[np.arange(len(labels)), labels].mean()
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_bundled_lenet_reaches_its_stated_accuracy(cifar10_path):
