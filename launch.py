@@ -10,7 +10,15 @@ import sys
 
 from absl import app, flags
 
-EXPERIMENTS = ("locality", "attack", "propagation", "statistics", "train", "evaluate")
+EXPERIMENTS = (
+    "locality",
+    "attack",
+    "propagation",
+    "statistics",
+    "salience",
+    "train",
+    "evaluate",
+)
 
 
 def _experiment_name(argv: list[str]) -> str | None:

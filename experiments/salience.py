@@ -1,0 +1,966 @@
+"""The conflicting salience hypothesis (paper, section 8), tested with numbers.
+
+    python launch.py --experiment=salience --workdir=DIR [--model=lenet --weights=W
+        --saliency=gradient --steps=32 --bootstrap=2000]
+
+DIR is an attack run: DIR/attack.csv of the attack experiment, or DIR/<model>/ of
+the locality experiment. The model is the one that made the run (from
+DIR/attack_summary.json when present; --model/--weights otherwise, checked against
+the predictions stored in attack.csv).
+
+For every attacked image (a failed attack contributes its best candidate) three
+changes of the clean image are studied: the attack's pixel (original), the same
+colour at an adjacent pixel (nearby) and at a random other pixel (random). Their
+positions are those of DIR/locality.csv when the locality study ran there (it
+moves successful attacks only), else they are drawn as the locality experiment
+draws them (same key streams, `fold_in(key, dataset_index)` per image, --seed).
+For each change it computes saliency maps of the clean and the changed image for
+the true class and for the class predicted after the change ("new"; the true
+class when the prediction did not change) and measures:
+
+- attention capture: the share of saliency mass in the 3x3 and 5x5 window around
+  the changed pixel, before and after;
+- disturbance: 1 - Spearman correlation of the maps before and after, and the
+  overlap of their top-5% pixels;
+- the last convolution's propagation map max_k |FM - FM_adv|: its max and mean.
+
+Three predictions of the hypothesis become rows of a verdict table with seeded
+bootstrap 95% intervals over images: P1 capture rises more after successful
+attacks than after failed ones and than after the same colour at a random pixel;
+P2 disturbance predicts a class change (ROC AUC over all changes); P3 propagation
+maps and saliency disturbance agree (Spearman over images, per outcome). Each
+verdict follows the rule in the table's caption. Writes DIR/salience/: table.md,
+table.csv, summary.json, per_image.csv, examples.png, attention_capture.png and
+roc.png; nothing is written when the input is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+from absl import flags
+
+from experiments import common, salience_plots
+from experiments.results import read_attack_csv
+from propmaps_jax import locality, models, propagation, saliency
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.perturb import apply_pixels_batch
+
+flags.DEFINE_string(
+    "saliency",
+    "gradient",
+    "Salience: saliency map method, one of " + ", ".join(saliency.METHODS) + ".",
+)
+flags.DEFINE_integer(
+    "steps", 32, "Salience: integrated gradients' path points (batched, >= 1)."
+)
+flags.DEFINE_integer("smoothgrad_samples", 16, "Salience: SmoothGrad noisy copies.")
+flags.DEFINE_float(
+    "smoothgrad_sigma", saliency.DEFAULT_SIGMA, "Salience: SmoothGrad noise (0..255)."
+)
+flags.DEFINE_string(
+    "saliency_score", "logit", "Salience: the class score, logit or probability."
+)
+flags.DEFINE_integer("bootstrap", 2000, "Salience: bootstrap resamples (>= 100).")
+flags.DEFINE_integer(
+    "examples", 3, "Salience: successful and failed attacks in examples.png."
+)
+
+FLAGS = flags.FLAGS
+
+CHANGES = ("original", "nearby", "random")
+# Groups of changes: the attack's pixel of successful / failed attacks, and the
+# moves of successful attacks (the locality protocol).
+GROUPS = ("successful", "failed", "nearby", "random")
+CLASSES = ("true", "new")
+WINDOWS = (3, 5)
+TOP_FRACTION = 0.05
+# Same streams as experiments/locality.py, so that drawn positions equal its own.
+LOCALITY_STREAM = 0x10CA1
+NEARBY_STREAM, RANDOM_STREAM = 0, 1
+SALIENCE_STREAM = 0x5A1
+BOOTSTRAP_STREAM = 0xB007
+LOCALITY_COLUMNS = (
+    "index",
+    "row",
+    "col",
+    "r",
+    "g",
+    "b",
+    "nearby_row",
+    "nearby_col",
+    "random_row",
+    "random_col",
+)
+# attack.csv written by another model: refused when more of its stored
+# predictions than this differ (a few may flip on another device or batch size).
+MAX_MISMATCH = 0.05
+# Verdict rule: (value of no effect, smallest effect that matters) per statistic.
+NO_EFFECT = {"capture": 0.0, "auc": 0.5, "spearman": 0.0}
+MEANINGFUL = {"capture": 0.01, "auc": 0.6, "spearman": 0.1}
+MEASURES = {
+    "spearman": "1 - Spearman correlation of the maps",
+    "top5": "1 - overlap of the top-5% pixels",
+}
+
+
+# ----- reading and checking the attack run --------------------------------------
+
+
+def resolve_model(
+    workdir: str, model: str, model_given: bool, weights: str | None
+) -> tuple[str, str | None]:
+    """(model, weights): those of DIR/attack_summary.json unless given as flags."""
+    path = os.path.join(workdir, "attack_summary.json")
+    if not os.path.isfile(path):
+        return model, weights
+    with open(path) as f:
+        settings = json.load(f).get("settings", {})
+    made_by = settings.get("model")
+    if made_by is None or model_given:
+        return model, weights
+    return made_by, weights if weights is not None else settings.get("weights")
+
+
+def check_summary_model(workdir: str, model: str) -> None:
+    """A PropmapsError when DIR/attack_summary.json names another model."""
+    path = os.path.join(workdir, "attack_summary.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        made_by = json.load(f).get("settings", {}).get("model")
+    if made_by is not None and made_by != model:
+        raise PropmapsError(
+            f"{os.path.join(workdir, 'attack.csv')} was made by model {made_by!r} "
+            f"(attack_summary.json), not {model!r}: pass --model={made_by} and its "
+            "--weights"
+        )
+
+
+def read_locality_positions(
+    path: str, indices: np.ndarray, pixels: np.ndarray
+) -> dict[int, tuple[int, int, int, int]]:
+    """{dataset index: (nearby row, col, random row, col)} from a locality.csv."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in LOCALITY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PropmapsError(
+                f"{path} lacks the column(s) {', '.join(missing)}: run the locality "
+                "experiment again or delete it"
+            )
+        try:
+            rows = [{c: int(r[c]) for c in LOCALITY_COLUMNS} for r in reader]
+        except (TypeError, ValueError):
+            raise PropmapsError(
+                f"{path} has malformed rows: run the locality experiment again"
+            ) from None
+    where = {int(i): j for j, i in enumerate(indices)}
+    out = {}
+    for r in rows:
+        j = where.get(r["index"])
+        stored = [r["row"], r["col"], r["r"], r["g"], r["b"]]
+        if j is None or stored != [int(v) for v in pixels[j, 0]]:
+            raise PropmapsError(
+                f"{path} does not match attack.csv (test image {r['index']}): run "
+                "the locality experiment again or delete it"
+            )
+        out[r["index"]] = (
+            r["nearby_row"],
+            r["nearby_col"],
+            r["random_row"],
+            r["random_col"],
+        )
+    return out
+
+
+def change_positions(
+    workdir: str,
+    indices: np.ndarray,
+    pixels: np.ndarray,
+    success: np.ndarray,
+    seed: int,
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(changes (N, 3, 5) original/nearby/random pixels, from_locality (N,) bool)."""
+    rows, cols = pixels[:, 0, 0], pixels[:, 0, 1]
+    base = jax.random.fold_in(jax.random.key(seed), LOCALITY_STREAM)
+    nearby = np.stack(
+        locality.sample_nearby(
+            jax.random.fold_in(base, NEARBY_STREAM), indices, rows, cols, height, width
+        ),
+        axis=1,
+    )
+    random = np.stack(
+        locality.sample_random(
+            jax.random.fold_in(base, RANDOM_STREAM), indices, rows, cols, height, width
+        ),
+        axis=1,
+    )
+    from_locality = np.zeros(len(indices), bool)
+    path = os.path.join(workdir, "locality.csv")
+    if os.path.isfile(path):
+        stored = read_locality_positions(path, indices, pixels)
+        if len(stored) != int(success.sum()):
+            raise PropmapsError(
+                f"{path} has {len(stored)} rows but attack.csv {int(success.sum())} "
+                "successful attacks: run the locality experiment again or delete it"
+            )
+        for j, index in enumerate(indices):
+            if int(index) in stored:
+                nearby[j], random[j] = np.split(np.array(stored[int(index)]), 2)
+                from_locality[j] = True
+    changes = np.repeat(pixels[:, :1, :], 3, axis=1).copy()
+    changes[:, 1, :2] = nearby
+    changes[:, 2, :2] = random
+    return changes.astype(np.int32), from_locality
+
+
+# ----- the device computation ---------------------------------------------------
+
+
+def analyse_changes(
+    config: saliency.SaliencyConfig,
+    module,
+    last_layer: str,
+    variables,
+    images: jax.Array,
+    labels: jax.Array,
+    changes: jax.Array,
+    keys: jax.Array,
+    return_maps: bool = False,
+) -> dict[str, jax.Array]:
+    """Saliency and propagation measures of M changes per image (pure, jittable).
+
+    images (N, H, W, C) 0..255, labels (N,), changes (N, M, 5) one pixel each,
+    keys (N,) one per image (SmoothGrad: the same noise before and after). Returns
+    per change (N, M): pred_after, prob_true_after, pm_last_max, pm_last_mean and
+    per class t in ("true", "new"): {t}_capture{3,5}_{before,after},
+    {t}_spearman (rank correlation before/after), {t}_top5 (top-5% overlap); and
+    pred_before (N,). With `return_maps` also the maps (N, M, H, W) / PM (N, M, h, w).
+    """
+    n, m = changes.shape[:2]
+    x = jnp.asarray(images, jnp.float32)
+    image_of = jnp.repeat(jnp.arange(n), m)  # change -> its image, image-major
+    flat = jnp.asarray(changes, jnp.int32).reshape(n * m, 1, 5)
+    changed = apply_pixels_batch(x[image_of], flat)
+    logits, layers = models.layer_outputs(
+        module, variables, jnp.concatenate([x, changed]), train=False
+    )
+    fm = layers[last_layer]
+    pm = propagation.difference_map(fm[:n][image_of], fm[n:], "max")
+    pred_after = jnp.argmax(logits[n:], axis=-1).astype(jnp.int32)
+    labels = jnp.asarray(labels, jnp.int32)
+    probs_after = jax.nn.softmax(logits[n:], axis=-1)
+
+    # One batched saliency pass: clean (true class), clean (new class), changed
+    # (true class), changed (new class).
+    apply_fn = functools.partial(module.apply, train=False)
+    which = jnp.concatenate([jnp.arange(n), image_of, image_of, image_of])
+    maps = saliency.saliency_map(
+        keys[which] if config.uses_key else None,
+        apply_fn,
+        variables,
+        jnp.concatenate([x, x[image_of], changed, changed]),
+        jnp.concatenate([labels, pred_after, labels[image_of], pred_after]),
+        config,
+    )
+    nm = n * m
+    pairs = {
+        "true": (maps[:n][image_of], maps[n + nm : n + 2 * nm]),
+        "new": (maps[n : n + nm], maps[n + 2 * nm :]),
+    }
+    rows, cols = flat[:, 0, 0], flat[:, 0, 1]
+    out = {
+        "pred_after": pred_after,
+        "prob_true_after": jnp.take_along_axis(
+            probs_after, labels[image_of][:, None], axis=-1
+        )[:, 0],
+        "pm_last_max": jnp.max(pm, axis=(1, 2)),
+        "pm_last_mean": jnp.mean(pm, axis=(1, 2)),
+    }
+    for t, (before, after) in pairs.items():
+        for size in WINDOWS:
+            for when, sal in (("before", before), ("after", after)):
+                out[f"{t}_capture{size}_{when}"] = saliency.window_share(
+                    sal, rows, cols, size
+                )
+        out[f"{t}_spearman"] = saliency.rank_correlation(before, after)
+        out[f"{t}_top5"] = saliency.top_overlap(before, after, TOP_FRACTION)
+    out = {k: v.reshape(n, m) for k, v in out.items()}
+    out["pred_before"] = jnp.argmax(logits[:n], axis=-1).astype(jnp.int32)
+    if return_maps:
+        shape = (n, m, *maps.shape[1:])
+        out["maps_before_true"] = pairs["true"][0].reshape(shape)
+        out["maps_after_true"] = pairs["true"][1].reshape(shape)
+        out["maps_after_new"] = pairs["new"][1].reshape(shape)
+        out["pm_last"] = pm.reshape((n, m, *pm.shape[1:]))
+        out["changed"] = changed.reshape((n, m, *changed.shape[1:]))
+    return out
+
+
+def stream_changes(
+    analyse, variables, images, labels, changes, keys, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Run `analyse` over all images in fixed-size chunks (last one padded)."""
+    total = len(images)
+    out: dict[str, np.ndarray] = {}
+    progress = common.Progress(total, "attacks")
+    for begin in range(0, total, batch_size):
+        end = min(begin + batch_size, total)
+        take = np.concatenate(
+            [np.arange(begin, end), np.full(batch_size - (end - begin), begin)]
+        )
+        part = jax.device_get(
+            analyse(
+                variables,
+                images[take],
+                labels[take],
+                changes[take],
+                keys[take],
+            )
+        )
+        for name, value in part.items():
+            if name not in out:
+                out[name] = np.empty((total, *value.shape[1:]), value.dtype)
+            out[name][begin:end] = value[: end - begin]
+        progress.update(end)
+    return out
+
+
+# ----- statistics (vectorised NumPy) --------------------------------------------
+
+
+def interval(samples: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap replicates (NaN if too few finite)."""
+    samples = samples[np.isfinite(samples)]
+    if samples.size < 10:
+        return math.nan, math.nan
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def rank_rows(values: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis."""
+    return scipy.stats.rankdata(values, axis=-1)
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation along the last axis (NaN where a row is constant)."""
+    rx, ry = rank_rows(x), rank_rows(y)
+    rx = rx - rx.mean(-1, keepdims=True)
+    ry = ry - ry.mean(-1, keepdims=True)
+    denominator = np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (rx * ry).sum(-1) / denominator, np.nan)
+
+
+def weighted_auc(
+    scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """ROC AUC (B,) of `scores` (m,) for labels `positive` (m,) under weights (B, m).
+
+    AUC = P(score of a positive > score of a negative) + P(tie) / 2, each item
+    counted with its weight (bootstrap counts); NaN without both classes.
+    """
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    pos = positive[order].astype(np.float64)
+    w = weights[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    w_pos = np.add.reduceat(w * pos, starts, axis=1)
+    w_neg = np.add.reduceat(w * (1.0 - pos), starts, axis=1)
+    neg_below = np.cumsum(w_neg, axis=1) - w_neg
+    numerator = np.sum(w_pos * (neg_below + 0.5 * w_neg), axis=1)
+    denominator = w_pos.sum(1) * w_neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / denominator, np.nan)
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(false positive rate, true positive rate) over all thresholds, from (0, 0)."""
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.float64)
+    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
+    tp, fp = np.cumsum(pos)[last], np.cumsum(1.0 - pos)[last]
+    return (
+        np.r_[0.0, fp / max(fp[-1], 1.0)] if fp.size else np.zeros(1),
+        np.r_[0.0, tp / max(tp[-1], 1.0)] if tp.size else np.zeros(1),
+    )
+
+
+def verdict(estimate: float, low: float, high: float, kind: str) -> str:
+    """The caption's rule: 'supported', 'not supported' or 'inconclusive'."""
+    if not all(math.isfinite(v) for v in (estimate, low, high)):
+        return "inconclusive"
+    if high < MEANINGFUL[kind]:
+        return "not supported"
+    if low > NO_EFFECT[kind]:
+        return "supported"
+    return "inconclusive"
+
+
+def _row(pid, prediction, cls, measure, kind, n, estimate, replicates) -> dict:
+    low, high = interval(replicates)
+    return {
+        "id": pid,
+        "prediction": prediction,
+        "class": cls,
+        "measure": measure,
+        "n": int(n),
+        "estimate": float(estimate),
+        "ci_low": low,
+        "ci_high": high,
+        "no_effect": NO_EFFECT[kind],
+        "meaningful": MEANINGFUL[kind],
+        "verdict": verdict(float(estimate), low, high, kind),
+    }
+
+
+def capture_rise(results: dict[str, np.ndarray], cls: str, size: int) -> np.ndarray:
+    """Saliency share in the window after minus before, per change (N, 3)."""
+    return (
+        results[f"{cls}_capture{size}_after"] - results[f"{cls}_capture{size}_before"]
+    )
+
+
+def disturbance(results: dict[str, np.ndarray], cls: str, measure: str) -> np.ndarray:
+    """1 - Spearman or 1 - top-5% overlap of the maps before/after, per change."""
+    name = "spearman" if measure == "spearman" else "top5"
+    return 1.0 - results[f"{cls}_{name}"]
+
+
+def group_values(values: np.ndarray, success: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-change values (N, 3) split into GROUPS (nearby/random: successes only)."""
+    return {
+        "successful": values[success, 0],
+        "failed": values[~success, 0],
+        "nearby": values[success, 1],
+        "random": values[success, 2],
+    }
+
+
+def predictions(
+    results: dict[str, np.ndarray],
+    success: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    resamples: int,
+) -> tuple[list[dict], dict]:
+    """The verdict table's rows and the ROC curves of P2."""
+    rows: list[dict] = []
+    n_succ, n_fail = int(success.sum()), int((~success).sum())
+    for cls in CLASSES:
+        rise = capture_rise(results, cls, 3)
+        succ, fail = rise[success, 0], rise[~success, 0]
+        if n_succ and n_fail:
+            reps = rng.choice(succ, (resamples, n_succ)).mean(1) - rng.choice(
+                fail, (resamples, n_fail)
+            ).mean(1)
+            estimate = succ.mean() - fail.mean()
+        else:
+            reps, estimate = np.full(resamples, np.nan), math.nan
+        rows.append(
+            _row(
+                "P1a",
+                "capture rises more after successful than after failed attacks",
+                cls,
+                "difference of mean rise of the 3x3 share",
+                "capture",
+                n_succ + n_fail,
+                estimate,
+                reps,
+            )
+        )
+        paired = rise[success, 0] - rise[success, 2]
+        if n_succ:
+            reps = rng.choice(paired, (resamples, n_succ)).mean(1)
+            estimate = paired.mean()
+        else:
+            reps, estimate = np.full(resamples, np.nan), math.nan
+        rows.append(
+            _row(
+                "P1b",
+                "capture rises more for the attack's pixel than for the same colour "
+                "at a random pixel (successful attacks, paired)",
+                cls,
+                "mean paired difference of the rise of the 3x3 share",
+                "capture",
+                n_succ,
+                estimate,
+                reps,
+            )
+        )
+
+    # P2: every change of every attacked image; resample images (with their changes).
+    changed = results["pred_after"] != labels[:, None]
+    n = len(labels)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    roc = {}
+    for cls in CLASSES:
+        for measure in MEASURES:
+            scores = disturbance(results, cls, measure)
+            finite = np.isfinite(scores).reshape(-1)
+            flat_scores = np.where(finite, scores.reshape(-1), 0.0)
+            weights = np.repeat(counts, 3, axis=1) * finite
+            estimate = weighted_auc(
+                flat_scores, changed.reshape(-1), finite[None].astype(float)
+            )[0]
+            reps = weighted_auc(flat_scores, changed.reshape(-1), weights)
+            rows.append(
+                _row(
+                    "P2",
+                    "saliency disturbance predicts a class change (all changes)",
+                    cls,
+                    f"ROC AUC of {MEASURES[measure]}",
+                    "auc",
+                    int(finite.sum()),
+                    estimate,
+                    reps,
+                )
+            )
+            fpr, tpr = roc_curve(flat_scores[finite], changed.reshape(-1)[finite])
+            roc[(cls, measure)] = {"fpr": fpr, "tpr": tpr, "row": rows[-1]}
+
+    pm = group_values(results["pm_last_max"], success)
+    dist = group_values(disturbance(results, "true", "spearman"), success)
+    for group in GROUPS:
+        x, y = pm[group], dist[group]
+        keep = np.isfinite(x) & np.isfinite(y)
+        x, y = x[keep], y[keep]
+        if x.size >= 3:
+            estimate = spearman_rows(x, y)
+            idx = rng.integers(0, x.size, (resamples, x.size))
+            reps = spearman_rows(x[idx], y[idx])
+        else:
+            reps, estimate = np.full(resamples, np.nan), math.nan
+        rows.append(
+            _row(
+                "P3",
+                f"propagation maps and saliency agree ({group})",
+                "true",
+                "Spearman of last-layer PM max and 1 - Spearman of the maps",
+                "spearman",
+                x.size,
+                estimate,
+                reps,
+            )
+        )
+    return rows, roc
+
+
+def group_summary(
+    results: dict[str, np.ndarray],
+    success: np.ndarray,
+    rng: np.random.Generator,
+    resamples: int,
+) -> dict[str, Any]:
+    """Mean and bootstrap interval of every measure per group of changes."""
+    measures = {"pm_last_max": results["pm_last_max"]}
+    measures["pm_last_mean"] = results["pm_last_mean"]
+    for cls in CLASSES:
+        for size in WINDOWS:
+            for when in ("before", "after"):
+                name = f"{cls}_capture{size}_{when}"
+                measures[name] = results[name]
+            measures[f"{cls}_capture{size}_rise"] = capture_rise(results, cls, size)
+        for measure in MEASURES:
+            measures[f"{cls}_disturbance_{measure}"] = disturbance(
+                results, cls, measure
+            )
+    out: dict[str, Any] = {}
+    for group in GROUPS:
+        out[group] = {}
+        for name, values in measures.items():
+            v = group_values(values, success)[group]
+            v = v[np.isfinite(v)]
+            if v.size == 0:
+                out[group][name] = {"n": 0, "mean": None, "ci_low": None}
+                out[group][name]["ci_high"] = None
+                continue
+            low, high = interval(rng.choice(v, (resamples, v.size)).mean(1))
+            out[group][name] = {
+                "n": int(v.size),
+                "mean": float(v.mean()),
+                "ci_low": _finite_or_none(low),
+                "ci_high": _finite_or_none(high),
+            }
+    return out
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+# ----- outputs ------------------------------------------------------------------
+
+
+def _fmt(value: float, kind: str) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:+.2f} pp" if kind == "capture" else f"{value:.3f}"
+
+
+def table_markdown(rows: list[dict], settings: dict) -> str:
+    """DIR/salience/table.md: the verdict table and its rule in the caption."""
+    lines = [
+        f"Conflicting salience hypothesis (paper, section 8): {settings['model']}, "
+        f"{settings['attacks']} attacked images ({settings['successful']} "
+        f"successful), saliency `{settings['saliency']['method']}` of the class "
+        f"{settings['saliency']['score']}; 95% bootstrap intervals over images "
+        f"({settings['bootstrap']} resamples, seed {settings['seed']}).",
+        "",
+        "| id | prediction | class | measure | n | estimate | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kind = "capture" if r["id"].startswith("P1") else "other"
+        lines.append(
+            f"| {r['id']} | {r['prediction']} | {r['class']} | {r['measure']} | "
+            f"{r['n']} | {_fmt(r['estimate'], kind)} | "
+            f"{_fmt(r['ci_low'], kind)} to {_fmt(r['ci_high'], kind)} | "
+            f"**{r['verdict']}** |"
+        )
+    lines += [
+        "",
+        "Rule (applied by the code, never by hand): a row is *not supported* when the "
+        "whole interval lies below the smallest effect that matters (P1: +1 "
+        "percentage point of saliency mass, P2: AUC 0.6, P3: Spearman 0.1); "
+        "otherwise *supported* when the whole interval lies above no effect "
+        "(P1: 0, P2: AUC 0.5, P3: 0); otherwise *inconclusive* (also when an "
+        "interval cannot be computed). Class *true*: saliency of the true class "
+        "before and after the change; *new*: of the class predicted after the "
+        "change (the true class when it did not change). Capture: share of the "
+        "saliency mass in the 3x3 window of the changed pixel, after minus before "
+        "(pp: percentage points; a uniform map puts 0.88 pp there). Nearby and "
+        "random moves are of successful attacks (locality protocol); P2 uses "
+        "every change of every attacked image and resamples images with their "
+        "changes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def table_csv(rows: list[dict]) -> str:
+    header = list(rows[0])
+    return _csv_text(header, [[r[h] for h in header] for r in rows])
+
+
+def per_image_csv(
+    table: dict, attacked: np.ndarray, results: dict, changes, from_locality
+) -> str:
+    """One row per (attacked image, change)."""
+    header = ["index", "label", "outcome", "change", "positions_from"]
+    header += ["row", "col", "r", "g", "b", "pred_before", "pred_after"]
+    header += ["class_changed", "prob_true_after", "pm_last_max", "pm_last_mean"]
+    per_class = [f"capture{s}_{w}" for s in WINDOWS for w in ("before", "after")]
+    per_class += ["spearman", "top5"]
+    header += [f"{t}_{name}" for t in CLASSES for name in per_class]
+    out = []
+    for i, row in enumerate(attacked):
+        label = int(table["label"][row])
+        for j, change in enumerate(CHANGES):
+            drawn = j == 0 or not from_locality[i]
+            out.append(
+                [int(table["index"][row]), label]
+                + ["successful" if table["success"][row] else "failed", change]
+                + ["attack" if j == 0 else ("drawn" if drawn else "locality")]
+                + [int(v) for v in changes[i, j]]
+                + [int(results["pred_before"][i]), int(results["pred_after"][i, j])]
+                + [int(results["pred_after"][i, j] != label)]
+                + [f"{results[k][i, j]:.6g}" for k in ("prob_true_after",)]
+                + [f"{results[k][i, j]:.6g}" for k in ("pm_last_max", "pm_last_mean")]
+                + [
+                    f"{results[f'{t}_{name}'][i, j]:.6g}"
+                    for t in CLASSES
+                    for name in per_class
+                ]
+            )
+    return _csv_text(header, out)
+
+
+# ----- the experiment -----------------------------------------------------------
+
+
+def run(
+    workdir: str,
+    *,
+    model_name: str,
+    weights: str | None,
+    dataset,
+    config: saliency.SaliencyConfig,
+    seed: int = 0,
+    batch_size: int | None = None,
+    resamples: int = 2000,
+    examples: int = 3,
+) -> dict[str, Any]:
+    """The salience study of the attack run in `workdir`; returns the summary."""
+    start = time.time()
+    if resamples < 100:
+        raise PropmapsError(f"--bootstrap must be at least 100, got {resamples}")
+    if examples < 0:
+        raise PropmapsError(f"--examples must be >= 0, got {examples}")
+    if batch_size is None:
+        batch_size = max(1, min(64, 128 // config.passes))
+    if batch_size < 1:
+        raise PropmapsError(f"--batch_size must be at least 1, got {batch_size}")
+    csv_path = os.path.join(workdir, "attack.csv")
+    table = read_attack_csv(csv_path)
+    locality.check_one_pixel(table["pixels"])
+    check_summary_model(workdir, model_name)
+    attacked = np.flatnonzero(table["attacked"])
+    if attacked.size == 0:
+        raise PropmapsError(
+            f"{csv_path} holds no attacked image (all were misclassified before the "
+            "attack or it is empty): attack more images first"
+        )
+    indices = table["index"][attacked]
+    labels = table["label"][attacked].astype(np.int32)
+    pixels = table["pixels"][attacked].astype(np.int32)
+    success = table["success"][attacked]
+    x_test, y_test = dataset.split("test")
+    if indices.max() >= len(x_test) or np.any(y_test[indices] != labels):
+        raise PropmapsError(
+            f"{csv_path} does not match this CIFAR-10 test set (indices or labels "
+            "differ): use the data set the attack ran on"
+        )
+    height, width = x_test.shape[1:3]
+    if np.any(
+        (pixels[..., 0] < 0)
+        | (pixels[..., 0] >= height)
+        | (pixels[..., 1] < 0)
+        | (pixels[..., 1] >= width)
+        | np.any((pixels[..., 2:] < 0) | (pixels[..., 2:] > 255), axis=-1)
+    ):
+        raise PropmapsError(
+            f"{csv_path} has a pixel outside the {height}x{width} image or a colour "
+            "outside 0..255: run the attack again"
+        )
+    changes, from_locality = change_positions(
+        workdir, indices, pixels, success, seed, height, width
+    )
+    _, module, variables, _ = common.load_model(model_name, weights)
+    images = x_test[indices]
+
+    # The model must be the attack's: its predictions must match attack.csv.
+    check = jax.jit(
+        lambda v, x, p: jnp.argmax(
+            module.apply(
+                v,
+                jnp.concatenate([x, apply_pixels_batch(x, p)]).astype(jnp.float32),
+                train=False,
+            ),
+            axis=-1,
+        )
+    )
+    preds = np.concatenate(
+        [
+            np.asarray(
+                check(variables, images[b : b + 256], pixels[b : b + 256])
+            ).reshape(2, -1)
+            for b in range(0, len(images), 256)
+        ],
+        axis=1,
+    )
+    expected = np.stack([table["pred_before"][attacked], table["pred_after"][attacked]])
+    mismatches = int(np.sum(np.any(preds != expected, axis=0)))
+    if mismatches > MAX_MISMATCH * len(indices):
+        raise PropmapsError(
+            f"{csv_path} was not made by this model: {mismatches} of {len(indices)} "
+            "attacked images are predicted differently (before or after the attack) "
+            "than it records; pass the --model and --weights of the attack run"
+        )
+
+    shapes = propagation.layer_shapes(module, variables, x_test.shape[1:])
+    last_layer = list(shapes)[-1]
+    analyse = jax.jit(
+        functools.partial(analyse_changes, config, module, last_layer),
+        static_argnames="return_maps",
+    )
+    base = jax.random.fold_in(jax.random.key(seed), SALIENCE_STREAM)
+    keys = locality.image_keys(base, indices)
+    print(
+        f"salience: {len(indices)} attacks ({int(success.sum())} successful), 3 "
+        f"changes each, {config.method} maps, {batch_size} attacks per batch",
+        flush=True,
+    )
+    results = stream_changes(
+        analyse, variables, images, labels, changes, keys, batch_size
+    )
+
+    rng = np.random.default_rng([seed, BOOTSTRAP_STREAM])
+    rows, roc = predictions(results, success, labels, rng, resamples)
+    groups = group_summary(results, success, rng, resamples)
+
+    # Example maps for the figure: the first successful and failed attacks.
+    chosen = np.concatenate(
+        [np.flatnonzero(success)[:examples], np.flatnonzero(~success)[:examples]]
+    )
+    example_maps = None
+    if chosen.size:
+        example_maps = jax.device_get(
+            analyse(
+                variables,
+                images[chosen],
+                labels[chosen],
+                changes[chosen],
+                keys[chosen],
+                return_maps=True,
+            )
+        )
+
+    settings = {
+        "model": model_name,
+        "weights": os.path.abspath(weights) if weights else None,
+        "attack_csv": csv_path,
+        "saliency": dataclasses_dict(config),
+        "seed": seed,
+        "bootstrap": resamples,
+        "windows": list(WINDOWS),
+        "top_fraction": TOP_FRACTION,
+        "last_layer": last_layer,
+        "attacks": int(len(indices)),
+        "successful": int(success.sum()),
+        "failed": int((~success).sum()),
+        "positions_from_locality_csv": int(from_locality.sum()),
+    }
+    summary = {
+        "settings": settings,
+        "class_changed": {
+            change: int(np.sum(results["pred_after"][:, j] != labels))
+            for j, change in enumerate(CHANGES)
+        },
+        "attack_csv_mismatches": mismatches,
+        "predictions": rows,
+        "rule": {"no_effect": NO_EFFECT, "meaningful": MEANINGFUL},
+        "groups": groups,
+        "device": common.device_description(),
+        "seconds": round(time.time() - start, 2),
+    }
+    out_dir = os.path.join(workdir, "salience")
+    os.makedirs(out_dir, exist_ok=True)
+    common.write_text(
+        os.path.join(out_dir, "per_image.csv"),
+        per_image_csv(table, attacked, results, changes, from_locality),
+    )
+    common.write_text(os.path.join(out_dir, "table.csv"), table_csv(rows))
+    common.write_json(os.path.join(out_dir, "summary.json"), _json_safe(summary))
+    title = f"{model_name}, {config.method} saliency ({config.score})"
+    if example_maps is not None:
+        salience_plots.save_figure(
+            salience_plots.examples_figure(
+                images[chosen],
+                example_maps,
+                labels[chosen],
+                success[chosen],
+                indices[chosen],
+                changes[chosen, 0, :2],
+                title,
+            ),
+            os.path.join(out_dir, "examples.png"),
+        )
+    capture = {
+        cls: {
+            group: {
+                when: group_values(results[f"{cls}_capture3_{when}"], success)[group]
+                for when in ("before", "after")
+            }
+            for group in GROUPS
+        }
+        for cls in CLASSES
+    }
+    salience_plots.save_figure(
+        salience_plots.capture_figure(capture, title),
+        os.path.join(out_dir, "attention_capture.png"),
+    )
+    salience_plots.save_figure(
+        salience_plots.roc_figure(roc, MEASURES, title),
+        os.path.join(out_dir, "roc.png"),
+    )
+    summary["seconds"] = round(time.time() - start, 2)
+    # The table is written last: its presence marks a finished study.
+    common.write_text(os.path.join(out_dir, "table.md"), table_markdown(rows, settings))
+    print(table_markdown(rows, settings))
+    print(f"results in {out_dir}")
+    return summary
+
+
+def dataclasses_dict(config: saliency.SaliencyConfig) -> dict[str, Any]:
+    out = {"method": config.method, "score": config.score}
+    if config.method == "integrated_gradients":
+        out["steps"] = config.steps
+    if config.method == "smoothgrad":
+        out["samples"], out["sigma"] = config.samples, config.sigma
+    return out
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv: list[str]) -> None:
+    """Run the salience study from flags."""
+    del argv
+    if not FLAGS.workdir:
+        raise PropmapsError("--workdir is required: the folder of an attack run")
+    workdir = FLAGS.workdir
+    # Flags are checked here, by name, before anything is read or computed.
+    for flag, choices in (
+        ("saliency", saliency.METHODS),
+        ("saliency_score", saliency.SCORES),
+    ):
+        if FLAGS[flag].value not in choices:
+            raise PropmapsError(
+                f"--{flag}={FLAGS[flag].value!r} is unknown; choose one of "
+                + ", ".join(choices)
+            )
+    for flag in ("steps", "smoothgrad_samples"):
+        if FLAGS[flag].value < 1:
+            raise PropmapsError(f"--{flag} must be at least 1, got {FLAGS[flag].value}")
+    config = saliency.SaliencyConfig(
+        method=FLAGS.saliency,
+        steps=FLAGS.steps,
+        samples=FLAGS.smoothgrad_samples,
+        sigma=FLAGS.smoothgrad_sigma,
+        score=FLAGS.saliency_score,
+    )
+    model_name, weights = resolve_model(
+        workdir, FLAGS.model, FLAGS["model"].present, FLAGS.weights
+    )
+    run(
+        workdir,
+        model_name=model_name,
+        weights=weights,
+        dataset=common.load_data(),
+        config=config,
+        seed=FLAGS.seed,
+        batch_size=FLAGS.batch_size,
+        resamples=FLAGS.bootstrap,
+        examples=FLAGS.examples,
+    )
