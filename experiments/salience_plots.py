@@ -169,7 +169,13 @@ def capture_figure(
     fig, axes = plt.subplots(
         1, len(classes), figsize=(6.2 * len(classes), 4.6), sharey=True, squeeze=False
     )
-    floor = 1e-5
+    # Log scale: the lower limit follows the data (zero shares drawn at the floor).
+    everything = np.concatenate(
+        [v.ravel() for c in capture.values() for g in c.values() for v in g.values()]
+        + [np.ones(1)]
+    )
+    positive = everything[everything > 0]
+    floor = max(1e-6, 0.5 * float(positive.min())) if positive.size else 1e-6
     for ax, cls in zip(axes[0], classes, strict=True):
         groups = list(capture[cls])
         for g, group in enumerate(groups):
@@ -183,6 +189,13 @@ def capture_figure(
                     widths=0.8,
                     patch_artist=True,
                     showfliers=True,
+                    showmeans=True,
+                    meanprops={
+                        "marker": "D",
+                        "markerfacecolor": "white",
+                        "markeredgecolor": "black",
+                        "markersize": 5,
+                    },
                     flierprops={"markersize": 2, "alpha": 0.4},
                     medianprops={"color": "black"},
                 )
@@ -190,14 +203,6 @@ def capture_figure(
                     GROUP_COLOURS[group] if when == "after" else "lightgrey"
                 )
         ax.axhline(UNIFORM_3X3, color="grey", linestyle="--", linewidth=1)
-        ax.text(
-            3 * len(groups) - 1.6,
-            UNIFORM_3X3 * 1.15,
-            "uniform map",
-            fontsize=8,
-            color="grey",
-            ha="right",
-        )
         ax.set_xticks(
             [3 * g + 0.5 for g in range(len(groups))],
             [f"{group}\n(n = {capture[cls][group]['after'].size})" for group in groups],
@@ -214,10 +219,19 @@ def capture_figure(
         handles=[
             Rectangle((0, 0), 1, 1, facecolor="lightgrey", edgecolor="black"),
             Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black"),
+            plt.Line2D(
+                [], [], marker="D", color="white", markeredgecolor="black", ls="none"
+            ),
+            plt.Line2D([], [], color="grey", linestyle="--"),
         ],
-        labels=["before the change (grey)", "after the change (coloured box)"],
+        labels=[
+            "before the change (grey)",
+            "after the change (coloured box)",
+            "mean (P1 compares means)",
+            f"uniform map ({UNIFORM_3X3:.2%})",
+        ],
         loc="lower center",
-        ncol=2,
+        ncol=4,
         fontsize=9,
         bbox_to_anchor=(0.5, -0.06),
     )
