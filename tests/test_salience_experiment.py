@@ -395,3 +395,20 @@ def test_changed_columns_are_refused(setup):
     with pytest.raises(PropmapsError, match="lacks the column"):
         _run(setup, workdir)
     assert not os.path.exists(os.path.join(workdir, "salience"))
+
+
+def test_results_do_not_depend_on_the_batch_size(finished, setup):
+    _, _, per_image, _ = finished  # --batch_size=4 (padded chunks)
+    workdir = _copy_run(setup, "one_batch")
+    _run(setup, workdir, batch_size=16)
+    with open(os.path.join(workdir, "salience", "per_image.csv")) as f:
+        again = list(csv.DictReader(f))
+    assert [r["index"] for r in again] == [r["index"] for r in per_image]
+    for a, b in zip(per_image, again, strict=True):
+        for name, value in a.items():
+            try:
+                np.testing.assert_allclose(
+                    float(b[name]), float(value), rtol=1e-4, atol=1e-6, err_msg=name
+                )
+            except ValueError:
+                assert b[name] == value, name
