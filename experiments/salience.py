@@ -452,26 +452,23 @@ def group_values(values: np.ndarray, success: np.ndarray) -> dict[str, np.ndarra
     }
 
 
-def predictions(
-    results: dict[str, np.ndarray],
-    success: np.ndarray,
-    labels: np.ndarray,
-    rng: np.random.Generator,
-    resamples: int,
-) -> tuple[list[dict], dict]:
-    """The verdict table's rows and the ROC curves of P2."""
-    rows: list[dict] = []
+def _no_interval(resamples: int) -> tuple[np.ndarray, float]:
+    return np.full(resamples, np.nan), math.nan
+
+
+def p1_rows(results, success, rng, resamples) -> list[dict]:
+    """P1: the rise of the 3x3 capture, successful vs failed and vs random moves."""
+    rows = []
     n_succ, n_fail = int(success.sum()), int((~success).sum())
     for cls in CLASSES:
         rise = capture_rise(results, cls, 3)
         succ, fail = rise[success, 0], rise[~success, 0]
+        reps, estimate = _no_interval(resamples)
         if n_succ and n_fail:
             reps = rng.choice(succ, (resamples, n_succ)).mean(1) - rng.choice(
                 fail, (resamples, n_fail)
             ).mean(1)
             estimate = succ.mean() - fail.mean()
-        else:
-            reps, estimate = np.full(resamples, np.nan), math.nan
         rows.append(
             _row(
                 "P1a",
@@ -485,11 +482,10 @@ def predictions(
             )
         )
         paired = rise[success, 0] - rise[success, 2]
+        reps, estimate = _no_interval(resamples)
         if n_succ:
             reps = rng.choice(paired, (resamples, n_succ)).mean(1)
             estimate = paired.mean()
-        else:
-            reps, estimate = np.full(resamples, np.nan), math.nan
         rows.append(
             _row(
                 "P1b",
@@ -503,22 +499,28 @@ def predictions(
                 reps,
             )
         )
+    return rows
 
-    # P2: every change of every attacked image; resample images (with their changes).
-    changed = results["pred_after"] != labels[:, None]
+
+def p2_rows(results, labels, rng, resamples) -> tuple[list[dict], dict]:
+    """P2: ROC AUC of each disturbance as a detector of a class change, and curves.
+
+    Every change of every attacked image counts; the bootstrap resamples images
+    with all their changes; changes with an undefined disturbance are left out.
+    """
+    rows, roc = [], {}
+    changed = (results["pred_after"] != labels[:, None]).reshape(-1)
     n = len(labels)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
-    roc = {}
     for cls in CLASSES:
         for measure in MEASURES:
-            scores = disturbance(results, cls, measure)
-            finite = np.isfinite(scores).reshape(-1)
-            flat_scores = np.where(finite, scores.reshape(-1), 0.0)
-            weights = np.repeat(counts, 3, axis=1) * finite
-            estimate = weighted_auc(
-                flat_scores, changed.reshape(-1), finite[None].astype(float)
-            )[0]
-            reps = weighted_auc(flat_scores, changed.reshape(-1), weights)
+            scores = disturbance(results, cls, measure).reshape(-1)
+            finite = np.isfinite(scores)
+            scores = np.where(finite, scores, 0.0)
+            estimate = weighted_auc(scores, changed, finite[None].astype(float))[0]
+            reps = weighted_auc(
+                scores, changed, np.repeat(counts, len(CHANGES), axis=1) * finite
+            )
             rows.append(
                 _row(
                     "P2",
@@ -531,21 +533,25 @@ def predictions(
                     reps,
                 )
             )
-            fpr, tpr = roc_curve(flat_scores[finite], changed.reshape(-1)[finite])
+            fpr, tpr = roc_curve(scores[finite], changed[finite])
             roc[(cls, measure)] = {"fpr": fpr, "tpr": tpr, "row": rows[-1]}
+    return rows, roc
 
+
+def p3_rows(results, success, rng, resamples) -> list[dict]:
+    """P3: Spearman of last-layer PM max and saliency disturbance, per group."""
+    rows = []
     pm = group_values(results["pm_last_max"], success)
     dist = group_values(disturbance(results, "true", "spearman"), success)
     for group in GROUPS:
         x, y = pm[group], dist[group]
         keep = np.isfinite(x) & np.isfinite(y)
         x, y = x[keep], y[keep]
+        reps, estimate = _no_interval(resamples)
         if x.size >= 3:
             estimate = spearman_rows(x, y)
             idx = rng.integers(0, x.size, (resamples, x.size))
             reps = spearman_rows(x[idx], y[idx])
-        else:
-            reps, estimate = np.full(resamples, np.nan), math.nan
         rows.append(
             _row(
                 "P3",
@@ -558,7 +564,7 @@ def predictions(
                 reps,
             )
         )
-    return rows, roc
+    return rows
 
 
 def group_summary(
@@ -636,10 +642,12 @@ def table_markdown(rows: list[dict], settings: dict) -> str:
     lines += [
         "",
         "Rule (applied by the code, never by hand): a row is *not supported* when the "
-        "whole interval lies below the smallest effect that matters (P1: +1 "
-        "percentage point of saliency mass, P2: AUC 0.6, P3: Spearman 0.1); "
+        "whole interval lies below the smallest effect that matters (P1: "
+        f"+{100 * MEANINGFUL['capture']:g} percentage point of saliency mass, P2: AUC "
+        f"{MEANINGFUL['auc']:g}, P3: Spearman {MEANINGFUL['spearman']:g}); "
         "otherwise *supported* when the whole interval lies above no effect "
-        "(P1: 0, P2: AUC 0.5, P3: 0); otherwise *inconclusive* (also when an "
+        f"(P1: {NO_EFFECT['capture']:g}, P2: AUC {NO_EFFECT['auc']:g}, P3: "
+        f"{NO_EFFECT['spearman']:g}); otherwise *inconclusive* (also when an "
         "interval cannot be computed). Class *true*: saliency of the true class "
         "before and after the change; *new*: of the class predicted after the "
         "change (the true class when it did not change). Capture: share of the "
@@ -809,7 +817,9 @@ def run(
     )
 
     rng = np.random.default_rng([seed, BOOTSTRAP_STREAM])
-    rows, roc = predictions(results, success, labels, rng, resamples)
+    rows = p1_rows(results, success, rng, resamples)
+    p2, roc = p2_rows(results, labels, rng, resamples)
+    rows += p2 + p3_rows(results, success, rng, resamples)
     groups = group_summary(results, success, rng, resamples)
 
     # Example maps for the figure: the first successful and failed attacks.
@@ -864,7 +874,6 @@ def run(
         per_image_csv(table, attacked, results, changes, from_locality),
     )
     common.write_text(os.path.join(out_dir, "table.csv"), table_csv(rows))
-    common.write_json(os.path.join(out_dir, "summary.json"), _json_safe(summary))
     title = f"{model_name}, {config.method} saliency ({config.score})"
     if example_maps is not None:
         salience_plots.save_figure(
@@ -898,6 +907,7 @@ def run(
         os.path.join(out_dir, "roc.png"),
     )
     summary["seconds"] = round(time.time() - start, 2)
+    common.write_json(os.path.join(out_dir, "summary.json"), _json_safe(summary))
     # The table is written last: its presence marks a finished study.
     common.write_text(os.path.join(out_dir, "table.md"), table_markdown(rows, settings))
     print(table_markdown(rows, settings))
