@@ -257,7 +257,7 @@ def analyse_changes(
     flat = jnp.asarray(changes, jnp.int32).reshape(n * m, 1, 5)
     changed = apply_pixels_batch(x[image_of], flat)
     logits, layers = models.layer_outputs(
-        module, variables, jnp.concatenate([x, changed]), train=False
+        module, variables, jnp.concatenate([x, changed]), models.is_conv, train=False
     )
     fm = layers[last_layer]
     pm = propagation.difference_map(fm[:n][image_of], fm[n:], "max")
@@ -799,7 +799,11 @@ def run(
             "than it records; pass the --model and --weights of the attack run"
         )
 
-    shapes = propagation.layer_shapes(module, variables, x_test.shape[1:])
+    # The last convolution's output (for ResNets the last block's second conv,
+    # before the residual add), as the paper's maps are of convolution outputs.
+    shapes = propagation.layer_shapes(
+        module, variables, x_test.shape[1:], models.is_conv
+    )
     last_layer = list(shapes)[-1]
     analyse = jax.jit(
         functools.partial(analyse_changes, config, module, last_layer),
