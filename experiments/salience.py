@@ -109,6 +109,8 @@ MAX_MISMATCH = 0.05
 # Verdict rule: (value of no effect, smallest effect that matters) per statistic.
 NO_EFFECT = {"capture": 0.0, "auc": 0.5, "spearman": 0.0}
 MEANINGFUL = {"capture": 0.01, "auc": 0.6, "spearman": 0.1}
+# Fewer items than this in a row: a bootstrap interval is not trusted.
+MIN_N = 10
 MEASURES = {
     "spearman": "1 - Spearman correlation of the maps",
     "top5": "1 - overlap of the top-5% pixels",
@@ -401,9 +403,9 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, ...
     )
 
 
-def verdict(estimate: float, low: float, high: float, kind: str) -> str:
+def verdict(estimate: float, low: float, high: float, kind: str, n: int) -> str:
     """The caption's rule: 'supported', 'not supported' or 'inconclusive'."""
-    if not all(math.isfinite(v) for v in (estimate, low, high)):
+    if n < MIN_N or not all(math.isfinite(v) for v in (estimate, low, high)):
         return "inconclusive"
     if high < MEANINGFUL[kind]:
         return "not supported"
@@ -425,7 +427,7 @@ def _row(pid, prediction, cls, measure, kind, n, estimate, replicates) -> dict:
         "ci_high": high,
         "no_effect": NO_EFFECT[kind],
         "meaningful": MEANINGFUL[kind],
-        "verdict": verdict(float(estimate), low, high, kind),
+        "verdict": verdict(float(estimate), low, high, kind, int(n)),
     }
 
 
@@ -647,8 +649,9 @@ def table_markdown(rows: list[dict], settings: dict) -> str:
         f"{MEANINGFUL['auc']:g}, P3: Spearman {MEANINGFUL['spearman']:g}); "
         "otherwise *supported* when the whole interval lies above no effect "
         f"(P1: {NO_EFFECT['capture']:g}, P2: AUC {NO_EFFECT['auc']:g}, P3: "
-        f"{NO_EFFECT['spearman']:g}); otherwise *inconclusive* (also when an "
-        "interval cannot be computed). Class *true*: saliency of the true class "
+        f"{NO_EFFECT['spearman']:g}); otherwise *inconclusive*, as also when an "
+        f"interval cannot be computed or fewer than {MIN_N} items (n) enter the "
+        "row. Class *true*: saliency of the true class "
         "before and after the change; *new*: of the class predicted after the "
         "change (the true class when it did not change). Capture: share of the "
         "saliency mass in the 3x3 window of the changed pixel, after minus before "
@@ -888,6 +891,7 @@ def run(
                 success[chosen],
                 indices[chosen],
                 changes[chosen, 0, :2],
+                f"{last_layer}, {'x'.join(str(v) for v in shapes[last_layer][:2])}",
                 title,
             ),
             os.path.join(out_dir, "examples.png"),

@@ -65,14 +65,16 @@ def examples_figure(
     success: np.ndarray,
     indices: np.ndarray,
     positions: np.ndarray,
+    layer: str,
     title: str,
 ) -> plt.Figure:
     """One row per attack: clean, changed, saliency before / after, last-layer PM.
 
     `maps` is the output of `salience.analyse_changes(..., return_maps=True)` for
     these images, `positions` (n, 2) the (row, col) of each attack's pixel; only
-    the attack's own pixel (change 0) is shown. The box marks
-    the 3x3 window whose share of the saliency mass is the attention capture.
+    the attack's own pixel (change 0) is shown; `layer` names the PM's layer. The
+    box marks the 3x3 window whose share of the saliency mass is the attention
+    capture.
     """
     n = len(images)
     before = _shares(maps["maps_before_true"][:, 0])
@@ -91,7 +93,7 @@ def examples_figure(
         "saliency before\n(true class)",
         "saliency after\n(true class)",
         "saliency after\n(class predicted after)",
-        "last conv layer:\nPM max = max_k |FM - FM_adv|",
+        f"PM max = max_k |FM - FM_adv|\n({layer})",
     )
     for i in range(n):
         row, col = (int(v) for v in positions[i])

@@ -185,6 +185,7 @@ def test_writes_every_output(finished, setup):
             {"P1a": "capture", "P1b": "capture", "P2": "auc", "P3": "spearman"}[
                 row["id"]
             ],
+            int(row["n"]),
         )
     assert "Rule (applied by the code" in table
     assert "attacks/s" in proc.stderr  # progress lines
@@ -311,11 +312,12 @@ def test_weighted_auc_and_roc_against_brute_force():
 
 
 def test_verdict_rule():
-    assert salience.verdict(0.7, 0.65, 0.75, "auc") == "supported"
-    assert salience.verdict(0.55, 0.52, 0.58, "auc") == "not supported"
-    assert salience.verdict(0.4, 0.3, 0.45, "auc") == "not supported"
-    assert salience.verdict(0.6, 0.45, 0.75, "auc") == "inconclusive"
-    assert salience.verdict(0.02, float("nan"), 0.03, "capture") == "inconclusive"
+    assert salience.verdict(0.7, 0.65, 0.75, "auc", 50) == "supported"
+    assert salience.verdict(0.55, 0.52, 0.58, "auc", 50) == "not supported"
+    assert salience.verdict(0.4, 0.3, 0.45, "auc", 50) == "not supported"
+    assert salience.verdict(0.6, 0.45, 0.75, "auc", 50) == "inconclusive"
+    assert salience.verdict(0.02, float("nan"), 0.03, "capture", 50) == "inconclusive"
+    assert salience.verdict(0.7, 0.65, 0.75, "auc", 9) == "inconclusive"
 
 
 @pytest.mark.parametrize(
