@@ -869,7 +869,7 @@ def run(
         },
         "attack_csv_mismatches": mismatches,
         "predictions": rows,
-        "rule": {"no_effect": NO_EFFECT, "meaningful": MEANINGFUL},
+        "rule": {"no_effect": NO_EFFECT, "meaningful": MEANINGFUL, "min_n": MIN_N},
         "groups": groups,
         "device": common.device_description(),
         "seconds": round(time.time() - start, 2),
