@@ -389,9 +389,10 @@ def test_first_step_loss_of_given_weights_is_their_loss(tiny_resnet, random_imag
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
-def test_bundled_lenet_reaches_its_stated_accuracy(cifar10_path):
-    config, variables, metadata = checkpoint.load_weights("lenet")
-    assert config.name == "lenet" and metadata["test_accuracy"] >= 0.70
+@pytest.mark.parametrize("name, floor", [("lenet", 0.74), ("resnet", 0.88)])
+def test_bundled_model_reaches_its_stated_accuracy(cifar10_path, name, floor):
+    config, variables, metadata = checkpoint.load_weights(name)
+    assert config.name == name and metadata["test_accuracy"] >= floor
     dataset = data.load_cifar10(cifar10_path)
     module = models.create_model(config)
     evaluate = jax.jit(functools.partial(training.eval_step, module))
