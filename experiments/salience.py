@@ -220,6 +220,12 @@ def change_positions(
                 f"{path} has {len(stored)} rows but attack.csv {int(success.sum())} "
                 "successful attacks: run the locality experiment again or delete it"
             )
+        moved = np.array(list(stored.values()), np.int64).reshape(-1, 2, 2)
+        if np.any((moved < 0) | (moved >= np.array([height, width]))):
+            raise PropmapsError(
+                f"{path} has a position outside the {height}x{width} image: run the "
+                "locality experiment again or delete it"
+            )
         for j, index in enumerate(indices):
             if int(index) in stored:
                 nearby[j], random[j] = np.split(np.array(stored[int(index)]), 2)

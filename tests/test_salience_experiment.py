@@ -396,6 +396,11 @@ def test_changed_columns_are_refused(setup):
         f.write(text.replace("random_col", "random_column", 1))
     with pytest.raises(PropmapsError, match="lacks the column"):
         _run(setup, workdir)
+    rows = list(csv.reader(text.splitlines()))
+    rows[1][rows[0].index("random_row")] = "32"
+    _write_csv(locality_csv, rows[0], rows[1:])
+    with pytest.raises(PropmapsError, match="outside the 32x32 image"):
+        _run(setup, workdir)
     assert not os.path.exists(os.path.join(workdir, "salience"))
 
 
