@@ -41,15 +41,16 @@ def main() -> None:
     flags.DEFINE_enum("experiment", name, EXPERIMENTS, "Which experiment to run.")
     module = importlib.import_module(f"experiments.{name}")
 
+    from experiments import common
     from propmaps_jax.errors import PropmapsError
 
     def run(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
-            module.main(argv)
+            common.under_precision(module.main)(argv)
         except PropmapsError as e:
-            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.write(f"error: {common.in_flag_terms(str(e))}\n")
             sys.exit(2)
 
     app.run(run)

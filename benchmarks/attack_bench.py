@@ -2,7 +2,7 @@
 
 python benchmarks/attack_bench.py [--models=lenet,resnet] [--population=400]
     [--generations=100] [--num_images=1000] [--slots=N] [--weights=model=PATH,...]
-    [--dtype=float32|bfloat16]
+    [--dtype=float32|bfloat16] [--precision=highest|high|default]
 
 For each model: the attack's candidate evaluations per second (only evaluations of
 images still being attacked count: population x (generations + 1) per image) and,
@@ -13,6 +13,7 @@ each image's label is the model's own prediction, so every image is attacked.
 Compilation is excluded from both timings (each is run once before it is timed).
 """
 
+import functools
 import os
 import sys
 import time
@@ -37,6 +38,12 @@ flags.DEFINE_integer(
 flags.DEFINE_list("weights", [], "model=PATH pairs of trained weights (optional).")
 flags.DEFINE_string("cifar10_path", None, "CIFAR-10 for real images (else random).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model compute dtype.")
+flags.DEFINE_enum(
+    "precision",
+    "highest",
+    ["highest", "high", "default"],
+    "jax.default_matmul_precision of both timings (highest: true float32).",
+)
 flags.DEFINE_integer("forward_repeats", 5, "Timed forward passes.")
 flags.DEFINE_bool(
     "full_length",
@@ -48,15 +55,15 @@ FLAGS = flags.FLAGS
 
 
 def load_model(name: str, weights: dict[str, str]):
-    """(logits_fn, trained?) of a model: given weights, else a random init."""
+    """(apply_fn, variables, trained?) of a model: given weights, else a random init."""
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
     if name in weights:
         config, variables, _ = checkpoint.load_weights(name, weights[name])
         module = models.create_model(config, dtype=dtype)
-        return models.make_logits_fn(module, variables), True
+        return models.make_apply_fn(module), variables, True
     module = models.create_model(name, dtype=dtype)
     variables = models.init_variables(module, jax.random.key(0))
-    return models.make_logits_fn(module, variables), False
+    return models.make_apply_fn(module), variables, False
 
 
 def test_images(count: int):
@@ -71,9 +78,11 @@ def test_images(count: int):
     return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), None
 
 
-def forward_throughput(logits_fn, batch: int) -> float:
+def forward_throughput(apply_fn, variables, batch: int) -> float:
     """Images per second of a jitted forward of `batch` uint8 images."""
-    forward = jax.jit(lambda x: jnp.argmax(logits_fn(x), -1))
+    forward = functools.partial(
+        jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), -1)), variables
+    )
     images = jnp.asarray(
         np.random.default_rng(1).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     )
@@ -86,14 +95,15 @@ def forward_throughput(logits_fn, batch: int) -> float:
 
 
 def bench(name: str, weights: dict[str, str]) -> dict:
-    logits_fn, trained = load_model(name, weights)
+    apply_fn, variables, trained = load_model(name, weights)
+    forward_fn = jax.jit(apply_fn)
     config = attack.AttackConfig(
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )
     images, labels = test_images(FLAGS.num_images)
     predictions = np.concatenate(
         [
-            np.asarray(jnp.argmax(jax.jit(logits_fn)(images[i : i + 1000]), -1))
+            np.asarray(jnp.argmax(forward_fn(variables, images[i : i + 1000]), -1))
             for i in range(0, len(images), 1000)
         ]
     )
@@ -102,8 +112,8 @@ def bench(name: str, weights: dict[str, str]) -> dict:
     keep = predictions == labels
     images, labels = images[keep], labels[keep]
     if FLAGS.full_length:
-        model_fn = logits_fn
-        logits_fn = lambda x: model_fn(x).at[:, 0].add(1e4)  # noqa: E731
+        model_fn = apply_fn
+        apply_fn = lambda v, x: model_fn(v, x).at[:, 0].add(1e4)  # noqa: E731
         labels = np.zeros_like(labels)
     indices = np.flatnonzero(keep)
     devices = jax.device_count()
@@ -111,7 +121,14 @@ def bench(name: str, weights: dict[str, str]) -> dict:
         config.population, len(images), devices
     )
     run = lambda: attack.attack(  # noqa: E731
-        logits_fn, images, labels, indices, jax.random.key(0), config, slots=slots
+        apply_fn,
+        variables,
+        images,
+        labels,
+        indices,
+        jax.random.key(0),
+        config,
+        slots=slots,
     )
     start = time.perf_counter()
     run()  # compiles
@@ -121,7 +138,7 @@ def bench(name: str, weights: dict[str, str]) -> dict:
     seconds = time.perf_counter() - start
     evaluations = int(result.evaluations.sum())
     batch = slots * config.population
-    forward = forward_throughput(logits_fn, batch)
+    forward = forward_throughput(apply_fn, variables, batch)
     return {
         "model": name,
         "weights": ("trained" if trained else "random")
@@ -143,11 +160,13 @@ def bench(name: str, weights: dict[str, str]) -> dict:
 def main(argv: list[str]) -> None:
     del argv
     weights = dict(item.split("=", 1) for item in FLAGS.weights)
-    rows = [bench(name, weights) for name in FLAGS.models]
+    with jax.default_matmul_precision(FLAGS.precision):
+        rows = [bench(name, weights) for name in FLAGS.models]
     device = jax.devices()[0]
     print(
         f"device: {jax.device_count()} x {device.device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, dtype {FLAGS.dtype}, "
+        f"precision {FLAGS.precision}, "
         f"generations <= {FLAGS.generations}"
     )
     print(

@@ -13,6 +13,7 @@ own DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, results
+from experiments import common, results, rundir
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -42,6 +43,15 @@ flags.DEFINE_string(
     "none: untargeted; CLASS (0..9): targeted at that class; all: every other class.",
 )
 flags.DEFINE_enum("sample", "first", ["first", "random"], "Which test images.")
+flags.DEFINE_enum(
+    "search_dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Compute dtype of the model in the DE search. bfloat16: faster on accelerators; "
+    "every reported result still comes from a float32 forward, and a bfloat16 "
+    "success that float32 rejects is counted (search_rejections) while the search "
+    "goes on.",
+)
 flags.DEFINE_integer(
     "slots", None, "Images attacked at once (all devices); default ~32768/population."
 )
@@ -51,18 +61,6 @@ flags.DEFINE_integer(
     "Sampled images per atomically written result chunk; default about 1/20 of "
     "--num_samples (10 to 500).",
 )
-flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Multi-host run: call jax.distributed.initialize() (cluster auto-detection on "
-    "Cloud TPU, SLURM, ..., or --coordinator_address/--num_processes/--process_id).",
-)
-flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed: host:port of process 0."
-)
-flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
-flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
-
 FLAGS = flags.FLAGS
 
 CSV_NAME = "attack.csv"
@@ -117,25 +115,6 @@ def parse_target(value: str | int | None, num_classes: int = 10) -> int | str | 
     return target
 
 
-def initialize_distributed() -> None:
-    """jax.distributed.initialize() from the flags (unset ones are auto-detected)."""
-    # CPU devices of different processes need a collectives implementation (it
-    # does not affect accelerators). No backend may start before initialize().
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
-    except (ValueError, RuntimeError) as e:
-        raise PropmapsError(
-            f"--distributed: jax.distributed.initialize() failed ({e}); outside a "
-            "detected cluster pass --coordinator_address, --num_processes and "
-            "--process_id"
-        ) from None
-
-
 def _is_main_process() -> bool:
     return jax.process_index() == 0
 
@@ -153,39 +132,31 @@ def _format_row(values: list[Any]) -> str:
     return ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def _mtime(path: str | None) -> float | None:
-    return os.path.getmtime(path) if path and os.path.isfile(path) else None
+@functools.cache
+def _before_program(apply_fn):
+    """Jitted (prediction, p(label)) of a model, cached on apply_fn (not weights)."""
 
-
-@functools.lru_cache(maxsize=2)
-def _model_functions(model_name: str, weights: str | None, mtime: float | None):
-    """(config, metadata, logits_fn, predict): cached so that repeated runs in one
-    process (resume, several targets) reuse the compiled attack program."""
-    del mtime  # part of the cache key only: a rewritten weights file is reloaded
-    model_config, module, variables, metadata = common.load_model(model_name, weights)
-    logits_fn = models.make_logits_fn(module, variables)
-
-    @jax.jit
-    def forward(images, labels):
-        logits = logits_fn(images)
+    def forward(variables, images, labels):
+        logits = apply_fn(variables, images)
         probs = jax.nn.softmax(logits, -1)
         return jnp.argmax(logits, -1), jnp.take_along_axis(probs, labels[:, None], -1)
 
-    def predict(images: np.ndarray, labels: np.ndarray):
-        """(prediction, p(label)) of each image, in batches."""
-        preds, probs = [], []
-        for i in range(0, len(images), BEFORE_BATCH):
-            pred, prob = forward(
-                images[i : i + BEFORE_BATCH], labels[i : i + BEFORE_BATCH]
-            )
-            preds.append(np.asarray(pred))
-            probs.append(np.asarray(prob)[:, 0])
-        return (
-            np.concatenate(preds).astype(np.int64),
-            np.concatenate(probs).astype(np.float32),
-        )
+    return jax.jit(forward)
 
-    return model_config, metadata, logits_fn, predict
+
+def predict_before(apply_fn, variables, images: np.ndarray, labels: np.ndarray):
+    """(prediction, p(label)) of each image before the attack, in batches."""
+    forward = _before_program(apply_fn)
+    preds, probs = [], []
+    for i in range(0, len(images), BEFORE_BATCH):
+        batch = slice(i, i + BEFORE_BATCH)
+        pred, prob = forward(variables, images[batch], labels[batch])
+        preds.append(np.asarray(pred))
+        probs.append(np.asarray(prob)[:, 0])
+    return (
+        np.concatenate(preds).astype(np.int64),
+        np.concatenate(probs).astype(np.float32),
+    )
 
 
 def _chunk_path(chunks_dir: str, start: int, end: int) -> str:
@@ -210,7 +181,7 @@ def _finished_prefix(chunks_dir: str) -> tuple[int, list[dict]]:
 
 def _save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
     """Atomically write one finished chunk of rows."""
-    common.write_json(_chunk_path(chunks_dir, start, end), chunk)
+    rundir.write_json(_chunk_path(chunks_dir, start, end), chunk)
 
 
 def _settings(
@@ -221,8 +192,9 @@ def _settings(
     sample: str,
     config: AttackConfig,
     target: int | str | None,
+    search_dtype: str = "float32",
 ) -> dict[str, Any]:
-    return {
+    settings = {
         "model": model_name,
         "weights": os.path.abspath(weights) if weights else None,
         "num_samples": int(num_samples),
@@ -231,15 +203,11 @@ def _settings(
         "target": target,
         **config.to_dict(),
     }
-
-
-def _differences(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    return ", ".join(
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in keys
-        if old.get(k) != new.get(k)
-    )
+    # Only when not the default: float32 runs keep the settings they were started
+    # with, so that runs begun before this setting existed still resume.
+    if search_dtype != "float32":
+        settings["search_dtype"] = search_dtype
+    return settings
 
 
 def _check_workdir(workdir: str, settings: dict) -> tuple[str, dict | None]:
@@ -249,18 +217,11 @@ def _check_workdir(workdir: str, settings: dict) -> tuple[str, dict | None]:
     for path in (summary_path, settings_path):
         if not os.path.isfile(path):
             continue
-        with open(path) as f:
-            stored = json.load(f)
+        stored = rundir.read_json(path)
         stored = stored.get("settings", stored) if path == summary_path else stored
-        if stored != settings:
-            raise PropmapsError(
-                f"{workdir} already holds an attack with other settings "
-                f"({_differences(stored, settings)}); use another --workdir or "
-                "delete it"
-            )
+        rundir.require_same_settings(workdir, stored, settings, "an attack")
     if os.path.isfile(summary_path) and os.path.isfile(os.path.join(workdir, CSV_NAME)):
-        with open(summary_path) as f:
-            return "finished", json.load(f)
+        return "finished", rundir.read_json(summary_path)
     if os.path.isfile(settings_path):
         return "resume", None
     if os.path.exists(os.path.join(workdir, CSV_NAME)):
@@ -269,6 +230,188 @@ def _check_workdir(workdir: str, settings: dict) -> tuple[str, dict | None]:
             "another --workdir"
         )
     return "new", None
+
+
+def _open_workdir(workdir: str, settings: dict) -> tuple[int, list[dict], dict | None]:
+    """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
+
+    Process 0 owns the files; the others follow its decision.
+    """
+    status, resume_from, finished_summary, done_chunks = "new", 0, None, []
+    if _is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        status, finished_summary = _check_workdir(workdir, settings)
+        if status == "resume":
+            resume_from, done_chunks = _finished_prefix(
+                os.path.join(workdir, CHUNKS_DIR)
+            )
+        elif status == "new":
+            rundir.write_json(
+                os.path.join(workdir, CHUNKS_DIR, "settings.json"), settings
+            )
+    resume_from = _broadcast(-1 if status == "finished" else resume_from)
+    if resume_from < 0:
+        return -1, [], finished_summary or {"settings": settings}
+    return resume_from, done_chunks, None
+
+
+def _default_chunk_size(chunk_size: int | None, num_samples: int) -> int:
+    if chunk_size is None:
+        chunk_size = min(max(num_samples // 20, MIN_CHUNK_SIZE), MAX_CHUNK_SIZE)
+    if int(chunk_size) < 1:
+        raise PropmapsError(f"--chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
+
+
+@dataclasses.dataclass
+class _Before:
+    """The sampled images and the model's verdict on them before the attack."""
+
+    images: np.ndarray
+    indices: np.ndarray
+    labels: np.ndarray
+    pred: np.ndarray
+    prob_true: np.ndarray
+    attacked: np.ndarray  # correctly classified (and not of the target class)
+
+
+def _row(before: _Before, pos: int, result, j: int | None, pixels: int) -> str:
+    """The attack.csv row of sampled image `pos` (result row j, None: not attacked)."""
+    row = [
+        int(before.indices[pos]),
+        int(before.labels[pos]),
+        int(before.pred[pos]),
+        float(before.prob_true[pos]),
+    ]
+    if j is not None:
+        row += [
+            1,
+            int(result.success[j]),
+            int(result.pred_after[j]),
+            float(result.prob_true_after[j]),
+            int(result.generations[j]),
+            int(result.evaluations[j]),
+        ]
+        row += [int(v) for v in result.pixels[j].reshape(-1)]
+    else:
+        # Not attacked: the image is unchanged, so "after" equals "before".
+        row += [0, 0, int(before.pred[pos]), float(before.prob_true[pos]), 0, 0]
+        row += [-1] * (5 * pixels)
+    return _format_row(row)
+
+
+class _AttackProgress:
+    """Progress of attacked images: finished in any order (from the engine while a
+    chunk runs) or the prefix of finished chunks, whichever is further, so that the
+    count never goes back. Only correctly classified images count (the others take
+    no time)."""
+
+    def __init__(self, total: int, queue_start: int, successes: int):
+        self.progress = common.Progress(total, "attacked images", initial=queue_start)
+        self.start, self.resumed_successes = queue_start, successes
+        self.done, self.successes = queue_start, successes
+
+    def on_engine(self, finished: int, found: int) -> None:
+        self.done = self.start + finished
+        self.successes = self.resumed_successes + found
+        if _is_main_process():
+            self.progress.update(self.done, self.successes)
+
+    def on_chunk(self, queue_end: int, successes: int, last: bool) -> None:
+        if queue_end >= self.done:
+            self.done, self.successes = queue_end, successes
+        if _is_main_process():
+            self.progress.update(self.done, self.successes, force=last)
+
+
+def _attack_chunks(
+    workdir: str,
+    apply_fn,
+    variables,
+    before: _Before,
+    *,
+    seed: int,
+    config: AttackConfig,
+    target: int | None,
+    slots: int | None,
+    chunk_size: int,
+    resume_from: int,
+    done_chunks: list[dict],
+    num_classes: int,
+    search_apply_fn=None,
+) -> list[dict]:
+    """Attack chunk after chunk from `resume_from`; save each chunk as it finishes."""
+    n = len(before.indices)
+    ends = list(range(chunk_size, n, chunk_size)) + [n]
+    ends = [e for e in ends if e > resume_from]
+    # The queue holds every attacked image of the run, so that a resumed run has
+    # the same program; it starts at the first image after the finished chunks.
+    queue = np.flatnonzero(before.attacked)
+    queue_ends = [int(np.sum(before.attacked[:e])) for e in ends]
+    queue_start = int(np.sum(before.attacked[:resume_from]))
+    successes = sum(c["successes"] for c in done_chunks)
+    progress = _AttackProgress(len(queue), queue_start, successes)
+    stream = attack_stream(
+        apply_fn,
+        variables,
+        before.images[queue],
+        before.labels[queue],
+        before.indices[queue],
+        jax.random.key(seed),
+        config,
+        targets=None if target is None else np.full(len(queue), target),
+        slots=slots,
+        chunk_ends=queue_ends,
+        start=queue_start,
+        capacity=n,  # one program for resumes and for every target class
+        num_classes=num_classes,
+        # Every process takes the same path (its device calls are collective).
+        on_progress=progress.on_engine,
+        search_apply_fn=search_apply_fn,
+    )
+    chunk_start, tick = resume_from, time.time()
+    for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
+        rows = [
+            _row(
+                before,
+                pos,
+                result,
+                int(np.searchsorted(queue, pos)) - queue_start
+                if before.attacked[pos]
+                else None,
+                config.pixels,
+            )
+            for pos in range(chunk_start, end)
+        ]
+        now = time.time()
+        chunk = {
+            "rows": rows,
+            "successes": int(np.sum(result.success)),
+            "evaluations": int(np.sum(result.evaluations)),
+            "search_rejections": int(np.sum(result.search_rejections)),
+            "seconds": now - tick,
+        }
+        tick = now
+        if _is_main_process():
+            _save_chunk(os.path.join(workdir, CHUNKS_DIR), chunk_start, end, chunk)
+        done_chunks.append(chunk)
+        successes += chunk["successes"]
+        progress.on_chunk(queue_end, successes, last=end == n)
+        chunk_start, queue_start = end, queue_end
+    return done_chunks
+
+
+def _write_results(
+    workdir: str, pixels: int, done_chunks: list[dict], summary: dict
+) -> None:
+    """attack.csv and attack_summary.json from the chunks; the chunks are removed."""
+    if not _is_main_process():
+        return
+    header = ",".join(results.attack_columns(pixels))
+    lines = [header] + [row for c in done_chunks for row in c["rows"]]
+    rundir.write_text(os.path.join(workdir, CSV_NAME), "\n".join(lines) + "\n")
+    rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
+    shutil.rmtree(os.path.join(workdir, CHUNKS_DIR), ignore_errors=True)
 
 
 def run_attack(
@@ -284,6 +427,7 @@ def run_attack(
     target: int | str | None = None,
     slots: int | None = None,
     chunk_size: int | None = None,
+    search_dtype: str = "float32",
 ) -> dict:
     """Attack sampled test images; write workdir/attack.csv and attack_summary.json.
 
@@ -305,135 +449,46 @@ def run_attack(
             config=config,
             slots=slots,
             chunk_size=chunk_size,
+            search_dtype=search_dtype,
         )
-    if chunk_size is None:
-        chunk_size = min(max(num_samples // 20, MIN_CHUNK_SIZE), MAX_CHUNK_SIZE)
-    chunk_size = int(chunk_size)
-    if chunk_size < 1:
-        raise PropmapsError(f"--chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _default_chunk_size(chunk_size, num_samples)
     x_test, y_test = dataset.split("test")
     indices = sample_indices(len(x_test), num_samples, seed, sample)
-    settings = _settings(model_name, weights, num_samples, seed, sample, config, target)
-    chunks_dir = os.path.join(workdir, CHUNKS_DIR)
-
-    # Process 0 owns the files; the others follow its decision.
-    status, resume_from, finished_summary, done_chunks = "new", 0, None, []
-    if _is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        status, finished_summary = _check_workdir(workdir, settings)
-        if status == "resume":
-            resume_from, done_chunks = _finished_prefix(chunks_dir)
-        elif status == "new":
-            common.write_json(os.path.join(chunks_dir, "settings.json"), settings)
-    code = _broadcast(-1 if status == "finished" else resume_from)
-    if status == "finished" or code < 0:
+    settings = _settings(
+        model_name, weights, num_samples, seed, sample, config, target, search_dtype
+    )
+    resume_from, done_chunks, finished = _open_workdir(workdir, settings)
+    if finished is not None:
         logging.info("%s: finished run with the same settings, nothing to do", workdir)
-        return (
-            finished_summary if finished_summary is not None else {"settings": settings}
-        )
-    resume_from = code
+        return finished
 
     start_time = time.time()
-    model_config, metadata, logits_fn, predict = _model_functions(
-        model_name, weights, _mtime(weights)
-    )
-    images = np.asarray(x_test[indices])
-    labels = np.asarray(y_test[indices]).astype(np.int64)
-    pred_before, prob_before = predict(images, labels)
-    attacked = pred_before == labels
-    if target is not None:
-        attacked &= labels != target
-
-    n = len(indices)
-    ends = list(range(chunk_size, n, chunk_size)) + [n]
-    ends = [e for e in ends if e > resume_from]
-    # The queue holds every attacked image of the run, so that a resumed run has
-    # the same program; it starts at the first image after the finished chunks.
-    queue = np.flatnonzero(attacked)
-    queue_ends = [int(np.sum(attacked[:e])) for e in ends]
-    queue_start = int(np.sum(attacked[:resume_from]))
-    # Progress counts attacked images, finished in any order (only correctly
-    # classified images are attacked; the others take no time).
-    progress = common.Progress(len(queue), "attacked images", initial=queue_start)
-    successes = sum(c["successes"] for c in done_chunks)
-    resumed_successes = successes
-
-    # Finished images in any order (from the engine while a chunk runs) or the
-    # prefix of finished chunks, whichever is further: the count never goes back.
-    latest = {"done": queue_start, "successes": successes}
-
-    def on_progress(finished: int, found: int) -> None:
-        latest.update(
-            done=queue_start_0 + finished, successes=resumed_successes + found
-        )
-        if _is_main_process():
-            progress.update(latest["done"], latest["successes"])
-
-    queue_start_0 = queue_start
-    stream = attack_stream(
-        logits_fn,
-        images[queue],
-        labels[queue],
-        indices[queue],
-        jax.random.key(seed),
-        config,
-        targets=None if target is None else np.full(len(queue), target),
+    model_config, module, variables, metadata = common.load_model(model_name, weights)
+    apply_fn = models.make_apply_fn(module)
+    before = _predict_sample(apply_fn, variables, x_test, y_test, indices, target)
+    done_chunks = _attack_chunks(
+        workdir,
+        apply_fn,
+        variables,
+        before,
+        seed=seed,
+        config=config,
+        target=target,
         slots=slots,
-        chunk_ends=queue_ends,
-        start=queue_start,
-        capacity=n,  # one program for resumes and for every target class
+        chunk_size=chunk_size,
+        resume_from=resume_from,
+        done_chunks=done_chunks,
         num_classes=model_config.num_classes,
-        # Every process takes the same path (its device calls are collective).
-        on_progress=on_progress,
+        search_apply_fn=_search_apply_fn(model_config, search_dtype),
     )
-    chunk_start, tick = resume_from, time.time()
-    for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
-        rows = []
-        for pos in range(chunk_start, end):
-            i = int(indices[pos])
-            row = [i, int(labels[pos]), int(pred_before[pos]), float(prob_before[pos])]
-            if attacked[pos]:
-                j = int(np.searchsorted(queue, pos)) - queue_start
-                row += [
-                    1,
-                    int(result.success[j]),
-                    int(result.pred_after[j]),
-                    float(result.prob_true_after[j]),
-                    int(result.generations[j]),
-                    int(result.evaluations[j]),
-                ]
-                row += [int(v) for v in result.pixels[j].reshape(-1)]
-            else:
-                # Not attacked: the image is unchanged, so "after" equals "before".
-                row += [0, 0, int(pred_before[pos]), float(prob_before[pos]), 0, 0]
-                row += [-1] * (5 * config.pixels)
-            rows.append(_format_row(row))
-        now = time.time()
-        chunk = {
-            "rows": rows,
-            "successes": int(np.sum(result.success)),
-            "evaluations": int(np.sum(result.evaluations)),
-            "seconds": now - tick,
-        }
-        tick = now
-        if _is_main_process():
-            _save_chunk(chunks_dir, chunk_start, end, chunk)
-        done_chunks.append(chunk)
-        successes += chunk["successes"]
-        if queue_end >= latest["done"]:
-            latest.update(done=queue_end, successes=successes)
-        if _is_main_process():
-            progress.update(latest["done"], latest["successes"], force=end == n)
-        chunk_start, queue_start = end, queue_end
-
     summary = _summary(
         settings,
         model_config,
         metadata,
         dataset,
-        labels,
-        pred_before,
-        attacked,
+        before.labels,
+        before.pred,
+        before.attacked,
         done_chunks,
         target,
         wall_time=sum(c["seconds"] for c in done_chunks),
@@ -441,13 +496,30 @@ def run_attack(
         chunk_size=chunk_size,
     )
     logging.info("attack finished in %.1f s", time.time() - start_time)
-    if _is_main_process():
-        header = ",".join(results.attack_columns(config.pixels))
-        lines = [header] + [row for c in done_chunks for row in c["rows"]]
-        common.write_text(os.path.join(workdir, CSV_NAME), "\n".join(lines) + "\n")
-        common.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
-        shutil.rmtree(chunks_dir, ignore_errors=True)
+    _write_results(workdir, config.pixels, done_chunks, summary)
     return summary
+
+
+def _search_apply_fn(model_config: models.ModelConfig, search_dtype: str):
+    """The search's forward: None (the model itself) or the module in bfloat16."""
+    if search_dtype == "float32":
+        return None
+    if search_dtype != "bfloat16":
+        raise PropmapsError(
+            f"--search_dtype must be float32 or bfloat16, got {search_dtype!r}"
+        )
+    return models.make_apply_fn(models.create_model(model_config, dtype=jnp.bfloat16))
+
+
+def _predict_sample(apply_fn, variables, x_test, y_test, indices, target) -> _Before:
+    """The sampled images, their labels and the model's verdict before the attack."""
+    images = np.asarray(x_test[indices])
+    labels = np.asarray(y_test[indices]).astype(np.int64)
+    pred, prob_true = predict_before(apply_fn, variables, images, labels)
+    attacked = pred == labels
+    if target is not None:
+        attacked &= labels != target
+    return _Before(images, indices, labels, pred, prob_true, attacked)
 
 
 def _summary(
@@ -470,6 +542,8 @@ def _summary(
     num_attacked = int(np.sum(attacked))
     successes = sum(c["successes"] for c in chunks)
     evaluations = sum(c["evaluations"] for c in chunks)
+    # Chunks written before the search dtype existed have no rejections.
+    rejections = sum(c.get("search_rejections", 0) for c in chunks)
     return {
         "settings": settings,
         "model": {
@@ -492,6 +566,8 @@ def _summary(
         "success_rate_attacked": successes / num_attacked if num_attacked else 0.0,
         "success_rate_all": successes / n,
         "evaluations": evaluations,
+        "search_dtype": settings.get("search_dtype", "float32"),
+        "search_rejections": rejections,
         "wall_time_s": wall_time,
         "images_per_s": num_attacked / wall_time if wall_time > 0 else None,
         "device": common.device_description(),
@@ -531,7 +607,7 @@ def _run_all_targets(workdir: str, **kwargs: Any) -> dict:
         "device": common.device_description(),
     }
     if _is_main_process():
-        common.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
+        rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
     return summary
 
 
@@ -539,7 +615,7 @@ def main(argv: list[str]) -> None:
     """Run the attack experiment from flags."""
     del argv
     if FLAGS.distributed:
-        initialize_distributed()
+        common.initialize_distributed()
     config = AttackConfig(
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )
@@ -558,6 +634,7 @@ def main(argv: list[str]) -> None:
         target=target,
         slots=FLAGS.slots,
         chunk_size=FLAGS.chunk_size,
+        search_dtype=FLAGS.search_dtype,
     )
     logging.info(
         "success rate %.2f%% of %d attacked images (%.2f%% of all %d samples)",

@@ -1,17 +1,20 @@
-"""What experiments share: flags, loading data and models, atomic files, progress."""
+"""What experiments share: flags, loading data and models, progress, device record."""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import platform
+import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from absl import flags, logging
 
+from experiments import rundir
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.errors import PropmapsError
 
@@ -47,6 +50,26 @@ flags.DEFINE_bool(
     "instead of |FM - FM_adv|.",
 )
 flags.DEFINE_integer("columns", 6, "Propagation figures: layer panels per row.")
+flags.DEFINE_enum(
+    "precision",
+    "highest",
+    ["highest", "high", "default"],
+    "Precision of matmuls and convolutions (jax.default_matmul_precision): highest "
+    "is true float32 on every backend; default lets GPUs/TPUs use TF32/bfloat16 "
+    "passes. Recorded next to the device in every summary.",
+)
+# Multi-host runs (the attack, and the locality study that runs it).
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host run: call jax.distributed.initialize() (cluster auto-detection on "
+    "Cloud TPU, SLURM, ..., or --coordinator_address/--num_processes/--process_id).",
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: host:port of process 0."
+)
+flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
 
 FLAGS = flags.FLAGS
 
@@ -70,9 +93,14 @@ def require_workdir() -> str:
     return FLAGS.workdir
 
 
+def cifar10_path(flag_value: str | None) -> str | None:
+    """--cifar10_path, else the CIFAR10_PATH environment variable, else None (tfds)."""
+    return flag_value or os.environ.get("CIFAR10_PATH")
+
+
 def load_data() -> data.Cifar10:
     """CIFAR-10 from --cifar10_path / $CIFAR10_PATH / tensorflow-datasets."""
-    dataset = data.load_cifar10(FLAGS.cifar10_path)
+    dataset = data.load_cifar10(cifar10_path(FLAGS.cifar10_path))
     logging.info("CIFAR-10 from %s", dataset.source)
     return dataset
 
@@ -87,20 +115,67 @@ def load_model(name: str, weights: str | None):
     return config, models.create_model(config), variables, metadata
 
 
-def write_text(path: str, text: str) -> None:
-    """Atomically write a text file."""
-    checkpoint.atomic_write_bytes(path, text.encode("utf-8"))
+# The run directory's atomic writers, under the names experiments have used.
+write_text = rundir.write_text
+write_json = rundir.write_json
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Atomically write a JSON file (indented, keys in insertion order)."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+def initialize_distributed() -> None:
+    """jax.distributed.initialize() from the flags (unset ones are auto-detected)."""
+    # CPU devices of different processes need a collectives implementation (it
+    # does not affect accelerators). No backend may start before initialize().
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise PropmapsError(
+            f"--distributed: jax.distributed.initialize() failed ({e}); outside a "
+            "detected cluster pass --coordinator_address, --num_processes and "
+            "--process_id"
+        ) from None
+
+
+# The library's messages name its arguments in backquotes; the command line's
+# names for them.
+FLAG_NAMES = {
+    "`path`": "--cifar10_path (or set CIFAR10_PATH)",
+    "`weights`": "--weights",
+    "`model_name`": "--model",
+    "`learning_rate`": "--learning_rate",
+    "`weight_decay`": "--weight_decay",
+    "`warmup_steps`": "--warmup_epochs",
+    "`total_steps`": "--epochs",
+}
+
+
+def in_flag_terms(message: str) -> str:
+    """A library error message with its argument names replaced by the flags."""
+    message = re.sub(r"`model_name='([^']*)'`", r"--model=\1", message)
+    for argument, flag in FLAG_NAMES.items():
+        message = message.replace(argument, flag)
+    return message
+
+
+def under_precision(main: Callable[[list[str]], None]) -> Callable:
+    """Run an experiment's `main` under `jax.default_matmul_precision(--precision)`."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> None:
+        with jax.default_matmul_precision(FLAGS.precision):
+            main(argv)
+
+    return wrapped
 
 
 def device_description() -> dict[str, Any]:
-    """Backend, device kinds and count, versions: for summaries and benchmarks."""
+    """Backend, device kinds and count, precision, versions: for summaries."""
     devices = jax.devices()
     return {
+        "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": jax.device_count(),
@@ -137,7 +212,7 @@ class Progress:
         if successes is not None:
             line += f", {successes} successes ({successes / max(done, 1):.1%})"
         line += f", {rate:.2f} {self.what}/s, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
-        logging.info(line)
+        # One line: under absl, logging.info would print it to stderr a second time.
         print(line, file=sys.stderr, flush=True)
 
 

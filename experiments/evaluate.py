@@ -9,14 +9,13 @@ and, with --save_predictions, DIR/predictions.npz (`probs` (N, 10) float32, `lab
 
 from __future__ import annotations
 
-import io
 import os
 import time
 
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, rundir
 from propmaps_jax import checkpoint, evaluation, models
 
 flags.DEFINE_bool(
@@ -24,12 +23,6 @@ flags.DEFINE_bool(
 )
 
 FLAGS = flags.FLAGS
-
-
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +38,8 @@ def main(argv: list[str]) -> None:
     start = time.time()
     progress = common.Progress(len(images), what="images")
     probs = evaluation.predict(
-        models.make_logits_fn(module, variables),
+        models.make_apply_fn(module),
+        variables,
         images,
         FLAGS.batch_size,
         on_batch=progress.update,
@@ -76,11 +70,12 @@ def main(argv: list[str]) -> None:
         "wall_time_s": round(wall_time, 3),
         "device": common.device_description(),
     }
-    common.write_json(os.path.join(workdir, "evaluation.json"), result)
+    rundir.write_json(os.path.join(workdir, "evaluation.json"), result)
     if FLAGS.save_predictions:
-        checkpoint.atomic_write_bytes(
+        rundir.write_npz(
             os.path.join(workdir, "predictions.npz"),
-            _npz_bytes(probs=probs.astype(np.float32), labels=labels.astype(np.int32)),
+            {"probs": probs.astype(np.float32), "labels": labels.astype(np.int32)},
+            compressed=False,
         )
     print(
         f"{config.name} ({weights}): test accuracy {summary['accuracy']:.2%} "

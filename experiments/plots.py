@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
-from propmaps_jax import checkpoint  # noqa: E402
+from experiments import rundir  # noqa: E402
+from propmaps_jax.models import CIFAR10_CLASSES  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: str, dpi: int = 110) -> None:
@@ -25,7 +26,7 @@ def save_figure(fig: plt.Figure, path: str, dpi: int = 110) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+    rundir.write_bytes(path, buffer.getvalue())
 
 
 def layer_title(name: str, shape: Sequence[int]) -> str:
@@ -239,3 +240,118 @@ def distance_histogram_figure(
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ----- locality (Table 1's companions) ------------------------------------------
+
+
+def distance_figure(results: dict[str, dict], path: str) -> None:
+    """Success rate vs Chebyshev distance with Wilson bars; random rate dashed."""
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, res) in enumerate(results.items()):
+        colour = colours[i % len(colours)]
+        rings = res["distance"]
+        d = np.array([r["distance"] for r in rings])
+        rate = np.array([r["pooled"]["rate"] or 0.0 for r in rings])
+        low = np.array([r["pooled"]["ci_low"] for r in rings])
+        high = np.array([r["pooled"]["ci_high"] for r in rings])
+        n_images = res["original_all"]["successes"]
+        ax.errorbar(
+            d,
+            100 * rate,
+            yerr=100 * np.stack([rate - low, high - rate]),
+            marker="o",
+            capsize=4,
+            color=colour,
+            label=f"{name}: pixel at distance d ({n_images} successful attacks)",
+        )
+        random_rate = res["random"]["rate"] or 0.0
+        ax.axhline(
+            100 * random_rate,
+            color=colour,
+            linestyle="--",
+            label=f"{name}: random pixel ({100 * random_rate:.1f}%)",
+        )
+    ax.set_xticks(range(1, max(len(r["distance"]) for r in results.values()) + 1))
+    ax.set_xlabel("Chebyshev distance from the attacked pixel")
+    ax.set_ylabel("success rate of the moved pixel (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(
+        "Locality: the attack's colour moved to distance d\n(95% Wilson intervals)"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def vulnerability_figure(
+    name: str, image: np.ndarray, maps: dict[str, np.ndarray], i: int, path: str
+) -> None:
+    """Attacked image with the pixel marked; success and p(true) at every position."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
+
+    row, col, r, g, b = (int(v) for v in maps["pixels"][i, 0])
+    label = int(maps["label"][i])
+    success, prob_true = maps["success"][i], maps["prob_true"][i]
+    adversarial = np.array(image, copy=True)
+    adversarial[row, col] = (r, g, b)
+    classes = CIFAR10_CLASSES
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+
+    def mark(ax, colour, margin=0.0):
+        ax.add_patch(
+            Rectangle(
+                (col - 0.5 - margin, row - 0.5 - margin),
+                1 + 2 * margin,
+                1 + 2 * margin,
+                fill=False,
+                edgecolor=colour,
+                linewidth=2,
+            )
+        )
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+
+    axes[0].imshow(adversarial, interpolation="nearest")
+    mark(axes[0], "red", margin=1.0)  # around the pixel, so its colour shows
+    axes[0].set_title(
+        f"attacked image: label {classes[label]}, predicted "
+        f"{classes[int(maps['pred'][i, row, col])]}\npixel ({row}, {col}) set to "
+        f"RGB ({r}, {g}, {b}) (inside the red box)",
+        fontsize=9,
+    )
+    shown = axes[1].imshow(
+        success.astype(float),
+        cmap=ListedColormap(["#dfe7f2", "#c0392b"]),
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
+    mark(axes[1], "black")
+    axes[1].set_title(
+        f"fooled (prediction != {classes[label]}) at\n{success.mean():.1%} of "
+        "positions (black box: attack)",
+        fontsize=9,
+    )
+    bar = fig.colorbar(shown, ax=axes[1], ticks=[0.25, 0.75], fraction=0.046)
+    bar.ax.set_yticklabels(["correct", "fooled"])
+    shown = axes[2].imshow(
+        prob_true, cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
+    )
+    mark(axes[2], "red")
+    axes[2].set_title(
+        f"p({classes[label]}) with the colour at each position\n"
+        f"(min {prob_true.min():.2f}, max {prob_true.max():.2f}; red box: attack)",
+        fontsize=9,
+    )
+    bar = fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    bar.set_label(f"softmax p({classes[label]}), 0..1")
+    fig.suptitle(
+        f"Vulnerability map, {name}, test image {int(maps['index'][i])}: "
+        f"the attack's colour put at each of the {success.size} positions"
+    )
+    save_figure(fig, path)

@@ -12,7 +12,6 @@ DIR/propagation/<name>_pm_max.png, <name>_pm_avg.png and <name>_maps.npz, where
 
 from __future__ import annotations
 
-import io
 import os
 
 import jax
@@ -20,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots
+from experiments import common, plots, rundir
 from experiments.results import read_attack_csv
-from propmaps_jax import checkpoint, propagation
+from propmaps_jax import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
 from propmaps_jax.perturb import apply_pixels
@@ -107,20 +106,8 @@ def class_name(index: int, num_classes: int) -> str:
     return CIFAR10_CLASSES[index] if num_classes == len(CIFAR10_CLASSES) else str(index)
 
 
-def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically write a compressed .npz."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    checkpoint.atomic_write_bytes(path, buffer.getvalue())
-
-
-def main(argv: list[str]) -> None:
-    """Compute and plot PM_max / PM_avg of one perturbed test image."""
-    del argv
-    workdir = common.require_workdir()
-    if FLAGS.index is None:
-        raise PropmapsError("--index is required: the test image to analyse")
-    index = FLAGS.index
+def _perturbation(workdir: str, index: int) -> tuple[np.ndarray, str, str]:
+    """(pixels (k, 5), where they come from, output name) from the flags."""
     pixels, source = perturbation_from_flags(workdir, index)
     name = str(index)
     if FLAGS.move_to is not None:
@@ -134,10 +121,137 @@ def main(argv: list[str]) -> None:
         pixels[0, :2] = (row, col)
         source += f", moved to ({row}, {col})"
         name += f"_moved_{row}_{col}"
+    return pixels, source, name
 
+
+def _analyze(module, variables, image_shape, image, perturbed) -> dict:
+    """Probabilities, maps {reduce: {layer: (H, W)}} and per-layer scalars."""
+    order = propagation.layer_shapes(module, variables, image_shape)
+    analyze = jax.jit(
+        lambda v, x, x_adv: propagation.analyze(
+            module, v, x, x_adv, signed=FLAGS.signed
+        )
+    )
+    out = jax.device_get(analyze(variables, image[None], perturbed[None]))
+    summaries = {
+        key: np.array([out["summaries"][n][key][0] for n in order], np.float64)
+        for key in propagation.SUMMARY_NAMES
+    }
+    return {
+        "order": order,
+        "probs": np.asarray(jax.nn.softmax(out["logits"][0])),
+        "probs_adv": np.asarray(jax.nn.softmax(out["logits_adv"][0])),
+        "pm": {
+            r: {n: np.asarray(out[f"pm_{r}"][n][0]) for n in order}
+            for r in ("max", "avg")
+        },
+        "summaries": summaries,
+    }
+
+
+def _captions(result, label, pixels, num_classes) -> tuple[str, str, str]:
+    """(caption of the natural image, of the perturbed one, the pixels as text)."""
+    probs, probs_adv = result["probs"], result["probs_adv"]
+    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
+    changed = "class changed" if after != before else "class unchanged"
+    pixel_text = "; ".join(
+        f"({r}, {c}) -> RGB ({cr}, {cg}, {cb})" for r, c, cr, cg, cb in pixels
+    )
+    natural = (
+        f"natural, true class: {class_name(label, num_classes)}\n"
+        f"predicted {class_name(before, num_classes)} {probs[before]:.1%}"
+    )
+    true_prob = (
+        f", {class_name(label, num_classes)} {probs_adv[label]:.1%}"
+        if after != label
+        else ""
+    )
+    perturbed = (
+        f"perturbed: {changed}\npredicted {class_name(after, num_classes)} "
+        f"{probs_adv[after]:.1%}{true_prob}\npixel {pixel_text}"
+    )
+    return natural, perturbed, pixel_text
+
+
+def _figures(workdir, name, index, source, result, image, perturbed, pixels, captions):
+    """DIR/propagation/<name>_pm_max.png and _pm_avg.png."""
+    order = result["order"]
+    fm_max = dict(zip(order, result["summaries"]["fm_max"], strict=True))
+    difference = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
+    for reduce, what in (("max", "max"), ("avg", "mean")):
+        title = (
+            f"PM_{reduce} = {what} over channels of {difference}, {FLAGS.model}, "
+            f"test image {index} ({source})"
+        )
+        fig = plots.single_attack_figure(
+            result["pm"][reduce],
+            order,
+            fm_max,
+            image,
+            perturbed,
+            pixels,
+            captions[0],
+            captions[1],
+            title,
+            "colour scale of each layer: "
+            + ("-max .. max" if FLAGS.signed else "0 .. max")
+            + " of its original feature maps (arrow: the map exceeds it)",
+            signed=FLAGS.signed,
+            columns=FLAGS.columns,
+        )
+        path = os.path.join(workdir, "propagation", f"{name}_pm_{reduce}.png")
+        plots.save_figure(fig, path)
+        print(f"wrote {path}")
+
+
+def _maps_arrays(result, image, perturbed, pixels, label, index) -> dict:
+    """The contents of DIR/propagation/<name>_maps.npz."""
+    order = result["order"]
+    arrays: dict[str, np.ndarray] = {
+        "layers": np.array(list(order)),
+        "shapes": np.array([order[n] for n in order], np.int64),
+        "image": image,
+        "perturbed": perturbed,
+        "pixels": pixels,
+        "label": np.array(label),
+        "index": np.array(index),
+        "probs": result["probs"],
+        "probs_adv": result["probs_adv"],
+        "signed": np.array(FLAGS.signed),
+    }
+    arrays.update(result["summaries"])
+    for reduce in ("max", "avg"):
+        arrays.update({f"pm_{reduce}/{n}": result["pm"][reduce][n] for n in order})
+    return arrays
+
+
+def _print_summary(index, label, pixel_text, result, num_classes) -> None:
+    probs, probs_adv = result["probs"], result["probs_adv"]
+    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
+    print(
+        f"test image {index}: {class_name(before, num_classes)} {probs[before]:.1%} -> "
+        f"{class_name(after, num_classes)} {probs_adv[after]:.1%} "
+        f"(true {class_name(label, num_classes)}), perturbation {pixel_text}"
+    )
+    print(f"{'layer':<28} {'HxWxK':>9} {'max|dFM|/maxFM':>15} {'spread>10%':>11}")
+    order, summaries = result["order"], result["summaries"]
+    for i, n in enumerate(order):
+        print(
+            f"{n:<28} {'x'.join(map(str, order[n])):>9} "
+            f"{summaries['max_ratio'][i]:>15.3f} {summaries['spread'][i]:>11.1%}"
+        )
+
+
+def main(argv: list[str]) -> None:
+    """Compute and plot PM_max / PM_avg of one perturbed test image."""
+    del argv
+    workdir = common.require_workdir()
+    if FLAGS.index is None:
+        raise PropmapsError("--index is required: the test image to analyse")
+    index = FLAGS.index
+    pixels, source, name = _perturbation(workdir, index)
     # Data before the model: bad input is reported without compiling anything.
-    dataset = common.load_data()
-    images, labels = dataset.split("test")
+    images, labels = common.load_data().split("test")
     if not 0 <= index < images.shape[0]:
         raise PropmapsError(
             f"--index={index} is outside the test set (0..{images.shape[0] - 1})"
@@ -148,99 +262,26 @@ def main(argv: list[str]) -> None:
     config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
     image, label = images[index], int(labels[index])
     perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
-
-    order = propagation.layer_shapes(module, variables, config.image_shape)
-    analyze = jax.jit(
-        lambda v, x, x_adv: propagation.analyze(
-            module, v, x, x_adv, signed=FLAGS.signed
-        )
-    )
-    out = jax.device_get(analyze(variables, image[None], perturbed[None]))
-    probs = np.asarray(jax.nn.softmax(out["logits"][0]))
-    probs_adv = np.asarray(jax.nn.softmax(out["logits_adv"][0]))
-    pm = {
-        r: {n: np.asarray(out[f"pm_{r}"][n][0]) for n in order} for r in ("max", "avg")
-    }
-    summaries = {
-        key: np.array([out["summaries"][n][key][0] for n in order], np.float64)
-        for key in propagation.SUMMARY_NAMES
-    }
-    fm_max = dict(zip(order, summaries["fm_max"], strict=True))
-
-    num_classes = config.num_classes
-    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
-    changed = "class changed" if after != before else "class unchanged"
-    pixel_text = "; ".join(
-        f"({r}, {c}) -> RGB ({cr}, {cg}, {cb})" for r, c, cr, cg, cb in pixels
+    result = _analyze(module, variables, config.image_shape, image, perturbed)
+    natural, perturbed_caption, pixel_text = _captions(
+        result, label, pixels, config.num_classes
     )
     logging.info("perturbation from %s: %s", source, pixel_text)
-    caption_natural = (
-        f"natural, true class: {class_name(label, num_classes)}\n"
-        f"predicted {class_name(before, num_classes)} {probs[before]:.1%}"
-    )
-    true_prob = (
-        f", {class_name(label, num_classes)} {probs_adv[label]:.1%}"
-        if after != label
-        else ""
-    )
-    caption_perturbed = (
-        f"perturbed: {changed}\npredicted {class_name(after, num_classes)} "
-        f"{probs_adv[after]:.1%}{true_prob}\npixel {pixel_text}"
-    )
     os.makedirs(os.path.join(workdir, "propagation"), exist_ok=True)
-    difference = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
-    for reduce, what in (("max", "max"), ("avg", "mean")):
-        title = (
-            f"PM_{reduce} = {what} over channels of {difference}, {FLAGS.model}, "
-            f"test image {index} ({source})"
-        )
-        fig = plots.single_attack_figure(
-            pm[reduce],
-            order,
-            fm_max,
-            image,
-            perturbed,
-            pixels,
-            caption_natural,
-            caption_perturbed,
-            title,
-            "colour scale of each layer: "
-            + ("-max .. max" if FLAGS.signed else "0 .. max")
-            + " of its original feature maps (arrow: the map exceeds it)",
-            signed=FLAGS.signed,
-            columns=FLAGS.columns,
-        )
-        path = os.path.join(workdir, "propagation", f"{name}_pm_{reduce}.png")
-        plots.save_figure(fig, path)
-        logging.info("wrote %s", path)
-        print(f"wrote {path}")
-
-    arrays: dict[str, np.ndarray] = {
-        "layers": np.array(list(order)),
-        "shapes": np.array([order[n] for n in order], np.int64),
-        "image": image,
-        "perturbed": perturbed,
-        "pixels": pixels,
-        "label": np.array(label),
-        "index": np.array(index),
-        "probs": probs,
-        "probs_adv": probs_adv,
-        "signed": np.array(FLAGS.signed),
-    }
-    arrays.update(summaries)
-    for reduce in ("max", "avg"):
-        arrays.update({f"pm_{reduce}/{n}": pm[reduce][n] for n in order})
-    npz_path = os.path.join(workdir, "propagation", f"{name}_maps.npz")
-    save_npz(npz_path, arrays)
-    print(f"wrote {npz_path}")
-    print(
-        f"test image {index}: {class_name(before, num_classes)} {probs[before]:.1%} -> "
-        f"{class_name(after, num_classes)} {probs_adv[after]:.1%} "
-        f"(true {class_name(label, num_classes)}), perturbation {pixel_text}"
+    _figures(
+        workdir,
+        name,
+        index,
+        source,
+        result,
+        image,
+        perturbed,
+        pixels,
+        (natural, perturbed_caption),
     )
-    print(f"{'layer':<28} {'HxWxK':>9} {'max|dFM|/maxFM':>15} {'spread>10%':>11}")
-    for i, n in enumerate(order):
-        print(
-            f"{n:<28} {'x'.join(map(str, order[n])):>9} "
-            f"{summaries['max_ratio'][i]:>15.3f} {summaries['spread'][i]:>11.1%}"
-        )
+    npz_path = os.path.join(workdir, "propagation", f"{name}_maps.npz")
+    rundir.write_npz(
+        npz_path, _maps_arrays(result, image, perturbed, pixels, label, index)
+    )
+    print(f"wrote {npz_path}")
+    _print_summary(index, label, pixel_text, result, config.num_classes)

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots
+from experiments import common, plots, rundir
 from experiments.results import read_attack_csv
-from propmaps_jax import checkpoint, propagation
+from propmaps_jax import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
 
@@ -104,13 +104,9 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def main(argv: list[str]) -> None:
-    """Stream all attacks of DIR/attack.csv through the maps and write statistics."""
-    del argv
-    common.default_batch_size(64)
-    start = time.time()
-    workdir = common.require_workdir()
-    csv_path = os.path.join(workdir, "attack.csv")
+def _attacked(csv_path: str) -> dict[str, np.ndarray]:
+    """The attacked rows of attack.csv: index, pixels, success, pred_after, and the
+    number of rows that were not attacked."""
     table = read_attack_csv(csv_path)
     attacked = np.flatnonzero(table["attacked"])
     if attacked.size == 0:
@@ -118,14 +114,14 @@ def main(argv: list[str]) -> None:
             f"{csv_path} holds no attacked image (all were misclassified before the "
             "attack or it is empty): attack more images first"
         )
-    indices = table["index"][attacked]
-    pixels = table["pixels"][attacked]
-    success = table["success"][attacked]
-    pred_after = table["pred_after"][attacked]
+    rows = {k: table[k][attacked] for k in ("index", "pixels", "success", "pred_after")}
+    rows["not_attacked"] = int(table["index"].size - attacked.size)
+    return rows
 
-    # Data before the model: bad input is reported without compiling anything.
-    dataset = common.load_data()
-    images, _ = dataset.split("test")
+
+def _check_against_test_set(csv_path: str, rows: dict, images: np.ndarray) -> None:
+    """PropmapsError unless every attacked index and pixel fits the test images."""
+    indices, pixels = rows["index"], rows["pixels"]
     if indices.max() >= images.shape[0] or indices.min() < 0:
         raise PropmapsError(
             f"{csv_path} refers to test image {indices.max()} but the test set has "
@@ -145,11 +141,12 @@ def main(argv: list[str]) -> None:
             f"pixel outside the {height}x{width} image or a colour outside 0..255; "
             "was it written for another model? run the attack again"
         )
-    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
 
-    shapes = propagation.layer_shapes(module, variables, config.image_shape)
+
+def _stream(module, variables, shapes, images, rows, batch_size, signed):
+    """(running sums, per-image scalars {name: (N, L)}, predictions after) of every
+    attack, in batches through one jitted step (sums stay on the device)."""
     order = list(shapes)
-    signed = FLAGS.signed
 
     def step(state, v, batch_images, batch_pixels, batch_success, valid):
         perturbed = apply_pixels_batch(batch_images, batch_pixels)
@@ -159,7 +156,8 @@ def main(argv: list[str]) -> None:
 
     step = jax.jit(step, donate_argnums=0)
     state = propagation.init_statistics(shapes)
-    total, batch_size = indices.size, FLAGS.batch_size
+    indices, pixels, success = rows["index"], rows["pixels"], rows["success"]
+    total = indices.size
     scalars = {
         name: np.empty((total, len(order)), np.float64)
         for name in propagation.SUMMARY_NAMES
@@ -182,37 +180,19 @@ def main(argv: list[str]) -> None:
             jnp.asarray(valid),
         )
         out = jax.device_get(out)
-        rows = end - begin
+        count = end - begin
         for name in propagation.SUMMARY_NAMES:
             scalars[name][begin:end] = np.stack(
-                [out["summaries"][layer][name][:rows] for layer in order], axis=1
+                [out["summaries"][layer][name][:count] for layer in order], axis=1
             )
-        predicted[begin:end] = np.argmax(out["logits_adv"][:rows], axis=-1)
+        predicted[begin:end] = np.argmax(out["logits_adv"][:count], axis=-1)
         progress.update(end, successes=int(success[:end].sum()))
-    state = jax.device_get(state)
-    counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
-    mismatches = int(np.sum(predicted != pred_after))
-    if mismatches:
-        logging.warning(
-            "%d of %d perturbed images are now predicted differently from the "
-            "pred_after column of attack.csv (another model or data set?)",
-            mismatches,
-            total,
-        )
+    return jax.device_get(state), scalars, predicted
 
-    masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
-    layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}
-    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
-    distances = np.hypot(pixels[..., 0] - centre_row, pixels[..., 1] - centre_col)
-    max_distance = math.hypot(centre_row, centre_col)
-    bin_edges = np.arange(
-        0.0, max_distance + DISTANCE_BIN_WIDTH, DISTANCE_BIN_WIDTH, dtype=np.float64
-    )
-    distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
 
-    out_dir = os.path.join(workdir, "statistics")
-    os.makedirs(out_dir, exist_ok=True)
-    # Mean maps: outcome index 0 = failed, 1 = successful (see init_statistics).
+def _mean_maps(state, counts: dict[str, int], order: list[str]) -> dict:
+    """{"pm_avg/successful": {layer: (H, W)}, ...}: the mean maps per outcome."""
+    # Outcome index 0 = failed, 1 = successful (see init_statistics).
     mean_maps = {}
     for outcome, slot in (("failed", 0), ("successful", 1)):
         n = max(counts[outcome], 1)
@@ -220,66 +200,28 @@ def main(argv: list[str]) -> None:
             mean_maps[f"pm_{reduce}/{outcome}"] = {
                 layer: state[f"pm_{reduce}_sum"][layer][slot] / n for layer in order
             }
-    buffer = io.BytesIO()
-    np.savez_compressed(
-        buffer,
-        layers=np.array(order),
-        counts=np.array([counts["failed"], counts["successful"]]),
-        **{
-            f"{key}/{layer}": value
-            for key, maps in mean_maps.items()
-            for layer, value in maps.items()
-        },
-    )
-    checkpoint.atomic_write_bytes(
-        os.path.join(out_dir, "mean_maps.npz"), buffer.getvalue()
-    )
+    return mean_maps
 
+
+def _per_layer_csv(shapes, layer_stats, masks) -> str:
     header = ["layer", "height", "width", "channels", "outcome", "attacks"] + list(
         layer_stats["all"]
     )
     csv_rows = []
-    for j, layer in enumerate(order):
+    for j, layer in enumerate(shapes):
         for outcome in OUTCOMES:
             n = int(masks[outcome].sum())
             csv_rows.append(
                 [layer, *shapes[layer], outcome, n]
                 + [f"{layer_stats[outcome][s][j]:.6g}" for s in layer_stats[outcome]]
             )
-    common.write_text(
-        os.path.join(out_dir, "per_layer.csv"), _csv_text(header, csv_rows)
-    )
+    return _csv_text(header, csv_rows)
 
-    summary = {
-        "model": FLAGS.model,
-        "weights": FLAGS.weights,
-        "attack_csv": csv_path,
-        "signed_maps": signed,
-        "spread_threshold": propagation.SPREAD_THRESHOLD,
-        "attacks": total,
-        "successful": counts["successful"],
-        "failed": counts["failed"],
-        "not_attacked": int(table["index"].size - total),
-        "pred_after_mismatches": mismatches,
-        "distance_from_centre": {
-            o: distance_stats(distance_by_outcome[o], bin_edges) for o in OUTCOMES
-        },
-        "per_layer": {
-            layer: {
-                outcome: {
-                    s: _nan_to_none(layer_stats[outcome][s][j])
-                    for s in layer_stats[outcome]
-                }
-                for outcome in OUTCOMES
-            }
-            for j, layer in enumerate(order)
-        },
-        "device": common.device_description(),
-        "seconds": round(time.time() - start, 2),
-    }
-    common.write_json(os.path.join(out_dir, "summary.json"), summary)
 
-    what = "FM - FM_adv" if signed else "|FM - FM_adv|"
+def _figures(out_dir, mean_maps, shapes, counts, layer_stats, distances, bin_edges):
+    """Figures 7, 8 and 9 of the paper and the distance histogram."""
+    order, total = list(shapes), sum(counts.values())
+    what = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
     for figure, outcome in (("7", "successful"), ("8", "failed")):
         path = os.path.join(out_dir, f"mean_pm_avg_{outcome}.png")
         if counts[outcome] == 0:
@@ -326,7 +268,7 @@ def main(argv: list[str]) -> None:
     print(f"wrote {path}")
 
     fig = plots.distance_histogram_figure(
-        {o: distance_by_outcome[o] for o in ("successful", "failed")},
+        {o: distances[o] for o in ("successful", "failed")},
         bin_edges,
         f"Attacked pixels: distance from the image centre, {FLAGS.model}",
     )
@@ -334,9 +276,11 @@ def main(argv: list[str]) -> None:
     plots.save_figure(fig, path)
     print(f"wrote {path}")
 
+
+def _print_table(out_dir, order, counts, layer_stats) -> None:
     print(
-        f"{total} attacks ({counts['successful']} successful, {counts['failed']} "
-        f"failed); results in {out_dir}"
+        f"{sum(counts.values())} attacks ({counts['successful']} successful, "
+        f"{counts['failed']} failed); results in {out_dir}"
     )
     print(f"{'layer':<26} {'outcome':<11} {'ratio mean':>10} {'p95':>7} {'spread':>7}")
     for j, layer in enumerate(order):
@@ -346,3 +290,121 @@ def main(argv: list[str]) -> None:
                 f"{layer:<26} {outcome:<11} {s['max_ratio_mean'][j]:>10.3f} "
                 f"{s['max_ratio_p95'][j]:>7.3f} {s['spread_mean'][j]:>7.1%}"
             )
+
+
+def _summary(
+    csv_path,
+    rows,
+    counts,
+    mismatches,
+    distance_by_outcome,
+    bin_edges,
+    order,
+    layer_stats,
+) -> dict:
+    """summary.json (without its wall time): counts, distances, per-layer numbers."""
+    return {
+        "model": FLAGS.model,
+        "weights": FLAGS.weights,
+        "attack_csv": csv_path,
+        "signed_maps": FLAGS.signed,
+        "spread_threshold": propagation.SPREAD_THRESHOLD,
+        "attacks": int(rows["index"].size),
+        "successful": counts["successful"],
+        "failed": counts["failed"],
+        "not_attacked": rows["not_attacked"],
+        "pred_after_mismatches": mismatches,
+        "distance_from_centre": {
+            o: distance_stats(distance_by_outcome[o], bin_edges) for o in OUTCOMES
+        },
+        "per_layer": {
+            layer: {
+                outcome: {
+                    s: _nan_to_none(layer_stats[outcome][s][j])
+                    for s in layer_stats[outcome]
+                }
+                for outcome in OUTCOMES
+            }
+            for j, layer in enumerate(order)
+        },
+        "device": common.device_description(),
+    }
+
+
+def main(argv: list[str]) -> None:
+    """Stream all attacks of DIR/attack.csv through the maps and write statistics."""
+    del argv
+    common.default_batch_size(64)
+    start = time.time()
+    workdir = common.require_workdir()
+    csv_path = os.path.join(workdir, "attack.csv")
+    rows = _attacked(csv_path)
+    # Data before the model: bad input is reported without compiling anything.
+    images, _ = common.load_data().split("test")
+    _check_against_test_set(csv_path, rows, images)
+    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+    shapes = propagation.layer_shapes(module, variables, config.image_shape)
+    order = list(shapes)
+    state, scalars, predicted = _stream(
+        module, variables, shapes, images, rows, FLAGS.batch_size, FLAGS.signed
+    )
+    success, total = rows["success"], rows["index"].size
+    counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
+    mismatches = int(np.sum(predicted != rows["pred_after"]))
+    if mismatches:
+        logging.warning(
+            "%d of %d perturbed images are now predicted differently from the "
+            "pred_after column of attack.csv (another model or data set?)",
+            mismatches,
+            total,
+        )
+
+    masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
+    layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}
+    height, width = images.shape[1:3]
+    pixels = rows["pixels"]
+    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
+    distances = np.hypot(pixels[..., 0] - centre_row, pixels[..., 1] - centre_col)
+    bin_edges = np.arange(
+        0.0,
+        math.hypot(centre_row, centre_col) + DISTANCE_BIN_WIDTH,
+        DISTANCE_BIN_WIDTH,
+        dtype=np.float64,
+    )
+    distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
+
+    out_dir = os.path.join(workdir, "statistics")
+    os.makedirs(out_dir, exist_ok=True)
+    mean_maps = _mean_maps(state, counts, order)
+    rundir.write_npz(
+        os.path.join(out_dir, "mean_maps.npz"),
+        {
+            "layers": np.array(order),
+            "counts": np.array([counts["failed"], counts["successful"]]),
+            **{
+                f"{key}/{layer}": value
+                for key, maps in mean_maps.items()
+                for layer, value in maps.items()
+            },
+        },
+    )
+    rundir.write_text(
+        os.path.join(out_dir, "per_layer.csv"),
+        _per_layer_csv(shapes, layer_stats, masks),
+    )
+    summary = _summary(
+        csv_path,
+        rows,
+        counts,
+        mismatches,
+        distance_by_outcome,
+        bin_edges,
+        order,
+        layer_stats,
+    )
+    summary["seconds"] = round(time.time() - start, 2)
+    rundir.write_json(os.path.join(out_dir, "summary.json"), summary)
+    _figures(
+        out_dir, mean_maps, shapes, counts, layer_stats, distance_by_outcome, bin_edges
+    )
+    _print_table(out_dir, order, counts, layer_stats)

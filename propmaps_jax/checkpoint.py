@@ -15,12 +15,12 @@ from importlib import resources
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from propmaps_jax import keras_import
 from propmaps_jax.errors import WeightsError
-from propmaps_jax.models import ModelConfig, create_model
+from propmaps_jax.models import ModelConfig, check_variables_fit, variables_template
 from propmaps_jax.types import Variables
 
 FORMAT = "propmaps-jax-checkpoint"
@@ -84,12 +84,12 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     except Exception as e:
         raise WeightsError(
             f"{path} is not a readable propmaps-jax checkpoint ({type(e).__name__}); "
-            "it may be truncated or corrupt: re-create it or pass another --weights"
+            "it may be truncated or corrupt: re-create it or pass other `weights`"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsError(
             f"{path} is not a propmaps-jax checkpoint (no '{FORMAT}' header); "
-            "--weights takes our .msgpack checkpoints or a Keras .h5 file"
+            "`weights` takes our .msgpack checkpoints or a Keras .h5 file"
         )
     return {
         "config": ModelConfig.from_dict(json.loads(payload["config"])),
@@ -97,54 +97,6 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         "variables": payload["variables"],
         "train_state": payload.get("train_state"),
     }
-
-
-def check_variables_fit(
-    template: Variables, variables: Variables, where: str
-) -> Variables:
-    """Restore `variables` into the structure of `template`, checking every shape."""
-    flat_t = {
-        jax.tree_util.keystr(k): v
-        for k, v in jax.tree_util.tree_leaves_with_path(template)
-    }
-    flat_v = {
-        jax.tree_util.keystr(k): v
-        for k, v in jax.tree_util.tree_leaves_with_path(variables)
-    }
-    missing = sorted(set(flat_t) - set(flat_v))
-    extra = sorted(set(flat_v) - set(flat_t))
-    if missing or extra:
-        raise WeightsError(
-            f"{where} does not fit the model: "
-            + (
-                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
-                if missing
-                else ""
-            )
-            + (
-                f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
-                if extra
-                else ""
-            )
-        )
-    for k, t in flat_t.items():
-        if tuple(np.shape(flat_v[k])) != tuple(t.shape):
-            raise WeightsError(
-                f"{where} does not fit the model: {k} has shape "
-                f"{tuple(np.shape(flat_v[k]))}, the model expects {tuple(t.shape)}"
-            )
-    return jax.tree_util.tree_map(
-        lambda t, v: np.asarray(v, dtype=t.dtype),
-        template,
-        serialization.from_state_dict(template, variables),
-    )
-
-
-def variables_template(config: ModelConfig) -> Variables:
-    """Shapes and dtypes of a model's variables, without compiling or running it."""
-    module = create_model(config)
-    dummy = jnp.zeros((1, *config.image_shape), jnp.float32)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, train=False))
 
 
 def load_checkpoint(
@@ -156,7 +108,7 @@ def load_checkpoint(
     if expect_model is not None and config.name != expect_model:
         raise WeightsError(
             f"{path} holds a {config.name!r} model, not {expect_model!r}: "
-            "pass the weights of the right model or change --model"
+            "pass the weights of the right model or change `model_name`"
         )
     template = variables_template(config)
     variables = check_variables_fit(template, ckpt["variables"], path)
@@ -177,13 +129,11 @@ def load_weights(
         if not os.path.isfile(path):
             raise WeightsError(
                 f"no bundled checkpoint for model {model_name!r} (not trained yet); "
-                "pass --weights with a checkpoint of ours or a Keras .h5 file"
+                "pass `weights`: a checkpoint of ours or a Keras .h5 file"
             )
         return load_checkpoint(path, expect_model=model_name)
     if not os.path.isfile(weights):
         raise WeightsError(f"weights file {weights} does not exist")
     if weights.endswith((".h5", ".hdf5", ".keras")):
-        from propmaps_jax import keras_import
-
         return keras_import.load_keras_weights(weights, model_name)
     return load_checkpoint(weights, expect_model=model_name)

@@ -1,7 +1,7 @@
 """CIFAR-10 as uint8 NHWC arrays and int32 labels, train and test, official order.
 
 Sources, in the order `load_cifar10` tries them:
-1. an explicit `path` (the `--cifar10_path` flag), else the `CIFAR10_PATH` variable:
+1. an explicit `path` (the experiments pass `--cifar10_path`, else `$CIFAR10_PATH`):
    the official `cifar-10-python.tar.gz`, its extracted `cifar-10-batches-py/` folder
    (or a folder that contains it), or an `.npz` with `x_train, y_train, x_test, y_test`;
 2. tensorflow-datasets (`tfds.data_source("cifar10")`, honouring `TFDS_DATA_DIR`).
@@ -25,12 +25,10 @@ IMAGE_SHAPE = (32, 32, 3)
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 BATCHES_DIR = "cifar-10-batches-py"
-ENV_VAR = "CIFAR10_PATH"
-
 HOW_TO_POINT = (
-    f"pass --cifar10_path (or set {ENV_VAR}) to cifar-10-python.tar.gz, its extracted "
-    f"{BATCHES_DIR}/ folder or an .npz with x_train/y_train/x_test/y_test, or build "
-    "the tensorflow-datasets 'cifar10' dataset (TFDS_DATA_DIR) on a machine online"
+    f"pass `path`: cifar-10-python.tar.gz, its extracted {BATCHES_DIR}/ folder or "
+    "an .npz with x_train/y_train/x_test/y_test, or build the tensorflow-datasets "
+    "'cifar10' dataset (TFDS_DATA_DIR) on a machine online"
 )
 
 
@@ -267,8 +265,7 @@ def load_from_tfds(data_dir: str | None = None) -> Cifar10:
 
 
 def load_cifar10(path: str | None = None) -> Cifar10:
-    """CIFAR-10 from `path`, else `$CIFAR10_PATH`, else tensorflow-datasets."""
-    path = path or os.environ.get(ENV_VAR)
+    """CIFAR-10 from `path`, else tensorflow-datasets."""
     if path:
         return load_from_path(path)
     return load_from_tfds()

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.types import Images, Labels, LogitsFn
+from propmaps_jax.types import ApplyFn, Images, Labels, Variables
+
+
+@functools.cache
+def _probs_program(apply_fn: ApplyFn):
+    """Jitted softmax of the model, cached on `apply_fn` (variables are an argument)."""
+    return jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x.astype(np.float32))))
 
 
 def predict(
-    logits_fn: LogitsFn,
+    apply_fn: ApplyFn,
+    variables: Variables,
     images: Images,
     batch_size: int = 500,
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (N, classes) float32 of `logits_fn` on `images`, batched.
+    """Softmax probabilities (N, classes) float32 of the model on `images`, batched.
 
     The last batch is padded to `batch_size`, so the jitted function compiles once.
     `on_batch(done)` is called after each batch (for progress lines).
@@ -29,7 +37,7 @@ def predict(
     if n == 0:
         raise PropmapsError("no images to evaluate")
     batch_size = min(batch_size, n)
-    probs_fn = jax.jit(lambda x: jax.nn.softmax(logits_fn(x.astype(np.float32))))
+    probs_fn = functools.partial(_probs_program(apply_fn), variables)
     chunks = []
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size]

@@ -19,7 +19,6 @@ import h5py
 import numpy as np
 
 from propmaps_jax import models
-from propmaps_jax.checkpoint import check_variables_fit, variables_template
 from propmaps_jax.errors import WeightsError
 from propmaps_jax.types import Variables
 
@@ -451,7 +450,7 @@ def load_keras_weights(
     except _StructureError as e:
         guess = _guess_model(keras, exclude=model_name)
         hint = (
-            f"it looks like a {guess!r} model: use --model={guess}"
+            f"it looks like a {guess!r} model: use `model_name={guess!r}`"
             if guess
             else f"pass the Keras file of a {model_name!r} model"
         )
@@ -459,8 +458,8 @@ def load_keras_weights(
             f"{path} does not have the layer structure of our {model_name!r} "
             f"model ({e}); {hint}"
         ) from None
-    variables = check_variables_fit(
-        variables_template(config),
+    variables = models.check_variables_fit(
+        models.variables_template(config),
         _variables(keras, mapping),
         f"{path} (as model {model_name!r})",
     )

@@ -14,7 +14,8 @@ Success means the predicted class differs from the label (untargeted).
 Locality is defined here for one-pixel attacks only (k = 1): functions that take
 perturbations raise a PropmapsError for k > 1. Random choices use one key per image,
 `fold_in(key, dataset_index)`, so results never depend on batching. Everything is
-pure and jittable (heights, widths, distances and chunk sizes are static).
+pure and jittable (heights, widths, distances and chunk sizes are static); the
+model is `apply_fn(variables, images)` with the variables an ordinary argument.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import numpy as np
 
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch, move_pixels
-from propmaps_jax.types import Images, Labels, LogitsFn, Perturbation, PRNGKey
+from propmaps_jax.types import (
+    ApplyFn,
+    Images,
+    Labels,
+    Perturbation,
+    PRNGKey,
+    Variables,
+)
 
 
 class Outcome(NamedTuple):
@@ -49,7 +57,7 @@ def check_one_pixel(pixels: Perturbation) -> None:
     if shape[-2] != 1:
         raise PropmapsError(
             f"locality is defined for one-pixel attacks (k = 1), got k = {shape[-2]}; "
-            "run the attack with --pixels=1"
+            "pass perturbations of one pixel (an attack with pixels=1)"
         )
 
 
@@ -137,23 +145,24 @@ def sample_random(
 ) -> tuple[jax.Array, jax.Array]:
     """One pixel per image (N,), uniform over the H*W - 1 positions but (row, col)."""
     original = jnp.asarray(rows, jnp.int32) * width + jnp.asarray(cols, jnp.int32)
-    draw = jax.vmap(lambda k: jax.random.randint(k, (), 0, height * width - 1))(
-        image_keys(key, indices)
-    )
+    draw = jax.vmap(
+        lambda k: jax.random.randint(k, (), 0, height * width - 1, jnp.int32)
+    )(image_keys(key, indices))
     # Skip over the original position: a uniform draw over the other H*W - 1.
     flat = draw + (draw >= original).astype(draw.dtype)
     return flat // width, flat % width
 
 
 def _outcome(logits: jax.Array, labels: jax.Array) -> Outcome:
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     prob_true = jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
     return Outcome(pred, prob_true, pred != labels)
 
 
 def evaluate_moved(
-    logits_fn: LogitsFn,
+    apply_fn: ApplyFn,
+    variables: Variables,
     images: Images,
     labels: Labels,
     pixels: Perturbation,
@@ -175,13 +184,16 @@ def evaluate_moved(
     flat_images = jnp.repeat(jnp.asarray(images), per_image, axis=0)
     flat_labels = jnp.repeat(jnp.asarray(labels, jnp.int32), per_image, axis=0)
     moved = move_pixels(flat_pixels, flat_rows, flat_cols)
-    logits = logits_fn(apply_pixels_batch(flat_images, moved).astype(jnp.float32))
+    logits = apply_fn(
+        variables, apply_pixels_batch(flat_images, moved).astype(jnp.float32)
+    )
     out = _outcome(logits, flat_labels)
     return Outcome(*(x.reshape((n, *positions_shape)) for x in out))
 
 
 def evaluate_offsets(
-    logits_fn: LogitsFn,
+    apply_fn: ApplyFn,
+    variables: Variables,
     images: Images,
     labels: Labels,
     pixels: Perturbation,
@@ -194,11 +206,13 @@ def evaluate_offsets(
     rows, cols, inside = offset_positions(
         pixels[:, 0, 0], pixels[:, 0, 1], offsets, height, width
     )
-    return evaluate_moved(logits_fn, images, labels, pixels, rows, cols), inside
+    outcome = evaluate_moved(apply_fn, variables, images, labels, pixels, rows, cols)
+    return outcome, inside
 
 
 def vulnerability_map(
-    logits_fn: LogitsFn,
+    apply_fn: ApplyFn,
+    variables: Variables,
     image: jax.Array,
     label: jax.Array,
     colour: jax.Array,
@@ -226,7 +240,8 @@ def vulnerability_map(
         )[:, None, :]
         images = jnp.broadcast_to(image, (chunk_size, *image.shape))
         adversarial = apply_pixels_batch(images, pixels).astype(jnp.float32)
-        return _outcome(logits_fn(adversarial), jnp.full((chunk_size,), label))
+        logits = apply_fn(variables, adversarial)
+        return _outcome(logits, jnp.full((chunk_size,), label))
 
     out = jax.lax.map(one_chunk, flat.reshape(chunks, chunk_size))
     return Outcome(*(x.reshape(-1)[:total].reshape(height, width) for x in out))

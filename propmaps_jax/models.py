@@ -7,6 +7,7 @@ Models return logits; `jax.nn.softmax` of them matches the Keras models' softmax
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -14,10 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from flax import serialization
 
-from propmaps_jax.errors import PropmapsError
-from propmaps_jax.types import Images, LayerMaps, LogitsFn, Variables
+from propmaps_jax.errors import PropmapsError, WeightsError
+from propmaps_jax.types import ApplyFn, Images, LayerMaps, LogitsFn, Variables
 
 # Normalisation of the public Keras models (one-pixel-attack-keras): x in 0..255.
 CIFAR10_MEAN = (125.307, 122.95, 113.865)
@@ -217,18 +220,49 @@ def count_params(variables: Variables) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables["params"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class InferenceApply:
+    """`apply_fn(variables, images) -> logits` of a module in inference mode.
+
+    A model is this function plus its variables, passed as data: compiled programs
+    that take an `InferenceApply` are cached on the module (equal modules compare
+    equal), so new weights never recompile them.
+    """
+
+    module: nn.Module
+
+    def __call__(self, variables: Variables, images: Images) -> jax.Array:
+        return self.module.apply(
+            variables, jnp.asarray(images, jnp.float32), train=False
+        )
+
+
+def make_apply_fn(module: nn.Module) -> ApplyFn:
+    """The inference `apply_fn(variables, images) -> logits` of a Flax module."""
+    return InferenceApply(module)
+
+
 def make_logits_fn(module: nn.Module, variables: Variables) -> LogitsFn:
-    """A closure images -> logits in inference mode (images float or uint8, 0..255)."""
+    """A closure images -> logits (inference) for one-off calls in scripts and tests.
 
-    def logits_fn(images: Images) -> jax.Array:
-        return module.apply(variables, jnp.asarray(images, jnp.float32), train=False)
-
-    return logits_fn
+    The library's engines take `apply_fn` and `variables` instead (see
+    `make_apply_fn`), so that weights are data, not constants of the program.
+    """
+    apply_fn = make_apply_fn(module)
+    return lambda images: apply_fn(variables, images)
 
 
 def is_conv(module: nn.Module, method_name: str) -> bool:
     """Default filter of `layer_outputs`: the output of every convolution."""
     return isinstance(module, nn.Conv) and method_name == "__call__"
+
+
+def is_conv_or_block(module: nn.Module, method_name: str) -> bool:
+    """Filter of `layer_outputs`: every convolution and every residual block's output.
+
+    A block's output is the residual stream after the block (shortcut + branch).
+    """
+    return method_name == "__call__" and isinstance(module, nn.Conv | PreActBlock)
 
 
 def _flatten_intermediates(tree: dict, prefix: tuple[str, ...], out: dict) -> None:
@@ -258,8 +292,12 @@ def layer_outputs(
 
     Uses Flax's `capture_intermediates`; names are the module paths joined by "/"
     (e.g. "stage2_block1/conv1"). `filter_fn(module, method_name)` selects what is
-    recorded: by default the output of every `nn.Conv`; `True` records every submodule.
-    Extra keyword arguments go to `module.apply` (e.g. `train=False`).
+    recorded: by default the output of every `nn.Conv` (`is_conv_or_block` adds the
+    residual stream after each block); `True` records every submodule. Extra keyword
+    arguments go to `module.apply` (e.g. `train=False`).
+
+    The layers are an `OrderedDict`, a pytree whose order survives `jax.jit` (a
+    plain dict comes back from `jit` with its keys sorted).
     """
     output, state = module.apply(
         variables,
@@ -268,7 +306,55 @@ def layer_outputs(
         mutable=["intermediates"],
         **apply_kwargs,
     )
-    layers: LayerMaps = {}
+    layers: LayerMaps = collections.OrderedDict()
     _flatten_intermediates(dict(state.get("intermediates", {})), (), layers)
     layers.pop("output", None)  # the root's own output is returned separately
     return output, layers
+
+
+def check_variables_fit(
+    template: Variables, variables: Variables, where: str
+) -> Variables:
+    """Restore `variables` into the structure of `template`, checking every shape."""
+    flat_t = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(template)
+    }
+    flat_v = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(variables)
+    }
+    missing = sorted(set(flat_t) - set(flat_v))
+    extra = sorted(set(flat_v) - set(flat_t))
+    if missing or extra:
+        raise WeightsError(
+            f"{where} does not fit the model: "
+            + (
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+                if missing
+                else ""
+            )
+            + (
+                f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                if extra
+                else ""
+            )
+        )
+    for k, t in flat_t.items():
+        if tuple(np.shape(flat_v[k])) != tuple(t.shape):
+            raise WeightsError(
+                f"{where} does not fit the model: {k} has shape "
+                f"{tuple(np.shape(flat_v[k]))}, the model expects {tuple(t.shape)}"
+            )
+    return jax.tree_util.tree_map(
+        lambda t, v: np.asarray(v, dtype=t.dtype),
+        template,
+        serialization.from_state_dict(template, variables),
+    )
+
+
+def variables_template(config: ModelConfig) -> Variables:
+    """Shapes and dtypes of a model's variables, without compiling or running it."""
+    module = create_model(config)
+    dummy = jnp.zeros((1, *config.image_shape), jnp.float32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, train=False))

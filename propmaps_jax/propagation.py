@@ -12,11 +12,14 @@ and `signed=True` gives the equations literally (max_k / mean_k of FM - FM_adv).
 The per-layer scalar summaries (`layer_summaries`) always use absolute differences.
 
 Everything here is pure: arrays in, arrays out; `jax.jit` is applied by callers
-(close over the module, or pass it as a static argument).
+(close over the module, or pass it as a static argument; pass the variables as an
+argument). Per-layer results are `OrderedDict`s in forward order, also through
+`jax.jit`.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,20 +47,21 @@ SUMMARY_NAMES = (
 FilterFn = Callable[[nn.Module, str], bool] | bool
 
 
-def _check_reduce(reduce: str) -> tuple[str, ...]:
-    if reduce == "both":
-        return REDUCTIONS
+def _check_reduce(reduce: str) -> None:
     if reduce not in REDUCTIONS:
-        raise PropmapsError(f"unknown reduction {reduce!r}; use 'max', 'avg' or 'both'")
-    return (reduce,)
+        raise PropmapsError(f"unknown reduction {reduce!r}; use 'max' or 'avg'")
+
+
+def _per_layer(fn: Callable[[str], Any], names) -> LayerMaps:
+    """{name: fn(name)} in the order of `names`, as an OrderedDict (jit keeps it)."""
+    return collections.OrderedDict((name, fn(name)) for name in names)
 
 
 def difference_map(
     fm: FeatureMaps, fm_adv: FeatureMaps, reduce: str = "max", signed: bool = False
 ) -> jax.Array:
     """One layer's propagation map (N, H, W) from FM and FM_adv (N, H, W, K)."""
-    if reduce not in REDUCTIONS:
-        raise PropmapsError(f"unknown reduction {reduce!r}; use 'max' or 'avg'")
+    _check_reduce(reduce)
     diff = fm.astype(jnp.float32) - fm_adv.astype(jnp.float32)
     if not signed:
         diff = jnp.abs(diff)
@@ -83,21 +87,16 @@ def layer_shapes(
     image_shape: Sequence[int] = (32, 32, 3),
     filter_fn: FilterFn = is_conv,
 ) -> dict[str, tuple[int, ...]]:
-    """{layer: (H, W, K)} in forward order, without computing anything (abstract eval).
+    """{layer: (H, W, K)} in forward order, computed abstractly (no FLOPs)."""
 
-    Use it to restore the forward order of maps returned through `jax.jit`: JAX
-    sorts the keys of dict outputs, so "stem" would come last.
-    """
-    order: list[str] = []
-
-    def shapes_of(v: Variables, x: jax.Array) -> LayerMaps:
-        _, layers = layer_outputs(module, v, x, filter_fn, train=False)
-        order.extend(layers)  # the names, in forward order, as traced
-        return layers
+    def layers_of(v: Variables, x: jax.Array) -> LayerMaps:
+        return layer_outputs(module, v, x, filter_fn, train=False)[1]
 
     dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    shapes = jax.eval_shape(shapes_of, variables, dummy)
-    return {name: tuple(shapes[name].shape[1:]) for name in order}
+    shapes = jax.eval_shape(layers_of, variables, dummy)
+    return collections.OrderedDict(
+        (name, tuple(shape.shape[1:])) for name, shape in shapes.items()
+    )
 
 
 def paired_feature_maps(
@@ -120,8 +119,8 @@ def paired_feature_maps(
     # forward pass over the concatenation gives both sets of feature maps.
     both = jnp.concatenate([images, perturbed_images], axis=0)
     logits, layers = layer_outputs(module, variables, both, filter_fn, train=False)
-    fm = {name: x[:n] for name, x in layers.items()}
-    fm_adv = {name: x[n:] for name, x in layers.items()}
+    fm = _per_layer(lambda name: layers[name][:n], layers)
+    fm_adv = _per_layer(lambda name: layers[name][n:], layers)
     return logits[:n], logits[n:], fm, fm_adv
 
 
@@ -133,23 +132,20 @@ def propagation_maps(
     reduce: str = "max",
     signed: bool = False,
     filter_fn: FilterFn = is_conv,
-) -> dict[str, Any]:
+) -> LayerMaps:
     """Propagation maps {layer: (N, H, W)} for reduce "max" or "avg".
 
-    With reduce="both" the result is {"max": {layer: ...}, "avg": {layer: ...}}.
     Layers are those recorded by `models.layer_outputs` with `filter_fn` (by default
-    every convolution output), in forward order (through `jax.jit` the keys come
-    back sorted: `layer_shapes` gives the forward order).
+    every convolution output), in forward order (an OrderedDict, also through
+    `jax.jit`). `analyze` gives both reductions and per-layer scalars in one pass.
     """
-    reductions = _check_reduce(reduce)
+    _check_reduce(reduce)
     _, _, fm, fm_adv = paired_feature_maps(
         module, variables, images, perturbed_images, filter_fn
     )
-    maps = {
-        r: {name: difference_map(fm[name], fm_adv[name], r, signed) for name in fm}
-        for r in reductions
-    }
-    return maps if reduce == "both" else maps[reduce]
+    return _per_layer(
+        lambda name: difference_map(fm[name], fm_adv[name], reduce, signed), fm
+    )
 
 
 def layer_summaries(
@@ -202,9 +198,13 @@ def analyze(
     return {
         "logits": logits,
         "logits_adv": logits_adv,
-        "pm_max": {n: difference_map(fm[n], fm_adv[n], "max", signed) for n in fm},
-        "pm_avg": {n: difference_map(fm[n], fm_adv[n], "avg", signed) for n in fm},
-        "summaries": {n: layer_summaries(fm[n], fm_adv[n]) for n in fm},
+        "pm_max": _per_layer(
+            lambda n: difference_map(fm[n], fm_adv[n], "max", signed), fm
+        ),
+        "pm_avg": _per_layer(
+            lambda n: difference_map(fm[n], fm_adv[n], "avg", signed), fm
+        ),
+        "summaries": _per_layer(lambda n: layer_summaries(fm[n], fm_adv[n]), fm),
     }
 
 
@@ -213,14 +213,15 @@ def init_statistics(layer_shapes: dict[str, Sequence[int]]) -> dict[str, Any]:
 
     Sums are kept per outcome (index 0: failed attacks, 1: successful attacks).
     """
+
+    def zeros(name: str) -> jax.Array:
+        height, width = layer_shapes[name][:2]
+        return jnp.zeros((2, height, width), jnp.float32)
+
     return {
         "count": jnp.zeros((2,), jnp.float32),
-        "pm_avg_sum": {
-            n: jnp.zeros((2, s[0], s[1]), jnp.float32) for n, s in layer_shapes.items()
-        },
-        "pm_max_sum": {
-            n: jnp.zeros((2, s[0], s[1]), jnp.float32) for n, s in layer_shapes.items()
-        },
+        "pm_avg_sum": _per_layer(zeros, layer_shapes),
+        "pm_max_sum": _per_layer(zeros, layer_shapes),
     }
 
 
@@ -251,8 +252,8 @@ def accumulate_statistics(
     weights = jnp.stack([valid & ~success, valid & success]).astype(jnp.float32)
     new_state = {
         "count": state["count"] + weights.sum(axis=1),
-        "pm_avg_sum": {},
-        "pm_max_sum": {},
+        "pm_avg_sum": collections.OrderedDict(),
+        "pm_max_sum": collections.OrderedDict(),
     }
     for name in fm:
         for reduce in REDUCTIONS:
@@ -261,5 +262,5 @@ def accumulate_statistics(
             new_state[key][name] = state[key][name] + jnp.einsum(
                 "on,nhw->ohw", weights, pm
             )
-    summaries = {n: layer_summaries(fm[n], fm_adv[n]) for n in fm}
+    summaries = _per_layer(lambda n: layer_summaries(fm[n], fm_adv[n]), fm)
     return new_state, {"logits_adv": logits_adv, "summaries": summaries}

@@ -83,7 +83,7 @@ def make_schedule(
     if not 0 <= warmup_steps < total_steps:
         raise PropmapsError(
             f"warmup ({warmup_steps} steps) must be shorter than training "
-            f"({total_steps} steps): lower --warmup_epochs or raise --epochs"
+            f"({total_steps} steps): lower `warmup_steps` or raise `total_steps`"
         )
     if warmup_steps == 0:
         return optax.cosine_decay_schedule(learning_rate, total_steps)
@@ -110,9 +110,9 @@ def make_optimizer(
     biases and BatchNorm scales/offsets are not decayed.
     """
     if learning_rate <= 0:
-        raise PropmapsError(f"--learning_rate must be positive, got {learning_rate}")
+        raise PropmapsError(f"`learning_rate` must be positive, got {learning_rate}")
     if weight_decay < 0:
-        raise PropmapsError(f"--weight_decay must be >= 0, got {weight_decay}")
+        raise PropmapsError(f"`weight_decay` must be >= 0, got {weight_decay}")
     schedule = make_schedule(learning_rate, total_steps, warmup_steps)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=kernel_mask),

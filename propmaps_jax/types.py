@@ -14,9 +14,13 @@ Labels = jax.Array
 Perturbation = jax.Array
 # One layer's feature maps, (N, H, W, K).
 FeatureMaps = jax.Array
-# Ordered {layer_name: feature maps}, in forward order.
+# {layer_name: feature maps} in forward order: an OrderedDict, whose order (unlike
+# a dict's) survives jax.jit.
 LayerMaps = dict[str, jax.Array]
 # Flax variables ({"params": ..., "batch_stats": ...}).
 Variables = Any
 # logits_fn(images float32 (N, H, W, 3) in 0..255) -> logits (N, classes).
 LogitsFn = Callable[[jax.Array], jax.Array]
+# apply_fn(variables, images float32 (N, H, W, 3) in 0..255) -> logits (N, classes),
+# e.g. models.make_apply_fn(module): a model is this function plus its variables.
+ApplyFn = Callable[[Variables, jax.Array], jax.Array]

@@ -15,25 +15,25 @@ CONFIG = attack.AttackConfig(pixels=1, population=8, generations=4)
 
 @functools.lru_cache(maxsize=1)
 def lenet_case():
-    """(logits_fn, images, labels, indices): a tiny LeNet and images it classifies.
-
-    Cached: the same logits_fn object lets tests share the compiled attack program.
-    """
+    """(apply_fn, variables, images, labels, indices): a tiny LeNet and images it
+    classifies. The compiled attack program is cached on apply_fn (equal modules
+    give equal apply_fns), never on the variables."""
     module = models.create_model("lenet_tiny")
     variables = models.init_variables(module, jax.random.key(2))
-    logits_fn = models.make_logits_fn(module, variables)
+    apply_fn = models.make_apply_fn(module)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
-    labels = np.asarray(jnp.argmax(logits_fn(images), -1))
+    labels = np.asarray(jnp.argmax(apply_fn(variables, images), -1))
     indices = np.arange(100, 100 + NUM_IMAGES)
-    return logits_fn, images, labels, indices
+    return apply_fn, variables, images, labels, indices
 
 
 def attack_case(slots: int, chunk_ends=None, case=None) -> attack.AttackResult:
     """The engine's results for the fixed case."""
-    logits_fn, images, labels, indices = case or lenet_case()
+    apply_fn, variables, images, labels, indices = case or lenet_case()
     return attack.attack(
-        logits_fn,
+        apply_fn,
+        variables,
         images,
         labels,
         indices,

@@ -3,12 +3,13 @@
 import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import attack
+from propmaps_jax import attack, attack_engine, models
 from propmaps_jax.errors import PropmapsError
 from tests._attack_case import CONFIG, SLOTS, attack_case, lenet_case
 
@@ -21,9 +22,9 @@ def case():
 @pytest.fixture(scope="module")
 def engine_result(case):
     """The fixed case with SLOTS slots and three chunks, and the traces it cost."""
-    before = attack.TRACE_COUNT
+    before = attack_engine.TRACE_COUNT
     result = attack_case(slots=SLOTS, chunk_ends=[2, 5, 8], case=case)
-    return result, attack.TRACE_COUNT - before
+    return result, attack_engine.TRACE_COUNT - before
 
 
 def decode_np(vectors: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -181,7 +182,8 @@ def test_fitness_hand_computed():
 
 
 def test_engine_matches_per_image_reference(case, engine_result):
-    logits_fn, images, labels, indices = case
+    apply_fn, variables, images, labels, indices = case
+    logits_fn = models.make_logits_fn(apply_fn.module, variables)
     result, traces = engine_result
     assert traces == 1  # three chunks, one program
     outcomes = set()
@@ -213,10 +215,11 @@ def test_progress_calls_in_bounded_steps_give_the_same_results(case, engine_resu
     # progress_every_s=0: one DE step per device call, the progress callback
     # between every two calls; stopping and continuing the loop changes nothing.
     reference, _ = engine_result
-    logits_fn, images, labels, indices = case
+    apply_fn, variables, images, labels, indices = case
     reports = []
     result = attack.attack(
-        logits_fn,
+        apply_fn,
+        variables,
         images,
         labels,
         indices,
@@ -238,11 +241,12 @@ def test_progress_calls_in_bounded_steps_give_the_same_results(case, engine_resu
 
 def test_resume_start_gives_the_same_results(case, engine_result):
     reference, _ = engine_result
-    logits_fn, images, labels, indices = case
-    before = attack.TRACE_COUNT
+    apply_fn, variables, images, labels, indices = case
+    before = attack_engine.TRACE_COUNT
     parts = list(
         attack.attack_stream(
-            logits_fn,
+            apply_fn,
+            variables,
             images,
             labels,
             indices,
@@ -253,13 +257,13 @@ def test_resume_start_gives_the_same_results(case, engine_result):
             start=5,
         )
     )
-    assert attack.TRACE_COUNT == before  # same program as the run from 0
+    assert attack_engine.TRACE_COUNT == before  # same program as the run from 0
     result = attack.concatenate_results(parts)
     for field, expected in zip(result, reference, strict=True):
         np.testing.assert_array_equal(field, expected[5:])
 
 
-def toy_logits(images):
+def toy_apply(variables, images):
     """3 classes from pixel statistics: class 1 needs a pixel with red > 100 in an
     image whose mean blue is >= 100, class 2 a pixel with green > 150 (green wins)."""
     images = images.astype(jnp.float32)
@@ -279,7 +283,15 @@ def test_early_stop_failure_targeted_and_three_pixels(key):
     labels = np.zeros(3, int)
     targets = np.asarray([-1, -1, 2])
     result = attack.attack(
-        toy_logits, images, labels, np.arange(3), key, config, targets=targets, slots=2
+        toy_apply,
+        None,
+        images,
+        labels,
+        np.arange(3),
+        key,
+        config,
+        targets=targets,
+        slots=2,
     )
     population = np.asarray(
         attack.initial_population(
@@ -303,15 +315,17 @@ def test_early_stop_failure_targeted_and_three_pixels(key):
     # Every reported candidate reproduces its reported prediction and p(true).
     for i in range(3):
         adversarial = apply_np(images[i], result.pixels[i])
-        probs = probs_np(toy_logits, adversarial[None])[0]
+        probs = probs_np(lambda x: toy_apply(None, x), adversarial[None])[0]
         assert probs.argmax() == result.pred_after[i]
         np.testing.assert_allclose(probs[0], result.prob_true_after[i], rtol=1e-5)
 
 
 def test_bad_inputs(case):
-    logits_fn, images, labels, indices = case
+    apply_fn, variables, images, labels, indices = case
     key = jax.random.key(0)
-    run = lambda *a, **kw: attack.attack(logits_fn, *a, key, CONFIG, **kw)  # noqa: E731
+    run = lambda *a, **kw: attack.attack(  # noqa: E731
+        apply_fn, variables, *a, key, CONFIG, **kw
+    )
     with pytest.raises(PropmapsError, match="uint8"):
         run(images.astype(np.float32), labels, indices)
     with pytest.raises(PropmapsError, match=r"\(N, H, W, 3\)"):
@@ -322,3 +336,135 @@ def test_bad_inputs(case):
         run(images, labels[:3], indices)
     with pytest.raises(PropmapsError, match="indices must be distinct"):
         run(images, labels, np.zeros_like(indices))
+
+
+def test_attack_image_under_jit_and_vmap_matches_the_engine(case, engine_result):
+    """The pure per-image attack, vmapped inside a user's jit with traced variables,
+    takes the engine's decisions and pixels with the same keys."""
+    apply_fn, variables, images, labels, indices = case
+    reference, _ = engine_result
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def attack_all(key, variables, images, labels, indices):
+        keys = jax.vmap(attack.image_key, (None, 0))(key, indices)
+        one = functools.partial(attack.attack_image, apply_fn=apply_fn, config=CONFIG)
+        return jax.vmap(lambda k, x, y: one(k, variables=variables, image=x, label=y))(
+            keys, images, labels
+        )
+
+    out = attack_all(jax.random.key(7), variables, images, labels, indices)
+    np.testing.assert_array_equal(out.success, reference.success)
+    np.testing.assert_array_equal(out.pixels, reference.pixels)
+    np.testing.assert_array_equal(out.pred, reference.pred_after)
+    np.testing.assert_array_equal(out.generations, reference.generations)
+    np.testing.assert_array_equal(out.evaluations, reference.evaluations)
+    np.testing.assert_allclose(out.prob_true, reference.prob_true_after, rtol=1e-5)
+    # New weights of the same shapes: no new trace (chex counts them).
+    halved = jax.tree_util.tree_map(lambda x: x / 2, variables)
+    attack_all(jax.random.key(7), halved, images, labels, indices)
+
+
+def test_new_weights_never_recompile_the_engine(case):
+    """The engine's program is cached on (apply_fn, config, shapes, mesh): an equal
+    module with new variables reuses it; the results follow the new weights."""
+    apply_fn, variables, images, labels, indices = case
+    config = attack.AttackConfig(population=8, generations=2)  # a program of its own
+    before = attack_engine.TRACE_COUNT
+    first = attack.attack(
+        apply_fn, variables, images, labels, indices, jax.random.key(1), config
+    )
+    assert attack_engine.TRACE_COUNT == before + 1
+    module = models.create_model("lenet_tiny")  # a new, equal module
+    other = models.init_variables(module, jax.random.key(5))
+    other_labels = np.asarray(jnp.argmax(apply_fn(other, images), -1))
+    second = attack.attack(
+        models.make_apply_fn(module),
+        other,
+        images,
+        other_labels,
+        indices,
+        jax.random.key(1),
+        config,
+    )
+    assert attack_engine.TRACE_COUNT == before + 1
+    # The new weights were used: p(label) of the reported pixels, recomputed.
+    for i in range(len(images)):
+        perturbed = apply_np(images[i], second.pixels[i])[None]
+        probs = probs_np(models.make_logits_fn(module, other), perturbed)[0]
+        np.testing.assert_allclose(
+            probs[other_labels[i]], second.prob_true_after[i], rtol=1e-5
+        )
+    assert not np.array_equal(first.prob_true_after, second.prob_true_after)
+
+
+def test_attack_works_with_x64_enabled(case):
+    """With jax_enable_x64 on, the engine and attack_image run (no int64/float64 loop
+    carries) and report consistent float32/int32 results."""
+    apply_fn, variables, images, labels, indices = case
+    config = attack.AttackConfig(population=8, generations=2)
+    with jax.enable_x64(True):
+        result = attack.attack(
+            apply_fn,
+            variables,
+            images[:3],
+            labels[:3],
+            indices[:3],
+            jax.random.key(1),
+            config,
+        )
+        one = jax.jit(
+            lambda k, v, x, y: attack.attack_image(k, apply_fn, v, x, y, config)
+        )(jax.random.key(1), variables, images[0], labels[0])
+    assert one.pixels.dtype == jnp.int32 and one.prob_true.dtype == jnp.float32
+    assert result.pixels.shape == (3, 1, 5)
+    for i in range(3):
+        perturbed = apply_np(images[i], result.pixels[i])[None]
+        logits_fn = models.make_logits_fn(apply_fn.module, variables)
+        probs = probs_np(logits_fn, perturbed)[0]
+        np.testing.assert_allclose(
+            probs[labels[i]], result.prob_true_after[i], rtol=1e-5
+        )
+        assert (probs.argmax() != labels[i]) == result.success[i]
+
+
+def test_search_forward_successes_are_checked_and_counted(case):
+    """A search forward that always sees a success (negated logits): the report
+    forward rejects it, the rejection is counted and the search goes on; the engine
+    and attack_image agree, and every reported number is the report forward's."""
+    apply_fn, variables, images, labels, indices = case
+    config = attack.AttackConfig(population=8, generations=2)
+
+    def lying(v, x):
+        return -apply_fn(v, x)
+
+    result = attack.attack(
+        apply_fn,
+        variables,
+        images,
+        labels,
+        indices,
+        jax.random.key(3),
+        config,
+        search_apply_fn=lying,
+    )
+    keys = jax.vmap(attack.image_key, (None, 0))(jax.random.key(3), indices)
+    one = jax.jit(
+        jax.vmap(
+            lambda k, x, y: attack.attack_image(
+                k, apply_fn, variables, x, y, config, search_apply_fn=lying
+            )
+        )
+    )(keys, images, labels)
+    np.testing.assert_array_equal(one.success, result.success)
+    np.testing.assert_array_equal(one.pixels, result.pixels)
+    np.testing.assert_array_equal(one.search_rejections, result.search_rejections)
+    logits_fn = models.make_logits_fn(apply_fn.module, variables)
+    for i in range(len(images)):
+        probs = probs_np(logits_fn, apply_np(images[i], result.pixels[i])[None])[0]
+        assert (probs.argmax() != labels[i]) == result.success[i]
+        np.testing.assert_allclose(probs[labels[i]], result.prob_true_after[i], 1e-5)
+        if not result.success[i]:  # rejected at every generation, searched to the end
+            assert result.generations[i] == config.generations
+            assert result.search_rejections[i] == config.generations + 1
+    assert result.search_rejections.sum() > 0

@@ -66,7 +66,7 @@ def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
     checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    y = np.asarray(models.make_logits_fn(model, variables)(x)).argmax(-1)
+    y = np.asarray(models.make_apply_fn(model)(variables, x)).argmax(-1)
     y[[2, 5]] = (y[[2, 5]] + 1) % 10  # two misclassified images: not attacked
     npz = tmp_path / "data.npz"
     np.savez(npz, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y)

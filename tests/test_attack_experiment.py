@@ -59,6 +59,20 @@ def finished(setup):
     return workdir, summary
 
 
+def assert_candidates_reproduce(table, rows, module, variables, x_test, y_test):
+    """The float32 model on each selected row's candidate gives its prediction,
+    success and p(true)."""
+    logits_fn = jax.jit(models.make_logits_fn(module, variables))
+    for i in np.flatnonzero(rows):
+        image = x_test[i].copy()
+        row, col, r, g, b = table["pixels"][i, 0]
+        image[row, col] = (r, g, b)
+        probs = np.asarray(jax.nn.softmax(logits_fn(image[None])[0]))
+        assert probs.argmax() == table["pred_after"][i]
+        assert (probs.argmax() != y_test[i]) == table["success"][i]
+        np.testing.assert_allclose(probs[y_test[i]], table["prob_true_after"][i], 1e-5)
+
+
 def test_attack_csv_and_summary(setup, finished):
     _, _, (module, variables, x_test, y_test) = setup
     workdir, summary = finished
@@ -73,15 +87,10 @@ def test_attack_csv_and_summary(setup, finished):
     assert (table["pixels"][misclassified] == -1).all()
     assert (table["evaluations"][misclassified] == 0).all()
     # Every attacked row's candidate reproduces its prediction and p(true).
-    logits_fn = jax.jit(models.make_logits_fn(module, variables))
+    assert_candidates_reproduce(
+        table, ~misclassified, module, variables, x_test, y_test
+    )
     for i in np.flatnonzero(~misclassified):
-        image = x_test[i].copy()
-        row, col, r, g, b = table["pixels"][i, 0]
-        image[row, col] = (r, g, b)
-        probs = np.asarray(jax.nn.softmax(logits_fn(image[None])[0]))
-        assert probs.argmax() == table["pred_after"][i]
-        assert (probs.argmax() != y_test[i]) == table["success"][i]
-        np.testing.assert_allclose(probs[y_test[i]], table["prob_true_after"][i], 1e-5)
         expected_evaluations = CONFIG.population * (table["generations"][i] + 1)
         assert table["evaluations"][i] == expected_evaluations
     assert summary["num_samples"] == NUM_SAMPLES
@@ -195,3 +204,21 @@ def test_bad_flag_gives_a_one_line_error(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "error: population must be an integer >= 4" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bfloat16_search_reports_float32_results(setup):
+    """--search_dtype=bfloat16: the search's model runs in bfloat16, every reported
+    number is the float32 model's, and the run's settings and summary say so."""
+    folder, kwargs, (module, variables, x_test, y_test) = setup
+    workdir = str(folder / "bfloat16")
+    summary = attack_experiment.run_attack(workdir, **kwargs, search_dtype="bfloat16")
+    assert summary["settings"]["search_dtype"] == "bfloat16"
+    assert summary["search_dtype"] == "bfloat16" and summary["search_rejections"] >= 0
+    table = results.read_attack_csv(os.path.join(workdir, "attack.csv"))
+    assert_candidates_reproduce(
+        table, table["attacked"], module, variables, x_test, y_test
+    )
+    # A float32 run keeps its settings as before (no search_dtype entry).
+    assert "search_dtype" not in attack_experiment._settings(
+        "m", None, 1, 0, "first", CONFIG, None
+    )

@@ -100,7 +100,7 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(
         WeightsError,
         match=r"other\.msgpack is not a propmaps-jax "
-        r"checkpoint .*--weights takes",
+        r"checkpoint .*`weights` takes",
     ):
         checkpoint.load_weights("lenet_tiny", str(other))
     with pytest.raises(WeightsError, match=r"absent\.msgpack does not exist"):
@@ -113,7 +113,7 @@ def test_wrong_model_for_file(saved):
         WeightsError,
         match=r"holds a 'lenet_tiny' model, not "
         r"'resnet_tiny': pass the weights of the right model or change "
-        r"--model",
+        r"`model_name`",
     ):
         checkpoint.load_weights("resnet_tiny", path)
 
@@ -151,7 +151,7 @@ def test_bundled_checkpoint(saved, tmp_path, monkeypatch):
     with pytest.raises(
         WeightsError,
         match=r"no bundled checkpoint for model "
-        r"'lenet_tiny'.*pass --weights",
+        r"'lenet_tiny'.*pass `weights`",
     ):
         checkpoint.load_weights("lenet_tiny")
     monkeypatch.setattr(checkpoint, "bundled_checkpoint_path", lambda name: path)

@@ -8,6 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from experiments import common
 from propmaps_jax import data
 from propmaps_jax.errors import DataError
 
@@ -115,7 +116,8 @@ def test_npz_round_trip_and_env_variable(tmp_path, monkeypatch):
         y_test=y_test,
     )
     monkeypatch.setenv("CIFAR10_PATH", path)
-    dataset = data.load_cifar10()
+    # The environment variable is the experiments' fallback, not the library's.
+    dataset = data.load_cifar10(common.cifar10_path(None))
     _assert_equal(dataset, splits)
     assert dataset.source == path
 
@@ -124,7 +126,7 @@ def test_explicit_path_wins_over_environment(tmp_path, monkeypatch):
     splits = _fake_splits(3)
     folder = _write_folder(tmp_path, splits)
     monkeypatch.setenv("CIFAR10_PATH", str(tmp_path / "nowhere"))
-    _assert_equal(data.load_cifar10(folder), splits)
+    _assert_equal(data.load_cifar10(common.cifar10_path(folder)), splits)
 
 
 def test_tfds_mock_data(monkeypatch):
@@ -174,9 +176,12 @@ def test_no_source_at_all_names_the_options(monkeypatch):
         "no CIFAR-10 source: no path was given and tensorflow-datasets has no "
         "prepared 'cifar10' in /nonexistent/tfds"
     )
-    for option in ("--cifar10_path", "CIFAR10_PATH", "cifar-10-python.tar.gz", ".npz"):
+    for option in ("`path`", "cifar-10-python.tar.gz", ".npz"):
         assert option in message
     assert "\n" not in message
+    # The experiments name their flag and the environment variable instead.
+    for option in ("--cifar10_path", "CIFAR10_PATH"):
+        assert option in common.in_flag_terms(message)
 
 
 def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
@@ -198,14 +203,12 @@ def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
 def test_tfds_not_installed(monkeypatch):
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
-    with pytest.raises(
-        DataError, match="tensorflow-datasets is not installed.*--cifar10"
-    ):
+    with pytest.raises(DataError, match="tensorflow-datasets is not installed.*`path`"):
         data.load_cifar10()
 
 
 def test_missing_path_and_incomplete_folder(tmp_path):
-    with pytest.raises(DataError, match=r"nowhere does not exist; pass --cifar10_path"):
+    with pytest.raises(DataError, match=r"nowhere does not exist; pass `path`"):
         data.load_from_path(str(tmp_path / "nowhere"))
     folder = _write_folder(tmp_path, _fake_splits())
     os.remove(os.path.join(folder, "data_batch_3"))

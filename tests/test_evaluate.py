@@ -15,11 +15,9 @@ from propmaps_jax.errors import PropmapsError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _linear_logits(weights: np.ndarray):
-    def logits_fn(images):
-        return images.reshape(images.shape[0], -1) @ jnp.asarray(weights)
-
-    return logits_fn
+def _linear_apply(variables, images):
+    """A linear model as data: apply_fn(variables, images), the weights as variables."""
+    return images.reshape(images.shape[0], -1) @ jnp.asarray(variables)
 
 
 def _softmax64(z: np.ndarray) -> np.ndarray:
@@ -32,7 +30,7 @@ def test_predict_matches_float64_softmax_for_any_batch_size(batch_size):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (7, 2, 2, 3), dtype=np.uint8)
     weights = rng.normal(0, 0.01, (12, 4)).astype(np.float32)
-    probs = evaluation.predict(_linear_logits(weights), images, batch_size)
+    probs = evaluation.predict(_linear_apply, weights, images, batch_size)
     expected = _softmax64(images.reshape(7, -1).astype(np.float64) @ weights)
     assert probs.dtype == np.float32 and probs.shape == (7, 4)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
@@ -41,12 +39,12 @@ def test_predict_matches_float64_softmax_for_any_batch_size(batch_size):
 def test_predict_reports_progress_and_rejects_bad_input():
     done = []
     images = np.zeros((5, 2, 2, 3), np.uint8)
-    evaluation.predict(_linear_logits(np.zeros((12, 2))), images, 2, done.append)
+    evaluation.predict(_linear_apply, np.zeros((12, 2)), images, 2, done.append)
     assert done == [2, 4, 5]
     with pytest.raises(PropmapsError, match="batch_size"):
-        evaluation.predict(_linear_logits(np.zeros((12, 2))), images, 0)
+        evaluation.predict(_linear_apply, np.zeros((12, 2)), images, 0)
     with pytest.raises(PropmapsError, match="no images"):
-        evaluation.predict(_linear_logits(np.zeros((12, 2))), images[:0], 2)
+        evaluation.predict(_linear_apply, np.zeros((12, 2)), images[:0], 2)
 
 
 def test_accuracy_summary_hand_computed():
@@ -106,6 +104,7 @@ def test_evaluate_checkpoint_writes_results(tiny_setup):
         f"--workdir={workdir}",
         "--batch_size=8",
         "--save_predictions",
+        "--precision=high",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test accuracy" in result.stdout
@@ -116,6 +115,7 @@ def test_evaluate_checkpoint_writes_results(tiny_setup):
     assert report["accuracy"] == pytest.approx(expected_correct / 30)
     assert len(report["per_class_accuracy"]) == 10
     assert report["device"]["backend"] == "cpu" and report["wall_time_s"] >= 0
+    assert report["device"]["matmul_precision"] == "high"  # chosen and recorded
     with np.load(workdir / "predictions.npz") as npz:
         assert npz["probs"].dtype == np.float32 and npz["probs"].shape == (30, 10)
         np.testing.assert_allclose(npz["probs"], expected_probs, atol=1e-6)
@@ -133,6 +133,8 @@ def test_evaluate_errors_are_one_line(tiny_setup):
     )
     assert wrong.returncode == 2
     assert "holds a 'lenet_tiny' model, not 'resnet_tiny'" in wrong.stderr
+    # The library names its argument; the command line names the flag.
+    assert "change --model" in wrong.stderr and "`model_name`" not in wrong.stderr
     assert "Traceback" not in wrong.stderr
 
 

@@ -119,7 +119,7 @@ def test_imported_values_and_config(imported):
 def test_accuracy_lenet_is_70_00_percent(imported, test_split):
     module, variables, _, _ = imported["lenet"]
     images, labels = test_split
-    probs = evaluation.predict(models.make_logits_fn(module, variables), images, 1000)
+    probs = evaluation.predict(models.make_apply_fn(module), variables, images, 1000)
     summary = evaluation.accuracy_summary(probs, labels)
     assert summary["total"] == 10000
     assert summary["correct"] == 7000, summary["accuracy"]
@@ -130,7 +130,7 @@ def test_accuracy_resnet_is_81_93_percent(imported, test_split):
     module, variables, _, _ = imported["resnet"]
     images, labels = test_split
     start = time.time()
-    probs = evaluation.predict(models.make_logits_fn(module, variables), images, 1000)
+    probs = evaluation.predict(models.make_apply_fn(module), variables, images, 1000)
     summary = evaluation.accuracy_summary(probs, labels)
     print(f"resnet.h5: {summary['correct']}/10000 in {time.time() - start:.1f} s")
     assert summary["total"] == 10000
@@ -152,10 +152,14 @@ def test_load_weights_dispatches_h5_to_keras_import(keras_weights_dir):
             "lenet.h5",
             "resnet",
             r"lenet\.h5 does not have the layer structure of our "
-            r"'resnet' model .*use --model=lenet",
+            r"'resnet' model .*use `model_name='lenet'`",
         ),
-        ("resnet.h5", "lenet", r"resnet\.h5 .* our 'lenet' model .*use --model=resnet"),
-        ("resnet.h5", "resnet20", r"more residual blocks.*use --model=resnet"),
+        (
+            "resnet.h5",
+            "lenet",
+            r"resnet\.h5 .* our 'lenet' model .*use `model_name='resnet'`",
+        ),
+        ("resnet.h5", "resnet20", r"more residual blocks.*use `model_name='resnet'`"),
         ("lenet.h5", "lenet_tiny", r"our 'lenet_tiny' model"),
     ],
 )

@@ -164,7 +164,13 @@ def test_evaluate_moved_matches_plain_loop(tiny_lenet, random_images):
     )
     rows, cols = rng.integers(0, 32, (n, 3)), rng.integers(0, 32, (n, 3))
     out = jax.jit(locality.evaluate_moved, static_argnums=0)(
-        logits_fn, random_images, labels, pixels, rows, cols
+        models.make_apply_fn(module),
+        variables,
+        random_images,
+        labels,
+        pixels,
+        rows,
+        cols,
     )
     assert out.pred.shape == out.prob_true.shape == out.success.shape == (n, 3)
     for i in range(n):
@@ -184,15 +190,16 @@ def test_evaluate_moved_matches_plain_loop(tiny_lenet, random_images):
 
 def test_evaluate_offsets_compiles_once_for_any_position(tiny_lenet, random_images):
     module, variables = tiny_lenet
-    logits_fn = models.make_logits_fn(module, variables)
     offsets, _ = locality.chebyshev_offsets(2)
     labels = np.zeros(8, np.int32)
+
+    apply_fn = models.make_apply_fn(module)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def run(pixels):
         return locality.evaluate_offsets(
-            logits_fn, random_images, labels, pixels, offsets
+            apply_fn, variables, random_images, labels, pixels, offsets
         )
 
     for row, col in [(0, 0), (16, 16), (31, 5)]:
@@ -207,7 +214,13 @@ def test_multi_pixel_perturbations_are_rejected(random_images):
     pixels = np.zeros((8, 3, 5), np.int32)
     with pytest.raises(PropmapsError, match="k = 3"):
         locality.evaluate_moved(
-            lambda x: x, random_images, np.zeros(8), pixels, np.zeros(8), np.zeros(8)
+            lambda v, x: x,
+            None,
+            random_images,
+            np.zeros(8),
+            pixels,
+            np.zeros(8),
+            np.zeros(8),
         )
 
 
@@ -216,8 +229,8 @@ def test_vulnerability_map_matches_plain_loop(tiny_lenet, random_images):
     logits_fn = models.make_logits_fn(module, variables)
     image, label, colour = random_images[0], 3, np.array([250, 5, 120])
     # A chunk size that does not divide 32*32 exercises the padding.
-    out = jax.jit(locality.vulnerability_map, static_argnums=(0, 4))(
-        logits_fn, image, label, colour, 300
+    out = jax.jit(locality.vulnerability_map, static_argnums=(0, 5))(
+        models.make_apply_fn(module), variables, image, label, colour, 300
     )
     assert out.pred.shape == out.prob_true.shape == out.success.shape == (H, W)
     # Plain loop: build every moved image one by one, then one model call.

@@ -208,6 +208,7 @@ def test_flag_checks_and_two_model_table():
         import json
         from absl import flags
         import experiments.locality as loc
+        import experiments.tables as tables
         from propmaps_jax import stats
         from propmaps_jax.errors import PropmapsError
 
@@ -240,8 +241,8 @@ def test_flag_checks_and_two_model_table():
         settings = {"num_samples": 5000, "sample": "first", "seed": 0,
                     "attack": {"population": 400, "generations": 100},
                     "max_distance": 1}
-        print(json.dumps({"md": loc.table1_markdown(results, settings),
-                          "csv": loc.table1_csv(results), "errors": errors}))
+        print(json.dumps({"md": tables.table1_markdown(results, settings),
+                          "csv": tables.table1_csv(results), "errors": errors}))
         """
     )
     proc = subprocess.run(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from propmaps_jax import propagation
+from propmaps_jax import models, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import layer_outputs
 
@@ -136,21 +136,30 @@ def test_both_reductions_and_jit(stack):
     images = rng.normal(size=(2, 9, 10, 3)).astype(np.float32)
     perturbed = images.copy()
     perturbed[:, 4, 5] += 3.0
-    both = propagation.propagation_maps(module, variables, images, perturbed, "both")
-    assert set(both) == {"max", "avg"}
+    both = {
+        r: propagation.propagation_maps(module, variables, images, perturbed, r)
+        for r in ("max", "avg")
+    }
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def jitted(v, x, x_adv):
-        return propagation.propagation_maps(module, v, x, x_adv, "both")
+        return {
+            r: propagation.propagation_maps(module, v, x, x_adv, r)
+            for r in ("max", "avg")
+        }
 
     for _ in range(2):
         out = jitted(variables, images, perturbed)
     for r in ("max", "avg"):
+        # Forward order survives jit (the maps are an OrderedDict).
+        assert list(out[r]) == list(both[r]) == ["conv1", "conv2", "conv3"]
         for name in both[r]:
             np.testing.assert_allclose(out[r][name], both[r][name], rtol=1e-6)
     with pytest.raises(PropmapsError, match="unknown reduction"):
         propagation.propagation_maps(module, variables, images, perturbed, "median")
+    with pytest.raises(PropmapsError, match="unknown reduction"):
+        propagation.propagation_maps(module, variables, images, perturbed, "both")
 
 
 def _expected_mask(height, width, rows, cols):
@@ -180,9 +189,12 @@ def test_one_pixel_reaches_exactly_its_receptive_field():
         perturbed[n, r, c, 0] = 5.0
     maps_fn = jax.jit(
         lambda x, x_adv: {
-            signed: propagation.propagation_maps(
-                module, variables, x, x_adv, "both", signed=signed
-            )
+            signed: {
+                reduce: propagation.propagation_maps(
+                    module, variables, x, x_adv, reduce, signed=signed
+                )
+                for reduce in ("max", "avg")
+            }
             for signed in (False, True)
         }
     )
@@ -307,3 +319,54 @@ def test_streamed_statistics_equal_direct_sums(tiny_resnet):
         np.testing.assert_allclose(
             state["pm_avg_sum"][name][0], pm[~success].sum(0), rtol=1e-5, atol=1e-6
         )
+
+
+def test_maps_with_x64_enabled(stack):
+    """With jax_enable_x64 on, maps, summaries and block outputs keep their forward
+    order and float32 values equal to those computed with x64 off."""
+    module, variables = stack
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(2, 9, 10, 3)).astype(np.float32)
+    perturbed = images + 1.0
+
+    def analyze(v, x, x_adv):
+        return propagation.analyze(module, v, x, x_adv)
+
+    expected = jax.jit(analyze)(variables, images, perturbed)
+    with jax.enable_x64(True):
+        out = jax.jit(analyze)(variables, images, perturbed)
+    assert (
+        list(out["pm_max"]) == list(expected["pm_max"]) == ["conv1", "conv2", "conv3"]
+    )
+    for name in expected["pm_max"]:
+        assert out["pm_max"][name].dtype == np.float32
+        np.testing.assert_allclose(out["pm_max"][name], expected["pm_max"][name])
+        np.testing.assert_allclose(out["pm_avg"][name], expected["pm_avg"][name])
+
+
+def test_block_outputs_in_forward_order_through_jit(tiny_resnet, random_images):
+    """is_conv_or_block records the residual stream after each block, and the
+    layers come back from jit in forward order ("stem" first)."""
+    module, variables = tiny_resnet
+
+    @jax.jit
+    def layers_of(v, x):
+        _, layers = models.layer_outputs(
+            module, v, x, models.is_conv_or_block, train=False
+        )
+        return layers
+
+    layers = layers_of(variables, random_images[:2].astype(np.float32))
+    names = list(layers)
+    assert names[0] == "stem"
+    assert names[1:5] == [
+        "stage1_block1/conv1",
+        "stage1_block1/conv2",
+        "stage1_block1",
+        "stage2_block1/conv1",
+    ]
+    assert names == list(
+        propagation.layer_shapes(module, variables, filter_fn=models.is_conv_or_block)
+    )
+    # A block's output is its shortcut plus its branch: same shape as its conv2.
+    assert layers["stage2_block1"].shape == layers["stage2_block1/conv2"].shape

@@ -125,7 +125,10 @@ def test_propagation_experiment_from_attack_csv(tiny_setup):
     assert result.returncode == 0, result.stderr[-2000:]
     out = os.path.join(tiny_setup["workdir"], "propagation")
     for reduce in ("max", "avg"):
-        assert _is_png(os.path.join(out, f"2_pm_{reduce}.png"))
+        path = os.path.join(out, f"2_pm_{reduce}.png")
+        assert _is_png(path)
+        # Printed once (under absl, logging.info would repeat it on stderr).
+        assert (result.stdout + result.stderr).count(f"wrote {path}") == 1
     module, variables = tiny_setup["module"], tiny_setup["variables"]
     with np.load(os.path.join(out, "2_maps.npz")) as npz:
         shapes = propagation.layer_shapes(module, variables)
