@@ -5,8 +5,9 @@
 
 For each model: runs (or reuses) the one-pixel attack in DIR/<model>/ (the attack
 experiment's flags --num_samples --population --generations --sample --slots
---chunk_size apply), then moves the colour of every successful attack on the clean
-image: to one random adjacent pixel (nearby), to one random other pixel (random),
+--chunk_size apply; --num_samples_<model> sets one model's sample count), then
+moves the colour of every successful attack on the clean image: to one random
+adjacent pixel (nearby), to one random other pixel (random),
 to every position at Chebyshev distance 1..--max_distance, and, for the first
 --vulnerability_maps successful images, to every position (vulnerability maps).
 
@@ -48,6 +49,13 @@ for _name in models.MODEL_REGISTRY:
         None,
         f"Weights of model {_name!r} for --models (a checkpoint of ours or a Keras "
         ".h5); default: the bundled checkpoint.",
+    )
+for _name in models.MODEL_REGISTRY:
+    flags.DEFINE_integer(
+        f"num_samples_{_name}",
+        None,
+        f"Test images for model {_name!r}; default --num_samples (e.g. fewer for "
+        "the slower ResNet-32 on a CPU).",
     )
 flags.DEFINE_integer(
     "vulnerability_maps", 3, "Successful images per model that get a vulnerability map."
@@ -99,12 +107,27 @@ def check_flags() -> None:
                 f"--{name} belongs to the attack experiment; for the locality study "
                 "use --models=a,b and --weights_<model>=PATH"
             )
+    for name in models.MODEL_REGISTRY:
+        count = getattr(FLAGS, f"num_samples_{name}")
+        if count is not None and count < 1:
+            raise PropmapsError(f"--num_samples_{name} must be >= 1, got {count}")
+        if count is not None and name not in parse_models(FLAGS.models):
+            raise PropmapsError(
+                f"--num_samples_{name} is given but {name!r} is not in "
+                f"--models={FLAGS.models}"
+            )
     if FLAGS.max_distance < 1:
         raise PropmapsError(f"--max_distance must be >= 1, got {FLAGS.max_distance}")
     if FLAGS.vulnerability_maps < 0:
         raise PropmapsError(
             f"--vulnerability_maps must be >= 0, got {FLAGS.vulnerability_maps}"
         )
+
+
+def model_samples(name: str) -> int:
+    """--num_samples_<name>, else --num_samples."""
+    count = getattr(FLAGS, f"num_samples_{name}")
+    return FLAGS.num_samples if count is None else count
 
 
 def model_weights(name: str) -> str | None:
@@ -447,13 +470,14 @@ def locality_for_model(
 def _attack_and_study(name: str, workdir: str, weights, dataset, config) -> tuple:
     """(attack summary, locality record) of one model, each reused when done."""
     model_dir = os.path.join(workdir, name)
-    log(f"{name}: one-pixel attack on {FLAGS.num_samples} samples in {model_dir}")
+    num_samples = model_samples(name)
+    log(f"{name}: one-pixel attack on {num_samples} samples in {model_dir}")
     summary = attack_experiment.run_attack(
         model_dir,
         model_name=name,
         weights=weights,
         dataset=dataset,
-        num_samples=FLAGS.num_samples,
+        num_samples=num_samples,
         seed=FLAGS.seed,
         sample=FLAGS.sample,
         config=config,
@@ -527,7 +551,7 @@ def main(argv: list[str]) -> None:
     settings = {
         "models": names,
         "weights": {n: w or "bundled" for n, w in weights.items()},
-        "num_samples": FLAGS.num_samples,
+        "num_samples": {n: model_samples(n) for n in names},
         "sample": FLAGS.sample,
         "seed": FLAGS.seed,
         "attack": config.to_dict(),

@@ -37,13 +37,21 @@ def cell(prop: dict[str, Any]) -> str:
 def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
     """DIR/table1.md: ours next to the paper's, plus the success-vs-distance table."""
     names = list(results)
-    header = ["", *(f"{n} (ours)" for n in names)]
+    counts = settings["num_samples"]
+    if not isinstance(counts, dict):  # locality.json of earlier versions
+        counts = {n: counts for n in names}
+    if len(set(counts.values())) == 1:
+        samples = f"{next(iter(counts.values()))} samples"
+        header = ["", *(f"{n} (ours)" for n in names)]
+    else:
+        samples = ", ".join(f"{n}: {counts[n]} samples" for n in names)
+        header = ["", *(f"{n} (ours, {counts[n]} samples)" for n in names)]
     paper_cols = [n for n in names if n in PAPER_TABLE1]
     header += [f"{PAPER_NAMES[n]} (paper)" for n in paper_cols]
     lines = [
         "# Table 1: success rate of the one-pixel attack and of its pixel moved",
         "",
-        f"CIFAR-10 test set, {settings['num_samples']} samples "
+        f"CIFAR-10 test set, {samples} "
         f"(sample={settings['sample']}, seed {settings['seed']}); one-pixel attack by "
         f"differential evolution, population {settings['attack']['population']}, "
         f"{settings['attack']['generations']} generations. Random and nearby: the "

@@ -137,6 +137,35 @@ def test_end_to_end_writes_every_file(finished_run, tiny_setup):
     assert float(rows[0]["lenet_tiny_ci_low"]) <= float(rows[0]["lenet_tiny_rate"])
 
 
+def test_sample_count_per_model(tiny_setup):
+    """--num_samples_<model>: each model attacks its own first N images; the table
+    says how many; a count for a model not in --models is refused."""
+    workdir = str(tiny_setup["folder"] / "per_model")
+    args = [a for a in tiny_args(tiny_setup, workdir) if not a.startswith("--models")]
+    run_launch(*args, "--models=lenet_tiny,lenet", "--num_samples_lenet=4")
+    summary = json.load(open(os.path.join(workdir, "locality.json")))
+    assert summary["settings"]["num_samples"] == {"lenet_tiny": NUM_SAMPLES, "lenet": 4}
+    assert summary["models"]["lenet"]["original_all"]["n"] == 4
+    assert summary["models"]["lenet_tiny"]["original_all"]["n"] == NUM_SAMPLES
+    table = read_attack_csv(os.path.join(workdir, "lenet", "attack.csv"))
+    assert list(table["index"]) == [0, 1, 2, 3]
+    md = open(os.path.join(workdir, "table1.md")).read()
+    assert f"lenet_tiny: {NUM_SAMPLES} samples, lenet: 4 samples" in md
+    assert "| lenet (ours, 4 samples) |" in md
+
+    proc = run_launch(
+        *tiny_args(tiny_setup, workdir), "--num_samples_lenet=4", check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--num_samples_lenet is given but 'lenet' is not in --models" in proc.stderr
+    proc = run_launch(
+        *tiny_args(tiny_setup, workdir), "--num_samples_lenet_tiny=0", check=False
+    )
+    assert (
+        proc.returncode == 2 and "--num_samples_lenet_tiny must be >= 1" in proc.stderr
+    )
+
+
 def test_moved_pixels_against_an_independent_forward(finished_run, tiny_setup):
     """Valid positions; each recorded outcome matches a plain NumPy recomputation."""
     workdir, _ = finished_run
