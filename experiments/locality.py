@@ -66,10 +66,6 @@ flags.DEFINE_integer(
 
 FLAGS = flags.FLAGS
 
-# Separates the locality draws from the attack's, which use fold_in(key(seed), index).
-LOCALITY_STREAM = 0x10CA1
-NEARBY_STREAM, RANDOM_STREAM = 0, 1
-
 
 def parse_models(text: str) -> list[str]:
     """The model names of --models, checked."""
@@ -197,19 +193,9 @@ def study_model(
 ) -> dict[str, np.ndarray]:
     """Per successful attack: nearby/random positions and outcomes, ring successes."""
     n, height, width = len(indices), images.shape[1], images.shape[2]
-    base = jax.random.fold_in(jax.random.key(seed), LOCALITY_STREAM)
     rows, cols = pixels[:, 0, 0], pixels[:, 0, 1]
-    nearby_rc = np.stack(
-        locality.sample_nearby(
-            jax.random.fold_in(base, NEARBY_STREAM), indices, rows, cols, height, width
-        ),
-        axis=1,
-    )
-    random_rc = np.stack(
-        locality.sample_random(
-            jax.random.fold_in(base, RANDOM_STREAM), indices, rows, cols, height, width
-        ),
-        axis=1,
+    nearby_rc, random_rc = locality.protocol_moves(
+        seed, indices, rows, cols, height, width
     )
     offsets, distances = locality.chebyshev_offsets(max_distance)
     per_batch = max(1, batch_size // (len(offsets) + 2))

@@ -86,9 +86,6 @@ GROUPS = ("successful", "failed", "nearby", "random")
 CLASSES = ("true", "new")
 WINDOWS = (3, 5)
 TOP_FRACTION = 0.05
-# Same streams as experiments/locality.py, so that drawn positions equal its own.
-LOCALITY_STREAM = 0x10CA1
-NEARBY_STREAM, RANDOM_STREAM = 0, 1
 SALIENCE_STREAM = 0x5A1
 BOOTSTRAP_STREAM = 0xB007
 LOCALITY_COLUMNS = (
@@ -198,19 +195,7 @@ def change_positions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(changes (N, 3, 5) original/nearby/random pixels, from_locality (N,) bool)."""
     rows, cols = pixels[:, 0, 0], pixels[:, 0, 1]
-    base = jax.random.fold_in(jax.random.key(seed), LOCALITY_STREAM)
-    nearby = np.stack(
-        locality.sample_nearby(
-            jax.random.fold_in(base, NEARBY_STREAM), indices, rows, cols, height, width
-        ),
-        axis=1,
-    )
-    random = np.stack(
-        locality.sample_random(
-            jax.random.fold_in(base, RANDOM_STREAM), indices, rows, cols, height, width
-        ),
-        axis=1,
-    )
+    nearby, random = locality.protocol_moves(seed, indices, rows, cols, height, width)
     from_locality = np.zeros(len(indices), bool)
     path = os.path.join(workdir, "locality.csv")
     if os.path.isfile(path):

@@ -153,6 +153,35 @@ def sample_random(
     return flat // width, flat % width
 
 
+# The locality protocol's stream, separate from the attack's fold_in(key(seed), index).
+LOCALITY_STREAM = 0x10CA1
+NEARBY_STREAM, RANDOM_STREAM = 0, 1
+
+
+def protocol_moves(
+    seed: int,
+    indices: jax.Array,
+    rows: jax.Array,
+    cols: jax.Array,
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The locality protocol's (nearby, random) positions (N, 2) of pixels (rows, cols).
+
+    Per image from fold_in(key, dataset_index) of the protocol's own streams of
+    `seed`, so they depend on neither batching nor on which study draws them (the
+    locality and the salience experiments draw the same positions).
+    """
+    base = jax.random.fold_in(jax.random.key(seed), LOCALITY_STREAM)
+    nearby = sample_nearby(
+        jax.random.fold_in(base, NEARBY_STREAM), indices, rows, cols, height, width
+    )
+    random = sample_random(
+        jax.random.fold_in(base, RANDOM_STREAM), indices, rows, cols, height, width
+    )
+    return np.stack(nearby, axis=1), np.stack(random, axis=1)
+
+
 def _outcome(logits: jax.Array, labels: jax.Array) -> Outcome:
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -1,5 +1,7 @@
 """Locality library: neighbour/ring/random positions, moved evaluation, maps; Wilson."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -304,3 +306,28 @@ def test_proportion_and_format():
     text = stats.format_proportion(prop)
     assert text.startswith("32.8% (1638/5000; 95% CI 31.")
     assert stats.proportion(0, 0)["rate"] is None
+
+
+def test_protocol_moves_reproduce_a_committed_run():
+    """The protocol's draws are stable: they give the nearby/random positions that
+    the ResNet-32 run of RESULTS.md stored (made before the functional-core split)."""
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "docs",
+        "results",
+        "resnet_100_cpu",
+        "locality.csv",
+    )
+    rows = np.genfromtxt(path, delimiter=",", names=True, dtype=np.int64)
+    nearby, random = locality.protocol_moves(
+        0, rows["index"], rows["row"], rows["col"], 32, 32
+    )
+    np.testing.assert_array_equal(nearby[:, 0], rows["nearby_row"])
+    np.testing.assert_array_equal(nearby[:, 1], rows["nearby_col"])
+    np.testing.assert_array_equal(random[:, 0], rows["random_row"])
+    np.testing.assert_array_equal(random[:, 1], rows["random_col"])
+    # the streams are the protocol's own: another seed moves elsewhere
+    other, _ = locality.protocol_moves(
+        1, rows["index"], rows["row"], rows["col"], 32, 32
+    )
+    assert (other != nearby).any()

@@ -193,7 +193,7 @@ def test_writes_every_output(finished, setup):
 
 def test_positions_from_locality_csv_or_drawn(finished, setup):
     _, _, per_image, _ = finished
-    key = jax.random.fold_in(jax.random.key(0), salience.LOCALITY_STREAM)
+    key = jax.random.fold_in(jax.random.key(0), locality.LOCALITY_STREAM)
     for r in per_image:
         index, change = int(r["index"]), r["change"]
         position = (int(r["row"]), int(r["col"]))
@@ -211,7 +211,7 @@ def test_positions_from_locality_csv_or_drawn(finished, setup):
             locality.sample_nearby if change == "nearby" else locality.sample_random
         )
         stream = (
-            salience.NEARBY_STREAM if change == "nearby" else salience.RANDOM_STREAM
+            locality.NEARBY_STREAM if change == "nearby" else locality.RANDOM_STREAM
         )
         drawn = sample(
             jax.random.fold_in(key, stream),
