@@ -126,6 +126,17 @@ def model_samples(name: str) -> int:
     return FLAGS.num_samples if count is None else count
 
 
+def check_sample_counts(names: list[str], num_test: int) -> None:
+    """Each model's sample count fits the test split; the error names its flag."""
+    for name in names:
+        own = FLAGS[f"num_samples_{name}"].value is not None
+        flag = f"num_samples_{name}" if own else "num_samples"
+        if model_samples(name) > num_test:
+            raise PropmapsError(
+                f"--{flag}={model_samples(name)} exceeds the {num_test} test images"
+            )
+
+
 def model_weights(name: str) -> str | None:
     """--weights_<name>, or None for the bundled checkpoint (checked to exist)."""
     weights = getattr(FLAGS, f"weights_{name}")
@@ -520,6 +531,7 @@ def main(argv: list[str]) -> None:
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     dataset = common.load_data()
+    check_sample_counts(names, len(dataset.x_test))
     config = AttackConfig(
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )

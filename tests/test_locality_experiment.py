@@ -164,6 +164,11 @@ def test_sample_count_per_model(tiny_setup):
     assert (
         proc.returncode == 2 and "--num_samples_lenet_tiny must be >= 1" in proc.stderr
     )
+    proc = run_launch(
+        *tiny_args(tiny_setup, workdir), "--num_samples_lenet_tiny=17", check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--num_samples_lenet_tiny=17 exceeds the {NUM_SAMPLES} test" in proc.stderr
 
 
 def test_moved_pixels_against_an_independent_forward(finished_run, tiny_setup):
