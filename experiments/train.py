@@ -186,7 +186,12 @@ def main(argv: list[str]) -> None:
         module, optimizer, jax.random.fold_in(base_key, 0), config.image_shape
     )
     if FLAGS.init_weights is not None and ckpt is None:
-        _, init_variables, _ = checkpoint.load_weights(FLAGS.model, FLAGS.init_weights)
+        try:
+            _, init_variables, _ = checkpoint.load_weights(
+                FLAGS.model, FLAGS.init_weights
+            )
+        except PropmapsError as e:  # the library names `weights`: here --init_weights
+            raise PropmapsError(str(e).replace("`weights`", "--init_weights")) from None
         init_variables = checkpoint.check_variables_fit(
             state.variables, init_variables, FLAGS.init_weights
         )

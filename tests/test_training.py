@@ -345,6 +345,13 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, tiny_npz, compile_c
     assert result.returncode == 2 and "--init_weights=nope.h5 does not exist" in (
         result.stderr
     )
+    broken = tmp_path / "broken.msgpack"
+    broken.write_bytes(b"\x00" * 64)
+    result = _train(tmp_path / "z", tiny_npz, compile_cache, f"--init_weights={broken}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "truncated or corrupt" in result.stderr
+    assert "--init_weights" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "z" / "checkpoint.msgpack").exists()
     lenet = tmp_path / "lenet.msgpack"
     module = models.create_model("lenet_tiny")
     checkpoint.save_checkpoint(
