@@ -21,7 +21,6 @@ Models: the bundled checkpoints, or --weights_<model>=PATH (ours or a Keras .h5)
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 import time
@@ -150,11 +149,6 @@ def model_weights(name: str) -> str | None:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @functools.cache
@@ -395,7 +389,7 @@ def locality_for_model(
     table = read_attack_csv(attack_csv)
     locality.check_one_pixel(table["pixels"])
     settings = {
-        "attack_csv_sha256": file_sha256(attack_csv),
+        "attack_csv_sha256": rundir.file_sha256(attack_csv),
         "weights": weights or "bundled",
         "seed": seed,
         "max_distance": max_distance,

@@ -8,6 +8,8 @@ with the list of differences.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
 import os
@@ -39,6 +41,24 @@ def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> Non
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
     write_bytes(path, buffer.getvalue())
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    """A CSV file's text: the header, then the rows (newline line ends)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str) -> Any:

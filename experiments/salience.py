@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import json
 import math
 import os
@@ -51,7 +50,7 @@ import numpy as np
 import scipy.stats
 from absl import flags
 
-from experiments import common, salience_plots
+from experiments import common, rundir, salience_plots
 from experiments.results import read_attack_csv
 from propmaps_jax import locality, models, propagation, saliency
 from propmaps_jax.errors import PropmapsError
@@ -655,17 +654,9 @@ def table_markdown(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
-def _csv_text(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def table_csv(rows: list[dict]) -> str:
     header = list(rows[0])
-    return _csv_text(header, [[r[h] for h in header] for r in rows])
+    return rundir.csv_text(header, [[r[h] for h in header] for r in rows])
 
 
 def per_image_csv(
@@ -698,7 +689,7 @@ def per_image_csv(
                     for name in per_class
                 ]
             )
-    return _csv_text(header, out)
+    return rundir.csv_text(header, out)
 
 
 # ----- the experiment -----------------------------------------------------------

@@ -21,8 +21,6 @@ to the host), and writes to DIR/statistics/:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
@@ -94,14 +92,6 @@ def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict:
         "histogram_edges": [float(e) for e in bin_edges],
         "histogram_counts": [int(c) for c in counts],
     }
-
-
-def _csv_text(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _attacked(csv_path: str) -> dict[str, np.ndarray]:
@@ -215,7 +205,7 @@ def _per_layer_csv(shapes, layer_stats, masks) -> str:
                 [layer, *shapes[layer], outcome, n]
                 + [f"{layer_stats[outcome][s][j]:.6g}" for s in layer_stats[outcome]]
             )
-    return _csv_text(header, csv_rows)
+    return rundir.csv_text(header, csv_rows)
 
 
 def _figures(out_dir, mean_maps, shapes, counts, layer_stats, distances, bin_edges):

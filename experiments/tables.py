@@ -18,6 +18,8 @@ PAPER_TABLE1 = {
     "resnet": {"original": 0.33, "random": 0.031, "nearby": 0.313, "successes": 1638},
 }
 PAPER_NAMES = {"lenet": "LeNet", "resnet": "ResNet"}
+# Our Table 1 rows that the paper reports, and its key for each.
+PAPER_KEYS = {"original_all": "original", "random": "random", "nearby": "nearby"}
 ROWS = (
     ("original_all", "original one-pixel attack (over all samples)"),
     (
@@ -63,12 +65,11 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    paper_key = {"original_all": "original", "random": "random", "nearby": "nearby"}
     for key, label in ROWS:
         cells = [label, *(cell(results[n][key]) for n in names)]
         for n in paper_cols:
-            if key in paper_key:
-                rate = PAPER_TABLE1[n][paper_key[key]]
+            if key in PAPER_KEYS:
+                rate = PAPER_TABLE1[n][PAPER_KEYS[key]]
                 text = f"{rate:.1%}" if key != "original_all" else f"{rate:.0%}"
                 if key == "original_all":
                     text += f" ({PAPER_TABLE1[n]['successes']}/5000)"
@@ -111,12 +112,11 @@ def table1_csv(results: dict[str, dict]) -> str:
     names = list(results)
     fields = ("rate", "successes", "n", "ci_low", "ci_high", "paper_rate")
     writer.writerow(["row"] + [f"{n}_{f}" for n in names for f in fields])
-    paper_key = {"original_all": "original", "random": "random", "nearby": "nearby"}
     for key, label in ROWS:
         row: list[Any] = [label]
         for n in names:
             prop = results[n][key]
-            paper = PAPER_TABLE1.get(n, {}).get(paper_key.get(key, ""), "")
+            paper = PAPER_TABLE1.get(n, {}).get(PAPER_KEYS.get(key, ""), "")
             row += [
                 "" if prop["rate"] is None else f"{prop['rate']:.6f}",
                 prop["successes"],

@@ -13,7 +13,6 @@ seed, the epoch and the example's index).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import platform
 import shlex
@@ -28,7 +27,7 @@ import numpy as np
 from absl import flags, logging
 from flax import serialization
 
-from experiments import common
+from experiments import common, rundir
 from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
 
@@ -91,11 +90,7 @@ def init_weights_identity(path: str | None) -> str | None:
             f"--init_weights={path} does not exist: pass a Keras .h5 file or a "
             "checkpoint of ours"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{os.path.basename(path)} sha256:{digest.hexdigest()[:16]}"
+    return f"{os.path.basename(path)} sha256:{rundir.file_sha256(path)[:16]}"
 
 
 def cpu_model() -> str:
