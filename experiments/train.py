@@ -93,6 +93,15 @@ def init_weights_identity(path: str | None) -> str | None:
     return f"{os.path.basename(path)} sha256:{rundir.file_sha256(path)[:16]}"
 
 
+def load_init_weights(model: str, path: str):
+    """(config, variables) of --init_weights, errors naming that flag."""
+    try:
+        config, variables, _ = checkpoint.load_weights(model, path)
+    except PropmapsError as e:  # the library names `weights`: here --init_weights
+        raise PropmapsError(str(e).replace("`weights`", "--init_weights")) from None
+    return config, jax.tree_util.tree_map(jnp.asarray, variables)
+
+
 def cpu_model() -> str:
     """The CPU's model name (lscpu), else platform.processor()."""
     try:
@@ -171,28 +180,27 @@ def main(argv: list[str]) -> None:
         ckpt = checkpoint.read_checkpoint(ckpt_path)
         check_settings(ckpt["metadata"].get("settings", {}), settings, ckpt_path)
 
-    config = models.ModelConfig(FLAGS.model)
+    # A fine-tune trains the starting weights' model, normalisation included
+    # (load_weights checks that it is --model and that the variables fit); a resume
+    # trains the checkpoint's.
+    init_variables = None
+    if ckpt is not None:
+        config = ckpt["config"]
+    elif FLAGS.init_weights is not None:
+        config, init_variables = load_init_weights(FLAGS.model, FLAGS.init_weights)
+    else:
+        config = models.ModelConfig(FLAGS.model)
     module = models.create_model(config)
     optimizer = training.make_optimizer(
         FLAGS.learning_rate, FLAGS.weight_decay, total_steps, warmup_steps
     )
     base_key = jax.random.key(FLAGS.seed)
-    state = training.create_train_state(
-        module, optimizer, jax.random.fold_in(base_key, 0), config.image_shape
-    )
-    if FLAGS.init_weights is not None and ckpt is None:
-        try:
-            _, init_variables, _ = checkpoint.load_weights(
-                FLAGS.model, FLAGS.init_weights
-            )
-        except PropmapsError as e:  # the library names `weights`: here --init_weights
-            raise PropmapsError(str(e).replace("`weights`", "--init_weights")) from None
-        init_variables = checkpoint.check_variables_fit(
-            state.variables, init_variables, FLAGS.init_weights
+    if init_variables is None:
+        state = training.create_train_state(
+            module, optimizer, jax.random.fold_in(base_key, 0), config.image_shape
         )
-        state = training.state_from_variables(
-            jax.tree_util.tree_map(jnp.asarray, init_variables), optimizer
-        )
+    else:
+        state = training.state_from_variables(init_variables, optimizer)
     augment_key = jax.random.fold_in(base_key, 1)
     wall_before = 0.0
     history: list[dict[str, Any]] = []
@@ -237,7 +245,7 @@ def main(argv: list[str]) -> None:
     )
     eval_fn = jax.jit(functools.partial(training.eval_step, module))
     start_time = time.time()
-    if FLAGS.init_weights is not None and ckpt is None:
+    if init_variables is not None:
         init_accuracy, init_loss = evaluate(
             eval_fn, state.variables, x_test, y_test, FLAGS.eval_batch_size
         )

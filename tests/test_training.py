@@ -340,6 +340,34 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, tiny_npz, compile_c
     ):
         np.testing.assert_array_equal(x, y)
 
+    # the run trains the starting weights' model: their normalisation is kept
+    config, variables, _ = checkpoint.load_weights("resnet_tiny", init)
+    custom = models.ModelConfig(
+        "resnet_tiny", mean=(100.0, 90.0, 80.0), std=(50.0, 40.0, 30.0)
+    )
+    renormalised = tmp_path / "renormalised.msgpack"
+    checkpoint.save_checkpoint(str(renormalised), custom, variables)
+    result = _train(
+        tmp_path / "renorm",
+        tiny_npz,
+        compile_cache,
+        f"--init_weights={renormalised}",
+        "--epochs=1",
+        "--warmup_epochs=0",
+    )
+    assert result.returncode == 0, result.stderr
+    tuned = checkpoint.read_checkpoint(str(tmp_path / "renorm" / "model.msgpack"))
+    assert tuned["config"] == custom
+    with np.load(tiny_npz) as split:
+        x_test, y_test = split["x_test"], split["y_test"]
+    expected = training.eval_step(
+        models.create_model(custom), variables, x_test, y_test
+    )
+    history = json.loads((tmp_path / "renorm" / "train.json").read_text())["history"]
+    assert history[0]["test_accuracy"] == pytest.approx(
+        float(expected["correct"]) / len(y_test)
+    )
+
     # a missing file or the weights of another model: one line, exit 2
     result = _train(tmp_path / "x", tiny_npz, compile_cache, "--init_weights=nope.h5")
     assert result.returncode == 2 and "--init_weights=nope.h5 does not exist" in (
