@@ -311,9 +311,9 @@ class _AttackProgress:
         self.start, self.resumed_successes = queue_start, successes
         self.done, self.successes = queue_start, successes
 
-    def on_engine(self, finished: int, found: int) -> None:
-        self.done = self.start + finished
-        self.successes = self.resumed_successes + found
+    def on_engine(self, info) -> None:
+        self.done = self.start + info.finished
+        self.successes = self.resumed_successes + info.successes
         if _is_main_process():
             self.progress.update(self.done, self.successes)
 

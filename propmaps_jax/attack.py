@@ -45,6 +45,7 @@ __all__ = [
     "AttackConfig",
     "AttackResult",
     "ImageResult",
+    "ProgressInfo",
     "attack",
     "attack_image",
     "attack_stream",
@@ -64,6 +65,21 @@ __all__ = [
 # at: big enough to keep an accelerator busy with one forward per step.
 DEFAULT_BATCH_PER_DEVICE = 32768
 AXIS = "images"
+
+
+class ProgressInfo(NamedTuple):
+    """What `attack_stream`'s `on_progress` is told while a chunk runs.
+
+    Counts are over the images of this call (from `start` on), in any order.
+    """
+
+    finished: int  # images finished
+    successes: int  # of those, successful
+    evaluations: int  # model evaluations so far, finished and running images
+    running_generations: np.ndarray  # (running,) DE generations each has done
+    remaining: int  # images not started yet
+    total: int  # images of this call
+    max_generations: int  # config.generations: a running image's last generation
 
 
 class AttackResult(NamedTuple):
@@ -187,9 +203,9 @@ def attack_stream(
         share one compiled program whatever their N (e.g. targets, resumes).
       mesh: a 1-D mesh whose devices share the images; default all devices.
       num_classes: checks labels/targets against it when given.
-      on_progress: called as on_progress(finished, successes) about every
-        `progress_every_s` seconds while a chunk runs, with the images of this
-        call finished so far (in any order) and their successes. Without it each
+      on_progress: called as on_progress(info: ProgressInfo) about every
+        `progress_every_s` seconds while a chunk runs (finished images, their
+        successes, evaluations so far, running images' generations...). Without it each
         chunk runs in one device call and the next chunk is dispatched before the
         previous one is read. Results are the same either way.
       search_apply_fn: a cheaper forward for the search (e.g. the module with
@@ -365,7 +381,7 @@ def _run_chunks_with_progress(
     `progress_every_s` seconds; between calls `on_progress` is told how many images
     are finished. Stopping and continuing the loop does not change any result.
     """
-    steps, last = 1, time.time()
+    steps, last, start0 = 1, time.time(), start
     for end in chunk_ends:
         bound, bound_host = layout.local_counts(end), layout.host_counts(end)
         while True:
@@ -381,12 +397,32 @@ def _run_chunks_with_progress(
             steps = int(min(max(1, steps * progress_every_s / elapsed), 8 * steps))
             if time.time() - last >= progress_every_s:
                 last = time.time()
-                finished = _gather(state.res_generations) >= 0
                 on_progress(
-                    int(finished.sum()), int(_gather(state.res_success)[finished].sum())
+                    _progress_info(state, slot_pos, next_pos, layout, n, start0, config)
                 )
         yield _fetch(state, start, end, n, config)
         start = end
+
+
+def _progress_info(state, slot_pos, next_pos, layout, n, start, config) -> ProgressInfo:
+    """ProgressInfo of the images [start, n) from a synced engine state."""
+    generations = _gather(state.res_generations)
+    finished = generations >= 0
+    running = _gather(state.slot_gen)[slot_pos >= 0]
+    queue_size = layout.host_counts(n)
+    evaluations = config.population * (
+        int((generations[finished].astype(np.int64) + 1).sum())
+        + int((running.astype(np.int64) + 1).sum())
+    )
+    return ProgressInfo(
+        finished=int(finished.sum()),
+        successes=int(_gather(state.res_success)[finished].sum()),
+        evaluations=evaluations,
+        running_generations=running.astype(np.int32),
+        remaining=int(np.maximum(queue_size - next_pos, 0).sum()),
+        total=n - start,
+        max_generations=config.generations,
+    )
 
 
 def _gather(arr: jax.Array) -> np.ndarray:

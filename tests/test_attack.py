@@ -227,16 +227,26 @@ def test_progress_calls_in_bounded_steps_give_the_same_results(case, engine_resu
         CONFIG,
         slots=SLOTS,
         chunk_ends=[4, 8],
-        on_progress=lambda finished, found: reports.append((finished, found)),
+        on_progress=lambda info: reports.append(info),
         progress_every_s=0.0,
     )
     for field, expected in zip(result, reference, strict=True):
         np.testing.assert_array_equal(field, expected)
     assert reports, "on_progress was never called"
-    finished = [f for f, _ in reports]
+    finished = [r.finished for r in reports]
     assert finished == sorted(finished) and finished[-1] <= len(labels)
-    assert all(0 <= found <= f for f, found in reports)
-    assert max(found for _, found in reports) <= int(reference.success.sum())
+    assert all(0 <= r.successes <= r.finished for r in reports)
+    assert max(r.successes for r in reports) <= int(reference.success.sum())
+    for r in reports:
+        assert r.total == len(labels) and r.max_generations == CONFIG.generations
+        assert r.finished + len(r.running_generations) + r.remaining <= r.total
+        assert np.all(r.running_generations <= CONFIG.generations)
+        assert r.evaluations >= CONFIG.population * (
+            r.finished + len(r.running_generations)
+        )
+    evaluations = [r.evaluations for r in reports]
+    assert evaluations == sorted(evaluations)
+    assert evaluations[-1] <= int(reference.evaluations.sum())
 
 
 def test_resume_start_gives_the_same_results(case, engine_result):
