@@ -1,4 +1,7 @@
-"""CIFAR-10 loading: every source format from small files, tfds mock data, errors."""
+"""CIFAR-10 loading: every source format from small files, tfds mock data, errors.
+
+The download on first use is tested in test_data_download.py.
+"""
 
 import os
 import pickle
@@ -133,7 +136,7 @@ def test_tfds_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
     with tfds.testing.mock_data(num_examples=6):
-        dataset = data.load_cifar10()
+        dataset = data.load_cifar10("tfds")  # an opt-in, never the default
         expected = tfds.data_source("cifar10", split="test")
         expected_images = np.stack([expected[i]["image"] for i in range(6)])
         expected_labels = np.array([expected[i]["label"] for i in range(6)])
@@ -155,12 +158,17 @@ def test_tfds_honours_data_dir_variable(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", fake_source)
     monkeypatch.setenv("TFDS_DATA_DIR", "/some/tfds")
     with pytest.raises(DataError):
-        data.load_from_tfds()
-    # download=False: nothing is fetched at run time.
-    assert seen == [("cifar10", "train", "/some/tfds", False)]
+        data.load_cifar10("tfds")
+    with pytest.raises(DataError):
+        data.load_cifar10("tfds:/other/tfds")  # its own data dir wins
+    # download=False: tfds itself fetches nothing (building needs TensorFlow).
+    assert seen == [
+        ("cifar10", "train", "/some/tfds", False),
+        ("cifar10", "train", "/other/tfds", False),
+    ]
 
 
-def test_no_source_at_all_names_the_options(monkeypatch):
+def test_tfds_not_prepared_names_the_options(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
 
@@ -170,13 +178,13 @@ def test_no_source_at_all_names_the_options(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", unavailable)
     monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent/tfds")
     with pytest.raises(DataError) as error:
-        data.load_cifar10()
+        data.load_cifar10("tfds")
     message = str(error.value)
     assert message.startswith(
-        "no CIFAR-10 source: no path was given and tensorflow-datasets has no "
-        "prepared 'cifar10' in /nonexistent/tfds"
+        "tensorflow-datasets has no prepared 'cifar10' in /nonexistent/tfds "
+        "(the tfds source); prepare it with file_format='array_record'"
     )
-    for option in ("`path`", "cifar-10-python.tar.gz", ".npz"):
+    for option in ("give no path to download", "`path`", "cifar-10-python.tar.gz"):
         assert option in message
     assert "\n" not in message
     # The experiments name their flag and the environment variable instead.
@@ -194,7 +202,7 @@ def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", unreadable)
     monkeypatch.setattr(data, "_tfds_prepared", lambda tfds, data_dir: True)
     with pytest.raises(DataError) as error:
-        data.load_cifar10()
+        data.load_cifar10("tfds")
     message = str(error.value)
     assert "could not read 'cifar10' (NotImplementedError: Random access" in message
     assert "file_format='array_record'" in message and "\n" not in message
@@ -203,8 +211,10 @@ def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
 def test_tfds_not_installed(monkeypatch):
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
-    with pytest.raises(DataError, match="tensorflow-datasets is not installed.*`path`"):
-        data.load_cifar10()
+    with pytest.raises(
+        DataError, match="needs tensorflow-datasets, which is not installed.*`path`"
+    ):
+        data.load_cifar10("tfds")
 
 
 def test_missing_path_and_incomplete_folder(tmp_path):
