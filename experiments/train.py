@@ -13,6 +13,7 @@ seed, the epoch and the example's index).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import shlex
@@ -34,7 +35,12 @@ from propmaps_jax.errors import PropmapsError
 flags.DEFINE_integer("epochs", 100, "Training epochs.")
 flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate (after warmup).")
 flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on kernels.")
-flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warmup, in epochs.")
+flags.DEFINE_float(
+    "warmup_epochs",
+    1.0,
+    "Linear learning-rate warm-up, in epochs; capped at half the run (with "
+    "--epochs=1 the default warms up over half an epoch).",
+)
 flags.DEFINE_bool("augment", True, "Random crop (4-pixel reflect padding) + flip.")
 flags.DEFINE_integer("eval_every", 1, "Evaluate on the test split every N epochs.")
 flags.DEFINE_integer("eval_batch_size", 1000, "Batch size of evaluation.")
@@ -77,20 +83,26 @@ def run_settings(num_train: int) -> dict[str, Any]:
         "augment": FLAGS.augment,
         "seed": FLAGS.seed,
         "train_examples": num_train,
-        "init_weights": init_weights_identity(FLAGS.init_weights),
+        "init_weights_sha256": init_weights_sha256(FLAGS.init_weights),
     }
 
 
-def init_weights_identity(path: str | None) -> str | None:
-    """What identifies the starting weights: file name and SHA-256 of its bytes."""
+def init_weights_sha256(path: str | None) -> str | None:
+    """What identifies the starting weights: the SHA-256 of the file's bytes (never
+    its path, so that a resume through a symlink or another path is the same run)."""
     if path is None:
         return None
+    if os.path.isdir(path):
+        raise PropmapsError(
+            f"--init_weights={path} is a folder: pass a Keras .h5 file or a "
+            "checkpoint of ours"
+        )
     if not os.path.isfile(path):
         raise PropmapsError(
             f"--init_weights={path} does not exist: pass a Keras .h5 file or a "
             "checkpoint of ours"
         )
-    return f"{os.path.basename(path)} sha256:{rundir.file_sha256(path)[:16]}"
+    return rundir.file_sha256(path)
 
 
 def load_init_weights(model: str, path: str):
@@ -116,18 +128,134 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _saved_setting(saved: dict[str, Any], key: str, current: Any) -> Any:
+    """A checkpoint's setting; a checkpoint written before the starting weights were
+    recorded by full hash ("name sha256:<first 16 hex digits>") counts as equal when
+    the digits are the start of the current hash."""
+    if key == "init_weights_sha256" and key not in saved and "init_weights" in saved:
+        old = saved["init_weights"]
+        if old is None:
+            return None
+        digits = str(old).rsplit("sha256:", 1)[-1]
+        return current if current and current.startswith(digits) else digits
+    return saved.get(key)
+
+
+def _setting_text(key: str, value: Any) -> str:
+    if key == "init_weights_sha256":
+        return "none" if value is None else f"SHA-256 {value[:12]}"
+    return repr(value)
+
+
 def check_settings(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
     """Raise unless the checkpoint was written under the same settings."""
-    diffs = [
-        f"--{k}={saved.get(k)!r} (now {current[k]!r})"
-        for k in current
-        if saved.get(k) != current[k]
-    ]
+    flag_names = {"init_weights_sha256": "init_weights", "train_examples": None}
+    diffs = []
+    for key, value in current.items():
+        old = _saved_setting(saved, key, value)
+        if old == value:
+            continue
+        name = flag_names.get(key, key)
+        old_text, new_text = _setting_text(key, old), _setting_text(key, value)
+        if name is None:
+            diffs.append(f"{old_text} {key.replace('_', ' ')} (now {new_text})")
+        elif key == "init_weights_sha256":
+            diffs.append(f"--{name} of {old_text} (now {new_text})")
+        else:
+            diffs.append(f"--{name}={old_text} (now {new_text})")
     if diffs:
         raise PropmapsError(
             f"{path} was trained with other settings: {', '.join(diffs)}; "
             "rerun with the same flags to resume, or use a new --workdir"
         )
+
+
+def check_flags() -> None:
+    """Every flag of the run checked before any data is read or anything written."""
+    common.default_batch_size(128)
+    if FLAGS.model not in models.MODEL_REGISTRY:
+        raise PropmapsError(
+            f"unknown model {FLAGS.model!r}; choose one of "
+            f"{', '.join(models.MODEL_REGISTRY)}"
+        )
+    for name in ("epochs", "eval_every", "eval_batch_size"):
+        if getattr(FLAGS, name) < 1:
+            raise PropmapsError(f"--{name} must be at least 1")
+    if FLAGS.stop_after_epochs is not None and FLAGS.stop_after_epochs < 1:
+        raise PropmapsError("--stop_after_epochs must be at least 1")
+    if FLAGS.checkpoint_every_steps < 0:
+        raise PropmapsError("--checkpoint_every_steps must be >= 0 (0: per epoch)")
+    if not (math.isfinite(FLAGS.warmup_epochs) and FLAGS.warmup_epochs >= 0):
+        raise PropmapsError(
+            f"--warmup_epochs must be a number >= 0, got {FLAGS.warmup_epochs}"
+        )
+    training.check_hyperparameters(FLAGS.learning_rate, FLAGS.weight_decay)
+
+
+def workdir_path(path: str | None) -> str:
+    """--workdir, checked without creating anything: given, and not a file or under
+    one (created later by `prepare_workdir`, once every input is checked)."""
+    if not path:
+        raise PropmapsError(
+            "--workdir is required: the folder where results are written"
+        )
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        where = (
+            "is" if parent == os.path.abspath(path) else f"is under {parent}, which is"
+        )
+        raise PropmapsError(f"--workdir={path} {where} a file: pass a folder")
+    return path
+
+
+def prepare_workdir(path: str) -> bool:
+    """Create --workdir if needed and check that files can be written there (a probe
+    file created and removed) before training; True when this run created it."""
+    created = not os.path.isdir(path)
+    probe = os.path.join(path, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        remove_if_empty(path, created)
+        raise PropmapsError(
+            f"--workdir={path} is not writable ({e.strerror}): pass a folder you "
+            "can write to"
+        ) from None
+    return created
+
+
+def remove_if_empty(path: str, created: bool) -> None:
+    """Remove a workdir this run created when nothing was written into it."""
+    if created and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None: valid JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+class Diverged(PropmapsError):
+    """Training reached a non-finite loss or non-finite weights."""
+
+
+def diverged(epoch: int, what: str, kept: str) -> Diverged:
+    """The one-line error of a run whose loss or weights are no longer finite."""
+    return Diverged(
+        f"training diverged at epoch {epoch} ({what}); lower --learning_rate "
+        f"(now {FLAGS.learning_rate:g}) and start again in a new --workdir; {kept}"
+    )
 
 
 def evaluate(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch: int):
@@ -149,17 +277,8 @@ def evaluate(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch: 
 
 def main(argv: list[str]) -> None:
     del argv
-    common.default_batch_size(128)
-    workdir = common.require_workdir()
-    if FLAGS.model not in models.MODEL_REGISTRY:
-        raise PropmapsError(
-            f"unknown model {FLAGS.model!r}; choose one of "
-            f"{', '.join(models.MODEL_REGISTRY)}"
-        )
-    # --batch_size is checked by common.default_batch_size.
-    for name in ("epochs", "eval_every", "eval_batch_size"):
-        if getattr(FLAGS, name) < 1:
-            raise PropmapsError(f"--{name} must be at least 1")
+    check_flags()
+    workdir = workdir_path(FLAGS.workdir)
     dataset = common.load_data()
     x_train, y_train = dataset.x_train, dataset.y_train
     x_test, y_test = dataset.x_test, dataset.y_test
@@ -170,7 +289,17 @@ def main(argv: list[str]) -> None:
             "training images"
         )
     total_steps = steps_per_epoch * FLAGS.epochs
-    warmup_steps = int(round(FLAGS.warmup_epochs * steps_per_epoch))
+    # A warm-up longer than the run would never reach the peak learning rate.
+    warmup_steps = min(
+        int(round(FLAGS.warmup_epochs * steps_per_epoch)), total_steps // 2
+    )
+    if warmup_steps < int(round(FLAGS.warmup_epochs * steps_per_epoch)):
+        logging.info(
+            "warm-up capped at %d steps, half of the run's %d (--warmup_epochs=%g)",
+            warmup_steps,
+            total_steps,
+            FLAGS.warmup_epochs,
+        )
     settings = run_settings(len(x_train))
 
     # Check a previous run's settings before any compilation: fail fast.
@@ -237,6 +366,8 @@ def main(argv: list[str]) -> None:
             step // steps_per_epoch,
         )
 
+    # Every input is checked: only now is the workdir created (and probed).
+    created = prepare_workdir(workdir)
     train_fn = jax.jit(
         functools.partial(
             training.train_step, module, optimizer, do_augment=FLAGS.augment
@@ -244,6 +375,8 @@ def main(argv: list[str]) -> None:
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(functools.partial(training.eval_step, module))
+    finite_fn = jax.jit(training.all_finite)
+    saved_step = int(state.step) if ckpt is not None else None
     start_time = time.time()
     if init_variables is not None:
         init_accuracy, init_loss = evaluate(
@@ -259,7 +392,31 @@ def main(argv: list[str]) -> None:
             init_loss,
         )
 
+    def require_finite(
+        epoch: int, loss: float, check_weights: bool = True, loss_name: str = "loss"
+    ) -> None:
+        """Stop with one line, before anything is saved, once training diverged: a
+        non-finite training or test loss, or non-finite weights."""
+        weights_finite = not check_weights or bool(finite_fn(state.variables))
+        if math.isfinite(loss) and weights_finite:
+            return
+        what = f"{loss_name} {loss:.4g}"
+        if not weights_finite:
+            what += ", weights not finite"
+        if saved_step is None:
+            kept = "nothing was saved"
+        else:
+            when = (
+                f"after epoch {saved_step // steps_per_epoch}"
+                if saved_step % steps_per_epoch == 0
+                else f"at step {saved_step}"
+            )
+            kept = f"the last good checkpoint ({ckpt_path}, {when}) is kept"
+        remove_if_empty(workdir, created)
+        raise diverged(epoch, what, kept)
+
     def save(test_accuracy: float | None) -> None:
+        nonlocal saved_step
         metadata = {
             "settings": settings,
             "wall_time_s": wall_before + time.time() - start_time,
@@ -273,8 +430,9 @@ def main(argv: list[str]) -> None:
             "rng": np.asarray(jax.random.key_data(augment_key)),
         }
         checkpoint.save_checkpoint(
-            ckpt_path, config, state.variables, metadata, train_state
+            ckpt_path, config, state.variables, json_safe(metadata), train_state
         )
+        saved_step = int(state.step)
 
     step = int(state.step)
     last_epoch = FLAGS.epochs
@@ -310,6 +468,7 @@ def main(argv: list[str]) -> None:
             now = time.time()
             if now - last_log >= LOG_EVERY_S or position == steps_per_epoch - 1:
                 last_log = now
+                require_finite(epoch + 1, float(loss_sum[0]) / done, False)
                 rate = done * FLAGS.batch_size / max(now - epoch_start, 1e-9)
                 eta = (total_steps - step) * FLAGS.batch_size / rate
                 logging.info(
@@ -326,13 +485,16 @@ def main(argv: list[str]) -> None:
                 )
             every = FLAGS.checkpoint_every_steps
             if every and step % every == 0 and step % steps_per_epoch:
+                require_finite(epoch + 1, float(loss_sum[0]) / done)
                 save(None)
         epoch_done = step // steps_per_epoch
+        require_finite(epoch + 1, float(loss_sum[0]) / max(step - first_step, 1))
         test_accuracy = None
         if epoch_done % FLAGS.eval_every == 0 or epoch_done == FLAGS.epochs:
             test_accuracy, test_loss = evaluate(
                 eval_fn, state.variables, x_test, y_test, FLAGS.eval_batch_size
             )
+            require_finite(epoch + 1, test_loss, False, "test loss")
             logging.info(
                 "epoch %d/%d: test accuracy %.2f%%, test loss %.4f (%.1f s)",
                 epoch_done,
@@ -377,14 +539,18 @@ def main(argv: list[str]) -> None:
         "test_accuracy": test_accuracy,
         "test_examples": len(x_test),
         "data_source": dataset.source,
+        "init_weights": (
+            None if FLAGS.init_weights is None else os.path.abspath(FLAGS.init_weights)
+        ),
         "device": {**common.device_description(), "cpu": cpu_model()},
         "wall_time_s": wall,
     }
     checkpoint.save_checkpoint(
-        os.path.join(workdir, MODEL), config, state.variables, metadata
+        os.path.join(workdir, MODEL), config, state.variables, json_safe(metadata)
     )
     common.write_json(
-        os.path.join(workdir, "train.json"), {**metadata, "history": history}
+        os.path.join(workdir, "train.json"),
+        json_safe({**metadata, "history": history}),
     )
     logging.info(
         "done: test accuracy %.2f%% after %d epochs, %s wall; wrote %s",

@@ -9,6 +9,7 @@ shuffle order is a function of (seed, epoch) only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -96,6 +97,27 @@ def make_schedule(
     )
 
 
+def check_hyperparameters(learning_rate: float, weight_decay: float) -> None:
+    """PropmapsError unless the learning rate is finite and positive and the weight
+    decay finite and non-negative (NaN passes every comparison, so it is named)."""
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise PropmapsError(
+            f"`learning_rate` must be a positive number, got {learning_rate}"
+        )
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise PropmapsError(f"`weight_decay` must be a number >= 0, got {weight_decay}")
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (no NaN, no inf)."""
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_optimizer(
     learning_rate: float,
     weight_decay: float,
@@ -109,10 +131,7 @@ def make_optimizer(
     classic ResNet recipe, equal to an L2 penalty `weight_decay / 2 * |kernel|^2`);
     biases and BatchNorm scales/offsets are not decayed.
     """
-    if learning_rate <= 0:
-        raise PropmapsError(f"`learning_rate` must be positive, got {learning_rate}")
-    if weight_decay < 0:
-        raise PropmapsError(f"`weight_decay` must be >= 0, got {weight_decay}")
+    check_hyperparameters(learning_rate, weight_decay)
     schedule = make_schedule(learning_rate, total_steps, warmup_steps)
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=kernel_mask),

@@ -2,6 +2,7 @@
 BatchNorm statistics, and the train experiment's resume-after-interruption."""
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -302,10 +303,13 @@ def test_resume_after_interruption_gives_identical_model(
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path, tiny_npz, compile_cache):
     """--init_weights: the run starts from those weights (its epoch-0 evaluation is
-    theirs), the starting file is part of the settings, and resume is bit-identical."""
+    theirs), the starting file's content is part of the settings (not its path), and
+    resume is bit-identical."""
     base = tmp_path / "base"
-    result = _train(base, tiny_npz, compile_cache, "--epochs=1", "--warmup_epochs=0")
+    # --epochs=1 with the default 1-epoch warm-up: the warm-up is capped, not refused
+    result = _train(base, tiny_npz, compile_cache, "--epochs=1")
     assert result.returncode == 0, result.stderr
+    assert "warm-up capped at 1 steps, half of the run's 3" in result.stderr
     init = str(base / "model.msgpack")
     base_accuracy = checkpoint.read_checkpoint(init)["metadata"]["test_accuracy"]
 
@@ -317,7 +321,9 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, tiny_npz, compile_c
     history = json.loads((straight / "train.json").read_text())["history"]
     assert history[0]["epoch"] == 0
     assert history[0]["test_accuracy"] == pytest.approx(base_accuracy)
-    assert meta["settings"]["init_weights"].startswith("model.msgpack sha256:")
+    digest = hashlib.sha256((base / "model.msgpack").read_bytes()).hexdigest()
+    assert meta["settings"]["init_weights_sha256"] == digest
+    assert meta["init_weights"] == init
 
     result = _train(
         interrupted,
@@ -330,9 +336,15 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path, tiny_npz, compile_c
     # resuming from other starting weights is refused in one line
     result = _train(interrupted, tiny_npz, compile_cache)
     assert result.returncode == 2
-    assert "--init_weights=" in result.stderr and "Traceback" not in result.stderr
-    result = _train(interrupted, tiny_npz, compile_cache, f"--init_weights={init}")
+    assert f"--init_weights of SHA-256 {digest[:12]} (now none)" in result.stderr
+    assert "Traceback" not in result.stderr
+    # the same file under another name (a symlink, by a relative path) resumes
+    link = tmp_path / "same-weights.msgpack"
+    link.symlink_to(init)
+    relative = os.path.relpath(link, ROOT)
+    result = _train(interrupted, tiny_npz, compile_cache, f"--init_weights={relative}")
     assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
     a = checkpoint.read_checkpoint(str(straight / "model.msgpack"))["variables"]
     b = checkpoint.read_checkpoint(str(interrupted / "model.msgpack"))["variables"]
     for x, y in zip(
@@ -438,3 +450,127 @@ def test_bundled_model_reaches_its_stated_accuracy(cifar10_path, name, floor):
         )
     )
     assert correct / len(dataset.y_test) == pytest.approx(metadata["test_accuracy"])
+
+
+def test_training_diverges_with_one_line_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_npz, compile_cache
+):
+    """--learning_rate=1e6: the run stops at the first non-finite loss, saves no
+    non-finite model (no model.msgpack, no train.json) and keeps the last checkpoint
+    written while everything was finite (the first step, at warm-up rate 0)."""
+    workdir = tmp_path / "diverged"
+    result = _train(
+        workdir,
+        tiny_npz,
+        compile_cache,
+        "--learning_rate=1e6",
+        "--checkpoint_every_steps=1",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at epoch 1 (")
+    assert "lower --learning_rate (now 1e+06)" in last
+    assert f"the last good checkpoint ({workdir / 'checkpoint.msgpack'}" in last
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoint.msgpack"]
+    saved = checkpoint.read_checkpoint(str(workdir / "checkpoint.msgpack"))
+    assert saved["metadata"]["step"] >= 1
+    assert bool(training.all_finite(saved["variables"]))
+    json.dumps(saved["metadata"], allow_nan=False)
+
+
+def test_all_finite():
+    tree = {"a": jnp.ones(3), "b": {"c": np.arange(4)}}
+    assert bool(training.all_finite(tree))
+    assert not bool(training.all_finite({**tree, "d": jnp.array([1.0, jnp.nan])}))
+    assert not bool(training.all_finite({"d": np.array([np.inf], np.float32)}))
+    assert bool(training.all_finite({}))
+
+
+@pytest.mark.parametrize(
+    "learning_rate, weight_decay, message",
+    [
+        (0.0, 0.0, "`learning_rate` must be a positive number, got 0.0"),
+        (float("nan"), 0.0, "`learning_rate` must be a positive number, got nan"),
+        (float("inf"), 0.0, "`learning_rate` must be a positive number, got inf"),
+        (0.1, -1.0, "`weight_decay` must be a number >= 0, got -1.0"),
+        (0.1, float("nan"), "`weight_decay` must be a number >= 0, got nan"),
+    ],
+)
+def test_optimizer_rejects_non_finite_or_non_positive_rates(
+    learning_rate, weight_decay, message
+):
+    with pytest.raises(PropmapsError) as error:
+        training.make_optimizer(learning_rate, weight_decay, total_steps=10)
+    assert str(error.value) == message
+
+
+# --- the train experiment's helpers, in-process
+
+
+@pytest.fixture(scope="module")
+def train_experiment():
+    import experiments.train
+
+    return experiments.train
+
+
+def test_json_safe_writes_non_finite_numbers_as_null(train_experiment):
+    value = {"a": float("nan"), "b": [1.5, np.float32(np.inf), -np.inf], "c": "x"}
+    safe = train_experiment.json_safe(value)
+    assert safe == {"a": None, "b": [1.5, None, None], "c": "x"}
+    json.dumps(safe, allow_nan=False)
+
+
+def test_workdir_checked_before_anything_is_written(train_experiment, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(PropmapsError, match="--workdir is required"):
+        train_experiment.workdir_path(None)
+    with pytest.raises(PropmapsError, match=f"--workdir={a_file} is a file"):
+        train_experiment.workdir_path(str(a_file))
+    with pytest.raises(PropmapsError, match=f"is under {a_file}, which is a file"):
+        train_experiment.workdir_path(str(a_file / "sub" / "dir"))
+    new = tmp_path / "new" / "run"
+    assert train_experiment.workdir_path(str(new)) == str(new)
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+    assert train_experiment.prepare_workdir(str(new)) is True
+    assert new.is_dir() and list(new.iterdir()) == []  # the probe file is gone
+    assert train_experiment.prepare_workdir(str(new)) is False
+    train_experiment.remove_if_empty(str(new), created=True)
+    assert not new.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_unwritable_workdir_is_one_line(train_experiment, tmp_path):
+    # /proc refuses new files even to root (chmod does not stop root).
+    with pytest.raises(PropmapsError, match="--workdir=/proc is not writable"):
+        train_experiment.prepare_workdir("/proc")
+    with pytest.raises(PropmapsError, match="--workdir=/proc/propmaps is not writable"):
+        train_experiment.prepare_workdir("/proc/propmaps")
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read_only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        with pytest.raises(PropmapsError, match="is not writable"):
+            train_experiment.prepare_workdir(str(read_only))
+
+
+def test_resume_compares_the_starting_weights_by_content(train_experiment):
+    digest = "ab" * 32
+    settings = {"model": "lenet", "init_weights_sha256": digest}
+    check = train_experiment.check_settings
+    check(dict(settings), settings, "ckpt")
+    # a checkpoint written before the full hash was recorded: name + 16 digits
+    check(
+        {"model": "lenet", "init_weights": f"old-name.h5 sha256:{digest[:16]}"},
+        settings,
+        "ckpt",
+    )
+    with pytest.raises(PropmapsError) as error:
+        check({"model": "lenet", "init_weights": None}, settings, "ckpt")
+    assert "--init_weights of none (now SHA-256 abababababab)" in str(error.value)
+    with pytest.raises(PropmapsError) as error:
+        check({"model": "resnet", "init_weights_sha256": digest}, settings, "ckpt")
+    assert "--model='resnet' (now 'lenet')" in str(error.value)
