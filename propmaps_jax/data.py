@@ -331,7 +331,7 @@ class _DownloadProgress:
         self.every_s = 0.25 if self.tty else every_s
         self.start = self.last = time.monotonic()
 
-    def line(self, done: int) -> str:
+    def line(self, done: int, final: bool = False) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = done / elapsed
         if self.total:
@@ -343,7 +343,9 @@ class _DownloadProgress:
         else:
             text = f"CIFAR-10: {_size(done)}"
         text += f", {_size(rate)}/s"
-        if self.total and rate > 0:
+        if final:
+            text += f", in {_clock(elapsed)}"
+        elif self.total and rate > 0:
             text += f", ETA {_clock((self.total - done) / rate)}"
         return text
 
@@ -353,7 +355,7 @@ class _DownloadProgress:
             return
         self.last = now
         end = "\n" if final or not self.tty else ""
-        self.stream.write(("\r" if self.tty else "") + self.line(done) + end)
+        self.stream.write(("\r" if self.tty else "") + self.line(done, final) + end)
         self.stream.flush()
 
 
@@ -522,6 +524,11 @@ def _extract(archive: str, folder: str) -> None:
     it, renamed once complete."""
     staging = tempfile.mkdtemp(prefix=f".{BATCHES_DIR}.", dir=os.path.dirname(folder))
     try:
+        # mkdtemp's folder is private (0700); the dataset gets the usual mode, so
+        # that a cache shared by a group stays readable to it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
         try:
             with tarfile.open(archive, "r:*") as tar:
                 for member in tar:
