@@ -1,22 +1,38 @@
-"""The attack results file `attack.csv`: its columns, and reading it back as arrays.
+"""An attack run: its results file `attack.csv`, read back as arrays and checked.
 
 One row per sampled image, in sampling order:
 `index, label, pred_before, prob_true_before, attacked, success, pred_after,
 prob_true_after, generations, evaluations`, then per pixel i (1-based)
 `row_i, col_i, r_i, g_i, b_i`. For images that were not attacked (misclassified
-before the attack) attacked = success = 0 and the pixel columns are -1.
-A failed attack still reports its best candidate in the pixel columns.
+before the attack, or of the target class) attacked = success = 0, the "after"
+columns repeat the "before" ones and the pixel columns are -1. A failed attack
+still reports its best candidate in the pixel columns.
+
+Every experiment that reads an attack run goes through `load_attack_run` (or, for
+the file alone, `read_attack_csv`), so that all of them refuse the same things:
+a run made with another model, other weights or other data than the ones they are
+given (checked against the provenance recorded in attack_summary.json), a row
+that repeats a test image, and a row that contradicts itself (a success whose
+class did not change, a pixel outside the image, ...). Each refusal is one line
+naming the file and the row.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
+from typing import Any
 
 import numpy as np
 
+from experiments import provenance
+from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
 
+CSV_NAME = "attack.csv"
+SUMMARY_NAME = "attack_summary.json"
 BASE_COLUMNS = (
     "index",
     "label",
@@ -31,6 +47,13 @@ BASE_COLUMNS = (
 )
 FLOAT_COLUMNS = ("prob_true_before", "prob_true_after")
 PIXEL_FIELDS = ("row", "col", "r", "g", "b")
+# An attack run checked by predictions (no recorded weights hash to compare):
+# refused when more of its stored predictions than this differ from the given
+# model's (a few may flip on another device or batch size).
+MAX_PREDICTION_MISMATCH = 0.05
+# The target of the run is not known (no attack_summary.json next to the file).
+UNKNOWN = "unknown"
+_RERUN = "run the attack again (into an empty --workdir)"
 
 
 def attack_columns(pixels: int) -> list[str]:
@@ -45,8 +68,32 @@ def num_pixels(columns: list[str]) -> int:
     return sum(1 for c in columns if c.startswith("row_"))
 
 
-def read_attack_csv(path: str) -> dict[str, np.ndarray]:
-    """attack.csv as arrays, plus "pixels": int (N, k, 5) (row, col, r, g, b)."""
+def read_summary(directory: str) -> dict[str, Any] | None:
+    """DIR/attack_summary.json, or None when the run has none."""
+    path = os.path.join(directory, SUMMARY_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(
+        summary.get("settings", {}), dict
+    ):
+        raise PropmapsError(f"{path} is not an attack summary (JSON object): {_RERUN}")
+    return summary
+
+
+def _summary_target(summary: dict | None) -> int | None | str:
+    """The run's target class (None: untargeted), UNKNOWN without a record."""
+    if summary is None or "target" not in summary.get("settings", {}):
+        return UNKNOWN
+    return summary["settings"]["target"]
+
+
+def _parse(path: str) -> tuple[list[str], np.ndarray]:
+    """(header, table (N, columns) float64); the first malformed line named."""
     if not os.path.isfile(path):
         raise PropmapsError(
             f"{path} does not exist: run the attack first "
@@ -57,25 +104,386 @@ def read_attack_csv(path: str) -> dict[str, np.ndarray]:
         try:
             header = next(reader)
         except StopIteration:
-            raise PropmapsError(f"{path} is empty: run the attack again") from None
+            raise PropmapsError(f"{path} is empty: {_RERUN}") from None
         rows = list(reader)
     k = num_pixels(header)
-    if header != attack_columns(k) or k < 1:
-        raise PropmapsError(f"{path} does not have the columns of an attack.csv")
+    expected = attack_columns(max(k, 1))
+    if header != expected:
+        missing = [c for c in expected if c not in header]
+        extra = [c for c in header if c not in expected]
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unexpected {', '.join(extra)}" if extra else "",
+                "" if missing or extra else "columns out of order",
+            )
+            if part
+        )
+        raise PropmapsError(
+            f"{path} does not have the columns of an attack.csv ({detail}): {_RERUN}"
+        )
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise PropmapsError(
+                f"{path} line {line} has {len(row)} fields, the header "
+                f"{len(header)}: {_RERUN}"
+            )
     try:
         table = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
     except ValueError:
+        for line, row in enumerate(rows, start=2):
+            for name, value in zip(header, row, strict=True):
+                try:
+                    float(value)
+                except ValueError:
+                    raise PropmapsError(
+                        f"{path} line {line}: {name} is {value!r}, not a number: "
+                        f"{_RERUN}"
+                    ) from None
+        raise
+    return header, table
+
+
+def _row_problems(
+    table: dict[str, np.ndarray],
+    target: int | None | str,
+    image_shape: tuple[int, int] | None,
+) -> list[tuple[np.ndarray, Any]]:
+    """(mask (N,) of offending rows, message of row j) for every rule, in order."""
+    label = table["label"]
+    before, after = table["pred_before"], table["pred_after"]
+    attacked, success = table["attacked"] == 1, table["success"] == 1
+    pixels = table["pixels"]
+    correct = before == label
+    rules: list[tuple[np.ndarray, Any]] = []
+    for name in ("attacked", "success"):
+        rules.append(
+            (
+                ~np.isin(table[name], (0, 1)),
+                lambda j, name=name: f"{name} is {table[name][j]}, not 0 or 1",
+            )
+        )
+    for name in ("index", "label", "pred_before", "pred_after"):
+        rules.append(
+            (table[name] < 0, lambda j, name=name: f"{name} is {table[name][j]} < 0")
+        )
+    for name in FLOAT_COLUMNS:
+        rules.append(
+            (
+                ~((table[name] >= 0) & (table[name] <= 1)),
+                lambda j, name=name: f"{name} is {table[name][j]}, not in 0..1",
+            )
+        )
+    for name in ("generations", "evaluations"):
+        rules.append(
+            (table[name] < 0, lambda j, name=name: f"{name} is {table[name][j]} < 0")
+        )
+    rules += [
+        (success & ~attacked, lambda j: "success=1 but attacked=0"),
+        (
+            ~attacked & np.any(pixels != -1, axis=(1, 2)),
+            lambda j: "not attacked but its pixel columns are not -1",
+        ),
+        (
+            ~attacked & (after != before),
+            lambda j: (
+                f"not attacked but pred_after {after[j]} != pred_before {before[j]}"
+            ),
+        ),
+        (
+            attacked & ~correct,
+            lambda j: (
+                f"attacked although pred_before {before[j]} != label "
+                f"{label[j]} (only correctly classified images are attacked)"
+            ),
+        ),
+    ]
+    if target is None:
+        rules += [
+            (
+                ~attacked & correct,
+                lambda j: (
+                    f"not attacked although correctly classified "
+                    f"(pred_before = label = {label[j]})"
+                ),
+            ),
+            (
+                attacked & success & (after == label),
+                lambda j: (
+                    f"success=1 but pred_after = label = {label[j]} (an "
+                    "untargeted attack succeeds when the class changes)"
+                ),
+            ),
+            (
+                attacked & ~success & (after != label),
+                lambda j: (
+                    f"success=0 but pred_after {after[j]} != label {label[j]} "
+                    "(the class changed)"
+                ),
+            ),
+        ]
+    elif target != UNKNOWN:
+        rules += [
+            (
+                attacked & (label == target),
+                lambda j: f"attacked although its label is the target class {target}",
+            ),
+            (
+                ~attacked & correct & (label != target),
+                lambda j: (
+                    f"not attacked although correctly classified "
+                    f"(pred_before = label = {label[j]})"
+                ),
+            ),
+            (
+                attacked & (success != (after == target)),
+                lambda j: (
+                    f"success={int(success[j])} but pred_after is {after[j]} "
+                    f"(a targeted attack succeeds when the class becomes {target})"
+                ),
+            ),
+        ]
+    else:  # untargeted or targeted: either way a success changes the class
+        rules.append(
+            (
+                attacked & success & (after == label),
+                lambda j: f"success=1 but pred_after = label = {label[j]}",
+            )
+        )
+    rows, cols = pixels[..., 0], pixels[..., 1]
+    outside = (rows < 0) | (cols < 0)
+    size = " the image"
+    if image_shape is not None:
+        height, width = image_shape
+        outside |= (rows >= height) | (cols >= width)
+        size = f" the {height}x{width} image"
+
+    def where(j: int) -> str:
+        p = int(np.flatnonzero(outside[j])[0])
+        return f"pixel {p + 1} at ({rows[j, p]}, {cols[j, p]}) lies outside{size}"
+
+    rules += [
+        (attacked & np.any(outside, axis=1), where),
+        (
+            attacked & np.any((pixels[..., 2:] < 0) | (pixels[..., 2:] > 255), (1, 2)),
+            lambda j: "a pixel colour lies outside 0..255",
+        ),
+    ]
+    return rules
+
+
+def _check_duplicates(path: str, index: np.ndarray) -> None:
+    """PropmapsError naming the first row that repeats an earlier test image."""
+    _, first = np.unique(index, return_index=True)
+    if first.size == index.size:
+        return
+    repeated = sorted(set(range(index.size)) - set(first.tolist()))[0]
+    earlier = int(np.flatnonzero(index == index[repeated])[0])
+    raise PropmapsError(
+        f"{path} line {repeated + 2}: test image {index[repeated]} appears again "
+        f"(first on line {earlier + 2}); an attack.csv holds one row per image (is it "
+        f"two runs put together?): {_RERUN}"
+    )
+
+
+def _check_summary_counts(path: str, table: dict, summary: dict | None) -> None:
+    """PropmapsError when the summary's counts are not those of the file."""
+    if summary is None:
+        return
+    found = {
+        "num_samples": int(table["index"].size),
+        "attacked": int(table["attacked"].sum()),
+        "successes": int(table["success"].sum()),
+    }
+    recorded = {k: summary[k] for k in found if isinstance(summary.get(k), int)}
+    differ = [k for k in recorded if recorded[k] != found[k]]
+    if differ:
+        said = ", ".join(f"{k} {recorded[k]}" for k in differ)
+        holds = ", ".join(f"{k} {found[k]}" for k in differ)
         raise PropmapsError(
-            f"{path} has malformed rows: run the attack again"
-        ) from None
+            f"{path} holds {holds} but its {SUMMARY_NAME} says {said}: the two files "
+            f"are not of the same run; {_RERUN}"
+        )
+
+
+def read_attack_csv(
+    path: str,
+    image_shape: tuple[int, int] | None = None,
+    summary: dict | None | str = UNKNOWN,
+) -> dict[str, np.ndarray]:
+    """attack.csv as arrays, plus "pixels": int (N, k, 5) (row, col, r, g, b).
+
+    Every row is checked (one row per test image, values in range, consistent with
+    the run's target; pixels inside `image_shape` (height, width) when given) and
+    the counts against `summary` (default: the attack_summary.json beside the
+    file, when there is one). A PropmapsError names the first offending line.
+    """
+    if isinstance(summary, str):
+        summary = read_summary(os.path.dirname(path))
+    header, table = _parse(path)
+    k = num_pixels(header)
+    integral = [j for j, c in enumerate(header) if c not in FLOAT_COLUMNS]
+    bad = ~np.isfinite(table) | (
+        np.isin(np.arange(len(header)), integral) & (table != np.round(table))
+    )
+    if np.any(bad):
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise PropmapsError(
+            f"{path} line {row + 2}: {header[col]} is {table[row, col]:g}, not "
+            f"{'a finite number' if header[col] in FLOAT_COLUMNS else 'an integer'}: "
+            f"{_RERUN}"
+        )
     out: dict[str, np.ndarray] = {}
     for j, name in enumerate(header):
         column = table[:, j]
         out[name] = column if name in FLOAT_COLUMNS else column.astype(np.int64)
-    out["attacked"] = out["attacked"].astype(bool)
-    out["success"] = out["success"].astype(bool)
-    pixel_cols = [attack_columns(k).index(f"row_{i}") for i in range(1, k + 1)]
+    pixel_cols = [header.index(f"row_{i}") for i in range(1, k + 1)]
     out["pixels"] = np.stack([table[:, c : c + 5] for c in pixel_cols], axis=1).astype(
         np.int64
     )
+    _check_duplicates(path, out["index"])
+    for mask, problem in _row_problems(out, _summary_target(summary), image_shape):
+        if np.any(mask):
+            j = int(np.flatnonzero(mask)[0])
+            raise PropmapsError(
+                f"{path} line {j + 2} (test image {out['index'][j]}): {problem(j)}: "
+                f"{_RERUN}"
+            )
+    out["attacked"] = out["attacked"].astype(bool)
+    out["success"] = out["success"].astype(bool)
+    _check_summary_counts(path, out, summary)
     return out
+
+
+def check_dataset(
+    path: str, table: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray
+) -> None:
+    """PropmapsError unless every row's test image exists and has the row's label."""
+    index = table["index"]
+    outside = np.flatnonzero(index >= len(images))
+    if outside.size:
+        j = int(outside[0])
+        raise PropmapsError(
+            f"{path} line {j + 2} refers to test image {index[j]} but the test set has "
+            f"{len(images)} images: pass the --cifar10_path the attack ran on"
+        )
+    differ = np.flatnonzero(np.asarray(labels)[index] != table["label"])
+    if differ.size:
+        j = int(differ[0])
+        raise PropmapsError(
+            f"{path} line {j + 2}: test image {index[j]} has label {table['label'][j]} "
+            f"there but {int(labels[index[j]])} in this data set: pass the "
+            "--cifar10_path the attack ran on"
+        )
+
+
+def given_provenance(
+    model_name: str, weights: str | None, images: np.ndarray, labels: np.ndarray
+) -> dict[str, str]:
+    """provenance.describe of what a consumer was given; without the weights hash
+    when the weights file is missing (loading the model then says so)."""
+    expected = {
+        "model": model_name,
+        "dataset_sha256": provenance.dataset_sha256(images, labels),
+    }
+    path = (
+        checkpoint.bundled_checkpoint_path(model_name) if weights is None else weights
+    )
+    if os.path.isfile(path):
+        expected["weights_sha256"] = provenance.weights_sha256(model_name, weights)
+    return expected
+
+
+def _remedy(summary: dict, expected: dict[str, str]) -> str:
+    """'pass --model=... --weights=..., as the attack did, or ...' for a mismatch."""
+    settings = summary.get("settings", {})
+    differ = [
+        k
+        for k in provenance.KEYS
+        if settings.get(k) is not None
+        and expected.get(k) is not None
+        and settings[k] != expected[k]
+    ]
+    flags = []
+    if "model" in differ:
+        flags.append(f"--model={settings['model']}")
+    if "model" in differ or "weights_sha256" in differ:
+        weights = settings.get("weights")
+        flags.append(
+            f"--weights={weights}"
+            if weights
+            else "no --weights (it used the bundled checkpoint)"
+        )
+    if "dataset_sha256" in differ:
+        source = summary.get("dataset")
+        flags.append(
+            f"--cifar10_path={source}" if source else "the --cifar10_path it used"
+        )
+    return (
+        f"pass {' and '.join(flags)}, as the attack did, or the --workdir of another "
+        "attack run"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackRun:
+    """A checked attack run: its attack.csv as arrays and its summary (or None)."""
+
+    directory: str
+    csv_path: str
+    table: dict[str, np.ndarray]
+    summary: dict[str, Any] | None
+
+    @property
+    def weights_verified(self) -> bool:
+        """Whether the weights were compared by content with the run's record."""
+        settings = (self.summary or {}).get("settings", {})
+        return settings.get("weights_sha256") is not None
+
+
+def load_attack_run(
+    directory: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    model_name: str,
+    weights: str | None,
+) -> AttackRun:
+    """DIR/attack.csv checked against the model, weights and test split it is to be
+    used with (images/labels: the whole test split the samples were drawn from).
+
+    Refused with one line: a run whose attack_summary.json records another model,
+    other weights or other data (by content); a row that repeats an image, that
+    contradicts itself or the summary, or whose image or label is not in the data.
+    """
+    csv_path = os.path.join(directory, CSV_NAME)
+    summary = read_summary(directory)
+    if summary is not None and summary.get("settings", {}).get("target") == "all":
+        raise PropmapsError(
+            f"{directory} holds a --target=all attack (one run per class): pass "
+            f"--workdir={os.path.join(directory, 'target_<class>')}"
+        )
+    if not os.path.isfile(csv_path):
+        read_attack_csv(csv_path)  # the one message for a missing file
+    if summary is not None:
+        expected = given_provenance(model_name, weights, images, labels)
+        provenance.require_match(
+            f"the attack run in {directory}",
+            summary.get("settings", {}),
+            expected,
+            _remedy(summary, expected),
+        )
+    table = read_attack_csv(csv_path, tuple(images.shape[1:3]), summary)
+    check_dataset(csv_path, table, images, labels)
+    return AttackRun(directory, csv_path, table, summary)
+
+
+def require_predictions_match(csv_path: str, mismatches: int, total: int) -> None:
+    """PropmapsError when too many stored predictions differ from the model's."""
+    if mismatches > MAX_PREDICTION_MISMATCH * total:
+        raise PropmapsError(
+            f"{csv_path} was not made by this model: {mismatches} of {total} attacked "
+            "images are predicted differently than it records; pass the --model and "
+            "--weights of the attack run"
+        )

@@ -5,8 +5,9 @@
 
 DIR is an attack run: DIR/attack.csv of the attack experiment, or DIR/<model>/ of
 the locality experiment. The model is the one that made the run (from
-DIR/attack_summary.json when present; --model/--weights otherwise, checked against
-the predictions stored in attack.csv).
+DIR/attack_summary.json when present, unless --model is given); a run recorded
+with another model, other weights or other data than the ones given is refused,
+and so is one whose stored predictions the model does not reproduce.
 
 For every attacked image (a failed attack contributes its best candidate) three
 changes of the clean image are studied: the attack's pixel (original), the same
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import math
 import os
 import time
@@ -51,7 +51,11 @@ import scipy.stats
 from absl import flags
 
 from experiments import common, rundir, salience_plots
-from experiments.results import read_attack_csv
+from experiments.results import (
+    load_attack_run,
+    read_summary,
+    require_predictions_match,
+)
 from propmaps_jax import locality, models, propagation, saliency
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
@@ -99,9 +103,6 @@ LOCALITY_COLUMNS = (
     "random_row",
     "random_col",
 )
-# attack.csv written by another model: refused when more of its stored
-# predictions than this differ (a few may flip on another device or batch size).
-MAX_MISMATCH = 0.05
 # Verdict rule: (value of no effect, smallest effect that matters) per statistic.
 NO_EFFECT = {"capture": 0.0, "auc": 0.5, "spearman": 0.0}
 MEANINGFUL = {"capture": 0.01, "auc": 0.6, "spearman": 0.1}
@@ -120,30 +121,14 @@ def resolve_model(
     workdir: str, model: str, model_given: bool, weights: str | None
 ) -> tuple[str, str | None]:
     """(model, weights): those of DIR/attack_summary.json unless given as flags."""
-    path = os.path.join(workdir, "attack_summary.json")
-    if not os.path.isfile(path):
+    summary = read_summary(workdir)
+    if summary is None:
         return model, weights
-    with open(path) as f:
-        settings = json.load(f).get("settings", {})
+    settings = summary.get("settings", {})
     made_by = settings.get("model")
     if made_by is None or model_given:
         return model, weights
     return made_by, weights if weights is not None else settings.get("weights")
-
-
-def check_summary_model(workdir: str, model: str) -> None:
-    """A PropmapsError when DIR/attack_summary.json names another model."""
-    path = os.path.join(workdir, "attack_summary.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        made_by = json.load(f).get("settings", {}).get("model")
-    if made_by is not None and made_by != model:
-        raise PropmapsError(
-            f"{os.path.join(workdir, 'attack.csv')} was made by model {made_by!r} "
-            f"(attack_summary.json), not {model!r}: pass --model={made_by} and its "
-            "--weights"
-        )
 
 
 def read_locality_positions(
@@ -717,10 +702,12 @@ def run(
         batch_size = max(1, min(64, 128 // config.passes))
     if batch_size < 1:
         raise PropmapsError(f"--batch_size must be at least 1, got {batch_size}")
-    csv_path = os.path.join(workdir, "attack.csv")
-    table = read_attack_csv(csv_path)
+    x_test, y_test = dataset.split("test")
+    run = load_attack_run(
+        workdir, x_test, y_test, model_name=model_name, weights=weights
+    )
+    csv_path, table = run.csv_path, run.table
     locality.check_one_pixel(table["pixels"])
-    check_summary_model(workdir, model_name)
     attacked = np.flatnonzero(table["attacked"])
     if attacked.size == 0:
         raise PropmapsError(
@@ -731,24 +718,7 @@ def run(
     labels = table["label"][attacked].astype(np.int32)
     pixels = table["pixels"][attacked].astype(np.int32)
     success = table["success"][attacked]
-    x_test, y_test = dataset.split("test")
-    if indices.max() >= len(x_test) or np.any(y_test[indices] != labels):
-        raise PropmapsError(
-            f"{csv_path} does not match this CIFAR-10 test set (indices or labels "
-            "differ): use the data set the attack ran on"
-        )
     height, width = x_test.shape[1:3]
-    if np.any(
-        (pixels[..., 0] < 0)
-        | (pixels[..., 0] >= height)
-        | (pixels[..., 1] < 0)
-        | (pixels[..., 1] >= width)
-        | np.any((pixels[..., 2:] < 0) | (pixels[..., 2:] > 255), axis=-1)
-    ):
-        raise PropmapsError(
-            f"{csv_path} has a pixel outside the {height}x{width} image or a colour "
-            "outside 0..255: run the attack again"
-        )
     changes, from_locality = change_positions(
         workdir, indices, pixels, success, seed, height, width
     )
@@ -777,12 +747,7 @@ def run(
     )
     expected = np.stack([table["pred_before"][attacked], table["pred_after"][attacked]])
     mismatches = int(np.sum(np.any(preds != expected, axis=0)))
-    if mismatches > MAX_MISMATCH * len(indices):
-        raise PropmapsError(
-            f"{csv_path} was not made by this model: {mismatches} of {len(indices)} "
-            "attacked images are predicted differently (before or after the attack) "
-            "than it records; pass the --model and --weights of the attack run"
-        )
+    require_predictions_match(csv_path, mismatches, len(indices))
 
     # The last convolution's output (for ResNets the last block's second conv,
     # before the residual add), as the paper's maps are of convolution outputs.

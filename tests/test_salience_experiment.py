@@ -7,6 +7,7 @@ through `salience.run` (experiments/salience.py defines only flags of its own).
 """
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from experiments import salience
+from experiments import provenance, salience
 from experiments.results import attack_columns
 from propmaps_jax import checkpoint, data, locality, models
 from propmaps_jax.errors import PropmapsError
@@ -364,7 +365,11 @@ def _run(setup, workdir, **kwargs):
 
 def test_attack_run_of_another_model_is_refused(setup):
     workdir = _copy_run(setup, "other_model")
-    with pytest.raises(PropmapsError, match="was made by model 'lenet_tiny'"):
+    with pytest.raises(
+        PropmapsError,
+        match="was made with model 'lenet_tiny', not 'resnet_tiny'; pass "
+        "--model=lenet_tiny",
+    ):
         _run(setup, workdir, model_name="resnet_tiny")
     # Same architecture, other weights: the stored predictions do not match.
     os.remove(os.path.join(workdir, "attack_summary.json"))
@@ -378,6 +383,46 @@ def test_attack_run_of_another_model_is_refused(setup):
     with pytest.raises(PropmapsError, match="was not made by this model"):
         _run(setup, workdir, weights=other)
     assert not os.path.exists(os.path.join(workdir, "salience"))
+
+
+def test_attack_run_recorded_with_other_weights_or_data_is_refused(setup):
+    """A summary with the run's provenance (weights and data by content)."""
+    workdir = _copy_run(setup, "provenance")
+    dataset = data.load_cifar10(setup["data"])
+    x_test, y_test = dataset.split("test")
+    path = os.path.join(workdir, "attack_summary.json")
+    with open(path) as f:
+        summary = json.load(f)
+    summary["settings"].update(
+        provenance.describe("lenet_tiny", setup["weights"], x_test, y_test)
+    )
+    summary["dataset"] = setup["data"]
+    with open(path, "w") as f:
+        json.dump(summary, f)
+    copy = str(setup["folder"] / "same_weights_elsewhere.msgpack")
+    shutil.copy(setup["weights"], copy)
+    other = str(setup["folder"] / "other_weights.msgpack")
+    module = models.create_model("lenet_tiny")
+    checkpoint.save_checkpoint(
+        other,
+        models.ModelConfig("lenet_tiny"),
+        models.init_variables(module, jax.random.key(12)),
+    )
+    # Refused before the model is loaded or anything is computed.
+    with pytest.raises(PropmapsError, match="was made with other weights"):
+        _run(setup, workdir, weights=other)
+    y_other = y_test.copy()
+    y_other[9] = (y_other[9] + 1) % 10  # one label changed
+    other_data = dataclasses.replace(dataset, y_test=y_other)
+    with pytest.raises(
+        PropmapsError,
+        match=f"was made with other data .*; pass --cifar10_path={setup['data']}",
+    ):
+        _run(setup, workdir, dataset=other_data)
+    assert not os.path.exists(os.path.join(workdir, "salience"))
+    # The same weights under another path are the same run.
+    _run(setup, workdir, weights=copy)
+    assert os.path.isfile(os.path.join(workdir, "salience", "table.md"))
 
 
 def test_changed_columns_are_refused(setup):
