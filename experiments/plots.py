@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
 from experiments import rundir  # noqa: E402
+from propmaps_jax import stats  # noqa: E402
 from propmaps_jax.models import CIFAR10_CLASSES  # noqa: E402
 
 
@@ -46,8 +48,10 @@ def _draw_layer_panels(
     vmax: dict[str, float] | None,
     signed: bool,
     colorbar_label: str,
+    bar_title: str = "",
 ) -> None:
-    """One panel per layer with its own colour bar, in the given grid cells."""
+    """One panel per layer with its own colour bar (titled `bar_title`), in the
+    given grid cells; `vmax` None: each panel scaled to its own map's maximum."""
     for cell, (name, pm) in zip(grid_cells, maps.items(), strict=False):
         ax = fig.add_subplot(cell)
         if vmax is not None:
@@ -83,6 +87,8 @@ def _draw_layer_panels(
             [_format_scale(t) for t in ([low, 0.0, top] if signed else [0.0, top])]
         )
         bar.ax.tick_params(labelsize=6, length=2, pad=1)
+        if bar_title:
+            bar.set_label(bar_title, fontsize=6, labelpad=1)
         ax.set_title(
             layer_title(name, shapes[name]), fontsize=7, pad=2, linespacing=1.1
         )
@@ -115,10 +121,20 @@ def _show_image(
     ax.set_yticks([])
 
 
+def panel_grid(panels: int, columns: int, min_rows: int = 1) -> tuple[int, int]:
+    """(rows, columns) of a grid for `panels` layer panels, at most `columns` wide
+    and at least `min_rows` high, with the panels spread evenly over the rows so
+    that no row or column is left empty (LeNet's two layers: 2 x 1 beside the two
+    images, not one row of 6 with five empty cells)."""
+    panels = max(panels, 1)
+    rows = max(min_rows, math.ceil(panels / max(1, columns)))
+    return rows, math.ceil(panels / rows)
+
+
 def single_attack_figure(
     maps: dict[str, np.ndarray],
     shapes: dict[str, Sequence[int]],
-    fm_max: dict[str, float],
+    fm_max: dict[str, float] | None,
     image: np.ndarray,
     perturbed: np.ndarray,
     pixels: np.ndarray,
@@ -128,33 +144,47 @@ def single_attack_figure(
     colorbar_label: str,
     signed: bool = False,
     columns: int = 6,
+    bar_title: str = "",
 ) -> plt.Figure:
     """Figures 2-6: the natural and perturbed image, then a panel per layer.
 
     Each panel's colour scale runs from 0 to `fm_max[layer]`, the maximum of that
-    layer's original feature maps (symmetric around 0 when `signed`).
+    layer's original feature maps (symmetric around 0 when `signed`), or with
+    `fm_max` None to the maximum of the panel's own map.
     """
     n = len(maps)
-    columns = max(1, min(columns, n))
-    rows = max(2, math.ceil(n / columns))
-    height = 0.6 + 1.8 * rows
-    fig = plt.figure(figsize=(3.2 + 2.05 * columns, height))
+    rows, columns = panel_grid(n, columns, min_rows=2)
+    # The images' column as wide as an image is tall (half the panel rows), within
+    # what their captions need and what a page allows.
+    left = min(4.3, max(2.4, 1.8 * (rows // 2) - 0.4))
+    width = left + 0.4 + 2.05 * columns
+    title, note = _wrap(title, width), _wrap(colorbar_label, width, points=8.0)
+    top = 0.3 + 0.22 * (title.count("\n") + 1)
+    bottom = 0.1 + 0.16 * (note.count("\n") + 1)
+    height = top + bottom + 1.8 * rows
+    fig = plt.figure(figsize=(width, height))
     grid = fig.add_gridspec(
         rows,
         columns + 1,
-        width_ratios=[2.3] + [1.0] * columns,
+        width_ratios=[left] + [2.05] * columns,
         wspace=0.45,
         hspace=0.5,
-        top=1.0 - 0.55 / height,
-        bottom=0.25 / height,
+        top=1.0 - top / height,
+        bottom=bottom / height,
     )
     half = rows // 2
     _show_image(fig.add_subplot(grid[:half, 0]), image, pixels, caption_natural)
     _show_image(fig.add_subplot(grid[half:, 0]), perturbed, pixels, caption_perturbed)
     cells = [grid[i // columns, 1 + i % columns] for i in range(n)]
-    _draw_layer_panels(fig, cells, maps, shapes, fm_max, signed, colorbar_label)
+    _draw_layer_panels(fig, cells, maps, shapes, fm_max, signed, note, bar_title)
     fig.suptitle(title, fontsize=11, y=0.995)
     return fig
+
+
+def _wrap(text: str, width_inches: float, points: float = 11.0) -> str:
+    """`text` broken into lines that fit a figure `width_inches` wide."""
+    characters = max(30, int(width_inches * 72 / (0.55 * points)))
+    return "\n".join(textwrap.fill(line, characters) for line in text.split("\n"))
 
 
 def mean_maps_figure(
@@ -163,23 +193,27 @@ def mean_maps_figure(
     title: str,
     colorbar_label: str,
     columns: int = 6,
+    bar_title: str = "",
 ) -> plt.Figure:
     """Figures 7/8: one panel per layer, each scaled to its own maximum."""
     n = len(maps)
-    columns = max(1, min(columns, n))
-    rows = max(1, math.ceil(n / columns))
-    height = 0.6 + 1.8 * rows
-    fig = plt.figure(figsize=(2.05 * columns, height))
+    rows, columns = panel_grid(n, columns)
+    width = max(2.05 * columns, 4.0)
+    title, note = _wrap(title, width), _wrap(colorbar_label, width, points=8.0)
+    top = 0.3 + 0.22 * (title.count("\n") + 1)
+    bottom = 0.1 + 0.16 * (note.count("\n") + 1)
+    height = top + bottom + 1.8 * rows
+    fig = plt.figure(figsize=(width, height))
     grid = fig.add_gridspec(
         rows,
         columns,
         wspace=0.45,
         hspace=0.5,
-        top=1.0 - 0.55 / height,
-        bottom=0.25 / height,
+        top=1.0 - top / height,
+        bottom=bottom / height,
     )
     cells = [grid[i // columns, i % columns] for i in range(n)]
-    _draw_layer_panels(fig, cells, maps, shapes, None, False, colorbar_label)
+    _draw_layer_panels(fig, cells, maps, shapes, None, False, note, bar_title)
     fig.suptitle(title, fontsize=11, y=0.995)
     return fig
 
@@ -216,10 +250,24 @@ def layer_means_figure(
 
 
 def distance_histogram_figure(
-    distances: dict[str, np.ndarray], bin_edges: np.ndarray, title: str
+    distances: dict[str, np.ndarray],
+    bin_edges: np.ndarray,
+    title: str,
+    xlabel: str,
+    uniform: np.ndarray | None = None,
 ) -> plt.Figure:
-    """Histogram (fraction of attacks) of the pixel's distance from the image centre."""
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    """Histogram (fraction of attacks) of the pixel's distance from the image centre,
+    beside `uniform`: the fraction of positions per bin (pixels chosen at random)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if uniform is not None:
+        ax.stairs(
+            uniform,
+            bin_edges,
+            color="0.45",
+            linestyle=":",
+            lw=1.6,
+            label="every position once (where random pixels would lie)",
+        )
     for label, values in distances.items():
         values = np.asarray(values, np.float64)
         if values.size == 0:
@@ -233,11 +281,12 @@ def distance_histogram_figure(
             lw=1.6,
             label=f"{label} (n={values.size}, median {np.median(values):.1f})",
         )
-    ax.set_xlabel("distance of the attacked pixel from the image centre (pixels)")
-    ax.set_ylabel("fraction of attacks")
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel("fraction of attacks (of positions: dotted)")
+    ax.set_title(_wrap(title, 6.4, points=10.0), fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.4 * ax.get_ylim()[1])  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -245,8 +294,24 @@ def distance_histogram_figure(
 # ----- locality (Table 1's companions) ------------------------------------------
 
 
+def _with_interval(prop: dict) -> dict:
+    """A proportion record with its 95% Wilson interval (computed from successes/n
+    when the record lacks it)."""
+    if prop.get("ci_low") is not None and prop.get("ci_high") is not None:
+        return prop
+    successes, n = int(prop["successes"]), int(prop["n"])
+    low, high = stats.wilson_interval(successes, n)
+    return {
+        **prop,
+        "rate": successes / n if n else None,
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
 def distance_figure(results: dict[str, dict], path: str) -> None:
-    """Success rate vs Chebyshev distance with Wilson bars; random rate dashed."""
+    """Success rate vs Chebyshev distance with Wilson bars; the random pixel's rate
+    dashed, with its Wilson interval as a band."""
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -267,19 +332,30 @@ def distance_figure(results: dict[str, dict], path: str) -> None:
             color=colour,
             label=f"{name}: pixel at distance d ({n_images} successful attacks)",
         )
-        random_rate = res["random"]["rate"] or 0.0
-        ax.axhline(
-            100 * random_rate,
-            color=colour,
-            linestyle="--",
-            label=f"{name}: random pixel ({100 * random_rate:.1f}%)",
-        )
+        random = _with_interval(res["random"])
+        if random["rate"] is not None:
+            ax.axhline(
+                100 * random["rate"],
+                color=colour,
+                linestyle="--",
+                label=f"{name}: random pixel, {100 * random['rate']:.1f}% "
+                f"({random['successes']}/{random['n']}); shaded: 95% CI "
+                f"{100 * random['ci_low']:.1f}-{100 * random['ci_high']:.1f}%",
+            )
+            ax.axhspan(
+                100 * random["ci_low"],
+                100 * random["ci_high"],
+                color=colour,
+                alpha=0.15,
+                lw=0,
+            )
     ax.set_xticks(range(1, max(len(r["distance"]) for r in results.values()) + 1))
-    ax.set_xlabel("Chebyshev distance from the attacked pixel")
+    ax.set_xlabel("Chebyshev distance (max(|dr|, |dc|)) from the attacked pixel")
     ax.set_ylabel("success rate of the moved pixel (%)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=-1)  # a random rate of 0% stays visible above the axis
     ax.set_title(
-        "Locality: the attack's colour moved to distance d\n(95% Wilson intervals)"
+        "Locality: the attack's colour moved to Chebyshev distance d\n"
+        "(95% Wilson intervals; random pixel: dashed line, shaded interval)"
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

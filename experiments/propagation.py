@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, rundir
-from experiments.results import read_attack_csv
+from experiments import common, plots, results, rundir
 from propmaps_jax import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
@@ -53,8 +52,12 @@ def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def perturbation_from_flags(workdir: str, index: int) -> tuple[np.ndarray, str]:
-    """(pixels (k, 5), where they come from) from --pixel/--rgb or DIR/attack.csv."""
+def perturbation_from_flags(
+    workdir: str, index: int, images: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, str, dict | None]:
+    """(pixels (k, 5), where they come from, the attack.csv row or None) from
+    --pixel/--rgb or DIR/attack.csv (checked against --model, --weights and the
+    test split `images`/`labels`)."""
     if FLAGS.pixel is not None or FLAGS.rgb is not None:
         if FLAGS.pixel is None or FLAGS.rgb is None:
             raise PropmapsError(
@@ -65,9 +68,11 @@ def perturbation_from_flags(workdir: str, index: int) -> tuple[np.ndarray, str]:
         colour = parse_ints(FLAGS.rgb, 3, "rgb", "R,G,B")
         if any(not 0 <= c <= 255 for c in colour):
             raise PropmapsError(f"--rgb={FLAGS.rgb}: each colour must be in 0..255")
-        return np.array([[row, col, *colour]], np.int64), "--pixel/--rgb"
-    path = os.path.join(workdir, "attack.csv")
-    table = read_attack_csv(path)
+        return np.array([[row, col, *colour]], np.int64), "--pixel/--rgb", None
+    run = results.load_attack_run(
+        workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
+    )
+    path, table = run.csv_path, run.table
     rows = np.flatnonzero(table["index"] == index)
     if rows.size == 0:
         known = table["index"]
@@ -78,14 +83,19 @@ def perturbation_from_flags(workdir: str, index: int) -> tuple[np.ndarray, str]:
             f"test image {index} is not in {path} (it holds {known.size} images: "
             f"{listed or 'none'}); pick one of them or give --pixel and --rgb"
         )
-    row = rows[-1]
+    row = int(rows[0])
     if not table["attacked"][row]:
         raise PropmapsError(
             f"test image {index} was not attacked (the model misclassified it "
             f"already, see {path}); pick another --index or give --pixel and --rgb"
         )
     outcome = "successful" if table["success"][row] else "failed (best candidate)"
-    return np.asarray(table["pixels"][row], np.int64), f"attack.csv, {outcome}"
+    recorded = {k: int(table[k][row]) for k in ("pred_before", "pred_after")}
+    return (
+        np.asarray(table["pixels"][row], np.int64),
+        f"attack.csv, {outcome}",
+        recorded,
+    )
 
 
 def check_pixels(pixels: np.ndarray, image_shape: tuple[int, ...], flag: str) -> None:
@@ -106,9 +116,12 @@ def class_name(index: int, num_classes: int) -> str:
     return CIFAR10_CLASSES[index] if num_classes == len(CIFAR10_CLASSES) else str(index)
 
 
-def _perturbation(workdir: str, index: int) -> tuple[np.ndarray, str, str]:
-    """(pixels (k, 5), where they come from, output name) from the flags."""
-    pixels, source = perturbation_from_flags(workdir, index)
+def _perturbation(
+    workdir: str, index: int, images: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, str, str, dict | None]:
+    """(pixels (k, 5), where they come from, output name, the attack.csv row's
+    predictions or None) from the flags."""
+    pixels, source, recorded = perturbation_from_flags(workdir, index, images, labels)
     name = str(index)
     if FLAGS.move_to is not None:
         if pixels.shape[0] != 1:
@@ -121,7 +134,28 @@ def _perturbation(workdir: str, index: int) -> tuple[np.ndarray, str, str]:
         pixels[0, :2] = (row, col)
         source += f", moved to ({row}, {col})"
         name += f"_moved_{row}_{col}"
-    return pixels, source, name
+        recorded = None  # attack.csv's predictions are of the unmoved pixel
+    return pixels, source, name, recorded
+
+
+def _disagreement(result, recorded: dict | None, num_classes: int) -> str:
+    """'' when this run predicts what attack.csv records, else how they differ.
+
+    With the run's model and weights a prediction flips only at a near tie (another
+    device or precision); the figure then says so instead of contradicting itself.
+    """
+    if recorded is None:
+        return ""
+    ours = {
+        "pred_before": int(np.argmax(result["probs"])),
+        "pred_after": int(np.argmax(result["probs_adv"])),
+    }
+    differ = [k for k in ours if ours[k] != recorded[k]]
+    return "; ".join(
+        f"{k}: attack.csv {class_name(recorded[k], num_classes)}, here "
+        f"{class_name(ours[k], num_classes)}"
+        for k in differ
+    )
 
 
 def _analyze(module, variables, image_shape, image, perturbed) -> dict:
@@ -173,12 +207,30 @@ def _captions(result, label, pixels, num_classes) -> tuple[str, str, str]:
     return natural, perturbed, pixel_text
 
 
+# PM_max is drawn on the scale of the original feature maps (how much of a layer's
+# activity the pixel moves); PM_avg, a mean over channels, is far below that scale
+# (on it the maps look black), so each of its panels has its own scale.
+SCALES = {
+    "max": (
+        "max",
+        "colour scale of each layer: {range} of its original feature maps "
+        "(arrow: the map exceeds it)",
+    ),
+    "avg": (
+        "mean",
+        "colour scale of each layer: {range} of its own PM_avg map (its own scale: "
+        "a mean over channels lies far below the feature maps' maximum); compare "
+        "layers by the numbers on the colour bars",
+    ),
+}
+
+
 def _figures(workdir, name, index, source, result, image, perturbed, pixels, captions):
     """DIR/propagation/<name>_pm_max.png and _pm_avg.png."""
     order = result["order"]
     fm_max = dict(zip(order, result["summaries"]["fm_max"], strict=True))
     difference = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
-    for reduce, what in (("max", "max"), ("avg", "mean")):
+    for reduce, (what, note) in SCALES.items():
         title = (
             f"PM_{reduce} = {what} over channels of {difference}, {FLAGS.model}, "
             f"test image {index} ({source})"
@@ -186,18 +238,19 @@ def _figures(workdir, name, index, source, result, image, perturbed, pixels, cap
         fig = plots.single_attack_figure(
             result["pm"][reduce],
             order,
-            fm_max,
+            fm_max if reduce == "max" else None,
             image,
             perturbed,
             pixels,
             captions[0],
             captions[1],
             title,
-            "colour scale of each layer: "
-            + ("-max .. max" if FLAGS.signed else "0 .. max")
-            + " of its original feature maps (arrow: the map exceeds it)",
+            note.format(
+                range="-maximum .. +maximum" if FLAGS.signed else "0 .. the maximum"
+            ),
             signed=FLAGS.signed,
             columns=FLAGS.columns,
+            bar_title=f"PM_{reduce}",
         )
         path = os.path.join(workdir, "propagation", f"{name}_pm_{reduce}.png")
         plots.save_figure(fig, path)
@@ -249,13 +302,13 @@ def main(argv: list[str]) -> None:
     if FLAGS.index is None:
         raise PropmapsError("--index is required: the test image to analyse")
     index = FLAGS.index
-    pixels, source, name = _perturbation(workdir, index)
     # Data before the model: bad input is reported without compiling anything.
     images, labels = common.load_data().split("test")
     if not 0 <= index < images.shape[0]:
         raise PropmapsError(
             f"--index={index} is outside the test set (0..{images.shape[0] - 1})"
         )
+    pixels, source, name, recorded = _perturbation(workdir, index, images, labels)
     check_pixels(
         pixels, images.shape[1:], "--move_to" if FLAGS.move_to is not None else source
     )
@@ -263,6 +316,12 @@ def main(argv: list[str]) -> None:
     image, label = images[index], int(labels[index])
     perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
     result = _analyze(module, variables, config.image_shape, image, perturbed)
+    disagreement = _disagreement(result, recorded, config.num_classes)
+    if disagreement:
+        logging.warning(
+            "this model's predictions differ from attack.csv (%s)", disagreement
+        )
+        source += f"; predictions differ, {disagreement}"
     natural, perturbed_caption, pixel_text = _captions(
         result, label, pixels, config.num_classes
     )

@@ -11,7 +11,9 @@ to the host), and writes to DIR/statistics/:
   mean PM_avg over successful / failed attacks, each panel scaled to its own max;
 - layer_means.png (figure 9): per layer the mean |FM - FM_adv| over all feature
   maps for successful and failed attacks, beside the mean original feature map;
-- distance_from_centre.png: where the attacked pixels lie;
+- distance_from_centre.png: where the attacked pixels lie (Chebyshev distance
+  max(|dr|, |dc|) from the image centre, one bin per square ring, beside the share
+  of positions in each ring: where pixels chosen at random would lie);
 - per_layer.csv and summary.json: per layer and outcome the mean and 95th
   percentile of max|dFM| / max FM, the fraction of attacks where it reaches 1, the
   spread (fraction of positions where PM_max > 10% of the layer's original max),
@@ -30,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, rundir
-from experiments.results import read_attack_csv
+from experiments import common, plots, results, rundir
 from propmaps_jax import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
@@ -39,7 +40,8 @@ from propmaps_jax.perturb import apply_pixels_batch
 FLAGS = flags.FLAGS
 
 OUTCOMES = ("successful", "failed", "all")
-DISTANCE_BIN_WIDTH = 2.0
+DISTANCE_BIN_WIDTH = 1.0
+DISTANCE_METRIC = "Chebyshev distance (max(|dr|, |dc|))"
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -77,6 +79,36 @@ def per_outcome_layer_stats(
     return out
 
 
+def distance_from_centre(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Chebyshev distance max(|dr|, |dc|) of pixels (..., >= 2) (row, col first)
+    from the image centre ((height - 1) / 2, (width - 1) / 2).
+
+    The rings of the locality study are Chebyshev rings too: on a 32x32 image the
+    distances are 0.5, 1.5, .., 15.5, one value per square ring of pixels.
+    """
+    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
+    return np.maximum(
+        np.abs(pixels[..., 0] - centre_row), np.abs(pixels[..., 1] - centre_col)
+    )
+
+
+def distance_bin_edges(height: int, width: int) -> np.ndarray:
+    """Histogram edges 0, 1, 2, ..: one bin per square ring around the centre."""
+    largest = max(height - 1, width - 1) / 2.0
+    return np.arange(0.0, math.floor(largest) + 2.0, DISTANCE_BIN_WIDTH)
+
+
+def uniform_distance_fractions(
+    height: int, width: int, bin_edges: np.ndarray
+) -> np.ndarray:
+    """Fraction of all image positions per distance bin: where pixels chosen
+    uniformly at random would lie (outer rings hold more positions)."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    everywhere = distance_from_centre(np.stack([rows, cols], -1), height, width)
+    counts, _ = np.histogram(everywhere, bins=bin_edges)
+    return counts / everywhere.size
+
+
 def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict:
     """Mean, median, quartiles and histogram of pixel distances from the centre."""
     if distances.size == 0:
@@ -94,43 +126,19 @@ def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict:
     }
 
 
-def _attacked(csv_path: str) -> dict[str, np.ndarray]:
-    """The attacked rows of attack.csv: index, pixels, success, pred_after, and the
-    number of rows that were not attacked."""
-    table = read_attack_csv(csv_path)
+def _attacked(run: results.AttackRun) -> dict[str, np.ndarray]:
+    """The attacked rows of an attack run: index, pixels, success, pred_after, and
+    the number of rows that were not attacked."""
+    table = run.table
     attacked = np.flatnonzero(table["attacked"])
     if attacked.size == 0:
         raise PropmapsError(
-            f"{csv_path} holds no attacked image (all were misclassified before the "
-            "attack or it is empty): attack more images first"
+            f"{run.csv_path} holds no attacked image (all were misclassified before "
+            "the attack or it is empty): attack more images first"
         )
     rows = {k: table[k][attacked] for k in ("index", "pixels", "success", "pred_after")}
     rows["not_attacked"] = int(table["index"].size - attacked.size)
     return rows
-
-
-def _check_against_test_set(csv_path: str, rows: dict, images: np.ndarray) -> None:
-    """PropmapsError unless every attacked index and pixel fits the test images."""
-    indices, pixels = rows["index"], rows["pixels"]
-    if indices.max() >= images.shape[0] or indices.min() < 0:
-        raise PropmapsError(
-            f"{csv_path} refers to test image {indices.max()} but the test set has "
-            f"{images.shape[0]} images: use the data set the attack ran on"
-        )
-    height, width = images.shape[1:3]
-    bad = np.flatnonzero(
-        (pixels[..., 0] < 0)
-        | (pixels[..., 0] >= height)
-        | (pixels[..., 1] < 0)
-        | (pixels[..., 1] >= width)
-        | np.any((pixels[..., 2:] < 0) | (pixels[..., 2:] > 255), axis=-1)
-    )
-    if bad.size:
-        raise PropmapsError(
-            f"{csv_path}: attacked image {indices[bad[0] // pixels.shape[1]]} has a "
-            f"pixel outside the {height}x{width} image or a colour outside 0..255; "
-            "was it written for another model? run the attack again"
-        )
 
 
 def _stream(module, variables, shapes, images, rows, batch_size, signed):
@@ -208,7 +216,7 @@ def _per_layer_csv(shapes, layer_stats, masks) -> str:
     return rundir.csv_text(header, csv_rows)
 
 
-def _figures(out_dir, mean_maps, shapes, counts, layer_stats, distances, bin_edges):
+def _figures(out_dir, mean_maps, shapes, counts, layer_stats, distances, bins):
     """Figures 7, 8 and 9 of the paper and the distance histogram."""
     order, total = list(shapes), sum(counts.values())
     what = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
@@ -225,6 +233,7 @@ def _figures(out_dir, mean_maps, shapes, counts, layer_stats, distances, bin_edg
             "colour scale of each layer: 0 .. the maximum of its mean map "
             "(not scaled to the feature maps)",
             columns=FLAGS.columns,
+            bar_title="mean PM_avg",
         )
         plots.save_figure(fig, path)
         print(f"wrote {path}")
@@ -257,10 +266,13 @@ def _figures(out_dir, mean_maps, shapes, counts, layer_stats, distances, bin_edg
     plots.save_figure(fig, path)
     print(f"wrote {path}")
 
+    bin_edges, uniform = bins
     fig = plots.distance_histogram_figure(
         {o: distances[o] for o in ("successful", "failed")},
         bin_edges,
-        f"Attacked pixels: distance from the image centre, {FLAGS.model}",
+        f"Attacked pixels: {DISTANCE_METRIC} from the image centre, {FLAGS.model}",
+        f"{DISTANCE_METRIC} of the attacked pixel from the image centre (pixels)",
+        uniform=uniform,
     )
     path = os.path.join(out_dir, "distance_from_centre.png")
     plots.save_figure(fig, path)
@@ -289,6 +301,7 @@ def _summary(
     mismatches,
     distance_by_outcome,
     bin_edges,
+    uniform,
     order,
     layer_stats,
 ) -> dict:
@@ -305,7 +318,9 @@ def _summary(
         "not_attacked": rows["not_attacked"],
         "pred_after_mismatches": mismatches,
         "distance_from_centre": {
-            o: distance_stats(distance_by_outcome[o], bin_edges) for o in OUTCOMES
+            "metric": f"{DISTANCE_METRIC} from the image centre, in pixels",
+            **{o: distance_stats(distance_by_outcome[o], bin_edges) for o in OUTCOMES},
+            "uniform_histogram_fractions": [float(f) for f in uniform],
         },
         "per_layer": {
             layer: {
@@ -327,11 +342,13 @@ def main(argv: list[str]) -> None:
     common.default_batch_size(64)
     start = time.time()
     workdir = common.require_workdir()
-    csv_path = os.path.join(workdir, "attack.csv")
-    rows = _attacked(csv_path)
     # Data before the model: bad input is reported without compiling anything.
-    images, _ = common.load_data().split("test")
-    _check_against_test_set(csv_path, rows, images)
+    images, labels = common.load_data().split("test")
+    run = results.load_attack_run(
+        workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
+    )
+    csv_path = run.csv_path
+    rows = _attacked(run)
     config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
     shapes = propagation.layer_shapes(module, variables, config.image_shape)
     order = list(shapes)
@@ -341,6 +358,10 @@ def main(argv: list[str]) -> None:
     success, total = rows["success"], rows["index"].size
     counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
     mismatches = int(np.sum(predicted != rows["pred_after"]))
+    # Before anything is written: the model must predict what attack.csv records
+    # (the one check of runs recorded without a weights hash; a few near ties
+    # may flip on another device).
+    results.require_predictions_match(csv_path, mismatches, total)
     if mismatches:
         logging.warning(
             "%d of %d perturbed images are now predicted differently from the "
@@ -352,16 +373,10 @@ def main(argv: list[str]) -> None:
     masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
     layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}
     height, width = images.shape[1:3]
-    pixels = rows["pixels"]
-    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
-    distances = np.hypot(pixels[..., 0] - centre_row, pixels[..., 1] - centre_col)
-    bin_edges = np.arange(
-        0.0,
-        math.hypot(centre_row, centre_col) + DISTANCE_BIN_WIDTH,
-        DISTANCE_BIN_WIDTH,
-        dtype=np.float64,
-    )
+    distances = distance_from_centre(rows["pixels"], height, width)
+    bin_edges = distance_bin_edges(height, width)
     distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
+    uniform = uniform_distance_fractions(height, width, bin_edges)
 
     out_dir = os.path.join(workdir, "statistics")
     os.makedirs(out_dir, exist_ok=True)
@@ -389,12 +404,19 @@ def main(argv: list[str]) -> None:
         mismatches,
         distance_by_outcome,
         bin_edges,
+        uniform,
         order,
         layer_stats,
     )
     summary["seconds"] = round(time.time() - start, 2)
     rundir.write_json(os.path.join(out_dir, "summary.json"), summary)
     _figures(
-        out_dir, mean_maps, shapes, counts, layer_stats, distance_by_outcome, bin_edges
+        out_dir,
+        mean_maps,
+        shapes,
+        counts,
+        layer_stats,
+        distance_by_outcome,
+        (bin_edges, uniform),
     )
     _print_table(out_dir, order, counts, layer_stats)

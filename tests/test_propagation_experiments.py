@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import plots, provenance
 from experiments.results import attack_columns
 from propmaps_jax import checkpoint, models, propagation
 from propmaps_jax.perturb import apply_pixels_batch
@@ -58,46 +59,66 @@ def tiny_setup(tmp_path_factory, tiny_resnet):
     }
     weights = str(folder / "tiny.msgpack")
     checkpoint.save_checkpoint(weights, models.ModelConfig("resnet_tiny"), variables)
-    x_test = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    y_test = rng.integers(0, 10, 12).astype(np.int32)
+    # An attack run this model could have made: images near a decision boundary,
+    # for each a candidate pixel that flips the class (successful) or does not
+    # (failed), and the predictions the model makes.
+    probs_fn = jax.jit(
+        lambda x: jax.nn.softmax(models.make_logits_fn(module, variables)(x))
+    )
+    pool = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    top2 = np.sort(np.asarray(probs_fn(pool)), axis=1)[:, -2:]
+    x_test = pool[np.argsort(top2[:, 1] - top2[:, 0])[:12]]
+    probs = np.asarray(probs_fn(x_test))
+    pred = probs.argmax(1)
+    y_test = pred.astype(np.int32)
+    y_test[NOT_ATTACKED] = (pred[NOT_ATTACKED] + 1) % 10
     data_path = str(folder / "data.npz")
     np.savez(
         data_path, x_train=x_test[:2], y_train=y_test[:2], x_test=x_test, y_test=y_test
     )
     rows = []
     for i in range(NUM_ROWS):
-        attacked = i != NOT_ATTACKED
-        pixel = (
-            [
-                int(rng.integers(32)),
-                int(rng.integers(32)),
-                *map(int, rng.integers(0, 256, 3)),
-            ]
-            if attacked
-            else [-1] * 5
+        label = int(y_test[i])
+        before = [i, label, int(pred[i]), float(probs[i, label])]
+        if i == NOT_ATTACKED:
+            rows.append(before + [0, 0, int(pred[i]), before[3], 0, 0] + [-1] * 5)
+            continue
+        candidates = np.concatenate(
+            [rng.integers(0, 32, (64, 2)), rng.choice([0, 255], (64, 3))], axis=1
         )
-        success = attacked and i % 3 != 1
+        changed = np.repeat(x_test[i : i + 1], 64, axis=0)
+        changed[np.arange(64), candidates[:, 0], candidates[:, 1]] = candidates[:, 2:]
+        after = np.asarray(probs_fn(changed))
+        flips = np.flatnonzero(after.argmax(1) != label)
+        keeps = np.flatnonzero(after.argmax(1) == label)
+        want = flips if (i % 3 != 1 and flips.size) or not keeps.size else keeps
+        j = int(want[0])
+        pred_after = int(after[j].argmax())
         rows.append(
-            [
-                i,
-                y_test[i],
-                y_test[i],
-                0.5,
-                int(attacked),
-                int(success),
-                0,
-                0.1,
-                5,
-                50,
-                *pixel,
-            ]
+            before
+            + [1, int(pred_after != label), pred_after, float(after[j, label]), 5, 50]
+            + [int(v) for v in candidates[j]]
         )
+    successes = sum(r[5] for r in rows)
+    assert 2 <= successes <= NUM_ROWS - 3, successes
     workdir = folder / "work"
     workdir.mkdir()
     with open(workdir / "attack.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(attack_columns(1))
         writer.writerows(rows)
+    summary = {
+        "settings": {
+            "weights": weights,
+            "target": None,
+            **provenance.describe("resnet_tiny", weights, x_test, y_test),
+        },
+        "dataset": data_path,
+        "num_samples": NUM_ROWS,
+        "attacked": NUM_ROWS - 1,
+        "successes": successes,
+    }
+    (workdir / "attack_summary.json").write_text(json.dumps(summary))
     common = [
         "--model=resnet_tiny",
         f"--weights={weights}",
@@ -288,7 +309,17 @@ def test_statistics_experiment_equals_direct_computation(tiny_setup):
         summary = json.load(f)
     assert summary["attacks"] == attacked.sum() and summary["not_attacked"] == 1
     assert summary["successful"] == success.sum()
-    distances = np.hypot(pixels[:, 0, 0] - 15.5, pixels[:, 0, 1] - 15.5)
+    # Chebyshev distance from the centre (15.5, 15.5): one bin per square ring.
+    distances = np.maximum(
+        np.abs(pixels[:, 0, 0] - 15.5), np.abs(pixels[:, 0, 1] - 15.5)
+    )
+    stats = summary["distance_from_centre"]
+    assert stats["metric"].startswith("Chebyshev distance (max(|dr|, |dc|))")
+    assert stats["all"]["histogram_edges"] == list(range(17))
+    # Ring k (k = 0..15) holds (2k + 2)^2 - (2k)^2 = 8k + 4 of the 1024 positions.
+    np.testing.assert_allclose(
+        stats["uniform_histogram_fractions"], (8 * np.arange(16) + 4) / 1024
+    )
     for outcome in ("successful", "failed"):
         d = distances[masks[outcome]]
         stats = summary["distance_from_centre"][outcome]
@@ -296,6 +327,177 @@ def test_statistics_experiment_equals_direct_computation(tiny_setup):
         np.testing.assert_allclose(stats["median"], np.median(d))
         np.testing.assert_allclose(stats["q1"], np.percentile(d, 25))
         assert sum(stats["histogram_counts"]) == d.size
-    # pred_after in our hand-written csv is 0 for every row.
+    # The run's pred_after are the model's own predictions.
     predicted = np.argmax(direct["logits_adv"], axis=-1)
-    assert summary["pred_after_mismatches"] == int(np.sum(predicted != 0))
+    np.testing.assert_array_equal(predicted, rows[attacked, 6])
+    assert summary["pred_after_mismatches"] == 0
+
+
+def _copy_run(tiny_setup, name):
+    workdir = tiny_setup["folder"] / name
+    workdir.mkdir()
+    for file in ("attack.csv", "attack_summary.json"):
+        (workdir / file).write_text((tiny_setup["folder"] / "work" / file).read_text())
+    args = [a for a in tiny_setup["args"] if not a.startswith("--workdir")]
+    return workdir, [*args, f"--workdir={workdir}"]
+
+
+@pytest.mark.parametrize(
+    "experiment, change, message",
+    [
+        # Issue 13: another model on the run gave mislabelled results, exit 0.
+        (
+            "propagation",
+            "--model=lenet_tiny",
+            "was made with model 'resnet_tiny', not 'lenet_tiny'; pass "
+            "--model=resnet_tiny and --weights=",
+        ),
+        (
+            "statistics",
+            "--model=lenet_tiny",
+            "was made with model 'resnet_tiny', not 'lenet_tiny'; pass "
+            "--model=resnet_tiny and --weights=",
+        ),
+        # Issue 13: a duplicated row was counted twice by statistics.
+        ("statistics", "duplicate", "line 12: test image 9 appears again"),
+    ],
+)
+def test_a_run_that_does_not_belong_is_refused(tiny_setup, experiment, change, message):
+    workdir, args = _copy_run(tiny_setup, f"refused_{experiment}_{change[2:7]}")
+    if change == "duplicate":
+        lines = (workdir / "attack.csv").read_text().splitlines()
+        (workdir / "attack.csv").write_text("\n".join(lines + lines[-1:]) + "\n")
+    else:
+        args = [a for a in args if not a.startswith("--model")] + [change]
+    if experiment == "propagation":
+        args.append("--index=2")
+    result = run_launch(f"--experiment={experiment}", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert str(workdir / "attack.csv") in last or "attack run in" in last, last
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(workdir)) == ["attack.csv", "attack_summary.json"]
+
+
+# ----- the figures (in-process: plots.py has no flags) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "panels, columns, min_rows, grid",
+    [
+        (2, 6, 2, (2, 1)),  # LeNet beside its two images: no empty cells
+        (2, 6, 1, (1, 2)),
+        (7, 6, 2, (2, 4)),
+        (33, 6, 2, (6, 6)),  # ResNet-32
+        (12, 6, 1, (2, 6)),
+        (1, 6, 2, (2, 1)),
+    ],
+)
+def test_panel_grid_fits_the_panels(panels, columns, min_rows, grid):
+    rows, cols = plots.panel_grid(panels, columns, min_rows)
+    assert (rows, cols) == grid
+    assert rows * cols >= panels
+    # No empty column and (beyond the rows the images need) no empty row.
+    assert cols <= panels and (rows <= min_rows or (rows - 1) * cols < panels)
+
+
+def _colour_bar_tops(fig):
+    """{panel title's first line: the top tick label of its colour bar}."""
+    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    tops = {}
+    for panel, bar in zip(panels[2:], bars, strict=True):
+        tops[panel.get_title().splitlines()[0]] = (
+            bar.get_yticklabels()[-1].get_text(),
+            bar.get_ylabel(),
+        )
+    return tops
+
+
+def test_lenet_figure_fills_its_grid_and_pm_avg_has_its_own_scale():
+    rng = np.random.default_rng(0)
+    shapes = {"conv1": (28, 28, 6), "conv2": (10, 10, 16)}
+    pm_avg = {n: rng.uniform(0, 0.5, s[:2]) for n, s in shapes.items()}
+    fm_max = {"conv1": 11.5, "conv2": 13.4}
+    image = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    pixels = np.array([[12, 10, 0, 60, 154]])
+    common = (image, image, pixels, "natural", "perturbed", "title", "note")
+    own = plots.single_attack_figure(pm_avg, shapes, None, *common, bar_title="PM_avg")
+    on_fm = plots.single_attack_figure(pm_avg, shapes, fm_max, *common)
+    try:
+        # Two images, two panels, two colour bars: nothing else, nothing empty.
+        assert len(own.axes) == 6
+        width, height = own.get_size_inches()
+        assert width < 8, width  # was 15.5 inches wide, mostly empty
+        tops = _colour_bar_tops(own)
+        for name in shapes:  # each bar tops at its own map's maximum, labelled
+            assert tops[name] == (f"{pm_avg[name].max():.3g}", "PM_avg")
+        assert _colour_bar_tops(on_fm)["conv2"][0] == "13.4"
+    finally:
+        plots.plt.close(own)
+        plots.plt.close(on_fm)
+
+
+def test_distance_figure_shows_the_random_pixels_interval(tmp_path, monkeypatch):
+    from propmaps_jax import stats
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.append(fig))
+    rings = [
+        {"distance": d, "pooled": stats.proportion(40 - 10 * d, 80)} for d in (1, 2)
+    ]
+    results = {
+        "lenet": {
+            "distance": rings,
+            "original_all": stats.proportion(20, 50),
+            "random": stats.proportion(3, 20),
+        },
+        # Only successes and n: the interval is computed (Wilson) by the figure.
+        "resnet": {
+            "distance": rings,
+            "original_all": stats.proportion(10, 50),
+            "random": {"successes": 0, "n": 10},
+        },
+    }
+    plots.distance_figure(results, str(tmp_path / "unused.png"))
+    (ax,) = drawn[0].axes
+    try:
+        # axhspan: a rectangle over the axes' width, in data units vertically.
+        spans = [
+            (round(p.get_y(), 6), round(p.get_y() + p.get_height(), 6))
+            for p in ax.patches
+            if p.get_alpha()
+        ]
+        for name in ("lenet", "resnet"):
+            successes, n = (results[name]["random"][k] for k in ("successes", "n"))
+            low, high = stats.wilson_interval(successes, n)
+            assert (round(100 * low, 6), round(100 * high, 6)) in spans, spans
+        labels = ax.get_legend_handles_labels()[1]
+        assert any(
+            "lenet: random pixel, 15.0% (3/20); shaded: 95% CI" in t for t in labels
+        )
+        assert "Chebyshev distance (max(|dr|, |dc|))" in ax.get_xlabel()
+    finally:
+        plots.plt.close(drawn[0])
+
+
+def test_distance_histogram_names_its_metric_and_shows_uniform():
+    edges = np.arange(17.0)
+    uniform = (8 * np.arange(16) + 4) / 1024
+    fig = plots.distance_histogram_figure(
+        {"successful": np.array([0.5, 3.5, 15.5]), "failed": np.array([7.5])},
+        edges,
+        "Attacked pixels: Chebyshev distance (max(|dr|, |dc|)) from the centre",
+        "Chebyshev distance (max(|dr|, |dc|)) of the attacked pixel",
+        uniform=uniform,
+    )
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xlabel().startswith("Chebyshev distance (max(|dr|, |dc|))")
+        assert "Chebyshev distance" in ax.get_title()
+        labels = ax.get_legend_handles_labels()[1]
+        assert labels[0].startswith("every position once")
+        assert "successful (n=3, median 3.5)" in labels
+    finally:
+        plots.plt.close(fig)
