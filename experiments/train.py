@@ -319,6 +319,9 @@ def main(argv: list[str]) -> None:
         config, init_variables = load_init_weights(FLAGS.model, FLAGS.init_weights)
     else:
         config = models.ModelConfig(FLAGS.model)
+    # Flags, data and starting weights are checked: only now is the workdir
+    # created (and probed), before anything is compiled.
+    created = prepare_workdir(workdir)
     module = models.create_model(config)
     optimizer = training.make_optimizer(
         FLAGS.learning_rate, FLAGS.weight_decay, total_steps, warmup_steps
@@ -366,8 +369,6 @@ def main(argv: list[str]) -> None:
             step // steps_per_epoch,
         )
 
-    # Every input is checked: only now is the workdir created (and probed).
-    created = prepare_workdir(workdir)
     train_fn = jax.jit(
         functools.partial(
             training.train_step, module, optimizer, do_augment=FLAGS.augment
