@@ -1,7 +1,7 @@
-"""End-to-end tiny runs of the propagation and statistics experiments (subprocesses).
+"""Tiny runs of the propagation and statistics experiments, and their figures.
 
-The experiment modules define absl flags (--model, --weights) that other experiment
-modules define too, so they are run through launch.py, never imported here.
+The experiments run end to end through launch.py (subprocesses), as a user runs
+them; the figures are drawn in-process through experiments/plots.py (no flags).
 """
 
 import csv
@@ -501,3 +501,25 @@ def test_distance_histogram_names_its_metric_and_shows_uniform():
         assert "successful (n=3, median 3.5)" in labels
     finally:
         plots.plt.close(fig)
+
+
+def test_a_prediction_that_differs_from_attack_csv_is_said_not_hidden():
+    """At a near tie (another device or precision) this run's prediction may differ
+    from the one attack.csv records: the figure's title says so (issue 13: the
+    figure said "(attack.csv, successful)" beside "class unchanged")."""
+    from experiments import propagation as propagation_experiment
+
+    def result(before, after):
+        return {"probs": np.eye(10)[before], "probs_adv": np.eye(10)[after]}
+
+    recorded = {"pred_before": 8, "pred_after": 0}
+    disagreement = propagation_experiment._disagreement
+    assert disagreement(result(8, 0), recorded, 10) == ""
+    assert disagreement(result(8, 0), None, 10) == ""  # --pixel/--rgb or --move_to
+    assert disagreement(result(8, 8), recorded, 10) == (
+        "pred_after: attack.csv airplane, here ship"
+    )
+    assert disagreement(result(1, 8), recorded, 10) == (
+        "pred_before: attack.csv ship, here automobile; "
+        "pred_after: attack.csv airplane, here ship"
+    )
