@@ -4,8 +4,10 @@
         --workdir=DIR [--pixel=ROW,COL --rgb=R,G,B] [--move_to=ROW,COL]
 
 The perturbation of test image I comes from DIR/attack.csv (its best candidate, also
-for a failed attack), or from --pixel/--rgb. --move_to puts the same colour at another
-position (the paper's counterexamples, figure 4). Writes
+for a failed attack; a run made with another model, other weights or other data
+than --model, --weights and the data given is refused), or from --pixel/--rgb.
+--move_to puts the same colour at another position (the paper's counterexamples,
+figure 4). Writes
 DIR/propagation/<name>_pm_max.png, <name>_pm_avg.png and <name>_maps.npz, where
 <name> is I, or I_moved_ROW_COL with --move_to.
 """

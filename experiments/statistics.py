@@ -3,7 +3,9 @@
     python launch.py --experiment=statistics --model=resnet --weights=W --workdir=DIR
 
 Reads every attacked image of DIR/attack.csv (a failed attack contributes its best
-candidate), streams them in batches through one jitted step that adds the
+candidate; a run made with another model, other weights or other data than the
+ones given is refused, and so is one whose predictions the model does not
+reproduce), streams them in batches through one jitted step that adds the
 propagation maps to running sums on the device (only per-image scalars come back
 to the host), and writes to DIR/statistics/:
 
