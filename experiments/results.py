@@ -395,6 +395,17 @@ def given_provenance(
     return expected
 
 
+def recorded_weights(summary: dict) -> str | None:
+    """The weights file an attack run was made with (None: the bundled checkpoint),
+    as its summary records it (summary["model"]["weights"]; older runs also in
+    their settings)."""
+    model = summary.get("model")
+    recorded = model.get("weights") if isinstance(model, dict) else None
+    if recorded is None:
+        recorded = summary.get("settings", {}).get("weights")
+    return None if recorded in (None, "bundled checkpoint") else str(recorded)
+
+
 def _remedy(summary: dict, expected: dict[str, str]) -> str:
     """'pass --model=... --weights=..., as the attack did, or ...' for a mismatch."""
     settings = summary.get("settings", {})
@@ -409,7 +420,7 @@ def _remedy(summary: dict, expected: dict[str, str]) -> str:
     if "model" in differ:
         flags.append(f"--model={settings['model']}")
     if "model" in differ or "weights_sha256" in differ:
-        weights = settings.get("weights")
+        weights = recorded_weights(summary)
         flags.append(
             f"--weights={weights}"
             if weights

@@ -54,6 +54,7 @@ from experiments import common, rundir, salience_plots
 from experiments.results import (
     load_attack_run,
     read_summary,
+    recorded_weights,
     require_predictions_match,
 )
 from propmaps_jax import locality, models, propagation, saliency
@@ -124,11 +125,10 @@ def resolve_model(
     summary = read_summary(workdir)
     if summary is None:
         return model, weights
-    settings = summary.get("settings", {})
-    made_by = settings.get("model")
+    made_by = summary.get("settings", {}).get("model")
     if made_by is None or model_given:
         return model, weights
-    return made_by, weights if weights is not None else settings.get("weights")
+    return made_by, weights if weights is not None else recorded_weights(summary)
 
 
 def read_locality_positions(

@@ -50,12 +50,14 @@ def run(tmp_path):
     workdir.mkdir()
     rows = _rows(labels)
     _write_csv(workdir / "attack.csv", results.attack_columns(1), rows)
+    # As experiments/attack.py writes it: weights by content in the settings, the
+    # file's path in the model record.
     summary = {
         "settings": {
-            "weights": str(weights),
             "target": None,
             **provenance.describe(MODEL, str(weights), images, labels),
         },
+        "model": {"name": MODEL, "weights": str(weights)},
         "dataset": "/data/cifar10",
         "num_samples": 4,
         "attacked": 3,
@@ -281,12 +283,20 @@ def test_other_data_is_refused_naming_the_flag(run):
 
 
 def test_a_run_of_the_bundled_weights_says_so(run):
-    # Made with the bundled checkpoint (recorded weights None, its hash), given
-    # a weights file.
-    settings = {**run["summary"]["settings"], "weights": None}
-    settings["weights_sha256"] = "0" * 64
-    _rewrite(run, summary={**run["summary"], "settings": settings})
+    # Made with the bundled checkpoint (its hash), given a weights file.
+    settings = {**run["summary"]["settings"], "weights_sha256": "0" * 64}
+    model = {"name": MODEL, "weights": "bundled checkpoint"}
+    _rewrite(run, summary={**run["summary"], "settings": settings, "model": model})
     with pytest.raises(PropmapsError, match="no --weights \\(it used the bundled"):
+        _load(run)
+    # A summary of before the hashes: the path in its settings.
+    old = {"settings": {**settings, "weights": None}}
+    _rewrite(run, summary=old)
+    with pytest.raises(PropmapsError, match="no --weights \\(it used the bundled"):
+        _load(run)
+    old["settings"]["weights"] = "/runs/lenet.msgpack"
+    _rewrite(run, summary=old)
+    with pytest.raises(PropmapsError, match="pass --weights=/runs/lenet.msgpack, as"):
         _load(run)
 
 

@@ -464,3 +464,43 @@ def test_results_do_not_depend_on_the_batch_size(finished, setup):
                 )
             except ValueError:
                 assert b[name] == value, name
+
+
+@pytest.mark.parametrize(
+    "summary, given, expected",
+    [
+        # As experiments/attack.py writes it now: the weights path in "model".
+        (
+            {"settings": {"model": "lenet"}, "model": {"weights": "/w/lenet.msgpack"}},
+            ("resnet", False, None),
+            ("lenet", "/w/lenet.msgpack"),
+        ),
+        (
+            {
+                "settings": {"model": "lenet"},
+                "model": {"weights": "bundled checkpoint"},
+            },
+            ("resnet", False, None),
+            ("lenet", None),
+        ),
+        # Older runs: the path in the settings.
+        (
+            {"settings": {"model": "lenet", "weights": "/w/old.msgpack"}},
+            ("resnet", False, None),
+            ("lenet", "/w/old.msgpack"),
+        ),
+        # Flags given win (and the run is then checked against them).
+        (
+            {"settings": {"model": "lenet"}, "model": {"weights": "/w/lenet.msgpack"}},
+            ("resnet", True, "/w/mine.msgpack"),
+            ("resnet", "/w/mine.msgpack"),
+        ),
+        (None, ("resnet", False, None), ("resnet", None)),
+    ],
+)
+def test_model_and_weights_come_from_the_attack_summary(
+    tmp_path, summary, given, expected
+):
+    if summary is not None:
+        (tmp_path / "attack_summary.json").write_text(json.dumps(summary))
+    assert salience.resolve_model(str(tmp_path), *given) == expected
