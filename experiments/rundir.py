@@ -12,7 +12,9 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -31,9 +33,31 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (Python or NumPy) replaced by None.
+
+    JSON has no NaN or Infinity: json.dumps would write bare `NaN`, which strict
+    readers (jq, JavaScript, most languages' parsers) refuse.
+    """
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Atomically write a JSON file (indented, keys in insertion order)."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Atomically write a JSON file (indented, keys in insertion order); always
+    valid JSON: NaN and infinities are written as null."""
+    write_text(path, json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> None:
@@ -66,14 +90,57 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
+def _shown(key: str, value: Any) -> str:
+    # Content hashes are told apart by their first 12 hex digits.
+    if key.endswith("sha256") and isinstance(value, str):
+        return repr(value[:12])
+    return repr(value)
+
+
 def differences(old: dict, new: dict) -> str:
-    """'key: old -> new, ...' for every setting that differs."""
+    """'key: old -> new, ...' for every setting that differs (hashes shortened)."""
     keys = sorted(set(old) | set(new))
     return ", ".join(
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        f"{k}: {_shown(k, old.get(k))} -> {_shown(k, new.get(k))}"
         for k in keys
         if old.get(k) != new.get(k)
     )
+
+
+def check_workdir(path: str, flag: str = "--workdir") -> str:
+    """`path` as an absolute path once it is known to be usable, creating nothing.
+
+    A usable workdir is an existing, writable directory, or a path whose nearest
+    existing ancestor is a writable directory (so that it can be created when the
+    first result is written). Writability is probed with a temporary file (the
+    permission bits do not tell for root, read-only mounts or ACLs), which is
+    removed at once. PropmapsError (one line, what to do) otherwise.
+    """
+    if not path:
+        raise PropmapsError(f"{flag} is required: the folder where results are written")
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under the file {existing}"
+        raise PropmapsError(
+            f"{flag}={path} {where}: results need a folder; use another {flag}"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        what = "" if existing == path else f" (its existing parent {existing})"
+        raise PropmapsError(
+            f"{flag}={path}{what} is not writable ({e.strerror or e}); use a "
+            f"writable {flag} or fix its permissions"
+        ) from None
+    return path
 
 
 def require_same_settings(

@@ -133,7 +133,10 @@ def load_weights(
             )
         return load_checkpoint(path, expect_model=model_name)
     if not os.path.isfile(weights):
-        raise WeightsError(f"weights file {weights} does not exist")
+        what = (
+            "is a directory, not a file" if os.path.isdir(weights) else "does not exist"
+        )
+        raise WeightsError(f"weights file {weights} {what}")
     if weights.endswith((".h5", ".hdf5", ".keras")):
         return keras_import.load_keras_weights(weights, model_name)
     return load_checkpoint(weights, expect_model=model_name)
