@@ -62,8 +62,11 @@ __all__ = [
 ]
 
 # Number of candidate evaluations per device and step that the default slot count aims
-# at: big enough to keep an accelerator busy with one forward per step.
+# at: on an accelerator, big enough to keep it busy with one forward per step; on a
+# CPU, the knee of the models' batched forward throughput (it falls beyond, see
+# BENCHMARKS.md), so one slot at the paper's population of 400.
 DEFAULT_BATCH_PER_DEVICE = 32768
+DEFAULT_BATCH_PER_CPU = 512
 AXIS = "images"
 
 
@@ -80,6 +83,7 @@ class ProgressInfo(NamedTuple):
     remaining: int  # images not started yet
     total: int  # images of this call
     max_generations: int  # config.generations: a running image's last generation
+    engine_evaluations: int  # candidates the engine's forwards ran, idle slots too
 
 
 class AttackResult(NamedTuple):
@@ -147,10 +151,22 @@ def validate_inputs(
             )
 
 
-def default_slots(population: int, num_images: int, num_devices: int) -> int:
-    """Slots per device: about DEFAULT_BATCH_PER_DEVICE evaluations per step."""
+def default_slots(
+    population: int, num_images: int, num_devices: int, platform: str | None = None
+) -> int:
+    """Slots per device: about the backend's default batch of evaluations per step.
+
+    `platform`: "cpu", "gpu", "tpu"... (default: JAX's default backend). On a CPU
+    the batch is DEFAULT_BATCH_PER_CPU (at least one image's population), elsewhere
+    DEFAULT_BATCH_PER_DEVICE; never more slots than images per device.
+    """
+    platform = jax.default_backend() if platform is None else platform
     per_device = math.ceil(num_images / num_devices)
-    return max(1, min(per_device, math.ceil(DEFAULT_BATCH_PER_DEVICE / population)))
+    if platform == "cpu":
+        wanted = max(1, DEFAULT_BATCH_PER_CPU // population)
+    else:
+        wanted = math.ceil(DEFAULT_BATCH_PER_DEVICE / population)
+    return max(1, min(per_device, wanted))
 
 
 def _local_len(positions: int, devices: int) -> int:
@@ -177,6 +193,7 @@ def attack_stream(
     on_progress: Callable[[int, int], None] | None = None,
     progress_every_s: float = 10.0,
     search_apply_fn: ApplyFn | None = None,
+    candidate_forward: attack_engine.CandidateForward | None = None,
 ) -> Iterator[AttackResult]:
     """Attack every image; an iterator over the results chunk by chunk, in input order.
 
@@ -194,7 +211,8 @@ def attack_stream(
       config: population, generations, pixels...
       targets: (N,) target classes (targeted attack), or None / -1 for untargeted.
       slots: images attacked at once over all devices (rounded up to a multiple of
-        the device count); default about 32768 / population per device.
+        the device count); default `default_slots` (about 32768 / population per
+        accelerator, 512 // population per CPU device).
       chunk_ends: increasing end positions; one AttackResult is yielded for each
         [previous end, end). Default: one chunk of all images.
       start: attack only images [start, N) (resuming a run; the program and so
@@ -212,6 +230,14 @@ def attack_stream(
         dtype=bfloat16, same variables); every reported number then comes from
         `apply_fn`, and a search success that `apply_fn` rejects is counted in
         `search_rejections` while that image's search goes on.
+      candidate_forward: a faster exact forward of the candidates,
+        `(variables, images (B, H, W, 3), pixels (B, P, k, 5)) -> logits (B * P, C)`
+        (hashable; e.g. `receptive.make_candidate_forward(module, k)`), used in
+        place of the search forward of the perturbed images.
+
+    When fewer images remain than slots, each step's forward runs only the active
+    slots, in the smallest of a few compiled sizes (slots, halved down to 1)
+    that holds them.
     """
     images, labels, indices, targets = _checked_inputs(
         images, labels, indices, targets, num_classes
@@ -229,6 +255,7 @@ def attack_stream(
         layout.local_len,
         layout.mesh,
         str(jax.random.key_impl(key)),
+        candidate_forward,
     )
     queue = tuple(
         layout.put_sharded(layout.device_major(a, fill))
@@ -300,7 +327,8 @@ class _Layout:
             mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
         num_devices = mesh.devices.size
         if slots is None:
-            per_device = default_slots(config.population, n, num_devices)
+            platform = mesh.devices.flat[0].platform
+            per_device = default_slots(config.population, n, num_devices, platform)
         else:
             if slots < 1:
                 raise PropmapsError(f"slots must be >= 1, got {slots}")
@@ -422,6 +450,7 @@ def _progress_info(state, slot_pos, next_pos, layout, n, start, config) -> Progr
         remaining=int(np.maximum(queue_size - next_pos, 0).sum()),
         total=n - start,
         max_generations=config.generations,
+        engine_evaluations=config.population * int(_gather(state.evaluated).sum()),
     )
 
 

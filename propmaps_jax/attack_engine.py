@@ -20,6 +20,7 @@ decides them (apply_fn, config, shapes, mesh), never on the weights.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,6 +31,9 @@ from jax.sharding import Mesh, PartitionSpec
 from propmaps_jax import attack_de
 from propmaps_jax.attack_de import AttackConfig, SearchState
 from propmaps_jax.types import ApplyFn
+
+# (variables, images (B, H, W, 3), pixels (B, P, k, 5)) -> logits (B * P, C).
+CandidateForward = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 # Incremented each time the engine's program is traced (tests check for recompiles).
 TRACE_COUNT = 0
@@ -48,6 +52,7 @@ class SlotState(struct.PyTreeNode):
     res_pred: jax.Array  # (Q,)
     res_generations: jax.Array  # (Q,)
     res_rejections: jax.Array  # (Q,) search successes the report forward rejected
+    evaluated: jax.Array  # () slot-forwards run (active or not): the engine's work
 
 
 def init_state(
@@ -66,6 +71,7 @@ def init_state(
         res_pred=jnp.full((queue_len,), -1, jnp.int32),
         res_generations=jnp.full((queue_len,), -1, jnp.int32),
         res_rejections=jnp.zeros((queue_len,), jnp.int32),
+        evaluated=jnp.zeros((), jnp.int32),
     )
 
 
@@ -79,6 +85,61 @@ def _refill(state: SlotState, queue_size: jax.Array) -> tuple[jax.Array, ...]:
     return slot_pos, next_pos, load
 
 
+def _full_forward(
+    search_fn: ApplyFn, variables: Any, images: jax.Array, pixels: jax.Array
+) -> jax.Array:
+    """The default candidate forward: logits (B * P, C) of images (B, H, W, 3)
+    each with its candidates' pixels (B, P, k, 5), by the model's own forward."""
+    return search_fn(variables, attack_de.perturbed_batch(images, pixels))
+
+
+def buckets_of(slots: int) -> tuple[int, ...]:
+    """The forward sizes compiled for `slots` slots: slots, halved down to 1."""
+    sizes = [slots]
+    while sizes[-1] > 1:
+        sizes.append(-(-sizes[-1] // 2))
+    return tuple(sizes)
+
+
+def _active_forward(
+    forward: CandidateForward,
+    variables: Any,
+    images: jax.Array,
+    pixels: jax.Array,
+    active: jax.Array,
+    buckets: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+    """(logits (S, P, C), slots evaluated): the forward of the active slots only.
+
+    The active slots are gathered into the smallest compiled size (a bucket) that
+    holds them, so that when fewer images than slots remain (the end of a run)
+    the forward shrinks with them instead of evaluating idle slots. Inactive
+    slots' logits are 0 (their scores are never used).
+    """
+    slots, population = pixels.shape[:2]
+
+    def run(size: int):
+        def branch(order):
+            take = order[:size]
+            logits = forward(variables, images[take], pixels[take])
+            logits = logits.reshape(size, population, -1)
+            full = jnp.zeros((slots, *logits.shape[1:]), logits.dtype)
+            return full.at[take].set(logits), jnp.int32(size)
+
+        return branch
+
+    if len(buckets) == 1:
+        logits = forward(variables, images, pixels).reshape(slots, population, -1)
+        return jnp.where(active[:, None, None], logits, 0), jnp.int32(slots)
+    count = jnp.sum(active, dtype=jnp.int32)
+    # Active slots first, in slot order; the bucket: the smallest size >= count.
+    order = jnp.argsort(jnp.logical_not(active), stable=True)
+    sizes = jnp.asarray(buckets, jnp.int32)  # decreasing
+    index = jnp.maximum(jnp.sum(sizes >= count, dtype=jnp.int32) - 1, 0)
+    logits, work = jax.lax.switch(index, [run(size) for size in buckets], order)
+    return jnp.where(active[:, None, None], logits, 0), work
+
+
 def step(
     apply_fn: ApplyFn,
     search_apply_fn: ApplyFn | None,
@@ -88,15 +149,21 @@ def step(
     queue: tuple[jax.Array, ...],
     queue_size: jax.Array,
     state: SlotState,
+    candidate_forward: CandidateForward | None = None,
+    buckets: tuple[int, ...] | None = None,
 ) -> SlotState:
     """One generation of every slot: refill, propose, one forward, update, write.
 
     With a `search_apply_fn` the batched forward is the search's and each slot's
-    reported candidate is checked by `apply_fn` (see `attack_de.verdict`).
+    reported candidate is checked by `apply_fn` (see `attack_de.verdict`). A
+    `candidate_forward` (e.g. `receptive.make_candidate_forward`) replaces the
+    search's forward of the perturbed images; `buckets`: the forward sizes
+    (default `buckets_of(slots)`).
     """
     q_images, q_labels, q_targets, q_indices = queue
     image_shape = tuple(q_images.shape[1:])
     slots, queue_len = state.slot_pos.shape[0], state.res_success.shape[0]
+    buckets = buckets_of(slots) if buckets is None else buckets
     slot_pos, next_pos, fresh = _refill(state, queue_size)
     active = slot_pos >= 0
     at = jnp.where(active, slot_pos, 0)
@@ -111,10 +178,15 @@ def step(
     pixels = attack_de.decode_candidates(candidates, image_shape)  # (S, P, k, 5)
     images = q_images[at]
     search_fn = apply_fn if search_apply_fn is None else search_apply_fn
-    logits = search_fn(variables, attack_de.perturbed_batch(images, pixels))
-    scores = jax.vmap(attack_de.score)(
-        logits.reshape(slots, config.population, -1), pixels, labels, targets
+    logits, work = _active_forward(
+        candidate_forward or functools.partial(_full_forward, search_fn),
+        variables,
+        images,
+        pixels,
+        active,
+        buckets,
     )
+    scores = jax.vmap(attack_de.score)(logits, pixels, labels, targets)
     search = jax.vmap(attack_de.update_search, (0, 0, 0, 0, 0, None))(
         gen_keys, state.search, candidates, scores, fresh, config
     )
@@ -139,6 +211,7 @@ def step(
         res_rejections=state.res_rejections.at[count_at].add(
             found.rejected.astype(jnp.int32), mode="drop"
         ),
+        evaluated=state.evaluated + work,
     )
 
 
@@ -153,6 +226,7 @@ def run(
     bound: jax.Array,
     max_steps: jax.Array,
     state: SlotState,
+    candidate_forward: CandidateForward | None = None,
 ) -> SlotState:
     """Steps until every queue position < bound is finished, or max_steps steps.
 
@@ -170,7 +244,15 @@ def run(
     def body(carry):
         state, steps = carry
         state = step(
-            apply_fn, search_apply_fn, variables, config, key, queue, queue_size, state
+            apply_fn,
+            search_apply_fn,
+            variables,
+            config,
+            key,
+            queue,
+            queue_size,
+            state,
+            candidate_forward,
         )
         return state, steps + 1
 
@@ -187,6 +269,7 @@ def build_programs(
     queue_len: int,
     mesh: Mesh,
     key_impl: str,
+    candidate_forward: CandidateForward | None = None,
 ):
     """The jitted (run, init) programs over the mesh, cached on what decides them.
 
@@ -216,6 +299,7 @@ def build_programs(
             bound[0],
             max_steps,
             squeeze(state),
+            candidate_forward,
         )
         return expand(out)
 

@@ -478,3 +478,49 @@ def test_search_forward_successes_are_checked_and_counted(case):
             assert result.generations[i] == config.generations
             assert result.search_rejections[i] == config.generations + 1
     assert result.search_rejections.sum() > 0
+
+
+def test_default_slots_depend_on_the_backend():
+    # A CPU's forward is fastest at about one population of 400 (BENCHMARKS.md);
+    # an accelerator wants about 32768 candidates per step.
+    assert attack.default_slots(400, 100, 1, "cpu") == 1
+    assert attack.default_slots(100, 100, 1, "cpu") == 5
+    assert attack.default_slots(100, 3, 1, "cpu") == 3
+    assert attack.default_slots(400, 1000, 1, "gpu") == 82
+    assert attack.default_slots(400, 1000, 4, "tpu") == 82
+    assert attack.default_slots(400, 10, 4, "gpu") == 3
+    assert attack.default_slots(400, 100, 1) == attack.default_slots(
+        400, 100, 1, jax.default_backend()
+    )
+
+
+@pytest.mark.parametrize("slots", [1, 5, 8])
+def test_forward_of_active_slots_uses_the_smallest_bucket(slots):
+    buckets = attack_engine.buckets_of(slots)
+    assert buckets[0] == slots and buckets[-1] == 1
+    assert all(a > b for a, b in zip(buckets, buckets[1:], strict=False))
+    population, classes = 3, 2
+
+    def forward(variables, images, pixels):  # logits depend on image and candidate
+        base = images.sum((1, 2, 3))[:, None] * variables + pixels[..., 0, 0]
+        return jnp.stack([base, -base], -1).reshape(-1, classes)
+
+    images = jnp.arange(slots * 4 * 3, dtype=jnp.float32).reshape(slots, 2, 2, 3)
+    pixels = jnp.arange(slots * population, dtype=jnp.int32).reshape(
+        slots, population, 1, 1
+    )
+    pixels = jnp.broadcast_to(pixels, (slots, population, 1, 5))
+    full = forward(2.0, images, pixels).reshape(slots, population, classes)
+    run = jax.jit(
+        lambda active: attack_engine._active_forward(
+            forward, 2.0, images, pixels, active, buckets
+        )
+    )
+    rng = np.random.default_rng(slots)
+    for count in range(slots + 1):
+        active = np.zeros(slots, bool)
+        active[rng.choice(slots, count, replace=False)] = True
+        logits, work = run(jnp.asarray(active))
+        np.testing.assert_array_equal(np.asarray(logits)[active], full[active])
+        assert not np.any(np.asarray(logits)[~active])
+        assert int(work) == min(b for b in buckets if b >= max(count, 1))
