@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -12,6 +13,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from propmaps_jax import models  # noqa: E402
+
+# No test downloads CIFAR-10 or writes into the user's cache: a test that reaches
+# the download without a source gets a private cache and a refused address (port 9,
+# discard), so it fails at once with the offline error. This process's environment
+# is inherited by the tests' subprocesses. Download tests set their own server.
+os.environ["PROPMAPS_CACHE"] = tempfile.mkdtemp(prefix="propmaps-test-cache-")
+os.environ["PROPMAPS_CIFAR10_URL"] = "http://127.0.0.1:9/cifar-10-python.tar.gz"
+os.environ.pop("PROPMAPS_CIFAR10_MD5", None)
 
 
 @pytest.fixture
