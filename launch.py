@@ -350,4 +350,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # experiments that resume say more themselves
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

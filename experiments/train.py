@@ -276,6 +276,22 @@ def evaluate(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch: 
 
 
 def main(argv: list[str]) -> None:
+    """Train (see the module docstring); Ctrl-C: one line, exit 130."""
+    try:
+        train(argv)
+    except KeyboardInterrupt:
+        kept = os.path.join(FLAGS.workdir or "", CHECKPOINT)
+        if FLAGS.workdir and os.path.isfile(kept):
+            message = f"{kept} (the last checkpoint) is kept; run the same command "
+            message += "again to resume"
+        else:
+            message = "no checkpoint was written yet"
+        sys.stderr.write(f"interrupted: {message}\n")
+        sys.exit(130)
+
+
+def train(argv: list[str]) -> None:
+    """The training run of `main`."""
     del argv
     check_flags()
     workdir = workdir_path(FLAGS.workdir)

@@ -3,6 +3,7 @@ each gives the expected exit code and ONE line naming the problem, no traceback,
 leaves nothing behind (subprocesses: the whole path from argv to exit status)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,3 +115,45 @@ def test_bad_input_gives_one_line(case, tmp_path, tiny_npz, compile_cache):
     assert errors[0] == result.stderr.strip().splitlines()[-1]
     assert phrase in errors[0]
     assert not (tmp_path / "WORKDIR").exists()  # nothing left behind
+
+
+def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz, compile_cache):
+    """Ctrl-C during training: one line that says what is kept and how to resume,
+    exit status 130, no KeyboardInterrupt traceback."""
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "launch.py",
+            *TRAIN,
+            "--epochs=100000",
+            f"--workdir={workdir}",
+            f"--cifar10_path={tiny_npz}",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": compile_cache,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell's background job ignores SIGINT; the child must not inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    lines = []
+    for line in process.stderr:  # until the first epoch's checkpoint is written
+        lines.append(line)
+        if "epoch 2/100000 step" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    lines += process.stderr.readlines()
+    process.wait(timeout=60)
+    stderr = "".join(lines)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: {workdir / 'checkpoint.msgpack'} (the last checkpoint) is "
+        "kept; run the same command again to resume"
+    )
+    assert "Traceback" not in stderr
