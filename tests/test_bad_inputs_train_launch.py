@@ -121,15 +121,22 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz, compile_cache):
     """Ctrl-C during training: one line that says what is kept and how to resume,
     exit status 130, no KeyboardInterrupt traceback."""
     workdir = tmp_path / "run"
+    # A shell's background job ignores SIGINT and its children inherit that: the
+    # child restores Python's handler before it runs launch.py as a user would.
+    script = (
+        "import runpy, signal, sys; "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = sys.argv[1:]; runpy.run_path('launch.py', run_name='__main__')"
+    )
+    argv = [
+        "launch.py",
+        *TRAIN,
+        "--epochs=100000",
+        f"--workdir={workdir}",
+        f"--cifar10_path={tiny_npz}",
+    ]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "launch.py",
-            *TRAIN,
-            "--epochs=100000",
-            f"--workdir={workdir}",
-            f"--cifar10_path={tiny_npz}",
-        ],
+        [sys.executable, "-c", script, *argv],
         cwd=ROOT,
         env={
             **os.environ,
@@ -139,8 +146,6 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz, compile_cache):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        # A shell's background job ignores SIGINT; the child must not inherit that.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in process.stderr:  # until the first epoch's checkpoint is written
@@ -149,6 +154,7 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz, compile_cache):
             break
     process.send_signal(signal.SIGINT)
     lines += process.stderr.readlines()
+    process.stderr.close()
     process.wait(timeout=60)
     stderr = "".join(lines)
     assert process.returncode == 130, stderr
