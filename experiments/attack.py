@@ -4,11 +4,17 @@ python launch.py --experiment=attack --model=resnet --weights=PATH \
     --num_samples=5000 --seed=0 --workdir=DIR [--pixels=1 --population=400
     --generations=100 --target=none|CLASS|all --sample=first|random]
 
-Results are kept chunk by chunk in DIR/.attack_chunks/ (each chunk written
-atomically); a killed run started again with the same flags resumes after the
-last finished chunk, and the final files equal those of an uninterrupted run
-(apart from timings in the summary). With --target=all each target class gets its
-own DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
+Everything (flags, workdir, weights loaded against --model, data) is checked
+before anything is written; DIR is created with the first result. Results are kept
+chunk by chunk in DIR/.attack_chunks/ (each chunk written atomically); a run
+stopped by Ctrl-C (exit 130, one line) or killed, started again with the same
+flags, resumes after the last finished chunk, and the final files equal those of
+an uninterrupted run (apart from timings in the summary). A run is identified by
+its settings: the model, the SHA-256 of its weights and of the test split
+(`provenance`), and the attack settings; the same weights under another path
+resume, other weights, data or settings are refused in one line naming the
+difference. With --target=all each target class gets its own DIR/target_<c>/ run
+and DIR/attack_summary.json aggregates them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -28,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, results, rundir
+from experiments import common, provenance, results, rundir
 from propmaps_jax import data, models
-from propmaps_jax.attack import AttackConfig, attack_stream
+from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
 
 flags.DEFINE_integer("num_samples", 5000, "Number of CIFAR-10 test images sampled.")
@@ -71,6 +78,8 @@ CHUNKS_DIR = ".attack_chunks"
 # cost only a host sync and a small file each.
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 10, 500
 BEFORE_BATCH = 1000
+# Seconds per device call while attacking: Ctrl-C is handled between calls.
+DEVICE_CALL_S = 1.0
 # Summary entries that describe one execution rather than the results.
 RUN_SPECIFIC = ("wall_time_s", "images_per_s", "device", "slots", "chunk_size")
 
@@ -163,19 +172,53 @@ def _chunk_path(chunks_dir: str, start: int, end: int) -> str:
     return os.path.join(chunks_dir, f"chunk_{start:07d}_{end:07d}.json")
 
 
-def _finished_prefix(chunks_dir: str) -> tuple[int, list[dict]]:
-    """End of the contiguous run of finished chunks from 0, and those chunks."""
-    found = {}
+def _chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
+    """{start: [(end, path), ...]} of the chunk files in `chunks_dir`."""
+    found: dict[int, list[tuple[int, str]]] = {}
     for path in glob.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
         match = re.fullmatch(r"chunk_(\d+)_(\d+)\.json", os.path.basename(path))
         if match:
-            found[int(match.group(1))] = (int(match.group(2)), path)
+            start, end = int(match.group(1)), int(match.group(2))
+            found.setdefault(start, []).append((end, path))
+    return found
+
+
+def _read_chunk(path: str, expected_indices: np.ndarray) -> dict | None:
+    """The chunk at `path` when it holds exactly one row per expected index, in
+    order; None otherwise (unreadable, or rows of other images)."""
+    try:
+        chunk = rundir.read_json(path)
+        rows = chunk["rows"]
+        row_indices = [int(row.split(",", 1)[0]) for row in rows]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if row_indices != [int(i) for i in expected_indices]:
+        return None
+    return chunk
+
+
+def _finished_prefix(chunks_dir: str, indices: np.ndarray) -> tuple[int, list[dict]]:
+    """End of the contiguous run of finished chunks from 0, and those chunks.
+
+    The walk goes from each chunk's end to the chunk that starts there, so no image
+    is ever taken twice; a chunk must hold exactly the rows of the sampled images
+    of its range (`indices[start:end]`, in order), else the prefix ends before it
+    and its images are attacked again. Of several chunks starting at the same
+    image (resumes with another --chunk_size), the longest valid one is taken.
+    """
+    found = _chunk_files(chunks_dir)
     end, chunks = 0, []
     while end in found:
-        next_end, path = found[end]
-        with open(path) as f:
-            chunks.append(json.load(f))
-        end = next_end
+        for next_end, path in sorted(found[end], reverse=True):
+            if next_end <= end or next_end > len(indices):
+                continue
+            chunk = _read_chunk(path, indices[end:next_end])
+            if chunk is not None:
+                chunks.append(chunk)
+                end = next_end
+                break
+        else:
+            break
     return end, chunks
 
 
@@ -185,8 +228,7 @@ def _save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
 
 
 def _settings(
-    model_name: str,
-    weights: str | None,
+    provenance_keys: dict[str, str],
     num_samples: int,
     seed: int,
     sample: str,
@@ -194,9 +236,14 @@ def _settings(
     target: int | str | None,
     search_dtype: str = "float32",
 ) -> dict[str, Any]:
+    """The settings that decide an attack run's results (compared on resume).
+
+    `provenance_keys`: `provenance.describe(...)`: the model's name and the SHA-256
+    of its weights and of the test split, so that the same weights under another
+    path resume, and other weights or data are refused.
+    """
     settings = {
-        "model": model_name,
-        "weights": os.path.abspath(weights) if weights else None,
+        **{k: provenance_keys[k] for k in provenance.KEYS},
         "num_samples": int(num_samples),
         "seed": int(seed),
         "sample": sample,
@@ -210,19 +257,63 @@ def _settings(
     return settings
 
 
-def _check_workdir(workdir: str, settings: dict) -> tuple[str, dict | None]:
-    """("finished", summary) / ("resume", None) / ("new", None); error on a clash."""
-    summary_path = os.path.join(workdir, SUMMARY_NAME)
-    settings_path = os.path.join(workdir, CHUNKS_DIR, "settings.json")
-    for path in (summary_path, settings_path):
-        if not os.path.isfile(path):
-            continue
-        stored = rundir.read_json(path)
-        stored = stored.get("settings", stored) if path == summary_path else stored
+def _legacy_settings(settings: dict, weights: str | None) -> dict:
+    """The settings as runs made before content hashes recorded them: the weights
+    by absolute path (None: bundled) and no dataset."""
+    legacy = {k: v for k, v in settings.items() if k not in provenance.KEYS[1:]}
+    return {
+        "model": legacy.pop("model"),
+        "weights": os.path.abspath(weights) if weights else None,
+        **legacy,
+    }
+
+
+def _require_same(workdir: str, stored: Any, settings: dict, legacy: dict) -> None:
+    """PropmapsError unless `stored` (a run's recorded settings) are these.
+
+    A run recorded before content hashes existed (a "weights" path, no hashes)
+    cannot say which data it used: it is accepted when its path-based settings
+    match, as it was before.
+    """
+    if not isinstance(stored, dict):
+        raise PropmapsError(
+            f"{workdir} holds an unreadable attack record; use another --workdir or "
+            "delete it"
+        )
+    if "weights_sha256" not in stored and "weights" in stored:
+        rundir.require_same_settings(workdir, stored, legacy, "an attack")
+    else:
         rundir.require_same_settings(workdir, stored, settings, "an attack")
+
+
+def _check_workdir(
+    workdir: str, settings: dict, legacy: dict
+) -> tuple[str, dict | None]:
+    """("finished", summary) / ("resume", None) / ("new", None); error on a clash.
+
+    A settings.json without any chunk (left by a run that failed or was stopped
+    before its first result) holds nothing: the directory counts as new.
+    """
+    summary_path = os.path.join(workdir, SUMMARY_NAME)
+    chunks_dir = os.path.join(workdir, CHUNKS_DIR)
+    settings_path = os.path.join(chunks_dir, "settings.json")
+    has_chunks = bool(_chunk_files(chunks_dir))
+    if os.path.isfile(summary_path):
+        try:
+            stored = rundir.read_json(summary_path)
+        except (OSError, ValueError):
+            stored = None
+        stored = stored.get("settings") if isinstance(stored, dict) else None
+        _require_same(workdir, stored, settings, legacy)
+    if os.path.isfile(settings_path) and has_chunks:
+        try:
+            stored = rundir.read_json(settings_path)
+        except (OSError, ValueError):
+            stored = None
+        _require_same(workdir, stored, settings, legacy)
     if os.path.isfile(summary_path) and os.path.isfile(os.path.join(workdir, CSV_NAME)):
         return "finished", rundir.read_json(summary_path)
-    if os.path.isfile(settings_path):
+    if os.path.isfile(settings_path) and has_chunks:
         return "resume", None
     if os.path.exists(os.path.join(workdir, CSV_NAME)):
         raise PropmapsError(
@@ -232,22 +323,20 @@ def _check_workdir(workdir: str, settings: dict) -> tuple[str, dict | None]:
     return "new", None
 
 
-def _open_workdir(workdir: str, settings: dict) -> tuple[int, list[dict], dict | None]:
+def _open_workdir(
+    workdir: str, settings: dict, legacy: dict, indices: np.ndarray
+) -> tuple[int, list[dict], dict | None]:
     """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
 
+    Reads only: nothing is written until the first result is (see `_attack_chunks`).
     Process 0 owns the files; the others follow its decision.
     """
     status, resume_from, finished_summary, done_chunks = "new", 0, None, []
     if _is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        status, finished_summary = _check_workdir(workdir, settings)
+        status, finished_summary = _check_workdir(workdir, settings, legacy)
         if status == "resume":
             resume_from, done_chunks = _finished_prefix(
-                os.path.join(workdir, CHUNKS_DIR)
-            )
-        elif status == "new":
-            rundir.write_json(
-                os.path.join(workdir, CHUNKS_DIR, "settings.json"), settings
+                os.path.join(workdir, CHUNKS_DIR), indices
             )
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
@@ -261,6 +350,14 @@ def _default_chunk_size(chunk_size: int | None, num_samples: int) -> int:
     if int(chunk_size) < 1:
         raise PropmapsError(f"--chunk_size must be >= 1, got {chunk_size}")
     return int(chunk_size)
+
+
+def _check_slots(slots: int | None) -> None:
+    if slots is not None and int(slots) < 1:
+        raise PropmapsError(
+            f"--slots must be >= 1 (images attacked at once), got {slots}; leave it "
+            "out for the default"
+        )
 
 
 @dataclasses.dataclass
@@ -300,28 +397,183 @@ def _row(before: _Before, pos: int, result, j: int | None, pixels: int) -> str:
     return _format_row(row)
 
 
+def _chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(generations, success) of the attacked images in chunk rows."""
+    column = {name: i for i, name in enumerate(results.BASE_COLUMNS)}
+    generations, success = [], []
+    for chunk in chunks:
+        for row in chunk["rows"]:
+            values = row.split(",")
+            if values[column["attacked"]] == "1":
+                generations.append(int(values[column["generations"]]))
+                success.append(values[column["success"]] == "1")
+    return np.asarray(generations, np.int64), np.asarray(success, bool)
+
+
+def expected_remaining_generations(
+    finished_generations: np.ndarray,
+    running_generations: np.ndarray,
+    not_started: int,
+    max_generations: int,
+) -> tuple[float, bool]:
+    """(expected DE generations still to run, whether that is only an upper bound).
+
+    The estimator behind the attack's ETA. An image's attack runs generations
+    0..G_i (G_i + 1 populations evaluated), where G_i is the generation of its
+    first success, or max_generations when it fails: failed attacks run them all,
+    which is why the images that finish first are mostly successes and a rate
+    of finished images is not a rate of time. `finished_generations` holds G_i
+    of the images of finished chunks (an unbiased sample: a chunk is finished only
+    when all its images are). For an image still running after g generations its
+    remaining count is estimated by the mean of (G_i - g) over the finished
+    images that outlasted g (G_i > g: they too had not succeeded by g; failures
+    are among them) and by its worst case, max_generations - g, when there are
+    none; an image not started yet is expected to cost the mean of G_i + 1, or
+    max_generations + 1 with no finished images. Without any finished image the
+    result is the worst case, an upper bound (second value True).
+    """
+    g_max = int(max_generations)
+    running = np.asarray(running_generations, np.int64)
+    done = np.sort(np.asarray(finished_generations, np.int64))
+    if done.size == 0:
+        worst = float(np.sum(g_max - running)) + not_started * (g_max + 1)
+        return worst, True
+    # Suffix sums: mean of done[done > g] for every running g at once.
+    suffix = np.concatenate([np.cumsum(done[::-1])[::-1], [0]])
+    first_above = np.searchsorted(done, running, side="right")
+    count = done.size - first_above
+    outlasting_mean = np.where(
+        count > 0, suffix[first_above] / np.maximum(count, 1), g_max
+    )
+    per_running = np.clip(outlasting_mean - running, 0, g_max - running)
+    per_new = float(np.mean(done)) + 1.0
+    return float(per_running.sum()) + not_started * per_new, False
+
+
 class _AttackProgress:
-    """Progress of attacked images: finished in any order (from the engine while a
-    chunk runs) or the prefix of finished chunks, whichever is further, so that the
-    count never goes back. Only correctly classified images count (the others take
-    no time)."""
+    """Progress lines of an attack run, each printed once (stderr), at most every
+    `every_s` seconds and only when an image finished (or once a minute).
 
-    def __init__(self, total: int, queue_start: int, successes: int):
-        self.progress = common.Progress(total, "attacked images", initial=queue_start)
-        self.start, self.resumed_successes = queue_start, successes
-        self.done, self.successes = queue_start, successes
+    Shown: images finished (in any order; the count never goes back) and still
+    running; the success rate over the images of finished chunks only (every image
+    there has its final outcome, whereas the images that finish first are mostly
+    successes, so a rate over finished images would start near 100%); and an ETA
+    from the evaluations still expected (`expected_remaining_generations`) at the
+    evaluation rate measured so far (marked "<=" while it is the worst case).
+    Images finished before a resume count as done but not in the rates. The ETA
+    assumes a steady evaluation rate; at the very end fewer images run at once
+    than there are slots, so the last minutes may go slower than it says.
+    """
 
-    def on_engine(self, info) -> None:
-        self.done = self.start + info.finished
-        self.successes = self.resumed_successes + info.successes
-        if _is_main_process():
-            self.progress.update(self.done, self.successes)
+    HEARTBEAT_S = 60.0
 
-    def on_chunk(self, queue_end: int, successes: int, last: bool) -> None:
-        if queue_end >= self.done:
-            self.done, self.successes = queue_end, successes
-        if _is_main_process():
-            self.progress.update(self.done, self.successes, force=last)
+    def __init__(
+        self,
+        total: int,
+        queue_start: int,
+        done_chunks: list[dict],
+        population: int,
+        max_generations: int,
+        every_s: float = 10.0,
+    ):
+        self.total, self.start = total, queue_start
+        self.population, self.max_generations = population, max_generations
+        self.every_s = every_s
+        self.generations, success = _chunk_outcomes(done_chunks)
+        self.chunk_images, self.chunk_successes = len(success), int(success.sum())
+        self.resumed_successes = self.chunk_successes
+        self.done, self.successes = queue_start, self.chunk_successes
+        self.running = np.zeros(0, np.int64)  # generations of running images
+        self.t0 = time.time()
+        # Evaluations done by this execution: the library's count while a chunk
+        # runs, the finished chunks' exact count at chunk ends.
+        self.evaluations, self.chunk_evaluations = 0, 0
+        self.rate_from: tuple[float, int] | None = None  # first (time, evaluations)
+        self.evaluations_per_s: float | None = None
+        self.last_print, self.last_done = 0.0, -1
+
+    def on_engine(self, info: ProgressInfo) -> None:
+        """The library's report while a chunk runs."""
+        self.done = max(self.done, self.start + info.finished)
+        self.successes = max(self.successes, self.resumed_successes + info.successes)
+        self.running = np.asarray(info.running_generations, np.int64)
+        self._observe(info.evaluations)
+
+    def on_chunk(self, queue_end: int, result, last: bool) -> None:
+        """A chunk finished: its attacked images' outcomes (AttackResult)."""
+        self.generations = np.concatenate(
+            [self.generations, np.asarray(result.generations, np.int64)]
+        )
+        self.chunk_images += len(result.success)
+        self.chunk_successes += int(np.sum(result.success))
+        self.chunk_evaluations += int(np.sum(result.evaluations))
+        self.done = max(self.done, queue_end)
+        self.successes = max(self.successes, self.chunk_successes)
+        self._observe(self.chunk_evaluations, force=last)
+
+    def _observe(self, evaluations: int, force: bool = False) -> None:
+        """Update the evaluation rate, then maybe print a line.
+
+        The rate is measured from the first observation on, so that the time to
+        compile (before it) does not count; until a second one there is no ETA.
+        """
+        now = time.time()
+        self.evaluations = max(self.evaluations, evaluations)
+        if self.rate_from is None:
+            self.rate_from = (now, self.evaluations)
+        elif now - self.rate_from[0] > 0.5 and self.evaluations > self.rate_from[1]:
+            self.evaluations_per_s = (self.evaluations - self.rate_from[1]) / (
+                now - self.rate_from[0]
+            )
+        self._print(now, force)
+
+    def eta_s(self) -> tuple[float, bool]:
+        """(seconds still expected, whether only an upper bound)."""
+        unfinished = self.total - self.done
+        if unfinished <= 0:
+            return 0.0, False
+        if not self.evaluations_per_s:
+            return float("inf"), True
+        # The last report's running images, less those finished since.
+        running = np.sort(self.running)[::-1][:unfinished]
+        remaining, bound = expected_remaining_generations(
+            self.generations, running, unfinished - len(running), self.max_generations
+        )
+        return self.population * remaining / self.evaluations_per_s, bound
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.t0, 1e-9)
+        text = f"{self.done}/{self.total} attacked images finished"
+        running = min(len(self.running), self.total - self.done)
+        if running:
+            text += f" ({running} running)"
+        if self.chunk_images:
+            text += (
+                f"; success {self.chunk_successes / self.chunk_images:.1%} over the "
+                f"{self.chunk_images} images of finished chunks"
+            )
+        else:
+            text += (
+                f"; {self.successes} successes so far (a rate after the first chunk)"
+            )
+        eta, bound = self.eta_s()
+        rate = (self.done - self.start) / elapsed
+        return (
+            f"{text}; {rate:.2f} images/s, elapsed {common.format_duration(elapsed)}, "
+            f"ETA {'<=' if bound and eta != float('inf') else ''}"
+            f"{common.format_duration(eta)}"
+        )
+
+    def _print(self, now: float, force: bool = False) -> None:
+        if not _is_main_process():
+            return
+        if not force:
+            if now - self.last_print < self.every_s:
+                return
+            if self.done == self.last_done and now - self.last_print < self.HEARTBEAT_S:
+                return
+        self.last_print, self.last_done = now, self.done
+        print(self.line(now), file=sys.stderr, flush=True)
 
 
 def _attack_chunks(
@@ -338,9 +590,14 @@ def _attack_chunks(
     resume_from: int,
     done_chunks: list[dict],
     num_classes: int,
+    settings: dict,
     search_apply_fn=None,
 ) -> list[dict]:
-    """Attack chunk after chunk from `resume_from`; save each chunk as it finishes."""
+    """Attack chunk after chunk from `resume_from`; save each chunk as it finishes.
+
+    The run's settings.json is written just before the first chunk of this
+    execution, so that a run that fails before any result leaves nothing behind.
+    """
     n = len(before.indices)
     ends = list(range(chunk_size, n, chunk_size)) + [n]
     ends = [e for e in ends if e > resume_from]
@@ -349,8 +606,9 @@ def _attack_chunks(
     queue = np.flatnonzero(before.attacked)
     queue_ends = [int(np.sum(before.attacked[:e])) for e in ends]
     queue_start = int(np.sum(before.attacked[:resume_from]))
-    successes = sum(c["successes"] for c in done_chunks)
-    progress = _AttackProgress(len(queue), queue_start, successes)
+    progress = _AttackProgress(
+        len(queue), queue_start, done_chunks, config.population, config.generations
+    )
     stream = attack_stream(
         apply_fn,
         variables,
@@ -367,8 +625,13 @@ def _attack_chunks(
         num_classes=num_classes,
         # Every process takes the same path (its device calls are collective).
         on_progress=progress.on_engine,
+        # Short device calls: Ctrl-C (handled between calls) stops within about
+        # this long, at the cost of one small host sync per call.
+        progress_every_s=DEVICE_CALL_S,
         search_apply_fn=search_apply_fn,
     )
+    chunks_dir = os.path.join(workdir, CHUNKS_DIR)
+    settings_path = os.path.join(chunks_dir, "settings.json")
     chunk_start, tick = resume_from, time.time()
     for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
         rows = [
@@ -393,22 +656,34 @@ def _attack_chunks(
         }
         tick = now
         if _is_main_process():
-            _save_chunk(os.path.join(workdir, CHUNKS_DIR), chunk_start, end, chunk)
+            if chunk_start == resume_from:
+                rundir.write_json(settings_path, settings)
+            _save_chunk(chunks_dir, chunk_start, end, chunk)
         done_chunks.append(chunk)
-        successes += chunk["successes"]
-        progress.on_chunk(queue_end, successes, last=end == n)
+        progress.on_chunk(queue_end, result, last=end == n)
         chunk_start, queue_start = end, queue_end
     return done_chunks
 
 
 def _write_results(
-    workdir: str, pixels: int, done_chunks: list[dict], summary: dict
+    workdir: str, before: _Before, pixels: int, done_chunks: list[dict], summary: dict
 ) -> None:
-    """attack.csv and attack_summary.json from the chunks; the chunks are removed."""
+    """attack.csv and attack_summary.json from the chunks; the chunks are removed.
+
+    The rows must be exactly one per sampled image, in order: a repeated or
+    missing row is never written.
+    """
     if not _is_main_process():
         return
+    rows = [row for c in done_chunks for row in c["rows"]]
+    row_indices = [int(row.split(",", 1)[0]) for row in rows]
+    if row_indices != [int(i) for i in before.indices]:
+        raise PropmapsError(
+            f"{workdir}/{CHUNKS_DIR} does not hold one result per sampled image "
+            "(repeated or missing rows); delete it and run again"
+        )
     header = ",".join(results.attack_columns(pixels))
-    lines = [header] + [row for c in done_chunks for row in c["rows"]]
+    lines = [header] + rows
     rundir.write_text(os.path.join(workdir, CSV_NAME), "\n".join(lines) + "\n")
     rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
     shutil.rmtree(os.path.join(workdir, CHUNKS_DIR), ignore_errors=True)
@@ -428,15 +703,28 @@ def run_attack(
     slots: int | None = None,
     chunk_size: int | None = None,
     search_dtype: str = "float32",
+    loaded: tuple | None = None,
 ) -> dict:
     """Attack sampled test images; write workdir/attack.csv and attack_summary.json.
 
+    Everything is checked before anything is written (the arguments, the data,
+    the weights loaded against the model, the workdir); the workdir and its
+    settings record are created only when the first result is written.
     Resumable: a finished run with the same settings returns its summary, an
-    unfinished one continues, other settings raise PropmapsError. `target`: None
-    (untargeted), a class, or "all" (one run per class in workdir/target_<c>/).
-    Returns the summary dict.
+    unfinished one continues, other settings (model, weights or test data by
+    content, attack settings) raise PropmapsError. `target`: None (untargeted), a
+    class, or "all" (one run per class in workdir/target_<c>/). `loaded`:
+    `common.load_model(model_name, weights)` when already done. Returns the summary.
     """
     target = parse_target(target)
+    workdir = rundir.check_workdir(workdir)
+    chunk_size = _default_chunk_size(chunk_size, num_samples)
+    _check_slots(slots)
+    _check_search_dtype(search_dtype)
+    x_test, y_test = dataset.split("test")
+    indices = sample_indices(len(x_test), num_samples, seed, sample)
+    if loaded is None:
+        loaded = common.load_model(model_name, weights)
     if target == "all":
         return _run_all_targets(
             workdir,
@@ -450,20 +738,27 @@ def run_attack(
             slots=slots,
             chunk_size=chunk_size,
             search_dtype=search_dtype,
+            loaded=loaded,
         )
-    chunk_size = _default_chunk_size(chunk_size, num_samples)
-    x_test, y_test = dataset.split("test")
-    indices = sample_indices(len(x_test), num_samples, seed, sample)
     settings = _settings(
-        model_name, weights, num_samples, seed, sample, config, target, search_dtype
+        provenance.describe(model_name, weights, x_test, y_test),
+        num_samples,
+        seed,
+        sample,
+        config,
+        target,
+        search_dtype,
     )
-    resume_from, done_chunks, finished = _open_workdir(workdir, settings)
+    legacy = _legacy_settings(settings, weights)
+    resume_from, done_chunks, finished = _open_workdir(
+        workdir, settings, legacy, indices
+    )
     if finished is not None:
         logging.info("%s: finished run with the same settings, nothing to do", workdir)
         return finished
 
     start_time = time.time()
-    model_config, module, variables, metadata = common.load_model(model_name, weights)
+    model_config, module, variables, metadata = loaded
     apply_fn = models.make_apply_fn(module)
     before = _predict_sample(apply_fn, variables, x_test, y_test, indices, target)
     done_chunks = _attack_chunks(
@@ -479,6 +774,7 @@ def run_attack(
         resume_from=resume_from,
         done_chunks=done_chunks,
         num_classes=model_config.num_classes,
+        settings=settings,
         search_apply_fn=_search_apply_fn(model_config, search_dtype),
     )
     summary = _summary(
@@ -491,13 +787,32 @@ def run_attack(
         before.attacked,
         done_chunks,
         target,
+        weights=weights,
         wall_time=sum(c["seconds"] for c in done_chunks),
         slots=slots,
         chunk_size=chunk_size,
     )
     logging.info("attack finished in %.1f s", time.time() - start_time)
-    _write_results(workdir, config.pixels, done_chunks, summary)
+    _write_results(workdir, before, config.pixels, done_chunks, summary)
     return summary
+
+
+def check_run_flags(
+    num_samples: int, chunk_size: int | None, slots: int | None, search_dtype: str
+) -> None:
+    """The attack's own flags, checked before any data or weights are read."""
+    if num_samples < 1:
+        raise PropmapsError(f"--num_samples must be >= 1, got {num_samples}")
+    _default_chunk_size(chunk_size, num_samples)
+    _check_slots(slots)
+    _check_search_dtype(search_dtype)
+
+
+def _check_search_dtype(search_dtype: str) -> None:
+    if search_dtype not in ("float32", "bfloat16"):
+        raise PropmapsError(
+            f"--search_dtype must be float32 or bfloat16, got {search_dtype!r}"
+        )
 
 
 def _search_apply_fn(model_config: models.ModelConfig, search_dtype: str):
@@ -533,6 +848,7 @@ def _summary(
     chunks: list[dict],
     target: int | None,
     *,
+    weights: str | None,
     wall_time: float,
     slots: int | None,
     chunk_size: int,
@@ -548,7 +864,9 @@ def _summary(
         "settings": settings,
         "model": {
             "name": model_config.name,
-            "weights": settings["weights"] or "bundled checkpoint",
+            # Where the weights were read from, for the reader; runs are compared
+            # by the weights' hash in the settings, never by this path.
+            "weights": os.path.abspath(weights) if weights else "bundled checkpoint",
             "metadata": json.loads(json.dumps(metadata, default=str)),
         },
         "dataset": dataset.source,
@@ -611,8 +929,13 @@ def _run_all_targets(workdir: str, **kwargs: Any) -> dict:
     return summary
 
 
+@common.resumable()
 def main(argv: list[str]) -> None:
-    """Run the attack experiment from flags."""
+    """Run the attack experiment from flags.
+
+    Flags, workdir, weights (loaded and checked against --model) and data are
+    checked before anything is written; Ctrl-C keeps the finished chunks.
+    """
     del argv
     if FLAGS.distributed:
         common.initialize_distributed()
@@ -620,7 +943,11 @@ def main(argv: list[str]) -> None:
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )
     target = parse_target(FLAGS.target)
-    workdir = common.require_workdir()
+    check_run_flags(
+        FLAGS.num_samples, FLAGS.chunk_size, FLAGS.slots, FLAGS.search_dtype
+    )
+    workdir = common.require_workdir(create=False)
+    loaded = common.load_model(FLAGS.model, FLAGS.weights)
     dataset = common.load_data()
     summary = run_attack(
         workdir,
@@ -635,11 +962,14 @@ def main(argv: list[str]) -> None:
         slots=FLAGS.slots,
         chunk_size=FLAGS.chunk_size,
         search_dtype=FLAGS.search_dtype,
+        loaded=loaded,
     )
-    logging.info(
-        "success rate %.2f%% of %d attacked images (%.2f%% of all %d samples)",
-        100 * summary.get("success_rate_attacked", 0.0),
-        summary.get("attacked", 0),
-        100 * summary.get("success_rate_all", 0.0),
-        summary.get("num_samples", 0),
-    )
+    if _is_main_process():
+        # The result, on stdout (progress and logs go to stderr).
+        print(
+            f"success rate {100 * summary.get('success_rate_attacked', 0.0):.2f}% of "
+            f"{summary.get('attacked', 0)} attacked images "
+            f"({100 * summary.get('success_rate_all', 0.0):.2f}% of all "
+            f"{summary.get('num_samples', 0)} samples); results in {workdir}",
+            flush=True,
+        )

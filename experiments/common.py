@@ -83,14 +83,15 @@ def default_batch_size(default: int) -> int:
     return FLAGS.batch_size
 
 
-def require_workdir() -> str:
-    """The --workdir flag, created; a clear error when missing."""
-    if not FLAGS.workdir:
-        raise PropmapsError(
-            "--workdir is required: the folder where results are written"
-        )
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    return FLAGS.workdir
+def require_workdir(create: bool = True, default: str | None = None) -> str:
+    """The --workdir flag (else `default`), checked to be a usable folder (see
+    `rundir.check_workdir`); created unless `create=False` (experiments that
+    create it only when their first result is written). One-line error otherwise.
+    """
+    workdir = rundir.check_workdir(FLAGS.workdir or default)
+    if create:
+        os.makedirs(workdir, exist_ok=True)
+    return workdir
 
 
 def cifar10_path(flag_value: str | None) -> str | None:
@@ -171,6 +172,38 @@ def under_precision(main: Callable[[list[str]], None]) -> Callable:
     return wrapped
 
 
+def resumable(default_workdir: str | None = None) -> Callable:
+    """Decorator: Ctrl-C in a resumable experiment's `main` gives one line and
+    exit status 130 (the shell's for SIGINT) instead of a traceback.
+
+    The finished results are already on disk (each written atomically), so the
+    user is told that the same command resumes. `default_workdir`: the folder
+    used without --workdir.
+    """
+
+    def decorator(main: Callable[[list[str]], None]) -> Callable:
+        @functools.wraps(main)
+        def wrapped(argv: list[str]) -> None:
+            try:
+                main(argv)
+            except KeyboardInterrupt:
+                workdir = FLAGS.workdir or default_workdir
+                if workdir and os.path.isdir(workdir):
+                    message = (
+                        f"interrupted: the finished results are kept in {workdir}; "
+                        "run the same command again to resume"
+                    )
+                else:
+                    message = "interrupted before the first result was written"
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+                sys.exit(130)
+
+        return wrapped
+
+    return decorator
+
+
 def device_description() -> dict[str, Any]:
     """Backend, device kinds and count, precision, versions: for summaries."""
     devices = jax.devices()
@@ -214,6 +247,11 @@ class Progress:
         line += f", {rate:.2f} {self.what}/s, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
         # One line: under absl, logging.info would print it to stderr a second time.
         print(line, file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, or "?" for an unknown (infinite) duration."""
+    return _fmt(seconds)
 
 
 def _fmt(seconds: float) -> str:

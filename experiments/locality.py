@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 
 import experiments.attack as attack_experiment
-from experiments import common, plots, rundir, tables
+from experiments import common, plots, provenance, rundir, tables
 from experiments.results import read_attack_csv
 from propmaps_jax import checkpoint, locality, models, stats
 from propmaps_jax.attack import AttackConfig
@@ -111,6 +111,9 @@ def check_flags() -> None:
                 f"--num_samples_{name} is given but {name!r} is not in "
                 f"--models={FLAGS.models}"
             )
+    attack_experiment.check_run_flags(
+        FLAGS.num_samples, FLAGS.chunk_size, FLAGS.slots, FLAGS.search_dtype
+    )
     if FLAGS.max_distance < 1:
         raise PropmapsError(f"--max_distance must be >= 1, got {FLAGS.max_distance}")
     if FLAGS.vulnerability_maps < 0:
@@ -136,6 +139,24 @@ def check_sample_counts(names: list[str], num_test: int) -> None:
             )
 
 
+def load_models(names: list[str], weights: dict[str, str | None]) -> dict[str, tuple]:
+    """`common.load_model` of every model, all checked before any attack starts.
+
+    A broken file is named with its flag (--weights_<model>).
+    """
+    loaded = {}
+    for name in names:
+        try:
+            loaded[name] = common.load_model(name, weights[name])
+        except PropmapsError as e:
+            flag = f"--weights_{name}"
+            message = str(e).replace("`weights`", flag)
+            raise type(e)(
+                message if flag in message else f"{flag}: {message}"
+            ) from None
+    return loaded
+
+
 def model_weights(name: str) -> str | None:
     """--weights_<name>, or None for the bundled checkpoint (checked to exist)."""
     weights = getattr(FLAGS, f"weights_{name}")
@@ -148,6 +169,7 @@ def model_weights(name: str) -> str | None:
 
 
 def log(message: str) -> None:
+    """A progress message: stderr (results go to stdout)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -378,19 +400,24 @@ def locality_for_model(
     name: str,
     model_dir: str,
     weights: str | None,
+    loaded: tuple,
     dataset,
     seed: int,
     max_distance: int,
     num_maps: int,
     batch_size: int,
 ) -> dict[str, Any]:
-    """The locality study of one model from DIR/<model>/attack.csv (reused if done)."""
+    """The locality study of one model from DIR/<model>/attack.csv (reused if done).
+
+    `loaded`: `common.load_model(name, weights)`. The study is reused when made
+    from the same attack.csv and weights (both by content) and settings.
+    """
     attack_csv = os.path.join(model_dir, "attack.csv")
     table = read_attack_csv(attack_csv)
     locality.check_one_pixel(table["pixels"])
     settings = {
         "attack_csv_sha256": rundir.file_sha256(attack_csv),
-        "weights": weights or "bundled",
+        "weights_sha256": provenance.weights_sha256(name, weights),
         "seed": seed,
         "max_distance": max_distance,
         "vulnerability_maps": num_maps,
@@ -401,7 +428,7 @@ def locality_for_model(
     _check_dataset(attack_csv, table, dataset)
 
     x_test, y_test = dataset.split("test")
-    _, module, variables, _ = common.load_model(name, weights)
+    _, module, variables, _ = loaded
     apply_fn = models.make_apply_fn(module)
     succ_rows = np.flatnonzero(table["success"])
     index = table["index"][succ_rows]
@@ -458,7 +485,9 @@ def locality_for_model(
     return record
 
 
-def _attack_and_study(name: str, workdir: str, weights, dataset, config) -> tuple:
+def _attack_and_study(
+    name: str, workdir: str, weights, loaded: tuple, dataset, config
+) -> tuple:
     """(attack summary, locality record) of one model, each reused when done."""
     model_dir = os.path.join(workdir, name)
     num_samples = model_samples(name)
@@ -476,11 +505,13 @@ def _attack_and_study(name: str, workdir: str, weights, dataset, config) -> tupl
         slots=FLAGS.slots,
         chunk_size=FLAGS.chunk_size,
         search_dtype=FLAGS.search_dtype,
+        loaded=loaded,
     )
     record = locality_for_model(
         name,
         model_dir,
         weights,
+        loaded,
         dataset,
         FLAGS.seed,
         FLAGS.max_distance,
@@ -512,29 +543,34 @@ def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list
     return figures
 
 
+@common.resumable(DEFAULT_WORKDIR)
 def main(argv: list[str]) -> None:
-    """Attack each model (or reuse), run the locality study, write tables, figures."""
+    """Attack each model (or reuse), run the locality study, write tables, figures.
+
+    Flags, the workdir, every model's weights and the data are checked before
+    the first attack starts and before anything is written.
+    """
     del argv
     common.default_batch_size(4096)
     names = parse_models(FLAGS.models)
     check_flags()
-    weights = {name: model_weights(name) for name in names}
     if FLAGS.distributed:
         common.initialize_distributed()
-    workdir = FLAGS.workdir or DEFAULT_WORKDIR
-    os.makedirs(workdir, exist_ok=True)
-    start = time.time()
-    dataset = common.load_data()
-    check_sample_counts(names, len(dataset.x_test))
+    workdir = common.require_workdir(create=False, default=DEFAULT_WORKDIR)
     config = AttackConfig(
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )
+    weights = {name: model_weights(name) for name in names}
+    loaded = load_models(names, weights)
+    start = time.time()
+    dataset = common.load_data()
+    check_sample_counts(names, len(dataset.x_test))
     results: dict[str, dict] = {}
     attack_summaries: dict[str, Any] = {}
     maps: dict[str, dict] = {}
     for name in names:
         attack_summaries[name], record = _attack_and_study(
-            name, workdir, weights[name], dataset, config
+            name, workdir, weights[name], loaded[name], dataset, config
         )
         maps[name] = record.pop("maps")
         results[name] = record
@@ -542,7 +578,12 @@ def main(argv: list[str]) -> None:
         return
     settings = {
         "models": names,
-        "weights": {n: w or "bundled" for n, w in weights.items()},
+        "weights": {
+            n: os.path.abspath(w) if w else "bundled" for n, w in weights.items()
+        },
+        "weights_sha256": {
+            n: attack_summaries[n]["settings"].get("weights_sha256") for n in names
+        },
         "num_samples": {n: model_samples(n) for n in names},
         "sample": FLAGS.sample,
         "seed": FLAGS.seed,
@@ -566,4 +607,6 @@ def main(argv: list[str]) -> None:
         },
     )
     log(f"wrote {workdir}/table1.md, table1.csv, locality.json and figures")
-    log(open(os.path.join(workdir, "table1.md")).read())
+    # The result, on stdout (progress and logs go to stderr).
+    with open(os.path.join(workdir, "table1.md")) as f:
+        print(f.read(), flush=True)

@@ -7,6 +7,7 @@ several of them define --model), so nothing here imports experiments.*.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,8 @@ def test_end_to_end_writes_every_file(finished_run, tiny_setup):
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "images/s" in proc.stderr  # progress lines
+    # The results table goes to stdout, progress and logs to stderr.
+    assert "# Table 1" in proc.stdout and "# Table 1" not in proc.stderr
 
     summary = json.load(open(os.path.join(workdir, "locality.json")))
     res = summary["models"]["lenet_tiny"]
@@ -220,10 +223,19 @@ def test_vulnerability_map_agrees_with_the_attack(finished_run):
 
 
 def test_rerun_reuses_results(finished_run, tiny_setup):
+    """A rerun reuses the attack and the study, also with the same weights under
+    another path (runs are compared by the weights' content)."""
     workdir, _ = finished_run
     before = open(os.path.join(workdir, "lenet_tiny", "locality.csv")).read()
-    proc = run_launch(*tiny_args(tiny_setup, workdir))
+    copy = str(tiny_setup["folder"] / "copy_of_weights.msgpack")
+    shutil.copyfile(tiny_setup["weights"], copy)
+    args = [
+        f"--weights_lenet_tiny={copy}" if a.startswith("--weights_lenet_tiny") else a
+        for a in tiny_args(tiny_setup, workdir)
+    ]
+    proc = run_launch(*args)
     assert "reusing the locality results" in proc.stderr
+    assert "images finished" not in proc.stderr  # the attack was not run again
     after = open(os.path.join(workdir, "lenet_tiny", "locality.csv")).read()
     assert before == after
 
