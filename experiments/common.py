@@ -21,8 +21,10 @@ from propmaps_jax.errors import PropmapsError
 flags.DEFINE_string(
     "cifar10_path",
     None,
-    "CIFAR-10 source: cifar-10-python.tar.gz, its cifar-10-batches-py/ folder or an "
-    ".npz; default $CIFAR10_PATH, else tensorflow-datasets.",
+    "CIFAR-10 source: cifar-10-python.tar.gz, its cifar-10-batches-py/ folder, an "
+    ".npz, or tfds[:DATA_DIR] (a prepared tensorflow-datasets cifar10); default "
+    "$CIFAR10_PATH, else the official archive, downloaded on first use into "
+    "$PROPMAPS_CACHE (default ~/.cache/propmaps_jax).",
 )
 flags.DEFINE_string("workdir", None, "Folder for results (created if needed).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -95,12 +97,14 @@ def require_workdir(create: bool = True, default: str | None = None) -> str:
 
 
 def cifar10_path(flag_value: str | None) -> str | None:
-    """--cifar10_path, else the CIFAR10_PATH environment variable, else None (tfds)."""
-    return flag_value or os.environ.get("CIFAR10_PATH")
+    """--cifar10_path, else the CIFAR10_PATH environment variable, else None (the
+    download cache)."""
+    return flag_value or os.environ.get("CIFAR10_PATH") or None
 
 
 def load_data() -> data.Cifar10:
-    """CIFAR-10 from --cifar10_path / $CIFAR10_PATH / tensorflow-datasets."""
+    """CIFAR-10 from --cifar10_path / $CIFAR10_PATH, else the download cache
+    (downloaded on first use); its source is recorded as an absolute path."""
     dataset = data.load_cifar10(cifar10_path(FLAGS.cifar10_path))
     logging.info("CIFAR-10 from %s", dataset.source)
     return dataset
