@@ -42,7 +42,9 @@ def full_forward(module: nn.Module):
     return jax.jit(lambda v, i, p: apply_fn(v, attack_de.perturbed_batch(i, p)))
 
 
-def assert_exact(module, variables, images, pixels, densify_fraction=1.0):
+def assert_exact(
+    module, variables, images, pixels, densify_fraction=receptive.DENSIFY_FRACTION
+):
     forward = receptive.make_candidate_forward(module, 1, densify_fraction)
     assert forward is not None
     expected = np.asarray(full_forward(module)(variables, images, pixels))
