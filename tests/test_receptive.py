@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from propmaps_jax import attack_de, checkpoint, models, receptive
+from propmaps_jax.errors import PropmapsError
 
 TOLERANCE = 1e-5
 
@@ -151,6 +152,14 @@ def test_lenet_multiply_adds_are_the_hand_counted_ones(lenet):
     windowed = 5 * 5 * 6 * 5 * 5 * 3 + 7 * 7 * 16 * 5 * 5 * 6
     assert counts["candidate_windowed"] == windowed
     assert counts["candidate"] == windowed + dense
+
+
+def test_more_than_one_pixel_per_candidate_is_refused(lenet):
+    module, variables = lenet
+    forward = receptive.make_candidate_forward(module, 1)
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    with pytest.raises(PropmapsError, match="one pixel per candidate"):
+        forward(variables, images, np.zeros((1, 4, 2, 5), np.int32))
 
 
 class Custom(nn.Module):
