@@ -7,9 +7,12 @@ python benchmarks/attack_bench.py [--models=lenet,resnet] [--population=400]
 For each model: the attack's candidate evaluations per second (only evaluations of
 images still being attacked count: population x (generations + 1) per image) and,
 in the same process and on the same device, the images per second of a plain
-jitted forward at the attack's batch size (slots x population). Their ratio is the
-attack's efficiency. Without --weights the models are randomly initialised and
-each image's label is the model's own prediction, so every image is attacked.
+jitted forward at the attack's batch size (slots x population): the candidate
+forward that the attack uses (the receptive-field forward where it is the default,
+see --forward) and the model's plain forward. The attack's rate over its own
+forward's rate is its efficiency. Without --weights the models are randomly
+initialised and each image's label is the model's own prediction, so every image
+is attacked.
 Compilation is excluded from both timings (each is run once before it is timed).
 """
 
@@ -45,6 +48,13 @@ flags.DEFINE_enum(
     "jax.default_matmul_precision of both timings (highest: true float32).",
 )
 flags.DEFINE_integer("forward_repeats", 5, "Timed forward passes.")
+flags.DEFINE_enum(
+    "forward",
+    "auto",
+    ["auto", "plain"],
+    "The attack's candidate forward: auto (the library's default: receptive-field "
+    "windows where measured faster) or plain (the model's own forward).",
+)
 flags.DEFINE_bool(
     "full_length",
     False,
@@ -94,6 +104,22 @@ def forward_throughput(apply_fn, variables, batch: int) -> float:
     return batch * FLAGS.forward_repeats / (time.perf_counter() - start)
 
 
+def candidate_throughput(candidate_forward, variables, slots, population) -> float:
+    """Candidates per second of a jitted candidate forward at the attack's shapes."""
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.integers(0, 256, (slots, 32, 32, 3), dtype=np.uint8))
+    rows_cols = rng.integers(0, 32, (slots, population, 1, 2))
+    rgb = rng.integers(0, 256, (slots, population, 1, 3))
+    pixels = jnp.asarray(np.concatenate([rows_cols, rgb], -1), jnp.int32)
+    forward = jax.jit(lambda v, x, p: jnp.argmax(candidate_forward(v, x, p), -1))
+    forward(variables, images, pixels).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(FLAGS.forward_repeats):
+        out = forward(variables, images, pixels)
+    out.block_until_ready()
+    return slots * population * FLAGS.forward_repeats / (time.perf_counter() - start)
+
+
 def bench(name: str, weights: dict[str, str]) -> dict:
     apply_fn, variables, trained = load_model(name, weights)
     forward_fn = jax.jit(apply_fn)
@@ -120,6 +146,12 @@ def bench(name: str, weights: dict[str, str]) -> dict:
     slots = FLAGS.slots or devices * attack.default_slots(
         config.population, len(images), devices
     )
+    candidate_forward = None
+    if FLAGS.forward == "auto":
+        platform = jax.devices()[0].platform
+        candidate_forward = attack.default_candidate_forward(
+            apply_fn, None, config, platform
+        )
     run = lambda: attack.attack(  # noqa: E731
         apply_fn,
         variables,
@@ -129,6 +161,7 @@ def bench(name: str, weights: dict[str, str]) -> dict:
         jax.random.key(0),
         config,
         slots=slots,
+        candidate_forward=candidate_forward,
     )
     start = time.perf_counter()
     run()  # compiles
@@ -138,7 +171,16 @@ def bench(name: str, weights: dict[str, str]) -> dict:
     seconds = time.perf_counter() - start
     evaluations = int(result.evaluations.sum())
     batch = slots * config.population
-    forward = forward_throughput(apply_fn, variables, batch)
+    plain = forward_throughput(apply_fn, variables, batch)
+    forward = plain
+    if candidate_forward is not None:
+        per_device = slots // devices
+        forward = (
+            candidate_throughput(
+                candidate_forward, variables, per_device, config.population
+            )
+            * devices
+        )
     return {
         "model": name,
         "weights": ("trained" if trained else "random")
@@ -152,7 +194,9 @@ def bench(name: str, weights: dict[str, str]) -> dict:
         "seconds": seconds,
         "compile_s": compile_and_run - seconds,
         "attack_evals_per_s": evaluations / seconds,
+        "forward": "receptive" if candidate_forward is not None else "plain",
         "forward_images_per_s": forward,
+        "plain_images_per_s": plain,
         "efficiency": evaluations / seconds / forward,
     }
 
@@ -171,16 +215,17 @@ def main(argv: list[str]) -> None:
     )
     print(
         "| model | weights | images | population | slots | batch | mean gens | "
-        "success | attack s | compile s | attack evals/s | forward images/s | "
-        "efficiency |"
+        "success | attack s | compile s | attack evals/s | forward | "
+        "forward images/s | plain forward images/s | efficiency |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 15)
     for r in rows:
         print(
             f"| {r['model']} | {r['weights']} | {r['images']} | {r['population']} | "
             f"{r['slots']} | {r['batch']} | {r['mean_generations']:.1f} | "
             f"{r['success_rate']:.0%} | {r['seconds']:.1f} | {r['compile_s']:.1f} | "
-            f"{r['attack_evals_per_s']:,.0f} | {r['forward_images_per_s']:,.0f} | "
+            f"{r['attack_evals_per_s']:,.0f} | {r['forward']} | "
+            f"{r['forward_images_per_s']:,.0f} | {r['plain_images_per_s']:,.0f} | "
             f"{r['efficiency']:.2f} |"
         )
 

@@ -52,6 +52,7 @@ __all__ = [
     "candidate_bounds",
     "concatenate_results",
     "decode_candidates",
+    "default_candidate_forward",
     "default_slots",
     "fitness",
     "generation_key",
@@ -169,6 +170,31 @@ def default_slots(
     return max(1, min(per_device, wanted))
 
 
+# Where the receptive-field candidate forward (`receptive`) is the default: model
+# class name -> platforms where it was measured faster than the plain forward
+# (BENCHMARKS.md). It is exact (logits within 1e-5 of the plain forward).
+RECEPTIVE_DEFAULT: dict[str, tuple[str, ...]] = {"LeNet": ("cpu",), "ResNet": ("cpu",)}
+
+
+def default_candidate_forward(
+    apply_fn: ApplyFn,
+    search_apply_fn: ApplyFn | None,
+    config: AttackConfig,
+    platform: str,
+) -> attack_engine.CandidateForward | None:
+    """The receptive-field forward where it is the default, else None (the plain
+    forward): for an `models.InferenceApply` of a model and platform listed in
+    RECEPTIVE_DEFAULT, one pixel per candidate, no separate search forward."""
+    module = getattr(apply_fn, "module", None)
+    if search_apply_fn is not None or module is None:
+        return None
+    if platform not in RECEPTIVE_DEFAULT.get(type(module).__name__, ()):
+        return None
+    from propmaps_jax import receptive
+
+    return receptive.make_candidate_forward(module, config.pixels)
+
+
 def _local_len(positions: int, devices: int) -> int:
     """Queue length per device (position g goes to device g % n, local slot g // n)."""
     return max(1, math.ceil(positions / devices))
@@ -193,7 +219,7 @@ def attack_stream(
     on_progress: Callable[[int, int], None] | None = None,
     progress_every_s: float = 10.0,
     search_apply_fn: ApplyFn | None = None,
-    candidate_forward: attack_engine.CandidateForward | None = None,
+    candidate_forward: attack_engine.CandidateForward | str | None = "auto",
 ) -> Iterator[AttackResult]:
     """Attack every image; an iterator over the results chunk by chunk, in input order.
 
@@ -233,7 +259,8 @@ def attack_stream(
       candidate_forward: a faster exact forward of the candidates,
         `(variables, images (B, H, W, 3), pixels (B, P, k, 5)) -> logits (B * P, C)`
         (hashable; e.g. `receptive.make_candidate_forward(module, k)`), used in
-        place of the search forward of the perturbed images.
+        place of the search forward of the perturbed images; None: the model's
+        own forward; "auto" (default): `default_candidate_forward`.
 
     When fewer images remain than slots, each step's forward runs only the active
     slots, in the smallest of a few compiled sizes (slots, halved down to 1)
@@ -247,6 +274,16 @@ def attack_stream(
     if n == 0 or start == n:
         return iter([_empty_result(config) for _ in chunk_ends])
     layout = _Layout.create(mesh, config, n, slots, capacity)
+    if isinstance(candidate_forward, str):
+        if candidate_forward != "auto":
+            raise PropmapsError(
+                f"candidate_forward must be a function, None or 'auto', got "
+                f"{candidate_forward!r}"
+            )
+        platform = layout.mesh.devices.flat[0].platform
+        candidate_forward = default_candidate_forward(
+            apply_fn, search_apply_fn, config, platform
+        )
     program, init_program = attack_engine.build_programs(
         apply_fn,
         search_apply_fn,

@@ -51,6 +51,11 @@ from propmaps_jax.types import Images, Perturbation, Variables
 DENSIFY_FRACTION = 0.7
 
 
+def _int32_index(*index: Any) -> tuple[jax.Array, ...]:
+    """A dynamic_slice start of one dtype, also with jax_enable_x64 on."""
+    return tuple(jnp.asarray(i, jnp.int32) for i in index)
+
+
 def _ceil_div(x: Any, d: int) -> Any:
     return -((-x) // d)
 
@@ -145,7 +150,9 @@ def _overlay(
         window.values, ((0, 0), (front_r, back_r), (front_q, back_q), (0, 0))
     )
     shifted = jax.lax.dynamic_slice(
-        padded, (0, front_r - d_rows, front_q - d_cols, 0), (1, big_r, big_q, channels)
+        padded,
+        _int32_index(0, front_r - d_rows, front_q - d_cols, 0),
+        (1, big_r, big_q, channels),
     )
     rows = jnp.arange(big_r)[:, None]
     cols = jnp.arange(big_q)[None, :]
@@ -174,7 +181,7 @@ def _materialize(
         region = clean[None]
     else:
         region = jax.lax.dynamic_slice(
-            clean, (start_rows, start_cols, 0), (*size, channels)
+            clean, _int32_index(start_rows, start_cols, 0), (*size, channels)
         )[None]
     shift_r, shift_c = pad[0][0], pad[1][0]
     return _overlay(

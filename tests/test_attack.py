@@ -524,3 +524,33 @@ def test_forward_of_active_slots_uses_the_smallest_bucket(slots):
         np.testing.assert_array_equal(np.asarray(logits)[active], full[active])
         assert not np.any(np.asarray(logits)[~active])
         assert int(work) == min(b for b in buckets if b >= max(count, 1))
+
+
+def test_receptive_forward_is_the_cpu_default_for_lenet_and_resnet(case):
+    from propmaps_jax import receptive
+
+    apply_fn = case[0]
+    chosen = attack.default_candidate_forward(apply_fn, None, CONFIG, "cpu")
+    assert isinstance(chosen, receptive.CandidateForward)
+    resnet = models.make_apply_fn(models.create_model("resnet_tiny"))
+    assert attack.default_candidate_forward(resnet, None, CONFIG, "cpu") is not None
+    # Not measured faster there, a separate search forward, k > 1, unknown models.
+    assert attack.default_candidate_forward(apply_fn, None, CONFIG, "gpu") is None
+    assert attack.default_candidate_forward(apply_fn, apply_fn, CONFIG, "cpu") is None
+    three = attack.AttackConfig(pixels=3, population=8, generations=2)
+    assert attack.default_candidate_forward(apply_fn, None, three, "cpu") is None
+    assert attack.default_candidate_forward(toy_apply, None, CONFIG, "cpu") is None
+
+
+def test_plain_and_receptive_forward_give_the_same_attack(case, engine_result):
+    reference, _ = engine_result  # the default: receptive on this CPU
+    plain = attack.attack(
+        *case, jax.random.key(7), CONFIG, slots=SLOTS, candidate_forward=None
+    )
+    for name in ("success", "pixels", "pred_after", "generations"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(reference, name))
+    np.testing.assert_allclose(
+        plain.prob_true_after, reference.prob_true_after, atol=1e-5
+    )
+    with pytest.raises(PropmapsError, match="candidate_forward"):
+        attack.attack(*case, jax.random.key(7), CONFIG, candidate_forward="fast")
