@@ -201,3 +201,38 @@ def test_model_config_round_trip_and_unknown_model():
     assert module.mean == (1.0, 2.0, 3.0) and module.std == (4.0, 5.0, 6.0)
     with pytest.raises(PropmapsError, match="unknown model 'vgg'; choose one of lenet"):
         models.create_model("vgg")
+
+
+@pytest.mark.parametrize("width,kernel", [(32, 5), (31, 5), (30, 3), (9, 5), (6, 5)])
+def test_column_pair_conv_equals_the_plain_convolution(width, kernel):
+    rng = np.random.default_rng(width)
+    x = jnp.asarray(rng.normal(size=(3, 11, width, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 7)), jnp.float32)
+    expected = jax.lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    got = models.column_pair_conv(x, k)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # Gradients too (training uses it).
+    loss = lambda f: lambda k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+    plain = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(
+        jax.grad(loss(models.column_pair_conv))(k),
+        jax.grad(loss(plain))(k),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_lenet_first_layer_is_a_conv_with_the_usual_parameters():
+    module = models.create_model("lenet")
+    variables = models.init_variables(module, jax.random.key(0))
+    conv1 = variables["params"]["conv1"]
+    assert conv1["kernel"].shape == (5, 5, 3, 6) and conv1["bias"].shape == (6,)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    _, maps = models.layer_outputs(module, variables, images)
+    assert list(maps) == ["conv1", "conv2"]
+    assert maps["conv1"].shape == (2, 28, 28, 6)
