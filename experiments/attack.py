@@ -60,7 +60,10 @@ flags.DEFINE_enum(
     "goes on.",
 )
 flags.DEFINE_integer(
-    "slots", None, "Images attacked at once (all devices); default ~32768/population."
+    "slots",
+    None,
+    "Images attacked at once (all devices); default by backend: 512 // population "
+    "per CPU device (1 at population 400), about 32768 / population per accelerator.",
 )
 flags.DEFINE_integer(
     "chunk_size",

@@ -1,0 +1,359 @@
+"""The command line of `python launch.py`: experiment selection, help, flag checks.
+
+Selects the experiment from --experiment, imports `experiments/<NAME>.py` (which
+defines its own absl flags) and runs its `main`. `--help` alone lists the
+experiments; with --experiment it lists the flags that experiment reads. Errors in
+the user's input (a bad flag, a PropmapsError) are printed on one line with exit 2
+instead of a traceback or absl's usage text. Nothing heavy is imported before an
+experiment is chosen, so `--help` answers at once.
+"""
+
+import ast
+import copy
+import difflib
+import functools
+import importlib
+import os
+import re
+import sys
+import textwrap
+
+EXPERIMENTS = (
+    "locality",
+    "attack",
+    "propagation",
+    "statistics",
+    "salience",
+    "train",
+    "evaluate",
+)
+HELP = {"-h", "-help", "--help", "-helpfull", "--helpfull", "-helpshort", "--helpshort"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT_FLAG = re.compile(r"--?experiment(=|$)")
+
+
+class UsageError(Exception):
+    """A command line that cannot run: its message is the one line printed."""
+
+
+def _options(args: list[str]) -> list[str]:
+    """The arguments before `--` (after it, nothing is a flag)."""
+    return args[: args.index("--")] if "--" in args else args
+
+
+def experiment_names(args: list[str]) -> list[str]:
+    """Every value given to --experiment (`--experiment=X` or `--experiment X`)."""
+    options, names = _options(args), []
+    for i, arg in enumerate(options):
+        match = EXPERIMENT_FLAG.match(arg)
+        if match and match.group(1):
+            names.append(arg.split("=", 1)[1])
+        elif match:
+            names.append(options[i + 1] if i + 1 < len(options) else "")
+    return names
+
+
+def wants_help(args: list[str]) -> bool:
+    return any(arg in HELP for arg in _options(args))
+
+
+def select(args: list[str]) -> str | None:
+    """The experiment named by `args`, None when there is none; UsageError when it
+    is unknown or given more than once."""
+    names = experiment_names(args)
+    if len(names) > 1:
+        raise UsageError(
+            f"--experiment given {len(names)} times ({', '.join(names)}); give it once"
+        )
+    if names and names[0] not in EXPERIMENTS:
+        raise UsageError(
+            f"unknown experiment {names[0]!r}; choose one of: {', '.join(EXPERIMENTS)}"
+        )
+    return names[0] if names else None
+
+
+# --- What an experiment is and reads, from its source (no import, no JAX).
+
+
+@functools.cache
+def _tree(module: str) -> ast.Module:
+    path = os.path.join(ROOT, *module.split(".")) + ".py"
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read())
+
+
+def summary(name: str) -> str:
+    """The first line of an experiment module's docstring."""
+    doc = ast.get_docstring(_tree(f"experiments.{name}")) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _aliases(tree: ast.Module) -> dict[str, tuple[str, str | None]]:
+    """Names bound by imports from the experiments package: alias -> (module,
+    None) for a module, (module, function) for a function imported by name."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("experiments.") and a.asname:
+                    out[a.asname] = (a.name, None)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                alias = a.asname or a.name
+                if node.module == "experiments":
+                    out[alias] = (f"experiments.{a.name}", None)
+                elif node.module.startswith("experiments."):
+                    out[alias] = (node.module, a.name)
+    return out
+
+
+def _flag_references(node: ast.AST) -> tuple[set[str], set[tuple[str, str]]]:
+    """(flags read in `node` as FLAGS.x or FLAGS["x"], names it refers to: (alias,
+    attribute) for `alias.attribute`, (name, "") for a bare name)."""
+    flags_read, names = set(), set()
+    # A module alias counts only with its attribute (`common.load_data`), not as
+    # a whole module.
+    bases = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+            if n.value.id == "FLAGS":
+                flags_read.add(n.attr)
+            else:
+                names.add((n.value.id, n.attr))
+        elif isinstance(n, ast.Attribute) and n.attr == "FLAGS":
+            pass  # flags.FLAGS.x: its parent Attribute is handled below
+        elif isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name):
+            key = n.slice
+            if n.value.id == "FLAGS" and isinstance(key, ast.Constant):
+                flags_read.add(str(key.value))
+        elif isinstance(n, ast.Name) and id(n) not in bases:
+            names.add((n.id, ""))
+        if (
+            isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "FLAGS"
+        ):
+            flags_read.add(n.attr)
+    return flags_read, names
+
+
+def _top_level(tree: ast.Module, name: str) -> ast.AST | None:
+    for node in tree.body:
+        if (
+            isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+            and node.name == name
+        ):
+            return node
+    return None
+
+
+@functools.cache
+def flags_read(name: str) -> frozenset[str]:
+    """Names of the flags experiment `name` reads: FLAGS.x anywhere in its module,
+    and in the functions of other experiments modules that it uses (followed from
+    function to function), plus --precision, which this launcher applies."""
+    found: set[str] = set()
+    todo = [(f"experiments.{name}", None), ("experiments.common", "under_precision")]
+    seen = set()
+    while todo:
+        module, function = todo.pop()
+        if (module, function) in seen:
+            continue
+        seen.add((module, function))
+        tree = _tree(module)
+        node = tree if function is None else _top_level(tree, function)
+        if node is None:
+            continue
+        flags_in, names = _flag_references(node)
+        found |= flags_in
+        aliases = _aliases(tree)
+        for base, attribute in names:
+            if base in aliases:
+                target, imported = aliases[base]
+                todo.append((target, imported or attribute or None))
+            elif not attribute and function is not None and _top_level(tree, base):
+                todo.append((module, base))
+    return frozenset(found)
+
+
+# --- Help texts.
+
+
+def overview() -> str:
+    """`python launch.py --help`: the experiments, one line each."""
+    width = max(map(len, EXPERIMENTS))
+    lines = [
+        "usage: python launch.py --experiment=NAME [flags]",
+        "",
+        "experiments:",
+        *(f"  {name:<{width}}  {summary(name)}" for name in EXPERIMENTS),
+        "",
+        "python launch.py --experiment=NAME --help lists the flags of one experiment.",
+        "README.md describes each experiment, its outputs and an example command.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _flag_help(flag) -> str:
+    if flag.boolean:
+        head = f"--[no]{flag.name}"
+    elif getattr(flag.parser, "enum_values", None):
+        head = f"--{flag.name}={'|'.join(flag.parser.enum_values)}"
+    else:
+        head = f"--{flag.name}={flag.flag_type().upper().replace(' ', '_')}"
+    if flag.default is not None:
+        default = str(flag.default).lower() if flag.boolean else flag.default
+        head += f"  (default: {default})"
+    # absl starts an enum's help with its choices ("<a|b>: "), already in `head`.
+    text = re.sub(r"^<[^>]*>: ", "", flag.help or "")
+    body = textwrap.fill(
+        text, width=88, initial_indent=" " * 6, subsequent_indent=" " * 6
+    )
+    return f"  {head}\n{body}"
+
+
+def experiment_flags(name: str, flag_values) -> tuple[list, list]:
+    """(the experiment's own flags, the shared flags it reads), sorted by name."""
+    own, shared = [], []
+    read = flags_read(name)
+    for module, module_flags in flag_values.flags_by_module_dict().items():
+        if not module.startswith("experiments."):
+            continue
+        for flag in module_flags:
+            if module == f"experiments.{name}":
+                own.append(flag)
+            elif flag.name in read:
+                shared.append(flag)
+    by_name = functools.partial(sorted, key=lambda f: f.name)
+    return by_name(own), by_name({f.name: f for f in shared}.values())
+
+
+def experiment_help(name: str, flag_values) -> str:
+    """`python launch.py --experiment=NAME --help`: the flags that NAME reads."""
+    own, shared = experiment_flags(name, flag_values)
+    lines = [f"usage: python launch.py --experiment={name} [flags]", summary(name)]
+    if own:
+        lines += ["", f"flags of {name}:", *map(_flag_help, own)]
+    lines += ["", "shared flags it reads:", *map(_flag_help, shared)]
+    return "\n".join(lines) + "\n"
+
+
+# --- Parsing.
+
+
+def parse_flags(name: str, argv: list[str], flag_values) -> None:
+    """Parse `argv` into `flag_values` as the experiment `name` runs it: UsageError
+    (one line) for a bad flag, a positional argument, or a flag of the experiments
+    that this one does not read."""
+    from absl import flags
+
+    see = f"python launch.py --experiment={name} --help lists its flags"
+
+    def not_a_flag(flag: str) -> UsageError:
+        close = difflib.get_close_matches(flag, sorted(applies), n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        return UsageError(f"--{flag} is not a flag of --experiment={name}{hint}; {see}")
+
+    own, shared = experiment_flags(name, flag_values)
+    applies = {f.name for f in own + shared}
+    try:
+        rest = flag_values(argv)
+    except flags.UnrecognizedFlagError as e:
+        raise not_a_flag(e.flagname) from None
+    except flags.Error as e:
+        raise UsageError(f"{' '.join(str(e).split())}; {see}") from None
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+    # A flag defined by another experiment imported alongside (locality imports
+    # attack) or a shared one that this experiment never reads is refused too.
+    for module, module_flags in flag_values.flags_by_module_dict().items():
+        if not module.startswith("experiments.") or module == __name__:
+            continue  # this module defines only --experiment
+        for flag in module_flags:
+            if flag.present and flag.name not in applies:
+                raise not_a_flag(flag.name)
+
+
+def _define_experiment_flag(name: str, flag_values) -> None:
+    from absl import flags
+
+    if "experiment" not in flag_values:
+        flags.DEFINE_enum(
+            "experiment",
+            name,
+            EXPERIMENTS,
+            "Which experiment to run.",
+            flag_values=flag_values,
+        )
+
+
+def check(args: list[str]) -> str:
+    """Check a command line (the arguments after `launch.py`) as `main` would parse
+    it, without running anything or changing the global flags; returns the
+    experiment's name, raises UsageError with the line `main` would print."""
+    from absl import flags
+
+    name = select(args)
+    if name is None:
+        raise UsageError("missing --experiment")
+    importlib.import_module(f"experiments.{name}")
+    flag_values = copy.deepcopy(flags.FLAGS)
+    _define_experiment_flag(name, flag_values)
+    parse_flags(name, ["launch.py", *args], flag_values)
+    return name
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    try:
+        name = select(args)
+    except UsageError as e:
+        _fail(str(e))
+    if name is None:
+        if not args or wants_help(args):
+            sys.stdout.write(overview())
+            return
+        _fail(
+            f"missing --experiment; choose one of: {', '.join(EXPERIMENTS)} "
+            "(python launch.py --help describes them)"
+        )
+
+    from absl import app, flags
+
+    _define_experiment_flag(name, flags.FLAGS)
+    module = importlib.import_module(f"experiments.{name}")
+    if wants_help(args):
+        sys.stdout.write(experiment_help(name, flags.FLAGS))
+        return
+
+    from experiments import common
+    from propmaps_jax.errors import PropmapsError
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            parse_flags(name, argv, flags.FLAGS)
+        except UsageError as e:
+            _fail(str(e))
+        return argv[:1]
+
+    def run(argv: list[str]) -> None:
+        try:
+            common.under_precision(module.main)(argv)
+        except PropmapsError as e:
+            _fail(common.in_flag_terms(str(e)))
+
+    app.run(run, flags_parser=parse)
+
+
+def run() -> None:
+    """`main`, with Ctrl-C as one line and exit 130 (resumable experiments say more)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
