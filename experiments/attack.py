@@ -557,7 +557,7 @@ class _AttackProgress:
             )
         else:
             text += (
-                f"; {self.successes} successes so far (a rate after the first chunk)"
+                f"; successes so far: {self.successes} (a rate after the first chunk)"
             )
         eta, bound = self.eta_s()
         rate = (self.done - self.start) / elapsed

@@ -247,7 +247,7 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         line = f"{done}/{self.total} {self.what}"
         if successes is not None:
-            line += f", {successes} successes ({successes / max(done, 1):.1%})"
+            line += f", successes: {successes} ({successes / max(done, 1):.1%})"
         line += f", {rate:.2f} {self.what}/s, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
         # One line: under absl, logging.info would print it to stderr a second time.
         print(line, file=sys.stderr, flush=True)

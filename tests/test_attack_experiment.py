@@ -445,7 +445,7 @@ def test_progress_lines_are_honest(capsys):
     progress.on_engine(info)
     line = capsys.readouterr().err
     assert "3/10 attacked images finished (7 running)" in line
-    assert "3 successes so far (a rate after the first chunk)" in line
+    assert "successes so far: 3 (a rate after the first chunk)" in line
     # Worst case: 7 running at generation 3 of 10 need 4 * 7 * 7 = 196 evaluations.
     assert "100" not in line and re.search(r"ETA <=0:00:1[5-7]", line)
     progress.on_engine(info)  # nothing finished since: no second line
