@@ -300,7 +300,8 @@ def _print_summary(index, label, pixel_text, result, num_classes) -> None:
 def main(argv: list[str]) -> None:
     """Compute and plot PM_max / PM_avg of one perturbed test image."""
     del argv
-    workdir = common.require_workdir()
+    # Not created here: a mistyped --workdir is not left behind by an error.
+    workdir = common.require_workdir(create=False)
     if FLAGS.index is None:
         raise PropmapsError("--index is required: the test image to analyse")
     index = FLAGS.index

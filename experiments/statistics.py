@@ -343,7 +343,8 @@ def main(argv: list[str]) -> None:
     del argv
     common.default_batch_size(64)
     start = time.time()
-    workdir = common.require_workdir()
+    # Not created here: a mistyped --workdir is not left behind by an error.
+    workdir = common.require_workdir(create=False)
     # Data before the model: bad input is reported without compiling anything.
     images, labels = common.load_data().split("test")
     run = results.load_attack_run(

@@ -523,3 +523,16 @@ def test_a_prediction_that_differs_from_attack_csv_is_said_not_hidden():
         "pred_before: attack.csv ship, here automobile; "
         "pred_after: attack.csv airplane, here ship"
     )
+
+
+@pytest.mark.parametrize("experiment", ["propagation", "statistics"])
+def test_a_mistyped_workdir_is_an_error_and_is_not_created(tiny_setup, experiment):
+    missing = os.path.join(tiny_setup["folder"], f"no_such_run_{experiment}")
+    args = [a for a in tiny_setup["args"] if not a.startswith("--workdir=")]
+    index = ["--index=2"] if experiment == "propagation" else []
+    result = run_launch(
+        f"--experiment={experiment}", *index, *args, f"--workdir={missing}"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "attack.csv" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(missing)
