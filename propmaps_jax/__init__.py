@@ -25,6 +25,7 @@ SUBMODULES = (
     "models",
     "perturb",
     "propagation",
+    "receptive",
     "saliency",
     "stats",
     "training",
