@@ -32,7 +32,7 @@ from absl import flags
 
 import experiments.attack as attack_experiment
 from experiments import common, plots, provenance, rundir, tables
-from experiments.results import read_attack_csv
+from experiments.results import check_dataset, read_attack_csv
 from propmaps_jax import checkpoint, locality, models, stats
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -345,16 +345,6 @@ def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
     return cached
 
 
-def _check_dataset(attack_csv: str, table: dict, dataset) -> None:
-    x_test, y_test = dataset.split("test")
-    index = table["index"]
-    if index.max(initial=-1) >= len(x_test) or np.any(y_test[index] != table["label"]):
-        raise PropmapsError(
-            f"{attack_csv} does not match this CIFAR-10 test set (indices or labels "
-            "differ): use the dataset of the attack or a fresh --workdir"
-        )
-
-
 def _empty_study(max_distance: int) -> dict[str, np.ndarray]:
     offsets, distances = locality.chebyshev_offsets(max_distance)
     return {
@@ -425,9 +415,8 @@ def locality_for_model(
     cached = _reuse(name, model_dir, settings)
     if cached is not None:
         return cached
-    _check_dataset(attack_csv, table, dataset)
-
     x_test, y_test = dataset.split("test")
+    check_dataset(attack_csv, table, x_test, y_test)
     _, module, variables, _ = loaded
     apply_fn = models.make_apply_fn(module)
     succ_rows = np.flatnonzero(table["success"])
