@@ -16,7 +16,6 @@ is attacked.
 Compilation is excluded from both timings (each is run once before it is timed).
 """
 
-import functools
 import os
 import sys
 import time
@@ -88,20 +87,23 @@ def test_images(count: int):
     return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), None
 
 
+def _rate(forward, args, count: int) -> float:
+    """`count` per second of `forward(*args)` (compiled first, then timed)."""
+    forward(*args).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(FLAGS.forward_repeats):
+        out = forward(*args)
+    out.block_until_ready()
+    return count * FLAGS.forward_repeats / (time.perf_counter() - start)
+
+
 def forward_throughput(apply_fn, variables, batch: int) -> float:
     """Images per second of a jitted forward of `batch` uint8 images."""
-    forward = functools.partial(
-        jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), -1)), variables
-    )
+    forward = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), -1))
     images = jnp.asarray(
         np.random.default_rng(1).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     )
-    forward(images).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(FLAGS.forward_repeats):
-        out = forward(images)
-    out.block_until_ready()
-    return batch * FLAGS.forward_repeats / (time.perf_counter() - start)
+    return _rate(forward, (variables, images), batch)
 
 
 def candidate_throughput(candidate_forward, variables, slots, population) -> float:
@@ -112,12 +114,7 @@ def candidate_throughput(candidate_forward, variables, slots, population) -> flo
     rgb = rng.integers(0, 256, (slots, population, 1, 3))
     pixels = jnp.asarray(np.concatenate([rows_cols, rgb], -1), jnp.int32)
     forward = jax.jit(lambda v, x, p: jnp.argmax(candidate_forward(v, x, p), -1))
-    forward(variables, images, pixels).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(FLAGS.forward_repeats):
-        out = forward(variables, images, pixels)
-    out.block_until_ready()
-    return slots * population * FLAGS.forward_repeats / (time.perf_counter() - start)
+    return _rate(forward, (variables, images, pixels), slots * population)
 
 
 def bench(name: str, weights: dict[str, str]) -> dict:
