@@ -161,10 +161,16 @@ def test_tfds_honours_data_dir_variable(monkeypatch):
         data.load_cifar10("tfds")
     with pytest.raises(DataError):
         data.load_cifar10("tfds:/other/tfds")  # its own data dir wins
+    # A gs:// data dir stays a URL. (Not prepared, as tfds would say offline, without
+    # asking it: that would look for credentials and for Cloud Storage.)
+    monkeypatch.setattr(data, "_tfds_prepared", lambda tfds, data_dir: False)
+    with pytest.raises(DataError, match="no prepared 'cifar10' in gs://bucket/tens"):
+        data.load_cifar10("tfds:gs://bucket/tensorflow_datasets")
     # download=False: tfds itself fetches nothing (building needs TensorFlow).
     assert seen == [
         ("cifar10", "train", "/some/tfds", False),
         ("cifar10", "train", "/other/tfds", False),
+        ("cifar10", "train", "gs://bucket/tensorflow_datasets", False),
     ]
 
 
