@@ -74,6 +74,8 @@ def random_images():
 # A local Cloud Storage emulator (tests/_gcs_emulator.py): started once per session
 # on 127.0.0.1; each test gets its own bucket and the variables that point gcsfs
 # at the emulator, so a gs:// path in a test can never reach real Cloud Storage.
+# Google's auth library never looks for a metadata server (set before it is imported).
+os.environ["NO_GCE_CHECK"] = "true"
 
 
 @pytest.fixture(scope="session")
