@@ -126,6 +126,8 @@ def _filesystem(path: str):
             "and local paths are: their writes are known to be atomic); use a local "
             "path or a gs:// bucket"
         )
+    if not _bucket_and_key(path)[0]:
+        raise StorageError(f"{path} names no bucket; use gs://BUCKET/PATH")
     try:
         import gcsfs.core
     except ImportError:
@@ -143,11 +145,9 @@ def _filesystem(path: str):
 
 def _endpoint() -> str:
     emulator = os.environ.get(EMULATOR_VARIABLE)
-    return (
-        f"the emulator at {emulator} ({EMULATOR_VARIABLE})"
-        if emulator
-        else ("Cloud Storage")
-    )
+    if emulator:
+        return f"the emulator at {emulator} ({EMULATOR_VARIABLE})"
+    return "Cloud Storage"
 
 
 def _first_line(error: BaseException) -> str:

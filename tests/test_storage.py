@@ -206,6 +206,8 @@ def test_emulator_gone_is_one_line(gcs_emulator, monkeypatch):
 def test_unsupported_scheme_and_missing_gcsfs(monkeypatch):
     with pytest.raises(StorageError, match=r"scheme s3:// is not supported"):
         storage.write_bytes("s3://bucket/run/x", b"x")
+    with pytest.raises(StorageError, match=r"gs:///run names no bucket"):
+        storage.exists("gs:///run")
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # import fails
     monkeypatch.setitem(sys.modules, "gcsfs.core", None)
     with pytest.raises(StorageError, match=r"needs gcsfs .* pip install gcsfs"):
