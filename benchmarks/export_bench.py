@@ -95,9 +95,11 @@ def engine_programs(
     queue_len: int,
     mesh: Mesh,
     image_shape=(32, 32, 3),
+    compare_buckets: bool = False,
 ) -> list[Program]:
     """The attack engine's run program (plain and receptive candidate forward) and
-    its init program, with `platform`'s backend choices, at `slots` per device."""
+    its init program, with `platform`'s backend choices, at `slots` per device;
+    `compare_buckets`: also the plain one with the other bucket choice."""
     apply_fn = models.make_apply_fn(module)
     config = AttackConfig(population=population)
     impl = str(jax.random.key_impl(jax.random.key(0)))
@@ -115,9 +117,14 @@ def engine_programs(
     buckets = backend.enabled("active_buckets", platform)
     out = []
     forwards = {"plain": None, "receptive": receptive.make_candidate_forward(module, 1)}
-    for label, forward in forwards.items():
+    variants = [(label, forward, buckets) for label, forward in forwards.items()]
+    if compare_buckets:
+        variants.append(
+            (f"plain, {'not ' if buckets else ''}bucketed", None, not buckets)
+        )
+    for label, forward, bucketed in variants:
         run, init = attack_engine.build_programs(
-            apply_fn, None, config, slots, queue_len, mesh, impl, forward, buckets
+            apply_fn, None, config, slots, queue_len, mesh, impl, forward, bucketed
         )
         state = jax.eval_shape(init, counts)
         out.append(
@@ -142,6 +149,7 @@ def programs(
     mesh: Mesh | None = None,
     saliency_samples: int = 16,
     saliency_steps: int = 32,
+    compare_buckets: bool = False,
 ) -> list[Program]:
     """Every jitted program the experiments run, for `model_name` on `platform`.
 
@@ -157,7 +165,15 @@ def programs(
     apply_fn = models.make_apply_fn(module)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (attack.AXIS,)) if mesh is None else mesh
     out = engine_programs(
-        module, variables, platform, slots, population, queue_len, mesh, image_shape
+        module,
+        variables,
+        platform,
+        slots,
+        population,
+        queue_len,
+        mesh,
+        image_shape,
+        compare_buckets,
     )
 
     key_data = jax.ShapeDtypeStruct(
@@ -400,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--memory", action="store_true", help="also compile on CPU for its analysis"
     )
     parser.add_argument(
+        "--programs", default="", help="only programs whose name starts with this"
+    )
+    parser.add_argument(
         "--devices",
         type=int,
         default=1,
@@ -434,7 +453,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 queue_len=args.queue_len,
                 batch=args.batch,
                 mesh=mesh,
+                compare_buckets=True,
             ):
+                if not program.name.startswith(args.programs):
+                    continue
                 try:
                     low = export(program, (platform,))
                 except Exception as e:  # noqa: BLE001 - reported, then exit 1

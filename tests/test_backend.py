@@ -15,7 +15,7 @@ import pytest
 
 from propmaps_jax import attack, attack_engine, backend, checkpoint, memory, models
 from propmaps_jax.errors import PropmapsError
-from tests._attack_case import CONFIG, lenet_case
+from tests._attack_case import CONFIG, SLOTS, attack_case, lenet_case
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -100,7 +100,7 @@ def test_lenet_layouts_share_parameters_and_logits():
 
 
 def test_receptive_default_by_backend_and_type():
-    apply_fn = lenet_case()[0]
+    apply_fn = models.make_apply_fn(models.create_model("lenet_tiny"))
     assert attack.default_candidate_forward(apply_fn, None, CONFIG, "cpu") is not None
     for platform in ACCELERATORS:
         assert (
@@ -116,12 +116,18 @@ def test_receptive_default_by_backend_and_type():
     assert attack.default_candidate_forward(LooksLikeOne(), None, CONFIG, "cpu") is None
 
 
-def _spy_programs(monkeypatch):
+class _Built(Exception):
+    """Raised by the spy instead of compiling: the test only needs the arguments."""
+
+
+def _spy_programs(monkeypatch, build: bool = True):
     seen = []
     real = attack_engine.build_programs
 
     def spy(*args):
         seen.append(args)
+        if not build:
+            raise _Built
         return real(*args)
 
     monkeypatch.setattr(attack.attack_engine, "build_programs", spy)
@@ -129,23 +135,34 @@ def _spy_programs(monkeypatch):
 
 
 def test_attack_choices_per_backend_give_the_same_attack(monkeypatch, fake_platform):
+    # The CPU's result is the one tests/test_attack.py computes (its program is
+    # cached there); the TPU's choices: the plain forward, no buckets.
     apply_fn, variables, images, labels, indices = lenet_case()
+    cpu = attack_case(SLOTS)
     seen = _spy_programs(monkeypatch)
-    results = {}
-    images, labels, indices = images[:3], labels[:3], indices[:3]
-    for platform in ("cpu", "tpu"):
-        fake_platform(platform)
-        results[platform] = attack.attack(
-            apply_fn, variables, images, labels, indices, jax.random.key(7), CONFIG
-        )
-    (cpu_args, tpu_args) = seen
-    # candidate forward and buckets: CPU's choices, then TPU's.
-    assert cpu_args[7] is not None and tpu_args[7] is None
-    assert cpu_args[8] is True and tpu_args[8] is False
-    cpu, tpu = results["cpu"], results["tpu"]
+    fake_platform("tpu")
+    tpu = attack.attack(
+        apply_fn,
+        variables,
+        images,
+        labels,
+        indices,
+        jax.random.key(7),
+        CONFIG,
+        slots=SLOTS,
+    )
+    assert seen[-1][7] is None and seen[-1][8] is False
     for field in ("success", "pixels", "pred_after", "generations"):
         np.testing.assert_array_equal(getattr(cpu, field), getattr(tpu, field))
     np.testing.assert_allclose(cpu.prob_true_after, tpu.prob_true_after, atol=1e-5)
+    # And the CPU's: the receptive forward, buckets.
+    fake_platform("cpu")
+    seen = _spy_programs(monkeypatch, build=False)
+    with pytest.raises(_Built):
+        attack.attack(
+            apply_fn, variables, images, labels, indices, jax.random.key(7), CONFIG
+        )
+    assert seen[-1][7] is not None and seen[-1][8] is True
 
 
 def test_peak_live_bytes_hand_computed():
@@ -171,9 +188,11 @@ def test_forward_bytes_per_candidate_against_xla_on_cpu():
     # (its temporaries plus the float32 input) must be within a factor of 2.
     module = models.for_platform(models.create_model("resnet_tiny"), "tpu")
     apply_fn = models.make_apply_fn(module)
-    variables = models.init_variables(module, jax.random.key(0))
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )
     per_candidate = memory.forward_bytes_per_candidate(apply_fn, variables)
-    batch = 64
+    batch = 32
     x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
     analysis = jax.jit(apply_fn).lower(variables, x).compile().memory_analysis()
     xla = (analysis.temp_size_in_bytes + 32 * 32 * 3 * 4 * batch) / batch
@@ -222,7 +241,7 @@ def test_default_slots_fit_the_device_memory():
 
 def test_attack_slots_from_a_faked_device_memory(monkeypatch, fake_platform):
     apply_fn, variables, images, labels, indices = lenet_case()
-    seen = _spy_programs(monkeypatch)
+    seen = _spy_programs(monkeypatch, build=False)
     fake_platform("gpu")
     estimate, _ = attack.memory_estimate(apply_fn, variables, CONFIG, 1, len(images))
     per_slot = (estimate.per_candidate + estimate.per_candidate_state) * 8
@@ -231,9 +250,13 @@ def test_attack_slots_from_a_faked_device_memory(monkeypatch, fake_platform):
     limit = int((fixed + 3.5 * per_slot) / memory.MEMORY_FRACTION)
     monkeypatch.setattr(backend, "device_memory_limit", lambda device: limit)
     key = jax.random.key(7)
-    attack.attack(apply_fn, variables, images, labels, indices, key, CONFIG)
+    with pytest.raises(_Built):
+        attack.attack(apply_fn, variables, images, labels, indices, key, CONFIG)
     assert seen[-1][3] == 3
     # A user's slots win, even beyond what the estimate allows.
-    attack.attack(apply_fn, variables, images, labels, indices, key, CONFIG, slots=5)
+    with pytest.raises(_Built):
+        attack.attack(
+            apply_fn, variables, images, labels, indices, key, CONFIG, slots=5
+        )
     assert seen[-1][3] == 5
     assert attack.memory_estimate(apply_fn, variables, CONFIG, 5, 8)[1] == limit

@@ -14,7 +14,6 @@ import pytest
 from benchmarks import export_bench
 from propmaps_jax import backend
 
-
 # ResNet: the programs whose lowering depends on the model's layers (its forward
 # plain and windowed, its BatchNorm in training); the others wrap the same forward.
 RESNET_PROGRAMS = ("attack engine (", "training.train_step")
