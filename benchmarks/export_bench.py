@@ -8,7 +8,7 @@ data, no weights) and lowers it to StableHLO for the platforms asked ("tpu" and
 "cuda"), with the backend choices of that platform (`backend.CHOICES`: on TPU and
 GPU no column-pair convolution, no bucketed forward; the receptive forward is
 exported too, as a user may ask for it). It needs no accelerator: what it shows is
-that the programs lower (no host callback, no CPU-only custom call, no x64
+that the programs lower (no host callback, no CPU-only custom call, no float64
 value), and how large they are. It does not compile them with XLA's TPU or GPU
 compiler, so a compile-time failure or an out-of-memory there is not ruled out.
 
@@ -354,6 +354,7 @@ class Lowered:
     text_bytes: int
     operations: int
     custom_calls: tuple[str, ...]
+    float64_values: int  # f64 types in the module (slow or absent on accelerators)
     seconds: float
 
 
@@ -374,6 +375,7 @@ def export(program: Program, platforms: Sequence[str]) -> Lowered:
         len(text),
         len(_OP.findall(text)),
         tuple(calls),
+        len(re.findall(r"\bf64\b", text)),
         time.perf_counter() - tick,
     )
 
@@ -464,8 +466,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"| {name} | {program.name} | {platform} | FAILED | | | |")
                     continue
                 calls = ", ".join(low.custom_calls) or "none"
-                if foreign_custom_calls(low):
-                    failed.append(f"{name} {program.name} {platform}: {calls}")
+                if foreign_custom_calls(low) or low.float64_values:
+                    failed.append(
+                        f"{name} {program.name} {platform}: custom calls {calls}, "
+                        f"{low.float64_values} f64 values"
+                    )
                 print(
                     f"| {name} | {program.name} | {platform} | "
                     f"{low.bytecode_bytes:,} | {low.operations:,} | {calls} | "

@@ -58,6 +58,7 @@ def test_every_program_lowers_for_tpu_and_cuda(model_name):
             program.name,
             lowered.custom_calls,
         )
+        assert lowered.float64_values == 0, program.name
 
 
 def test_a_cpu_only_custom_call_is_caught():
@@ -68,3 +69,9 @@ def test_a_cpu_only_custom_call_is_caught():
     )
     lowered = export_bench.export(program, ("cpu",))
     assert export_bench.foreign_custom_calls(lowered)
+    # And so can the float64 check.
+    with jax.enable_x64(True):
+        program = export_bench.Program(
+            "f64", jax.jit(lambda x: x * 2), (jax.ShapeDtypeStruct((3,), jnp.float64),)
+        )
+        assert export_bench.export(program, ("tpu",)).float64_values > 0
