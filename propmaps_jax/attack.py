@@ -54,12 +54,12 @@ __all__ = [
     "decode_candidates",
     "default_candidate_forward",
     "default_slots",
-    "memory_estimate",
     "fitness",
     "generation_key",
     "image_key",
     "initial_population",
     "make_de",
+    "memory_estimate",
     "validate_inputs",
 ]
 
@@ -164,17 +164,16 @@ def default_slots(
 ) -> int:
     """Slots per device: about the backend's default batch of evaluations per step.
 
-    `platform`: "cpu", "gpu", "tpu"... (default: JAX's default backend). On a CPU
-    the batch is DEFAULT_BATCH_PER_CPU (at least one image's population), elsewhere
+    `platform`: "cpu", "gpu", "tpu"... (default: JAX's default backend). Where
+    `backend.enabled("small_batch")` (CPU) the batch is DEFAULT_BATCH_PER_CPU (at
+    least one image's population), elsewhere
     DEFAULT_BATCH_PER_DEVICE, lowered where the device's memory is known
     (`memory_bytes`, e.g. `backend.device_memory_limit`) to what fits in
     `memory.MEMORY_FRACTION` of it by `estimate` (`memory.attack_memory`); never
     more slots than images per device.
     """
-    platform = backend.platform_of() if platform is None else platform
-    platform = backend.normalize_platform(platform)
     per_device = math.ceil(num_images / num_devices)
-    if platform == "cpu":
+    if backend.enabled("small_batch", platform):
         wanted = max(1, DEFAULT_BATCH_PER_CPU // population)
     else:
         wanted = math.ceil(DEFAULT_BATCH_PER_DEVICE / population)
@@ -382,11 +381,9 @@ def _memory_aware_slots(
     apply_fn, variables, config, image_shape, n, mesh, platform
 ) -> int:
     """`default_slots` per device, lowered to fit the device's memory where JAX
-    reports it (never on a CPU: its slots are few and it reports none)."""
+    reports it (not on a CPU)."""
     devices = mesh.devices.size
-    limit = None
-    if platform != "cpu":
-        limit = backend.device_memory_limit(mesh.devices.flat[0])
+    limit = backend.device_memory_limit(mesh.devices.flat[0])
     estimate = None
     if limit is not None:
         estimate, _ = memory_estimate(

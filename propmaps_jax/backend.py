@@ -4,7 +4,8 @@ A few speed tricks were measured on one backend only (this project has only ever
 run on CPUs). Each is switched on where it was measured faster and off elsewhere,
 by `enabled(name, platform)` reading the table `CHOICES` below; nothing else in
 the library tests a backend name. Results do not depend on these choices beyond
-float rounding: each trick computes the same numbers (tested on CPU both ways).
+float rounding: the engine's results do not depend on its slot count, and the
+other tricks compute the same sums (tested on CPU both ways).
 
 Platforms are JAX's device platforms: "cpu", "gpu" (CUDA or ROCm; `jax.export`'s
 "cuda" and "rocm" are read as "gpu") and "tpu".
@@ -38,6 +39,14 @@ class Choice:
 
 
 CHOICES: dict[str, Choice] = {
+    # attack.default_slots: a CPU device's default batch (512 candidates per step,
+    # one image at population 400) instead of an accelerator's 32,768.
+    "small_batch": Choice(
+        ("cpu",),
+        "2-core x86 CPU (2026-11-26): the models' batched forward runs the most "
+        "images/s at batches of 100-400 and fewer at 1,600 (BENCHMARKS.md, "
+        "forward_bench); the accelerator batch is unmeasured",
+    ),
     # models.LeNet's first convolution (3 -> 6 channels) with columns folded in
     # pairs into the channels (`models.ColumnPairConv`); same parameters.
     "column_pair_conv": Choice(
