@@ -63,7 +63,9 @@ flags.DEFINE_integer(
     "slots",
     None,
     "Images attacked at once (all devices); default by backend: 512 // population "
-    "per CPU device (1 at population 400), about 32768 / population per accelerator.",
+    "per CPU device (1 at population 400), about 32768 / population per accelerator, "
+    "fewer where that would not fit in half the device's memory by the estimate of "
+    "propmaps_jax.memory. A value given here is used as is.",
 )
 flags.DEFINE_integer(
     "chunk_size",

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from propmaps_jax import attack_engine
+from propmaps_jax import attack_engine, backend, memory, models
 from propmaps_jax.attack_de import (
     AttackConfig,
     ImageResult,
@@ -59,6 +59,7 @@ __all__ = [
     "image_key",
     "initial_population",
     "make_de",
+    "memory_estimate",
     "validate_inputs",
 ]
 
@@ -153,27 +154,63 @@ def validate_inputs(
 
 
 def default_slots(
-    population: int, num_images: int, num_devices: int, platform: str | None = None
+    population: int,
+    num_images: int,
+    num_devices: int,
+    platform: str | None = None,
+    *,
+    memory_bytes: int | None = None,
+    estimate: memory.AttackMemory | None = None,
 ) -> int:
     """Slots per device: about the backend's default batch of evaluations per step.
 
-    `platform`: "cpu", "gpu", "tpu"... (default: JAX's default backend). On a CPU
-    the batch is DEFAULT_BATCH_PER_CPU (at least one image's population), elsewhere
-    DEFAULT_BATCH_PER_DEVICE; never more slots than images per device.
+    `platform`: "cpu", "gpu", "tpu"... (default: JAX's default backend). Where
+    `backend.enabled("small_batch")` (CPU) the batch is DEFAULT_BATCH_PER_CPU (at
+    least one image's population), elsewhere
+    DEFAULT_BATCH_PER_DEVICE, lowered where the device's memory is known
+    (`memory_bytes`, e.g. `backend.device_memory_limit`) to what fits in
+    `memory.MEMORY_FRACTION` of it by `estimate` (`memory.attack_memory`); never
+    more slots than images per device.
     """
-    platform = jax.default_backend() if platform is None else platform
     per_device = math.ceil(num_images / num_devices)
-    if platform == "cpu":
+    if backend.enabled("small_batch", platform):
         wanted = max(1, DEFAULT_BATCH_PER_CPU // population)
     else:
         wanted = math.ceil(DEFAULT_BATCH_PER_DEVICE / population)
+    if memory_bytes is not None and estimate is not None:
+        wanted = min(wanted, memory.slots_that_fit(memory_bytes, estimate, population))
     return max(1, min(per_device, wanted))
 
 
-# Where the receptive-field candidate forward (`receptive`) is the default: model
-# class name -> platforms where it was measured faster than the plain forward
-# (BENCHMARKS.md). It is exact (logits within 1e-5 of the plain forward).
-RECEPTIVE_DEFAULT: dict[str, tuple[str, ...]] = {"LeNet": ("cpu",), "ResNet": ("cpu",)}
+def memory_estimate(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    config: AttackConfig,
+    slots: int,
+    num_images: int,
+    *,
+    mesh: Mesh | None = None,
+    image_shape: Sequence[int] = (32, 32, 3),
+) -> tuple[memory.AttackMemory, int | None]:
+    """(estimated memory of one device, the device's memory limit or None where JAX
+    does not report it) for attacking `num_images` with `slots` slots over the
+    mesh's devices (default all), `apply_fn` as the search forward.
+
+    An estimate (see `memory`): compare its `total` with the limit, keeping a
+    margin (`memory.MEMORY_FRACTION`); traced, never compiled or run.
+    """
+    mesh = _default_mesh() if mesh is None else mesh
+    devices = mesh.devices.size
+    estimate = memory.attack_memory(
+        apply_fn,
+        variables,
+        math.ceil(slots / devices),
+        config.population,
+        _local_len(num_images, devices),
+        image_shape,
+        config.pixels,
+    )
+    return estimate, backend.device_memory_limit(mesh.devices.flat[0])
 
 
 def default_candidate_forward(
@@ -182,17 +219,21 @@ def default_candidate_forward(
     config: AttackConfig,
     platform: str,
 ) -> attack_engine.CandidateForward | None:
-    """The receptive-field forward where it is the default, else None (the plain
-    forward): for an `models.InferenceApply` of a model and platform listed in
-    RECEPTIVE_DEFAULT, one pixel per candidate, no separate search forward."""
-    module = getattr(apply_fn, "module", None)
-    if search_apply_fn is not None or module is None:
+    """The receptive-field forward where `backend.enabled("receptive_forward",
+    platform)`, else None (the plain forward): for a `models.InferenceApply` of a
+    model that `receptive` supports, one pixel per candidate, no separate search
+    forward."""
+    if search_apply_fn is not None or not isinstance(apply_fn, models.InferenceApply):
         return None
-    if platform not in RECEPTIVE_DEFAULT.get(type(module).__name__, ()):
+    if not backend.enabled("receptive_forward", platform):
         return None
     from propmaps_jax import receptive
 
-    return receptive.make_candidate_forward(module, config.pixels)
+    return receptive.make_candidate_forward(apply_fn.module, config.pixels)
+
+
+def _default_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), (AXIS,))
 
 
 def _local_len(positions: int, devices: int) -> int:
@@ -238,7 +279,9 @@ def attack_stream(
       targets: (N,) target classes (targeted attack), or None / -1 for untargeted.
       slots: images attacked at once over all devices (rounded up to a multiple of
         the device count); default `default_slots` (about 32768 / population per
-        accelerator, 512 // population per CPU device).
+        accelerator, fewer where that would not fit in half the device's memory
+        by `memory_estimate`; 512 // population per CPU device). Given, it is used
+        as is.
       chunk_ends: increasing end positions; one AttackResult is yielded for each
         [previous end, end). Default: one chunk of all images.
       start: attack only images [start, N) (resuming a run; the program and so
@@ -264,7 +307,7 @@ def attack_stream(
 
     When fewer images remain than slots, each step's forward runs only the active
     slots, in the smallest of a few compiled sizes (slots, halved down to 1)
-    that holds them.
+    that holds them, where `backend.enabled("active_buckets")` (CPU).
     """
     images, labels, indices, targets = _checked_inputs(
         images, labels, indices, targets, num_classes
@@ -273,14 +316,25 @@ def attack_stream(
     chunk_ends = _checked_chunk_ends(chunk_ends, start, n)
     if n == 0 or start == n:
         return iter([_empty_result(config) for _ in chunk_ends])
+    if isinstance(candidate_forward, str) and candidate_forward != "auto":
+        raise PropmapsError(
+            f"candidate_forward must be a function, None or 'auto', got "
+            f"{candidate_forward!r}"
+        )
+    mesh = _default_mesh() if mesh is None else mesh
+    platform = backend.platform_of(mesh.devices.flat[0])
+    if slots is None:
+        slots = mesh.devices.size * _memory_aware_slots(
+            search_apply_fn or apply_fn,
+            variables,
+            config,
+            images.shape[1:],
+            n,
+            mesh,
+            platform,
+        )
     layout = _Layout.create(mesh, config, n, slots, capacity)
     if isinstance(candidate_forward, str):
-        if candidate_forward != "auto":
-            raise PropmapsError(
-                f"candidate_forward must be a function, None or 'auto', got "
-                f"{candidate_forward!r}"
-            )
-        platform = layout.mesh.devices.flat[0].platform
         candidate_forward = default_candidate_forward(
             apply_fn, search_apply_fn, config, platform
         )
@@ -293,6 +347,7 @@ def attack_stream(
         layout.mesh,
         str(jax.random.key_impl(key)),
         candidate_forward,
+        backend.enabled("active_buckets", platform),
     )
     queue = tuple(
         layout.put_sharded(layout.device_major(a, fill))
@@ -319,6 +374,23 @@ def attack_stream(
         config,
         on_progress,
         progress_every_s,
+    )
+
+
+def _memory_aware_slots(
+    apply_fn, variables, config, image_shape, n, mesh, platform
+) -> int:
+    """`default_slots` per device, lowered to fit the device's memory where JAX
+    reports it (not on a CPU)."""
+    devices = mesh.devices.size
+    limit = backend.device_memory_limit(mesh.devices.flat[0])
+    estimate = None
+    if limit is not None:
+        estimate, _ = memory_estimate(
+            apply_fn, variables, config, 1, n, mesh=mesh, image_shape=image_shape
+        )
+    return default_slots(
+        config.population, n, devices, platform, memory_bytes=limit, estimate=estimate
     )
 
 
@@ -360,16 +432,10 @@ class _Layout:
 
     @classmethod
     def create(cls, mesh, config, n, slots, capacity) -> _Layout:
-        if mesh is None:
-            mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
         num_devices = mesh.devices.size
-        if slots is None:
-            platform = mesh.devices.flat[0].platform
-            per_device = default_slots(config.population, n, num_devices, platform)
-        else:
-            if slots < 1:
-                raise PropmapsError(f"slots must be >= 1, got {slots}")
-            per_device = math.ceil(slots / num_devices)
+        if slots < 1:
+            raise PropmapsError(f"slots must be >= 1, got {slots}")
+        per_device = math.ceil(slots / num_devices)
         return cls(mesh, per_device, _local_len(max(n, capacity or 0), num_devices))
 
     @property

@@ -227,12 +227,17 @@ def run(
     max_steps: jax.Array,
     state: SlotState,
     candidate_forward: CandidateForward | None = None,
+    active_buckets: bool = True,
 ) -> SlotState:
     """Steps until every queue position < bound is finished, or max_steps steps.
 
     Stopping after max_steps and calling again continues the same sequence of
-    steps, so the results do not depend on max_steps.
+    steps, so the results do not depend on max_steps. `active_buckets`: the
+    forward runs only the active slots, in `buckets_of(slots)` sizes (else always
+    all slots; `backend.CHOICES["active_buckets"]` says where it is on).
     """
+    slots = state.slot_pos.shape[0]
+    buckets = buckets_of(slots) if active_buckets else (slots,)
     global TRACE_COUNT
     TRACE_COUNT += 1
 
@@ -253,6 +258,7 @@ def run(
             queue_size,
             state,
             candidate_forward,
+            buckets,
         )
         return state, steps + 1
 
@@ -270,6 +276,7 @@ def build_programs(
     mesh: Mesh,
     key_impl: str,
     candidate_forward: CandidateForward | None = None,
+    active_buckets: bool = True,
 ):
     """The jitted (run, init) programs over the mesh, cached on what decides them.
 
@@ -300,6 +307,7 @@ def build_programs(
             max_steps,
             squeeze(state),
             candidate_forward,
+            active_buckets,
         )
         return expand(out)
 

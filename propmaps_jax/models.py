@@ -19,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 from flax import serialization
 
+from propmaps_jax import backend
 from propmaps_jax.errors import PropmapsError, WeightsError
 from propmaps_jax.types import ApplyFn, Images, LayerMaps, LogitsFn, Variables
 
@@ -51,10 +52,13 @@ class ColumnPairConv(nn.Conv):
     The input's columns are folded in pairs into its channels and the kernel is
     rearranged to match (each output pair of columns reads 3 input pairs), so the
     convolution has twice the channels on half the width. It computes the same
-    sums: the logits of the bundled LeNet are bit-identical on this project's CPU,
-    and tests check 1e-5. XLA's CPU backend runs a convolution with few channels
-    slowly (LeNet's first layer, 3 -> 6 channels, at about 5 GMAC/s); folded, it
-    runs about 4x faster (BENCHMARKS.md).
+    sums in another order: the bundled LeNet's logits agree with the plain
+    convolution's to a few float32 ulps (at most 5.7e-6 on 1,000 test images on
+    this project's CPU, jax 0.10.2; the same predictions), and tests check 1e-5.
+    XLA's CPU backend runs a convolution with few channels slowly (LeNet's first
+    layer, 3 -> 6 channels, at about 5 GMAC/s); folded, it runs about 4x faster
+    (BENCHMARKS.md). `LeNet` uses it where `backend.CHOICES` says so
+    ("column_pair_conv": CPU).
     """
 
     @nn.compact
@@ -117,13 +121,19 @@ class LeNet(nn.Module):
     features: Sequence[int] = (6, 16)
     hidden: Sequence[int] = (120, 84)
     dtype: Any = jnp.float32
+    # The first convolution as `ColumnPairConv` (same parameters, same sums): True,
+    # False, or None for `backend.enabled("column_pair_conv")` on the default
+    # backend (on where measured faster: CPU).
+    column_pairs: bool | None = None
 
     @nn.compact
     def __call__(self, images: Images, train: bool = False) -> jax.Array:
         x = normalize(images, self.mean, self.std).astype(self.dtype)
+        pairs = self.column_pairs
+        if pairs is None:
+            pairs = backend.enabled("column_pair_conv")
         for i, width in enumerate(self.features):
-            # The first layer (3 channels in) is 4x faster with columns in pairs.
-            conv = ColumnPairConv if i == 0 else nn.Conv
+            conv = ColumnPairConv if i == 0 and pairs else nn.Conv
             x = conv(
                 width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}"
             )(x)
@@ -270,6 +280,14 @@ def create_model(config: ModelConfig | str, dtype: Any = jnp.float32) -> nn.Modu
     return MODEL_REGISTRY[config.name](
         num_classes=config.num_classes, mean=config.mean, std=config.std, dtype=dtype
     )
+
+
+def for_platform(module: nn.Module, platform: str) -> nn.Module:
+    """`module` with its backend choices (`backend.CHOICES`) fixed for `platform`,
+    e.g. to lower for a TPU from a CPU; the parameters stay the same."""
+    if isinstance(module, LeNet):
+        return module.clone(column_pairs=backend.enabled("column_pair_conv", platform))
+    return module
 
 
 def init_variables(
