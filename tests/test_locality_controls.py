@@ -142,3 +142,195 @@ def test_draw_controls_per_image_keys_do_not_depend_on_batching():
     assert not np.array_equal(whole.own_colour, whole.nearby_colour)
     other = lc.draw_controls(1, indices, images, pixels, nearby, tolerance=80.0)
     assert not np.array_equal(whole.own_colour, other.own_colour)
+
+
+# ----- the statistics on a tiny hand-made attack.csv / locality.csv --------------
+
+ATTACK_HEADER = (
+    "index,label,pred_before,prob_true_before,attacked,success,pred_after,"
+    "prob_true_after,generations,evaluations,row_1,col_1,r_1,g_1,b_1"
+)
+LOCALITY_HEADER = (
+    "index,label,row,col,r,g,b,nearby_row,nearby_col,nearby_pred,nearby_success,"
+    "random_row,random_col,random_pred,random_success,ring1_n,ring1_success,"
+    "ring2_n,ring2_success"
+)
+ATTACK_CSV = (
+    ATTACK_HEADER
+    + """
+0,1,1,0.9,1,1,2,0.3,0,8,5,5,1,2,3
+1,1,1,0.9,1,1,2,0.3,0,8,2,3,1,2,3
+2,1,1,0.9,1,1,2,0.3,0,8,7,7,1,2,3
+3,1,1,0.9,1,1,2,0.3,2,24,0,0,1,2,3
+4,1,1,0.9,1,1,2,0.3,1,16,4,4,1,2,3
+5,1,1,0.9,1,0,1,0.8,3,32,1,1,1,2,3
+6,1,1,0.9,1,0,1,0.8,3,32,6,1,1,2,3
+7,1,2,0.1,0,0,2,0.1,0,0,-1,-1,-1,-1,-1
+"""
+)
+LOCALITY_CSV = (
+    LOCALITY_HEADER
+    + """
+0,1,5,5,1,2,3,4,4,2,1,0,0,1,0,8,6,16,4
+1,1,2,3,1,2,3,1,3,2,1,7,7,2,1,8,4,16,8
+2,1,7,7,1,2,3,6,6,1,0,0,0,1,0,3,0,5,0
+3,1,0,0,1,2,3,1,1,2,1,7,3,1,0,3,3,5,1
+4,1,4,4,1,2,3,5,5,2,1,1,7,1,0,8,2,16,0
+"""
+)
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    from experiments import locality as locality_experiment
+    from experiments import tables
+    from experiments.results import read_attack_csv
+
+    (tmp_path / "attack.csv").write_text(ATTACK_CSV)
+    (tmp_path / "locality.csv").write_text(LOCALITY_CSV)
+    table = read_attack_csv(str(tmp_path / "attack.csv"), (8, 8), summary=None)
+    moved = tables.read_locality_csv(str(tmp_path / "locality.csv"), 2)
+    # Clean margins of the 7 attacked images (attack.csv order).
+    margin = np.array([0.1, 0.2, 0.3, 0.7, 0.9, 0.5, 0.8])
+    attacked, per_attack = locality_experiment.controls_inputs(table, moved, margin)
+    per_attack.update(
+        own_random_colour_success=np.array([1, 0, 0, 1, 0], bool),
+        nearby_random_colour_success=np.array([0, 1, 0, 1, 0], bool),
+        context_success=np.array([1, 1, 0, 0, 1], bool),
+        context_found=np.array([1, 1, 1, 0, 1], bool),
+        context_candidates=np.array([4, 9, 2, 0, 1]),
+        context_distance=np.array([3.0, 5.0, 1.0, 0.0, 7.0]),
+        nearby_context_distance=np.array([2.0, 4.0, 6.0, 8.0, 10.0]),
+    )
+    return attacked, per_attack
+
+
+def test_strata_on_hand_made_csvs(hand_made):
+    attacked, per_attack = hand_made
+    np.testing.assert_array_equal(per_attack["generation0"], [1, 1, 1, 0, 0])
+    # Chebyshev distance of each random move from its attack.
+    np.testing.assert_array_equal(per_attack["random_distance"], [5, 5, 7, 7, 3])
+    # Quartiles of the 7 margins: 0.25, 0.5, 0.75 (np.quantile, linear).
+    np.testing.assert_allclose(attacked["cuts"], [0.25, 0.5, 0.75])
+    np.testing.assert_array_equal(attacked["quartile"], [0, 0, 1, 2, 3, 1, 3])
+    result = lc.summarise_controls(
+        per_attack, attacked, np.random.default_rng(0), resamples=50
+    )
+    s = result["strata"]
+    assert s["generation 0"]["successful_attacks"] == 3
+    assert s["generation 0"]["nearby"]["successes"] == 2
+    assert s["search"]["nearby"]["successes"] == 2
+    assert s["generation 0"]["random"]["successes"] == 1
+    # Rings pooled over the stratum's images: gen 0 ring 1 = (6+4+0)/(8+8+3).
+    assert (
+        s["generation 0"]["rings"][0]["successes"],
+        s["generation 0"]["rings"][0]["n"],
+    ) == (10, 19)
+    assert (s["search"]["rings"][1]["successes"], s["search"]["rings"][1]["n"]) == (
+        1,
+        21,
+    )
+    # Original rate per margin quartile, over the attacked images of the quartile.
+    q = [s[f"margin Q{i}"]["original_correct"] for i in range(1, 5)]
+    assert [(p["successes"], p["n"]) for p in q] == [(2, 2), (1, 2), (1, 1), (1, 2)]
+    assert s["all"]["original_correct"]["successes"] == 5
+    assert s["all"]["original_correct"]["n"] == 7
+    # The context-matched rate counts only attacks where a position was found.
+    assert (s["all"]["context"]["successes"], s["all"]["context"]["n"]) == (3, 4)
+    assert s["all"]["context_not_found"] == 1
+    # Nearby vs random, all attacks: nearby-only 3 (0, 3, 4), random-only 0.
+    t = s["all"]["nearby_vs_random"]
+    assert (t["only_first"], t["only_second"], t["both"], t["neither"]) == (3, 0, 1, 1)
+    assert t["mcnemar_p"] == pytest.approx(0.25)
+    c4 = next(c for c in result["controls"] if c["id"] == "C4")
+    # Nearby vs context-matched on the 4 attacks with a match: both succeed in 3.
+    assert c4["n"] == 4 and (c4["both"], c4["only_first"], c4["only_second"]) == (
+        3,
+        0,
+        0,
+    )
+    assert result["context"]["median_candidates"] == pytest.approx(3.0)
+    # Five images: no stratum holds MIN_STRATUM attacks, so no verdict can be given.
+    assert result["verdict"]["outcome"] == "inconclusive"
+
+
+def test_distance_design_rows(hand_made):
+    _, per_attack = hand_made
+    design, y, trials, image = lc.distance_design(per_attack, adjusted=True)
+    # Per image: ring 1, ring 2, the random move.
+    assert design.shape == (15, 4)
+    np.testing.assert_array_equal(design[:3, 1], [1, 2, 5])
+    np.testing.assert_array_equal(y[:3], [6, 4, 0])
+    np.testing.assert_array_equal(trials[:3], [8, 16, 1])
+    np.testing.assert_allclose(design[:3, 2], 0.1)
+    np.testing.assert_array_equal(design[:, 3], np.repeat([1, 1, 1, 0, 0], 3))
+    np.testing.assert_array_equal(image, np.repeat(np.arange(5), 3))
+
+
+def _strata(counts, tests):
+    out = {s: {"successful_attacks": counts.get(s, 0)} for s in lc.STRATA}
+    for s, (b, c) in tests.items():
+        out[s]["nearby_vs_random"] = lc.paired_test(
+            np.r_[np.ones(b), np.zeros(c)].astype(bool),
+            np.r_[np.zeros(b), np.ones(c)].astype(bool),
+        )
+    return out
+
+
+def test_verdict_rule_branches():
+    big = {s: 40 for s in lc.STRATA}
+    wins = {s: (12, 1) for s in lc.STRATA[1:]}
+    negative = {"distance": {"ci_low": -0.5, "ci_high": -0.1}}
+    assert lc.verdict(_strata(big, wins), negative)["outcome"] == "supported"
+    # A small stratum (< MIN_STRATUM) does not count, whatever it shows.
+    small = {**big, "margin Q4": 5}
+    tie = {**wins, "margin Q4": (2, 2)}
+    assert lc.verdict(_strata(small, tie), negative)["outcome"] == "supported"
+    assert lc.verdict(_strata(big, tie), negative)["outcome"] == "inconclusive"
+    reverse = {**wins, "search": (1, 12)}
+    assert lc.verdict(_strata(big, reverse), negative)["outcome"] == "not supported"
+    flat = {"distance": {"ci_low": 0.0, "ci_high": 0.2}}
+    assert lc.verdict(_strata(big, wins), flat)["outcome"] == "not supported"
+    straddle = {"distance": {"ci_low": -0.2, "ci_high": 0.1}}
+    assert lc.verdict(_strata(big, wins), straddle)["outcome"] == "inconclusive"
+
+
+def test_old_or_broken_locality_csv_is_one_line(tmp_path):
+    from experiments import tables
+
+    old = tmp_path / "lenet" / "locality.csv"
+    old.parent.mkdir()
+    old.write_text(
+        "index,label,row,col,r,g,b,nearby_row,nearby_col,nearby_success,"
+        "random_row,random_col,random_success\n1,2,3,4,5,6,7,8,9,1,2,3,0\n"
+    )
+    with pytest.raises(PropmapsError) as e:
+        tables.read_locality_csv(str(old), 2)
+    message = str(e.value)
+    assert "\n" not in message and "older version" in message
+    assert "locality.json" in message and "run the locality experiment again" in message
+    (tmp_path / "lenet" / "locality.csv").write_text(
+        LOCALITY_CSV.replace("6,16,4", "6,x,4")
+    )
+    with pytest.raises(PropmapsError, match="not an integer"):
+        tables.read_locality_csv(str(old), 2)
+    with pytest.raises(PropmapsError, match="another --max_distance"):
+        (tmp_path / "lenet" / "locality.csv").write_text(LOCALITY_CSV)
+        tables.read_locality_csv(str(old), 3)
+
+
+def test_attack_csv_without_generations_is_one_line(tmp_path):
+    from experiments.results import read_attack_csv
+
+    lines = ATTACK_CSV.splitlines()
+    drop = lines[0].split(",").index("generations")
+    text = "\n".join(
+        ",".join(v for j, v in enumerate(line.split(",")) if j != drop)
+        for line in lines
+    )
+    (tmp_path / "attack.csv").write_text(text + "\n")
+    with pytest.raises(PropmapsError) as e:
+        read_attack_csv(str(tmp_path / "attack.csv"), summary=None)
+    assert "missing generations" in str(e.value) and "run the attack again" in str(
+        e.value
+    )
