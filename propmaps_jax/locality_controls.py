@@ -46,9 +46,11 @@ CONTROLS_STREAM = 0xC0D7
 OWN_COLOUR_STREAM, NEARBY_COLOUR_STREAM, CONTEXT_STREAM = 0, 1, 2
 # Context match: the mean absolute difference over the 27 values (3x3 pixels,
 # 3 channels, 0..255) of two 3x3 windows of the clean image (edges replicated).
-# 12 is about 5% of the range: for comparison, the windows of adjacent pixels of
-# CIFAR-10 images differ by a median of roughly 10-15 (the nearby move's own
-# context distance is reported beside it, so the reader can judge the match).
+# 12 is about 5% of the range. For comparison (measured afterwards, on the bundled
+# LeNet's 412 successful attacks of the first 1,000 test images): the nearby
+# move's window differs from the attack's by a median of 16.5, the drawn
+# context-matched one by 10.0; no position qualified for 117 of the 412. The
+# table reports these beside the rates, so the reader can judge the match.
 CONTEXT_TOLERANCE = 12.0
 # Candidates at Chebyshev distance >= 3 from the attack: their 3x3 window shares no
 # pixel with the attack position's, so a match is "similar surroundings

@@ -106,6 +106,10 @@ def test_end_to_end_writes_every_file(finished_run, tiny_setup):
         "lenet_tiny/locality.csv",
         "lenet_tiny/locality.json",
         "lenet_tiny/vulnerability_maps.npz",
+        "lenet_tiny/controls.csv",
+        "lenet_tiny/controls.json",
+        "controls.csv",
+        "locality_controls.png",
     ]:
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     first = table["index"][table["success"]][:maps]
@@ -207,6 +211,69 @@ def test_moved_pixels_against_an_independent_forward(finished_run, tiny_setup):
     assert res["lenet_tiny"]["random"]["successes"] == random_hits
 
 
+def test_controls_against_an_independent_forward(finished_run, tiny_setup):
+    """controls.csv: margins and each control's outcome recomputed in NumPy."""
+    workdir, _ = finished_run
+    with open(os.path.join(workdir, "lenet_tiny", "controls.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(workdir, "lenet_tiny", "locality.csv")) as f:
+        moved = {int(r["index"]): r for r in csv.DictReader(f)}
+    table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
+    assert [int(r["index"]) for r in rows] == list(table["index"][table["attacked"]])
+    logits_fn = models.make_logits_fn(tiny_setup["module"], tiny_setup["variables"])
+    x, y = tiny_setup["x"], tiny_setup["y"]
+
+    def pred(image):
+        return int(np.argmax(np.asarray(logits_fn(jnp.asarray(image[None])))[0]))
+
+    hits = {"own": 0, "nearby": 0, "context": 0}
+    for r in rows:
+        i = int(r["index"])
+        logits = np.asarray(logits_fn(jnp.asarray(x[i][None])), np.float64)[0]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        margin = p[y[i]] - np.delete(p, y[i]).max()
+        assert float(r["margin"]) == pytest.approx(margin, abs=1e-5)
+        if not int(r["success"]):
+            assert r["own_random_colour_success"] == ""
+            continue
+        m = moved[i]
+        row, col = int(m["row"]), int(m["col"])
+        colour = [int(m["r"]), int(m["g"]), int(m["b"])]
+        cases = {
+            "own": ((row, col), [int(r[f"own_{c}"]) for c in "rgb"]),
+            "nearby": (
+                (int(m["nearby_row"]), int(m["nearby_col"])),
+                [int(r[f"nearby_colour_{c}"]) for c in "rgb"],
+            ),
+        }
+        if int(r["context_found"]):
+            cr, cc = int(r["context_row"]), int(r["context_col"])
+            assert max(abs(cr - row), abs(cc - col)) >= 3
+            assert float(r["context_distance"]) <= 12.0 + 1e-3
+            cases["context"] = ((cr, cc), colour)
+        else:
+            assert r["context_success"] == ""
+        column = {
+            "own": "own_random_colour_success",
+            "nearby": "nearby_random_colour_success",
+            "context": "context_success",
+        }
+        for kind, ((pr, pc), c) in cases.items():
+            image = np.array(x[i], copy=True)
+            image[pr, pc] = c
+            success = pred(image) != y[i]
+            assert success == bool(int(r[column[kind]]))
+            hits[kind] += success
+    res = json.load(open(os.path.join(workdir, "locality.json")))["models"]
+    strata = res["lenet_tiny"]["controls"]["strata"]["all"]
+    assert strata["own_random_colour"]["successes"] == hits["own"]
+    assert strata["nearby_random_colour"]["successes"] == hits["nearby"]
+    assert strata["context"]["successes"] == hits["context"]
+    md = open(os.path.join(workdir, "table1.md")).read()
+    assert "## Controls" in md and "Rule (fixed before the numbers" in md
+
+
 def test_vulnerability_map_agrees_with_the_attack(finished_run):
     workdir, _ = finished_run
     table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
@@ -235,6 +302,7 @@ def test_rerun_reuses_results(finished_run, tiny_setup):
     ]
     proc = run_launch(*args)
     assert "reusing the locality results" in proc.stderr
+    assert "reusing the locality controls" in proc.stderr
     assert "images finished" not in proc.stderr  # the attack was not run again
     after = open(os.path.join(workdir, "lenet_tiny", "locality.csv")).read()
     assert before == after
