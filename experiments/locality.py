@@ -503,6 +503,7 @@ def _probabilities_program(apply_fn):
 def _batched(fn, arrays: list[np.ndarray], per_batch: int) -> list:
     """fn over fixed-size batches of `arrays` (the last one padded), concatenated."""
     n = len(arrays[0])
+    per_batch = max(1, min(per_batch, n))  # no padding beyond the data itself
     parts = []
     for start in range(0, n, per_batch):
         take = np.arange(start, start + per_batch) % n

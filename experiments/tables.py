@@ -423,7 +423,10 @@ def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str
             f"**Verdict ({name}): locality beyond fragility is "
             f"{controls['verdict']['outcome']}** — "
             + "; ".join(controls["verdict"]["reasons"])
-            + ".",
+            + " (strata of at least "
+            f"{lc.MIN_STRATUM} attacks, the ones the rule counts: "
+            + (", ".join(controls["verdict"]["strata_counted"]) or "none")
+            + ").",
             "",
         ]
     lines += [lc.VERDICT_RULE, ""]

@@ -173,14 +173,17 @@ def logistic_fit(
         raise PropmapsError(f"weights must be (B, {x.shape[0]}), got {w.shape}")
     if np.any((y < 0) | (y > m)):
         raise PropmapsError("logistic_fit: need 0 <= successes <= trials per row")
-    beta = np.zeros((w.shape[0], x.shape[1]))
+    k = x.shape[1]
+    outer = (x[:, :, None] * x[:, None, :]).reshape(len(x), k * k)  # (R, K*K)
+    beta = np.zeros((w.shape[0], k))
     converged = np.zeros(w.shape[0], bool)
     for _ in range(iterations):
         eta = beta @ x.T  # (B, R)
         p = 1.0 / (1.0 + np.exp(-eta))
-        gradient = np.einsum("br,rk->bk", w * (y - m * p), x)
-        curvature = w * m * p * (1.0 - p)
-        hessian = np.einsum("br,rk,rl->bkl", curvature, x, x)
+        gradient = (w * (y - m * p)) @ x
+        # Matrix products (BLAS) rather than a three-operand einsum: the bootstrap
+        # fits thousands of resamples.
+        hessian = ((w * m * p * (1.0 - p)) @ outer).reshape(-1, k, k)
         with np.errstate(invalid="ignore"):
             try:
                 step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
