@@ -11,10 +11,18 @@ adjacent pixel (nearby), to one random other pixel (random),
 to every position at Chebyshev distance 1..--max_distance, and, for the first
 --vulnerability_maps successful images, to every position (vulnerability maps).
 
-Writes DIR/table1.md, DIR/table1.csv, DIR/locality.json, DIR/locality_vs_distance.png,
-DIR/vulnerability_map_<model>_<index>.png and, per model, DIR/<model>/locality.csv
-(one row per successful attack), DIR/<model>/vulnerability_maps.npz and
-DIR/<model>/locality.json (reused when run again with the same settings).
+Then the controls of propmaps_jax/locality_controls.py (fragility strata, colour
+or place, distance after fragility, the verdict by its fixed rule): one clean
+forward per attacked image and three per successful attack.
+
+Writes DIR/table1.md (Table 1, distances, the controls and their verdict),
+DIR/table1.csv, DIR/controls.csv, DIR/locality.json, DIR/locality_vs_distance.png,
+DIR/locality_controls.png, DIR/vulnerability_map_<model>_<index>.png and, per
+model, DIR/<model>/locality.csv (one row per successful attack),
+DIR/<model>/controls.csv (one row per attacked image),
+DIR/<model>/vulnerability_maps.npz, DIR/<model>/locality.json and
+DIR/<model>/controls.json (each reused when run again with the same inputs and
+settings).
 Models: the bundled checkpoints, or --weights_<model>=PATH (ours or a Keras .h5).
 """
 

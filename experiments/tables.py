@@ -469,3 +469,53 @@ def controls_table_csv(results: dict[str, dict]) -> str:
     header = ["model", "stratum", "measure", "successes", "n", "rate", "ci_low"]
     header += ["ci_high", "nearby_only", "random_only", "mcnemar_p"]
     return rundir.csv_text(header, rows)
+
+
+SEED_ROWS = (
+    ("original_all", "original attack, over all samples"),
+    ("original_correct", "original attack, over correctly classified samples"),
+    ("random", "on random pixels"),
+    ("nearby", "on nearby pixels"),
+)
+
+
+def seeds_markdown(records: dict[int, dict]) -> str:
+    """Table 1 of one model under several seeds: {seed: its locality.json record}.
+
+    Each cell: rate (count; 95% Wilson interval); the last column: mean and
+    standard deviation of the rates over the seeds (run-to-run spread), to set
+    beside the intervals (sampling uncertainty).
+    """
+    seeds = sorted(records)
+    header = ["", *(f"seed {s}" for s in seeds), "mean ± sd over seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(label: str, props: list[dict]) -> None:
+        rates = np.array([p["rate"] for p in props], np.float64)
+        spread = (
+            f"{100 * rates.mean():.1f} ± {100 * rates.std(ddof=1):.1f}%"
+            if len(rates) > 1
+            else f"{100 * rates.mean():.1f}%"
+        )
+        lines.append("| " + " | ".join([label, *map(cell, props), spread]) + " |")
+
+    for key, label in SEED_ROWS:
+        row(label, [records[s][key] for s in seeds])
+    max_d = min(len(records[s]["distance"]) for s in seeds)
+    for d in range(max_d):
+        row(
+            f"ring d = {d + 1} (pooled pairs)",
+            [records[s]["distance"][d]["pooled"] for s in seeds],
+        )
+    if all(records[s].get("controls") for s in seeds):
+        for stratum in ("generation 0", "search"):
+            row(
+                f"nearby, {stratum}",
+                [records[s]["controls"]["strata"][stratum]["nearby"] for s in seeds],
+            )
+        lines.append(
+            "| verdict (locality beyond fragility) | "
+            + " | ".join(records[s]["controls"]["verdict"]["outcome"] for s in seeds)
+            + " | |"
+        )
+    return "\n".join(lines) + "\n"

@@ -334,3 +334,23 @@ def test_attack_csv_without_generations_is_one_line(tmp_path):
     assert "missing generations" in str(e.value) and "run the attack again" in str(
         e.value
     )
+
+
+def test_seeds_markdown_spread():
+    from experiments import tables
+
+    def record(k):
+        prop = stats.proportion
+        return {
+            "original_all": prop(40 + k, 100),
+            "original_correct": prop(40 + k, 80),
+            "random": prop(k, 40 + k),
+            "nearby": prop(10 + k, 40 + k),
+            "distance": [{"pooled": prop(5, 10)}],
+        }
+
+    md = tables.seeds_markdown({0: record(0), 1: record(2), 2: record(4)})
+    rates = np.array([40.0, 42.0, 44.0]) / 100
+    assert f"{100 * rates.mean():.1f} ± {100 * rates.std(ddof=1):.1f}%" in md
+    assert "42.0 ± 2.0%" in md and "| seed 0 | seed 1 | seed 2 |" in md
+    assert "ring d = 1" in md and "verdict" not in md

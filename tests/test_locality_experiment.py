@@ -388,3 +388,23 @@ def test_flag_checks_and_two_model_table():
     assert rows[3]["row"] == "on nearby pixels"
     assert float(rows[3]["resnet_paper_rate"]) == 0.313
     assert int(rows[1]["lenet_n"]) == 3700
+
+
+def test_old_locality_csv_is_one_line_naming_the_rerun(finished_run, tiny_setup):
+    """A locality.csv of an older version (no ring columns): exit 2, one line."""
+    workdir, _ = finished_run
+    copy = str(tiny_setup["folder"] / "old_run")
+    shutil.copytree(workdir, copy)
+    model_dir = os.path.join(copy, "lenet_tiny")
+    with open(os.path.join(model_dir, "locality.csv")) as f:
+        rows = list(csv.reader(f))
+    keep = [j for j, c in enumerate(rows[0]) if not c.startswith("ring")]
+    with open(os.path.join(model_dir, "locality.csv"), "w") as f:
+        csv.writer(f).writerows([[r[j] for j in keep] for r in rows])
+    os.remove(os.path.join(model_dir, "controls.json"))
+    proc = run_launch(*tiny_args(tiny_setup, copy), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "older version" in last and "locality.json" in last
+    assert "run the locality experiment again" in last
+    assert not os.path.exists(os.path.join(model_dir, "controls.json"))
