@@ -483,6 +483,9 @@ def locality_for_model(
 
 
 CONTROLS_BOOTSTRAP = 2000
+# Recorded and recomputed clean p(true) may differ by float32 rounding (batch size,
+# device) but not by more.
+PROBABILITY_TOLERANCE = 1e-3
 CONTROLS_BOOTSTRAP_STREAM = 0xB00C
 
 
@@ -518,7 +521,7 @@ def _batched(fn, arrays: list[np.ndarray], per_batch: int) -> list:
         count = min(per_batch, n - start)
         out = jax.device_get(fn(*(a[take] for a in arrays)))
         parts.append(jax.tree_util.tree_map(lambda x, c=count: np.asarray(x)[:c], out))
-    return [jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)][0]
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def controls_inputs(
@@ -581,6 +584,18 @@ def run_controls(
     margin = np.asarray(
         locality_controls.clean_margin(probs, y_test[index]), np.float64
     )
+    # The margins must be the attacked model's: its clean p(true) as recorded.
+    recorded = table["prob_true_before"][table["attacked"]]
+    p_true = probs[np.arange(len(index)), y_test[index]]
+    if len(index) and np.max(np.abs(p_true - recorded)) > PROBABILITY_TOLERANCE:
+        worst = int(index[np.argmax(np.abs(p_true - recorded))])
+        raise PropmapsError(
+            f"the model's clean p(true) of test image {worst} differs from "
+            "attack.csv's prob_true_before by more than "
+            f"{PROBABILITY_TOLERANCE:g}: the attack was made with another model or "
+            "data; run the locality experiment with that model, or into an empty "
+            "--workdir"
+        )
     attacked, per_attack = controls_inputs(table, moved, margin)
     succ_rows = np.flatnonzero(table["success"])
     images, labels = x_test[per_attack["index"]], y_test[per_attack["index"]]

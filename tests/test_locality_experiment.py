@@ -408,3 +408,35 @@ def test_old_locality_csv_is_one_line_naming_the_rerun(finished_run, tiny_setup)
     assert "older version" in last and "locality.json" in last
     assert "run the locality experiment again" in last
     assert not os.path.exists(os.path.join(model_dir, "controls.json"))
+
+
+def test_controls_refuse_margins_of_another_model(tmp_path):
+    """run_controls: clean p(true) unlike attack.csv's -> one line, before any draw."""
+    from experiments import locality as locality_experiment
+    from experiments.results import read_attack_csv
+    from propmaps_jax.errors import PropmapsError
+
+    header = (
+        "index,label,pred_before,prob_true_before,attacked,success,pred_after,"
+        "prob_true_after,generations,evaluations,row_1,col_1,r_1,g_1,b_1\n"
+    )
+    (tmp_path / "attack.csv").write_text(
+        header + "0,1,1,0.9,1,0,1,0.8,3,32,1,1,1,2,3\n"
+    )
+    table = read_attack_csv(str(tmp_path / "attack.csv"), summary=None)
+    x = np.zeros((1, 8, 8, 3), np.uint8)
+    y = np.array([1])
+
+    def apply_fn(variables, images):  # p(true) = softmax of [0, s] at index 1
+        return jnp.stack([jnp.zeros(len(images)), jnp.full(len(images), variables)], 1)
+
+    moved = locality_experiment._empty_locality(2)
+    # logit 2.1972 gives p(true) = 0.9: accepted (margin 0.8).
+    attacked, _, _ = locality_experiment.run_controls(
+        apply_fn, jnp.float32(np.log(9.0)), table, moved, x, y, 0, 8
+    )
+    assert attacked["margin"] == pytest.approx([0.8], abs=1e-5)
+    with pytest.raises(PropmapsError, match="another model or data"):
+        locality_experiment.run_controls(
+            apply_fn, jnp.float32(0.0), table, moved, x, y, 0, 8
+        )
