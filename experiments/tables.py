@@ -381,7 +381,7 @@ def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str
             "",
             f"Context-matched position: none within the tolerance for "
             f"{context['not_found']} of {context['successful_attacks']} attacks; "
-            f"median {context['median_candidates']} candidates; median context "
+            f"median {_num(context['median_candidates'])} candidates; median context "
             f"distance of the drawn position {_num(context['median_distance_drawn'])}, "
             f"of the nearby move's position {_num(context['median_distance_nearby'])}.",
             "",

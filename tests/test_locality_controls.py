@@ -354,3 +354,33 @@ def test_seeds_markdown_spread():
     assert f"{100 * rates.mean():.1f} ± {100 * rates.std(ddof=1):.1f}%" in md
     assert "42.0 ± 2.0%" in md and "| seed 0 | seed 1 | seed 2 |" in md
     assert "ring d = 1" in md and "verdict" not in md
+
+
+def test_no_successful_attack_gives_an_inconclusive_table():
+    from experiments import tables
+
+    empty_bool, empty_int = np.zeros(0, bool), np.zeros(0, np.int64)
+    per_attack = {
+        "generation0": empty_bool,
+        "margin": np.zeros(0),
+        "quartile": empty_int,
+        "ring_n": np.zeros((0, 2), np.int64),
+        "ring_success": np.zeros((0, 2), np.int64),
+        "random_distance": empty_int,
+        "context_found": empty_bool,
+        "context_candidates": empty_int,
+        "context_distance": np.zeros(0),
+        "nearby_context_distance": np.zeros(0),
+        **{f"{m}_success": empty_bool for m, _ in lc.MOVES},
+    }
+    margin = np.array([0.2, 0.5, 0.9])
+    quartile, _ = stats.quartile_groups(margin, margin)
+    attacked = {"success": np.zeros(3, bool), "quartile": quartile, "margin": margin}
+    result = lc.summarise_controls(per_attack, attacked, np.random.default_rng(0), 20)
+    assert result["verdict"]["outcome"] == "inconclusive"
+    assert result["strata"]["all"]["original_correct"]["n"] == 3
+    assert result["distance_models"]["adjusted"]["distance"]["estimate"] is None
+    md = tables.controls_markdown(
+        {"m": {"controls": {**result, "settings": {"bootstrap": 20}}}}, {}
+    )
+    assert "inconclusive" in md and "None" not in md
