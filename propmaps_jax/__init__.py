@@ -22,6 +22,7 @@ SUBMODULES = (
     "evaluation",
     "keras_import",
     "locality",
+    "locality_controls",
     "models",
     "perturb",
     "propagation",
