@@ -11,10 +11,18 @@ adjacent pixel (nearby), to one random other pixel (random),
 to every position at Chebyshev distance 1..--max_distance, and, for the first
 --vulnerability_maps successful images, to every position (vulnerability maps).
 
-Writes DIR/table1.md, DIR/table1.csv, DIR/locality.json, DIR/locality_vs_distance.png,
-DIR/vulnerability_map_<model>_<index>.png and, per model, DIR/<model>/locality.csv
-(one row per successful attack), DIR/<model>/vulnerability_maps.npz and
-DIR/<model>/locality.json (reused when run again with the same settings).
+Then the controls of propmaps_jax/locality_controls.py (fragility strata, colour
+or place, distance after fragility, the verdict by its fixed rule): one clean
+forward per attacked image and three per successful attack.
+
+Writes DIR/table1.md (Table 1, distances, the controls and their verdict),
+DIR/table1.csv, DIR/controls.csv, DIR/locality.json, DIR/locality_vs_distance.png,
+DIR/locality_controls.png, DIR/vulnerability_map_<model>_<index>.png and, per
+model, DIR/<model>/locality.csv (one row per successful attack),
+DIR/<model>/controls.csv (one row per attacked image),
+DIR/<model>/vulnerability_maps.npz, DIR/<model>/locality.json and
+DIR/<model>/controls.json (each reused when run again with the same inputs and
+settings).
 Models: the bundled checkpoints, or --weights_<model>=PATH (ours or a Keras .h5).
 """
 
@@ -33,7 +41,7 @@ from absl import flags
 import experiments.attack as attack_experiment
 from experiments import common, plots, provenance, rundir, tables
 from experiments.results import check_dataset, read_attack_csv
-from propmaps_jax import checkpoint, locality, models, stats
+from propmaps_jax import checkpoint, locality, locality_controls, models, stats
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 
@@ -474,6 +482,253 @@ def locality_for_model(
     return record
 
 
+CONTROLS_BOOTSTRAP = 2000
+# Recorded and recomputed clean p(true) may differ by float32 rounding (batch size,
+# device) but not by more.
+PROBABILITY_TOLERANCE = 1e-3
+CONTROLS_BOOTSTRAP_STREAM = 0xB00C
+
+
+@functools.cache
+def _controls_evaluator(apply_fn):
+    """Jitted: the three control outcomes of a fixed-size batch (variables first)."""
+
+    @jax.jit
+    def evaluate(variables, images, labels, pixels, nearby_rc, own, near, context):
+        return locality_controls.evaluate_controls(
+            apply_fn, variables, images, labels, pixels, nearby_rc, own, near, context
+        )
+
+    return evaluate
+
+
+@functools.cache
+def _probabilities_program(apply_fn):
+    return jax.jit(
+        lambda variables, images: locality_controls.clean_probabilities(
+            apply_fn, variables, images
+        )
+    )
+
+
+def _batched(fn, arrays: list[np.ndarray], per_batch: int) -> list:
+    """fn over fixed-size batches of `arrays` (the last one padded), concatenated."""
+    n = len(arrays[0])
+    per_batch = max(1, min(per_batch, n))  # no padding beyond the data itself
+    parts = []
+    for start in range(0, n, per_batch):
+        take = np.arange(start, start + per_batch) % n
+        count = min(per_batch, n - start)
+        out = jax.device_get(fn(*(a[take] for a in arrays)))
+        parts.append(jax.tree_util.tree_map(lambda x, c=count: np.asarray(x)[:c], out))
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def controls_inputs(
+    table: dict[str, np.ndarray], moved: dict[str, np.ndarray], margin: np.ndarray
+) -> tuple[dict, dict]:
+    """(attacked, per_attack) of the controls' statistics, before the draws.
+
+    table: attack.csv read back; moved: locality.csv read back (its rows are the
+    successful attacks, in attack.csv's order); margin: the clean margin of each
+    attacked image, in attack.csv's order. Quartiles are over the attacked images.
+    """
+    attacked_rows = np.flatnonzero(table["attacked"])
+    succ_rows = np.flatnonzero(table["success"])
+    quartile, cuts = stats.quartile_groups(margin, margin)
+    attacked = {
+        "index": table["index"][attacked_rows],
+        "success": table["success"][attacked_rows],
+        "generations": table["generations"][attacked_rows],
+        "margin": margin,
+        "quartile": quartile,
+        "cuts": cuts,
+    }
+    in_attacked = np.searchsorted(attacked_rows, succ_rows)
+    pixels = table["pixels"][succ_rows]
+    random_rc = np.stack([moved["random_row"], moved["random_col"]], 1)
+    per_attack = {
+        "index": table["index"][succ_rows],
+        "generation0": table["generations"][succ_rows] == 0,
+        "margin": margin[in_attacked],
+        "quartile": quartile[in_attacked],
+        "ring_n": moved["ring_n"],
+        "ring_success": moved["ring_success"],
+        "nearby_success": moved["nearby_success"].astype(bool),
+        "random_success": moved["random_success"].astype(bool),
+        "random_distance": np.max(np.abs(random_rc - pixels[:, 0, :2]), axis=1),
+    }
+    return attacked, per_attack
+
+
+def run_controls(
+    apply_fn,
+    variables,
+    table: dict[str, np.ndarray],
+    moved: dict[str, np.ndarray],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    seed: int,
+    batch_size: int,
+) -> tuple[dict, dict, locality_controls.Controls]:
+    """(attacked, per_attack, draws): margins, strata and control outcomes.
+
+    `moved`: DIR/<model>/locality.csv read back (the successful attacks' moves).
+    """
+    index = table["index"][table["attacked"]]
+    probs = _batched(
+        functools.partial(_probabilities_program(apply_fn), variables),
+        [x_test[index]],
+        max(1, batch_size),
+    )
+    margin = np.asarray(
+        locality_controls.clean_margin(probs, y_test[index]), np.float64
+    )
+    # The margins must be the attacked model's: its clean p(true) as recorded.
+    recorded = table["prob_true_before"][table["attacked"]]
+    p_true = probs[np.arange(len(index)), y_test[index]]
+    if len(index) and np.max(np.abs(p_true - recorded)) > PROBABILITY_TOLERANCE:
+        worst = int(index[np.argmax(np.abs(p_true - recorded))])
+        raise PropmapsError(
+            f"the model's clean p(true) of test image {worst} differs from "
+            "attack.csv's prob_true_before by more than "
+            f"{PROBABILITY_TOLERANCE:g}: the attack was made with another model or "
+            "data; run the locality experiment with that model, or into an empty "
+            "--workdir"
+        )
+    attacked, per_attack = controls_inputs(table, moved, margin)
+    succ_rows = np.flatnonzero(table["success"])
+    images, labels = x_test[per_attack["index"]], y_test[per_attack["index"]]
+    pixels = table["pixels"][succ_rows].astype(np.int32)
+    nearby_rc = np.stack([moved["nearby_row"], moved["nearby_col"]], 1)
+    draws = locality_controls.draw_controls(
+        seed, per_attack["index"], images, pixels, nearby_rc
+    )
+    per_attack.update(
+        context_found=draws.context_found,
+        context_candidates=draws.context_candidates,
+        context_distance=draws.context_distance,
+        nearby_context_distance=draws.nearby_context_distance,
+    )
+    if len(succ_rows):
+        evaluate = functools.partial(_controls_evaluator(apply_fn), variables)
+        own, near, context = _batched(
+            evaluate,
+            [
+                images,
+                labels,
+                pixels,
+                nearby_rc.astype(np.int32),
+                draws.own_colour,
+                draws.nearby_colour,
+                draws.context_rc,
+            ],
+            max(1, batch_size // 3),
+        )
+        per_attack["own_random_colour_success"] = own.success.astype(bool)
+        per_attack["nearby_random_colour_success"] = near.success.astype(bool)
+        per_attack["context_success"] = context.success.astype(bool)
+    else:
+        for move in ("own_random_colour", "nearby_random_colour", "context"):
+            per_attack[f"{move}_success"] = np.zeros(0, bool)
+    return attacked, per_attack, draws
+
+
+def _empty_locality(max_distance: int) -> dict[str, np.ndarray]:
+    moved = {c: np.zeros(0, np.int64) for c in tables.LOCALITY_BASE}
+    moved["ring_n"] = np.zeros((0, max_distance), np.int64)
+    moved["ring_success"] = np.zeros((0, max_distance), np.int64)
+    return moved
+
+
+def controls_for_model(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    seed: int,
+    max_distance: int,
+    batch_size: int,
+) -> dict[str, Any] | None:
+    """The controls of one model from DIR/<model>/attack.csv and locality.csv.
+
+    Reused (DIR/<model>/controls.json) when made from the same two files, weights
+    and settings; writes DIR/<model>/controls.csv and controls.json.
+    """
+    attack_csv = os.path.join(model_dir, "attack.csv")
+    locality_csv = os.path.join(model_dir, "locality.csv")
+    table = read_attack_csv(attack_csv)
+    succ_rows = np.flatnonzero(table["success"])
+    has_moves = os.path.isfile(locality_csv)
+    settings = {
+        "attack_csv_sha256": rundir.file_sha256(attack_csv),
+        "locality_csv_sha256": rundir.file_sha256(locality_csv) if has_moves else None,
+        "weights_sha256": provenance.weights_sha256(name, weights),
+        "seed": seed,
+        "max_distance": max_distance,
+        "context_tolerance": locality_controls.CONTEXT_TOLERANCE,
+        "context_min_distance": locality_controls.CONTEXT_MIN_DISTANCE,
+        "bootstrap": CONTROLS_BOOTSTRAP,
+        "rule": locality_controls.VERDICT_RULE,
+    }
+    if not table["attacked"].any():
+        log(f"{name}: no attacked image, no locality controls")
+        return None
+    cache = os.path.join(model_dir, "controls.json")
+    cached = rundir.reusable_record(cache, settings)
+    if cached is not None:
+        log(f"{name}: reusing the locality controls in {cache}")
+        return cached
+    if len(succ_rows) and not has_moves:
+        raise PropmapsError(
+            f"{locality_csv} is missing: delete {model_dir}/locality.json and run the "
+            "locality experiment again on this --workdir (it reuses attack.csv)"
+        )
+    moved = (
+        tables.read_locality_csv(locality_csv, max_distance)
+        if len(succ_rows)
+        else _empty_locality(max_distance)
+    )
+    if not np.array_equal(moved["index"], table["index"][succ_rows]) or not (
+        np.array_equal(
+            np.stack([moved["row"], moved["col"]], 1), table["pixels"][succ_rows, 0, :2]
+        )
+    ):
+        raise PropmapsError(
+            f"{locality_csv} does not hold the successful attacks of {attack_csv}: "
+            f"delete {model_dir}/locality.json and run the locality experiment again"
+        )
+    x_test, y_test = dataset.split("test")
+    _, module, variables, _ = loaded
+    apply_fn = models.make_apply_fn(module)
+    start = time.time()
+    log(
+        f"{name}: locality controls of {len(succ_rows)} successful attacks "
+        f"({int(table['attacked'].sum())} clean forwards for the margins, 3 per attack)"
+    )
+    attacked, per_attack, draws = run_controls(
+        apply_fn, variables, table, moved, x_test, y_test, seed, batch_size
+    )
+    forward_s = time.time() - start
+    rng = np.random.default_rng([seed, CONTROLS_BOOTSTRAP_STREAM])
+    summary = locality_controls.summarise_controls(
+        per_attack, attacked, rng, CONTROLS_BOOTSTRAP
+    )
+    summary["margin_quartile_cuts"] = [float(c) for c in attacked["cuts"]]
+    summary["generation0_successes"] = int(per_attack["generation0"].sum())
+    summary["forwards_s"] = forward_s
+    summary["wall_time_s"] = time.time() - start
+    record = {"settings": settings, **summary}
+    if jax.process_index() == 0:
+        rundir.write_text(
+            os.path.join(model_dir, "controls.csv"),
+            tables.controls_csv(attacked, per_attack, draws),
+        )
+        rundir.write_json(cache, record)
+    return record
+
+
 def _attack_and_study(
     name: str, workdir: str, weights, loaded: tuple, dataset, config
 ) -> tuple:
@@ -507,6 +762,16 @@ def _attack_and_study(
         FLAGS.vulnerability_maps,
         FLAGS.batch_size,
     )
+    record["controls"] = controls_for_model(
+        name,
+        model_dir,
+        weights,
+        loaded,
+        dataset,
+        FLAGS.seed,
+        FLAGS.max_distance,
+        FLAGS.batch_size,
+    )
     log(
         f"{name}: original {tables.cell(record['original_all'])}; "
         f"random {tables.cell(record['random'])}; "
@@ -522,6 +787,13 @@ def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list
     )
     rundir.write_text(os.path.join(workdir, "table1.csv"), tables.table1_csv(results))
     plots.distance_figure(results, os.path.join(workdir, "locality_vs_distance.png"))
+    if any(r.get("controls") for r in results.values()):
+        rundir.write_text(
+            os.path.join(workdir, "controls.csv"), tables.controls_table_csv(results)
+        )
+        plots.controls_distance_figure(
+            results, os.path.join(workdir, "locality_controls.png")
+        )
     x_test, _ = dataset.split("test")
     figures = []
     for name, model_maps in maps.items():

@@ -1,16 +1,25 @@
 """The locality study's tables: Table 1 beside the paper's, and per-attack rows.
 
 table1_markdown / table1_csv: DIR/table1.md and DIR/table1.csv of the locality
-experiment; locality_csv: DIR/<model>/locality.csv, one row per successful attack.
+experiment; locality_csv / read_locality_csv: DIR/<model>/locality.csv, one row per
+successful attack; controls_csv: DIR/<model>/controls.csv, one row per attacked
+image; controls_markdown / controls_table_csv: the controls' section of
+DIR/table1.md and DIR/controls.csv.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from typing import Any
 
+import numpy as np
+
+from experiments import rundir
+from propmaps_jax import locality_controls as lc
 from propmaps_jax import stats
+from propmaps_jax.errors import PropmapsError
 
 # The paper's Table 1 (5,000 CIFAR-10 test samples): original / random / nearby.
 PAPER_TABLE1 = {
@@ -102,6 +111,8 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
         + " | ".join(cell(results[n]["random"]) for n in names)
         + " |"
     )
+    if any(r.get("controls") for r in results.values()):
+        lines += ["", controls_markdown(results, settings)]
     return "\n".join(lines) + "\n"
 
 
@@ -159,3 +170,352 @@ def locality_csv(table, succ_rows, study) -> str:
             + ring
         )
     return buffer.getvalue()
+
+
+# ----- DIR/<model>/locality.csv read back, and the controls' tables -------------
+
+LOCALITY_BASE = (
+    "index",
+    "label",
+    "row",
+    "col",
+    "r",
+    "g",
+    "b",
+    "nearby_row",
+    "nearby_col",
+    "nearby_pred",
+    "nearby_success",
+    "random_row",
+    "random_col",
+    "random_pred",
+    "random_success",
+)
+
+
+def read_locality_csv(path: str, max_distance: int) -> dict[str, np.ndarray]:
+    """DIR/<model>/locality.csv as int arrays; ring_n/ring_success (N, max_distance).
+
+    A file without the columns of this version (an older run) or unreadable is
+    refused with one line saying what to re-run.
+    """
+    rerun = (
+        f"delete {os.path.join(os.path.dirname(path), 'locality.json')} and run the "
+        "locality experiment again on this --workdir (it reuses attack.csv)"
+    )
+    rings = [
+        f"ring{d}_{what}"
+        for d in range(1, max_distance + 1)
+        for what in ("n", "success")
+    ]
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            rows = list(reader)
+    except OSError as e:
+        raise PropmapsError(f"cannot read {path} ({e.strerror}): {rerun}") from None
+    missing = [c for c in (*LOCALITY_BASE, *rings) if c not in header]
+    if missing:
+        raise PropmapsError(
+            f"{path} is from an older version or another --max_distance (no "
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): {rerun}"
+        )
+    try:
+        table = np.array(rows, dtype=np.int64).reshape(len(rows), len(header))
+    except ValueError:
+        raise PropmapsError(
+            f"{path} holds a value that is not an integer: {rerun}"
+        ) from None
+    out = {c: table[:, header.index(c)] for c in LOCALITY_BASE}
+    for what in ("n", "success"):
+        out[f"ring_{what}"] = np.stack(
+            [
+                table[:, header.index(f"ring{d}_{what}")]
+                for d in range(1, max_distance + 1)
+            ],
+            axis=1,
+        ).reshape(len(rows), max_distance)
+    if np.any(out["ring_success"] > out["ring_n"]) or np.any(
+        ~np.isin(out["nearby_success"], (0, 1))
+        | ~np.isin(out["random_success"], (0, 1))
+    ):
+        raise PropmapsError(f"{path} holds inconsistent counts: {rerun}")
+    return out
+
+
+CONTROLS_COLUMNS = (
+    "index",
+    "success",
+    "generations",
+    "generation0",
+    "margin",
+    "margin_quartile",
+    "own_r",
+    "own_g",
+    "own_b",
+    "own_random_colour_success",
+    "nearby_colour_r",
+    "nearby_colour_g",
+    "nearby_colour_b",
+    "nearby_random_colour_success",
+    "context_row",
+    "context_col",
+    "context_found",
+    "context_candidates",
+    "context_distance",
+    "context_success",
+    "nearby_context_distance",
+)
+
+
+def controls_csv(attacked: dict, per_attack: dict, controls) -> str:
+    """DIR/<model>/controls.csv: one row per attacked image (controls: successes)."""
+    rows = []
+    position = {int(i): j for j, i in enumerate(per_attack["index"])}
+    for k, index in enumerate(attacked["index"]):
+        row = [
+            int(index),
+            int(attacked["success"][k]),
+            int(attacked["generations"][k]),
+            int(attacked["generations"][k] == 0) if attacked["success"][k] else "",
+            f"{attacked['margin'][k]:.6f}",
+            int(attacked["quartile"][k]) + 1,
+        ]
+        j = position.get(int(index))
+        if j is None:
+            rows.append(row + [""] * (len(CONTROLS_COLUMNS) - len(row)))
+            continue
+        row += [int(v) for v in controls.own_colour[j]]
+        row.append(int(per_attack["own_random_colour_success"][j]))
+        row += [int(v) for v in controls.nearby_colour[j]]
+        row.append(int(per_attack["nearby_random_colour_success"][j]))
+        row += [int(v) for v in controls.context_rc[j]]
+        row += [int(controls.context_found[j]), int(controls.context_candidates[j])]
+        row.append(f"{controls.context_distance[j]:.3f}")
+        row.append(
+            int(per_attack["context_success"][j]) if controls.context_found[j] else ""
+        )
+        row.append(f"{controls.nearby_context_distance[j]:.3f}")
+        rows.append(row)
+    return rundir.csv_text(list(CONTROLS_COLUMNS), rows)
+
+
+def _rate(prop: dict | None) -> str:
+    if prop is None:
+        return "—"
+    if not prop["n"]:
+        return "n/a (0/0)"
+    return (
+        f"{prop['rate']:.1%} ({prop['successes']}/{prop['n']}; "
+        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f})"
+    )
+
+
+def _p(value: float) -> str:
+    return f"{value:.2g}" if value >= 1e-4 else f"{value:.0e}"
+
+
+def _coefficient(c: dict) -> str:
+    if c["estimate"] is None:
+        return "n/a"
+    interval = (
+        "no interval"
+        if c["ci_low"] is None
+        else f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f}"
+    )
+    return f"{c['estimate']:+.3f} ({interval})"
+
+
+def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
+    """The controls' section of DIR/table1.md: strata, controls, model, verdict."""
+    lines = [
+        "## Controls: receptive field or fragile image?",
+        "",
+        "Successful attacks split by fragility: found in DE's initial population "
+        "(generation 0) or by search, and by the clean image's margin p(true) − max "
+        "p(other) in quartiles over the attacked images (Q1: the least confident). "
+        "Each cell: rate (count; 95% Wilson interval in %). Original: the attack's "
+        "success over the attacked images of the quartile. Controls, one seeded draw "
+        "per successful attack: a random colour at the attack's position; a random "
+        "colour at the nearby move's position; the attack's colour at a random "
+        "position whose 3x3 neighbourhood is within "
+        f"{lc.CONTEXT_TOLERANCE:g} (mean |difference| over the 27 values, 0..255) "
+        "of the attack position's and at Chebyshev distance >= "
+        f"{lc.CONTEXT_MIN_DISTANCE} (context-matched; over the attacks where one "
+        "exists). Nearby vs random: nearby-only / random-only successes on the same "
+        "images and McNemar's exact p. Ring cells pool image-position pairs (too "
+        "narrow intervals; the distance model below resamples images).",
+        "",
+    ]
+    for name, res in results.items():
+        controls = res.get("controls")
+        if controls is None:
+            continue
+        strata = controls["strata"]
+        max_d = len(strata["all"]["rings"])
+        header = ["stratum", "attacks", "original", *(m for m, _ in lc.MOVES)]
+        header += [f"ring d={d}" for d in range(1, max_d + 1)]
+        header += ["nearby-only / random-only (p)"]
+        lines += [
+            f"### {name}",
+            "",
+            "Columns: " + "; ".join(f"{m}: {label}" for m, label in lc.MOVES) + ".",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for stratum in lc.STRATA:
+            s = strata[stratum]
+            t = s["nearby_vs_random"]
+            cells = [stratum, str(s["successful_attacks"])]
+            cells.append(_rate(s.get("original_correct")))
+            cells += [_rate(s[m]) for m, _ in lc.MOVES]
+            cells += [_rate(r) for r in s["rings"]]
+            cells.append(
+                f"{t['only_first']} / {t['only_second']} ({_p(t['mcnemar_p'])})"
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+        context = controls["context"]
+        lines += [
+            "",
+            f"Context-matched position: none within the tolerance for "
+            f"{context['not_found']} of {context['successful_attacks']} attacks; "
+            f"median {_num(context['median_candidates'])} candidates; median context "
+            f"distance of the drawn position {_num(context['median_distance_drawn'])}, "
+            f"of the nearby move's position {_num(context['median_distance_nearby'])}.",
+            "",
+            "| control | first vs second | only first / only second | difference "
+            "| McNemar p | wins |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in controls["controls"]:
+            wins = {"first": c["first"], "second": c["second"]}.get(
+                c["winner"], "no difference shown"
+            )
+            lines.append(
+                f"| {c['id']}: {c['meaning']} | {c['first']} vs {c['second']} | "
+                f"{c['only_first']} / {c['only_second']} (n = {c['n']}) | "
+                f"{_signed_pp(c['difference'])} | {_p(c['mcnemar_p'])} | {wins} |"
+            )
+        models = controls["distance_models"]
+        lines += [
+            "",
+            "Distance model: logistic regression of success over the image-position "
+            f"pairs of rings d = 1..{max_d} (binomial per image and ring) and the "
+            "random move (at its own distance); coefficients in log-odds per unit, "
+            f"95% bootstrap intervals over images ({controls['settings']['bootstrap']} "
+            "resamples; failed fits: "
+            + ", ".join(f"{k} {m['bootstrap_failed']}" for k, m in models.items())
+            + ").",
+            "",
+            "| model | distance | margin | generation 0 |",
+            "|---|---|---|---|",
+            f"| success ~ distance | {_coefficient(models['unadjusted']['distance'])} "
+            "| | |",
+            "| success ~ distance + margin + generation 0 | "
+            + " | ".join(
+                _coefficient(models["adjusted"][k])
+                for k in ("distance", "margin", "generation0")
+            )
+            + " |",
+            "",
+            f"**Verdict ({name}): locality beyond fragility is "
+            f"{controls['verdict']['outcome']}** — "
+            + "; ".join(controls["verdict"]["reasons"])
+            + " (strata of at least "
+            f"{lc.MIN_STRATUM} attacks, the ones the rule counts: "
+            + (", ".join(controls["verdict"]["strata_counted"]) or "none")
+            + ").",
+            "",
+        ]
+    lines += [lc.VERDICT_RULE, ""]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _signed_pp(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f} pp"
+
+
+def controls_table_csv(results: dict[str, dict]) -> str:
+    """DIR/controls.csv: one row per model, stratum and rate (long format)."""
+    rows = []
+    for name, res in results.items():
+        controls = res.get("controls")
+        if controls is None:
+            continue
+        for stratum, s in controls["strata"].items():
+            measures = [(m, s[m]) for m, _ in lc.MOVES]
+            measures += [(f"ring{d + 1}", r) for d, r in enumerate(s["rings"])]
+            if "original_correct" in s:
+                measures.append(("original_correct", s["original_correct"]))
+            t = s["nearby_vs_random"]
+            for measure, p in measures:
+                rows.append(
+                    [name, stratum, measure, p["successes"], p["n"]]
+                    + [
+                        "" if p["rate"] is None else f"{p['rate']:.6f}",
+                        f"{p['ci_low']:.6f}",
+                        f"{p['ci_high']:.6f}",
+                        t["only_first"],
+                        t["only_second"],
+                        f"{t['mcnemar_p']:.6g}",
+                    ]
+                )
+    header = ["model", "stratum", "measure", "successes", "n", "rate", "ci_low"]
+    header += ["ci_high", "nearby_only", "random_only", "mcnemar_p"]
+    return rundir.csv_text(header, rows)
+
+
+SEED_ROWS = (
+    ("original_all", "original attack, over all samples"),
+    ("original_correct", "original attack, over correctly classified samples"),
+    ("random", "on random pixels"),
+    ("nearby", "on nearby pixels"),
+)
+
+
+def seeds_markdown(records: dict[int, dict]) -> str:
+    """Table 1 of one model under several seeds: {seed: its locality.json record}.
+
+    Each cell: rate (count; 95% Wilson interval); the last column: mean and
+    standard deviation of the rates over the seeds (run-to-run spread), to set
+    beside the intervals (sampling uncertainty).
+    """
+    seeds = sorted(records)
+    header = ["", *(f"seed {s}" for s in seeds), "mean ± sd over seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(label: str, props: list[dict]) -> None:
+        rates = np.array([p["rate"] for p in props], np.float64)
+        spread = (
+            f"{100 * rates.mean():.1f} ± {100 * rates.std(ddof=1):.1f}%"
+            if len(rates) > 1
+            else f"{100 * rates.mean():.1f}%"
+        )
+        lines.append("| " + " | ".join([label, *map(cell, props), spread]) + " |")
+
+    for key, label in SEED_ROWS:
+        row(label, [records[s][key] for s in seeds])
+    max_d = min(len(records[s]["distance"]) for s in seeds)
+    for d in range(max_d):
+        row(
+            f"ring d = {d + 1} (pooled pairs)",
+            [records[s]["distance"][d]["pooled"] for s in seeds],
+        )
+    if all(records[s].get("controls") for s in seeds):
+        for stratum in ("generation 0", "search"):
+            row(
+                f"nearby, {stratum}",
+                [records[s]["controls"]["strata"][stratum]["nearby"] for s in seeds],
+            )
+        lines.append(
+            "| verdict (locality beyond fragility) | "
+            + " | ".join(records[s]["controls"]["verdict"]["outcome"] for s in seeds)
+            + " | |"
+        )
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ SUBMODULES = (
     "evaluation",
     "keras_import",
     "locality",
+    "locality_controls",
     "memory",
     "models",
     "perturb",

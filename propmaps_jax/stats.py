@@ -1,10 +1,15 @@
-"""Small statistics helpers: success rates with Wilson score intervals."""
+"""Small statistics helpers: success rates with Wilson score intervals, the exact
+McNemar test of paired proportions, bootstrap counts over units and percentile
+intervals, and a batched binomial logistic regression (Newton / IRLS)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from fractions import Fraction
 from typing import Any
+
+import numpy as np
 
 from propmaps_jax.errors import PropmapsError
 
@@ -65,3 +70,153 @@ def format_proportion(prop: dict[str, Any], digits: int = 1) -> str:
         f"{prop['confidence']:.0%} CI {100 * prop['ci_low']:.{digits}f}–"
         f"{100 * prop['ci_high']:.{digits}f}%)"
     )
+
+
+# ----- paired proportions, bootstrap over units, logistic regression -------------
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pair counts b and c.
+
+    Under no difference each of the b + c discordant pairs favours either side
+    with probability 1/2: p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c,
+    1/2), computed exactly with integers (the same as
+    scipy.stats.binomtest(b, b + c, 0.5)). No discordant pair: p = 1.
+    """
+    b, c = int(only_first), int(only_second)
+    if b < 0 or c < 0:
+        raise PropmapsError(f"discordant counts must be >= 0, got {b} and {c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
+
+
+def paired_counts(first: Any, second: Any) -> dict[str, int]:
+    """Counts of paired binary outcomes: both, only_first, only_second, neither, n."""
+    first = np.asarray(first, bool)
+    second = np.asarray(second, bool)
+    if first.shape != second.shape or first.ndim != 1:
+        raise PropmapsError(
+            f"paired outcomes need two arrays of one shape (N,), got {first.shape} "
+            f"and {second.shape}"
+        )
+    return {
+        "both": int((first & second).sum()),
+        "only_first": int((first & ~second).sum()),
+        "only_second": int((~first & second).sum()),
+        "neither": int((~first & ~second).sum()),
+        "n": int(first.size),
+    }
+
+
+def bootstrap_counts(
+    rng: np.random.Generator, n_units: int, resamples: int
+) -> np.ndarray:
+    """(resamples, n_units) int: how often each unit is drawn in each resample.
+
+    Resampling units (images) with replacement as multinomial counts lets every
+    statistic that takes per-unit weights be bootstrapped without copying data.
+    """
+    if n_units < 1 or resamples < 1:
+        raise PropmapsError(
+            f"a bootstrap needs >= 1 unit and >= 1 resample, got {n_units} and "
+            f"{resamples}"
+        )
+    return rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=resamples)
+
+
+def percentile_interval(
+    replicates: Any, confidence: float = 0.95, min_finite: int = 10
+) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates (NaN if too few are finite)."""
+    values = np.asarray(replicates, np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < min_finite:
+        return math.nan, math.nan
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def logistic_fit(
+    design: Any,
+    successes: Any,
+    trials: Any,
+    weights: Any | None = None,
+    iterations: int = 50,
+    tolerance: float = 1e-10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binomial logistic regression by Newton's method (IRLS), batched over weights.
+
+    Args:
+      design: (R, K) covariates, a column of ones for the intercept included.
+      successes, trials: (R,) binomial counts of each row (trials 1: Bernoulli).
+      weights: (B, R) row weights (bootstrap counts), or None for one unweighted fit.
+    Returns:
+      (coefficients (B, K) or (K,), converged (B,) or ()). A fit that does not
+      converge (e.g. separation: a covariate that predicts the outcome perfectly)
+      gets NaN coefficients and converged False.
+    """
+    x = np.asarray(design, np.float64)
+    y = np.asarray(successes, np.float64)
+    m = np.asarray(trials, np.float64)
+    single = weights is None
+    w = np.ones((1, len(y))) if single else np.asarray(weights, np.float64)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or m.shape != y.shape:
+        raise PropmapsError(
+            f"logistic_fit needs design (R, K) and counts (R,), got {x.shape}, "
+            f"{y.shape}, {m.shape}"
+        )
+    if w.ndim != 2 or w.shape[1] != x.shape[0]:
+        raise PropmapsError(f"weights must be (B, {x.shape[0]}), got {w.shape}")
+    if np.any((y < 0) | (y > m)):
+        raise PropmapsError("logistic_fit: need 0 <= successes <= trials per row")
+    k = x.shape[1]
+    outer = (x[:, :, None] * x[:, None, :]).reshape(len(x), k * k)  # (R, K*K)
+    beta = np.zeros((w.shape[0], k))
+    converged = np.zeros(w.shape[0], bool)
+    for _ in range(iterations):
+        eta = beta @ x.T  # (B, R)
+        p = 1.0 / (1.0 + np.exp(-eta))
+        gradient = (w * (y - m * p)) @ x
+        # Matrix products (BLAS) rather than a three-operand einsum: the bootstrap
+        # fits thousands of resamples.
+        hessian = ((w * m * p * (1.0 - p)) @ outer).reshape(-1, k, k)
+        with np.errstate(invalid="ignore"):
+            try:
+                step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                step = np.stack(
+                    [
+                        np.linalg.lstsq(h, g, rcond=None)[0]
+                        for h, g in zip(hessian, gradient, strict=True)
+                    ]
+                )
+        beta = beta + np.where(converged[:, None], 0.0, step)
+        converged |= np.max(np.abs(step), axis=1) < tolerance
+        if converged.all():
+            break
+    # Separation drives coefficients off to infinity, a covariate without spread
+    # (e.g. a resample of one group only) leaves them unidentified (a singular
+    # curvature): call those fits failed.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        identified = np.linalg.cond(hessian) < 1e10
+    converged &= identified & np.all(np.isfinite(beta), axis=1)
+    converged &= np.all(np.abs(beta) < 30, axis=1)
+    beta = np.where(converged[:, None], beta, np.nan)
+    return (beta[0], converged[0]) if single else (beta, converged)
+
+
+def quartile_groups(values: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(group 0..3 of each value, cut points (3,)): quartiles of `reference`.
+
+    Group 0 holds values up to the first quartile of the reference, group 3
+    those above the third; a value equal to a cut point goes to the lower group.
+    """
+    reference = np.asarray(reference, np.float64)
+    if reference.size == 0:
+        raise PropmapsError("quartiles of an empty reference")
+    cuts = np.quantile(reference, [0.25, 0.5, 0.75])
+    return np.searchsorted(cuts, np.asarray(values, np.float64), side="left"), cuts

@@ -106,6 +106,10 @@ def test_end_to_end_writes_every_file(finished_run, tiny_setup):
         "lenet_tiny/locality.csv",
         "lenet_tiny/locality.json",
         "lenet_tiny/vulnerability_maps.npz",
+        "lenet_tiny/controls.csv",
+        "lenet_tiny/controls.json",
+        "controls.csv",
+        "locality_controls.png",
     ]:
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     first = table["index"][table["success"]][:maps]
@@ -207,6 +211,69 @@ def test_moved_pixels_against_an_independent_forward(finished_run, tiny_setup):
     assert res["lenet_tiny"]["random"]["successes"] == random_hits
 
 
+def test_controls_against_an_independent_forward(finished_run, tiny_setup):
+    """controls.csv: margins and each control's outcome recomputed in NumPy."""
+    workdir, _ = finished_run
+    with open(os.path.join(workdir, "lenet_tiny", "controls.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(workdir, "lenet_tiny", "locality.csv")) as f:
+        moved = {int(r["index"]): r for r in csv.DictReader(f)}
+    table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
+    assert [int(r["index"]) for r in rows] == list(table["index"][table["attacked"]])
+    logits_fn = models.make_logits_fn(tiny_setup["module"], tiny_setup["variables"])
+    x, y = tiny_setup["x"], tiny_setup["y"]
+
+    def pred(image):
+        return int(np.argmax(np.asarray(logits_fn(jnp.asarray(image[None])))[0]))
+
+    hits = {"own": 0, "nearby": 0, "context": 0}
+    for r in rows:
+        i = int(r["index"])
+        logits = np.asarray(logits_fn(jnp.asarray(x[i][None])), np.float64)[0]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        margin = p[y[i]] - np.delete(p, y[i]).max()
+        assert float(r["margin"]) == pytest.approx(margin, abs=1e-5)
+        if not int(r["success"]):
+            assert r["own_random_colour_success"] == ""
+            continue
+        m = moved[i]
+        row, col = int(m["row"]), int(m["col"])
+        colour = [int(m["r"]), int(m["g"]), int(m["b"])]
+        cases = {
+            "own": ((row, col), [int(r[f"own_{c}"]) for c in "rgb"]),
+            "nearby": (
+                (int(m["nearby_row"]), int(m["nearby_col"])),
+                [int(r[f"nearby_colour_{c}"]) for c in "rgb"],
+            ),
+        }
+        if int(r["context_found"]):
+            cr, cc = int(r["context_row"]), int(r["context_col"])
+            assert max(abs(cr - row), abs(cc - col)) >= 3
+            assert float(r["context_distance"]) <= 12.0 + 1e-3
+            cases["context"] = ((cr, cc), colour)
+        else:
+            assert r["context_success"] == ""
+        column = {
+            "own": "own_random_colour_success",
+            "nearby": "nearby_random_colour_success",
+            "context": "context_success",
+        }
+        for kind, ((pr, pc), c) in cases.items():
+            image = np.array(x[i], copy=True)
+            image[pr, pc] = c
+            success = pred(image) != y[i]
+            assert success == bool(int(r[column[kind]]))
+            hits[kind] += success
+    res = json.load(open(os.path.join(workdir, "locality.json")))["models"]
+    strata = res["lenet_tiny"]["controls"]["strata"]["all"]
+    assert strata["own_random_colour"]["successes"] == hits["own"]
+    assert strata["nearby_random_colour"]["successes"] == hits["nearby"]
+    assert strata["context"]["successes"] == hits["context"]
+    md = open(os.path.join(workdir, "table1.md")).read()
+    assert "## Controls" in md and "Rule (fixed before the numbers" in md
+
+
 def test_vulnerability_map_agrees_with_the_attack(finished_run):
     workdir, _ = finished_run
     table = read_attack_csv(os.path.join(workdir, "lenet_tiny", "attack.csv"))
@@ -235,6 +302,7 @@ def test_rerun_reuses_results(finished_run, tiny_setup):
     ]
     proc = run_launch(*args)
     assert "reusing the locality results" in proc.stderr
+    assert "reusing the locality controls" in proc.stderr
     assert "images finished" not in proc.stderr  # the attack was not run again
     after = open(os.path.join(workdir, "lenet_tiny", "locality.csv")).read()
     assert before == after
@@ -320,3 +388,55 @@ def test_flag_checks_and_two_model_table():
     assert rows[3]["row"] == "on nearby pixels"
     assert float(rows[3]["resnet_paper_rate"]) == 0.313
     assert int(rows[1]["lenet_n"]) == 3700
+
+
+def test_old_locality_csv_is_one_line_naming_the_rerun(finished_run, tiny_setup):
+    """A locality.csv of an older version (no ring columns): exit 2, one line."""
+    workdir, _ = finished_run
+    copy = str(tiny_setup["folder"] / "old_run")
+    shutil.copytree(workdir, copy)
+    model_dir = os.path.join(copy, "lenet_tiny")
+    with open(os.path.join(model_dir, "locality.csv")) as f:
+        rows = list(csv.reader(f))
+    keep = [j for j, c in enumerate(rows[0]) if not c.startswith("ring")]
+    with open(os.path.join(model_dir, "locality.csv"), "w") as f:
+        csv.writer(f).writerows([[r[j] for j in keep] for r in rows])
+    os.remove(os.path.join(model_dir, "controls.json"))
+    proc = run_launch(*tiny_args(tiny_setup, copy), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "older version" in last and "locality.json" in last
+    assert "run the locality experiment again" in last
+    assert not os.path.exists(os.path.join(model_dir, "controls.json"))
+
+
+def test_controls_refuse_margins_of_another_model(tmp_path):
+    """run_controls: clean p(true) unlike attack.csv's -> one line, before any draw."""
+    from experiments import locality as locality_experiment
+    from experiments.results import read_attack_csv
+    from propmaps_jax.errors import PropmapsError
+
+    header = (
+        "index,label,pred_before,prob_true_before,attacked,success,pred_after,"
+        "prob_true_after,generations,evaluations,row_1,col_1,r_1,g_1,b_1\n"
+    )
+    (tmp_path / "attack.csv").write_text(
+        header + "0,1,1,0.9,1,0,1,0.8,3,32,1,1,1,2,3\n"
+    )
+    table = read_attack_csv(str(tmp_path / "attack.csv"), summary=None)
+    x = np.zeros((1, 8, 8, 3), np.uint8)
+    y = np.array([1])
+
+    def apply_fn(variables, images):  # p(true) = softmax of [0, s] at index 1
+        return jnp.stack([jnp.zeros(len(images)), jnp.full(len(images), variables)], 1)
+
+    moved = locality_experiment._empty_locality(2)
+    # logit 2.1972 gives p(true) = 0.9: accepted (margin 0.8).
+    attacked, _, _ = locality_experiment.run_controls(
+        apply_fn, jnp.float32(np.log(9.0)), table, moved, x, y, 0, 8
+    )
+    assert attacked["margin"] == pytest.approx([0.8], abs=1e-5)
+    with pytest.raises(PropmapsError, match="another model or data"):
+        locality_experiment.run_controls(
+            apply_fn, jnp.float32(0.0), table, moved, x, y, 0, 8
+        )
