@@ -342,18 +342,38 @@ def main() -> None:
         return argv[:1]
 
     def run(argv: list[str]) -> None:
+        from experiments import runlock
+
+        # One writer per workdir: every experiment's --workdir is locked for the
+        # run (multi-host runs excepted: see runlock).
+        workdir = flags.FLAGS.workdir or getattr(module, "DEFAULT_WORKDIR", None)
+        locked = None
+        common.handle_sigterm()
         try:
+            if workdir and not flags.FLAGS.distributed:
+                locked = workdir if runlock.acquire(workdir) else None
             common.under_precision(module.main)(argv)
         except PropmapsError as e:
             _fail(common.in_flag_terms(str(e)))
+        except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
+            stop = common.stop_message(e, workdir)
+            if stop is None:
+                raise
+            sys.stderr.write(stop[0] + "\n")
+            sys.exit(stop[1])
+        finally:
+            if locked:
+                runlock.release(locked)
 
     app.run(run, flags_parser=parse)
 
 
 def run() -> None:
-    """`main`, with Ctrl-C as one line and exit 130 (resumable experiments say more)."""
+    """`main`, with Ctrl-C as one line and exit 130, SIGTERM exit 143 (resumable
+    experiments say more)."""
     try:
         main()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        terminated = type(e).__name__ == "Terminated"
+        sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
+        sys.exit(143 if terminated else 130)
