@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, integrity, provenance, results, rundir, runlock
+from experiments import budget, common, integrity, provenance, results, rundir, runlock
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -85,6 +85,9 @@ BEFORE_BATCH = 1000
 # minutes: a default chunk of ResNet-32 on a CPU (50 images) takes ~17 minutes.
 MAX_CHUNK_S = 120.0
 CHUNK_STEPS = 10
+# Estimated seconds of the work after this attack in the same job (the locality
+# job's later models), added to the progress line's ETA; None: no job around it.
+LATER_WORK_S: list[float | None] = [None]
 # Seconds per device call while attacking: Ctrl-C is handled between calls.
 DEVICE_CALL_S = 1.0
 # Summary entries that describe one execution rather than the results.
@@ -674,11 +677,17 @@ class _AttackProgress:
             )
         eta, bound = self.eta_s()
         rate = (self.done - self.start) / elapsed
-        return (
+        line = (
             f"{text}; {rate:.2f} images/s, elapsed {common.format_duration(elapsed)}, "
             f"ETA {'<=' if bound and eta != float('inf') else ''}"
             f"{common.format_duration(eta)}"
         )
+        if LATER_WORK_S[0] is not None:
+            line += (
+                f"; whole job ETA {common.format_duration(eta + LATER_WORK_S[0])} "
+                "(estimate)"
+            )
+        return line
 
     def _print(self, now: float, force: bool = False) -> None:
         if not _is_main_process():
@@ -806,6 +815,22 @@ def _attack_chunks(
     return done_chunks
 
 
+def images_done(workdir: str, num_samples: int) -> int:
+    """Sampled images already done in a run directory (a quick look for the job's
+    cost estimate: the finished attack.csv, else the contiguous chunk files)."""
+    if os.path.isfile(os.path.join(workdir, SUMMARY_NAME)) and os.path.isfile(
+        os.path.join(workdir, CSV_NAME)
+    ):
+        return num_samples
+    found, end = _chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
+    while end in found:
+        following = max(e for e, _ in found[end])
+        if following <= end:
+            break
+        end = following
+    return min(end, num_samples)
+
+
 def _empty_chunk() -> dict[str, Any]:
     return {"rows": [], "successes": 0, "evaluations": 0, "search_rejections": 0}
 
@@ -888,6 +913,8 @@ def _run_attack(
     indices = sample_indices(len(x_test), num_samples, seed, sample)
     if loaded is None:
         loaded = common.load_model(model_name, weights)
+    # A user-given batch that cannot fit is refused before anything is compiled.
+    budget.check_batch(loaded[1], loaded[2], slots, config.population)
     if target == "all":
         return _run_all_targets(
             workdir,

@@ -31,7 +31,16 @@ import numpy as np
 from absl import flags
 
 import experiments.attack as attack_experiment
-from experiments import common, integrity, plots, provenance, rundir, runlock, tables
+from experiments import (
+    budget,
+    common,
+    integrity,
+    plots,
+    provenance,
+    rundir,
+    runlock,
+    tables,
+)
 from experiments.results import check_dataset, read_attack_csv, read_summary
 from propmaps_jax import checkpoint, locality, models, stats
 from propmaps_jax.attack import AttackConfig
@@ -563,18 +572,37 @@ def main(argv: list[str]) -> None:
     start = time.time()
     dataset = common.load_data()
     check_sample_counts(names, len(dataset.x_test))
+    estimate = budget.announce_job(
+        {
+            n: (
+                models.make_apply_fn(loaded[n][1]),
+                loaded[n][2],
+                model_samples(n)
+                - attack_experiment.images_done(
+                    os.path.join(workdir, n), model_samples(n)
+                ),
+            )
+            for n in names
+        },
+        {n: model_samples(n) for n in names},
+        config,
+        log,
+    )
     results: dict[str, dict] = {}
     attack_summaries: dict[str, Any] = {}
     maps: dict[str, dict] = {}
     for name in names:
         if common.past_deadline():
             raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
+        later = names[names.index(name) + 1 :]
+        attack_experiment.LATER_WORK_S[0] = sum(estimate[n] for n in later)
         with runlock.hold(os.path.join(workdir, name), jax.process_index() == 0):
             attack_summaries[name], record = _attack_and_study(
                 name, workdir, weights[name], loaded[name], dataset, config
             )
         maps[name] = record.pop("maps")
         results[name] = record
+    attack_experiment.LATER_WORK_S[0] = None
     if jax.process_index() != 0:
         return
     settings = {
