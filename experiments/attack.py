@@ -6,10 +6,13 @@ python launch.py --experiment=attack --model=resnet --weights=PATH \
 
 Everything (flags, workdir, weights loaded against --model, data) is checked
 before anything is written; DIR is created with the first result. Results are kept
-chunk by chunk in DIR/.attack_chunks/ (each chunk written atomically); a run
-stopped by Ctrl-C (exit 130, one line) or killed, started again with the same
-flags, resumes after the last finished chunk, and the final files equal those of
-an uninterrupted run (apart from timings in the summary). A run is identified by
+chunk by chunk in DIR/.attack_chunks/ (each chunk written atomically, ending
+after at most MAX_CHUNK_S seconds of work, and carrying its settings' hash); a
+run stopped by Ctrl-C (exit 130), SIGTERM (143), --max_minutes (75) or a failed
+write (74), each with one line, or killed, started again with the same flags,
+resumes after the last finished chunk, and the final files equal those of an
+uninterrupted run (apart from timings in the summary). One run at a time holds
+DIR (`runlock`); a damaged attack.csv is rebuilt from the chunks (`integrity`). A run is identified by
 its settings: the model, the SHA-256 of its weights and of the test split
 (`provenance`), and the attack settings; the same weights under another path
 resume, other weights, data or settings are refused in one line naming the
