@@ -394,6 +394,13 @@ def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
         err = capsys.readouterr().err
         assert "recomputing the locality study" in err and name in err
         assert again["nearby"] == first["nearby"]
+    # An attack.csv edited after its run wrote it is refused here too.
+    csv_path = os.path.join(workdir, "attack.csv")
+    text = read(workdir, "attack.csv")
+    with open(csv_path, "w") as f:
+        f.write(text.replace(",1,1,", ",1,0,", 1))
+    with pytest.raises(PropmapsError, match="not the file its attack run wrote"):
+        study()
 
 
 def test_committed_runs_still_load(cifar10_path):
