@@ -12,12 +12,12 @@ run stopped by Ctrl-C (exit 130), SIGTERM (143), --max_minutes (75) or a failed
 write (74), each with one line, or killed, started again with the same flags,
 resumes after the last finished chunk, and the final files equal those of an
 uninterrupted run (apart from timings in the summary). One run at a time holds
-DIR (`runlock`); a damaged attack.csv is rebuilt from the chunks (`integrity`). A run is identified by
-its settings: the model, the SHA-256 of its weights and of the test split
-(`provenance`), and the attack settings; the same weights under another path
-resume, other weights, data or settings are refused in one line naming the
-difference. With --target=all each target class gets its own DIR/target_<c>/ run
-and DIR/attack_summary.json aggregates them.
+DIR (`runlock`); a damaged attack.csv is rebuilt from the chunks (`integrity`).
+A run is identified by its settings: the model, the SHA-256 of its weights and
+of the test split (`provenance`), and the attack settings; the same weights
+under another path resume, other weights, data or settings are refused in one
+line naming the difference. With --target=all each target class gets its own
+DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
 """
 
 from __future__ import annotations

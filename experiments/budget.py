@@ -177,7 +177,7 @@ def announce_job(
     log(
         "estimated time on this machine, at most (one generation timed per model; "
         f"as if every attack ran all {generations} generations, successes stop "
-        "earlier): "
+        "earlier; compiling adds about a minute per model): "
         + ", ".join(f"{n} {format_duration(s)}" for n, s in estimate.items())
         + f"; whole job {format_duration(total)}"
     )

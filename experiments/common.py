@@ -241,7 +241,12 @@ def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] |
     lost). The finished results are on disk (each written atomically), so the
     same command resumes.
     """
-    kept = bool(workdir) and os.path.isdir(workdir)
+    # A folder holding only the run's lock (runlock) holds no result.
+    kept = (
+        bool(workdir)
+        and os.path.isdir(workdir)
+        and any(name != ".lock" for name in os.listdir(workdir))
+    )
     where = (
         f"the finished results are kept in {workdir}"
         if kept
