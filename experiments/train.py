@@ -298,6 +298,7 @@ def train(argv: list[str]) -> None:
     """The training run of `main`."""
     del argv
     check_flags()
+    common.start_deadline(FLAGS.max_minutes)
     workdir = workdir_path(FLAGS.workdir)
     dataset = common.load_data()
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -534,6 +535,8 @@ def train(argv: list[str]) -> None:
             }
         )
         save(test_accuracy)
+        if common.past_deadline() and step < last_epoch * steps_per_epoch:
+            raise common.TimeLimit(f"epoch {epoch_done} of {FLAGS.epochs} is saved")
 
     if step < total_steps:
         logging.info(
