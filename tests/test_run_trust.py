@@ -609,3 +609,36 @@ def test_job_cost_is_printed_up_front(setup, monkeypatch):
     lines.clear()
     budget.announce_job(half, samples, AttackConfig(), lines.append)
     assert "resnet on 1000 samples (999 done)" in lines[0] and len(lines) == 2
+
+
+def test_train_max_minutes_stops_after_a_saved_epoch(tmp_path):
+    """Through launch.py: train past --max_minutes stops after the epoch's
+    checkpoint with one line and exit 75 (the same command continues from it)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 16)
+    npz = str(tmp_path / "tiny.npz")
+    np.savez(npz, x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    workdir = tmp_path / "train"
+    command = [
+        sys.executable,
+        "launch.py",
+        "--experiment=train",
+        "--model=lenet_tiny",
+        f"--cifar10_path={npz}",
+        "--epochs=3",
+        "--batch_size=4",
+        "--max_minutes=0.0001",
+        f"--workdir={workdir}",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        "stopped after --max_minutes: epoch 1 of 3 is saved; run the same command "
+        "again to continue (exit 75: not finished)"
+    )
+    assert (workdir / "checkpoint.msgpack").exists()
+    assert not (workdir / "model.msgpack").exists()
+    assert not (workdir / runlock.LOCK_NAME).exists()
