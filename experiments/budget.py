@@ -82,25 +82,32 @@ def check_batch(
 ) -> None:
     """PropmapsError (one line) when slots x population candidates cannot fit.
 
-    Only a user-given --slots is checked (None: the library's default, sized by
-    backend); `free`: the free bytes (default `available_bytes()`). Per device:
-    the slots are shared over the local devices.
+    `slots`: a user-given --slots, or None for the library's default (sized by
+    backend, at least one image's population per device: that much is checked);
+    `free`: the free bytes (default `available_bytes()`). Per device: the slots
+    are shared over the local devices.
     """
-    if slots is None:
-        return
     free = available_bytes() if free is None else free
     if free is None:
         return
-    per_device_slots = -(-int(slots) // max(1, jax.local_device_count()))
+    given = slots is not None
+    slots = int(slots) if given else 1
+    per_device_slots = -(-slots // max(1, jax.local_device_count()))
     per_candidate = candidate_bytes(module, variables)
     need = per_device_slots * int(population) * per_candidate
     if need > free:
-        fits = max(1, free // (int(population) * per_candidate))
-        raise PropmapsError(
-            f"--slots={slots} with --population={population} needs at least "
-            f"{need / GIB:.1f} GiB per device for the candidates' activations "
-            f"({per_candidate / 1024:.0f} KiB each) but {free / GIB:.1f} GiB is free; "
+        fits = free // (int(population) * per_candidate)
+        what = f"--slots={slots} with " if given else ""
+        remedy = (
             f"use --slots={fits} or fewer, or leave --slots out for the default"
+            if given and fits >= 1
+            else f"use a --population of at most {free // per_candidate}"
+        )
+        raise PropmapsError(
+            f"{what}--population={population} needs at least {need / GIB:.1f} GiB "
+            "per device for the candidates' activations "
+            f"({per_candidate / 1024:.0f} KiB each) but {free / GIB:.1f} GiB is free; "
+            f"{remedy}"
         )
 
 

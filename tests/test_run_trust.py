@@ -578,7 +578,10 @@ def test_a_batch_that_cannot_fit_is_refused_before_compiling(setup, tmp_path):
     with pytest.raises(PropmapsError, match=r"--slots=1000 with --population=8 needs"):
         budget.check_batch(module, variables, 1000, 8, free=100 * 8 * per)
     budget.check_batch(module, variables, 100, 8, free=100 * 8 * per)
-    budget.check_batch(module, variables, None, 8, free=1)  # the default: not ours
+    budget.check_batch(module, variables, None, 8, free=8 * per)
+    # Without --slots, a population alone that cannot fit (one image's worth).
+    with pytest.raises(PropmapsError, match=r"^--population=9 needs .* at most 8$"):
+        budget.check_batch(module, variables, None, 9, free=8 * per)
     workdir = str(tmp_path / "too_big")
     with pytest.raises(PropmapsError, match=r"use --slots=\d+ or fewer"):
         attack_experiment.run_attack(workdir, **dict(kwargs, slots=2**30))
