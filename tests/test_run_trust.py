@@ -403,9 +403,10 @@ def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
         study()
 
 
-def test_committed_runs_still_load(cifar10_path):
+def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
     """The finished runs under docs/results (made before any hash was recorded)
-    load in every consumer (results.load_attack_run)."""
+    load in every consumer (results.load_attack_run), and the attack command
+    that made them still finds them finished (nothing is attacked again)."""
     dataset = data.load_cifar10(cifar10_path)
     x_test, y_test = dataset.split("test")
     for run, model in (("lenet_1000_cpu", "lenet"), ("resnet_100_cpu", "resnet")):
@@ -414,6 +415,32 @@ def test_committed_runs_still_load(cifar10_path):
             directory, x_test, y_test, model_name=model, weights=None
         )
         assert loaded.table["index"].size == loaded.summary["num_samples"]
+    copy = str(tmp_path / "lenet_1000_cpu")
+    shutil.copytree(os.path.join(ROOT, "docs", "results", "lenet_1000_cpu"), copy)
+    settings = json.load(open(os.path.join(copy, "attack_summary.json")))["settings"]
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("a finished run was attacked again")
+
+    monkeypatch.setattr(attack_experiment, "_attack_chunks", no_attack)
+    summary = attack_experiment.run_attack(
+        copy,
+        model_name="lenet",
+        weights=None,
+        dataset=dataset,
+        num_samples=settings["num_samples"],
+        seed=settings["seed"],
+        sample=settings["sample"],
+        config=AttackConfig(
+            pixels=settings["pixels"],
+            population=settings["population"],
+            generations=settings["generations"],
+        ),
+    )
+    assert summary["settings"] == settings
+    assert sorted(os.listdir(copy)) == sorted(
+        os.listdir(os.path.join(ROOT, "docs", "results", "lenet_1000_cpu"))
+    )
 
 
 # --- 3. Every stop explained (and issue 17: a stop loses little).
