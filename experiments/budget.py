@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 
@@ -28,7 +29,8 @@ GIB = 1 << 30
 
 def candidate_bytes(module, variables, image_shape=(32, 32, 3)) -> int:
     """Lower bound of one candidate's activation memory in a forward: bytes of
-    the largest layer output plus its input (float32), from shapes alone."""
+    the two largest arrays among the input and the layer outputs (float32; a
+    layer's input and output exist at once), from shapes alone."""
     x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
     _, layers = jax.eval_shape(
         lambda v, i: (
@@ -46,8 +48,6 @@ def candidate_bytes(module, variables, image_shape=(32, 32, 3)) -> int:
 
 
 def _takes_train(module) -> bool:
-    import inspect
-
     return "train" in inspect.signature(type(module).__call__).parameters
 
 

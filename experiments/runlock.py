@@ -227,8 +227,3 @@ def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
     finally:
         if taken:
             release(workdir)
-
-
-def held(workdir: str) -> bool:
-    """Whether this process holds DIR's lock."""
-    return os.path.abspath(workdir) in _HELD
