@@ -6,15 +6,18 @@ python launch.py --experiment=attack --model=resnet --weights=PATH \
 
 Everything (flags, workdir, weights loaded against --model, data) is checked
 before anything is written; DIR is created with the first result. Results are kept
-chunk by chunk in DIR/.attack_chunks/ (each chunk written atomically); a run
-stopped by Ctrl-C (exit 130, one line) or killed, started again with the same
-flags, resumes after the last finished chunk, and the final files equal those of
-an uninterrupted run (apart from timings in the summary). A run is identified by
-its settings: the model, the SHA-256 of its weights and of the test split
-(`provenance`), and the attack settings; the same weights under another path
-resume, other weights, data or settings are refused in one line naming the
-difference. With --target=all each target class gets its own DIR/target_<c>/ run
-and DIR/attack_summary.json aggregates them.
+chunk by chunk in DIR/.attack_chunks/ (each chunk written atomically, ending
+after at most MAX_CHUNK_S seconds of work, and carrying its settings' hash); a
+run stopped by Ctrl-C (exit 130), SIGTERM (143), --max_minutes (75) or a failed
+write (74), each with one line, or killed, started again with the same flags,
+resumes after the last finished chunk, and the final files equal those of an
+uninterrupted run (apart from timings in the summary). One run at a time holds
+DIR (`runlock`); a damaged attack.csv is rebuilt from the chunks (`integrity`).
+A run is identified by its settings: the model, the SHA-256 of its weights and
+of the test split (`provenance`), and the attack settings; the same weights
+under another path resume, other weights, data or settings are refused in one
+line naming the difference. With --target=all each target class gets its own
+DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, provenance, results, rundir
+from experiments import budget, common, integrity, provenance, results, rundir, runlock
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -83,10 +85,25 @@ CHUNKS_DIR = ".attack_chunks"
 # cost only a host sync and a small file each.
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 10, 500
 BEFORE_BATCH = 1000
+# A chunk file also ends after this many seconds of work (checked every
+# 1/CHUNK_STEPS of a chunk), so that a stop at any moment loses at most a few
+# minutes: a default chunk of ResNet-32 on a CPU (50 images) takes ~17 minutes.
+MAX_CHUNK_S = 120.0
+CHUNK_STEPS = 10
+# Estimated seconds of the work after this attack in the same job (the locality
+# job's later models), added to the progress line's ETA; None: no job around it.
+LATER_WORK_S: list[float | None] = [None]
 # Seconds per device call while attacking: Ctrl-C is handled between calls.
 DEVICE_CALL_S = 1.0
 # Summary entries that describe one execution rather than the results.
-RUN_SPECIFIC = ("wall_time_s", "images_per_s", "device", "slots", "chunk_size")
+RUN_SPECIFIC = (
+    "wall_time_s",
+    "images_per_s",
+    "device",
+    "slots",
+    "chunk_size",
+    "chunks_sha256",
+)
 
 
 def sample_indices(
@@ -188,43 +205,80 @@ def _chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
     return found
 
 
-def _read_chunk(path: str, expected_indices: np.ndarray) -> dict | None:
-    """The chunk at `path` when it holds exactly one row per expected index, in
-    order; None otherwise (unreadable, or rows of other images)."""
+def _read_chunk(
+    path: str, expected_indices: np.ndarray, settings_hash: str, legacy_ok: bool
+) -> tuple[dict | None, str]:
+    """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
+    expected index, in order, made under these settings; (None, why) otherwise:
+    "bad" (unreadable, rows of other images), "other" (another settings hash),
+    "unproven" (no hash, and no matching settings.json to vouch for it).
+
+    A chunk without a hash was written before chunks recorded one: it is taken
+    ("legacy") only when `legacy_ok` (the run's settings.json matched).
+    """
     try:
         chunk = rundir.read_json(path)
         rows = chunk["rows"]
         row_indices = [int(row.split(",", 1)[0]) for row in rows]
+        recorded = chunk.get("settings_sha256")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return None, "bad"
+    if recorded is None:
+        if not legacy_ok:
+            return None, "unproven"
+    elif recorded != settings_hash:
+        return None, "other"
     if row_indices != [int(i) for i in expected_indices]:
-        return None
-    return chunk
+        return None, "bad"
+    return chunk, "ok" if recorded else "legacy"
 
 
-def _finished_prefix(chunks_dir: str, indices: np.ndarray) -> tuple[int, list[dict]]:
-    """End of the contiguous run of finished chunks from 0, and those chunks.
+def _finished_prefix(
+    chunks_dir: str, indices: np.ndarray, settings_hash: str, legacy_ok: bool
+) -> tuple[int, list[dict], dict[str, list[str]]]:
+    """End of the contiguous run of finished chunks from 0, those chunks, and the
+    paths of the chunk files passed over by kind ("legacy": taken without a hash;
+    "other", "unproven": never merged; see `_read_chunk`).
 
     The walk goes from each chunk's end to the chunk that starts there, so no image
     is ever taken twice; a chunk must hold exactly the rows of the sampled images
-    of its range (`indices[start:end]`, in order), else the prefix ends before it
-    and its images are attacked again. Of several chunks starting at the same
-    image (resumes with another --chunk_size), the longest valid one is taken.
+    of its range (`indices[start:end]`, in order) and carry this run's settings
+    hash, else the prefix ends before it and its images are attacked again. Of
+    several chunks starting at the same image (resumes with another chunking),
+    the longest valid one is taken.
     """
     found = _chunk_files(chunks_dir)
     end, chunks = 0, []
+    kinds: dict[str, list[str]] = {"legacy": [], "other": [], "unproven": []}
     while end in found:
         for next_end, path in sorted(found[end], reverse=True):
             if next_end <= end or next_end > len(indices):
                 continue
-            chunk = _read_chunk(path, indices[end:next_end])
+            chunk, kind = _read_chunk(
+                path, indices[end:next_end], settings_hash, legacy_ok
+            )
+            if kind in kinds:
+                kinds[kind].append(path)
             if chunk is not None:
-                chunks.append(chunk)
+                chunks.append({**chunk, "_path": path})
                 end = next_end
                 break
         else:
             break
-    return end, chunks
+    # Chunks of other settings anywhere in the folder, not only on the walk.
+    for entries in found.values():
+        for _, path in entries:
+            if path in kinds["other"] or path in kinds["unproven"]:
+                continue
+            try:
+                recorded = rundir.read_json(path).get("settings_sha256")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if recorded is None and not legacy_ok:
+                kinds["unproven"].append(path)
+            elif recorded is not None and recorded != settings_hash:
+                kinds["other"].append(path)
+    return end, chunks, kinds
 
 
 def _save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
@@ -291,41 +345,102 @@ def _require_same(workdir: str, stored: Any, settings: dict, legacy: dict) -> No
         rundir.require_same_settings(workdir, stored, settings, "an attack")
 
 
+def _finished_problem(workdir: str, summary: dict) -> str:
+    """'' when DIR/attack.csv is the finished result its summary records, else what
+    is wrong with it (missing, edited, truncated, or rows that fail the checks)."""
+    csv_path = os.path.join(workdir, CSV_NAME)
+    problem = integrity.attack_csv_problem(csv_path, summary)
+    if problem:
+        return problem
+    try:
+        results.read_attack_csv(csv_path, summary=summary)
+    except PropmapsError as e:
+        return str(e).replace(f": {results._RERUN}", "")
+    return ""
+
+
 def _check_workdir(
     workdir: str, settings: dict, legacy: dict
-) -> tuple[str, dict | None]:
-    """("finished", summary) / ("resume", None) / ("new", None); error on a clash.
+) -> tuple[str, dict | None, bool]:
+    """(status, summary, legacy_ok): ("finished", summary, _) / ("resume", None, _)
+    / ("new", None, _); error on a clash of settings. legacy_ok: the run's
+    settings.json matches, so chunks written before chunks recorded their
+    settings hash may be taken.
 
     A settings.json without any chunk (left by a run that failed or was stopped
-    before its first result) holds nothing: the directory counts as new.
+    before its first result) holds nothing: the directory counts as new. A
+    finished run whose attack.csv is missing, edited or truncated (or whose
+    summary is unreadable) is rebuilt from its chunks, else attacked again; one
+    line says so.
     """
     summary_path = os.path.join(workdir, SUMMARY_NAME)
     chunks_dir = os.path.join(workdir, CHUNKS_DIR)
     settings_path = os.path.join(chunks_dir, "settings.json")
     has_chunks = bool(_chunk_files(chunks_dir))
+    summary = None
     if os.path.isfile(summary_path):
-        try:
-            stored = rundir.read_json(summary_path)
-        except (OSError, ValueError):
-            stored = None
-        stored = stored.get("settings") if isinstance(stored, dict) else None
-        _require_same(workdir, stored, settings, legacy)
+        summary = integrity.read_json_record(summary_path)
+        if summary is None or not isinstance(summary.get("settings"), dict):
+            integrity.note(
+                f"{summary_path} is empty or unreadable: recomputing the run's "
+                "results" + (" from its chunks" if has_chunks else "")
+            )
+            summary = None
+        else:
+            _require_same(workdir, summary["settings"], settings, legacy)
+    legacy_ok = False
     if os.path.isfile(settings_path) and has_chunks:
-        try:
-            stored = rundir.read_json(settings_path)
-        except (OSError, ValueError):
-            stored = None
+        stored = integrity.read_json_record(settings_path)
         _require_same(workdir, stored, settings, legacy)
-    if os.path.isfile(summary_path) and os.path.isfile(os.path.join(workdir, CSV_NAME)):
-        return "finished", rundir.read_json(summary_path)
-    if os.path.isfile(settings_path) and has_chunks:
-        return "resume", None
-    if os.path.exists(os.path.join(workdir, CSV_NAME)):
+        legacy_ok = True
+    if summary is not None:
+        problem = _finished_problem(workdir, summary)
+        if not problem:
+            return "finished", summary, legacy_ok
+        integrity.note(
+            f"{problem}: "
+            + (
+                "rebuilding it from the run's chunks"
+                if has_chunks
+                else "its chunks are gone, so the attack runs again"
+            )
+        )
+        return ("resume" if has_chunks else "new"), None, legacy_ok
+    if has_chunks:
+        return "resume", None, legacy_ok
+    if os.path.exists(os.path.join(workdir, CSV_NAME)) and not os.path.exists(
+        summary_path
+    ):
         raise PropmapsError(
             f"{workdir} holds an {CSV_NAME} without its summary; delete it or use "
             "another --workdir"
         )
-    return "new", None
+    return "new", None, legacy_ok
+
+
+def _sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
+    """Legacy chunks taken: their settings hash is written now (accepted once,
+    recorded for good). Chunks of other or unproven settings: moved to
+    .attack_chunks/stale/, never merged. One line each."""
+    if kinds["legacy"]:
+        for path in kinds["legacy"]:
+            chunk = rundir.read_json(path)
+            rundir.write_json(path, {**chunk, "settings_sha256": shash})
+        integrity.note(
+            f"{chunks_dir}: {len(kinds['legacy'])} chunks written before chunks "
+            "recorded their settings are taken (their settings.json matches these "
+            "settings); their settings hash is now recorded"
+        )
+    aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
+    if aside:
+        stale = os.path.join(chunks_dir, "stale")
+        os.makedirs(stale, exist_ok=True)
+        for path in aside:
+            os.replace(path, os.path.join(stale, os.path.basename(path)))
+        integrity.note(
+            f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
+            f"no record of them) are not merged; moved to {stale}"
+        )
 
 
 def _open_workdir(
@@ -333,16 +448,20 @@ def _open_workdir(
 ) -> tuple[int, list[dict], dict | None]:
     """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
 
-    Reads only: nothing is written until the first result is (see `_attack_chunks`).
-    Process 0 owns the files; the others follow its decision.
+    Nothing is written until the first result is (see `_attack_chunks`), apart
+    from the settings hash added to chunks that predate it and chunks of other
+    settings moved aside. Process 0 owns the files; the others follow its decision.
     """
     status, resume_from, finished_summary, done_chunks = "new", 0, None, []
     if _is_main_process():
-        status, finished_summary = _check_workdir(workdir, settings, legacy)
-        if status == "resume":
-            resume_from, done_chunks = _finished_prefix(
-                os.path.join(workdir, CHUNKS_DIR), indices
+        status, finished_summary, legacy_ok = _check_workdir(workdir, settings, legacy)
+        chunks_dir = os.path.join(workdir, CHUNKS_DIR)
+        if status != "finished" and os.path.isdir(chunks_dir):
+            shash = integrity.settings_sha256(settings)
+            resume_from, done_chunks, kinds = _finished_prefix(
+                chunks_dir, indices, shash, legacy_ok
             )
+            _sort_out_chunks(chunks_dir, kinds, shash)
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
         return -1, [], finished_summary or {"settings": settings}
@@ -563,11 +682,17 @@ class _AttackProgress:
             )
         eta, bound = self.eta_s()
         rate = (self.done - self.start) / elapsed
-        return (
+        line = (
             f"{text}; {rate:.2f} images/s, elapsed {common.format_duration(elapsed)}, "
             f"ETA {'<=' if bound and eta != float('inf') else ''}"
             f"{common.format_duration(eta)}"
         )
+        if LATER_WORK_S[0] is not None:
+            line += (
+                f"; whole job ETA {common.format_duration(eta + LATER_WORK_S[0])} "
+                "(estimate)"
+            )
+        return line
 
     def _print(self, now: float, force: bool = False) -> None:
         if not _is_main_process():
@@ -579,6 +704,18 @@ class _AttackProgress:
                 return
         self.last_print, self.last_done = now, self.done
         print(self.line(now), file=sys.stderr, flush=True)
+
+
+def _grid(n: int, chunk_size: int, resume_from: int) -> list[int]:
+    """The ends at which the engine reports back: every multiple of the chunk size
+    and every `chunk_size // CHUNK_STEPS` images, after `resume_from`, and n.
+
+    A chunk file ends at a multiple of the chunk size, or at the first report
+    after MAX_CHUNK_S seconds of work (or after the --max_minutes deadline).
+    """
+    step = max(1, chunk_size // CHUNK_STEPS)
+    ends = set(range(step, n, step)) | set(range(chunk_size, n, chunk_size)) | {n}
+    return sorted(e for e in ends if e > resume_from)
 
 
 def _attack_chunks(
@@ -600,12 +737,16 @@ def _attack_chunks(
 ) -> list[dict]:
     """Attack chunk after chunk from `resume_from`; save each chunk as it finishes.
 
-    The run's settings.json is written just before the first chunk of this
-    execution, so that a run that fails before any result leaves nothing behind.
+    A chunk holds `chunk_size` images, or fewer when MAX_CHUNK_S seconds of work
+    have passed (so that a stop loses at most a few minutes); results do not
+    depend on it (per-image keys), only the file boundaries do. The run's
+    settings.json is written just before the first chunk of this execution, so
+    that a run that fails before any result leaves nothing behind. Past the
+    --max_minutes deadline, `common.TimeLimit` is raised after the chunk that
+    was being written.
     """
     n = len(before.indices)
-    ends = list(range(chunk_size, n, chunk_size)) + [n]
-    ends = [e for e in ends if e > resume_from]
+    ends = _grid(n, chunk_size, resume_from)
     # The queue holds every attacked image of the run, so that a resumed run has
     # the same program; it starts at the first image after the finished chunks.
     queue = np.flatnonzero(before.attacked)
@@ -637,9 +778,11 @@ def _attack_chunks(
     )
     chunks_dir = os.path.join(workdir, CHUNKS_DIR)
     settings_path = os.path.join(chunks_dir, "settings.json")
-    chunk_start, tick = resume_from, time.time()
+    shash = integrity.settings_sha256(settings)
+    chunk_start, piece_start, tick = resume_from, resume_from, time.time()
+    pending: dict[str, Any] = _empty_chunk()
     for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
-        rows = [
+        pending["rows"] += [
             _row(
                 before,
                 pos,
@@ -649,34 +792,63 @@ def _attack_chunks(
                 else None,
                 config.pixels,
             )
-            for pos in range(chunk_start, end)
+            for pos in range(piece_start, end)
         ]
+        pending["successes"] += int(np.sum(result.success))
+        pending["evaluations"] += int(np.sum(result.evaluations))
+        pending["search_rejections"] += int(np.sum(result.search_rejections))
+        progress.on_chunk(queue_end, result, last=end == n)
+        piece_start, queue_start = end, queue_end
         now = time.time()
-        chunk = {
-            "rows": rows,
-            "successes": int(np.sum(result.success)),
-            "evaluations": int(np.sum(result.evaluations)),
-            "search_rejections": int(np.sum(result.search_rejections)),
-            "seconds": now - tick,
-        }
-        tick = now
+        late = common.past_deadline()
+        if not (end == n or end % chunk_size == 0 or now - tick >= MAX_CHUNK_S or late):
+            continue
+        chunk = {**pending, "seconds": now - tick, "settings_sha256": shash}
+        tick, pending = now, _empty_chunk()
         if _is_main_process():
             if chunk_start == resume_from:
                 rundir.write_json(settings_path, settings)
             _save_chunk(chunks_dir, chunk_start, end, chunk)
-        done_chunks.append(chunk)
-        progress.on_chunk(queue_end, result, last=end == n)
-        chunk_start, queue_start = end, queue_end
+        done_chunks.append(
+            {**chunk, "_path": _chunk_path(chunks_dir, chunk_start, end)}
+        )
+        chunk_start = end
+        if late and end < n:
+            raise common.TimeLimit(
+                f"{end} of {n} sampled images are done and kept in {workdir}"
+            )
     return done_chunks
+
+
+def images_done(workdir: str, num_samples: int) -> int:
+    """Sampled images already done in a run directory (a quick look for the job's
+    cost estimate: the finished attack.csv, else the contiguous chunk files)."""
+    if os.path.isfile(os.path.join(workdir, SUMMARY_NAME)) and os.path.isfile(
+        os.path.join(workdir, CSV_NAME)
+    ):
+        return num_samples
+    found, end = _chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
+    while end in found:
+        following = max(e for e, _ in found[end])
+        if following <= end:
+            break
+        end = following
+    return min(end, num_samples)
+
+
+def _empty_chunk() -> dict[str, Any]:
+    return {"rows": [], "successes": 0, "evaluations": 0, "search_rejections": 0}
 
 
 def _write_results(
     workdir: str, before: _Before, pixels: int, done_chunks: list[dict], summary: dict
 ) -> None:
-    """attack.csv and attack_summary.json from the chunks; the chunks are removed.
+    """attack.csv and attack_summary.json from the chunks.
 
     The rows must be exactly one per sampled image, in order: a repeated or
-    missing row is never written.
+    missing row is never written. The summary records the SHA-256 of attack.csv
+    and of each chunk file it was built from; the chunks are kept, so that a
+    damaged attack.csv is rebuilt from them by the same command.
     """
     if not _is_main_process():
         return
@@ -688,13 +860,29 @@ def _write_results(
             "(repeated or missing rows); delete it and run again"
         )
     header = ",".join(results.attack_columns(pixels))
-    lines = [header] + rows
-    rundir.write_text(os.path.join(workdir, CSV_NAME), "\n".join(lines) + "\n")
+    text = "\n".join([header] + rows) + "\n"
+    summary["attack_csv_sha256"] = integrity.text_sha256(text)
+    summary["settings_sha256"] = integrity.settings_sha256(summary["settings"])
+    summary["chunks_sha256"] = {
+        os.path.basename(c["_path"]): rundir.file_sha256(c["_path"])
+        for c in done_chunks
+        if os.path.isfile(c.get("_path", ""))
+    }
+    rundir.write_text(os.path.join(workdir, CSV_NAME), text)
     rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
-    shutil.rmtree(os.path.join(workdir, CHUNKS_DIR), ignore_errors=True)
 
 
-def run_attack(
+def run_attack(workdir: str, **kwargs: Any) -> dict:
+    """`_run_attack` while holding the workdir's lock (`runlock`): one writer per
+    run directory; a second run on it is refused with one line naming the first.
+    """
+    if not _is_main_process():
+        return _run_attack(workdir, **kwargs)
+    with runlock.hold(rundir.check_workdir(workdir)):
+        return _run_attack(workdir, **kwargs)
+
+
+def _run_attack(
     workdir: str,
     *,
     model_name: str,
@@ -730,6 +918,8 @@ def run_attack(
     indices = sample_indices(len(x_test), num_samples, seed, sample)
     if loaded is None:
         loaded = common.load_model(model_name, weights)
+    # A user-given batch that cannot fit is refused before anything is compiled.
+    budget.check_batch(loaded[1], loaded[2], slots, config.population)
     if target == "all":
         return _run_all_targets(
             workdir,

@@ -272,6 +272,59 @@ def parse_flags(name: str, argv: list[str], flag_values) -> None:
         for flag in module_flags:
             if flag.present and flag.name not in applies:
                 raise not_a_flag(flag.name)
+    check_values(flag_values)
+
+
+# --- Values: every number checked before any work, in one place.
+
+INT32_MAX = 2**31 - 1
+# The CIFAR-10 image (height, width) that pixel counts and distances must fit.
+IMAGE_HW = (32, 32)
+# flag: (smallest, largest, why) for flags whose bounds follow from what a run
+# can do; the experiments check the rest (e.g. --population >= 4) themselves.
+BOUNDS = {
+    # One rule for every experiment: a seed is a non-negative 31-bit integer
+    # (numpy's generators refuse negative seeds; jax would take them).
+    "seed": (0, INT32_MAX, "a seed is an integer in 0..2147483647"),
+    "pixels": (1, IMAGE_HW[0] * IMAGE_HW[1], "pixels changed per 32x32 image"),
+    "max_distance": (1, max(IMAGE_HW) - 1, "a Chebyshev distance within a 32x32 image"),
+    "columns": (1, 1000, "figure panels per row"),
+    "index": (0, INT32_MAX, "a test image index"),
+    "num_processes": (1, 1 << 16, "processes of a multi-host run"),
+    "process_id": (0, 1 << 16, "this process's id"),
+}
+# Counts that must be at least 1, in the words the experiments use for them (the
+# other counts are checked by their experiments, with their own messages).
+COUNTS = ("num_samples", "chunk_size")
+
+
+def check_values(flag_values) -> None:
+    """UsageError (one line) for a number no run can use: an integer beyond 32
+    bits, a negative seed, more pixels than the image has, a distance beyond the
+    image, a count below 1, a non-positive --max_minutes."""
+    for name in flag_values:
+        flag = flag_values[name]
+        value = flag.value
+        if not flag.present or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if not -INT32_MAX - 1 <= value <= INT32_MAX:
+                raise UsageError(
+                    f"--{name}={value} is beyond a 32-bit integer (at most {INT32_MAX})"
+                )
+            if name in BOUNDS:
+                low, high, why = BOUNDS[name]
+                if not low <= value <= high:
+                    raise UsageError(
+                        f"--{name}={value} is out of range: {why}, {low}..{high}"
+                    )
+            if (name in COUNTS or name.startswith("num_samples_")) and value < 1:
+                raise UsageError(f"--{name} must be >= 1, got {value}")
+        elif isinstance(value, float) and name == "max_minutes":
+            if not (value > 0 and value < 1e7):
+                raise UsageError(
+                    f"--max_minutes must be a positive number of minutes, got {value}"
+                )
 
 
 def _define_experiment_flag(name: str, flag_values) -> None:
@@ -342,18 +395,38 @@ def main() -> None:
         return argv[:1]
 
     def run(argv: list[str]) -> None:
+        from experiments import runlock
+
+        # One writer per workdir: every experiment's --workdir is locked for the
+        # run (multi-host runs excepted: see runlock).
+        workdir = flags.FLAGS.workdir or getattr(module, "DEFAULT_WORKDIR", None)
+        locked = None
+        common.handle_sigterm()
         try:
+            if workdir and not flags.FLAGS.distributed:
+                locked = workdir if runlock.acquire(workdir) else None
             common.under_precision(module.main)(argv)
         except PropmapsError as e:
             _fail(common.in_flag_terms(str(e)))
+        except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
+            stop = common.stop_message(e, workdir)
+            if stop is None:
+                raise
+            sys.stderr.write(stop[0] + "\n")
+            sys.exit(stop[1])
+        finally:
+            if locked:
+                runlock.release(locked)
 
     app.run(run, flags_parser=parse)
 
 
 def run() -> None:
-    """`main`, with Ctrl-C as one line and exit 130 (resumable experiments say more)."""
+    """`main`, with Ctrl-C as one line and exit 130, SIGTERM exit 143 (resumable
+    experiments say more)."""
     try:
         main()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        terminated = type(e).__name__ == "Terminated"
+        sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
+        sys.exit(143 if terminated else 130)

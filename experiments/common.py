@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import platform
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +74,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's id.")
+flags.DEFINE_float(
+    "max_minutes",
+    None,
+    "Stop cleanly between chunks after this many minutes, with one line saying how "
+    "to continue (the same command resumes) and exit status 75 (not finished).",
+)
 
 FLAGS = flags.FLAGS
 
@@ -176,32 +184,124 @@ def under_precision(main: Callable[[list[str]], None]) -> Callable:
     return wrapped
 
 
-def resumable(default_workdir: str | None = None) -> Callable:
-    """Decorator: Ctrl-C in a resumable experiment's `main` gives one line and
-    exit status 130 (the shell's for SIGINT) instead of a traceback.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `timeout`, `docker stop`), handled like Ctrl-C."""
 
-    The finished results are already on disk (each written atomically), so the
-    user is told that the same command resumes. `default_workdir`: the folder
-    used without --workdir.
+
+class TimeLimit(Exception):
+    """--max_minutes has passed: the run stopped itself between chunks."""
+
+
+# Exit statuses of a stopped run (README "What a run guarantees").
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
+EXIT_TIME_LIMIT = 75  # --max_minutes reached (EX_TEMPFAIL: not finished, resume)
+EXIT_WRITE_FAILED = 74  # disk full, read-only or no permission (EX_IOERR)
+WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+_DEADLINE: list[float | None] = [None]
+
+
+def start_deadline(max_minutes: float | None) -> None:
+    """Start the --max_minutes clock (None: no limit)."""
+    if max_minutes is not None and not (0 < max_minutes < 10**7):
+        raise PropmapsError(
+            f"--max_minutes must be a positive number of minutes, got {max_minutes}"
+        )
+    _DEADLINE[0] = None if max_minutes is None else time.time() + 60 * max_minutes
+
+
+def past_deadline() -> bool:
+    """Whether the --max_minutes limit has passed (False without a limit)."""
+    return _DEADLINE[0] is not None and time.time() >= _DEADLINE[0]
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt): every Ctrl-C path applies."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (e.g. a test runner's worker)
+        pass
+
+
+def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] | None:
+    """(one line, exit status) of a run stopped by `error`; None for other errors.
+
+    What stops a run without a fault of its own: Ctrl-C, SIGTERM, --max_minutes,
+    and a write that fails (disk full, quota, read-only filesystem, permission
+    lost). The finished results are on disk (each written atomically), so the
+    same command resumes.
+    """
+    # A folder holding only the run's lock (runlock) holds no result.
+    kept = (
+        bool(workdir)
+        and os.path.isdir(workdir)
+        and any(name != ".lock" for name in os.listdir(workdir))
+    )
+    where = (
+        f"the finished results are kept in {workdir}"
+        if kept
+        else "no result was written yet"
+    )
+    if isinstance(error, KeyboardInterrupt):
+        terminated = isinstance(error, Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        if not kept:
+            return f"{what} before the first result was written", (
+                EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+            )
+        return (
+            f"{what}: {where}; run the same command again to resume",
+            EXIT_TERMINATED if terminated else EXIT_INTERRUPTED,
+        )
+    if isinstance(error, TimeLimit):
+        return (
+            f"stopped after --max_minutes: {error}; run the same command again to "
+            f"continue (exit {EXIT_TIME_LIMIT}: not finished)",
+            EXIT_TIME_LIMIT,
+        )
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        target = f" {error.filename}" if error.filename else ""
+        return (
+            f"could not write{target}: {WRITE_ERRNOS[error.errno]}; {where}; make "
+            "room or fix the permissions, then run the same command again to resume",
+            EXIT_WRITE_FAILED,
+        )
+    return None
+
+
+def resumable(default_workdir: str | None = None) -> Callable:
+    """Decorator: a resumable experiment's `main` stopped by Ctrl-C, SIGTERM,
+    --max_minutes or a failed write (disk full, read-only, permission) gives one
+    line (what was kept, how to resume) and its exit status instead of a traceback
+    (`stop_message`). `default_workdir`: the folder used without --workdir.
     """
 
     def decorator(main: Callable[[list[str]], None]) -> Callable:
         @functools.wraps(main)
         def wrapped(argv: list[str]) -> None:
+            handle_sigterm()
             try:
+                start_deadline(FLAGS.max_minutes)
                 main(argv)
-            except KeyboardInterrupt:
-                workdir = FLAGS.workdir or default_workdir
-                if workdir and os.path.isdir(workdir):
-                    message = (
-                        f"interrupted: the finished results are kept in {workdir}; "
-                        "run the same command again to resume"
-                    )
-                else:
-                    message = "interrupted before the first result was written"
-                sys.stderr.write(message + "\n")
+            except (KeyboardInterrupt, TimeLimit, OSError) as e:
+                stop = stop_message(e, FLAGS.workdir or default_workdir)
+                if stop is None:
+                    raise
+                sys.stderr.write(stop[0] + "\n")
                 sys.stderr.flush()
-                sys.exit(130)
+                sys.exit(stop[1])
+            finally:
+                _DEADLINE[0] = None
 
         return wrapped
 

@@ -39,8 +39,17 @@ import numpy as np
 from absl import flags
 
 import experiments.attack as attack_experiment
-from experiments import common, plots, provenance, rundir, tables
-from experiments.results import check_dataset, read_attack_csv
+from experiments import (
+    budget,
+    common,
+    integrity,
+    plots,
+    provenance,
+    rundir,
+    runlock,
+    tables,
+)
+from experiments.results import check_dataset, read_attack_csv, read_summary
 from propmaps_jax import checkpoint, locality, locality_controls, models, stats
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -341,15 +350,19 @@ def summarise(
 
 
 def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
-    """The stored study of DIR/<model>/ when made with these settings, else None."""
+    """The stored study of DIR/<model>/ when made with these settings and its files
+    are intact (`integrity.reusable`), else None (one line says why)."""
     cache = os.path.join(model_dir, "locality.json")
-    maps_path = os.path.join(model_dir, "vulnerability_maps.npz")
-    cached = rundir.reusable_record(cache, settings)
-    if cached is None or not os.path.isfile(maps_path):
+    cached, why = integrity.reusable(cache, settings, ["vulnerability_maps.npz"])
+    maps = integrity.read_npz(os.path.join(model_dir, "vulnerability_maps.npz"))
+    if cached is not None and maps is None:
+        cached, why = None, "vulnerability_maps.npz is truncated or unreadable"
+    if cached is None:
+        if why:
+            integrity.note(f"{name}: recomputing the locality study: {why}")
         return None
     log(f"{name}: reusing the locality results in {cache}")
-    with np.load(maps_path) as npz:
-        cached["maps"] = {k: npz[k] for k in npz.files}
+    cached["maps"] = maps
     return cached
 
 
@@ -391,6 +404,9 @@ def _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record
             tables.locality_csv(table, succ_rows, study),
         )
     rundir.write_npz(os.path.join(model_dir, "vulnerability_maps.npz"), maps_arrays)
+    record["files_sha256"] = integrity.files_sha256(
+        model_dir, ["locality.csv", "vulnerability_maps.npz"]
+    )
     rundir.write_json(os.path.join(model_dir, "locality.json"), record)
 
 
@@ -411,7 +427,9 @@ def locality_for_model(
     from the same attack.csv and weights (both by content) and settings.
     """
     attack_csv = os.path.join(model_dir, "attack.csv")
-    table = read_attack_csv(attack_csv)
+    summary = read_summary(model_dir)
+    integrity.check_attack_csv(attack_csv, summary)
+    table = read_attack_csv(attack_csv, summary=summary)
     locality.check_one_pixel(table["pixels"])
     settings = {
         "attack_csv_sha256": rundir.file_sha256(attack_csv),
@@ -826,15 +844,37 @@ def main(argv: list[str]) -> None:
     start = time.time()
     dataset = common.load_data()
     check_sample_counts(names, len(dataset.x_test))
+    estimate = budget.announce_job(
+        {
+            n: (
+                models.make_apply_fn(loaded[n][1]),
+                loaded[n][2],
+                model_samples(n)
+                - attack_experiment.images_done(
+                    os.path.join(workdir, n), model_samples(n)
+                ),
+            )
+            for n in names
+        },
+        {n: model_samples(n) for n in names},
+        config,
+        log,
+    )
     results: dict[str, dict] = {}
     attack_summaries: dict[str, Any] = {}
     maps: dict[str, dict] = {}
     for name in names:
-        attack_summaries[name], record = _attack_and_study(
-            name, workdir, weights[name], loaded[name], dataset, config
-        )
+        if common.past_deadline():
+            raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
+        later = names[names.index(name) + 1 :]
+        attack_experiment.LATER_WORK_S[0] = sum(estimate[n] for n in later)
+        with runlock.hold(os.path.join(workdir, name), jax.process_index() == 0):
+            attack_summaries[name], record = _attack_and_study(
+                name, workdir, weights[name], loaded[name], dataset, config
+            )
         maps[name] = record.pop("maps")
         results[name] = record
+    attack_experiment.LATER_WORK_S[0] = None
     if jax.process_index() != 0:
         return
     settings = {
@@ -862,6 +902,10 @@ def main(argv: list[str]) -> None:
             "paper_table1": tables.PAPER_TABLE1,
             "models": results,
             "attack_summaries": attack_summaries,
+            # What the tables were made from (each model's attack.csv, by content).
+            "attack_csv_sha256": {
+                n: results[n]["settings"]["attack_csv_sha256"] for n in names
+            },
             "vulnerability_map_figures": figures,
             "wall_time_s": time.time() - start,
             "device": common.device_description(),

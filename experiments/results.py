@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import provenance
+from experiments import integrity, provenance
 from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
 
@@ -464,7 +464,9 @@ def load_attack_run(
     """DIR/attack.csv checked against the model, weights and test split it is to be
     used with (images/labels: the whole test split the samples were drawn from).
 
-    Refused with one line: a run whose attack_summary.json records another model,
+    Refused with one line: an attack.csv that is not the file its summary records
+    (by SHA-256: edited or truncated since; `integrity`); a run whose
+    attack_summary.json records another model,
     other weights or other data (by content); a row that repeats an image, that
     contradicts itself or the summary, or whose image or label is not in the data.
     """
@@ -485,6 +487,7 @@ def load_attack_run(
             expected,
             _remedy(summary, expected),
         )
+    integrity.check_attack_csv(csv_path, summary)
     table = read_attack_csv(csv_path, tuple(images.shape[1:3]), summary)
     check_dataset(csv_path, table, images, labels)
     return AttackRun(directory, csv_path, table, summary)

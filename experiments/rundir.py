@@ -152,11 +152,3 @@ def require_same_settings(
             f"{workdir} already holds {what} with other settings "
             f"({differences(stored, settings)}); use another --workdir or delete it"
         )
-
-
-def reusable_record(path: str, settings: dict) -> dict | None:
-    """The JSON record at `path` when it exists and was made with `settings`."""
-    if not os.path.isfile(path):
-        return None
-    record = read_json(path)
-    return record if record.get("settings") == settings else None

@@ -279,21 +279,26 @@ def main(argv: list[str]) -> None:
     """Train (see the module docstring); Ctrl-C: one line, exit 130."""
     try:
         train(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         kept = os.path.join(FLAGS.workdir or "", CHECKPOINT)
         if FLAGS.workdir and os.path.isfile(kept):
             message = f"{kept} (the last checkpoint) is kept; run the same command "
             message += "again to resume"
         else:
             message = "no checkpoint was written yet"
-        sys.stderr.write(f"interrupted: {message}\n")
-        sys.exit(130)
+        # SIGTERM (common.Terminated) as Ctrl-C, with the shell's status 143.
+        term = isinstance(stop, common.Terminated)
+        sys.stderr.write(
+            f"{'terminated (SIGTERM)' if term else 'interrupted'}: {message}\n"
+        )
+        sys.exit(common.EXIT_TERMINATED if term else common.EXIT_INTERRUPTED)
 
 
 def train(argv: list[str]) -> None:
     """The training run of `main`."""
     del argv
     check_flags()
+    common.start_deadline(FLAGS.max_minutes)
     workdir = workdir_path(FLAGS.workdir)
     dataset = common.load_data()
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -530,6 +535,8 @@ def train(argv: list[str]) -> None:
             }
         )
         save(test_accuracy)
+        if common.past_deadline() and step < last_epoch * steps_per_epoch:
+            raise common.TimeLimit(f"epoch {epoch_done} of {FLAGS.epochs} is saved")
 
     if step < total_steps:
         logging.info(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import attack as attack_experiment
-from experiments import provenance, results
+from experiments import integrity, provenance, results, rundir
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError
@@ -104,7 +104,15 @@ def test_attack_csv_and_summary(setup, finished):
     assert summary["success_rate_all"] == pytest.approx(summary["successes"] / 10)
     assert summary["settings"]["population"] == 8
     assert "device_kind" in summary["device"]
-    assert not os.path.exists(os.path.join(workdir, ".attack_chunks"))
+    # The chunks are kept (a damaged attack.csv is rebuilt from them), each
+    # recorded by its SHA-256 in the summary, as attack.csv is.
+    chunks = os.path.join(workdir, ".attack_chunks")
+    assert sorted(summary["chunks_sha256"]) == sorted(
+        n for n in os.listdir(chunks) if n.startswith("chunk_")
+    )
+    assert summary["attack_csv_sha256"] == rundir.file_sha256(
+        os.path.join(workdir, "attack.csv")
+    )
 
 
 def test_finished_run_is_not_recomputed(setup, finished, monkeypatch):
@@ -377,7 +385,10 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
     with open(os.path.join(chunks, "chunk_0000004_0000008.json"), "w") as f:
         json.dump(dict(both, rows=both["rows"]), f)
     indices = np.arange(NUM_SAMPLES)
-    end, done = attack_experiment._finished_prefix(chunks, indices)
+    shash = integrity.settings_sha256(
+        json.load(open(os.path.join(chunks, "settings.json")))
+    )
+    end, done, _ = attack_experiment._finished_prefix(chunks, indices, shash, False)
     assert end == 6
     rows = [r for c in done for r in c["rows"]]
     assert [int(r.split(",")[0]) for r in rows] == list(range(6))

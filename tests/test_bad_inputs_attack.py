@@ -100,7 +100,12 @@ def test_bad_inputs_leave_nothing_and_the_fixed_run_works(files):
         assert not os.path.exists(workdir), changes
     summary = attack_experiment.run_attack(workdir, **run_kwargs(files))
     assert summary["num_samples"] == 6
-    assert sorted(os.listdir(workdir)) == ["attack.csv", "attack_summary.json"]
+    # The chunks are kept beside the results (attack.csv is rebuilt from them).
+    assert sorted(os.listdir(workdir)) == [
+        ".attack_chunks",
+        "attack.csv",
+        "attack_summary.json",
+    ]
 
 
 def test_settings_left_by_an_older_failed_run_do_not_block(files):
