@@ -694,10 +694,12 @@ def controls_for_model(
         log(f"{name}: no attacked image, no locality controls")
         return None
     cache = os.path.join(model_dir, "controls.json")
-    cached = rundir.reusable_record(cache, settings)
+    cached, why = integrity.reusable(cache, settings, ["controls.csv"])
     if cached is not None:
         log(f"{name}: reusing the locality controls in {cache}")
         return cached
+    if why:
+        integrity.note(f"{name}: recomputing the locality controls: {why}")
     if len(succ_rows) and not has_moves:
         raise PropmapsError(
             f"{locality_csv} is missing: delete {model_dir}/locality.json and run the "
@@ -743,6 +745,7 @@ def controls_for_model(
             os.path.join(model_dir, "controls.csv"),
             tables.controls_csv(attacked, per_attack, draws),
         )
+        record["files_sha256"] = integrity.files_sha256(model_dir, ["controls.csv"])
         rundir.write_json(cache, record)
     return record
 
