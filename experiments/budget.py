@@ -2,10 +2,10 @@
 
 - `check_batch`: a user-given --slots/--population whose batch of candidates
   cannot fit in the device's memory is refused with one line before anything is
-  compiled. The estimate is a lower bound of a forward's need: every candidate
-  holds at least its largest layer's input and output at once (float32), read
-  from the model's shapes (`jax.eval_shape`, nothing runs). It is compared with
-  the memory the device has free (on a CPU: MemAvailable of /proc/meminfo).
+  compiled. The estimate per candidate is the library's (`propmaps_jax.memory`:
+  the peak of values live at once in the forward's jaxpr, traced, nothing runs),
+  compared with the memory the device has free (on a CPU: MemAvailable of
+  /proc/meminfo).
 - `calibrate`: seconds per DE generation of one image's population, timed on a
   few generations after a warm-up, from which the locality job prints the whole
   job's time up front, labelled as an estimate.
@@ -14,41 +14,25 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import time
 
 import jax
 import numpy as np
 
-from propmaps_jax import models
+from propmaps_jax import memory, models
 from propmaps_jax.errors import PropmapsError
 
 GIB = 1 << 30
 
 
 def candidate_bytes(module, variables, image_shape=(32, 32, 3)) -> int:
-    """Lower bound of one candidate's activation memory in a forward: bytes of
-    the two largest arrays among the input and the layer outputs (float32; a
-    layer's input and output exist at once), from shapes alone."""
-    x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
-    _, layers = jax.eval_shape(
-        lambda v, i: (
-            models.layer_outputs(module, v, i, True, train=False)
-            if _takes_train(module)
-            else models.layer_outputs(module, v, i, True)
-        ),
-        variables,
-        x,
+    """Activation bytes of one candidate in a forward of `module`: the library's
+    count (`memory.forward_bytes_per_candidate`, the peak of live values in the
+    forward's jaxpr; traced, never run)."""
+    return memory.forward_bytes_per_candidate(
+        models.make_apply_fn(module), variables, image_shape
     )
-    sizes = [int(np.prod(a.shape)) * 4 for a in jax.tree_util.tree_leaves(layers)]
-    sizes.append(int(np.prod(image_shape)) * 4)
-    largest = sorted(sizes)[-2:]
-    return int(sum(largest))
-
-
-def _takes_train(module) -> bool:
-    return "train" in inspect.signature(type(module).__call__).parameters
 
 
 def available_bytes() -> int | None:
