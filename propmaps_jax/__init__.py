@@ -18,6 +18,7 @@ SUBMODULES = (
     "attack_de",
     "attack_engine",
     "checkpoint",
+    "claims",
     "data",
     "evaluation",
     "keras_import",
