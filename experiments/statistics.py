@@ -39,6 +39,7 @@ statistics_conv_relu/, ... (the default maps: statistics/).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -260,15 +261,28 @@ def _control(module, variables, shapes, images, rows, batch_size):
     return state, positions
 
 
-def _generation0(module, variables, images, rows, summary):
+GENERATION0_NAME = "generation0.npz"
+
+
+def _generation0(module, variables, images, rows, summary, workdir):
     """{"best", "reported": pixels (N, k, 5), "success": (N,)} of every attack's
     initial population, recomputed from the run's seed and settings; or a string
-    saying why it cannot be."""
+    saying why it cannot be. Kept in DIR/generation0.npz, reused when it is of
+    the same attacks and settings (the maps chosen do not change it)."""
     settings = (summary or {}).get("settings", {})
     if not settings:
         return "no attack_summary.json beside attack.csv: seed and settings unknown"
     if settings.get("target") is not None:
         return "a targeted attack (the comparison is for untargeted runs)"
+    record = json.dumps(settings, sort_keys=True)
+    path = os.path.join(workdir, GENERATION0_NAME)
+    if os.path.isfile(path):
+        with np.load(path) as kept:
+            if str(kept["settings"]) == record and np.array_equal(
+                kept["index"], rows["index"]
+            ):
+                logging.info("initial populations' best candidates from %s", path)
+                return {k: kept[k] for k in ("best", "reported", "success")}
     config = attack_de.AttackConfig(
         **{
             k: settings[k]
@@ -312,6 +326,9 @@ def _generation0(module, variables, images, rows, summary):
                 out[name] = np.empty((total, *value.shape[1:]), value.dtype)
             out[name][begin:end] = value[: end - begin]
         progress.update(end)
+    rundir.write_npz(
+        path, {**out, "index": rows["index"], "settings": np.array(record)}
+    )
     return out
 
 
@@ -704,7 +721,7 @@ def main(argv: list[str]) -> None:
     else:
         control_state = None
         logging.info("no uniform-position control: attacks of more than one pixel")
-    generation0 = _generation0(module, variables, images, rows, run.summary)
+    generation0 = _generation0(module, variables, images, rows, run.summary, workdir)
 
     masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
     layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}

@@ -393,3 +393,69 @@ def neighbours(row: int, col: int, height: int, width: int) -> list[tuple[int, i
         for dc in (-1, 0, 1)
         if (dr or dc) and 0 <= row + dr < height and 0 <= col + dc < width
     ]
+
+
+# Figure 6's condition: the paper's counterexample lost about one percentage point
+# of confidence ("from 100% to 99%").
+SMALL_DROP = 0.01
+
+
+def figure_examples(
+    table: dict[str, np.ndarray], last_layer_max_ratio: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """The attacks shown in figures 2-6, chosen by rule from an attack table.
+
+    `table`: arrays of attack.csv (experiments.results.read_attack_csv) with
+    "attacked", "success", "index", "prob_true_before", "prob_true_after";
+    `last_layer_max_ratio` (N,): max |dFM| / max FM in the last layer (NaN where
+    not computed). Returns {figure: {"row", "rule"}} for "2" (and "3", the same
+    attack: the paper shows PM_max and PM_avg of one sample), "5" and "6";
+    figure 4 (the figure-2 pixel moved by one) is chosen with `moved_by_one`.
+    """
+    attacked = np.asarray(table["attacked"], bool)
+    success = np.asarray(table["success"], bool) & attacked
+    failed = attacked & ~np.asarray(table["success"], bool)
+    before = np.asarray(table["prob_true_before"], np.float64)
+    drop = before - np.asarray(table["prob_true_after"], np.float64)
+    out: dict[str, dict[str, Any]] = {}
+    if success.any():
+        row = median_row(before, success)
+        rule = (
+            "the successful attack whose image the model classified with the "
+            "median confidence p(true) among the successful attacks"
+        )
+        out["2"] = out["3"] = {"row": row, "rule": rule}
+    if failed.any():
+        out["5"] = {
+            "row": argmax_row(last_layer_max_ratio, failed),
+            "rule": "the failed attack with the largest last-layer max|dFM| / max FM",
+        }
+        small = failed & (drop <= SMALL_DROP)
+        if small.any():
+            out["6"] = {
+                "row": argmax_row(last_layer_max_ratio, small),
+                "rule": (
+                    "among failed attacks that lowered p(true) by at most "
+                    f"{SMALL_DROP:.0%} point, the one with the largest last-layer "
+                    "max|dFM| / max FM"
+                ),
+            }
+        else:
+            out["6"] = {
+                "row": int(np.flatnonzero(failed)[np.argmin(drop[failed])]),
+                "rule": (
+                    f"no failed attack lowered p(true) by at most {SMALL_DROP:.0%} "
+                    "point: the failed attack with the smallest drop"
+                ),
+            }
+    return out
+
+
+def moved_by_one(prob_true_at: dict[tuple[int, int], float]) -> tuple[int, int]:
+    """Figure 4's position: of the neighbours (Chebyshev distance 1) of a
+    successful pixel, the one where the same colour leaves p(true) highest (the
+    move that most undoes the attack); ties: row-major first."""
+    if not prob_true_at:
+        raise PropmapsError("no neighbour to move the pixel to")
+    positions = sorted(prob_true_at)
+    return positions[int(np.argmax([prob_true_at[p] for p in positions]))]
