@@ -392,7 +392,6 @@ def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
                 scalars["spread_strong"][m, last]
             ),
         }
-    uniform_share = float(claims.central_square(height, width).mean())
     concentration = {}
     for o in ("successful", "failed"):
         per_layer = {}
@@ -403,12 +402,17 @@ def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
                 if control_maps
                 else float("nan")
             )
-            per_layer[layer] = {"attacks": actual, "uniform_positions": control}
+            positions = claims.central_square(*mean_maps[f"pm_avg/{o}"][layer].shape)
+            per_layer[layer] = {
+                "attacks": actual,
+                "uniform_positions": control,
+                "share_of_positions": float(positions.mean()),
+            }
         top = per_layer[order[last]]
         concentration[o] = {
             "central_mass_share": per_layer,
             "verdict_last_layer": claims.centre_concentration_verdict(
-                top["attacks"], top["uniform_positions"], uniform_share
+                top["attacks"], top["uniform_positions"], top["share_of_positions"]
             ),
         }
     return {
@@ -429,10 +433,7 @@ def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
                 spread["successful"][f"PM_max > {claims.STRONG_FRACTION:g} max FM"]
             ),
         },
-        "centre_concentration": {
-            "uniform_share_of_positions": uniform_share,
-            **concentration,
-        },
+        "centre_concentration": concentration,
     }
 
 
@@ -515,7 +516,9 @@ def claims_table(report: dict) -> str:
         )
     lines.append(
         f"| mean maps concentrate in centre | central mass share of mean PM avg, "
-        f"{last} (positions: {cc['uniform_share_of_positions']:.0%}) | {cells[0]} | "
+        f"{last} (central square: "
+        f"{cc['successful']['central_mass_share'][last]['share_of_positions']:.0%} "
+        f"of positions) | {cells[0]} | "
         f"{cells[1]} | {cc['successful']['verdict_last_layer']} |"
     )
     if "check" in centre.get("generation0", {}):
