@@ -274,6 +274,10 @@ def _generation0(module, variables, images, rows, summary, workdir):
         return "no attack_summary.json beside attack.csv: seed and settings unknown"
     if settings.get("target") is not None:
         return "a targeted attack (the comparison is for untargeted runs)"
+    needed = ("seed", "pixels", "population", "generations")
+    missing = [k for k in needed if k not in settings]
+    if missing:
+        return f"attack_summary.json does not record {', '.join(missing)}"
     record = json.dumps(settings, sort_keys=True)
     path = os.path.join(workdir, GENERATION0_NAME)
     if os.path.isfile(path):
@@ -293,6 +297,7 @@ def _generation0(module, variables, images, rows, summary, workdir):
                 "differential_weight",
                 "crossover_rate",
             )
+            if k in settings
         }
     )
     key = jax.random.key(int(settings["seed"]))
