@@ -408,10 +408,19 @@ def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
                 else float("nan")
             )
             positions = claims.central_square(*mean_maps[f"pm_avg/{o}"][layer].shape)
+            level = float(np.mean(mean_maps[f"pm_avg/{o}"][layer]))
+            control_level = (
+                float(np.mean(control_maps[f"pm_avg/{o}"][layer]))
+                if control_maps
+                else float("nan")
+            )
             per_layer[layer] = {
                 "attacks": actual,
                 "uniform_positions": control,
                 "share_of_positions": float(positions.mean()),
+                # How strong, not where: mean PM_avg over the map, attacks and control.
+                "mean_pm_avg": level,
+                "mean_pm_avg_uniform_positions": control_level,
             }
         top = per_layer[order[last]]
         concentration[o] = {
@@ -517,7 +526,9 @@ def claims_table(report: dict) -> str:
     for o in ("successful", "failed"):
         m = cc[o]["central_mass_share"][last]
         cells.append(
-            f"{m['attacks']:.1%} (uniform positions {m['uniform_positions']:.1%})"
+            f"{m['attacks']:.1%} (uniform positions {m['uniform_positions']:.1%}); "
+            f"mean PM avg {m['mean_pm_avg']:.3g} (uniform positions "
+            f"{m['mean_pm_avg_uniform_positions']:.3g})"
         )
     lines.append(
         f"| mean maps concentrate in centre | central mass share of mean PM avg, "
