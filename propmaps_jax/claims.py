@@ -73,7 +73,8 @@ VERDICT_RULES = {
     "same_across_layers": (
         f"holds for a normalisation if the largest per-layer mean is at most "
         f"{SAME_FACTOR:g} times the smallest, the bootstrap interval's upper end "
-        "included; fails if the interval's lower end exceeds it; else undecided"
+        "included; fails if the interval's lower end exceeds it; else undecided "
+        "(undecided too when a layer's mean is <= 0, as signed means can be)"
     ),
     "successful_near_centre": (
         "holds if the share of successful attacks' pixels in the central square "
@@ -213,6 +214,9 @@ def layer_profile(
 
 def same_across_layers_verdict(profile: dict[str, Any]) -> str:
     """The verdict of `VERDICT_RULES["same_across_layers"]`."""
+    if min(layer["mean"] for layer in profile["per_layer"]) <= 0:
+        # Signed maps: a mean at or below 0 makes the ratio meaningless.
+        return "undecided (a layer's mean is <= 0: no ratio)"
     r = profile["largest_over_smallest"]
     if r["ci_high"] <= SAME_FACTOR:
         return "holds"

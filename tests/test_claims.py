@@ -48,6 +48,8 @@ def test_layer_profile_ratios_by_hand():
     assert claims.same_across_layers_verdict(profile) == "fails"
     flat = claims.layer_profile(np.ones((10, 4)) + 0.01 * np.arange(40).reshape(10, 4))
     assert claims.same_across_layers_verdict(flat) == "holds"
+    signed = claims.layer_profile(np.array([[-1.0, 2.0], [0.5, 3.0]]), resamples=50)
+    assert claims.same_across_layers_verdict(signed).startswith("undecided")
 
 
 def test_central_square_and_centre_comparison():
