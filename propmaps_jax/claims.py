@@ -440,7 +440,8 @@ def figure_examples(
                 "row": argmax_row(last_layer_max_ratio, small),
                 "rule": (
                     "among failed attacks that lowered p(true) by at most "
-                    f"{SMALL_DROP:.0%} point, the one with the largest last-layer "
+                    f"{100 * SMALL_DROP:g} percentage point, the one with the largest "
+                    "last-layer "
                     "max|dFM| / max FM"
                 ),
             }
@@ -448,8 +449,8 @@ def figure_examples(
             out["6"] = {
                 "row": int(np.flatnonzero(failed)[np.argmin(drop[failed])]),
                 "rule": (
-                    f"no failed attack lowered p(true) by at most {SMALL_DROP:.0%} "
-                    "point: the failed attack with the smallest drop"
+                    f"no failed attack lowered p(true) by at most {100 * SMALL_DROP:g} "
+                    "percentage point: the failed attack with the smallest drop"
                 ),
             }
     return out
