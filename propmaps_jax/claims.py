@@ -286,8 +286,9 @@ def centre_comparison(
 
 
 def centre_mass(mean_map: np.ndarray) -> float:
-    """Share of a non-negative (H, W) map's total in its central square."""
-    mean_map = np.asarray(mean_map, np.float64)
+    """Share of an (H, W) map's total |value| in its central square (signed maps:
+    of their magnitude)."""
+    mean_map = np.abs(np.asarray(mean_map, np.float64))
     total = mean_map.sum()
     if not total > 0:
         return float("nan")

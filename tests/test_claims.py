@@ -70,6 +70,7 @@ def test_centre_mass_by_hand():
     m[1, 1], m[0, 0] = 3.0, 1.0
     assert claims.centre_mass(m) == pytest.approx(0.75)
     assert np.isnan(claims.centre_mass(np.zeros((4, 4))))
+    assert claims.centre_mass(-m) == pytest.approx(0.75)  # signed: by magnitude
     assert claims.centre_concentration_verdict(0.5, 0.3, 0.25) == "beyond geometry"
     assert claims.centre_concentration_verdict(0.31, 0.3, 0.25).startswith("geometry")
 
