@@ -476,13 +476,14 @@ def claims_table(report: dict) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     shares = report["close_to_max"]["shares"]
+    verdict = report["close_to_max"]["verdict"]
     for t in shares["successful"]:
         best = int(np.argmax([s["rate"] or 0 for s in shares["successful"][t]]))
         for j in sorted({best, len(order) - 1}):
             lines.append(
                 rf"| close to max | max\|dFM\|/max FM >= {t}, {order[j]} | "
                 f"{_pct(shares['successful'][t][j])} | {_pct(shares['failed'][t][j])} "
-                f"| {report['close_to_max']['verdict'] if t == '0.9' else ''} |"
+                f"| {verdict if t == '0.9' and j == best else ''} |"
             )
     for name, entry in report["same_across_layers"].items():
         cells = []
