@@ -53,6 +53,14 @@ flags.DEFINE_bool(
     "Propagation maps: signed FM - FM_adv (the paper's equations literally) "
     "instead of |FM - FM_adv|.",
 )
+flags.DEFINE_enum(
+    "layers",
+    "conv",
+    ["conv", "conv_relu", "bn_relu"],
+    "Propagation maps of: raw convolution outputs (conv), ReLU of them "
+    "(conv_relu: LeNet's activations) or ReLU of every BatchNorm output (bn_relu: "
+    "the ResNet's activations).",
+)
 flags.DEFINE_integer("columns", 6, "Propagation figures: layer panels per row.")
 flags.DEFINE_enum(
     "precision",

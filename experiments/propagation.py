@@ -10,6 +10,20 @@ than --model, --weights and the data given is refused), or from --pixel/--rgb.
 figure 4). Writes
 DIR/propagation/<name>_pm_max.png, <name>_pm_avg.png and <name>_maps.npz, where
 <name> is I, or I_moved_ROW_COL with --move_to.
+
+    python launch.py --experiment=propagation --model=resnet --workdir=DIR \
+        --paper_figures [--signed] [--layers=bn_relu]
+
+chooses the attacks of the paper's figures 2-6 from DIR/attack.csv by the rules of
+`propmaps_jax.claims.figure_examples` (on the default maps, so that --signed and
+--layers show the same attacks): figures 2 and 3, PM_max and PM_avg of the
+successful attack of median p(true) before the attack; figure 4, its colour moved
+to the neighbouring position where p(true) stays highest; figure 5, the failed
+attack with the largest last-layer max|dFM| / max FM; figure 6, the same among
+failed attacks that lowered p(true) by at most one point. Writes
+DIR/paper_figures/figure<N>_<I>_pm_max.png (and _pm_avg.png) and figures.json
+(the rules, the attacks, their confidences); --signed and --layers write to
+paper_figures_signed/, paper_figures_<layers>/.
 """
 
 from __future__ import annotations
@@ -22,10 +36,10 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, plots, results, rundir
-from propmaps_jax import propagation
+from propmaps_jax import claims, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
-from propmaps_jax.perturb import apply_pixels
+from propmaps_jax.perturb import apply_pixels, apply_pixels_batch
 
 flags.DEFINE_integer("index", None, "Index of the test image.")
 flags.DEFINE_string(
@@ -34,6 +48,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("rgb", None, "R,G,B colour (0..255) of the pixel given by --pixel.")
 flags.DEFINE_string(
     "move_to", None, "ROW,COL: put the same colour at this position instead."
+)
+flags.DEFINE_bool(
+    "paper_figures",
+    False,
+    "Figures 2-6 of the paper from DIR/attack.csv, each attack chosen by a rule "
+    "(no --index).",
 )
 
 FLAGS = flags.FLAGS
@@ -162,10 +182,11 @@ def _disagreement(result, recorded: dict | None, num_classes: int) -> str:
 
 def _analyze(module, variables, image_shape, image, perturbed) -> dict:
     """Probabilities, maps {reduce: {layer: (H, W)}} and per-layer scalars."""
-    order = propagation.layer_shapes(module, variables, image_shape)
+    filter_fn, relu = propagation.layer_selection(FLAGS.layers)
+    order = propagation.layer_shapes(module, variables, image_shape, filter_fn)
     analyze = jax.jit(
         lambda v, x, x_adv: propagation.analyze(
-            module, v, x, x_adv, signed=FLAGS.signed
+            module, v, x, x_adv, signed=FLAGS.signed, filter_fn=filter_fn, relu=relu
         )
     )
     out = jax.device_get(analyze(variables, image[None], perturbed[None]))
@@ -227,15 +248,38 @@ SCALES = {
 }
 
 
-def _figures(workdir, name, index, source, result, image, perturbed, pixels, captions):
-    """DIR/propagation/<name>_pm_max.png and _pm_avg.png."""
+def _maps_of() -> str:
+    """What the maps are taken of, for titles."""
+    return {
+        "conv": "convolution outputs",
+        "conv_relu": "ReLU(convolution outputs)",
+        "bn_relu": "ReLU(BatchNorm outputs)",
+    }[FLAGS.layers]
+
+
+def _figures(
+    workdir,
+    name,
+    index,
+    source,
+    result,
+    image,
+    perturbed,
+    pixels,
+    captions,
+    folder="propagation",
+    heading=None,
+):
+    """DIR/<folder>/<name>_pm_max.png and _pm_avg.png (`heading`: {reduce: the
+    first line of the title})."""
     order = result["order"]
     fm_max = dict(zip(order, result["summaries"]["fm_max"], strict=True))
     difference = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
     for reduce, (what, note) in SCALES.items():
+        first = (heading or {}).get(reduce, "")
         title = (
-            f"PM_{reduce} = {what} over channels of {difference}, {FLAGS.model}, "
-            f"test image {index} ({source})"
+            f"{first}PM_{reduce} = {what} over channels of {difference} "
+            f"({_maps_of()}), {FLAGS.model}, test image {index} ({source})"
         )
         fig = plots.single_attack_figure(
             result["pm"][reduce],
@@ -254,7 +298,7 @@ def _figures(workdir, name, index, source, result, image, perturbed, pixels, cap
             columns=FLAGS.columns,
             bar_title=f"PM_{reduce}",
         )
-        path = os.path.join(workdir, "propagation", f"{name}_pm_{reduce}.png")
+        path = os.path.join(workdir, folder, f"{name}_pm_{reduce}.png")
         plots.save_figure(fig, path)
         print(f"wrote {path}")
 
@@ -297,11 +341,179 @@ def _print_summary(index, label, pixel_text, result, num_classes) -> None:
         )
 
 
+def _last_layer_ratio(module, variables, images, indices, pixels, batch_size=64):
+    """Last-layer max|dFM| / max FM (N,) of the default maps (raw convolution
+    outputs, absolute differences), in batches: the selection rules' input."""
+
+    def ratio(v, x, p):
+        _, _, fm, fm_adv = propagation.paired_feature_maps(
+            module, v, x, apply_pixels_batch(x, p)
+        )
+        last = list(fm)[-1]
+        return propagation.layer_summaries(fm[last], fm_adv[last])["max_ratio"]
+
+    ratio = jax.jit(ratio)
+    out = np.empty((indices.size,), np.float64)
+    for begin in range(0, indices.size, batch_size):
+        end = min(begin + batch_size, indices.size)
+        take = np.concatenate(
+            [np.arange(begin, end), np.full(batch_size - (end - begin), begin)]
+        )
+        values = ratio(variables, jnp.asarray(images[indices[take]]), pixels[take])
+        out[begin:end] = np.asarray(values)[: end - begin]
+    return out
+
+
+def _prob_true(module, variables, image, label, pixels) -> np.ndarray:
+    """p(label) of `image` with each perturbation of `pixels` (M, k, 5)."""
+    batch = np.broadcast_to(image, (pixels.shape[0], *image.shape))
+    logits = jax.jit(module.apply, static_argnames="train")(
+        variables,
+        apply_pixels_batch(jnp.asarray(batch, jnp.float32), jnp.asarray(pixels)),
+        train=False,
+    )
+    return np.asarray(jax.nn.softmax(logits)[:, label], np.float64)
+
+
+def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Figures 2-6 of the paper, each attack chosen by a rule (see the docstring)."""
+    run = results.load_attack_run(
+        workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
+    )
+    table = run.table
+    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+    failed = np.flatnonzero(table["attacked"] & ~table["success"])
+    ratio = np.full(table["index"].shape, np.nan)
+    ratio[failed] = _last_layer_ratio(
+        module, variables, images, table["index"][failed], table["pixels"][failed]
+    )
+    chosen = claims.figure_examples(table, ratio)
+    if not chosen:
+        raise PropmapsError(
+            f"{run.csv_path} holds no attacked image: attack more images first"
+        )
+    folder = "paper_figures"
+    if FLAGS.signed:
+        folder += "_signed"
+    if FLAGS.layers != "conv":
+        folder += f"_{FLAGS.layers}"
+    os.makedirs(os.path.join(workdir, folder), exist_ok=True)
+    examples = []
+    for figure, pick in chosen.items():
+        row = pick["row"]
+        examples.append((figure, row, table["pixels"][row], pick["rule"]))
+        if figure == "2":
+            index, pixel = int(table["index"][row]), table["pixels"][row]
+            height, width = images.shape[1:3]
+            moves = claims.neighbours(int(pixel[0, 0]), int(pixel[0, 1]), height, width)
+            candidates = np.repeat(pixel[None], len(moves), axis=0)
+            candidates[:, 0, :2] = moves
+            p_true = _prob_true(
+                module, variables, images[index], int(labels[index]), candidates
+            )
+            to = claims.moved_by_one(dict(zip(moves, p_true, strict=True)))
+            moved = pixel.copy()
+            moved[0, :2] = to
+            examples.append(
+                (
+                    "4",
+                    row,
+                    moved,
+                    "figure 2's colour moved to the neighbouring position (Chebyshev "
+                    "distance 1) where p(true) stays highest",
+                )
+            )
+    record = []
+    for figure, row, pixels, rule in sorted(examples, key=lambda e: e[0]):
+        if figure == "3":
+            continue  # drawn with figure 2 (the same attack's PM_avg)
+        index, label = int(table["index"][row]), int(table["label"][row])
+        image = images[index]
+        perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
+        result = _analyze(module, variables, config.image_shape, image, perturbed)
+        natural, perturbed_caption, pixel_text = _captions(
+            result, label, pixels, config.num_classes
+        )
+        outcome = "successful" if table["success"][row] else "failed (best candidate)"
+        source = f"attack.csv, {outcome}" if figure != "4" else "moved pixel"
+        name = f"figure{'2_3' if figure == '2' else figure}_{index}"
+        heading = {
+            reduce: (
+                f"Figure {'2' if reduce == 'max' else '3'} of the paper"
+                if figure == "2"
+                else f"Figure {figure} of the paper"
+                + ("" if reduce == "max" else " (which shows its PM_max)")
+            )
+            + f", chosen by rule: {rule}.\n"
+            for reduce in ("max", "avg")
+        }
+        _figures(
+            workdir,
+            name,
+            index,
+            source,
+            result,
+            image,
+            perturbed,
+            pixels,
+            (natural, perturbed_caption),
+            folder=folder,
+            heading=heading,
+        )
+        probs, probs_adv = result["probs"], result["probs_adv"]
+        record.append(
+            {
+                "figure": "2 and 3" if figure == "2" else figure,
+                "rule": rule,
+                "index": index,
+                "label": label,
+                "pixels": pixel_text,
+                "pred_before": int(np.argmax(probs)),
+                "confidence_before": float(np.max(probs)),
+                "prob_true_before": float(probs[label]),
+                "pred_after": int(np.argmax(probs_adv)),
+                "confidence_after": float(np.max(probs_adv)),
+                "prob_true_after": float(probs_adv[label]),
+                "last_layer_max_ratio": float(result["summaries"]["max_ratio"][-1]),
+                "last_layer_spread_strong": float(
+                    result["summaries"]["spread_strong"][-1]
+                ),
+                "files": [f"{name}_pm_max.png", f"{name}_pm_avg.png"],
+            }
+        )
+        print(
+            f"figure {record[-1]['figure']}: test image {index}, {pixel_text}, "
+            f"p(true) {probs[label]:.1%} -> {probs_adv[label]:.1%}; {rule}"
+        )
+    rundir.write_json(
+        os.path.join(workdir, folder, "figures.json"),
+        {
+            "model": FLAGS.model,
+            "weights": FLAGS.weights,
+            "signed": FLAGS.signed,
+            "layers": FLAGS.layers,
+            "attack_csv": run.csv_path,
+            "figures": record,
+        },
+    )
+
+
 def main(argv: list[str]) -> None:
     """Compute and plot PM_max / PM_avg of one perturbed test image."""
     del argv
     # Not created here: a mistyped --workdir is not left behind by an error.
     workdir = common.require_workdir(create=False)
+    if FLAGS.paper_figures:
+        if any(
+            v is not None for v in (FLAGS.index, FLAGS.pixel, FLAGS.rgb, FLAGS.move_to)
+        ):
+            raise PropmapsError(
+                "--paper_figures chooses the attacks itself: drop --index, --pixel, "
+                "--rgb and --move_to"
+            )
+        images, labels = common.load_data().split("test")
+        paper_figures(workdir, images, labels)
+        return
     if FLAGS.index is None:
         raise PropmapsError("--index is required: the test image to analyse")
     index = FLAGS.index

@@ -20,11 +20,26 @@ to the host), and writes to DIR/statistics/:
   percentile of max|dFM| / max FM, the fraction of attacks where it reaches 1, the
   spread (fraction of positions where PM_max > 10% of the layer's original max),
   the mean |dFM| and mean FM; per outcome the distance of the pixel from the centre;
-- mean_maps.npz: the mean PM_avg and PM_max maps per layer and outcome.
+- mean_maps.npz: the mean PM_avg and PM_max maps per layer and outcome;
+- claims.json and claims.md: the paper's sentences as numbers
+  (`propmaps_jax.claims`), each with its interval and a verdict by a rule fixed
+  in the code: the share of attacks whose max|dFM| / max FM reaches 0.5 and 0.9
+  per layer; the mean PM_avg per layer raw and normalised, largest / smallest
+  layer; the share of pixels in the central square, for the pixels found and,
+  effort-matched, for each attack's best candidate of the initial population
+  (recomputed from the run's seed and checked against the attacks that succeeded
+  in it); the share of attacks whose last-layer PM_max exceeds half the
+  layer's max FM on more than a quarter of the map; and the central-square mass
+  of the last layers' mean PM_avg maps beside a control: the same colours at
+  uniformly drawn positions (mean_pm_avg_uniform_positions.png).
+
+--signed and --layers=conv_relu|bn_relu write to statistics_signed/,
+statistics_conv_relu/, ... (the default maps: statistics/).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,7 +50,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, plots, results, rundir
-from propmaps_jax import propagation
+from propmaps_jax import attack_de, claims, models, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
 
@@ -44,6 +59,10 @@ FLAGS = flags.FLAGS
 OUTCOMES = ("successful", "failed", "all")
 DISTANCE_BIN_WIDTH = 1.0
 DISTANCE_METRIC = "Chebyshev distance (max(|dr|, |dc|))"
+# fold_in constant of the control positions' key (apart from the attack's keys).
+CONTROL_STREAM = 1_000_003
+# Images per batch of the generation-0 recomputation (each: a population).
+GENERATION0_CANDIDATES_PER_BATCH = 2048
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -138,20 +157,52 @@ def _attacked(run: results.AttackRun) -> dict[str, np.ndarray]:
             f"{run.csv_path} holds no attacked image (all were misclassified before "
             "the attack or it is empty): attack more images first"
         )
-    rows = {k: table[k][attacked] for k in ("index", "pixels", "success", "pred_after")}
+    rows = {
+        k: table[k][attacked]
+        for k in (
+            "index",
+            "label",
+            "pixels",
+            "success",
+            "pred_after",
+            "generations",
+            "prob_true_before",
+            "prob_true_after",
+        )
+    }
     rows["not_attacked"] = int(table["index"].size - attacked.size)
     return rows
+
+
+def output_folder() -> str:
+    """statistics, or statistics_signed / statistics_<layers> for other maps."""
+    name = "statistics"
+    if FLAGS.signed:
+        name += "_signed"
+    if FLAGS.layers != "conv":
+        name += f"_{FLAGS.layers}"
+    return name
 
 
 def _stream(module, variables, shapes, images, rows, batch_size, signed):
     """(running sums, per-image scalars {name: (N, L)}, predictions after) of every
     attack, in batches through one jitted step (sums stay on the device)."""
     order = list(shapes)
+    filter_fn, relu = propagation.layer_selection(FLAGS.layers)
 
     def step(state, v, batch_images, batch_pixels, batch_success, valid):
         perturbed = apply_pixels_batch(batch_images, batch_pixels)
         return propagation.accumulate_statistics(
-            state, module, v, batch_images, perturbed, batch_success, valid, signed
+            state,
+            module,
+            v,
+            batch_images,
+            perturbed,
+            batch_success,
+            valid,
+            signed,
+            filter_fn,
+            relu,
         )
 
     step = jax.jit(step, donate_argnums=0)
@@ -188,6 +239,314 @@ def _stream(module, variables, shapes, images, rows, batch_size, signed):
         predicted[begin:end] = np.argmax(out["logits_adv"][:count], axis=-1)
         progress.update(end, successes=int(success[:end].sum()))
     return jax.device_get(state), scalars, predicted
+
+
+def _control(module, variables, shapes, images, rows, batch_size):
+    """(running sums, positions (N, 2)) of the attacks' colours put at uniformly
+    drawn positions (one per test image, from the seed), outcomes kept."""
+    height, width = images.shape[1:3]
+    key = jax.random.fold_in(jax.random.key(FLAGS.seed), CONTROL_STREAM)
+    positions = claims.uniform_positions(key, rows["index"], height, width)
+    moved = rows["pixels"].copy()
+    moved[:, 0, :2] = positions
+    state, _, _ = _stream(
+        module,
+        variables,
+        shapes,
+        images,
+        {**rows, "pixels": moved},
+        batch_size,
+        FLAGS.signed,
+    )
+    return state, positions
+
+
+GENERATION0_NAME = "generation0.npz"
+
+
+def _generation0(module, variables, images, rows, summary, workdir):
+    """{"best", "reported": pixels (N, k, 5), "success": (N,)} of every attack's
+    initial population, recomputed from the run's seed and settings; or a string
+    saying why it cannot be. Kept in DIR/generation0.npz, reused when it is of
+    the same attacks and settings (the maps chosen do not change it)."""
+    settings = (summary or {}).get("settings", {})
+    if not settings:
+        return "no attack_summary.json beside attack.csv: seed and settings unknown"
+    if settings.get("target") is not None:
+        return "a targeted attack (the comparison is for untargeted runs)"
+    needed = ("seed", "pixels", "population", "generations")
+    missing = [k for k in needed if k not in settings]
+    if missing:
+        return f"attack_summary.json does not record {', '.join(missing)}"
+    record = json.dumps(settings, sort_keys=True)
+    path = os.path.join(workdir, GENERATION0_NAME)
+    if os.path.isfile(path):
+        with np.load(path) as kept:
+            if str(kept["settings"]) == record and np.array_equal(
+                kept["index"], rows["index"]
+            ):
+                logging.info("initial populations' best candidates from %s", path)
+                return {k: kept[k] for k in ("best", "reported", "success")}
+    config = attack_de.AttackConfig(
+        **{
+            k: settings[k]
+            for k in (
+                "pixels",
+                "population",
+                "generations",
+                "differential_weight",
+                "crossover_rate",
+            )
+            if k in settings
+        }
+    )
+    key = jax.random.key(int(settings["seed"]))
+    apply_fn = models.make_apply_fn(module)
+
+    def one(index, v, image, label):
+        return claims.generation0_best(
+            attack_de.image_key(key, index), apply_fn, v, image, label, config
+        )
+
+    best_of = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)))
+    per_batch = max(1, GENERATION0_CANDIDATES_PER_BATCH // config.population)
+    indices, total = rows["index"], rows["index"].size
+    out: dict[str, np.ndarray] = {}
+    progress = common.Progress(total, "initial populations")
+    for begin in range(0, total, per_batch):
+        end = min(begin + per_batch, total)
+        take = np.concatenate(
+            [np.arange(begin, end), np.full(per_batch - (end - begin), begin)]
+        )
+        part = jax.device_get(
+            best_of(
+                jnp.asarray(indices[take], jnp.int32),
+                variables,
+                jnp.asarray(images[indices[take]]),
+                jnp.asarray(rows["label"][take], jnp.int32),
+            )
+        )
+        for name, value in part.items():
+            if name not in out:
+                out[name] = np.empty((total, *value.shape[1:]), value.dtype)
+            out[name][begin:end] = value[: end - begin]
+        progress.update(end)
+    rundir.write_npz(
+        path, {**out, "index": rows["index"], "settings": np.array(record)}
+    )
+    return out
+
+
+def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
+    """claims.json: the paper's sentences as numbers (see propmaps_jax.claims)."""
+    height, width = shape
+    success = rows["success"]
+    outcomes = {"successful": success, "failed": ~success, "all": success | ~success}
+    reach = {
+        o: claims.reach_shares(scalars["max_ratio"][m]) for o, m in outcomes.items()
+    }
+    close = f"{claims.CLOSE_TO_MAX:g}"
+    normalisations = {
+        "none (mean abs dFM)": scalars["mean_abs_diff"],
+        "divided by the layer's mean abs FM": scalars["mean_abs_diff"]
+        / scalars["mean_abs_fm"],
+        "divided by the layer's max FM": scalars["mean_abs_diff"] / scalars["fm_max"],
+    }
+    same = {}
+    for name, values in normalisations.items():
+        profiles = {o: claims.layer_profile(values[m]) for o, m in outcomes.items()}
+        same[name] = {
+            **profiles,
+            "verdict": claims.same_across_layers_verdict(profiles["successful"])
+            if success.any()
+            else "undecided",
+        }
+    centre = {
+        "central_square": (
+            f"Chebyshev distance from the centre below {claims.CENTRE_SIDE_FRACTION:g}"
+            f" x half the side ({int(claims.central_square(height, width).sum())} of "
+            f"{height * width} positions)"
+        ),
+        "found_pixels": claims.centre_comparison(
+            rows["pixels"], success, height, width
+        ),
+    }
+    if isinstance(generation0, str):
+        centre["generation0"] = {"not_computed": generation0}
+    else:
+        at0 = success & (rows["generations"] == 0)
+        same_pixel = np.all(generation0["reported"][at0] == rows["pixels"][at0], (1, 2))
+        centre["generation0"] = {
+            **claims.centre_comparison(generation0["best"], success, height, width),
+            "what": "each attack's best candidate (lowest p(true)) of its initial "
+            "population, which every attack evaluated, whatever its outcome",
+            "check": {
+                "succeeded_at_generation0": int(at0.sum()),
+                "recorded_pixel_recomputed": int(same_pixel.sum()),
+            },
+        }
+    last = len(order) - 1
+    spread = {}
+    for o, m in outcomes.items():
+        strong = claims.share(scalars["spread_strong"][m, last] > claims.QUARTER)
+        weak = claims.share(scalars["spread"][m, last] > claims.QUARTER)
+        spread[o] = {
+            f"PM_max > {claims.STRONG_FRACTION:g} max FM": strong,
+            f"PM_max > {propagation.SPREAD_THRESHOLD:g} max FM": weak,
+            "mean_spread_strong": claims.bootstrap_mean(
+                scalars["spread_strong"][m, last]
+            ),
+        }
+    concentration = {}
+    for o in ("successful", "failed"):
+        per_layer = {}
+        for layer in order:
+            actual = claims.centre_mass(mean_maps[f"pm_avg/{o}"][layer])
+            control = (
+                claims.centre_mass(control_maps[f"pm_avg/{o}"][layer])
+                if control_maps
+                else float("nan")
+            )
+            positions = claims.central_square(*mean_maps[f"pm_avg/{o}"][layer].shape)
+            level = float(np.mean(mean_maps[f"pm_avg/{o}"][layer]))
+            control_level = (
+                float(np.mean(control_maps[f"pm_avg/{o}"][layer]))
+                if control_maps
+                else float("nan")
+            )
+            per_layer[layer] = {
+                "attacks": actual,
+                "uniform_positions": control,
+                "share_of_positions": float(positions.mean()),
+                # How strong, not where: mean PM_avg over the map, attacks and control.
+                "mean_pm_avg": level,
+                "mean_pm_avg_uniform_positions": control_level,
+            }
+        top = per_layer[order[last]]
+        concentration[o] = {
+            "central_mass_share": per_layer,
+            "verdict_last_layer": claims.centre_concentration_verdict(
+                top["attacks"], top["uniform_positions"], top["share_of_positions"]
+            ),
+        }
+    return {
+        "rules": claims.VERDICT_RULES,
+        "maps": {"signed": FLAGS.signed, "layers": FLAGS.layers},
+        "layers": order,
+        "counts": {o: int(m.sum()) for o, m in outcomes.items()},
+        "close_to_max": {
+            "shares": reach,
+            "verdict": claims.close_to_max_verdict(reach["successful"][close]),
+        },
+        "same_across_layers": same,
+        "centre": centre,
+        "quarter_of_last_map": {
+            "layer": order[last],
+            "by_outcome": spread,
+            "verdict": claims.quarter_verdict(
+                spread["successful"][f"PM_max > {claims.STRONG_FRACTION:g} max FM"]
+            ),
+        },
+        "centre_concentration": concentration,
+    }
+
+
+def _pct(prop: dict) -> str:
+    if not prop["n"]:
+        return "n/a"
+    return (
+        f"{prop['rate']:.1%} ({prop['successes']}/{prop['n']}; "
+        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f}%)"
+    )
+
+
+def claims_table(report: dict) -> str:
+    """claims.md: the rules, then one table row per sentence and statistic."""
+    order, last = report["layers"], report["layers"][-1]
+    lines = [
+        f"Maps: {'signed FM - FM_adv' if report['maps']['signed'] else '|FM - FM_adv|'}"
+        f" of {report['maps']['layers']} layers; attacks: "
+        + ", ".join(f"{n} {o}" for o, n in report["counts"].items()),
+        "",
+        "Verdict rules (fixed in propmaps_jax/claims.py before the numbers):",
+        "",
+        *(f"- {name}: {rule}" for name, rule in report["rules"].items()),
+        "",
+        "| sentence | statistic | successful | failed | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    shares = report["close_to_max"]["shares"]
+    verdict = report["close_to_max"]["verdict"]
+    for t in shares["successful"]:
+        best = int(np.argmax([s["rate"] or 0 for s in shares["successful"][t]]))
+        for j in sorted({best, len(order) - 1}):
+            lines.append(
+                rf"| close to max | max\|dFM\|/max FM >= {t}, {order[j]} | "
+                f"{_pct(shares['successful'][t][j])} | {_pct(shares['failed'][t][j])} "
+                f"| {verdict if t == '0.9' and j == best else ''} |"
+            )
+    for name, entry in report["same_across_layers"].items():
+        cells = []
+        for o in ("successful", "failed"):
+            r = entry[o]["largest_over_smallest"]
+            f = entry[o]["last_over_first"]
+            cells.append(
+                f"largest/smallest {r['ratio']:.3g} ({r['ci_low']:.3g}–"
+                f"{r['ci_high']:.3g}); last/first {f['ratio']:.3g}"
+            )
+        lines.append(
+            f"| PM avg same across layers | {name} | {cells[0]} | {cells[1]} | "
+            f"{entry['verdict']} |"
+        )
+    centre = report["centre"]
+    for key, what in (("found_pixels", "found pixel"), ("generation0", "gen-0 best")):
+        c = centre[key]
+        if "not_computed" in c:
+            lines.append(
+                f"| successful near centre | {what} | not computed: "
+                f"{c['not_computed']} | | |"
+            )
+            continue
+        lines.append(
+            f"| successful near centre | {what} in central square (uniform "
+            f"{c['uniform_share']:.0%}) | {_pct(c['successful'])} | "
+            f"{_pct(c['failed'])} | {c['verdict']} |"
+        )
+    q = report["quarter_of_last_map"]
+    for name in q["by_outcome"]["successful"]:
+        if name.startswith("mean"):
+            continue
+        lines.append(
+            f"| more than a quarter of last map | {name} on > 25% of {last} | "
+            f"{_pct(q['by_outcome']['successful'][name])} | "
+            f"{_pct(q['by_outcome']['failed'][name])} | "
+            f"{q['verdict'] if name.startswith('PM_max > 0.5') else ''} |"
+        )
+    cc = report["centre_concentration"]
+    cells = []
+    for o in ("successful", "failed"):
+        m = cc[o]["central_mass_share"][last]
+        cells.append(
+            f"{m['attacks']:.1%} (uniform positions {m['uniform_positions']:.1%}); "
+            f"mean PM avg {m['mean_pm_avg']:.3g} (uniform positions "
+            f"{m['mean_pm_avg_uniform_positions']:.3g})"
+        )
+    lines.append(
+        f"| mean maps concentrate in centre | central mass share of mean PM avg, "
+        f"{last} (central square: "
+        f"{cc['successful']['central_mass_share'][last]['share_of_positions']:.0%} "
+        f"of positions) | {cells[0]} | "
+        f"{cells[1]} | {cc['successful']['verdict_last_layer']} |"
+    )
+    if "check" in centre.get("generation0", {}):
+        ch = centre["generation0"]["check"]
+        lines += [
+            "",
+            f"Generation-0 recomputation: {ch['recorded_pixel_recomputed']} of the "
+            f"{ch['succeeded_at_generation0']} attacks that succeeded in their "
+            "initial population give the recorded pixel.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _mean_maps(state, counts: dict[str, int], order: list[str]) -> dict:
@@ -313,6 +672,7 @@ def _summary(
         "weights": FLAGS.weights,
         "attack_csv": csv_path,
         "signed_maps": FLAGS.signed,
+        "layers": FLAGS.layers,
         "spread_threshold": propagation.SPREAD_THRESHOLD,
         "attacks": int(rows["index"].size),
         "successful": counts["successful"],
@@ -353,7 +713,8 @@ def main(argv: list[str]) -> None:
     csv_path = run.csv_path
     rows = _attacked(run)
     config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
-    shapes = propagation.layer_shapes(module, variables, config.image_shape)
+    filter_fn, _ = propagation.layer_selection(FLAGS.layers)
+    shapes = propagation.layer_shapes(module, variables, config.image_shape, filter_fn)
     order = list(shapes)
     state, scalars, predicted = _stream(
         module, variables, shapes, images, rows, FLAGS.batch_size, FLAGS.signed
@@ -373,6 +734,15 @@ def main(argv: list[str]) -> None:
             total,
         )
 
+    if rows["pixels"].shape[1] == 1:
+        control_state, _ = _control(
+            module, variables, shapes, images, rows, FLAGS.batch_size
+        )
+    else:
+        control_state = None
+        logging.info("no uniform-position control: attacks of more than one pixel")
+    generation0 = _generation0(module, variables, images, rows, run.summary, workdir)
+
     masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
     layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}
     height, width = images.shape[1:3]
@@ -381,7 +751,7 @@ def main(argv: list[str]) -> None:
     distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
     uniform = uniform_distance_fractions(height, width, bin_edges)
 
-    out_dir = os.path.join(workdir, "statistics")
+    out_dir = os.path.join(workdir, output_folder())
     os.makedirs(out_dir, exist_ok=True)
     mean_maps = _mean_maps(state, counts, order)
     rundir.write_npz(
@@ -411,6 +781,29 @@ def main(argv: list[str]) -> None:
         order,
         layer_stats,
     )
+    control_maps = (
+        _mean_maps(control_state, counts, order) if control_state is not None else {}
+    )
+    report = _claims(
+        rows, scalars, order, mean_maps, control_maps, generation0, (height, width)
+    )
+    rundir.write_json(os.path.join(out_dir, "claims.json"), report)
+    table = claims_table(report)
+    rundir.write_text(os.path.join(out_dir, "claims.md"), table)
+    if control_maps and counts["successful"]:
+        fig = plots.mean_maps_figure(
+            control_maps["pm_avg/successful"],
+            shapes,
+            f"Control: mean PM_avg of the {counts['successful']} successful attacks' "
+            f"colours put at uniformly drawn positions, {FLAGS.model} (compare "
+            "figure 7: what padding geometry alone gives)",
+            "colour scale of each layer: 0 .. the maximum of its mean map",
+            columns=FLAGS.columns,
+            bar_title="mean PM_avg",
+        )
+        plots.save_figure(
+            fig, os.path.join(out_dir, "mean_pm_avg_uniform_positions.png")
+        )
     summary["seconds"] = round(time.time() - start, 2)
     rundir.write_json(os.path.join(out_dir, "summary.json"), summary)
     _figures(
@@ -423,3 +816,4 @@ def main(argv: list[str]) -> None:
         (bin_edges, uniform),
     )
     _print_table(out_dir, order, counts, layer_stats)
+    print(table)

@@ -19,6 +19,7 @@ SUBMODULES = (
     "attack_engine",
     "backend",
     "checkpoint",
+    "claims",
     "data",
     "evaluation",
     "keras_import",

@@ -9,7 +9,15 @@ the perturbed ones, the propagation maps reduce the difference over the K channe
 The paper's text speaks of *absolute* differences ("how strong is the maximum
 difference") while its equations are signed; we default to the absolute difference,
 and `signed=True` gives the equations literally (max_k / mean_k of FM - FM_adv).
-The per-layer scalar summaries (`layer_summaries`) always use absolute differences.
+The per-layer scalar summaries (`layer_summaries`) use absolute differences unless
+asked for the signed ones.
+
+Which tensors are "the feature maps" is a choice too (`LAYER_KINDS`): by default
+the raw convolution outputs (`is_conv`); "conv_relu" takes ReLU of them (LeNet's
+activations, as its ReLU follows each convolution) and "bn_relu" ReLU of every
+BatchNorm output (the activations of the pre-activation ResNet, whose every ReLU
+follows a BatchNorm). `layer_selection(kind)` gives the filter and whether to apply
+ReLU; every function below takes them as `filter_fn` and `relu`.
 
 Everything here is pure: arrays in, arrays out; `jax.jit` is applied by callers
 (close over the module, or pass it as a static argument; pass the variables as an
@@ -34,17 +42,40 @@ from propmaps_jax.types import FeatureMaps, Images, LayerMaps, Variables
 REDUCTIONS = ("max", "avg")
 # A position "is reached" when PM_max exceeds this fraction of the layer's original max.
 SPREAD_THRESHOLD = 0.1
+# ... and "strongly" reached above this one (the paper's "influence strongly").
+STRONG_THRESHOLD = 0.5
+LAYER_KINDS = ("conv", "conv_relu", "bn_relu")
 SUMMARY_NAMES = (
     "fm_max",  # max of the original feature maps over (H, W, K)
     "max_abs_diff",  # max |FM - FM_adv| over (H, W, K)
     "max_ratio",  # max_abs_diff / fm_max (NaN where fm_max <= 0)
     "spread",  # fraction of (H, W) positions where PM_max > 10% of fm_max
+    "spread_strong",  # fraction of (H, W) positions where PM_max > 50% of fm_max
     "mean_abs_diff",  # mean |FM - FM_adv| over (H, W, K)
     "mean_fm",  # mean of the original feature maps over (H, W, K)
     "mean_abs_fm",  # mean |FM| of the original feature maps over (H, W, K)
 )
 
 FilterFn = Callable[[nn.Module, str], bool] | bool
+
+
+def is_batch_norm(module: nn.Module, method_name: str) -> bool:
+    """Filter of `layer_outputs`: the output of every BatchNorm."""
+    return isinstance(module, nn.BatchNorm) and method_name == "__call__"
+
+
+def layer_selection(kind: str) -> tuple[FilterFn, bool]:
+    """(filter_fn, relu) of a layer kind: "conv" raw convolution outputs,
+    "conv_relu" ReLU of them, "bn_relu" ReLU of every BatchNorm output."""
+    if kind == "conv":
+        return is_conv, False
+    if kind == "conv_relu":
+        return is_conv, True
+    if kind == "bn_relu":
+        return is_batch_norm, True
+    raise PropmapsError(
+        f"unknown layer kind {kind!r}; choose one of: {', '.join(LAYER_KINDS)}"
+    )
 
 
 def _check_reduce(reduce: str) -> None:
@@ -105,8 +136,10 @@ def paired_feature_maps(
     images: Images,
     perturbed_images: Images,
     filter_fn: FilterFn = is_conv,
+    relu: bool = False,
 ) -> tuple[jax.Array, jax.Array, LayerMaps, LayerMaps]:
-    """(logits, logits_adv, FM, FM_adv) of natural and perturbed images, one pass."""
+    """(logits, logits_adv, FM, FM_adv) of natural and perturbed images, one pass
+    (ReLU applied to every recorded output when `relu`)."""
     images = jnp.asarray(images, jnp.float32)
     perturbed_images = jnp.asarray(perturbed_images, jnp.float32)
     if images.shape != perturbed_images.shape:
@@ -119,6 +152,13 @@ def paired_feature_maps(
     # forward pass over the concatenation gives both sets of feature maps.
     both = jnp.concatenate([images, perturbed_images], axis=0)
     logits, layers = layer_outputs(module, variables, both, filter_fn, train=False)
+    if not layers:
+        raise PropmapsError(
+            "the layer filter selects no layer of this model (e.g. bn_relu on a "
+            "model without BatchNorm): choose another layer kind"
+        )
+    if relu:
+        layers = _per_layer(lambda name: jax.nn.relu(layers[name]), layers)
     fm = _per_layer(lambda name: layers[name][:n], layers)
     fm_adv = _per_layer(lambda name: layers[name][n:], layers)
     return logits[:n], logits[n:], fm, fm_adv
@@ -132,6 +172,7 @@ def propagation_maps(
     reduce: str = "max",
     signed: bool = False,
     filter_fn: FilterFn = is_conv,
+    relu: bool = False,
 ) -> LayerMaps:
     """Propagation maps {layer: (N, H, W)} for reduce "max" or "avg".
 
@@ -141,7 +182,7 @@ def propagation_maps(
     """
     _check_reduce(reduce)
     _, _, fm, fm_adv = paired_feature_maps(
-        module, variables, images, perturbed_images, filter_fn
+        module, variables, images, perturbed_images, filter_fn, relu
     )
     return _per_layer(
         lambda name: difference_map(fm[name], fm_adv[name], reduce, signed), fm
@@ -149,16 +190,24 @@ def propagation_maps(
 
 
 def layer_summaries(
-    fm: FeatureMaps, fm_adv: FeatureMaps, threshold: float = SPREAD_THRESHOLD
+    fm: FeatureMaps,
+    fm_adv: FeatureMaps,
+    threshold: float = SPREAD_THRESHOLD,
+    signed: bool = False,
 ) -> dict[str, jax.Array]:
     """Per-image scalars (N,) of one layer, named as in `SUMMARY_NAMES`.
 
     `max_ratio` >= 1 means the perturbation changed some activation by as much as the
     strongest original activation of that layer; `spread` is the fraction of spatial
-    positions where PM_max exceeds `threshold` times the layer's original maximum.
+    positions where PM_max exceeds `threshold` times the layer's original maximum
+    (`spread_strong`: `STRONG_THRESHOLD` times). With `signed` the differences are
+    FM - FM_adv as in the paper's equations (the names keep "abs"): the maxima are
+    of the signed difference, the means signed means.
     """
     fm = fm.astype(jnp.float32)
-    abs_diff = jnp.abs(fm - fm_adv.astype(jnp.float32))
+    abs_diff = fm - fm_adv.astype(jnp.float32)
+    if not signed:
+        abs_diff = jnp.abs(abs_diff)
     fm_max = jnp.max(fm, axis=(1, 2, 3))
     max_abs_diff = jnp.max(abs_diff, axis=(1, 2, 3))
     positive = fm_max > 0
@@ -168,11 +217,14 @@ def layer_summaries(
     pm_max = jnp.max(abs_diff, axis=-1)
     reached = pm_max > threshold * fm_max[:, None, None]
     spread = jnp.where(positive, jnp.mean(reached, axis=(1, 2)), jnp.nan)
+    strong = pm_max > STRONG_THRESHOLD * fm_max[:, None, None]
+    spread_strong = jnp.where(positive, jnp.mean(strong, axis=(1, 2)), jnp.nan)
     return {
         "fm_max": fm_max,
         "max_abs_diff": max_abs_diff,
         "max_ratio": max_ratio,
         "spread": spread,
+        "spread_strong": spread_strong,
         "mean_abs_diff": jnp.mean(abs_diff, axis=(1, 2, 3)),
         "mean_fm": jnp.mean(fm, axis=(1, 2, 3)),
         "mean_abs_fm": jnp.mean(jnp.abs(fm), axis=(1, 2, 3)),
@@ -186,6 +238,7 @@ def analyze(
     perturbed_images: Images,
     signed: bool = False,
     filter_fn: FilterFn = is_conv,
+    relu: bool = False,
 ) -> dict[str, Any]:
     """Everything a single-attack figure needs, from one forward pass.
 
@@ -193,7 +246,7 @@ def analyze(
     {layer: (N, H, W)}, "summaries": {layer: {name: (N,)}}}.
     """
     logits, logits_adv, fm, fm_adv = paired_feature_maps(
-        module, variables, images, perturbed_images, filter_fn
+        module, variables, images, perturbed_images, filter_fn, relu
     )
     return {
         "logits": logits,
@@ -204,7 +257,9 @@ def analyze(
         "pm_avg": _per_layer(
             lambda n: difference_map(fm[n], fm_adv[n], "avg", signed), fm
         ),
-        "summaries": _per_layer(lambda n: layer_summaries(fm[n], fm_adv[n]), fm),
+        "summaries": _per_layer(
+            lambda n: layer_summaries(fm[n], fm_adv[n], signed=signed), fm
+        ),
     }
 
 
@@ -235,6 +290,7 @@ def accumulate_statistics(
     valid: jax.Array,
     signed: bool = False,
     filter_fn: FilterFn = is_conv,
+    relu: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Add one batch to the running sums; also return its per-image scalars.
 
@@ -244,7 +300,7 @@ def accumulate_statistics(
     small (N x layers) and let callers compute percentiles on the host.
     """
     _, logits_adv, fm, fm_adv = paired_feature_maps(
-        module, variables, images, perturbed_images, filter_fn
+        module, variables, images, perturbed_images, filter_fn, relu
     )
     valid = jnp.asarray(valid, bool)
     success = jnp.asarray(success, bool)
@@ -262,5 +318,7 @@ def accumulate_statistics(
             new_state[key][name] = state[key][name] + jnp.einsum(
                 "on,nhw->ohw", weights, pm
             )
-    summaries = _per_layer(lambda n: layer_summaries(fm[n], fm_adv[n]), fm)
+    summaries = _per_layer(
+        lambda n: layer_summaries(fm[n], fm_adv[n], signed=signed), fm
+    )
     return new_state, {"logits_adv": logits_adv, "summaries": summaries}

@@ -332,6 +332,61 @@ def test_statistics_experiment_equals_direct_computation(tiny_setup):
     np.testing.assert_array_equal(predicted, rows[attacked, 6])
     assert summary["pred_after_mismatches"] == 0
 
+    # claims.json: the paper's sentences as numbers, from the same per-image values.
+    with open(os.path.join(out, "claims.json")) as f:
+        report = json.load(f)
+    last = list(shapes)[-1]
+    ratio = np.stack(
+        [np.asarray(direct["summaries"][n]["max_ratio"]) for n in shapes], axis=1
+    )
+    for outcome, mask in masks.items():
+        for t in ("0.5", "0.9"):
+            got = [s["successes"] for s in report["close_to_max"]["shares"][outcome][t]]
+            assert got == list(np.sum(ratio[mask] >= float(t), axis=0)), (outcome, t)
+        strong = np.asarray(direct["summaries"][last]["spread_strong"])[mask]
+        quarter = report["quarter_of_last_map"]["by_outcome"][outcome]
+        assert quarter["PM_max > 0.5 max FM"]["successes"] == np.sum(strong > 0.25)
+    square = (np.abs(pixels[:, 0, :2] - 15.5) < 8).all(axis=1)
+    found = report["centre"]["found_pixels"]
+    assert found["successful"]["successes"] == square[success].sum()
+    assert found["failed"]["successes"] == square[~success].sum()
+    assert "does not record seed" in report["centre"]["generation0"]["not_computed"]
+    assert _is_png(os.path.join(out, "mean_pm_avg_uniform_positions.png"))
+    with open(os.path.join(out, "claims.md")) as f:
+        assert "Verdict rules" in f.read()
+
+
+def test_paper_figures_are_chosen_by_the_rules(tiny_setup):
+    result = run_launch(
+        "--experiment=propagation", "--paper_figures", *tiny_setup["args"]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = os.path.join(tiny_setup["workdir"], "paper_figures")
+    with open(os.path.join(out, "figures.json")) as f:
+        figures = {r["figure"]: r for r in json.load(f)["figures"]}
+    assert set(figures) == {"2 and 3", "4", "5", "6"}
+    rows = tiny_setup["rows"]
+    attacked, success = rows[:, 4] == 1, rows[:, 5] == 1
+    ok = np.flatnonzero(attacked & success)
+    order = ok[np.argsort(rows[ok, 3], kind="stable")]
+    assert figures["2 and 3"]["index"] == int(rows[order[(ok.size - 1) // 2], 0])
+    assert figures["4"]["index"] == figures["2 and 3"]["index"]
+    assert figures["4"]["pixels"] != figures["2 and 3"]["pixels"]
+    # Figure 5: the failed attack with the largest last-layer ratio, directly.
+    failed = np.flatnonzero(attacked & ~success)
+    pixels = rows[failed, -5:].astype(np.int64)[:, None, :]
+    images = tiny_setup["x_test"][rows[failed, 0].astype(np.int64)]
+    perturbed = apply_pixels_batch(jnp.asarray(images), jnp.asarray(pixels))
+    module, variables = tiny_setup["module"], tiny_setup["variables"]
+    direct = propagation.analyze(module, variables, images, perturbed)
+    last = list(direct["summaries"])[-1]
+    ratio = np.asarray(direct["summaries"][last]["max_ratio"])
+    assert figures["5"]["index"] == int(rows[failed[np.nanargmax(ratio)], 0])
+    for record in figures.values():
+        for name in record["files"]:
+            assert _is_png(os.path.join(out, name)), name
+        assert 0 <= record["confidence_before"] <= 1
+
 
 def _copy_run(tiny_setup, name):
     workdir = tiny_setup["folder"] / name
