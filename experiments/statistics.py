@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, results, rundir
+from experiments import common, integrity, plots, results, rundir
 from propmaps_jax import attack_de, claims, models, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
@@ -280,13 +280,21 @@ def _generation0(module, variables, images, rows, summary, workdir):
         return f"attack_summary.json does not record {', '.join(missing)}"
     record = json.dumps(settings, sort_keys=True)
     path = os.path.join(workdir, GENERATION0_NAME)
-    if os.path.isfile(path):
-        with np.load(path) as kept:
-            if str(kept["settings"]) == record and np.array_equal(
-                kept["index"], rows["index"]
-            ):
-                logging.info("initial populations' best candidates from %s", path)
-                return {k: kept[k] for k in ("best", "reported", "success")}
+    kept = integrity.read_npz(path)  # None when missing, truncated or unreadable
+    needed_arrays = ("best", "reported", "success", "index", "settings")
+    if (
+        kept is not None
+        and all(k in kept for k in needed_arrays)
+        and str(kept["settings"]) == record
+        and np.array_equal(kept["index"], rows["index"])
+    ):
+        logging.info("initial populations' best candidates from %s", path)
+        return {k: kept[k] for k in ("best", "reported", "success")}
+    if os.path.exists(path):
+        integrity.note(
+            f"recomputing {GENERATION0_NAME}: unreadable, or of other attacks or "
+            "settings"
+        )
     config = attack_de.AttackConfig(
         **{
             k: settings[k]
