@@ -52,9 +52,19 @@ def test_four_devices_and_two_processes_match_one_device(tmp_path):
     assert not (tmp_path / "p1.npz").exists()  # only process 0 writes
     assert int(four_devices["device_count"]) == 4
     assert int(two_processes["process_count"]) == 2
+    # Every decision (success, pixels, predictions, generations, evaluations) is
+    # the same bit for bit. Probabilities agree to float32 rounding: the devices
+    # run other batch shapes (1 or 2 slots each against 4), and on some CPUs (an
+    # AMD EPYC here, 2026-11-30) XLA's kernels then differ in the last bit
+    # (1.5e-8 measured), as the README says.
     for name, expected in reference._asdict().items():
-        np.testing.assert_array_equal(four_devices[name], expected, err_msg=name)
-        np.testing.assert_array_equal(two_processes[name], expected, err_msg=name)
+        for run in (four_devices, two_processes):
+            if np.issubdtype(np.asarray(expected).dtype, np.floating):
+                np.testing.assert_allclose(
+                    run[name], expected, rtol=1e-6, atol=1e-7, err_msg=name
+                )
+            else:
+                np.testing.assert_array_equal(run[name], expected, err_msg=name)
 
 
 def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
