@@ -48,7 +48,7 @@ from propmaps_jax import (  # noqa: E402
     saliency,
     training,
 )
-from propmaps_jax.attack_de import AttackConfig, attack_image  # noqa: E402
+from propmaps_jax.attack.de import AttackConfig, attack_image  # noqa: E402
 
 PLATFORMS = ("tpu", "cuda")
 # Custom calls that the partitioner (shard_map) or a platform's own lowering emits

@@ -37,9 +37,9 @@ from absl import flags, logging
 
 from experiments import common, plots, results, rundir
 from propmaps_jax import claims, propagation
+from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
-from propmaps_jax.perturb import apply_pixels, apply_pixels_batch
 
 flags.DEFINE_integer("index", None, "Index of the test image.")
 flags.DEFINE_string(

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from propmaps_jax.checkpoint import atomic_write_bytes
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models.checkpoint import atomic_write_bytes
 
 
 def write_bytes(path: str, data: bytes) -> None:

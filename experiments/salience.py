@@ -58,8 +58,8 @@ from experiments.results import (
     require_predictions_match,
 )
 from propmaps_jax import locality, models, propagation, saliency
+from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.perturb import apply_pixels_batch
 
 flags.DEFINE_string(
     "saliency",

@@ -51,8 +51,8 @@ from absl import flags, logging
 
 from experiments import common, integrity, plots, results, rundir
 from propmaps_jax import attack_de, claims, models, propagation
+from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.perturb import apply_pixels_batch
 
 FLAGS = flags.FLAGS
 

@@ -67,8 +67,8 @@ import posixpath
 import tempfile
 from collections.abc import Iterator
 
-from propmaps_jax.checkpoint import atomic_write_bytes
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models.checkpoint import atomic_write_bytes
 
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 # Schemes whose writes and exclusive creates are atomic, as checked (see above).

@@ -15,6 +15,7 @@ import pytest
 
 from propmaps_jax import attack, attack_engine, backend, checkpoint, memory, models
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import column_pair
 from tests._attack_case import CONFIG, SLOTS, attack_case, lenet_case
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -56,7 +57,7 @@ def test_lenet_layout_follows_the_backend(monkeypatch, fake_platform, platform, 
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models, "column_pair_conv", counted)
+    monkeypatch.setattr(column_pair, "column_pair_conv", counted)
     fake_platform(platform)
     module = models.create_model("lenet_tiny")
     x = jnp.zeros((1, 32, 32, 3))
@@ -131,7 +132,7 @@ def _spy_programs(monkeypatch, build: bool = True):
             raise _Built
         return real(*args)
 
-    monkeypatch.setattr(attack.attack_engine, "build_programs", spy)
+    monkeypatch.setattr(attack_engine, "build_programs", spy)
     return seen
 
 

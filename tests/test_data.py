@@ -163,7 +163,7 @@ def test_tfds_honours_data_dir_variable(monkeypatch):
         data.load_cifar10("tfds:/other/tfds")  # its own data dir wins
     # A gs:// data dir stays a URL. (Not prepared, as tfds would say offline, without
     # asking it: that would look for credentials and for Cloud Storage.)
-    monkeypatch.setattr(data, "_tfds_prepared", lambda tfds, data_dir: False)
+    monkeypatch.setattr(data.cifar10, "_tfds_prepared", lambda tfds, data_dir: False)
     with pytest.raises(DataError, match="no prepared 'cifar10' in gs://bucket/tens"):
         data.load_cifar10("tfds:gs://bucket/tensorflow_datasets")
     # download=False: tfds itself fetches nothing (building needs TensorFlow).
@@ -206,7 +206,7 @@ def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
         raise NotImplementedError("Random access for FileFormat.TFRECORD\nmore")
 
     monkeypatch.setattr(tfds, "data_source", unreadable)
-    monkeypatch.setattr(data, "_tfds_prepared", lambda tfds, data_dir: True)
+    monkeypatch.setattr(data.cifar10, "_tfds_prepared", lambda tfds, data_dir: True)
     with pytest.raises(DataError) as error:
         data.load_cifar10("tfds")
     message = str(error.value)

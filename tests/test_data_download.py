@@ -172,7 +172,7 @@ def env(tmp_path, monkeypatch, server, good):
     monkeypatch.setenv(data.CACHE_ENV, str(cache))
     monkeypatch.setenv(data.URL_ENV, server.url)
     monkeypatch.setenv(data.MD5_ENV, _md5(good[1]))
-    monkeypatch.setattr(data, "DOWNLOAD_CHUNK_BYTES", 4096)  # several reads
+    monkeypatch.setattr(data.download, "DOWNLOAD_CHUNK_BYTES", 4096)  # several reads
     return cache
 
 
@@ -230,7 +230,7 @@ def test_progress_is_rewritten_in_place_on_a_terminal():
             return True
 
     stream = Terminal()
-    progress = data._DownloadProgress(3 * 2**20, stream)
+    progress = data.download._DownloadProgress(3 * 2**20, stream)
     progress.last -= 1.0  # due for an update
     progress.update(2**20)
     progress.update(3 * 2**20, final=True)
@@ -279,7 +279,7 @@ def test_interrupted_by_the_user_keeps_nothing(env, good, monkeypatch):
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(data._DownloadProgress, "update", interrupt)
+        m.setattr(data.download._DownloadProgress, "update", interrupt)
         with pytest.raises(KeyboardInterrupt):
             data.fetch_cifar10()
     _assert_nothing_kept(env)

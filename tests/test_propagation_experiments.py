@@ -18,7 +18,7 @@ import pytest
 from experiments import plots, provenance
 from experiments.results import attack_columns
 from propmaps_jax import checkpoint, models, propagation
-from propmaps_jax.perturb import apply_pixels_batch
+from propmaps_jax.attack.perturb import apply_pixels_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_ROWS = 10

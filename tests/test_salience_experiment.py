@@ -23,8 +23,8 @@ import scipy.stats
 from experiments import provenance, salience
 from experiments.results import attack_columns
 from propmaps_jax import checkpoint, data, locality, models
+from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.saliency import SaliencyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 12

@@ -11,8 +11,8 @@ import pytest
 import scipy.stats
 
 from propmaps_jax import saliency
+from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.saliency import SaliencyConfig
 
 H, W, C, K = 6, 5, 3, 4
 

@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from propmaps_jax import attack_de, stats
+from propmaps_jax import stats
+from propmaps_jax.attack import de as attack_de
+from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.perturb import apply_pixels_batch
 from propmaps_jax.types import ApplyFn, PRNGKey, Variables
 
 # --- The rules, fixed before the numbers were seen.

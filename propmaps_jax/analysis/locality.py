@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from propmaps_jax.attack.perturb import apply_pixels_batch, move_pixels
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.perturb import apply_pixels_batch, move_pixels
 from propmaps_jax.types import (
     ApplyFn,
     Images,

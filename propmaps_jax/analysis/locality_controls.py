@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from propmaps_jax import locality, stats
+from propmaps_jax import stats
+from propmaps_jax.analysis import locality
 from propmaps_jax.types import ApplyFn, Images, Labels, Perturbation, Variables
 
 CONTROLS_STREAM = 0xC0D7

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.perturb import apply_pixels_batch
 from propmaps_jax.types import ApplyFn, PRNGKey, Variables
 
 

@@ -25,43 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from propmaps_jax import attack_engine, backend, memory, models
-from propmaps_jax.attack_de import (
-    AttackConfig,
-    ImageResult,
-    attack_image,
-    candidate_bounds,
-    decode_candidates,
-    fitness,
-    generation_key,
-    image_key,
-    initial_population,
-    make_de,
-)
+from propmaps_jax import backend, memory, models
+from propmaps_jax.attack import engine as attack_engine
+from propmaps_jax.attack.de import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.types import ApplyFn, Images, PRNGKey, Variables
-
-__all__ = [
-    "AttackConfig",
-    "AttackResult",
-    "ImageResult",
-    "ProgressInfo",
-    "attack",
-    "attack_image",
-    "attack_stream",
-    "candidate_bounds",
-    "concatenate_results",
-    "decode_candidates",
-    "default_candidate_forward",
-    "default_slots",
-    "fitness",
-    "generation_key",
-    "image_key",
-    "initial_population",
-    "make_de",
-    "memory_estimate",
-    "validate_inputs",
-]
 
 # Number of candidate evaluations per device and step that the default slot count aims
 # at: on an accelerator, big enough to keep it busy with one forward per step; on a
@@ -227,7 +195,7 @@ def default_candidate_forward(
         return None
     if not backend.enabled("receptive_forward", platform):
         return None
-    from propmaps_jax import receptive
+    from propmaps_jax.models import receptive
 
     return receptive.make_candidate_forward(apply_fn.module, config.pixels)
 

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec
 
-from propmaps_jax import attack_de
-from propmaps_jax.attack_de import AttackConfig, SearchState
+from propmaps_jax.attack import de as attack_de
+from propmaps_jax.attack.de import AttackConfig, SearchState
 from propmaps_jax.types import ApplyFn
 
 # (variables, images (B, H, W, 3), pixels (B, P, k, 5)) -> logits (B * P, C).

@@ -18,9 +18,13 @@ import jax
 import numpy as np
 from flax import serialization
 
-from propmaps_jax import keras_import
 from propmaps_jax.errors import WeightsError
-from propmaps_jax.models import ModelConfig, check_variables_fit, variables_template
+from propmaps_jax.models import (
+    ModelConfig,
+    check_variables_fit,
+    keras_import,
+    variables_template,
+)
 from propmaps_jax.types import Variables
 
 FORMAT = "propmaps-jax-checkpoint"

@@ -25,7 +25,7 @@ from propmaps_jax.types import Variables
 # Input normalisation of the one-pixel-attack-keras models (its README), x in 0..255.
 KERAS_MEAN = (125.307, 122.95, 113.865)
 KERAS_STD = (62.9932, 62.0887, 66.7048)
-# Our BatchNorm's epsilon (models._batch_norm); Keras' default, used by resnet.h5.
+# Our BatchNorm's epsilon (nets._batch_norm); Keras' default, used by resnet.h5.
 BN_EPSILON = 1e-3
 
 _SKIPPED = ("InputLayer", "Dropout")  # no weights, identity at inference

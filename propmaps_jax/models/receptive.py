@@ -42,6 +42,7 @@ from flax import linen as nn
 
 from propmaps_jax import models
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import nets
 from propmaps_jax.types import Images, Perturbation, Variables
 
 # A layer whose window covers this fraction of its map is computed whole: the
@@ -429,7 +430,7 @@ def _resnet_graph(ops, module: models.ResNet, variables: Variables, images):
     params, stats = variables["params"], variables["batch_stats"]
 
     def bn_relu(path: tuple[str, ...]) -> Callable[[jax.Array], jax.Array]:
-        norm = models._batch_norm(False, module.dtype, path[-1])
+        norm = nets._batch_norm(False, module.dtype, path[-1])
         bn_vars = {
             "params": _subtree(params, path),
             "batch_stats": _subtree(stats, path),

@@ -1,0 +1,69 @@
+"""The networks and what loads them.
+
+- `nets`: LeNet, the pre-activation ResNets, `ModelConfig`, `create_model` and the
+  one helper for feature maps, `layer_outputs` (its names are re-exported here:
+  `pj.models.layer_outputs`);
+- `column_pair`: LeNet's first convolution on pairs of columns (a CPU speed trick);
+- `receptive`: the attack's candidate forward that recomputes only the receptive
+  field of the changed pixel;
+- `checkpoint`: bundled and saved weights; `keras_import`: the public Keras models.
+"""
+
+from propmaps_jax.models.column_pair import ColumnPairConv, column_pair_conv
+from propmaps_jax.models.nets import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    MODEL_REGISTRY,
+    InferenceApply,
+    LeNet,
+    LeNetTiny,
+    ModelConfig,
+    PreActBlock,
+    ResNet,
+    ResNet20,
+    ResNet32,
+    ResNetTiny,
+    check_variables_fit,
+    count_params,
+    create_model,
+    for_platform,
+    init_variables,
+    is_conv,
+    is_conv_or_block,
+    layer_outputs,
+    make_apply_fn,
+    make_logits_fn,
+    normalize,
+    variables_template,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "ColumnPairConv",
+    "InferenceApply",
+    "LeNet",
+    "LeNetTiny",
+    "MODEL_REGISTRY",
+    "ModelConfig",
+    "PreActBlock",
+    "ResNet",
+    "ResNet20",
+    "ResNet32",
+    "ResNetTiny",
+    "check_variables_fit",
+    "column_pair_conv",
+    "count_params",
+    "create_model",
+    "for_platform",
+    "init_variables",
+    "is_conv",
+    "is_conv_or_block",
+    "layer_outputs",
+    "make_apply_fn",
+    "make_logits_fn",
+    "normalize",
+    "variables_template",
+]
