@@ -23,7 +23,6 @@ DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import json
 import os
@@ -38,7 +37,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import budget, common, integrity, provenance, results, rundir, runlock
-from propmaps_jax import data, models
+from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
 
@@ -161,33 +160,6 @@ def _broadcast(value: int) -> int:
 
 def _format_row(values: list[Any]) -> str:
     return ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in values)
-
-
-@functools.cache
-def _before_program(apply_fn):
-    """Jitted (prediction, p(label)) of a model, cached on apply_fn (not weights)."""
-
-    def forward(variables, images, labels):
-        logits = apply_fn(variables, images)
-        probs = jax.nn.softmax(logits, -1)
-        return jnp.argmax(logits, -1), jnp.take_along_axis(probs, labels[:, None], -1)
-
-    return jax.jit(forward)
-
-
-def predict_before(apply_fn, variables, images: np.ndarray, labels: np.ndarray):
-    """(prediction, p(label)) of each image before the attack, in batches."""
-    forward = _before_program(apply_fn)
-    preds, probs = [], []
-    for i in range(0, len(images), BEFORE_BATCH):
-        batch = slice(i, i + BEFORE_BATCH)
-        pred, prob = forward(variables, images[batch], labels[batch])
-        preds.append(np.asarray(pred))
-        probs.append(np.asarray(prob)[:, 0])
-    return (
-        np.concatenate(preds).astype(np.int64),
-        np.concatenate(probs).astype(np.float32),
-    )
 
 
 def _chunk_path(chunks_dir: str, start: int, end: int) -> str:
@@ -1025,7 +997,9 @@ def _predict_sample(apply_fn, variables, x_test, y_test, indices, target) -> _Be
     """The sampled images, their labels and the model's verdict before the attack."""
     images = np.asarray(x_test[indices])
     labels = np.asarray(y_test[indices]).astype(np.int64)
-    pred, prob_true = predict_before(apply_fn, variables, images, labels)
+    pred, prob_true = evaluation.predict_labels(
+        apply_fn, variables, images, labels, BEFORE_BATCH
+    )
     attacked = pred == labels
     if target is not None:
         attacked &= labels != target

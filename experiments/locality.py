@@ -50,7 +50,14 @@ from experiments import (
     tables,
 )
 from experiments.results import check_dataset, read_attack_csv, read_summary
-from propmaps_jax import checkpoint, locality, locality_controls, models, stats
+from propmaps_jax import (
+    batching,
+    checkpoint,
+    locality,
+    locality_controls,
+    models,
+    stats,
+)
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 
@@ -257,10 +264,8 @@ def study_model(
         f"{len(offsets) + 2} forward passes each, {per_batch} images per batch"
     )
     progress = common.Progress(n, what="images")
-    for start in range(0, n, per_batch):
-        # Pad the last batch (repeating images) so every call has the same shapes.
-        take = np.arange(start, start + per_batch) % n
-        count = min(per_batch, n - start)
+    for batch in batching.batches(n, per_batch):
+        take, start, count = batch.take, batch.start, batch.count
         nearby, random, rings, inside = jax.device_get(
             evaluate(
                 images[take],
@@ -529,19 +534,6 @@ def _probabilities_program(apply_fn):
     )
 
 
-def _batched(fn, arrays: list[np.ndarray], per_batch: int) -> list:
-    """fn over fixed-size batches of `arrays` (the last one padded), concatenated."""
-    n = len(arrays[0])
-    per_batch = max(1, min(per_batch, n))  # no padding beyond the data itself
-    parts = []
-    for start in range(0, n, per_batch):
-        take = np.arange(start, start + per_batch) % n
-        count = min(per_batch, n - start)
-        out = jax.device_get(fn(*(a[take] for a in arrays)))
-        parts.append(jax.tree_util.tree_map(lambda x, c=count: np.asarray(x)[:c], out))
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
-
-
 def controls_inputs(
     table: dict[str, np.ndarray], moved: dict[str, np.ndarray], margin: np.ndarray
 ) -> tuple[dict, dict]:
@@ -594,10 +586,10 @@ def run_controls(
     `moved`: DIR/<model>/locality.csv read back (the successful attacks' moves).
     """
     index = table["index"][table["attacked"]]
-    probs = _batched(
+    probs = batching.map_batches(
         functools.partial(_probabilities_program(apply_fn), variables),
         [x_test[index]],
-        max(1, batch_size),
+        max(1, min(batch_size, len(index))),
     )
     margin = np.asarray(
         locality_controls.clean_margin(probs, y_test[index]), np.float64
@@ -630,7 +622,7 @@ def run_controls(
     )
     if len(succ_rows):
         evaluate = functools.partial(_controls_evaluator(apply_fn), variables)
-        own, near, context = _batched(
+        own, near, context = batching.map_batches(
             evaluate,
             [
                 images,
@@ -641,7 +633,7 @@ def run_controls(
                 draws.nearby_colour,
                 draws.context_rc,
             ],
-            max(1, batch_size // 3),
+            max(1, min(batch_size // 3, len(succ_rows))),
         )
         per_attack["own_random_colour_success"] = own.success.astype(bool)
         per_attack["nearby_random_colour_success"] = near.success.astype(bool)

@@ -28,6 +28,7 @@ paper_figures_signed/, paper_figures_<layers>/.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -36,7 +37,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, plots, results, rundir
-from propmaps_jax import claims, propagation
+from propmaps_jax import batching, claims, propagation
 from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
@@ -352,16 +353,9 @@ def _last_layer_ratio(module, variables, images, indices, pixels, batch_size=64)
         last = list(fm)[-1]
         return propagation.layer_summaries(fm[last], fm_adv[last])["max_ratio"]
 
-    ratio = jax.jit(ratio)
-    out = np.empty((indices.size,), np.float64)
-    for begin in range(0, indices.size, batch_size):
-        end = min(begin + batch_size, indices.size)
-        take = np.concatenate(
-            [np.arange(begin, end), np.full(batch_size - (end - begin), begin)]
-        )
-        values = ratio(variables, jnp.asarray(images[indices[take]]), pixels[take])
-        out[begin:end] = np.asarray(values)[: end - begin]
-    return out
+    ratio = functools.partial(jax.jit(ratio), variables)
+    out = batching.map_batches(ratio, [images[indices], pixels], batch_size)
+    return out.astype(np.float64)
 
 
 def _prob_true(module, variables, image, label, pixels) -> np.ndarray:

@@ -47,7 +47,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from absl import flags
 
 from experiments import common, rundir, salience_plots
@@ -57,7 +56,8 @@ from experiments.results import (
     recorded_weights,
     require_predictions_match,
 )
-from propmaps_jax import locality, models, propagation, saliency
+from propmaps_jax import batching, locality, models, propagation, saliency, stats
+from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 
@@ -83,13 +83,10 @@ flags.DEFINE_integer(
 
 FLAGS = flags.FLAGS
 
-CHANGES = ("original", "nearby", "random")
 # Groups of changes: the attack's pixel of successful / failed attacks, and the
 # moves of successful attacks (the locality protocol).
 GROUPS = ("successful", "failed", "nearby", "random")
 CLASSES = ("true", "new")
-WINDOWS = (3, 5)
-TOP_FRACTION = 0.05
 SALIENCE_STREAM = 0x5A1
 BOOTSTRAP_STREAM = 0xB007
 LOCALITY_COLUMNS = (
@@ -168,214 +165,35 @@ def read_locality_positions(
     return out
 
 
-def change_positions(
+def locality_positions(
     workdir: str,
     indices: np.ndarray,
     pixels: np.ndarray,
     success: np.ndarray,
-    seed: int,
     height: int,
     width: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(changes (N, 3, 5) original/nearby/random pixels, from_locality (N,) bool)."""
-    rows, cols = pixels[:, 0, 0], pixels[:, 0, 1]
-    nearby, random = locality.protocol_moves(seed, indices, rows, cols, height, width)
-    from_locality = np.zeros(len(indices), bool)
+) -> dict[int, tuple[int, int, int, int]] | None:
+    """The moves of DIR/locality.csv (`read_locality_positions`), checked against
+    attack.csv and the image size; None when the locality study did not run."""
     path = os.path.join(workdir, "locality.csv")
-    if os.path.isfile(path):
-        stored = read_locality_positions(path, indices, pixels)
-        if len(stored) != int(success.sum()):
-            raise PropmapsError(
-                f"{path} has {len(stored)} rows but attack.csv {int(success.sum())} "
-                "successful attacks: run the locality experiment again or delete it"
-            )
-        moved = np.array(list(stored.values()), np.int64).reshape(-1, 2, 2)
-        if np.any((moved < 0) | (moved >= np.array([height, width]))):
-            raise PropmapsError(
-                f"{path} has a position outside the {height}x{width} image: run the "
-                "locality experiment again or delete it"
-            )
-        for j, index in enumerate(indices):
-            if int(index) in stored:
-                nearby[j], random[j] = np.split(np.array(stored[int(index)]), 2)
-                from_locality[j] = True
-    changes = np.repeat(pixels[:, :1, :], 3, axis=1).copy()
-    changes[:, 1, :2] = nearby
-    changes[:, 2, :2] = random
-    return changes.astype(np.int32), from_locality
-
-
-# ----- the device computation ---------------------------------------------------
-
-
-def analyse_changes(
-    config: saliency.SaliencyConfig,
-    module,
-    last_layer: str,
-    variables,
-    images: jax.Array,
-    labels: jax.Array,
-    changes: jax.Array,
-    keys: jax.Array,
-    return_maps: bool = False,
-) -> dict[str, jax.Array]:
-    """Saliency and propagation measures of M changes per image (pure, jittable).
-
-    images (N, H, W, C) 0..255, labels (N,), changes (N, M, 5) one pixel each,
-    keys (N,) one per image (SmoothGrad: the same noise before and after). Returns
-    per change (N, M): pred_after, prob_true_after, pm_last_max, pm_last_mean and
-    per class t in ("true", "new"): {t}_capture{3,5}_{before,after},
-    {t}_spearman (rank correlation before/after), {t}_top5 (top-5% overlap); and
-    pred_before (N,). With `return_maps` also the maps (N, M, H, W) / PM (N, M, h, w).
-    """
-    n, m = changes.shape[:2]
-    x = jnp.asarray(images, jnp.float32)
-    image_of = jnp.repeat(jnp.arange(n), m)  # change -> its image, image-major
-    flat = jnp.asarray(changes, jnp.int32).reshape(n * m, 1, 5)
-    changed = apply_pixels_batch(x[image_of], flat)
-    logits, layers = models.layer_outputs(
-        module, variables, jnp.concatenate([x, changed]), models.is_conv, train=False
-    )
-    fm = layers[last_layer]
-    pm = propagation.difference_map(fm[:n][image_of], fm[n:], "max")
-    pred_after = jnp.argmax(logits[n:], axis=-1).astype(jnp.int32)
-    labels = jnp.asarray(labels, jnp.int32)
-    probs_after = jax.nn.softmax(logits[n:], axis=-1)
-
-    # One batched saliency pass: clean (true class), clean (new class), changed
-    # (true class), changed (new class).
-    apply_fn = functools.partial(module.apply, train=False)
-    which = jnp.concatenate([jnp.arange(n), image_of, image_of, image_of])
-    maps = saliency.saliency_map(
-        keys[which] if config.uses_key else None,
-        apply_fn,
-        variables,
-        jnp.concatenate([x, x[image_of], changed, changed]),
-        jnp.concatenate([labels, pred_after, labels[image_of], pred_after]),
-        config,
-    )
-    nm = n * m
-    pairs = {
-        "true": (maps[:n][image_of], maps[n + nm : n + 2 * nm]),
-        "new": (maps[n : n + nm], maps[n + 2 * nm :]),
-    }
-    rows, cols = flat[:, 0, 0], flat[:, 0, 1]
-    out = {
-        "pred_after": pred_after,
-        "prob_true_after": jnp.take_along_axis(
-            probs_after, labels[image_of][:, None], axis=-1
-        )[:, 0],
-        "pm_last_max": jnp.max(pm, axis=(1, 2)),
-        "pm_last_mean": jnp.mean(pm, axis=(1, 2)),
-    }
-    for t, (before, after) in pairs.items():
-        for size in WINDOWS:
-            for when, sal in (("before", before), ("after", after)):
-                out[f"{t}_capture{size}_{when}"] = saliency.window_share(
-                    sal, rows, cols, size
-                )
-        out[f"{t}_spearman"] = saliency.rank_correlation(before, after)
-        out[f"{t}_top5"] = saliency.top_overlap(before, after, TOP_FRACTION)
-    out = {k: v.reshape(n, m) for k, v in out.items()}
-    out["pred_before"] = jnp.argmax(logits[:n], axis=-1).astype(jnp.int32)
-    if return_maps:
-        shape = (n, m, *maps.shape[1:])
-        out["maps_before_true"] = pairs["true"][0].reshape(shape)
-        out["maps_after_true"] = pairs["true"][1].reshape(shape)
-        out["maps_after_new"] = pairs["new"][1].reshape(shape)
-        out["pm_last"] = pm.reshape((n, m, *pm.shape[1:]))
-        out["changed"] = changed.reshape((n, m, *changed.shape[1:]))
-    return out
-
-
-def stream_changes(
-    analyse, variables, images, labels, changes, keys, batch_size: int
-) -> dict[str, np.ndarray]:
-    """Run `analyse` over all images in fixed-size chunks (last one padded)."""
-    total = len(images)
-    out: dict[str, np.ndarray] = {}
-    progress = common.Progress(total, "attacks")
-    for begin in range(0, total, batch_size):
-        end = min(begin + batch_size, total)
-        take = np.concatenate(
-            [np.arange(begin, end), np.full(batch_size - (end - begin), begin)]
+    if not os.path.isfile(path):
+        return None
+    stored = read_locality_positions(path, indices, pixels)
+    if len(stored) != int(success.sum()):
+        raise PropmapsError(
+            f"{path} has {len(stored)} rows but attack.csv {int(success.sum())} "
+            "successful attacks: run the locality experiment again or delete it"
         )
-        part = jax.device_get(
-            analyse(
-                variables,
-                images[take],
-                labels[take],
-                changes[take],
-                keys[take],
-            )
+    moved = np.array(list(stored.values()), np.int64).reshape(-1, 2, 2)
+    if np.any((moved < 0) | (moved >= np.array([height, width]))):
+        raise PropmapsError(
+            f"{path} has a position outside the {height}x{width} image: run the "
+            "locality experiment again or delete it"
         )
-        for name, value in part.items():
-            if name not in out:
-                out[name] = np.empty((total, *value.shape[1:]), value.dtype)
-            out[name][begin:end] = value[: end - begin]
-        progress.update(end)
-    return out
+    return stored
 
 
 # ----- statistics (vectorised NumPy) --------------------------------------------
-
-
-def interval(samples: np.ndarray) -> tuple[float, float]:
-    """The 95% percentile interval of bootstrap replicates (NaN if too few finite)."""
-    samples = samples[np.isfinite(samples)]
-    if samples.size < 10:
-        return math.nan, math.nan
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def rank_rows(values: np.ndarray) -> np.ndarray:
-    """Average ranks along the last axis."""
-    return scipy.stats.rankdata(values, axis=-1)
-
-
-def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman correlation along the last axis (NaN where a row is constant)."""
-    rx, ry = rank_rows(x), rank_rows(y)
-    rx = rx - rx.mean(-1, keepdims=True)
-    ry = ry - ry.mean(-1, keepdims=True)
-    denominator = np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (rx * ry).sum(-1) / denominator, np.nan)
-
-
-def weighted_auc(
-    scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
-    """ROC AUC (B,) of `scores` (m,) for labels `positive` (m,) under weights (B, m).
-
-    AUC = P(score of a positive > score of a negative) + P(tie) / 2, each item
-    counted with its weight (bootstrap counts); NaN without both classes.
-    """
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    pos = positive[order].astype(np.float64)
-    w = weights[:, order].astype(np.float64)
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    w_pos = np.add.reduceat(w * pos, starts, axis=1)
-    w_neg = np.add.reduceat(w * (1.0 - pos), starts, axis=1)
-    neg_below = np.cumsum(w_neg, axis=1) - w_neg
-    numerator = np.sum(w_pos * (neg_below + 0.5 * w_neg), axis=1)
-    denominator = w_pos.sum(1) * w_neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, numerator / denominator, np.nan)
-
-
-def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(false positive rate, true positive rate) over all thresholds, from (0, 0)."""
-    order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(np.float64)
-    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
-    tp, fp = np.cumsum(pos)[last], np.cumsum(1.0 - pos)[last]
-    return (
-        np.r_[0.0, fp / max(fp[-1], 1.0)] if fp.size else np.zeros(1),
-        np.r_[0.0, tp / max(tp[-1], 1.0)] if tp.size else np.zeros(1),
-    )
 
 
 def verdict(estimate: float, low: float, high: float, kind: str, n: int) -> str:
@@ -390,7 +208,7 @@ def verdict(estimate: float, low: float, high: float, kind: str, n: int) -> str:
 
 
 def _row(pid, prediction, cls, measure, kind, n, estimate, replicates) -> dict:
-    low, high = interval(replicates)
+    low, high = stats.percentile_interval(replicates)
     return {
         "id": pid,
         "prediction": prediction,
@@ -494,8 +312,10 @@ def p2_rows(results, labels, rng, resamples) -> tuple[list[dict], dict]:
             scores = disturbance(results, cls, measure).reshape(-1)
             finite = np.isfinite(scores)
             scores = np.where(finite, scores, 0.0)
-            estimate = weighted_auc(scores, changed, finite[None].astype(float))[0]
-            reps = weighted_auc(
+            estimate = stats.weighted_auc(scores, changed, finite[None].astype(float))[
+                0
+            ]
+            reps = stats.weighted_auc(
                 scores, changed, np.repeat(counts, len(CHANGES), axis=1) * finite
             )
             rows.append(
@@ -510,7 +330,7 @@ def p2_rows(results, labels, rng, resamples) -> tuple[list[dict], dict]:
                     reps,
                 )
             )
-            fpr, tpr = roc_curve(scores[finite], changed[finite])
+            fpr, tpr = stats.roc_curve(scores[finite], changed[finite])
             roc[(cls, measure)] = {"fpr": fpr, "tpr": tpr, "row": rows[-1]}
     return rows, roc
 
@@ -526,9 +346,9 @@ def p3_rows(results, success, rng, resamples) -> list[dict]:
         x, y = x[keep], y[keep]
         reps, estimate = _no_interval(resamples)
         if x.size >= 3:
-            estimate = spearman_rows(x, y)
+            estimate = stats.spearman(x, y)
             idx = rng.integers(0, x.size, (resamples, x.size))
-            reps = spearman_rows(x[idx], y[idx])
+            reps = stats.spearman(x[idx], y[idx])
         rows.append(
             _row(
                 "P3",
@@ -573,7 +393,9 @@ def group_summary(
                 out[group][name] = {"n": 0, "mean": None, "ci_low": None}
                 out[group][name]["ci_high"] = None
                 continue
-            low, high = interval(rng.choice(v, (resamples, v.size)).mean(1))
+            low, high = stats.percentile_interval(
+                rng.choice(v, (resamples, v.size)).mean(1)
+            )
             out[group][name] = {
                 "n": int(v.size),
                 "mean": float(v.mean()),
@@ -719,32 +541,35 @@ def run(
     pixels = table["pixels"][attacked].astype(np.int32)
     success = table["success"][attacked]
     height, width = x_test.shape[1:3]
-    changes, from_locality = change_positions(
-        workdir, indices, pixels, success, seed, height, width
+    changes, from_locality = saliency.change_positions(
+        seed,
+        indices,
+        pixels,
+        height,
+        width,
+        locality_positions(workdir, indices, pixels, success, height, width),
     )
     _, module, variables, _ = common.load_model(model_name, weights)
     images = x_test[indices]
 
     # The model must be the attack's: its predictions must match attack.csv.
     check = jax.jit(
-        lambda v, x, p: jnp.argmax(
-            module.apply(
-                v,
-                jnp.concatenate([x, apply_pixels_batch(x, p)]).astype(jnp.float32),
-                train=False,
-            ),
-            axis=-1,
+        lambda v, x, p: (
+            jnp.argmax(
+                module.apply(
+                    v,
+                    jnp.concatenate([x, apply_pixels_batch(x, p)]).astype(jnp.float32),
+                    train=False,
+                ),
+                axis=-1,
+            )
+            .reshape(2, -1)
+            .T
         )
     )
-    preds = np.concatenate(
-        [
-            np.asarray(
-                check(variables, images[b : b + 256], pixels[b : b + 256])
-            ).reshape(2, -1)
-            for b in range(0, len(images), 256)
-        ],
-        axis=1,
-    )
+    preds = batching.map_batches(
+        functools.partial(check, variables), [images, pixels], 256
+    ).T
     expected = np.stack([table["pred_before"][attacked], table["pred_after"][attacked]])
     mismatches = int(np.sum(np.any(preds != expected, axis=0)))
     require_predictions_match(csv_path, mismatches, len(indices))
@@ -756,7 +581,7 @@ def run(
     )
     last_layer = list(shapes)[-1]
     analyse = jax.jit(
-        functools.partial(analyse_changes, config, module, last_layer),
+        functools.partial(saliency.analyse_changes, config, module, last_layer),
         static_argnames="return_maps",
     )
     base = jax.random.fold_in(jax.random.key(seed), SALIENCE_STREAM)
@@ -766,8 +591,11 @@ def run(
         f"changes each, {config.method} maps, {batch_size} attacks per batch",
         flush=True,
     )
-    results = stream_changes(
-        analyse, variables, images, labels, changes, keys, batch_size
+    results = batching.map_batches(
+        functools.partial(analyse, variables),
+        [images, labels, changes, keys],
+        batch_size,
+        on_batch=common.Progress(len(indices), "attacks").update,
     )
 
     rng = np.random.default_rng([seed, BOOTSTRAP_STREAM])

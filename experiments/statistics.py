@@ -50,14 +50,13 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, integrity, plots, results, rundir
-from propmaps_jax import attack_de, claims, models, propagation
+from propmaps_jax import attack_de, batching, claims, models, propagation, stats
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 
 FLAGS = flags.FLAGS
 
 OUTCOMES = ("successful", "failed", "all")
-DISTANCE_BIN_WIDTH = 1.0
 DISTANCE_METRIC = "Chebyshev distance (max(|dr|, |dc|))"
 # fold_in constant of the control positions' key (apart from the attack's keys).
 CONTROL_STREAM = 1_000_003
@@ -67,84 +66,6 @@ GENERATION0_CANDIDATES_PER_BATCH = 2048
 
 def _nan_to_none(value: float) -> float | None:
     return None if not math.isfinite(value) else float(value)
-
-
-def _nan_stat(fn, values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    return float(fn(values)) if values.size else float("nan")
-
-
-def per_outcome_layer_stats(
-    scalars: dict[str, np.ndarray], mask: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Per-layer statistics (L,) over the attacks selected by `mask` (N,).
-
-    `scalars[name]` are per-image values (N, L) from `propagation.layer_summaries`.
-    """
-    num_layers = scalars["max_ratio"].shape[1]
-    out: dict[str, np.ndarray] = {}
-    for stat, source, fn in (
-        ("max_ratio_mean", "max_ratio", np.mean),
-        ("max_ratio_p95", "max_ratio", lambda v: np.percentile(v, 95)),
-        ("reaches_max_fraction", "max_ratio", lambda v: np.mean(v >= 1.0)),
-        ("spread_mean", "spread", np.mean),
-        ("spread_p95", "spread", lambda v: np.percentile(v, 95)),
-        ("mean_abs_diff", "mean_abs_diff", np.mean),
-        ("mean_fm", "mean_fm", np.mean),
-        ("mean_abs_fm", "mean_abs_fm", np.mean),
-    ):
-        values = scalars[source][mask]
-        out[stat] = np.array(
-            [_nan_stat(fn, values[:, j]) for j in range(num_layers)], np.float64
-        )
-    return out
-
-
-def distance_from_centre(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Chebyshev distance max(|dr|, |dc|) of pixels (..., >= 2) (row, col first)
-    from the image centre ((height - 1) / 2, (width - 1) / 2).
-
-    The rings of the locality study are Chebyshev rings too: on a 32x32 image the
-    distances are 0.5, 1.5, .., 15.5, one value per square ring of pixels.
-    """
-    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
-    return np.maximum(
-        np.abs(pixels[..., 0] - centre_row), np.abs(pixels[..., 1] - centre_col)
-    )
-
-
-def distance_bin_edges(height: int, width: int) -> np.ndarray:
-    """Histogram edges 0, 1, 2, ..: one bin per square ring around the centre."""
-    largest = max(height - 1, width - 1) / 2.0
-    return np.arange(0.0, math.floor(largest) + 2.0, DISTANCE_BIN_WIDTH)
-
-
-def uniform_distance_fractions(
-    height: int, width: int, bin_edges: np.ndarray
-) -> np.ndarray:
-    """Fraction of all image positions per distance bin: where pixels chosen
-    uniformly at random would lie (outer rings hold more positions)."""
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    everywhere = distance_from_centre(np.stack([rows, cols], -1), height, width)
-    counts, _ = np.histogram(everywhere, bins=bin_edges)
-    return counts / everywhere.size
-
-
-def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict:
-    """Mean, median, quartiles and histogram of pixel distances from the centre."""
-    if distances.size == 0:
-        return {"pixels": 0}
-    counts, _ = np.histogram(distances, bins=bin_edges)
-    q1, median, q3 = np.percentile(distances, [25, 50, 75])
-    return {
-        "pixels": int(distances.size),
-        "mean": float(np.mean(distances)),
-        "median": float(median),
-        "q1": float(q1),
-        "q3": float(q3),
-        "histogram_edges": [float(e) for e in bin_edges],
-        "histogram_counts": [int(c) for c in counts],
-    }
 
 
 def _attacked(run: results.AttackRun) -> dict[str, np.ndarray]:
@@ -215,13 +136,9 @@ def _stream(module, variables, shapes, images, rows, batch_size, signed):
     }
     predicted = np.empty((total,), np.int64)
     progress = common.Progress(total, "attacks")
-    for begin in range(0, total, batch_size):
-        end = min(begin + batch_size, total)
-        # Pad the last batch by repeating its first row (masked out) to keep one shape.
-        take = np.concatenate(
-            [np.arange(begin, end), np.full(batch_size - (end - begin), begin)]
-        )
-        valid = np.arange(batch_size) < end - begin
+    for batch in batching.batches(total, batch_size):
+        # The padding rows are masked out of the sums (`valid`).
+        take, valid, begin, end = batch.take, batch.valid, batch.start, batch.end
         state, out = step(
             state,
             variables,
@@ -319,26 +236,17 @@ def _generation0(module, variables, images, rows, summary, workdir):
     best_of = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)))
     per_batch = max(1, GENERATION0_CANDIDATES_PER_BATCH // config.population)
     indices, total = rows["index"], rows["index"].size
-    out: dict[str, np.ndarray] = {}
-    progress = common.Progress(total, "initial populations")
-    for begin in range(0, total, per_batch):
-        end = min(begin + per_batch, total)
-        take = np.concatenate(
-            [np.arange(begin, end), np.full(per_batch - (end - begin), begin)]
-        )
-        part = jax.device_get(
-            best_of(
-                jnp.asarray(indices[take], jnp.int32),
-                variables,
-                jnp.asarray(images[indices[take]]),
-                jnp.asarray(rows["label"][take], jnp.int32),
-            )
-        )
-        for name, value in part.items():
-            if name not in out:
-                out[name] = np.empty((total, *value.shape[1:]), value.dtype)
-            out[name][begin:end] = value[: end - begin]
-        progress.update(end)
+    out = batching.map_batches(
+        lambda index, image, label: best_of(
+            jnp.asarray(index, jnp.int32),
+            variables,
+            jnp.asarray(image),
+            jnp.asarray(label, jnp.int32),
+        ),
+        [indices, images[indices], rows["label"]],
+        per_batch,
+        on_batch=common.Progress(total, "initial populations").update,
+    )
     rundir.write_npz(
         path, {**out, "index": rows["index"], "settings": np.array(record)}
     )
@@ -689,7 +597,10 @@ def _summary(
         "pred_after_mismatches": mismatches,
         "distance_from_centre": {
             "metric": f"{DISTANCE_METRIC} from the image centre, in pixels",
-            **{o: distance_stats(distance_by_outcome[o], bin_edges) for o in OUTCOMES},
+            **{
+                o: stats.distance_stats(distance_by_outcome[o], bin_edges)
+                for o in OUTCOMES
+            },
             "uniform_histogram_fractions": [float(f) for f in uniform],
         },
         "per_layer": {
@@ -752,12 +663,14 @@ def main(argv: list[str]) -> None:
     generation0 = _generation0(module, variables, images, rows, run.summary, workdir)
 
     masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
-    layer_stats = {o: per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES}
+    layer_stats = {
+        o: propagation.per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES
+    }
     height, width = images.shape[1:3]
-    distances = distance_from_centre(rows["pixels"], height, width)
-    bin_edges = distance_bin_edges(height, width)
+    distances = stats.distance_from_centre(rows["pixels"], height, width)
+    bin_edges = stats.distance_bin_edges(height, width)
     distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
-    uniform = uniform_distance_fractions(height, width, bin_edges)
+    uniform = stats.uniform_distance_fractions(height, width, bin_edges)
 
     out_dir = os.path.join(workdir, output_folder())
     os.makedirs(out_dir, exist_ok=True)

@@ -29,7 +29,7 @@ from absl import flags, logging
 from flax import serialization
 
 from experiments import common, rundir
-from propmaps_jax import checkpoint, models, training
+from propmaps_jax import batching, checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
 
 flags.DEFINE_integer("epochs", 100, "Training epochs.")
@@ -261,15 +261,9 @@ def diverged(epoch: int, what: str, kept: str) -> Diverged:
 def evaluate(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch: int):
     """(accuracy, mean loss) on a split, padding the last batch."""
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for start in range(0, len(images), batch):
-        x, y = images[start : start + batch], labels[start : start + batch]
-        mask = np.ones(batch, bool)
-        if len(x) < batch:
-            pad = batch - len(x)
-            mask[len(x) :] = False
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        out = eval_fn(variables, x, y, mask)
+    for part in batching.batches(len(images), batch):
+        take = part.take
+        out = eval_fn(variables, images[take], labels[take], part.valid)
         for k in totals:
             totals[k] += float(out[k])
     return totals["correct"] / totals["count"], totals["loss"] / totals["count"]

@@ -65,7 +65,8 @@ def map_batches(
     Args:
       fn: a jitted (or jittable) function of one batch of each array; it returns
         a pytree of arrays with the batch along axis 0.
-      arrays: the inputs, each with the same number of rows N (NumPy arrays).
+      arrays: the inputs, each with the same number of rows N (NumPy or JAX
+        arrays, e.g. one PRNG key per item).
       batch_size: rows per call; the last batch is padded to it.
       on_batch: called as on_batch(items done) after each batch (progress lines).
     Returns:
@@ -95,9 +96,7 @@ def map_batches(
         shapes = jax.eval_shape(
             fn,
             *(
-                jax.ShapeDtypeStruct(
-                    (batch_size, *np.shape(a)[1:]), np.asarray(a).dtype
-                )
+                jax.ShapeDtypeStruct((batch_size, *np.shape(a)[1:]), a.dtype)
                 for a in arrays
             ),
         )

@@ -17,3 +17,7 @@ class DataError(PropmapsError):
 
 class WeightsError(PropmapsError):
     """A checkpoint or Keras file is missing, corrupt or does not fit the model."""
+
+
+class SaliencyError(PropmapsError):
+    """A bad saliency argument (method, steps, samples, sigma, score, shapes)."""

@@ -1,6 +1,9 @@
-"""Small statistics helpers: success rates with Wilson score intervals, the exact
-McNemar test of paired proportions, bootstrap counts over units and percentile
-intervals, and a batched binomial logistic regression (Newton / IRLS)."""
+"""Every statistic of the project, in one place: success rates with Wilson score
+intervals, the exact McNemar test of paired proportions, bootstrap counts over
+units and percentile intervals, a batched binomial logistic regression (Newton /
+IRLS), average ranks and the one Spearman correlation (NumPy, or JAX under `jit`),
+a weighted ROC AUC and ROC curve, and the distance of pixels from the image
+centre."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import statistics
 from fractions import Fraction
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from propmaps_jax.errors import PropmapsError
@@ -130,7 +135,12 @@ def bootstrap_counts(
 def percentile_interval(
     replicates: Any, confidence: float = 0.95, min_finite: int = 10
 ) -> tuple[float, float]:
-    """The percentile interval of bootstrap replicates (NaN if too few are finite)."""
+    """The percentile interval of bootstrap replicates (NaN if too few are finite).
+
+    The percentiles are 100 (1 - confidence) / 2 and 100 minus it, computed in
+    floating point (2.500000000000002 and 97.5 at 0.95), as since this function
+    first served the locality controls.
+    """
     values = np.asarray(replicates, np.float64)
     values = values[np.isfinite(values)]
     if values.size < min_finite:
@@ -220,3 +230,150 @@ def quartile_groups(values: Any, reference: Any) -> tuple[np.ndarray, np.ndarray
         raise PropmapsError("quartiles of an empty reference")
     cuts = np.quantile(reference, [0.25, 0.5, 0.75])
     return np.searchsorted(cuts, np.asarray(values, np.float64), side="left"), cuts
+
+
+# ----- ranks and Spearman, ROC -----------------------------------------------------
+
+
+def average_ranks(values: Any) -> Any:
+    """Ranks 0..P-1 along the last axis (..., P), ties given their average rank.
+
+    NumPy in, NumPy float64 out; a JAX array (or a tracer, under `jit`) in, JAX
+    float32 out (the ranks are exact half-integers either way).
+    """
+    if isinstance(values, jax.Array):
+        sorted_values = jnp.sort(values, axis=-1)
+
+        def ranks_1d(sorted_row: jax.Array, row: jax.Array) -> jax.Array:
+            low = jnp.searchsorted(sorted_row, row, side="left")
+            high = jnp.searchsorted(sorted_row, row, side="right")
+            return (low + high - 1).astype(jnp.float32) / 2.0
+
+        flat_sorted = sorted_values.reshape(-1, values.shape[-1])
+        flat = values.reshape(-1, values.shape[-1])
+        return jax.vmap(ranks_1d)(flat_sorted, flat).reshape(values.shape)
+    values = np.asarray(values)
+    order = np.argsort(values, axis=-1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=-1)
+    size = values.shape[-1]
+    position = np.broadcast_to(np.arange(size), values.shape)
+    # Each run of equal values spans sorted positions first..last; its rank is
+    # their mean.
+    starts = np.ones(values.shape, bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    ends = np.ones(values.shape, bool)
+    ends[..., :-1] = starts[..., 1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
+    last = np.flip(
+        np.minimum.accumulate(np.flip(np.where(ends, position, size), -1), axis=-1),
+        -1,
+    )
+    ranks = np.empty(values.shape, np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0, axis=-1)
+    return ranks
+
+
+def spearman(x: Any, y: Any) -> Any:
+    """Spearman rank correlation along the last axis (..., P), ties averaged.
+
+    NaN where x or y is constant along the axis (its ranks have no spread). NumPy
+    arrays in: NumPy float64 out; JAX arrays in: a pure, jittable JAX computation
+    in float32 (the saliency maps' comparison, `saliency.rank_correlation`).
+    """
+    xp = jnp if isinstance(x, jax.Array) or isinstance(y, jax.Array) else np
+    if xp is jnp:
+        x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx = rx - xp.mean(rx, axis=-1, keepdims=True)
+    ry = ry - xp.mean(ry, axis=-1, keepdims=True)
+    denominator = xp.sqrt(xp.sum(rx * rx, axis=-1) * xp.sum(ry * ry, axis=-1))
+    return xp.where(
+        denominator > 0,
+        xp.sum(rx * ry, axis=-1) / xp.where(denominator > 0, denominator, 1.0),
+        xp.nan,
+    )
+
+
+def weighted_auc(scores: Any, positive: Any, weights: Any) -> np.ndarray:
+    """ROC AUC (B,) of `scores` (m,) for labels `positive` (m,) under weights (B, m).
+
+    AUC = P(score of a positive > score of a negative) + P(tie) / 2, each item
+    counted with its weight (bootstrap counts); NaN without both classes.
+    """
+    scores, positive = np.asarray(scores), np.asarray(positive)
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    pos = positive[order].astype(np.float64)
+    w = np.asarray(weights)[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    w_pos = np.add.reduceat(w * pos, starts, axis=1)
+    w_neg = np.add.reduceat(w * (1.0 - pos), starts, axis=1)
+    neg_below = np.cumsum(w_neg, axis=1) - w_neg
+    numerator = np.sum(w_pos * (neg_below + 0.5 * w_neg), axis=1)
+    denominator = w_pos.sum(1) * w_neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / denominator, np.nan)
+
+
+def roc_curve(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) over all thresholds, from (0, 0)."""
+    scores, positive = np.asarray(scores), np.asarray(positive)
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.float64)
+    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
+    tp, fp = np.cumsum(pos)[last], np.cumsum(1.0 - pos)[last]
+    return (
+        np.r_[0.0, fp / max(fp[-1], 1.0)] if fp.size else np.zeros(1),
+        np.r_[0.0, tp / max(tp[-1], 1.0)] if tp.size else np.zeros(1),
+    )
+
+
+# ----- where pixels lie: distance from the image centre ----------------------------
+
+
+def distance_from_centre(pixels: Any, height: int, width: int) -> np.ndarray:
+    """Chebyshev distance max(|dr|, |dc|) of pixels (..., >= 2) (row, col first)
+    from the image centre ((height - 1) / 2, (width - 1) / 2).
+
+    The rings of the locality study are Chebyshev rings too: on a 32x32 image the
+    distances are 0.5, 1.5, .., 15.5, one value per square ring of pixels.
+    """
+    pixels = np.asarray(pixels)
+    centre_row, centre_col = (height - 1) / 2.0, (width - 1) / 2.0
+    return np.maximum(
+        np.abs(pixels[..., 0] - centre_row), np.abs(pixels[..., 1] - centre_col)
+    )
+
+
+def distance_bin_edges(height: int, width: int, bin_width: float = 1.0) -> np.ndarray:
+    """Histogram edges 0, 1, 2, ..: one bin per square ring around the centre."""
+    largest = max(height - 1, width - 1) / 2.0
+    return np.arange(0.0, math.floor(largest) + 2.0, bin_width)
+
+
+def uniform_distance_fractions(
+    height: int, width: int, bin_edges: np.ndarray
+) -> np.ndarray:
+    """Fraction of all image positions per distance bin: where pixels chosen
+    uniformly at random would lie (outer rings hold more positions)."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    everywhere = distance_from_centre(np.stack([rows, cols], -1), height, width)
+    counts, _ = np.histogram(everywhere, bins=bin_edges)
+    return counts / everywhere.size
+
+
+def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict[str, Any]:
+    """Mean, median, quartiles and histogram of pixel distances from the centre."""
+    if distances.size == 0:
+        return {"pixels": 0}
+    counts, _ = np.histogram(distances, bins=bin_edges)
+    q1, median, q3 = np.percentile(distances, [25, 50, 75])
+    return {
+        "pixels": int(distances.size),
+        "mean": float(np.mean(distances)),
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "histogram_edges": [float(e) for e in bin_edges],
+        "histogram_counts": [int(c) for c in counts],
+    }

@@ -370,3 +370,19 @@ def test_block_outputs_in_forward_order_through_jit(tiny_resnet, random_images):
     )
     # A block's output is its shortcut plus its branch: same shape as its conv2.
     assert layers["stage2_block1"].shape == layers["stage2_block1/conv2"].shape
+
+
+def test_per_outcome_layer_stats_by_hand():
+    # Two layers, four attacks; the mask keeps attacks 0, 1 and 3; NaN is ignored.
+    scalars = {
+        name: np.array([[0.5, 1.0], [1.0, np.nan], [9.0, 9.0], [0.0, 0.5]])
+        for name in ("max_ratio", "spread", "mean_abs_diff", "mean_fm", "mean_abs_fm")
+    }
+    out = propagation.per_outcome_layer_stats(
+        scalars, np.array([True, True, False, True])
+    )
+    np.testing.assert_allclose(out["max_ratio_mean"], [0.5, 0.75])
+    np.testing.assert_allclose(out["reaches_max_fraction"], [1 / 3, 0.5])
+    np.testing.assert_allclose(out["spread_p95"], [0.95, 0.975])
+    none = propagation.per_outcome_layer_stats(scalars, np.zeros(4, bool))
+    assert np.all(np.isnan(none["mean_fm"]))

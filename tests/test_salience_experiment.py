@@ -288,30 +288,6 @@ def test_numbers_against_an_independent_computation(finished, setup):
     np.testing.assert_allclose(row["estimate"], pairs.mean(), rtol=1e-6)
 
 
-def test_weighted_auc_and_roc_against_brute_force():
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 6, 40).astype(float)  # ties
-    positive = rng.random(40) < 0.4
-    weights = rng.integers(0, 3, (5, 40))
-    got = salience.weighted_auc(scores, positive, weights)
-    for b in range(5):
-        s = np.repeat(scores, weights[b])
-        p = np.repeat(positive, weights[b])
-        pos, neg = s[p], s[~p]
-        expected = (
-            (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])
-        ).mean()
-        np.testing.assert_allclose(got[b], expected)
-    fpr, tpr = salience.roc_curve(scores, positive)
-    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
-    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
-    # The trapezoid area under the ROC curve is the AUC with ties counted half.
-    np.testing.assert_allclose(
-        np.trapezoid(tpr, fpr),
-        salience.weighted_auc(scores, positive, np.ones((1, 40)))[0],
-    )
-
-
 def test_verdict_rule():
     assert salience.verdict(0.7, 0.65, 0.75, "auc", 50) == "supported"
     assert salience.verdict(0.55, 0.52, 0.58, "auc", 50) == "not supported"

@@ -248,3 +248,26 @@ def test_top_overlap_by_hand():
     b[0, 9, 9] = -1.0  # the largest pixel leaves the top 5 (of 100)
     np.testing.assert_allclose(saliency.top_overlap(a, b, 0.05), [0.8])
     assert saliency.top_count(1024, 0.05) == 52
+
+
+def test_change_positions_are_the_protocol_moves_unless_stored():
+    from propmaps_jax import locality
+
+    indices = np.array([4, 9, 20])
+    pixels = np.array([[[3, 5, 10, 20, 30]], [[0, 0, 1, 2, 3]], [[31, 31, 9, 9, 9]]])
+    nearby, random = locality.protocol_moves(
+        7, indices, pixels[:, 0, 0], pixels[:, 0, 1], 32, 32
+    )
+    changes, stored = saliency.change_positions(7, indices, pixels, 32, 32)
+    assert changes.shape == (3, 3, 5) and changes.dtype == np.int32 and not stored.any()
+    np.testing.assert_array_equal(changes[:, 0], pixels[:, 0])
+    np.testing.assert_array_equal(changes[:, 1, :2], nearby)
+    np.testing.assert_array_equal(changes[:, 2, :2], random)
+    # Every change keeps the attack's colour.
+    np.testing.assert_array_equal(changes[:, :, 2:], np.repeat(pixels[:, :, 2:], 3, 1))
+    changes, stored = saliency.change_positions(
+        7, indices, pixels, 32, 32, {9: (1, 0, 30, 2)}
+    )
+    np.testing.assert_array_equal(stored, [False, True, False])
+    np.testing.assert_array_equal(changes[1, 1:, :2], [[1, 0], [30, 2]])
+    np.testing.assert_array_equal(changes[[0, 2], 1, :2], nearby[[0, 2]])

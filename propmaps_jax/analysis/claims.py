@@ -114,15 +114,6 @@ def bootstrap_indices(n: int, seed: int, resamples: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (resamples, n))
 
 
-def _percentile_interval(replicates: np.ndarray, confidence: float) -> tuple:
-    replicates = replicates[np.isfinite(replicates)]
-    if replicates.size == 0:
-        return float("nan"), float("nan")
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(replicates, [tail, 100 - tail])
-    return float(low), float(high)
-
-
 def bootstrap_mean(
     values: np.ndarray,
     seed: int = 0,
@@ -136,7 +127,9 @@ def bootstrap_mean(
     if values.size == 0:
         return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
     idx = bootstrap_indices(values.size, seed, resamples)
-    low, high = _percentile_interval(values[idx].mean(axis=1), confidence)
+    low, high = stats.percentile_interval(
+        values[idx].mean(axis=1), confidence, min_finite=1
+    )
     return {
         "mean": float(values.mean()),
         "ci_low": low,
@@ -192,12 +185,16 @@ def layer_profile(
     replicates = values[idx].mean(axis=1)  # (resamples, L)
     per_layer = []
     for j in range(num_layers):
-        low, high = _percentile_interval(replicates[:, j], confidence)
+        low, high = stats.percentile_interval(
+            replicates[:, j], confidence, min_finite=1
+        )
         per_layer.append({"mean": float(means[j]), "ci_low": low, "ci_high": high})
 
     def ratio(num: np.ndarray, den: np.ndarray, rep_num, rep_den) -> dict:
         with np.errstate(divide="ignore", invalid="ignore"):
-            low, high = _percentile_interval(rep_num / rep_den, confidence)
+            low, high = stats.percentile_interval(
+                rep_num / rep_den, confidence, min_finite=1
+            )
             return {"ratio": float(num / den), "ci_low": low, "ci_high": high}
 
     return {
@@ -227,15 +224,6 @@ def same_across_layers_verdict(profile: dict[str, Any]) -> str:
 
 
 # --- Positions: the centre.
-
-
-def chebyshev_from_centre(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """max(|dr|, |dc|) of (row, col) (..., >= 2) from ((H-1)/2, (W-1)/2)."""
-    pixels = np.asarray(pixels)
-    return np.maximum(
-        np.abs(pixels[..., 0] - (height - 1) / 2.0),
-        np.abs(pixels[..., 1] - (width - 1) / 2.0),
-    )
 
 
 def central_square(height: int, width: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from propmaps_jax.errors import PropmapsError
@@ -322,3 +323,37 @@ def accumulate_statistics(
         lambda n: layer_summaries(fm[n], fm_adv[n], signed=signed), fm
     )
     return new_state, {"logits_adv": logits_adv, "summaries": summaries}
+
+
+# ----- per-layer statistics over many attacks (host, NumPy) --------------------
+
+
+def _nan_stat(fn, values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(fn(values)) if values.size else float("nan")
+
+
+def per_outcome_layer_stats(
+    scalars: dict[str, np.ndarray], mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-layer statistics (L,) over the attacks selected by `mask` (N,).
+
+    `scalars[name]` are per-image values (N, L) from `propagation.layer_summaries`.
+    """
+    num_layers = scalars["max_ratio"].shape[1]
+    out: dict[str, np.ndarray] = {}
+    for stat, source, fn in (
+        ("max_ratio_mean", "max_ratio", np.mean),
+        ("max_ratio_p95", "max_ratio", lambda v: np.percentile(v, 95)),
+        ("reaches_max_fraction", "max_ratio", lambda v: np.mean(v >= 1.0)),
+        ("spread_mean", "spread", np.mean),
+        ("spread_p95", "spread", lambda v: np.percentile(v, 95)),
+        ("mean_abs_diff", "mean_abs_diff", np.mean),
+        ("mean_fm", "mean_fm", np.mean),
+        ("mean_abs_fm", "mean_abs_fm", np.mean),
+    ):
+        values = scalars[source][mask]
+        out[stat] = np.array(
+            [_nan_stat(fn, values[:, j]) for j in range(num_layers)], np.float64
+        )
+    return out

@@ -34,13 +34,18 @@ non-negative maps (N, H, W) and are pure, jittable functions too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from propmaps_jax.errors import PropmapsError
+from propmaps_jax import models, stats
+from propmaps_jax.analysis import locality, propagation
+from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.errors import SaliencyError
 from propmaps_jax.types import Images, Labels, PRNGKey, Variables
 
 METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad")
@@ -50,10 +55,6 @@ SCORES = ("logit", "probability")
 ApplyFn = Callable[[Variables, Images], jax.Array]
 # Smilkov et al. recommend noise of 10-20% of the input range.
 DEFAULT_SIGMA = 0.15 * 255.0
-
-
-class SaliencyError(PropmapsError, ValueError):
-    """A bad saliency argument (method, steps, samples, sigma, score, shapes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,35 +325,16 @@ def window_share(
     return jnp.where(total > 0, part / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def average_ranks(values: jax.Array) -> jax.Array:
-    """Ranks 0..P-1 of the last axis (..., P), ties given their average rank."""
-    sorted_values = jnp.sort(values, axis=-1)
-
-    def ranks_1d(sorted_row: jax.Array, row: jax.Array) -> jax.Array:
-        low = jnp.searchsorted(sorted_row, row, side="left")
-        high = jnp.searchsorted(sorted_row, row, side="right")
-        return (low + high - 1).astype(jnp.float32) / 2.0
-
-    flat_sorted = sorted_values.reshape(-1, values.shape[-1])
-    flat = values.reshape(-1, values.shape[-1])
-    return jax.vmap(ranks_1d)(flat_sorted, flat).reshape(values.shape)
-
-
 def rank_correlation(a: jax.Array, b: jax.Array) -> jax.Array:
     """Spearman correlation (N,) between maps a[i] and b[i] (N, H, W), ties averaged.
 
-    NaN where a map is constant (its ranks have no spread).
+    `stats.spearman` over the pixels, in float32 (jittable); NaN where a map is
+    constant (its ranks have no spread).
     """
     n = a.shape[0]
-    ra = average_ranks(jnp.asarray(a, jnp.float32).reshape(n, -1))
-    rb = average_ranks(jnp.asarray(b, jnp.float32).reshape(n, -1))
-    ra = ra - jnp.mean(ra, axis=-1, keepdims=True)
-    rb = rb - jnp.mean(rb, axis=-1, keepdims=True)
-    denominator = jnp.sqrt(jnp.sum(ra * ra, axis=-1) * jnp.sum(rb * rb, axis=-1))
-    return jnp.where(
-        denominator > 0,
-        jnp.sum(ra * rb, axis=-1) / jnp.where(denominator > 0, denominator, 1.0),
-        jnp.nan,
+    return stats.spearman(
+        jnp.asarray(a, jnp.float32).reshape(n, -1),
+        jnp.asarray(b, jnp.float32).reshape(n, -1),
     )
 
 
@@ -376,3 +358,120 @@ def top_overlap(a: jax.Array, b: jax.Array, fraction: float = 0.05) -> jax.Array
     _, top_b = jax.lax.top_k(flat_b, k)
     in_b = jnp.zeros(flat_b.shape, bool).at[jnp.arange(n)[:, None], top_b].set(True)
     return jnp.mean(jnp.take_along_axis(in_b, top_a, axis=-1), axis=-1)
+
+
+# ----- the salience study (paper, section 8): its device computation ------------
+
+# The changes of each attacked image: the attack's pixel, the same colour at an
+# adjacent pixel and at a random other pixel (the locality protocol's moves).
+CHANGES = ("original", "nearby", "random")
+# Capture windows (odd sizes) around the changed pixel, and the top fraction of
+# pixels whose overlap measures the disturbance of a map.
+WINDOWS = (3, 5)
+TOP_FRACTION = 0.05
+
+
+def change_positions(
+    seed: int,
+    indices: np.ndarray,
+    pixels: np.ndarray,
+    height: int,
+    width: int,
+    stored: dict[int, tuple[int, int, int, int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(changes (N, 3, 5) original/nearby/random pixels, from_stored (N,) bool).
+
+    The nearby and random positions of each image are the locality protocol's
+    (`locality.protocol_moves`, the same key streams), except for the images in
+    `stored` ({dataset index: (nearby row, col, random row, col)}, e.g. the ones a
+    locality study recorded), which keep theirs. The colour is the attack's.
+    """
+    rows, cols = pixels[:, 0, 0], pixels[:, 0, 1]
+    nearby, random = locality.protocol_moves(seed, indices, rows, cols, height, width)
+    from_stored = np.zeros(len(indices), bool)
+    for j, index in enumerate(indices):
+        if stored and int(index) in stored:
+            nearby[j], random[j] = np.split(np.array(stored[int(index)]), 2)
+            from_stored[j] = True
+    changes = np.repeat(pixels[:, :1, :], 3, axis=1).copy()
+    changes[:, 1, :2] = nearby
+    changes[:, 2, :2] = random
+    return changes.astype(np.int32), from_stored
+
+
+def analyse_changes(
+    config: SaliencyConfig,
+    module,
+    last_layer: str,
+    variables: Variables,
+    images: Images,
+    labels: Labels,
+    changes: jax.Array,
+    keys: jax.Array,
+    return_maps: bool = False,
+) -> dict[str, jax.Array]:
+    """Saliency and propagation measures of M changes per image (pure, jittable).
+
+    images (N, H, W, C) 0..255, labels (N,), changes (N, M, 5) one pixel each,
+    keys (N,) one per image (SmoothGrad: the same noise before and after). Returns
+    per change (N, M): pred_after, prob_true_after, pm_last_max, pm_last_mean and
+    per class t in ("true", "new"): {t}_capture{3,5}_{before,after},
+    {t}_spearman (rank correlation before/after), {t}_top5 (top-5% overlap); and
+    pred_before (N,). With `return_maps` also the maps (N, M, H, W) / PM (N, M, h, w).
+    """
+    n, m = changes.shape[:2]
+    x = jnp.asarray(images, jnp.float32)
+    image_of = jnp.repeat(jnp.arange(n), m)  # change -> its image, image-major
+    flat = jnp.asarray(changes, jnp.int32).reshape(n * m, 1, 5)
+    changed = apply_pixels_batch(x[image_of], flat)
+    logits, layers = models.layer_outputs(
+        module, variables, jnp.concatenate([x, changed]), models.is_conv, train=False
+    )
+    fm = layers[last_layer]
+    pm = propagation.difference_map(fm[:n][image_of], fm[n:], "max")
+    pred_after = jnp.argmax(logits[n:], axis=-1).astype(jnp.int32)
+    labels = jnp.asarray(labels, jnp.int32)
+    probs_after = jax.nn.softmax(logits[n:], axis=-1)
+
+    # One batched saliency pass: clean (true class), clean (new class), changed
+    # (true class), changed (new class).
+    apply_fn = functools.partial(module.apply, train=False)
+    which = jnp.concatenate([jnp.arange(n), image_of, image_of, image_of])
+    maps = saliency_map(
+        keys[which] if config.uses_key else None,
+        apply_fn,
+        variables,
+        jnp.concatenate([x, x[image_of], changed, changed]),
+        jnp.concatenate([labels, pred_after, labels[image_of], pred_after]),
+        config,
+    )
+    nm = n * m
+    pairs = {
+        "true": (maps[:n][image_of], maps[n + nm : n + 2 * nm]),
+        "new": (maps[n : n + nm], maps[n + 2 * nm :]),
+    }
+    rows, cols = flat[:, 0, 0], flat[:, 0, 1]
+    out = {
+        "pred_after": pred_after,
+        "prob_true_after": jnp.take_along_axis(
+            probs_after, labels[image_of][:, None], axis=-1
+        )[:, 0],
+        "pm_last_max": jnp.max(pm, axis=(1, 2)),
+        "pm_last_mean": jnp.mean(pm, axis=(1, 2)),
+    }
+    for t, (before, after) in pairs.items():
+        for size in WINDOWS:
+            for when, sal in (("before", before), ("after", after)):
+                out[f"{t}_capture{size}_{when}"] = window_share(sal, rows, cols, size)
+        out[f"{t}_spearman"] = rank_correlation(before, after)
+        out[f"{t}_top5"] = top_overlap(before, after, TOP_FRACTION)
+    out = {k: v.reshape(n, m) for k, v in out.items()}
+    out["pred_before"] = jnp.argmax(logits[:n], axis=-1).astype(jnp.int32)
+    if return_maps:
+        shape = (n, m, *maps.shape[1:])
+        out["maps_before_true"] = pairs["true"][0].reshape(shape)
+        out["maps_after_true"] = pairs["true"][1].reshape(shape)
+        out["maps_after_new"] = pairs["new"][1].reshape(shape)
+        out["pm_last"] = pm.reshape((n, m, *pm.shape[1:]))
+        out["changed"] = changed.reshape((n, m, *changed.shape[1:]))
+    return out

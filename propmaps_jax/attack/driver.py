@@ -225,7 +225,7 @@ def attack_stream(
     capacity: int | None = None,
     mesh: Mesh | None = None,
     num_classes: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[ProgressInfo], None] | None = None,
     progress_every_s: float = 10.0,
     search_apply_fn: ApplyFn | None = None,
     candidate_forward: attack_engine.CandidateForward | str | None = "auto",
