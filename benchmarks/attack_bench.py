@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from propmaps_jax import attack, checkpoint, models  # noqa: E402
+from propmaps_jax import attack, batching, checkpoint, models  # noqa: E402
 
 flags.DEFINE_list("models", ["lenet", "resnet"], "Models (registry names).")
 flags.DEFINE_integer("population", 400, "DE population size.")
@@ -124,11 +124,10 @@ def bench(name: str, weights: dict[str, str]) -> dict:
         pixels=FLAGS.pixels, population=FLAGS.population, generations=FLAGS.generations
     )
     images, labels = test_images(FLAGS.num_images)
-    predictions = np.concatenate(
-        [
-            np.asarray(jnp.argmax(forward_fn(variables, images[i : i + 1000]), -1))
-            for i in range(0, len(images), 1000)
-        ]
+    predictions = batching.map_batches(
+        lambda x: jnp.argmax(forward_fn(variables, x), -1),
+        [images],
+        min(1000, len(images)),
     )
     if labels is None or not trained:
         labels = predictions  # random weights: attack the model's own decisions

@@ -157,7 +157,6 @@ def programs(
     the other programs (evaluation, locality, saliency, training).
     """
     from experiments import locality as locality_experiment
-    from experiments import salience as salience_experiment
 
     image_shape = (32, 32, 3)
     module = models.for_platform(models.create_model(model_name), platform)
@@ -293,7 +292,7 @@ def programs(
     sconfig = saliency.SaliencyConfig(method="smoothgrad", samples=saliency_samples)
     analyse = jax.jit(
         functools.partial(
-            salience_experiment.analyse_changes, sconfig, module, list(conv_shapes)[-1]
+            saliency.analyse_changes, sconfig, module, list(conv_shapes)[-1]
         )
     )
     keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype)

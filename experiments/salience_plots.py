@@ -70,7 +70,7 @@ def examples_figure(
 ) -> plt.Figure:
     """One row per attack: clean, changed, saliency before / after, last-layer PM.
 
-    `maps` is the output of `salience.analyse_changes(..., return_maps=True)` for
+    `maps` is the output of `saliency.analyse_changes(..., return_maps=True)` for
     these images, `positions` (n, 2) the (row, col) of each attack's pixel; only
     the attack's own pixel (change 0) is shown; `layer` names the PM's layer. The
     box marks the 3x3 window whose share of the saliency mass is the attention

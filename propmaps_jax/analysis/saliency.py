@@ -29,6 +29,12 @@ the summed class scores is every image's own gradient.
 
 The comparison measures (`window_share`, `rank_correlation`, `top_overlap`) take
 non-negative maps (N, H, W) and are pure, jittable functions too.
+
+The salience study (`experiments/salience.py`) changes each attacked image three
+ways (`change_positions`: the attack's pixel, its colour at the locality
+protocol's nearby and random positions) and measures, in one jittable device
+computation (`analyse_changes`), the capture of saliency mass around the change,
+the disturbance of the maps and the last convolution's propagation map.
 """
 
 from __future__ import annotations
