@@ -23,6 +23,9 @@ first).
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 from propmaps_jax.errors import DataError, PropmapsError, WeightsError
@@ -57,6 +60,40 @@ SUBMODULES = {
 
 __all__ = ["DataError", "PropmapsError", "WeightsError", *SUBMODULES]
 __version__ = "0.1.0"
+
+
+# The dotted paths of modules that moved into a subpackage (`import
+# propmaps_jax.propagation`, `from propmaps_jax.perturb import apply_pixels`) name
+# the same module object as their new home, so code written against the flat
+# layout keeps working, monkeypatching included.
+MOVED = {
+    f"propmaps_jax.{name}": target
+    for name, target in SUBMODULES.items()
+    if target != f"propmaps_jax.{name}"
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old dotted path as the module that now holds it."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(MOVED[spec.name])
+        self.homes = {**getattr(self, "homes", {}), spec.name: module.__spec__}
+        return module
+
+    def exec_module(self, module) -> None:
+        # The import machinery gave the module the old path's spec: give it back
+        # its own, so that it still names the file that holds it.
+        module.__spec__ = self.homes.pop(module.__spec__.name)
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
 
 
 def __getattr__(name: str) -> Any:
