@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 import re
@@ -37,7 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import budget, common, integrity, provenance, results, rundir, runlock
+from experiments import (
+    budget,
+    common,
+    integrity,
+    provenance,
+    results,
+    rundir,
+    runlock,
+    storage,
+)
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -197,7 +205,7 @@ def _chunk_path(chunks_dir: str, start: int, end: int) -> str:
 def _chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
     """{start: [(end, path), ...]} of the chunk files in `chunks_dir`."""
     found: dict[int, list[tuple[int, str]]] = {}
-    for path in glob.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
+    for path in storage.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
         match = re.fullmatch(r"chunk_(\d+)_(\d+)\.json", os.path.basename(path))
         if match:
             start, end = int(match.group(1)), int(match.group(2))
@@ -221,6 +229,8 @@ def _read_chunk(
         rows = chunk["rows"]
         row_indices = [int(row.split(",", 1)[0]) for row in rows]
         recorded = chunk.get("settings_sha256")
+    except storage.StorageError:
+        raise  # the store is unreachable: one line, never "a bad chunk"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, "bad"
     if recorded is None:
@@ -272,6 +282,8 @@ def _finished_prefix(
                 continue
             try:
                 recorded = rundir.read_json(path).get("settings_sha256")
+            except storage.StorageError:
+                raise
             except (OSError, ValueError, AttributeError):
                 continue
             if recorded is None and not legacy_ok:
@@ -378,7 +390,7 @@ def _check_workdir(
     settings_path = os.path.join(chunks_dir, "settings.json")
     has_chunks = bool(_chunk_files(chunks_dir))
     summary = None
-    if os.path.isfile(summary_path):
+    if storage.isfile(summary_path):
         summary = integrity.read_json_record(summary_path)
         if summary is None or not isinstance(summary.get("settings"), dict):
             integrity.note(
@@ -389,7 +401,7 @@ def _check_workdir(
         else:
             _require_same(workdir, summary["settings"], settings, legacy)
     legacy_ok = False
-    if os.path.isfile(settings_path) and has_chunks:
+    if has_chunks and storage.isfile(settings_path):
         stored = integrity.read_json_record(settings_path)
         _require_same(workdir, stored, settings, legacy)
         legacy_ok = True
@@ -408,7 +420,7 @@ def _check_workdir(
         return ("resume" if has_chunks else "new"), None, legacy_ok
     if has_chunks:
         return "resume", None, legacy_ok
-    if os.path.exists(os.path.join(workdir, CSV_NAME)) and not os.path.exists(
+    if storage.exists(os.path.join(workdir, CSV_NAME)) and not storage.exists(
         summary_path
     ):
         raise PropmapsError(
@@ -434,9 +446,8 @@ def _sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -
     aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
     if aside:
         stale = os.path.join(chunks_dir, "stale")
-        os.makedirs(stale, exist_ok=True)
         for path in aside:
-            os.replace(path, os.path.join(stale, os.path.basename(path)))
+            storage.move(path, os.path.join(stale, os.path.basename(path)))
         integrity.note(
             f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
             f"no record of them) are not merged; moved to {stale}"
@@ -456,7 +467,7 @@ def _open_workdir(
     if _is_main_process():
         status, finished_summary, legacy_ok = _check_workdir(workdir, settings, legacy)
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
-        if status != "finished" and os.path.isdir(chunks_dir):
+        if status != "finished" and storage.isdir(chunks_dir):
             shash = integrity.settings_sha256(settings)
             resume_from, done_chunks, kinds = _finished_prefix(
                 chunks_dir, indices, shash, legacy_ok
@@ -823,7 +834,7 @@ def _attack_chunks(
 def images_done(workdir: str, num_samples: int) -> int:
     """Sampled images already done in a run directory (a quick look for the job's
     cost estimate: the finished attack.csv, else the contiguous chunk files)."""
-    if os.path.isfile(os.path.join(workdir, SUMMARY_NAME)) and os.path.isfile(
+    if storage.isfile(os.path.join(workdir, SUMMARY_NAME)) and storage.isfile(
         os.path.join(workdir, CSV_NAME)
     ):
         return num_samples
@@ -866,7 +877,7 @@ def _write_results(
     summary["chunks_sha256"] = {
         os.path.basename(c["_path"]): rundir.file_sha256(c["_path"])
         for c in done_chunks
-        if os.path.isfile(c.get("_path", ""))
+        if c.get("_path") and storage.isfile(c["_path"])
     }
     rundir.write_text(os.path.join(workdir, CSV_NAME), text)
     rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)

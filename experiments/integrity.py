@@ -19,6 +19,7 @@ counts of its summary), and get the record the next time their run writes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from experiments import rundir
+from experiments import rundir, storage
 from propmaps_jax.errors import PropmapsError
 
 
@@ -55,7 +56,7 @@ def attack_csv_problem(csv_path: str, summary: dict | None) -> str:
     here; the rows are still checked by `results.read_attack_csv`.
     """
     recorded = (summary or {}).get("attack_csv_sha256")
-    if not os.path.isfile(csv_path):
+    if not storage.isfile(csv_path):
         return f"{csv_path} is missing"
     if not isinstance(recorded, str):
         return ""
@@ -82,6 +83,8 @@ def read_json_record(path: str) -> dict | None:
     """A JSON object file, or None when missing, empty, truncated or not an object."""
     try:
         record = rundir.read_json(path)
+    except storage.StorageError:
+        raise  # the store is unreachable: one line, not "unreadable"
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return record if isinstance(record, dict) else None
@@ -90,8 +93,10 @@ def read_json_record(path: str) -> dict | None:
 def read_npz(path: str) -> dict[str, np.ndarray] | None:
     """Every array of an .npz, or None when missing, truncated or unreadable."""
     try:
-        with np.load(path) as npz:
+        with np.load(io.BytesIO(storage.read_bytes(path))) as npz:
             return {k: npz[k] for k in npz.files}
+    except storage.StorageError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
         return None
 
@@ -101,7 +106,7 @@ def files_sha256(folder: str, names: list[str]) -> dict[str, str]:
     return {
         name: rundir.file_sha256(os.path.join(folder, name))
         for name in names
-        if os.path.isfile(os.path.join(folder, name))
+        if storage.isfile(os.path.join(folder, name))
     }
 
 
@@ -113,7 +118,7 @@ def reusable(path: str, settings: dict, required: list[str]) -> tuple[dict | Non
     and every file in `required` (names beside it) exists and, when the record
     lists its hash (`files_sha256`), still has it.
     """
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None, ""
     record = read_json_record(path)
     name = os.path.basename(path)
@@ -131,7 +136,7 @@ def reusable(path: str, settings: dict, required: list[str]) -> tuple[dict | Non
     hashes = record.get("files_sha256") or {}
     for file in required:
         file_path = os.path.join(folder, file)
-        if not os.path.isfile(file_path):
+        if not storage.isfile(file_path):
             return None, f"{file} is missing"
         if file in hashes and rundir.file_sha256(file_path) != hashes[file]:
             return None, f"{file} was changed or truncated since it was written"

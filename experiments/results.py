@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from typing import Any
 
 import numpy as np
 
-from experiments import integrity, provenance
+from experiments import integrity, provenance, storage
 from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
 
@@ -71,11 +72,12 @@ def num_pixels(columns: list[str]) -> int:
 def read_summary(directory: str) -> dict[str, Any] | None:
     """DIR/attack_summary.json, or None when the run has none."""
     path = os.path.join(directory, SUMMARY_NAME)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return None
     try:
-        with open(path) as f:
-            summary = json.load(f)
+        summary = json.loads(storage.read_bytes(path))
+    except storage.StorageError:
+        raise
     except (ValueError, UnicodeDecodeError):
         summary = None
     if not isinstance(summary, dict) or not isinstance(
@@ -94,12 +96,13 @@ def _summary_target(summary: dict | None) -> int | None | str:
 
 def _parse(path: str) -> tuple[list[str], np.ndarray]:
     """(header, table (N, columns) float64); the first malformed line named."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise PropmapsError(
             f"{path} does not exist: run the attack first "
             "(python launch.py --experiment=attack --workdir=...)"
         )
-    with open(path, newline="") as f:
+    text = storage.read_bytes(path).decode("utf-8")
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -477,7 +480,7 @@ def load_attack_run(
             f"{directory} holds a --target=all attack (one run per class): pass "
             f"--workdir={os.path.join(directory, 'target_<class>')}"
         )
-    if not os.path.isfile(csv_path):
+    if not storage.isfile(csv_path):
         read_attack_csv(csv_path)  # the one message for a missing file
     if summary is not None:
         expected = given_provenance(model_name, weights, images, labels)

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from propmaps_jax.checkpoint import atomic_write_bytes
+from experiments import storage
 from propmaps_jax.errors import PropmapsError
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Atomically write a file (a temporary file renamed over `path`)."""
-    atomic_write_bytes(path, data)
+    """Atomically write a file: a temporary file renamed over `path`, or one
+    upload on gs:// (`storage.write_bytes`)."""
+    storage.write_bytes(path, data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -78,6 +79,8 @@ def csv_text(header: list[str], rows: list[list]) -> str:
 
 def file_sha256(path: str) -> str:
     """The SHA-256 hex digest of a file's bytes, read in blocks."""
+    if storage.is_url(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -86,8 +89,8 @@ def file_sha256(path: str) -> str:
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file's contents (local or gs://; FileNotFoundError if missing)."""
+    return json.loads(storage.read_bytes(path))
 
 
 def _shown(key: str, value: Any) -> str:
@@ -118,6 +121,8 @@ def check_workdir(path: str, flag: str = "--workdir") -> str:
     """
     if not path:
         raise PropmapsError(f"{flag} is required: the folder where results are written")
+    if storage.is_url(path):
+        return _check_url_workdir(storage.normalize(path), flag)
     path = os.path.abspath(path)
     existing = path
     while not os.path.exists(existing):
@@ -140,6 +145,29 @@ def check_workdir(path: str, flag: str = "--workdir") -> str:
             f"{flag}={path}{what} is not writable ({e.strerror or e}); use a "
             f"writable {flag} or fix its permissions"
         ) from None
+    return path
+
+
+def _check_url_workdir(path: str, flag: str) -> str:
+    """A gs:// workdir: its bucket exists and these credentials may write to it.
+
+    The probe is one small object, written and deleted at once, so that missing
+    credentials or permissions fail here, in one line, before any work. Only
+    process 0 of a multi-host run (--distributed) checks: it alone reads and
+    writes the run directory, and the others never touch the store.
+    """
+    import jax
+
+    if jax.process_index() != 0:
+        return path
+    storage.makedirs(path)  # the bucket exists (StorageError otherwise)
+    if storage.isfile(path):
+        raise PropmapsError(
+            f"{flag}={path} is a file: results need a folder; use another {flag}"
+        )
+    probe = storage.join(path, f".write-probe-{os.getpid()}")
+    storage.write_bytes(probe, b"")
+    storage.remove(probe)
     return path
 
 

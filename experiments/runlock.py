@@ -11,9 +11,12 @@ one line. A lock of another host cannot be checked from here: the message says t
 delete the file when that run is known to be gone (a shared filesystem).
 
 The only primitive that needs the storage's help is `create_exclusive`: create a
-file if and only if it does not exist (`O_CREAT | O_EXCL` on a local or NFSv3+
-filesystem). An object store implements the same with a precondition (on Cloud
-Storage: `if_generation_match=0`), so a gs:// backend replaces that one function.
+file if and only if it does not exist, whole (`storage.create_if_absent`: a hard
+link of a complete temporary file on a local or NFSv3+ filesystem, an upload with
+the precondition `ifGenerationMatch=0` on Cloud Storage). A gs:// workdir is
+locked the same way; its stale lock is taken over by deleting it and creating
+ours (no rename on an object store): two takers racing both delete, and exactly
+one of them creates the new lock.
 
 Not covered: multi-host runs (--distributed) do not take the lock, and a pid
 reused by an unrelated process on the same host keeps a stale lock alive until
@@ -34,6 +37,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from experiments import storage
 from propmaps_jax.errors import PropmapsError
 
 LOCK_NAME = ".lock"
@@ -44,21 +48,12 @@ _HELD: dict[str, list] = {}
 def create_exclusive(path: str, data: bytes) -> bool:
     """Create `path` holding `data` if it does not exist; False if it does.
 
-    The one storage primitive of the lock (see the module docstring). The data is
-    written in the same call, so a reader sees the file only once it is complete
-    (up to a crash between create and write: an empty lock is treated as stale
-    once older than a minute, see `_stale`).
+    The one storage primitive of the lock (`storage.create_if_absent`): locally a
+    hard link of a complete temporary file, on gs:// an upload with the
+    precondition `ifGenerationMatch=0`. Either way a reader sees the file only once
+    it is complete.
     """
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
+    return storage.create_if_absent(path, data)
 
 
 def _record() -> dict:
@@ -73,8 +68,7 @@ def _record() -> dict:
 def _read(path: str) -> dict | None:
     """The lock's record; None when it vanished; {} when unreadable (half made)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = storage.read_bytes(path)
     except FileNotFoundError:
         return None
     try:
@@ -99,6 +93,8 @@ def _pid_alive(pid: int) -> bool:
 def _stale(path: str, record: dict) -> bool:
     """Whether the lock at `path` was left by a run that no longer runs."""
     if not record:  # created but never written (a crash in between)
+        if storage.is_url(path):
+            return False  # an object is created whole: never empty
         try:
             return time.time() - os.path.getmtime(path) > 60
         except OSError:
@@ -126,16 +122,16 @@ def acquire(workdir: str) -> bool:
     holds it. Returns False (nothing taken) when DIR cannot be created or written:
     the experiment's own checks then say why in their words.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = storage.normalize(workdir)
     if workdir in _HELD:
         _HELD[workdir][0] += 1
         return True
-    created = not os.path.exists(workdir)
+    created = not storage.is_url(workdir) and not os.path.exists(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
     except OSError:
         return False
-    path = os.path.join(workdir, LOCK_NAME)
+    path = storage.join(workdir, LOCK_NAME)
     data = (json.dumps(_record()) + "\n").encode()
     for _ in range(3):
         try:
@@ -156,6 +152,12 @@ def acquire(workdir: str) -> bool:
                 f"it to finish, or stop it (if it is known to be gone, delete "
                 f"{path})"
             )
+        if storage.is_url(path):
+            # No rename on an object store: delete the stale lock, then race for
+            # a new one (create_exclusive lets exactly one taker win).
+            storage.remove(path)
+            _took_over(workdir, record)
+            continue
         # Take over a stale lock: rename it away (only one taker succeeds), check
         # that it is the one judged stale, then create ours.
         aside = f"{path}.stale-{os.getpid()}"
@@ -170,20 +172,23 @@ def acquire(workdir: str) -> bool:
                 os.rename(aside, path)
             continue
         os.remove(aside)
-        print(
-            f"{workdir}: taking over the lock of a run that is gone "
-            f"({describe(record)})",
-            file=sys.stderr,
-            flush=True,
-        )
+        _took_over(workdir, record)
     raise PropmapsError(
         f"could not take the lock {path} (it keeps changing); is another run "
         "starting in the same folder?"
     )
 
 
+def _took_over(workdir: str, record: dict) -> None:
+    print(
+        f"{workdir}: taking over the lock of a run that is gone ({describe(record)})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _remove_if_empty(workdir: str, created: bool) -> None:
-    if created:
+    if created and not storage.is_url(workdir):
         with contextlib.suppress(OSError):
             os.rmdir(workdir)
 
@@ -191,7 +196,7 @@ def _remove_if_empty(workdir: str, created: bool) -> None:
 def release(workdir: str) -> None:
     """Drop one hold of DIR/.lock; the file goes with the last one, and DIR too
     when it was created for the lock and holds nothing else."""
-    workdir = os.path.abspath(workdir)
+    workdir = storage.normalize(workdir)
     held = _HELD.get(workdir)
     if held is None:
         return
@@ -199,11 +204,13 @@ def release(workdir: str) -> None:
     if held[0] > 0:
         return
     del _HELD[workdir]
-    path = os.path.join(workdir, LOCK_NAME)
-    record = _read(path)
-    if record is not None and record.get("pid") == os.getpid():
-        with contextlib.suppress(OSError):
-            os.remove(path)
+    path = storage.join(workdir, LOCK_NAME)
+    try:
+        record = _read(path)
+        if record is not None and record.get("pid") == os.getpid():
+            storage.remove(path)
+    except (OSError, storage.StorageError):
+        pass  # the store is unreachable: the lock stays, and is judged stale later
     _remove_if_empty(workdir, held[1])
 
 

@@ -64,7 +64,6 @@ import errno
 import glob as glob_module
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterator
 
 from propmaps_jax.checkpoint import atomic_write_bytes
@@ -306,34 +305,7 @@ def create_if_absent(path: str, data: bytes) -> bool:
             except FileExistsError:
                 return False
             return True
-    path = _local(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=".tmp-", suffix=os.path.basename(path)
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails with EEXIST when the name is taken
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-        try:  # no hard links on this file system: exclusive create, then write
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    finally:
-        os.remove(tmp)
+    return atomic_write_bytes(_local(path), data, exclusive=True)
 
 
 def remove(path: str, missing_ok: bool = True) -> None:
@@ -352,6 +324,44 @@ def remove(path: str, missing_ok: bool = True) -> None:
         except FileNotFoundError:
             if not missing_ok or _bucket_missing(fs, path):
                 raise
+
+
+def isfile(path: str) -> bool:
+    """Whether `path` is a file (an object on gs://; a bucket must exist)."""
+    if not is_url(path):
+        return os.path.isfile(_local(path))
+    fs = _filesystem(path)
+    with _translated(fs, path, "look for"):
+        if fs.isfile(path):
+            return True
+        if _bucket_missing(fs, path):
+            raise _no_bucket(path)
+        return False
+
+
+def isdir(path: str) -> bool:
+    """Whether `path` is a folder: on gs://, whether any object lies under it."""
+    if not is_url(path):
+        return os.path.isdir(_local(path))
+    return bool(listdir(path))
+
+
+def move(source: str, target: str) -> None:
+    """Move a file: `os.replace` locally; on gs:// a server-side copy, then delete.
+
+    Both paths must be on the same store. On gs:// the move is not atomic (object
+    stores have no rename): a crash between the copy and the delete leaves the file
+    at both names, never at neither; callers only move files aside (stale chunks),
+    where a leftover original is judged again, and moved again, by the next run.
+    """
+    if not is_url(source):
+        os.makedirs(os.path.dirname(os.path.abspath(_local(target))), exist_ok=True)
+        os.replace(_local(source), _local(target))
+        return
+    fs = _filesystem(source)
+    with _translated(fs, source, "move"):
+        fs.copy(source, target)
+        fs.rm_file(source)
 
 
 def makedirs(path: str) -> None:

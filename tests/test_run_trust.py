@@ -21,7 +21,16 @@ import pytest
 from absl import flags
 
 from experiments import attack as attack_experiment
-from experiments import budget, cli, common, integrity, results, rundir, runlock
+from experiments import (
+    budget,
+    cli,
+    common,
+    integrity,
+    results,
+    rundir,
+    runlock,
+    storage,
+)
 from experiments import locality as locality_experiment
 from propmaps_jax import checkpoint, data, memory, models
 from propmaps_jax.attack import AttackConfig
@@ -484,16 +493,16 @@ def test_write_failures_are_one_line_and_resume(
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / f"write_fails_{code}")
-    real = rundir.atomic_write_bytes
+    real = storage.atomic_write_bytes
     writes = []
 
-    def failing(path, payload):
+    def failing(path, payload, **options):
         writes.append(path)
         if "chunk_0000004" in path:
             raise OSError(code, os.strerror(code), path)
-        real(path, payload)
+        return real(path, payload, **options)
 
-    monkeypatch.setattr(rundir, "atomic_write_bytes", failing)
+    monkeypatch.setattr(storage, "atomic_write_bytes", failing)
     status = as_launched(
         workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
     )
