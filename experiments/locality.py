@@ -47,6 +47,7 @@ from experiments import (
     provenance,
     rundir,
     runlock,
+    storage,
     tables,
 )
 from experiments.results import check_dataset, read_attack_csv, read_summary
@@ -678,7 +679,7 @@ def controls_for_model(
     locality_csv = os.path.join(model_dir, "locality.csv")
     table = read_attack_csv(attack_csv)
     succ_rows = np.flatnonzero(table["success"])
-    has_moves = os.path.isfile(locality_csv)
+    has_moves = storage.isfile(locality_csv)
     settings = {
         "attack_csv_sha256": rundir.file_sha256(attack_csv),
         "locality_csv_sha256": rundir.file_sha256(locality_csv) if has_moves else None,
@@ -916,5 +917,4 @@ def main(argv: list[str]) -> None:
     )
     log(f"wrote {workdir}/table1.md, table1.csv, locality.json and figures")
     # The result, on stdout (progress and logs go to stderr).
-    with open(os.path.join(workdir, "table1.md")) as f:
-        print(f.read(), flush=True)
+    print(storage.read_text(os.path.join(workdir, "table1.md")), flush=True)

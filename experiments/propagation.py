@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, results, rundir
+from experiments import common, plots, results, rundir, storage
 from propmaps_jax import claims, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
@@ -397,7 +397,7 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
         folder += "_signed"
     if FLAGS.layers != "conv":
         folder += f"_{FLAGS.layers}"
-    os.makedirs(os.path.join(workdir, folder), exist_ok=True)
+    storage.makedirs(os.path.join(workdir, folder))
     examples = []
     for figure, pick in chosen.items():
         row = pick["row"]
@@ -541,7 +541,7 @@ def main(argv: list[str]) -> None:
         result, label, pixels, config.num_classes
     )
     logging.info("perturbation from %s: %s", source, pixel_text)
-    os.makedirs(os.path.join(workdir, "propagation"), exist_ok=True)
+    storage.makedirs(os.path.join(workdir, "propagation"))
     _figures(
         workdir,
         name,

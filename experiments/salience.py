@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 import os
 import time
@@ -50,7 +51,7 @@ import numpy as np
 import scipy.stats
 from absl import flags
 
-from experiments import common, rundir, salience_plots
+from experiments import common, rundir, salience_plots, storage
 from experiments.results import (
     load_attack_run,
     read_summary,
@@ -135,7 +136,7 @@ def read_locality_positions(
     path: str, indices: np.ndarray, pixels: np.ndarray
 ) -> dict[int, tuple[int, int, int, int]]:
     """{dataset index: (nearby row, col, random row, col)} from a locality.csv."""
-    with open(path, newline="") as f:
+    with io.StringIO(storage.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in LOCALITY_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -182,7 +183,7 @@ def change_positions(
     nearby, random = locality.protocol_moves(seed, indices, rows, cols, height, width)
     from_locality = np.zeros(len(indices), bool)
     path = os.path.join(workdir, "locality.csv")
-    if os.path.isfile(path):
+    if storage.isfile(path):
         stored = read_locality_positions(path, indices, pixels)
         if len(stored) != int(success.sum()):
             raise PropmapsError(
@@ -822,7 +823,7 @@ def run(
         "seconds": round(time.time() - start, 2),
     }
     out_dir = os.path.join(workdir, "salience")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     common.write_text(
         os.path.join(out_dir, "per_image.csv"),
         per_image_csv(table, attacked, results, changes, from_locality),

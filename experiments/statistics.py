@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, integrity, plots, results, rundir
+from experiments import common, integrity, plots, results, rundir, storage
 from propmaps_jax import attack_de, claims, models, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
@@ -290,7 +290,7 @@ def _generation0(module, variables, images, rows, summary, workdir):
     ):
         logging.info("initial populations' best candidates from %s", path)
         return {k: kept[k] for k in ("best", "reported", "success")}
-    if os.path.exists(path):
+    if storage.exists(path):
         integrity.note(
             f"recomputing {GENERATION0_NAME}: unreadable, or of other attacks or "
             "settings"
@@ -760,7 +760,7 @@ def main(argv: list[str]) -> None:
     uniform = uniform_distance_fractions(height, width, bin_edges)
 
     out_dir = os.path.join(workdir, output_folder())
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     mean_maps = _mean_maps(state, counts, order)
     rundir.write_npz(
         os.path.join(out_dir, "mean_maps.npz"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import rundir
+from experiments import rundir, storage
 from propmaps_jax import locality_controls as lc
 from propmaps_jax import stats
 from propmaps_jax.errors import PropmapsError
@@ -209,12 +209,12 @@ def read_locality_csv(path: str, max_distance: int) -> dict[str, np.ndarray]:
         for what in ("n", "success")
     ]
     try:
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            rows = list(reader)
+        text = storage.read_text(path)
     except OSError as e:
         raise PropmapsError(f"cannot read {path} ({e.strerror}): {rerun}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    rows = list(reader)
     missing = [c for c in (*LOCALITY_BASE, *rings) if c not in header]
     if missing:
         raise PropmapsError(

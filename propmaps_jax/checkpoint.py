@@ -91,6 +91,17 @@ def save_checkpoint(
     train_state: Any = None,
 ) -> None:
     """Atomically write a checkpoint (metadata must be JSON-serialisable)."""
+    atomic_write_bytes(path, checkpoint_bytes(config, variables, metadata, train_state))
+
+
+def checkpoint_bytes(
+    config: ModelConfig,
+    variables: Variables,
+    metadata: dict[str, Any] | None = None,
+    train_state: Any = None,
+) -> bytes:
+    """A checkpoint file's bytes (`save_checkpoint` writes them; a caller with its
+    own storage, such as a gs:// run directory, writes them itself)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -100,7 +111,7 @@ def save_checkpoint(
     }
     if train_state is not None:
         payload["train_state"] = serialization.to_state_dict(_to_numpy(train_state))
-    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+    return serialization.msgpack_serialize(payload)
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -108,7 +119,11 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise WeightsError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
-        raw = f.read()
+        return parse_checkpoint(f.read(), path)
+
+
+def parse_checkpoint(raw: bytes, path: str) -> dict[str, Any]:
+    """`read_checkpoint` of a checkpoint file's bytes (`path` names it in errors)."""
     try:
         payload = serialization.msgpack_restore(raw)
     except Exception as e:
