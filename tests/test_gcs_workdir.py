@@ -315,3 +315,131 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
         assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
     finally:
         store.stop()
+
+
+def launch(args, env_extra=None, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    env.pop("XLA_FLAGS", None)
+    env.pop("CIFAR10_PATH", None)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def finished(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
+    tiny, gcs_bucket, tmp_path
+):
+    """launch.py --experiment=locality on gs:// and on a local disk, at once: the
+    same files, the tables and attack.csv byte for byte; then propagation reads
+    that attack.csv from gs:// and writes its figures there."""
+    _, kwargs, npz = tiny
+    common_args = [
+        "--experiment=locality",
+        "--models=lenet_tiny",
+        f"--weights_lenet_tiny={kwargs['weights']}",
+        f"--cifar10_path={npz}",
+        "--num_samples=10",
+        "--population=8",
+        "--generations=3",
+        "--vulnerability_maps=1",
+        "--max_distance=2",
+        "--batch_size=512",
+    ]
+    remote = storage.join(gcs_bucket, "locality")
+    local = str(tmp_path / "locality")
+    runs = [launch([*common_args, f"--workdir={w}"]) for w in (remote, local)]
+    (out_remote, _), (out_local, _) = (finished(r) for r in runs)
+    assert "# Table 1" in out_remote and out_remote == out_local
+    local_files = sorted(
+        os.path.relpath(os.path.join(d, f), local)
+        for d, _, files in os.walk(local)
+        for f in files
+    )
+    remote_files = sorted(
+        p[len(remote) + 1 :] for p in storage.glob(remote + "/**") if storage.isfile(p)
+    )
+    assert remote_files == local_files
+    assert ".lock" not in remote_files and "table1.md" in remote_files
+    assert any(f.startswith("vulnerability_map_lenet_tiny_") for f in remote_files)
+    for name in (
+        "table1.md",
+        "table1.csv",
+        "controls.csv",
+        "lenet_tiny/attack.csv",
+        "lenet_tiny/locality.csv",
+        "lenet_tiny/controls.csv",
+    ):
+        with open(os.path.join(local, name), "rb") as f:
+            assert storage.read_bytes(storage.join(remote, name)) == f.read(), name
+    png = storage.read_bytes(storage.join(remote, "locality_vs_distance.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = read_attack_csv(storage.join(remote, "lenet_tiny", "attack.csv"))
+    index = int(table["index"][table["success"]][0])
+    out, _ = finished(
+        launch(
+            [
+                "--experiment=propagation",
+                "--model=lenet_tiny",
+                f"--weights={kwargs['weights']}",
+                f"--cifar10_path={npz}",
+                f"--workdir={remote}/lenet_tiny",
+                f"--index={index}",
+            ]
+        )
+    )
+    for name in (f"{index}_pm_max.png", f"{index}_pm_avg.png", f"{index}_maps.npz"):
+        path = storage.join(remote, "lenet_tiny", "propagation", name)
+        assert storage.isfile(path), (path, out)
+
+
+def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
+    """--distributed on 2 localhost processes with a gs:// workdir: process 1 is
+    pointed at a store that does not answer, so any read or write of it would
+    fail the run (after retries); both exit 0 and attack.csv on gs:// is the
+    single-process local one."""
+    _, kwargs, npz = tiny
+    address = f"localhost:{_gcs_emulator.free_port()}"
+    dead = f"http://127.0.0.1:{_gcs_emulator.free_port()}"
+    workdir = storage.join(gcs_bucket, "two")
+    runs = [
+        launch(
+            [
+                "--experiment=attack",
+                "--model=lenet_tiny",
+                f"--weights={kwargs['weights']}",
+                f"--cifar10_path={npz}",
+                "--num_samples=10",
+                "--population=8",
+                "--generations=3",
+                "--slots=3",
+                "--chunk_size=4",
+                f"--workdir={workdir}",
+                "--distributed",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            None if i == 0 else {"STORAGE_EMULATOR_HOST": dead},
+        )
+        for i in range(2)
+    ]
+    outputs = [finished(r) for r in runs]
+    assert f"results in {workdir}" in outputs[0][0]
+    assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
+    summary = json.loads(
+        storage.read_text(storage.join(workdir, "attack_summary.json"))
+    )
+    assert summary["device"]["process_count"] == 2
