@@ -33,6 +33,10 @@ do (`gcloud auth application-default login`, or a VM's service account).
   strongly consistent, so a chunk written by one host is seen whole by every
   host that lists or reads after the write returned. A writer killed mid-upload
   therefore leaves the previous state, and a resumed run redoes that chunk.
+- On both, readers do not take a file's existence as proof: an attack chunk is
+  merged only when the image range in its name matches its rows, one by one,
+  and it carries the run's settings hash (`experiments/attack.py`); the summary
+  records the SHA-256 of attack.csv and of every chunk (`integrity`).
 
 **A lock.** `create_if_absent` creates a file only if nothing is there, and says
 whether it did: locally a hard link of a complete temporary file (the link
