@@ -85,8 +85,7 @@ flags.DEFINE_integer(
 )
 FLAGS = flags.FLAGS
 
-CSV_NAME = "attack.csv"
-SUMMARY_NAME = "attack_summary.json"
+CSV_NAME, SUMMARY_NAME = results.CSV_NAME, results.SUMMARY_NAME
 CHUNKS_DIR = ".attack_chunks"
 # Default chunk: about 1/20 of the run (a progress line and a saved chunk every
 # 5%), between 10 and 500 images. Slots carry on across chunk ends, so small chunks

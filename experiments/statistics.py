@@ -65,10 +65,6 @@ CONTROL_STREAM = 1_000_003
 GENERATION0_CANDIDATES_PER_BATCH = 2048
 
 
-def _nan_to_none(value: float) -> float | None:
-    return None if not math.isfinite(value) else float(value)
-
-
 def _nan_stat(fn, values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     return float(fn(values)) if values.size else float("nan")
@@ -695,7 +691,7 @@ def _summary(
         "per_layer": {
             layer: {
                 outcome: {
-                    s: _nan_to_none(layer_stats[outcome][s][j])
+                    s: rundir.finite_json(layer_stats[outcome][s][j])
                     for s in layer_stats[outcome]
                 }
                 for outcome in OUTCOMES

@@ -248,11 +248,17 @@ def _denied(path: str, action: str, error: BaseException) -> str:
 
 def exists(path: str) -> bool:
     """Whether a file exists at `path` (a gs:// bucket must exist: StorageError)."""
+    return _look(path, os.path.exists, "exists")
+
+
+def _look(path: str, local_check, method: str) -> bool:
+    """`local_check(path)` locally, else the filesystem's `method`; a missing
+    bucket is a StorageError rather than False."""
     if not is_url(path):
-        return os.path.exists(_local(path))
+        return local_check(_local(path))
     fs = _filesystem(path)
     with _translated(fs, path, "look for"):
-        if fs.exists(path):
+        if getattr(fs, method)(path):
             return True
         if _bucket_missing(fs, path):
             raise _no_bucket(path)
@@ -332,15 +338,7 @@ def remove(path: str, missing_ok: bool = True) -> None:
 
 def isfile(path: str) -> bool:
     """Whether `path` is a file (an object on gs://; a bucket must exist)."""
-    if not is_url(path):
-        return os.path.isfile(_local(path))
-    fs = _filesystem(path)
-    with _translated(fs, path, "look for"):
-        if fs.isfile(path):
-            return True
-        if _bucket_missing(fs, path):
-            raise _no_bucket(path)
-        return False
+    return _look(path, os.path.isfile, "isfile")
 
 
 def isdir(path: str) -> bool:

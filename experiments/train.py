@@ -253,15 +253,8 @@ def _exists(path: str) -> bool:
         return False
 
 
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, inf) as None: valid JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
+# The one JSON sanitiser (NaN and infinities as null), under its old name here.
+json_safe = rundir.finite_json
 
 
 class Diverged(PropmapsError):

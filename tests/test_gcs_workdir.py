@@ -8,7 +8,6 @@ experiments, and the two-process run, are launched as a user launches them.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,19 +16,18 @@ import types
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from experiments import attack as attack_experiment
-from experiments import common, runlock, storage
+from experiments import runlock, storage
 from experiments.results import read_attack_csv
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from tests import _gcs_emulator
+from tests.test_run_trust import as_launched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
-FLAGS = flags.FLAGS
 _ORIGINAL_SAVE_CHUNK = attack_experiment._save_chunk
 
 
@@ -75,24 +73,14 @@ def local_csv(tiny):
 
 @pytest.fixture
 def parsed_flags():
+    """The absl flags as a launched experiment sees them, restored after."""
+    from absl import flags
     from absl.testing import flagsaver
 
-    if not FLAGS.is_parsed():
-        FLAGS.mark_as_parsed()
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     with flagsaver.flagsaver():
-        yield FLAGS
-
-
-def as_launched(workdir, run, parsed):
-    """(exit status) of `run()` called as a launched experiment's main."""
-    parsed.workdir = workdir
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            common.resumable()(lambda argv: run())([])
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    return stop.value.code
+        yield flags.FLAGS
 
 
 def stop_after_chunks(monkeypatch, chunks, stop):
@@ -269,7 +257,7 @@ def test_no_permission_is_one_line(tiny, gcs_bucket, monkeypatch):
 
 
 def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
-    tiny, local_csv, gcs_emulator, tmp_path, monkeypatch, parsed_flags, capsys
+    tiny, local_csv, gcs_emulator, tmp_path, monkeypatch
 ):
     """The emulator stops after the first chunk: the next write fails after
     gcsfs's retries with one line (exit 2 through the launcher); started again,
