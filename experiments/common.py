@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from absl import flags, logging
 
-from experiments import rundir, storage
+from experiments.runs import rundir, storage
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.errors import PropmapsError
 
@@ -242,7 +242,7 @@ def handle_sigterm() -> None:
 
 
 def _holds_results(workdir: str | None) -> bool:
-    """Whether `workdir` holds anything but the run's lock (`runlock`); False when
+    """Whether `workdir` holds anything but the run's lock (`runs.lock`); False when
     it cannot be listed (a store that is gone)."""
     if not workdir:
         return False

@@ -39,18 +39,18 @@ import numpy as np
 from absl import flags
 
 import experiments.attack as attack_experiment
-from experiments import (
+from experiments import common, plots, tables
+from experiments.runs import (
+    attack_csv,
     budget,
-    common,
     integrity,
-    plots,
+    lock,
     provenance,
     rundir,
-    runlock,
     storage,
-    tables,
 )
-from experiments.results import check_dataset, read_attack_csv, read_summary
+from experiments.runs import locality_csv as locality_file
+from experiments.runs.attack_csv import check_dataset, read_attack_csv, read_summary
 from propmaps_jax import checkpoint, locality, locality_controls, models, stats
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -402,7 +402,7 @@ def _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record
     if len(succ_rows):
         rundir.write_text(
             os.path.join(model_dir, "locality.csv"),
-            tables.locality_csv(table, succ_rows, study),
+            locality_file.text(table, succ_rows, study),
         )
     rundir.write_npz(os.path.join(model_dir, "vulnerability_maps.npz"), maps_arrays)
     record["files_sha256"] = integrity.files_sha256(
@@ -654,7 +654,7 @@ def run_controls(
 
 
 def _empty_locality(max_distance: int) -> dict[str, np.ndarray]:
-    moved = {c: np.zeros(0, np.int64) for c in tables.LOCALITY_BASE}
+    moved = {c: np.zeros(0, np.int64) for c in locality_file.BASE_COLUMNS}
     moved["ring_n"] = np.zeros((0, max_distance), np.int64)
     moved["ring_success"] = np.zeros((0, max_distance), np.int64)
     return moved
@@ -707,7 +707,7 @@ def controls_for_model(
             "locality experiment again on this --workdir (it reuses attack.csv)"
         )
     moved = (
-        tables.read_locality_csv(locality_csv, max_distance)
+        locality_file.read(locality_csv, max_distance=max_distance)
         if len(succ_rows)
         else _empty_locality(max_distance)
     )
@@ -854,9 +854,7 @@ def main(argv: list[str]) -> None:
                 models.make_apply_fn(loaded[n][1]),
                 loaded[n][2],
                 model_samples(n)
-                - attack_experiment.images_done(
-                    os.path.join(workdir, n), model_samples(n)
-                ),
+                - attack_csv.images_done(os.path.join(workdir, n), model_samples(n)),
             )
             for n in names
         },
@@ -872,7 +870,7 @@ def main(argv: list[str]) -> None:
             raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
         later = names[names.index(name) + 1 :]
         attack_experiment.LATER_WORK_S[0] = sum(estimate[n] for n in later)
-        with runlock.hold(os.path.join(workdir, name), jax.process_index() == 0):
+        with lock.hold(os.path.join(workdir, name), jax.process_index() == 0):
             attack_summaries[name], record = _attack_and_study(
                 name, workdir, weights[name], loaded[name], dataset, config
             )

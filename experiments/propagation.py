@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, results, rundir, storage
+from experiments import common, plots
+from experiments.runs import attack_csv, rundir, storage
 from propmaps_jax import claims, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
@@ -91,7 +92,7 @@ def perturbation_from_flags(
         if any(not 0 <= c <= 255 for c in colour):
             raise PropmapsError(f"--rgb={FLAGS.rgb}: each colour must be in 0..255")
         return np.array([[row, col, *colour]], np.int64), "--pixel/--rgb", None
-    run = results.load_attack_run(
+    run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     path, table = run.csv_path, run.table
@@ -377,7 +378,7 @@ def _prob_true(module, variables, image, label, pixels) -> np.ndarray:
 
 def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Figures 2-6 of the paper, each attack chosen by a rule (see the docstring)."""
-    run = results.load_attack_run(
+    run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     table = run.table

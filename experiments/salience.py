@@ -37,9 +37,7 @@ roc.png; nothing is written when the input is refused.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import math
 import os
 import time
@@ -51,8 +49,9 @@ import numpy as np
 import scipy.stats
 from absl import flags
 
-from experiments import common, rundir, salience_plots, storage
-from experiments.results import (
+from experiments import common, salience_plots
+from experiments.runs import locality_csv, rundir, storage
+from experiments.runs.attack_csv import (
     load_attack_run,
     read_summary,
     recorded_weights,
@@ -136,20 +135,15 @@ def read_locality_positions(
     path: str, indices: np.ndarray, pixels: np.ndarray
 ) -> dict[int, tuple[int, int, int, int]]:
     """{dataset index: (nearby row, col, random row, col)} from a locality.csv."""
-    with io.StringIO(storage.read_text(path), newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in LOCALITY_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PropmapsError(
-                f"{path} lacks the column(s) {', '.join(missing)}: run the locality "
-                "experiment again or delete it"
-            )
-        try:
-            rows = [{c: int(r[c]) for c in LOCALITY_COLUMNS} for r in reader]
-        except (TypeError, ValueError):
-            raise PropmapsError(
-                f"{path} has malformed rows: run the locality experiment again"
-            ) from None
+    read = locality_csv.read(
+        path,
+        LOCALITY_COLUMNS,
+        remedy="run the locality experiment again or delete it",
+    )
+    rows = [
+        {c: int(read[c][k]) for c in LOCALITY_COLUMNS}
+        for k in range(len(read["index"]))
+    ]
     where = {int(i): j for j, i in enumerate(indices)}
     out = {}
     for r in rows:

@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, integrity, plots, results, rundir, storage
+from experiments import common, plots
+from experiments.runs import attack_csv, integrity, rundir, storage
 from propmaps_jax import attack_de, claims, models, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
@@ -143,7 +144,7 @@ def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict:
     }
 
 
-def _attacked(run: results.AttackRun) -> dict[str, np.ndarray]:
+def _attacked(run: attack_csv.AttackRun) -> dict[str, np.ndarray]:
     """The attacked rows of an attack run: index, pixels, success, pred_after, and
     the number of rows that were not attacked."""
     table = run.table
@@ -711,7 +712,7 @@ def main(argv: list[str]) -> None:
     workdir = common.require_workdir(create=False)
     # Data before the model: bad input is reported without compiling anything.
     images, labels = common.load_data().split("test")
-    run = results.load_attack_run(
+    run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     csv_path = run.csv_path
@@ -729,7 +730,7 @@ def main(argv: list[str]) -> None:
     # Before anything is written: the model must predict what attack.csv records
     # (the one check of runs recorded without a weights hash; a few near ties
     # may flip on another device).
-    results.require_predictions_match(csv_path, mismatches, total)
+    attack_csv.require_predictions_match(csv_path, mismatches, total)
     if mismatches:
         logging.warning(
             "%d of %d perturbed images are now predicted differently from the "

@@ -28,7 +28,8 @@ import numpy as np
 from absl import flags, logging
 from flax import serialization
 
-from experiments import common, rundir, storage
+from experiments import common
+from experiments.runs import rundir, storage
 from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from experiments import attack as attack_experiment
-from experiments import runlock, storage
-from experiments.results import read_attack_csv
+from experiments.runs import attack_csv, lock, storage
+from experiments.runs.attack_csv import read_attack_csv
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -28,7 +28,7 @@ from tests.test_run_trust import as_launched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
-_ORIGINAL_SAVE_CHUNK = attack_experiment._save_chunk
+_ORIGINAL_SAVE_CHUNK = attack_csv.save_chunk
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def parsed_flags():
 
 def stop_after_chunks(monkeypatch, chunks, stop):
     """Call `stop()` right after the attack saved its `chunks`-th chunk."""
-    save_chunk = attack_experiment._save_chunk
+    save_chunk = attack_csv.save_chunk
     saved = []
 
     def save_then_stop(*args):
@@ -94,7 +94,7 @@ def stop_after_chunks(monkeypatch, chunks, stop):
         if len(saved) == chunks:
             stop()
 
-    monkeypatch.setattr(attack_experiment, "_save_chunk", save_then_stop)
+    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
 
 
 def chunk_names(workdir):
@@ -120,7 +120,7 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
     status = as_launched(
         workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
     )
-    monkeypatch.setattr(attack_experiment, "_save_chunk", _ORIGINAL_SAVE_CHUNK)
+    monkeypatch.setattr(attack_csv, "save_chunk", _ORIGINAL_SAVE_CHUNK)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 130, last
     assert last == (
@@ -128,7 +128,7 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
         "command again to resume"
     )
     assert chunk_names(workdir) == ["chunk_0000000_0000004.json"]
-    assert not storage.exists(storage.join(workdir, runlock.LOCK_NAME))
+    assert not storage.exists(storage.join(workdir, lock.LOCK_NAME))
     assert not storage.exists(storage.join(workdir, "attack.csv"))
 
     summary = attack_experiment.run_attack(workdir, **kwargs)
@@ -166,26 +166,28 @@ def test_lock_on_gcs_refuses_a_second_writer(tiny, gcs_bucket, capsys):
     nothing; a stale lock of this host (a pid that is gone) is taken over."""
     _, kwargs, _ = tiny
     workdir = storage.join(gcs_bucket, "busy")
-    lock = storage.join(workdir, runlock.LOCK_NAME)
+    lock_path = storage.join(workdir, lock.LOCK_NAME)
     record = {"pid": 1, "host": "elsewhere", "since": "then", "command": "x"}
-    assert storage.create_if_absent(lock, json.dumps(record).encode())
+    assert storage.create_if_absent(lock_path, json.dumps(record).encode())
     with pytest.raises(PropmapsError) as error:
         attack_experiment.run_attack(workdir, **kwargs)
     message = str(error.value)
     assert "in use by another run: pid 1 on host elsewhere" in message
     assert "\n" not in message
-    assert storage.listdir(workdir) == [runlock.LOCK_NAME]
-    assert json.loads(storage.read_text(lock)) == record  # not ours, kept
+    assert storage.listdir(workdir) == [lock.LOCK_NAME]
+    assert json.loads(storage.read_text(lock_path)) == record  # not ours, kept
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    storage.write_text(lock, json.dumps({**record, "pid": gone.pid, "host": _host()}))
-    with runlock.hold(workdir):
-        assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
+    storage.write_text(
+        lock_path, json.dumps({**record, "pid": gone.pid, "host": _host()})
+    )
+    with lock.hold(workdir):
+        assert json.loads(storage.read_text(lock_path))["pid"] == os.getpid()
         # Held: a second creator (another process, another host) is refused.
-        assert not runlock.create_exclusive(lock, b"{}")
+        assert not lock.create_exclusive(lock_path, b"{}")
     assert "taking over the lock of a run that is gone" in capsys.readouterr().err
-    assert not storage.exists(lock)
+    assert not storage.exists(lock_path)
 
 
 def _host():
@@ -287,18 +289,18 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
         assert message.startswith(f"cannot reach the emulator at {store.url}"), message
         assert "run the same command again to resume" in message
         assert "\n" not in message
-        monkeypatch.setattr(attack_experiment, "_save_chunk", _ORIGINAL_SAVE_CHUNK)
+        monkeypatch.setattr(attack_csv, "save_chunk", _ORIGINAL_SAVE_CHUNK)
         store.start()  # the same port and folder: the objects are back
         assert chunk_names(workdir) == ["chunk_0000000_0000004.json"]
         # The failed run could not delete its lock (the store was gone). A rerun
         # is a new process, and this one's pid is then gone: as the lock of a
         # process that no longer runs, it is taken over.
-        lock = storage.join(workdir, runlock.LOCK_NAME)
-        record = json.loads(storage.read_text(lock))
+        lock_path = storage.join(workdir, lock.LOCK_NAME)
+        record = json.loads(storage.read_text(lock_path))
         assert record["pid"] == os.getpid()
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        storage.write_text(lock, json.dumps({**record, "pid": gone.pid}))
+        storage.write_text(lock_path, json.dumps({**record, "pid": gone.pid}))
         attack_experiment.run_attack(workdir, **kwargs)
         assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
     finally:

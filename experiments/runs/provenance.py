@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import rundir
+from experiments.runs import rundir
 from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
 

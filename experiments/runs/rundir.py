@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import storage
+from experiments.runs import storage
 from propmaps_jax.errors import PropmapsError
 
 

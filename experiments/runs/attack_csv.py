@@ -24,11 +24,12 @@ import dataclasses
 import io
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
 
-from experiments import integrity, provenance, storage
+from experiments.runs import integrity, provenance, rundir, storage
 from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
 
@@ -504,3 +505,194 @@ def require_predictions_match(csv_path: str, mismatches: int, total: int) -> Non
             "images are predicted differently than it records; pass the --model and "
             "--weights of the attack run"
         )
+
+
+# ---------------------------------------------------------------------------------
+# Rows: one line of attack.csv. Chunks carry their rows as these lines, so that
+# attack.csv is the chunks' rows joined, byte for byte; they are written by
+# `format_row` and read back by `row_index` / `row_values` only.
+
+
+def format_row(values: list[Any]) -> str:
+    return ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def row_index(row: str) -> int:
+    """The dataset index of a row (its first column)."""
+    return int(row.split(",", 1)[0])
+
+
+def row_values(row: str) -> dict[str, str]:
+    """The base columns of a row by name, as written (text)."""
+    return dict(zip(BASE_COLUMNS, row.split(","), strict=False))
+
+
+def csv_text(pixels: int, rows: list[str]) -> str:
+    """attack.csv's text: the header of a `pixels`-pixel attack, then the rows."""
+    return "\n".join([",".join(attack_columns(pixels))] + rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------
+# The chunk store: DIR/.attack_chunks/chunk_<start>_<end>.json, one per finished
+# piece of the run, each written whole (`storage`: a renamed temporary file, or
+# one upload on gs://), holding the rows of sampled images start..end-1 and the
+# run's settings hash; DIR/.attack_chunks/settings.json records the settings.
+# Chunks written before chunks recorded their hash are still read (`legacy`).
+
+CHUNKS_DIR = ".attack_chunks"
+
+
+def chunk_path(chunks_dir: str, start: int, end: int) -> str:
+    return os.path.join(chunks_dir, f"chunk_{start:07d}_{end:07d}.json")
+
+
+def chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
+    """{start: [(end, path), ...]} of the chunk files in `chunks_dir`."""
+    found: dict[int, list[tuple[int, str]]] = {}
+    for path in storage.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
+        match = re.fullmatch(r"chunk_(\d+)_(\d+)\.json", os.path.basename(path))
+        if match:
+            start, end = int(match.group(1)), int(match.group(2))
+            found.setdefault(start, []).append((end, path))
+    return found
+
+
+def read_chunk(
+    path: str, expected_indices: np.ndarray, settings_hash: str, legacy_ok: bool
+) -> tuple[dict | None, str]:
+    """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
+    expected index, in order, made under these settings; (None, why) otherwise:
+    "bad" (unreadable, rows of other images), "other" (another settings hash),
+    "unproven" (no hash, and no matching settings.json to vouch for it).
+
+    A chunk without a hash was written before chunks recorded one: it is taken
+    ("legacy") only when `legacy_ok` (the run's settings.json matched).
+    """
+    try:
+        chunk = rundir.read_json(path)
+        rows = chunk["rows"]
+        row_indices = [row_index(row) for row in rows]
+        recorded = chunk.get("settings_sha256")
+    except storage.StorageError:
+        raise  # the store is unreachable: one line, never "a bad chunk"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, "bad"
+    if recorded is None:
+        if not legacy_ok:
+            return None, "unproven"
+    elif recorded != settings_hash:
+        return None, "other"
+    if row_indices != [int(i) for i in expected_indices]:
+        return None, "bad"
+    return chunk, "ok" if recorded else "legacy"
+
+
+def finished_prefix(
+    chunks_dir: str, indices: np.ndarray, settings_hash: str, legacy_ok: bool
+) -> tuple[int, list[dict], dict[str, list[str]]]:
+    """End of the contiguous run of finished chunks from 0, those chunks, and the
+    paths of the chunk files passed over by kind ("legacy": taken without a hash;
+    "other", "unproven": never merged; see `read_chunk`).
+
+    The walk goes from each chunk's end to the chunk that starts there, so no image
+    is ever taken twice; a chunk must hold exactly the rows of the sampled images
+    of its range (`indices[start:end]`, in order) and carry this run's settings
+    hash, else the prefix ends before it and its images are attacked again. Of
+    several chunks starting at the same image (resumes with another chunking),
+    the longest valid one is taken.
+    """
+    found = chunk_files(chunks_dir)
+    end, chunks = 0, []
+    kinds: dict[str, list[str]] = {"legacy": [], "other": [], "unproven": []}
+    while end in found:
+        for next_end, path in sorted(found[end], reverse=True):
+            if next_end <= end or next_end > len(indices):
+                continue
+            chunk, kind = read_chunk(
+                path, indices[end:next_end], settings_hash, legacy_ok
+            )
+            if kind in kinds:
+                kinds[kind].append(path)
+            if chunk is not None:
+                chunks.append({**chunk, "_path": path})
+                end = next_end
+                break
+        else:
+            break
+    # Chunks of other settings anywhere in the folder, not only on the walk.
+    for entries in found.values():
+        for _, path in entries:
+            if path in kinds["other"] or path in kinds["unproven"]:
+                continue
+            try:
+                recorded = rundir.read_json(path).get("settings_sha256")
+            except storage.StorageError:
+                raise
+            except (OSError, ValueError, AttributeError):
+                continue
+            if recorded is None and not legacy_ok:
+                kinds["unproven"].append(path)
+            elif recorded is not None and recorded != settings_hash:
+                kinds["other"].append(path)
+    return end, chunks, kinds
+
+
+def save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
+    """Atomically write one finished chunk of rows."""
+    rundir.write_json(chunk_path(chunks_dir, start, end), chunk)
+
+
+def sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
+    """Legacy chunks taken: their settings hash is written now (accepted once,
+    recorded for good). Chunks of other or unproven settings: moved to
+    .attack_chunks/stale/, never merged. One line each."""
+    if kinds["legacy"]:
+        for path in kinds["legacy"]:
+            chunk = rundir.read_json(path)
+            rundir.write_json(path, {**chunk, "settings_sha256": shash})
+        integrity.note(
+            f"{chunks_dir}: {len(kinds['legacy'])} chunks written before chunks "
+            "recorded their settings are taken (their settings.json matches these "
+            "settings); their settings hash is now recorded"
+        )
+    aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
+    if aside:
+        stale = os.path.join(chunks_dir, "stale")
+        for path in aside:
+            storage.move(path, os.path.join(stale, os.path.basename(path)))
+        integrity.note(
+            f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
+            f"no record of them) are not merged; moved to {stale}"
+        )
+
+
+def chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(generations, success) of the attacked images in chunk rows."""
+    generations, success = [], []
+    for chunk in chunks:
+        for row in chunk["rows"]:
+            values = row_values(row)
+            if values["attacked"] == "1":
+                generations.append(int(values["generations"]))
+                success.append(values["success"] == "1")
+    return np.asarray(generations, np.int64), np.asarray(success, bool)
+
+
+def images_done(workdir: str, num_samples: int) -> int:
+    """Sampled images already done in a run directory (a quick look for the job's
+    cost estimate: the finished attack.csv, else the contiguous chunk files)."""
+    if storage.isfile(os.path.join(workdir, SUMMARY_NAME)) and storage.isfile(
+        os.path.join(workdir, CSV_NAME)
+    ):
+        return num_samples
+    found, end = chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
+    while end in found:
+        following = max(e for e, _ in found[end])
+        if following <= end:
+            break
+        end = following
+    return min(end, num_samples)
+
+
+def empty_chunk() -> dict[str, Any]:
+    return {"rows": [], "successes": 0, "evaluations": 0, "search_rejections": 0}

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from experiments import storage
+from experiments.runs import storage
 from propmaps_jax.errors import PropmapsError
 
 LOCK_NAME = ".lock"

@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from experiments import rundir, storage
+from experiments.runs import rundir, storage
 from propmaps_jax.errors import PropmapsError
 
 
