@@ -92,18 +92,7 @@ WINDOWS = (3, 5)
 TOP_FRACTION = 0.05
 SALIENCE_STREAM = 0x5A1
 BOOTSTRAP_STREAM = 0xB007
-LOCALITY_COLUMNS = (
-    "index",
-    "row",
-    "col",
-    "r",
-    "g",
-    "b",
-    "nearby_row",
-    "nearby_col",
-    "random_row",
-    "random_col",
-)
+LOCALITY_COLUMNS = locality_csv.POSITION_COLUMNS
 # Verdict rule: (value of no effect, smallest effect that matters) per statistic.
 NO_EFFECT = {"capture": 0.0, "auc": 0.5, "spearman": 0.0}
 MEANINGFUL = {"capture": 0.01, "auc": 0.6, "spearman": 0.1}

@@ -13,62 +13,36 @@ import subprocess
 import sys
 import types
 
-import jax
-import numpy as np
 import pytest
 
 from experiments import attack as attack_experiment
 from experiments.runs import attack_csv, lock, storage
 from experiments.runs.attack_csv import read_attack_csv
-from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from tests import _gcs_emulator
-from tests.test_run_trust import as_launched
+from tests.test_run_trust import (  # noqa: F401 (fixtures used below)
+    as_launched,
+    reference,
+    setup,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = AttackConfig(pixels=1, population=8, generations=3)
 _ORIGINAL_SAVE_CHUNK = attack_csv.save_chunk
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny LeNet checkpoint and a 12-image fake CIFAR-10 it classifies (two
-    labels changed: not attacked), as attack kwargs, plus the .npz for launches."""
-    folder = tmp_path_factory.mktemp("gcs")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(2))
-    weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    y = np.asarray(models.make_logits_fn(module, variables)(x)).argmax(-1)
-    y = y.astype(np.int32)
-    for i in (1, 6):
-        y[i] = (y[i] + 1) % 10
-    npz = str(folder / "tiny.npz")
-    np.savez(npz, x_train=x[:1], y_train=y[:1], x_test=x, y_test=y)
-    kwargs = dict(
-        model_name="lenet_tiny",
-        weights=weights,
-        dataset=data.Cifar10(x[:0], y[:0], x, y, source="fake"),
-        num_samples=10,
-        seed=0,
-        sample="first",
-        config=CONFIG,
-        slots=3,
-        chunk_size=4,
-    )
+def tiny(setup):  # noqa: F811 (test_run_trust's fixture)
+    """test_run_trust's tiny LeNet and 12-image fake CIFAR-10 (two labels changed:
+    not attacked): (folder, attack kwargs, the .npz for launches)."""
+    folder, kwargs, (*_, npz) = setup
     return folder, kwargs, npz
 
 
 @pytest.fixture(scope="module")
-def local_csv(tiny):
-    """attack.csv of an uninterrupted run on the local disk."""
-    folder, kwargs, _ = tiny
-    workdir = str(folder / "local")
-    attack_experiment.run_attack(workdir, **kwargs)
-    return open(os.path.join(workdir, "attack.csv")).read()
+def local_csv(reference):  # noqa: F811
+    """attack.csv of an uninterrupted run on the local disk (test_run_trust's)."""
+    return reference[1]
 
 
 @pytest.fixture
@@ -198,26 +172,16 @@ def test_missing_bucket_is_one_line_exit_2(tiny, gcs_bucket):
     """Through launch.py: a bucket that does not exist gives one line and exit 2,
     before any work."""
     _, kwargs, npz = tiny
-    base = [
-        sys.executable,
-        "launch.py",
-        "--experiment=attack",
-        "--model=lenet_tiny",
-        f"--weights={kwargs['weights']}",
-        f"--cifar10_path={npz}",
-        "--num_samples=4",
-        "--population=8",
-        "--generations=2",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [*base, "--workdir=gs://no-such-bucket/run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = launch(
+        [
+            "--experiment=attack",
+            "--model=lenet_tiny",
+            f"--weights={kwargs['weights']}",
+            f"--cifar10_path={npz}",
+            "--workdir=gs://no-such-bucket/run",
+        ]
     )
+    proc.stderr = proc.communicate(timeout=300)[1]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]

@@ -39,6 +39,10 @@ BASE_COLUMNS = (
     "random_pred",
     "random_success",
 )
+# What the salience study reads: the attack's pixel and where it was moved to.
+POSITION_COLUMNS = tuple(
+    c for c in BASE_COLUMNS if c != "label" and not c.endswith(("_pred", "_success"))
+)
 
 
 def ring_columns(max_distance: int) -> list[str]:
