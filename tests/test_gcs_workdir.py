@@ -13,11 +13,13 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from experiments import attack as attack_experiment
 from experiments.runs import attack_csv, lock, storage
 from experiments.runs.attack_csv import read_attack_csv
+from propmaps_jax import checkpoint
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from tests import _gcs_emulator
@@ -397,3 +399,57 @@ def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
         storage.read_text(storage.join(workdir, "attack_summary.json"))
     )
     assert summary["device"]["process_count"] == 2
+
+
+def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
+    """train on gs://: stopped by --max_minutes after the first epoch's checkpoint
+    (exit 75, the checkpoint on gs://), the same command resumes from it and continues
+    to the end (model.msgpack, train.json with 2 epochs); evaluate writes its
+    evaluation.json and predictions.npz to gs://."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 16)
+    npz = str(tmp_path / "tiny.npz")
+    np.savez(npz, x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    workdir = storage.join(gcs_bucket, "train")
+    train = [
+        "--experiment=train",
+        "--model=lenet_tiny",
+        f"--cifar10_path={npz}",
+        "--epochs=2",
+        "--batch_size=4",
+        f"--workdir={workdir}",
+    ]
+    proc = launch([*train, "--max_minutes=0.0001"])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-2000:]
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("stopped after --max_minutes: epoch 1 of 2 is saved")
+    )
+    assert storage.listdir(workdir) == ["checkpoint.msgpack"]
+    _, err = finished(launch(train))
+    assert f"resuming from {workdir}/checkpoint.msgpack at step 4/8 (epoch 1)" in err
+    record = json.loads(storage.read_text(storage.join(workdir, "train.json")))
+    assert len(record["history"]) == 2
+    model = str(tmp_path / "model.msgpack")
+    with open(model, "wb") as f:
+        f.write(storage.read_bytes(storage.join(workdir, "model.msgpack")))
+    assert checkpoint.read_checkpoint(model)["config"].name == "lenet_tiny"
+    evaluation = storage.join(gcs_bucket, "evaluate")
+    finished(
+        launch(
+            [
+                "--experiment=evaluate",
+                "--model=lenet_tiny",
+                f"--weights={model}",
+                f"--cifar10_path={npz}",
+                "--save_predictions",
+                f"--workdir={evaluation}",
+            ]
+        )
+    )
+    result = json.loads(storage.read_text(storage.join(evaluation, "evaluation.json")))
+    assert result["total"] == 8
+    assert storage.listdir(evaluation) == ["evaluation.json", "predictions.npz"]
