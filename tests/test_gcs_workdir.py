@@ -299,7 +299,8 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
 ):
     """launch.py --experiment=locality on gs:// and on a local disk, at once: the
     same files, the tables and attack.csv byte for byte; then propagation reads
-    that attack.csv from gs:// and writes its figures there."""
+    that attack.csv from gs:// and writes its figures there; statistics and
+    salience write the same tables and figures on both."""
     _, kwargs, npz = tiny
     common_args = [
         "--experiment=locality",
@@ -359,6 +360,38 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
     for name in (f"{index}_pm_max.png", f"{index}_pm_avg.png", f"{index}_maps.npz"):
         path = storage.join(remote, "lenet_tiny", "propagation", name)
         assert storage.isfile(path), (path, out)
+
+    # statistics, then salience (each locks the run), read that run on gs:// and
+    # on the local disk at once: the same tables.
+    for experiment, extra in (
+        ("statistics", ["--model=lenet_tiny", f"--weights={kwargs['weights']}"]),
+        ("salience", ["--bootstrap=100", "--examples=1"]),
+    ):
+        consumers = [
+            launch(
+                [
+                    f"--experiment={experiment}",
+                    f"--cifar10_path={npz}",
+                    f"--workdir={where}/lenet_tiny",
+                    "--batch_size=8",
+                    *extra,
+                ]
+            )
+            for where in (remote, local)
+        ]
+        for proc in consumers:
+            finished(proc)
+    for name in (
+        "statistics/distance_from_centre.png",
+        "statistics/mean_maps.npz",
+        "salience/per_image.csv",
+        "salience/table.csv",
+        "salience/table.md",
+        "salience/roc.png",
+    ):
+        with open(os.path.join(local, "lenet_tiny", name), "rb") as f:
+            got = storage.read_bytes(storage.join(remote, "lenet_tiny", name))
+            assert got == f.read(), name
 
 
 def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
