@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob as glob_module
+import logging
 import os
 import posixpath
 from collections.abc import Iterator
@@ -131,6 +132,13 @@ def _filesystem(path: str):
         )
     if not _bucket_and_key(path)[0]:
         raise StorageError(f"{path} names no bucket; use gs://BUCKET/PATH")
+    # gcsfs logs its optional features at INFO on import, and each request out of
+    # retries at ERROR with a traceback; every failure also reaches us as an
+    # exception, which becomes one line (`_translated`). Its log stays quiet
+    # unless a user has set a level for it.
+    gcsfs_logger = logging.getLogger("gcsfs")
+    if gcsfs_logger.level == logging.NOTSET:
+        gcsfs_logger.setLevel(logging.CRITICAL)
     try:
         import gcsfs.core
     except ImportError:
