@@ -12,7 +12,7 @@ run stopped by Ctrl-C (exit 130), SIGTERM (143), --max_minutes (75) or a failed
 write (74), each with one line, or killed, started again with the same flags,
 resumes after the last finished chunk, and the final files equal those of an
 uninterrupted run (apart from timings in the summary). One run at a time holds
-DIR (`runlock`); a damaged attack.csv is rebuilt from the chunks (`integrity`).
+DIR (`runs.lock`); a damaged attack.csv is rebuilt from the chunks (`integrity`).
 A run is identified by its settings: the model, the SHA-256 of its weights and
 of the test split (`provenance`), and the attack settings; the same weights
 under another path resume, other weights, data or settings are refused in one
@@ -23,10 +23,8 @@ DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -36,7 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import budget, common, integrity, provenance, results, rundir, runlock
+from experiments import common
+from experiments.runs import (
+    attack_csv,
+    budget,
+    integrity,
+    lock,
+    provenance,
+    rundir,
+    storage,
+)
 from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -76,9 +83,8 @@ flags.DEFINE_integer(
 )
 FLAGS = flags.FLAGS
 
-CSV_NAME = "attack.csv"
-SUMMARY_NAME = "attack_summary.json"
-CHUNKS_DIR = ".attack_chunks"
+CSV_NAME, SUMMARY_NAME = attack_csv.CSV_NAME, attack_csv.SUMMARY_NAME
+CHUNKS_DIR = attack_csv.CHUNKS_DIR
 # Default chunk: about 1/20 of the run (a progress line and a saved chunk every
 # 5%), between 10 and 500 images. Slots carry on across chunk ends, so small chunks
 # cost only a host sync and a small file each.
@@ -158,106 +164,6 @@ def _broadcast(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def _format_row(values: list[Any]) -> str:
-    return ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in values)
-
-
-def _chunk_path(chunks_dir: str, start: int, end: int) -> str:
-    return os.path.join(chunks_dir, f"chunk_{start:07d}_{end:07d}.json")
-
-
-def _chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
-    """{start: [(end, path), ...]} of the chunk files in `chunks_dir`."""
-    found: dict[int, list[tuple[int, str]]] = {}
-    for path in glob.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
-        match = re.fullmatch(r"chunk_(\d+)_(\d+)\.json", os.path.basename(path))
-        if match:
-            start, end = int(match.group(1)), int(match.group(2))
-            found.setdefault(start, []).append((end, path))
-    return found
-
-
-def _read_chunk(
-    path: str, expected_indices: np.ndarray, settings_hash: str, legacy_ok: bool
-) -> tuple[dict | None, str]:
-    """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
-    expected index, in order, made under these settings; (None, why) otherwise:
-    "bad" (unreadable, rows of other images), "other" (another settings hash),
-    "unproven" (no hash, and no matching settings.json to vouch for it).
-
-    A chunk without a hash was written before chunks recorded one: it is taken
-    ("legacy") only when `legacy_ok` (the run's settings.json matched).
-    """
-    try:
-        chunk = rundir.read_json(path)
-        rows = chunk["rows"]
-        row_indices = [int(row.split(",", 1)[0]) for row in rows]
-        recorded = chunk.get("settings_sha256")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, "bad"
-    if recorded is None:
-        if not legacy_ok:
-            return None, "unproven"
-    elif recorded != settings_hash:
-        return None, "other"
-    if row_indices != [int(i) for i in expected_indices]:
-        return None, "bad"
-    return chunk, "ok" if recorded else "legacy"
-
-
-def _finished_prefix(
-    chunks_dir: str, indices: np.ndarray, settings_hash: str, legacy_ok: bool
-) -> tuple[int, list[dict], dict[str, list[str]]]:
-    """End of the contiguous run of finished chunks from 0, those chunks, and the
-    paths of the chunk files passed over by kind ("legacy": taken without a hash;
-    "other", "unproven": never merged; see `_read_chunk`).
-
-    The walk goes from each chunk's end to the chunk that starts there, so no image
-    is ever taken twice; a chunk must hold exactly the rows of the sampled images
-    of its range (`indices[start:end]`, in order) and carry this run's settings
-    hash, else the prefix ends before it and its images are attacked again. Of
-    several chunks starting at the same image (resumes with another chunking),
-    the longest valid one is taken.
-    """
-    found = _chunk_files(chunks_dir)
-    end, chunks = 0, []
-    kinds: dict[str, list[str]] = {"legacy": [], "other": [], "unproven": []}
-    while end in found:
-        for next_end, path in sorted(found[end], reverse=True):
-            if next_end <= end or next_end > len(indices):
-                continue
-            chunk, kind = _read_chunk(
-                path, indices[end:next_end], settings_hash, legacy_ok
-            )
-            if kind in kinds:
-                kinds[kind].append(path)
-            if chunk is not None:
-                chunks.append({**chunk, "_path": path})
-                end = next_end
-                break
-        else:
-            break
-    # Chunks of other settings anywhere in the folder, not only on the walk.
-    for entries in found.values():
-        for _, path in entries:
-            if path in kinds["other"] or path in kinds["unproven"]:
-                continue
-            try:
-                recorded = rundir.read_json(path).get("settings_sha256")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if recorded is None and not legacy_ok:
-                kinds["unproven"].append(path)
-            elif recorded is not None and recorded != settings_hash:
-                kinds["other"].append(path)
-    return end, chunks, kinds
-
-
-def _save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
-    """Atomically write one finished chunk of rows."""
-    rundir.write_json(_chunk_path(chunks_dir, start, end), chunk)
-
-
 def _settings(
     provenance_keys: dict[str, str],
     num_samples: int,
@@ -325,9 +231,9 @@ def _finished_problem(workdir: str, summary: dict) -> str:
     if problem:
         return problem
     try:
-        results.read_attack_csv(csv_path, summary=summary)
+        attack_csv.read_attack_csv(csv_path, summary=summary)
     except PropmapsError as e:
-        return str(e).replace(f": {results._RERUN}", "")
+        return str(e).replace(f": {attack_csv._RERUN}", "")
     return ""
 
 
@@ -348,9 +254,9 @@ def _check_workdir(
     summary_path = os.path.join(workdir, SUMMARY_NAME)
     chunks_dir = os.path.join(workdir, CHUNKS_DIR)
     settings_path = os.path.join(chunks_dir, "settings.json")
-    has_chunks = bool(_chunk_files(chunks_dir))
+    has_chunks = bool(attack_csv.chunk_files(chunks_dir))
     summary = None
-    if os.path.isfile(summary_path):
+    if storage.isfile(summary_path):
         summary = integrity.read_json_record(summary_path)
         if summary is None or not isinstance(summary.get("settings"), dict):
             integrity.note(
@@ -361,7 +267,7 @@ def _check_workdir(
         else:
             _require_same(workdir, summary["settings"], settings, legacy)
     legacy_ok = False
-    if os.path.isfile(settings_path) and has_chunks:
+    if has_chunks and storage.isfile(settings_path):
         stored = integrity.read_json_record(settings_path)
         _require_same(workdir, stored, settings, legacy)
         legacy_ok = True
@@ -380,7 +286,7 @@ def _check_workdir(
         return ("resume" if has_chunks else "new"), None, legacy_ok
     if has_chunks:
         return "resume", None, legacy_ok
-    if os.path.exists(os.path.join(workdir, CSV_NAME)) and not os.path.exists(
+    if storage.exists(os.path.join(workdir, CSV_NAME)) and not storage.exists(
         summary_path
     ):
         raise PropmapsError(
@@ -388,31 +294,6 @@ def _check_workdir(
             "another --workdir"
         )
     return "new", None, legacy_ok
-
-
-def _sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
-    """Legacy chunks taken: their settings hash is written now (accepted once,
-    recorded for good). Chunks of other or unproven settings: moved to
-    .attack_chunks/stale/, never merged. One line each."""
-    if kinds["legacy"]:
-        for path in kinds["legacy"]:
-            chunk = rundir.read_json(path)
-            rundir.write_json(path, {**chunk, "settings_sha256": shash})
-        integrity.note(
-            f"{chunks_dir}: {len(kinds['legacy'])} chunks written before chunks "
-            "recorded their settings are taken (their settings.json matches these "
-            "settings); their settings hash is now recorded"
-        )
-    aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
-    if aside:
-        stale = os.path.join(chunks_dir, "stale")
-        os.makedirs(stale, exist_ok=True)
-        for path in aside:
-            os.replace(path, os.path.join(stale, os.path.basename(path)))
-        integrity.note(
-            f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
-            f"no record of them) are not merged; moved to {stale}"
-        )
 
 
 def _open_workdir(
@@ -428,12 +309,12 @@ def _open_workdir(
     if _is_main_process():
         status, finished_summary, legacy_ok = _check_workdir(workdir, settings, legacy)
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
-        if status != "finished" and os.path.isdir(chunks_dir):
+        if status != "finished" and storage.isdir(chunks_dir):
             shash = integrity.settings_sha256(settings)
-            resume_from, done_chunks, kinds = _finished_prefix(
+            resume_from, done_chunks, kinds = attack_csv.finished_prefix(
                 chunks_dir, indices, shash, legacy_ok
             )
-            _sort_out_chunks(chunks_dir, kinds, shash)
+            attack_csv.sort_out_chunks(chunks_dir, kinds, shash)
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
         return -1, [], finished_summary or {"settings": settings}
@@ -490,20 +371,7 @@ def _row(before: _Before, pos: int, result, j: int | None, pixels: int) -> str:
         # Not attacked: the image is unchanged, so "after" equals "before".
         row += [0, 0, int(before.pred[pos]), float(before.prob_true[pos]), 0, 0]
         row += [-1] * (5 * pixels)
-    return _format_row(row)
-
-
-def _chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(generations, success) of the attacked images in chunk rows."""
-    column = {name: i for i, name in enumerate(results.BASE_COLUMNS)}
-    generations, success = [], []
-    for chunk in chunks:
-        for row in chunk["rows"]:
-            values = row.split(",")
-            if values[column["attacked"]] == "1":
-                generations.append(int(values[column["generations"]]))
-                success.append(values[column["success"]] == "1")
-    return np.asarray(generations, np.int64), np.asarray(success, bool)
+    return attack_csv.format_row(row)
 
 
 def expected_remaining_generations(
@@ -575,7 +443,7 @@ class _AttackProgress:
         self.total, self.start = total, queue_start
         self.population, self.max_generations = population, max_generations
         self.every_s = every_s
-        self.generations, success = _chunk_outcomes(done_chunks)
+        self.generations, success = attack_csv.chunk_outcomes(done_chunks)
         self.chunk_images, self.chunk_successes = len(success), int(success.sum())
         self.resumed_successes = self.chunk_successes
         self.done, self.successes = queue_start, self.chunk_successes
@@ -752,7 +620,7 @@ def _attack_chunks(
     settings_path = os.path.join(chunks_dir, "settings.json")
     shash = integrity.settings_sha256(settings)
     chunk_start, piece_start, tick = resume_from, resume_from, time.time()
-    pending: dict[str, Any] = _empty_chunk()
+    pending: dict[str, Any] = attack_csv.empty_chunk()
     for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
         pending["rows"] += [
             _row(
@@ -776,13 +644,13 @@ def _attack_chunks(
         if not (end == n or end % chunk_size == 0 or now - tick >= MAX_CHUNK_S or late):
             continue
         chunk = {**pending, "seconds": now - tick, "settings_sha256": shash}
-        tick, pending = now, _empty_chunk()
+        tick, pending = now, attack_csv.empty_chunk()
         if _is_main_process():
             if chunk_start == resume_from:
                 rundir.write_json(settings_path, settings)
-            _save_chunk(chunks_dir, chunk_start, end, chunk)
+            attack_csv.save_chunk(chunks_dir, chunk_start, end, chunk)
         done_chunks.append(
-            {**chunk, "_path": _chunk_path(chunks_dir, chunk_start, end)}
+            {**chunk, "_path": attack_csv.chunk_path(chunks_dir, chunk_start, end)}
         )
         chunk_start = end
         if late and end < n:
@@ -790,26 +658,6 @@ def _attack_chunks(
                 f"{end} of {n} sampled images are done and kept in {workdir}"
             )
     return done_chunks
-
-
-def images_done(workdir: str, num_samples: int) -> int:
-    """Sampled images already done in a run directory (a quick look for the job's
-    cost estimate: the finished attack.csv, else the contiguous chunk files)."""
-    if os.path.isfile(os.path.join(workdir, SUMMARY_NAME)) and os.path.isfile(
-        os.path.join(workdir, CSV_NAME)
-    ):
-        return num_samples
-    found, end = _chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
-    while end in found:
-        following = max(e for e, _ in found[end])
-        if following <= end:
-            break
-        end = following
-    return min(end, num_samples)
-
-
-def _empty_chunk() -> dict[str, Any]:
-    return {"rows": [], "successes": 0, "evaluations": 0, "search_rejections": 0}
 
 
 def _write_results(
@@ -825,32 +673,31 @@ def _write_results(
     if not _is_main_process():
         return
     rows = [row for c in done_chunks for row in c["rows"]]
-    row_indices = [int(row.split(",", 1)[0]) for row in rows]
+    row_indices = [attack_csv.row_index(row) for row in rows]
     if row_indices != [int(i) for i in before.indices]:
         raise PropmapsError(
             f"{workdir}/{CHUNKS_DIR} does not hold one result per sampled image "
             "(repeated or missing rows); delete it and run again"
         )
-    header = ",".join(results.attack_columns(pixels))
-    text = "\n".join([header] + rows) + "\n"
+    text = attack_csv.csv_text(pixels, rows)
     summary["attack_csv_sha256"] = integrity.text_sha256(text)
     summary["settings_sha256"] = integrity.settings_sha256(summary["settings"])
     summary["chunks_sha256"] = {
         os.path.basename(c["_path"]): rundir.file_sha256(c["_path"])
         for c in done_chunks
-        if os.path.isfile(c.get("_path", ""))
+        if c.get("_path") and storage.isfile(c["_path"])
     }
     rundir.write_text(os.path.join(workdir, CSV_NAME), text)
     rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
 
 
 def run_attack(workdir: str, **kwargs: Any) -> dict:
-    """`_run_attack` while holding the workdir's lock (`runlock`): one writer per
+    """`_run_attack` while holding the workdir's lock (`runs.lock`): one writer per
     run directory; a second run on it is refused with one line naming the first.
     """
     if not _is_main_process():
         return _run_attack(workdir, **kwargs)
-    with runlock.hold(rundir.check_workdir(workdir)):
+    with lock.hold(rundir.check_workdir(workdir)):
         return _run_attack(workdir, **kwargs)
 
 

@@ -103,7 +103,11 @@ def _aliases(tree: ast.Module) -> dict[str, tuple[str, str | None]]:
                 if node.module == "experiments":
                     out[alias] = (f"experiments.{a.name}", None)
                 elif node.module.startswith("experiments."):
-                    out[alias] = (node.module, a.name)
+                    sub = f"{node.module}.{a.name}"  # a module of a package?
+                    if os.path.isfile(os.path.join(ROOT, *sub.split(".")) + ".py"):
+                        out[alias] = (sub, None)
+                    else:
+                        out[alias] = (node.module, a.name)
     return out
 
 
@@ -395,7 +399,7 @@ def main() -> None:
         return argv[:1]
 
     def run(argv: list[str]) -> None:
-        from experiments import runlock
+        from experiments.runs import lock as runlock
 
         # One writer per workdir: every experiment's --workdir is locked for the
         # run (multi-host runs excepted: see runlock).

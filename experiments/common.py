@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from absl import flags, logging
 
-from experiments import rundir
+from experiments.runs import rundir, storage
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.errors import PropmapsError
 
@@ -108,7 +108,7 @@ def require_workdir(create: bool = True, default: str | None = None) -> str:
     """
     workdir = rundir.check_workdir(FLAGS.workdir or default)
     if create:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
     return workdir
 
 
@@ -241,6 +241,17 @@ def handle_sigterm() -> None:
         pass
 
 
+def _holds_results(workdir: str | None) -> bool:
+    """Whether `workdir` holds anything but the run's lock (`runs.lock`); False when
+    it cannot be listed (a store that is gone)."""
+    if not workdir:
+        return False
+    try:
+        return any(name != ".lock" for name in storage.listdir(workdir))
+    except (OSError, storage.StorageError):
+        return False
+
+
 def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] | None:
     """(one line, exit status) of a run stopped by `error`; None for other errors.
 
@@ -249,12 +260,7 @@ def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] |
     lost). The finished results are on disk (each written atomically), so the
     same command resumes.
     """
-    # A folder holding only the run's lock (runlock) holds no result.
-    kept = (
-        bool(workdir)
-        and os.path.isdir(workdir)
-        and any(name != ".lock" for name in os.listdir(workdir))
-    )
+    kept = _holds_results(workdir)
     where = (
         f"the finished results are kept in {workdir}"
         if kept

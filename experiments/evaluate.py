@@ -15,7 +15,8 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common, rundir
+from experiments import common
+from experiments.runs import rundir
 from propmaps_jax import checkpoint, evaluation, models
 
 flags.DEFINE_bool(

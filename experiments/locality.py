@@ -39,17 +39,18 @@ import numpy as np
 from absl import flags
 
 import experiments.attack as attack_experiment
-from experiments import (
+from experiments import common, plots, tables
+from experiments.runs import (
+    attack_csv,
     budget,
-    common,
     integrity,
-    plots,
+    lock,
     provenance,
     rundir,
-    runlock,
-    tables,
+    storage,
 )
-from experiments.results import check_dataset, read_attack_csv, read_summary
+from experiments.runs import locality_csv as locality_file
+from experiments.runs.attack_csv import check_dataset, read_attack_csv, read_summary
 from propmaps_jax import (
     batching,
     checkpoint,
@@ -406,7 +407,7 @@ def _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record
     if len(succ_rows):
         rundir.write_text(
             os.path.join(model_dir, "locality.csv"),
-            tables.locality_csv(table, succ_rows, study),
+            locality_file.text(table, succ_rows, study),
         )
     rundir.write_npz(os.path.join(model_dir, "vulnerability_maps.npz"), maps_arrays)
     record["files_sha256"] = integrity.files_sha256(
@@ -645,7 +646,7 @@ def run_controls(
 
 
 def _empty_locality(max_distance: int) -> dict[str, np.ndarray]:
-    moved = {c: np.zeros(0, np.int64) for c in tables.LOCALITY_BASE}
+    moved = {c: np.zeros(0, np.int64) for c in locality_file.BASE_COLUMNS}
     moved["ring_n"] = np.zeros((0, max_distance), np.int64)
     moved["ring_success"] = np.zeros((0, max_distance), np.int64)
     return moved
@@ -670,7 +671,7 @@ def controls_for_model(
     locality_csv = os.path.join(model_dir, "locality.csv")
     table = read_attack_csv(attack_csv)
     succ_rows = np.flatnonzero(table["success"])
-    has_moves = os.path.isfile(locality_csv)
+    has_moves = storage.isfile(locality_csv)
     settings = {
         "attack_csv_sha256": rundir.file_sha256(attack_csv),
         "locality_csv_sha256": rundir.file_sha256(locality_csv) if has_moves else None,
@@ -698,7 +699,7 @@ def controls_for_model(
             "locality experiment again on this --workdir (it reuses attack.csv)"
         )
     moved = (
-        tables.read_locality_csv(locality_csv, max_distance)
+        locality_file.read(locality_csv, max_distance=max_distance)
         if len(succ_rows)
         else _empty_locality(max_distance)
     )
@@ -845,9 +846,7 @@ def main(argv: list[str]) -> None:
                 models.make_apply_fn(loaded[n][1]),
                 loaded[n][2],
                 model_samples(n)
-                - attack_experiment.images_done(
-                    os.path.join(workdir, n), model_samples(n)
-                ),
+                - attack_csv.images_done(os.path.join(workdir, n), model_samples(n)),
             )
             for n in names
         },
@@ -863,7 +862,7 @@ def main(argv: list[str]) -> None:
             raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
         later = names[names.index(name) + 1 :]
         attack_experiment.LATER_WORK_S[0] = sum(estimate[n] for n in later)
-        with runlock.hold(os.path.join(workdir, name), jax.process_index() == 0):
+        with lock.hold(os.path.join(workdir, name), jax.process_index() == 0):
             attack_summaries[name], record = _attack_and_study(
                 name, workdir, weights[name], loaded[name], dataset, config
             )
@@ -908,5 +907,4 @@ def main(argv: list[str]) -> None:
     )
     log(f"wrote {workdir}/table1.md, table1.csv, locality.json and figures")
     # The result, on stdout (progress and logs go to stderr).
-    with open(os.path.join(workdir, "table1.md")) as f:
-        print(f.read(), flush=True)
+    print(storage.read_text(os.path.join(workdir, "table1.md")), flush=True)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
-from experiments import rundir  # noqa: E402
+from experiments.runs import rundir  # noqa: E402
 from propmaps_jax import stats  # noqa: E402
 from propmaps_jax.models import CIFAR10_CLASSES  # noqa: E402
 

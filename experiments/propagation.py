@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, results, rundir
+from experiments import common, plots
+from experiments.runs import attack_csv, rundir, storage
 from propmaps_jax import batching, claims, propagation
 from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
@@ -92,7 +93,7 @@ def perturbation_from_flags(
         if any(not 0 <= c <= 255 for c in colour):
             raise PropmapsError(f"--rgb={FLAGS.rgb}: each colour must be in 0..255")
         return np.array([[row, col, *colour]], np.int64), "--pixel/--rgb", None
-    run = results.load_attack_run(
+    run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     path, table = run.csv_path, run.table
@@ -371,7 +372,7 @@ def _prob_true(module, variables, image, label, pixels) -> np.ndarray:
 
 def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Figures 2-6 of the paper, each attack chosen by a rule (see the docstring)."""
-    run = results.load_attack_run(
+    run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     table = run.table
@@ -391,7 +392,7 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
         folder += "_signed"
     if FLAGS.layers != "conv":
         folder += f"_{FLAGS.layers}"
-    os.makedirs(os.path.join(workdir, folder), exist_ok=True)
+    storage.makedirs(os.path.join(workdir, folder))
     examples = []
     for figure, pick in chosen.items():
         row = pick["row"]
@@ -535,7 +536,7 @@ def main(argv: list[str]) -> None:
         result, label, pixels, config.num_classes
     )
     logging.info("perturbation from %s: %s", source, pixel_text)
-    os.makedirs(os.path.join(workdir, "propagation"), exist_ok=True)
+    storage.makedirs(os.path.join(workdir, "propagation"))
     _figures(
         workdir,
         name,

@@ -37,7 +37,6 @@ roc.png; nothing is written when the input is refused.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import os
@@ -49,8 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common, rundir, salience_plots
-from experiments.results import (
+from experiments import common, salience_plots
+from experiments.runs import locality_csv, rundir, storage
+from experiments.runs.attack_csv import (
     load_attack_run,
     read_summary,
     recorded_weights,
@@ -89,18 +89,7 @@ GROUPS = ("successful", "failed", "nearby", "random")
 CLASSES = ("true", "new")
 SALIENCE_STREAM = 0x5A1
 BOOTSTRAP_STREAM = 0xB007
-LOCALITY_COLUMNS = (
-    "index",
-    "row",
-    "col",
-    "r",
-    "g",
-    "b",
-    "nearby_row",
-    "nearby_col",
-    "random_row",
-    "random_col",
-)
+LOCALITY_COLUMNS = locality_csv.POSITION_COLUMNS
 # Verdict rule: (value of no effect, smallest effect that matters) per statistic.
 NO_EFFECT = {"capture": 0.0, "auc": 0.5, "spearman": 0.0}
 MEANINGFUL = {"capture": 0.01, "auc": 0.6, "spearman": 0.1}
@@ -132,20 +121,15 @@ def read_locality_positions(
     path: str, indices: np.ndarray, pixels: np.ndarray
 ) -> dict[int, tuple[int, int, int, int]]:
     """{dataset index: (nearby row, col, random row, col)} from a locality.csv."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in LOCALITY_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PropmapsError(
-                f"{path} lacks the column(s) {', '.join(missing)}: run the locality "
-                "experiment again or delete it"
-            )
-        try:
-            rows = [{c: int(r[c]) for c in LOCALITY_COLUMNS} for r in reader]
-        except (TypeError, ValueError):
-            raise PropmapsError(
-                f"{path} has malformed rows: run the locality experiment again"
-            ) from None
+    read = locality_csv.read(
+        path,
+        LOCALITY_COLUMNS,
+        remedy="run the locality experiment again or delete it",
+    )
+    rows = [
+        {c: int(read[c][k]) for c in LOCALITY_COLUMNS}
+        for k in range(len(read["index"]))
+    ]
     where = {int(i): j for j, i in enumerate(indices)}
     out = {}
     for r in rows:
@@ -176,7 +160,7 @@ def locality_positions(
     """The moves of DIR/locality.csv (`read_locality_positions`), checked against
     attack.csv and the image size; None when the locality study did not run."""
     path = os.path.join(workdir, "locality.csv")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return None
     stored = read_locality_positions(path, indices, pixels)
     if len(stored) != int(success.sum()):
@@ -650,7 +634,7 @@ def run(
         "seconds": round(time.time() - start, 2),
     }
     out_dir = os.path.join(workdir, "salience")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     common.write_text(
         os.path.join(out_dir, "per_image.csv"),
         per_image_csv(table, attacked, results, changes, from_locality),

@@ -40,7 +40,6 @@ statistics_conv_relu/, ... (the default maps: statistics/).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -49,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, integrity, plots, results, rundir
+from experiments import common, plots
+from experiments.runs import attack_csv, integrity, rundir, storage
 from propmaps_jax import attack_de, batching, claims, models, propagation, stats
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
@@ -64,11 +64,7 @@ CONTROL_STREAM = 1_000_003
 GENERATION0_CANDIDATES_PER_BATCH = 2048
 
 
-def _nan_to_none(value: float) -> float | None:
-    return None if not math.isfinite(value) else float(value)
-
-
-def _attacked(run: results.AttackRun) -> dict[str, np.ndarray]:
+def _attacked(run: attack_csv.AttackRun) -> dict[str, np.ndarray]:
     """The attacked rows of an attack run: index, pixels, success, pred_after, and
     the number of rows that were not attacked."""
     table = run.table
@@ -207,7 +203,7 @@ def _generation0(module, variables, images, rows, summary, workdir):
     ):
         logging.info("initial populations' best candidates from %s", path)
         return {k: kept[k] for k in ("best", "reported", "success")}
-    if os.path.exists(path):
+    if storage.exists(path):
         integrity.note(
             f"recomputing {GENERATION0_NAME}: unreadable, or of other attacks or "
             "settings"
@@ -606,7 +602,7 @@ def _summary(
         "per_layer": {
             layer: {
                 outcome: {
-                    s: _nan_to_none(layer_stats[outcome][s][j])
+                    s: rundir.finite_json(layer_stats[outcome][s][j])
                     for s in layer_stats[outcome]
                 }
                 for outcome in OUTCOMES
@@ -626,7 +622,7 @@ def main(argv: list[str]) -> None:
     workdir = common.require_workdir(create=False)
     # Data before the model: bad input is reported without compiling anything.
     images, labels = common.load_data().split("test")
-    run = results.load_attack_run(
+    run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     csv_path = run.csv_path
@@ -644,7 +640,7 @@ def main(argv: list[str]) -> None:
     # Before anything is written: the model must predict what attack.csv records
     # (the one check of runs recorded without a weights hash; a few near ties
     # may flip on another device).
-    results.require_predictions_match(csv_path, mismatches, total)
+    attack_csv.require_predictions_match(csv_path, mismatches, total)
     if mismatches:
         logging.warning(
             "%d of %d perturbed images are now predicted differently from the "
@@ -673,7 +669,7 @@ def main(argv: list[str]) -> None:
     uniform = stats.uniform_distance_fractions(height, width, bin_edges)
 
     out_dir = os.path.join(workdir, output_folder())
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     mean_maps = _mean_maps(state, counts, order)
     rundir.write_npz(
         os.path.join(out_dir, "mean_maps.npz"),

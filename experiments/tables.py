@@ -1,25 +1,23 @@
 """The locality study's tables: Table 1 beside the paper's, and per-attack rows.
 
 table1_markdown / table1_csv: DIR/table1.md and DIR/table1.csv of the locality
-experiment; locality_csv / read_locality_csv: DIR/<model>/locality.csv, one row per
-successful attack; controls_csv: DIR/<model>/controls.csv, one row per attacked
-image; controls_markdown / controls_table_csv: the controls' section of
-DIR/table1.md and DIR/controls.csv.
+experiment (DIR/<model>/locality.csv is `experiments.runs.locality_csv`);
+controls_csv: DIR/<model>/controls.csv, one row per attacked image;
+controls_markdown / controls_table_csv: the controls' section of DIR/table1.md and
+DIR/controls.csv.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from typing import Any
 
 import numpy as np
 
-from experiments import rundir
+from experiments.runs import rundir
 from propmaps_jax import locality_controls as lc
 from propmaps_jax import stats
-from propmaps_jax.errors import PropmapsError
 
 # The paper's Table 1 (5,000 CIFAR-10 test samples): original / random / nearby.
 PAPER_TABLE1 = {
@@ -140,109 +138,7 @@ def table1_csv(results: dict[str, dict]) -> str:
     return buffer.getvalue()
 
 
-def locality_csv(table, succ_rows, study) -> str:
-    """DIR/<model>/locality.csv: one row per successful attack."""
-    distances = study["distances"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    max_d = int(distances.max())
-    writer.writerow(
-        ["index", "label", "row", "col", "r", "g", "b"]
-        + ["nearby_row", "nearby_col", "nearby_pred", "nearby_success"]
-        + ["random_row", "random_col", "random_pred", "random_success"]
-        + [f"ring{d}_{what}" for d in range(1, max_d + 1) for what in ("n", "success")]
-    )
-    for i, row in enumerate(succ_rows):
-        ring = []
-        for d in range(1, max_d + 1):
-            at_d = distances == d
-            ring += [
-                int(study["ring_inside"][i, at_d].sum()),
-                int(study["ring_success"][i, at_d].sum()),
-            ]
-        writer.writerow(
-            [int(table["index"][row]), int(table["label"][row])]
-            + [int(v) for v in table["pixels"][row, 0]]
-            + [int(v) for v in study["nearby_rc"][i]]
-            + [int(study["nearby_pred"][i]), int(study["nearby_success"][i])]
-            + [int(v) for v in study["random_rc"][i]]
-            + [int(study["random_pred"][i]), int(study["random_success"][i])]
-            + ring
-        )
-    return buffer.getvalue()
-
-
-# ----- DIR/<model>/locality.csv read back, and the controls' tables -------------
-
-LOCALITY_BASE = (
-    "index",
-    "label",
-    "row",
-    "col",
-    "r",
-    "g",
-    "b",
-    "nearby_row",
-    "nearby_col",
-    "nearby_pred",
-    "nearby_success",
-    "random_row",
-    "random_col",
-    "random_pred",
-    "random_success",
-)
-
-
-def read_locality_csv(path: str, max_distance: int) -> dict[str, np.ndarray]:
-    """DIR/<model>/locality.csv as int arrays; ring_n/ring_success (N, max_distance).
-
-    A file without the columns of this version (an older run) or unreadable is
-    refused with one line saying what to re-run.
-    """
-    rerun = (
-        f"delete {os.path.join(os.path.dirname(path), 'locality.json')} and run the "
-        "locality experiment again on this --workdir (it reuses attack.csv)"
-    )
-    rings = [
-        f"ring{d}_{what}"
-        for d in range(1, max_distance + 1)
-        for what in ("n", "success")
-    ]
-    try:
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            rows = list(reader)
-    except OSError as e:
-        raise PropmapsError(f"cannot read {path} ({e.strerror}): {rerun}") from None
-    missing = [c for c in (*LOCALITY_BASE, *rings) if c not in header]
-    if missing:
-        raise PropmapsError(
-            f"{path} is from an older version or another --max_distance (no "
-            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): {rerun}"
-        )
-    try:
-        table = np.array(rows, dtype=np.int64).reshape(len(rows), len(header))
-    except ValueError:
-        raise PropmapsError(
-            f"{path} holds a value that is not an integer: {rerun}"
-        ) from None
-    out = {c: table[:, header.index(c)] for c in LOCALITY_BASE}
-    for what in ("n", "success"):
-        out[f"ring_{what}"] = np.stack(
-            [
-                table[:, header.index(f"ring{d}_{what}")]
-                for d in range(1, max_distance + 1)
-            ],
-            axis=1,
-        ).reshape(len(rows), max_distance)
-    if np.any(out["ring_success"] > out["ring_n"]) or np.any(
-        ~np.isin(out["nearby_success"], (0, 1))
-        | ~np.isin(out["random_success"], (0, 1))
-    ):
-        raise PropmapsError(f"{path} holds inconsistent counts: {rerun}")
-    return out
-
+# ----- The controls' tables -------------
 
 CONTROLS_COLUMNS = (
     "index",

@@ -28,7 +28,8 @@ import numpy as np
 from absl import flags, logging
 from flax import serialization
 
-from experiments import common, rundir
+from experiments import common
+from experiments.runs import rundir, storage
 from propmaps_jax import batching, checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
 
@@ -199,6 +200,8 @@ def workdir_path(path: str | None) -> str:
         raise PropmapsError(
             "--workdir is required: the folder where results are written"
         )
+    if storage.is_url(path):
+        return storage.normalize(path)  # checked by prepare_workdir
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -213,6 +216,9 @@ def workdir_path(path: str | None) -> str:
 def prepare_workdir(path: str) -> bool:
     """Create --workdir if needed and check that files can be written there (a probe
     file created and removed) before training; True when this run created it."""
+    if storage.is_url(path):
+        rundir.check_workdir(path)  # the bucket, the credentials (one line)
+        return False
     created = not os.path.isdir(path)
     probe = os.path.join(path, f".write-probe-{os.getpid()}")
     try:
@@ -231,19 +237,25 @@ def prepare_workdir(path: str) -> bool:
 
 def remove_if_empty(path: str, created: bool) -> None:
     """Remove a workdir this run created when nothing was written into it."""
-    if created and os.path.isdir(path) and not os.listdir(path):
+    if (
+        created
+        and not storage.is_url(path)
+        and os.path.isdir(path)
+        and not os.listdir(path)
+    ):
         os.rmdir(path)
 
 
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, inf) as None: valid JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
+def _exists(path: str) -> bool:
+    """Whether `path` exists; False when its store cannot be reached."""
+    try:
+        return storage.isfile(path)
+    except (OSError, storage.StorageError):
+        return False
+
+
+# The one JSON sanitiser (NaN and infinities as null), under its old name here.
+json_safe = rundir.finite_json
 
 
 class Diverged(PropmapsError):
@@ -275,7 +287,7 @@ def main(argv: list[str]) -> None:
         train(argv)
     except KeyboardInterrupt as stop:
         kept = os.path.join(FLAGS.workdir or "", CHECKPOINT)
-        if FLAGS.workdir and os.path.isfile(kept):
+        if FLAGS.workdir and _exists(kept):
             message = f"{kept} (the last checkpoint) is kept; run the same command "
             message += "again to resume"
         else:
@@ -320,8 +332,8 @@ def train(argv: list[str]) -> None:
     # Check a previous run's settings before any compilation: fail fast.
     ckpt_path = os.path.join(workdir, CHECKPOINT)
     ckpt = None
-    if os.path.exists(ckpt_path):
-        ckpt = checkpoint.read_checkpoint(ckpt_path)
+    if storage.exists(ckpt_path):
+        ckpt = checkpoint.parse_checkpoint(storage.read_bytes(ckpt_path), ckpt_path)
         check_settings(ckpt["metadata"].get("settings", {}), settings, ckpt_path)
 
     # A fine-tune trains the starting weights' model, normalisation included
@@ -445,8 +457,11 @@ def train(argv: list[str]) -> None:
             "opt_state": state.opt_state,
             "rng": np.asarray(jax.random.key_data(augment_key)),
         }
-        checkpoint.save_checkpoint(
-            ckpt_path, config, state.variables, json_safe(metadata), train_state
+        storage.write_bytes(
+            ckpt_path,
+            checkpoint.checkpoint_bytes(
+                config, state.variables, json_safe(metadata), train_state
+            ),
         )
         saved_step = int(state.step)
 
@@ -563,8 +578,9 @@ def train(argv: list[str]) -> None:
         "device": {**common.device_description(), "cpu": cpu_model()},
         "wall_time_s": wall,
     }
-    checkpoint.save_checkpoint(
-        os.path.join(workdir, MODEL), config, state.variables, json_safe(metadata)
+    storage.write_bytes(
+        os.path.join(workdir, MODEL),
+        checkpoint.checkpoint_bytes(config, state.variables, json_safe(metadata)),
     )
     common.write_json(
         os.path.join(workdir, "train.json"),

@@ -53,9 +53,12 @@ def free_port() -> int:
 class Emulator:
     """One fake-gcs-server process on 127.0.0.1, in-memory, over HTTP."""
 
-    def __init__(self, executable: str):
+    def __init__(self, executable: str, root: str | None = None, port: int = 0):
+        """`root`: keep objects in this folder (they survive a restart on the same
+        `port`) rather than in memory."""
         self.executable = executable
-        self.port = free_port()
+        self.root = root
+        self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -68,7 +71,11 @@ class Emulator:
                 f"-port={self.port}",
                 f"-external-url={self.url}",
                 f"-public-host={HOST}:{self.port}",
-                "-backend=memory",
+                *(
+                    ["-backend=filesystem", f"-filesystem-root={self.root}"]
+                    if self.root
+                    else ["-backend=memory"]
+                ),
                 "-log-level=error",
             ],
             stdout=subprocess.DEVNULL,

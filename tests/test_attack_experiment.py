@@ -14,6 +14,7 @@ import pytest
 
 from experiments import attack as attack_experiment
 from experiments import integrity, provenance, results, rundir
+from experiments.runs import attack_csv
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError
@@ -144,7 +145,7 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
     folder, kwargs, _ = setup
     workdir, summary = finished
     resumed = str(folder / "interrupted")
-    save_chunk = attack_experiment._save_chunk
+    save_chunk = attack_csv.save_chunk
     calls = []
 
     def save_then_die(*args):
@@ -153,7 +154,7 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed after two of three chunks
 
-    monkeypatch.setattr(attack_experiment, "_save_chunk", save_then_die)
+    monkeypatch.setattr(attack_csv, "save_chunk", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         attack_experiment.run_attack(resumed, **kwargs)
     assert calls == [(0, 4), (4, 8)]
@@ -238,7 +239,7 @@ def test_bfloat16_search_reports_float32_results(setup):
 
 def interrupted_run(workdir, kwargs, monkeypatch, after=1):
     """Run until `after` chunks are saved, then stop as Ctrl-C would."""
-    save_chunk = attack_experiment._save_chunk
+    save_chunk = attack_csv.save_chunk
     saved = []
 
     def save_then_stop(*args):
@@ -247,10 +248,10 @@ def interrupted_run(workdir, kwargs, monkeypatch, after=1):
         if len(saved) == after:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(attack_experiment, "_save_chunk", save_then_stop)
+    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         attack_experiment.run_attack(workdir, **kwargs)
-    monkeypatch.setattr(attack_experiment, "_save_chunk", save_chunk)
+    monkeypatch.setattr(attack_csv, "save_chunk", save_chunk)
     return saved
 
 
@@ -388,7 +389,7 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
     shash = integrity.settings_sha256(
         json.load(open(os.path.join(chunks, "settings.json")))
     )
-    end, done, _ = attack_experiment._finished_prefix(chunks, indices, shash, False)
+    end, done, _ = attack_csv.finished_prefix(chunks, indices, shash, False)
     assert end == 6
     rows = [r for c in done for r in c["rows"]]
     assert [int(r.split(",")[0]) for r in rows] == list(range(6))

@@ -1,6 +1,6 @@
-"""Reading an attack run (experiments/results.py): every consumer of an attack.csv
-refuses a run of another model, other weights or other data, a repeated test image
-and a row that contradicts itself, with one line naming the file and the row.
+"""Reading an attack run (experiments/runs/attack_csv.py): every consumer of an
+attack.csv refuses a run of another model, other weights or other data, a repeated
+test image and a row that contradicts itself, with one line naming the file and the row.
 
 Tiny runs are written by hand (no attack runs here), so these tests take a second.
 """

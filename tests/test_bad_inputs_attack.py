@@ -232,16 +232,16 @@ SLOW_ATTACK = textwrap.dedent(
     """
     import signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    import experiments.attack as attack_experiment
+    import experiments.runs.attack_csv as attack_csv
     import launch
 
-    save_chunk = attack_experiment._save_chunk
+    save_chunk = attack_csv.save_chunk
 
     def slow_save(*args):
         save_chunk(*args)
         time.sleep(0.5)
 
-    attack_experiment._save_chunk = slow_save
+    attack_csv.save_chunk = slow_save
     sys.argv = ["launch.py"] + sys.argv[1:]
     launch.main()
     """

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from experiments.runs import locality_csv
 from propmaps_jax import locality, stats
 from propmaps_jax import locality_controls as lc
 from propmaps_jax.errors import PropmapsError
@@ -183,13 +184,12 @@ LOCALITY_CSV = (
 @pytest.fixture
 def hand_made(tmp_path):
     from experiments import locality as locality_experiment
-    from experiments import tables
     from experiments.results import read_attack_csv
 
     (tmp_path / "attack.csv").write_text(ATTACK_CSV)
     (tmp_path / "locality.csv").write_text(LOCALITY_CSV)
     table = read_attack_csv(str(tmp_path / "attack.csv"), (8, 8), summary=None)
-    moved = tables.read_locality_csv(str(tmp_path / "locality.csv"), 2)
+    moved = locality_csv.read(str(tmp_path / "locality.csv"), max_distance=2)
     # Clean margins of the 7 attacked images (attack.csv order).
     margin = np.array([0.1, 0.2, 0.3, 0.7, 0.9, 0.5, 0.8])
     attacked, per_attack = locality_experiment.controls_inputs(table, moved, margin)
@@ -296,7 +296,6 @@ def test_verdict_rule_branches():
 
 
 def test_old_or_broken_locality_csv_is_one_line(tmp_path):
-    from experiments import tables
 
     old = tmp_path / "lenet" / "locality.csv"
     old.parent.mkdir()
@@ -305,7 +304,7 @@ def test_old_or_broken_locality_csv_is_one_line(tmp_path):
         "random_row,random_col,random_success\n1,2,3,4,5,6,7,8,9,1,2,3,0\n"
     )
     with pytest.raises(PropmapsError) as e:
-        tables.read_locality_csv(str(old), 2)
+        locality_csv.read(str(old), max_distance=2)
     message = str(e.value)
     assert "\n" not in message and "older version" in message
     assert "locality.json" in message and "run the locality experiment again" in message
@@ -313,10 +312,10 @@ def test_old_or_broken_locality_csv_is_one_line(tmp_path):
         LOCALITY_CSV.replace("6,16,4", "6,x,4")
     )
     with pytest.raises(PropmapsError, match="not an integer"):
-        tables.read_locality_csv(str(old), 2)
+        locality_csv.read(str(old), max_distance=2)
     with pytest.raises(PropmapsError, match="another --max_distance"):
         (tmp_path / "lenet" / "locality.csv").write_text(LOCALITY_CSV)
-        tables.read_locality_csv(str(old), 3)
+        locality_csv.read(str(old), max_distance=3)
 
 
 def test_attack_csv_without_generations_is_one_line(tmp_path):

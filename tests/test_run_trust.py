@@ -21,8 +21,19 @@ import pytest
 from absl import flags
 
 from experiments import attack as attack_experiment
-from experiments import budget, cli, common, integrity, results, rundir, runlock
+from experiments import (
+    budget,
+    cli,
+    common,
+    integrity,
+    provenance,
+    results,
+    rundir,
+    runlock,
+    storage,
+)
 from experiments import locality as locality_experiment
+from experiments.runs import attack_csv
 from propmaps_jax import checkpoint, data, memory, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -97,7 +108,7 @@ def chunk_names(workdir):
 
 def stop_after(monkeypatch, chunks, stop):
     """Make the attack call `stop()` right after its `chunks`-th chunk file."""
-    save_chunk = attack_experiment._save_chunk
+    save_chunk = attack_csv.save_chunk
     saved = []
 
     def save_then_stop(*args):
@@ -106,8 +117,8 @@ def stop_after(monkeypatch, chunks, stop):
         if len(saved) == chunks:
             stop()
 
-    monkeypatch.setattr(attack_experiment, "_save_chunk", save_then_stop)
-    return lambda: monkeypatch.setattr(attack_experiment, "_save_chunk", save_chunk)
+    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
+    return lambda: monkeypatch.setattr(attack_csv, "save_chunk", save_chunk)
 
 
 def interrupted(workdir, kwargs, monkeypatch, chunks=1):
@@ -443,6 +454,55 @@ def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
     )
 
 
+def test_in_progress_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
+    """The chunks of docs/results/resnet_1000_cpu (the ResNet-32 run in progress,
+    as the attack wrote them; copied) are taken by the chunk store as they are,
+    with their settings hash, and as chunks of the older format (no hash, a
+    settings.json that matches), which get their hash written once."""
+    dataset = data.load_cifar10(cifar10_path)
+    x_test, y_test = dataset.split("test")
+    settings = attack_experiment._settings(
+        provenance.describe("resnet", None, x_test, y_test),
+        1000,
+        0,
+        "first",
+        AttackConfig(),
+        None,
+    )
+    legacy = attack_experiment._legacy_settings(settings, None)
+    indices = attack_experiment.sample_indices(len(x_test), 1000, 0, "first")
+    committed = os.path.join(ROOT, "docs", "results", "resnet_1000_cpu", "resnet")
+    names = sorted(
+        n
+        for n in os.listdir(os.path.join(committed, ".attack_chunks"))
+        if n.startswith("chunk_")
+    )
+    ends = [int(n[len("chunk_0000000_") : -len(".json")]) for n in names]
+    shash = integrity.settings_sha256(settings)
+    for form in ("hashed", "older"):
+        copy = str(tmp_path / form)
+        shutil.copytree(committed, copy)
+        chunks_dir = os.path.join(copy, ".attack_chunks")
+        if form == "older":
+            for name in names:
+                path = os.path.join(chunks_dir, name)
+                chunk = json.load(open(path))
+                assert chunk.pop("settings_sha256") == shash
+                rundir.write_json(path, chunk)
+            rundir.write_json(os.path.join(chunks_dir, "settings.json"), settings)
+        resume_from, chunks, finished = attack_experiment._open_workdir(
+            copy, settings, legacy, indices
+        )
+        assert (
+            finished is None and resume_from == max(ends) and len(chunks) == len(names)
+        )
+        rows = [row for c in chunks for row in c["rows"]]
+        assert [attack_csv.row_index(r) for r in rows] == list(indices[:resume_from])
+        for name in names:
+            chunk = json.load(open(os.path.join(chunks_dir, name)))
+            assert chunk["settings_sha256"] == shash, (form, name)
+
+
 # --- 3. Every stop explained (and issue 17: a stop loses little).
 
 
@@ -484,16 +544,16 @@ def test_write_failures_are_one_line_and_resume(
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / f"write_fails_{code}")
-    real = rundir.atomic_write_bytes
+    real = storage.atomic_write_bytes
     writes = []
 
-    def failing(path, payload):
+    def failing(path, payload, **options):
         writes.append(path)
         if "chunk_0000004" in path:
             raise OSError(code, os.strerror(code), path)
-        real(path, payload)
+        return real(path, payload, **options)
 
-    monkeypatch.setattr(rundir, "atomic_write_bytes", failing)
+    monkeypatch.setattr(storage, "atomic_write_bytes", failing)
     status = as_launched(
         workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
     )

@@ -8,6 +8,7 @@ write never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -31,8 +32,16 @@ FORMAT = "propmaps-jax-checkpoint"
 VERSION = 1
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
+def atomic_write_bytes(path: str, data: bytes, exclusive: bool = False) -> bool:
+    """Write `data` to `path` so that readers see the old file or the whole new one.
+
+    The bytes go to a temporary file in the same folder (flushed, fsynced), which is
+    renamed over `path`. With `exclusive`, it is hard-linked to `path` instead, which
+    fails when the name exists: the file is created only if absent (returns False,
+    writing nothing, when it was there), and never seen half written; where hard
+    links are not supported, `O_CREAT | O_EXCL` then a write. Returns True when
+    written.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
@@ -46,11 +55,32 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        return _link_exclusive(tmp, path, data)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def _link_exclusive(tmp: str, path: str, data: bytes) -> bool:
+    """Create `path` as a hard link of the complete file `tmp` unless it exists."""
+    try:
+        os.link(tmp, path)  # fails with EEXIST when the name is taken
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    try:  # no hard links on this file system: exclusive create, then write
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -65,6 +95,17 @@ def save_checkpoint(
     train_state: Any = None,
 ) -> None:
     """Atomically write a checkpoint (metadata must be JSON-serialisable)."""
+    atomic_write_bytes(path, checkpoint_bytes(config, variables, metadata, train_state))
+
+
+def checkpoint_bytes(
+    config: ModelConfig,
+    variables: Variables,
+    metadata: dict[str, Any] | None = None,
+    train_state: Any = None,
+) -> bytes:
+    """A checkpoint file's bytes (`save_checkpoint` writes them; a caller with its
+    own storage, such as a gs:// run directory, writes them itself)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -74,7 +115,7 @@ def save_checkpoint(
     }
     if train_state is not None:
         payload["train_state"] = serialization.to_state_dict(_to_numpy(train_state))
-    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+    return serialization.msgpack_serialize(payload)
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -82,7 +123,11 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise WeightsError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
-        raw = f.read()
+        return parse_checkpoint(f.read(), path)
+
+
+def parse_checkpoint(raw: bytes, path: str) -> dict[str, Any]:
+    """`read_checkpoint` of a checkpoint file's bytes (`path` names it in errors)."""
     try:
         payload = serialization.msgpack_restore(raw)
     except Exception as e:

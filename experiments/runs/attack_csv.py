@@ -1,0 +1,698 @@
+"""An attack run: its results file `attack.csv`, read back as arrays and checked.
+
+One row per sampled image, in sampling order:
+`index, label, pred_before, prob_true_before, attacked, success, pred_after,
+prob_true_after, generations, evaluations`, then per pixel i (1-based)
+`row_i, col_i, r_i, g_i, b_i`. For images that were not attacked (misclassified
+before the attack, or of the target class) attacked = success = 0, the "after"
+columns repeat the "before" ones and the pixel columns are -1. A failed attack
+still reports its best candidate in the pixel columns.
+
+Every experiment that reads an attack run goes through `load_attack_run` (or, for
+the file alone, `read_attack_csv`), so that all of them refuse the same things:
+a run made with another model, other weights or other data than the ones they are
+given (checked against the provenance recorded in attack_summary.json), a row
+that repeats a test image, and a row that contradicts itself (a success whose
+class did not change, a pixel outside the image, ...). Each refusal is one line
+naming the file and the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from experiments.runs import integrity, provenance, rundir, storage
+from propmaps_jax import checkpoint
+from propmaps_jax.errors import PropmapsError
+
+CSV_NAME = "attack.csv"
+SUMMARY_NAME = "attack_summary.json"
+BASE_COLUMNS = (
+    "index",
+    "label",
+    "pred_before",
+    "prob_true_before",
+    "attacked",
+    "success",
+    "pred_after",
+    "prob_true_after",
+    "generations",
+    "evaluations",
+)
+FLOAT_COLUMNS = ("prob_true_before", "prob_true_after")
+PIXEL_FIELDS = ("row", "col", "r", "g", "b")
+# An attack run checked by predictions (no recorded weights hash to compare):
+# refused when more of its stored predictions than this differ from the given
+# model's (a few may flip on another device or batch size).
+MAX_PREDICTION_MISMATCH = 0.05
+# The target of the run is not known (no attack_summary.json next to the file).
+UNKNOWN = "unknown"
+_RERUN = "run the attack again (into an empty --workdir)"
+
+
+def attack_columns(pixels: int) -> list[str]:
+    """All column names for an attack of `pixels` pixels."""
+    return list(BASE_COLUMNS) + [
+        f"{field}_{i}" for i in range(1, pixels + 1) for field in PIXEL_FIELDS
+    ]
+
+
+def num_pixels(columns: list[str]) -> int:
+    """Number of attacked pixels k from the header."""
+    return sum(1 for c in columns if c.startswith("row_"))
+
+
+def read_summary(directory: str) -> dict[str, Any] | None:
+    """DIR/attack_summary.json, or None when the run has none."""
+    path = os.path.join(directory, SUMMARY_NAME)
+    if not storage.isfile(path):
+        return None
+    try:
+        summary = json.loads(storage.read_bytes(path))
+    except storage.StorageError:
+        raise
+    except (ValueError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(
+        summary.get("settings", {}), dict
+    ):
+        raise PropmapsError(f"{path} is not an attack summary (JSON object): {_RERUN}")
+    return summary
+
+
+def _summary_target(summary: dict | None) -> int | None | str:
+    """The run's target class (None: untargeted), UNKNOWN without a record."""
+    if summary is None or "target" not in summary.get("settings", {}):
+        return UNKNOWN
+    return summary["settings"]["target"]
+
+
+def _parse(path: str) -> tuple[list[str], np.ndarray]:
+    """(header, table (N, columns) float64); the first malformed line named."""
+    if not storage.isfile(path):
+        raise PropmapsError(
+            f"{path} does not exist: run the attack first "
+            "(python launch.py --experiment=attack --workdir=...)"
+        )
+    text = storage.read_bytes(path).decode("utf-8")
+    with io.StringIO(text, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise PropmapsError(f"{path} is empty: {_RERUN}") from None
+        rows = list(reader)
+    k = num_pixels(header)
+    expected = attack_columns(max(k, 1))
+    if header != expected:
+        missing = [c for c in expected if c not in header]
+        extra = [c for c in header if c not in expected]
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unexpected {', '.join(extra)}" if extra else "",
+                "" if missing or extra else "columns out of order",
+            )
+            if part
+        )
+        raise PropmapsError(
+            f"{path} does not have the columns of an attack.csv ({detail}): {_RERUN}"
+        )
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise PropmapsError(
+                f"{path} line {line} has {len(row)} fields, the header "
+                f"{len(header)}: {_RERUN}"
+            )
+    try:
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
+    except ValueError:
+        for line, row in enumerate(rows, start=2):
+            for name, value in zip(header, row, strict=True):
+                try:
+                    float(value)
+                except ValueError:
+                    raise PropmapsError(
+                        f"{path} line {line}: {name} is {value!r}, not a number: "
+                        f"{_RERUN}"
+                    ) from None
+        raise
+    return header, table
+
+
+def _row_problems(
+    table: dict[str, np.ndarray],
+    target: int | None | str,
+    image_shape: tuple[int, int] | None,
+) -> list[tuple[np.ndarray, Any]]:
+    """(mask (N,) of offending rows, message of row j) for every rule, in order."""
+    label = table["label"]
+    before, after = table["pred_before"], table["pred_after"]
+    attacked, success = table["attacked"] == 1, table["success"] == 1
+    pixels = table["pixels"]
+    correct = before == label
+    rules: list[tuple[np.ndarray, Any]] = []
+    for name in ("attacked", "success"):
+        rules.append(
+            (
+                ~np.isin(table[name], (0, 1)),
+                lambda j, name=name: f"{name} is {table[name][j]}, not 0 or 1",
+            )
+        )
+    for name in ("index", "label", "pred_before", "pred_after"):
+        rules.append(
+            (table[name] < 0, lambda j, name=name: f"{name} is {table[name][j]} < 0")
+        )
+    for name in FLOAT_COLUMNS:
+        rules.append(
+            (
+                ~((table[name] >= 0) & (table[name] <= 1)),
+                lambda j, name=name: f"{name} is {table[name][j]}, not in 0..1",
+            )
+        )
+    for name in ("generations", "evaluations"):
+        rules.append(
+            (table[name] < 0, lambda j, name=name: f"{name} is {table[name][j]} < 0")
+        )
+    rules += [
+        (success & ~attacked, lambda j: "success=1 but attacked=0"),
+        (
+            ~attacked & np.any(pixels != -1, axis=(1, 2)),
+            lambda j: "not attacked but its pixel columns are not -1",
+        ),
+        (
+            ~attacked & (after != before),
+            lambda j: (
+                f"not attacked but pred_after {after[j]} != pred_before {before[j]}"
+            ),
+        ),
+        (
+            attacked & ~correct,
+            lambda j: (
+                f"attacked although pred_before {before[j]} != label "
+                f"{label[j]} (only correctly classified images are attacked)"
+            ),
+        ),
+    ]
+    if target is None:
+        rules += [
+            (
+                ~attacked & correct,
+                lambda j: (
+                    f"not attacked although correctly classified "
+                    f"(pred_before = label = {label[j]})"
+                ),
+            ),
+            (
+                attacked & success & (after == label),
+                lambda j: (
+                    f"success=1 but pred_after = label = {label[j]} (an "
+                    "untargeted attack succeeds when the class changes)"
+                ),
+            ),
+            (
+                attacked & ~success & (after != label),
+                lambda j: (
+                    f"success=0 but pred_after {after[j]} != label {label[j]} "
+                    "(the class changed)"
+                ),
+            ),
+        ]
+    elif target != UNKNOWN:
+        rules += [
+            (
+                attacked & (label == target),
+                lambda j: f"attacked although its label is the target class {target}",
+            ),
+            (
+                ~attacked & correct & (label != target),
+                lambda j: (
+                    f"not attacked although correctly classified "
+                    f"(pred_before = label = {label[j]})"
+                ),
+            ),
+            (
+                attacked & (success != (after == target)),
+                lambda j: (
+                    f"success={int(success[j])} but pred_after is {after[j]} "
+                    f"(a targeted attack succeeds when the class becomes {target})"
+                ),
+            ),
+        ]
+    else:  # untargeted or targeted: either way a success changes the class
+        rules.append(
+            (
+                attacked & success & (after == label),
+                lambda j: f"success=1 but pred_after = label = {label[j]}",
+            )
+        )
+    rows, cols = pixels[..., 0], pixels[..., 1]
+    outside = (rows < 0) | (cols < 0)
+    size = " the image"
+    if image_shape is not None:
+        height, width = image_shape
+        outside |= (rows >= height) | (cols >= width)
+        size = f" the {height}x{width} image"
+
+    def where(j: int) -> str:
+        p = int(np.flatnonzero(outside[j])[0])
+        return f"pixel {p + 1} at ({rows[j, p]}, {cols[j, p]}) lies outside{size}"
+
+    rules += [
+        (attacked & np.any(outside, axis=1), where),
+        (
+            attacked & np.any((pixels[..., 2:] < 0) | (pixels[..., 2:] > 255), (1, 2)),
+            lambda j: "a pixel colour lies outside 0..255",
+        ),
+    ]
+    return rules
+
+
+def _check_duplicates(path: str, index: np.ndarray) -> None:
+    """PropmapsError naming the first row that repeats an earlier test image."""
+    _, first = np.unique(index, return_index=True)
+    if first.size == index.size:
+        return
+    repeated = sorted(set(range(index.size)) - set(first.tolist()))[0]
+    earlier = int(np.flatnonzero(index == index[repeated])[0])
+    raise PropmapsError(
+        f"{path} line {repeated + 2}: test image {index[repeated]} appears again "
+        f"(first on line {earlier + 2}); an attack.csv holds one row per image (is it "
+        f"two runs put together?): {_RERUN}"
+    )
+
+
+def _check_summary_counts(path: str, table: dict, summary: dict | None) -> None:
+    """PropmapsError when the summary's counts are not those of the file."""
+    if summary is None:
+        return
+    found = {
+        "num_samples": int(table["index"].size),
+        "attacked": int(table["attacked"].sum()),
+        "successes": int(table["success"].sum()),
+    }
+    recorded = {k: summary[k] for k in found if isinstance(summary.get(k), int)}
+    differ = [k for k in recorded if recorded[k] != found[k]]
+    if differ:
+        said = ", ".join(f"{k} {recorded[k]}" for k in differ)
+        holds = ", ".join(f"{k} {found[k]}" for k in differ)
+        raise PropmapsError(
+            f"{path} holds {holds} but its {SUMMARY_NAME} says {said}: the two files "
+            f"are not of the same run; {_RERUN}"
+        )
+
+
+def read_attack_csv(
+    path: str,
+    image_shape: tuple[int, int] | None = None,
+    summary: dict | None | str = UNKNOWN,
+) -> dict[str, np.ndarray]:
+    """attack.csv as arrays, plus "pixels": int (N, k, 5) (row, col, r, g, b).
+
+    Every row is checked (one row per test image, values in range, consistent with
+    the run's target; pixels inside `image_shape` (height, width) when given) and
+    the counts against `summary` (default: the attack_summary.json beside the
+    file, when there is one). A PropmapsError names the first offending line.
+    """
+    if isinstance(summary, str):
+        summary = read_summary(os.path.dirname(path))
+    header, table = _parse(path)
+    k = num_pixels(header)
+    integral = [j for j, c in enumerate(header) if c not in FLOAT_COLUMNS]
+    bad = ~np.isfinite(table) | (
+        np.isin(np.arange(len(header)), integral) & (table != np.round(table))
+    )
+    if np.any(bad):
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise PropmapsError(
+            f"{path} line {row + 2}: {header[col]} is {table[row, col]:g}, not "
+            f"{'a finite number' if header[col] in FLOAT_COLUMNS else 'an integer'}: "
+            f"{_RERUN}"
+        )
+    out: dict[str, np.ndarray] = {}
+    for j, name in enumerate(header):
+        column = table[:, j]
+        out[name] = column if name in FLOAT_COLUMNS else column.astype(np.int64)
+    pixel_cols = [header.index(f"row_{i}") for i in range(1, k + 1)]
+    out["pixels"] = np.stack([table[:, c : c + 5] for c in pixel_cols], axis=1).astype(
+        np.int64
+    )
+    _check_duplicates(path, out["index"])
+    for mask, problem in _row_problems(out, _summary_target(summary), image_shape):
+        if np.any(mask):
+            j = int(np.flatnonzero(mask)[0])
+            raise PropmapsError(
+                f"{path} line {j + 2} (test image {out['index'][j]}): {problem(j)}: "
+                f"{_RERUN}"
+            )
+    out["attacked"] = out["attacked"].astype(bool)
+    out["success"] = out["success"].astype(bool)
+    _check_summary_counts(path, out, summary)
+    return out
+
+
+def check_dataset(
+    path: str, table: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray
+) -> None:
+    """PropmapsError unless every row's test image exists and has the row's label."""
+    index = table["index"]
+    outside = np.flatnonzero(index >= len(images))
+    if outside.size:
+        j = int(outside[0])
+        raise PropmapsError(
+            f"{path} line {j + 2} refers to test image {index[j]} but the test set has "
+            f"{len(images)} images: pass the --cifar10_path the attack ran on"
+        )
+    differ = np.flatnonzero(np.asarray(labels)[index] != table["label"])
+    if differ.size:
+        j = int(differ[0])
+        raise PropmapsError(
+            f"{path} line {j + 2}: test image {index[j]} has label {table['label'][j]} "
+            f"there but {int(labels[index[j]])} in this data set: pass the "
+            "--cifar10_path the attack ran on"
+        )
+
+
+def given_provenance(
+    model_name: str, weights: str | None, images: np.ndarray, labels: np.ndarray
+) -> dict[str, str]:
+    """provenance.describe of what a consumer was given; without the weights hash
+    when the weights file is missing (loading the model then says so)."""
+    expected = {
+        "model": model_name,
+        "dataset_sha256": provenance.dataset_sha256(images, labels),
+    }
+    path = (
+        checkpoint.bundled_checkpoint_path(model_name) if weights is None else weights
+    )
+    if os.path.isfile(path):
+        expected["weights_sha256"] = provenance.weights_sha256(model_name, weights)
+    return expected
+
+
+def recorded_weights(summary: dict) -> str | None:
+    """The weights file an attack run was made with (None: the bundled checkpoint),
+    as its summary records it (summary["model"]["weights"]; older runs also in
+    their settings)."""
+    model = summary.get("model")
+    recorded = model.get("weights") if isinstance(model, dict) else None
+    if recorded is None:
+        recorded = summary.get("settings", {}).get("weights")
+    return None if recorded in (None, "bundled checkpoint") else str(recorded)
+
+
+def _remedy(summary: dict, expected: dict[str, str]) -> str:
+    """'pass --model=... --weights=..., as the attack did, or ...' for a mismatch."""
+    settings = summary.get("settings", {})
+    differ = [
+        k
+        for k in provenance.KEYS
+        if settings.get(k) is not None
+        and expected.get(k) is not None
+        and settings[k] != expected[k]
+    ]
+    flags = []
+    if "model" in differ:
+        flags.append(f"--model={settings['model']}")
+    if "model" in differ or "weights_sha256" in differ:
+        weights = recorded_weights(summary)
+        flags.append(
+            f"--weights={weights}"
+            if weights
+            else "no --weights (it used the bundled checkpoint)"
+        )
+    if "dataset_sha256" in differ:
+        source = summary.get("dataset")
+        flags.append(
+            f"--cifar10_path={source}" if source else "the --cifar10_path it used"
+        )
+    return (
+        f"pass {' and '.join(flags)}, as the attack did, or the --workdir of another "
+        "attack run"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackRun:
+    """A checked attack run: its attack.csv as arrays and its summary (or None)."""
+
+    directory: str
+    csv_path: str
+    table: dict[str, np.ndarray]
+    summary: dict[str, Any] | None
+
+    @property
+    def weights_verified(self) -> bool:
+        """Whether the weights were compared by content with the run's record."""
+        settings = (self.summary or {}).get("settings", {})
+        return settings.get("weights_sha256") is not None
+
+
+def load_attack_run(
+    directory: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    model_name: str,
+    weights: str | None,
+) -> AttackRun:
+    """DIR/attack.csv checked against the model, weights and test split it is to be
+    used with (images/labels: the whole test split the samples were drawn from).
+
+    Refused with one line: an attack.csv that is not the file its summary records
+    (by SHA-256: edited or truncated since; `integrity`); a run whose
+    attack_summary.json records another model,
+    other weights or other data (by content); a row that repeats an image, that
+    contradicts itself or the summary, or whose image or label is not in the data.
+    """
+    csv_path = os.path.join(directory, CSV_NAME)
+    summary = read_summary(directory)
+    if summary is not None and summary.get("settings", {}).get("target") == "all":
+        raise PropmapsError(
+            f"{directory} holds a --target=all attack (one run per class): pass "
+            f"--workdir={os.path.join(directory, 'target_<class>')}"
+        )
+    if not storage.isfile(csv_path):
+        read_attack_csv(csv_path)  # the one message for a missing file
+    if summary is not None:
+        expected = given_provenance(model_name, weights, images, labels)
+        provenance.require_match(
+            f"the attack run in {directory}",
+            summary.get("settings", {}),
+            expected,
+            _remedy(summary, expected),
+        )
+    integrity.check_attack_csv(csv_path, summary)
+    table = read_attack_csv(csv_path, tuple(images.shape[1:3]), summary)
+    check_dataset(csv_path, table, images, labels)
+    return AttackRun(directory, csv_path, table, summary)
+
+
+def require_predictions_match(csv_path: str, mismatches: int, total: int) -> None:
+    """PropmapsError when too many stored predictions differ from the model's."""
+    if mismatches > MAX_PREDICTION_MISMATCH * total:
+        raise PropmapsError(
+            f"{csv_path} was not made by this model: {mismatches} of {total} attacked "
+            "images are predicted differently than it records; pass the --model and "
+            "--weights of the attack run"
+        )
+
+
+# ---------------------------------------------------------------------------------
+# Rows: one line of attack.csv. Chunks carry their rows as these lines, so that
+# attack.csv is the chunks' rows joined, byte for byte; they are written by
+# `format_row` and read back by `row_index` / `row_values` only.
+
+
+def format_row(values: list[Any]) -> str:
+    return ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def row_index(row: str) -> int:
+    """The dataset index of a row (its first column)."""
+    return int(row.split(",", 1)[0])
+
+
+def row_values(row: str) -> dict[str, str]:
+    """The base columns of a row by name, as written (text)."""
+    return dict(zip(BASE_COLUMNS, row.split(","), strict=False))
+
+
+def csv_text(pixels: int, rows: list[str]) -> str:
+    """attack.csv's text: the header of a `pixels`-pixel attack, then the rows."""
+    return "\n".join([",".join(attack_columns(pixels))] + rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------
+# The chunk store: DIR/.attack_chunks/chunk_<start>_<end>.json, one per finished
+# piece of the run, each written whole (`storage`: a renamed temporary file, or
+# one upload on gs://), holding the rows of sampled images start..end-1 and the
+# run's settings hash; DIR/.attack_chunks/settings.json records the settings.
+# Chunks written before chunks recorded their hash are still read (`legacy`).
+
+CHUNKS_DIR = ".attack_chunks"
+
+
+def chunk_path(chunks_dir: str, start: int, end: int) -> str:
+    return os.path.join(chunks_dir, f"chunk_{start:07d}_{end:07d}.json")
+
+
+def chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
+    """{start: [(end, path), ...]} of the chunk files in `chunks_dir`."""
+    found: dict[int, list[tuple[int, str]]] = {}
+    for path in storage.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
+        match = re.fullmatch(r"chunk_(\d+)_(\d+)\.json", os.path.basename(path))
+        if match:
+            start, end = int(match.group(1)), int(match.group(2))
+            found.setdefault(start, []).append((end, path))
+    return found
+
+
+def read_chunk(
+    path: str, expected_indices: np.ndarray, settings_hash: str, legacy_ok: bool
+) -> tuple[dict | None, str]:
+    """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
+    expected index, in order, made under these settings; (None, why) otherwise:
+    "bad" (unreadable, rows of other images), "other" (another settings hash),
+    "unproven" (no hash, and no matching settings.json to vouch for it).
+
+    A chunk without a hash was written before chunks recorded one: it is taken
+    ("legacy") only when `legacy_ok` (the run's settings.json matched).
+    """
+    try:
+        chunk = rundir.read_json(path)
+        rows = chunk["rows"]
+        row_indices = [row_index(row) for row in rows]
+        recorded = chunk.get("settings_sha256")
+    except storage.StorageError:
+        raise  # the store is unreachable: one line, never "a bad chunk"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, "bad"
+    if recorded is None:
+        if not legacy_ok:
+            return None, "unproven"
+    elif recorded != settings_hash:
+        return None, "other"
+    if row_indices != [int(i) for i in expected_indices]:
+        return None, "bad"
+    return chunk, "ok" if recorded else "legacy"
+
+
+def finished_prefix(
+    chunks_dir: str, indices: np.ndarray, settings_hash: str, legacy_ok: bool
+) -> tuple[int, list[dict], dict[str, list[str]]]:
+    """End of the contiguous run of finished chunks from 0, those chunks, and the
+    paths of the chunk files passed over by kind ("legacy": taken without a hash;
+    "other", "unproven": never merged; see `read_chunk`).
+
+    The walk goes from each chunk's end to the chunk that starts there, so no image
+    is ever taken twice; a chunk must hold exactly the rows of the sampled images
+    of its range (`indices[start:end]`, in order) and carry this run's settings
+    hash, else the prefix ends before it and its images are attacked again. Of
+    several chunks starting at the same image (resumes with another chunking),
+    the longest valid one is taken.
+    """
+    found = chunk_files(chunks_dir)
+    end, chunks = 0, []
+    kinds: dict[str, list[str]] = {"legacy": [], "other": [], "unproven": []}
+    while end in found:
+        for next_end, path in sorted(found[end], reverse=True):
+            if next_end <= end or next_end > len(indices):
+                continue
+            chunk, kind = read_chunk(
+                path, indices[end:next_end], settings_hash, legacy_ok
+            )
+            if kind in kinds:
+                kinds[kind].append(path)
+            if chunk is not None:
+                chunks.append({**chunk, "_path": path})
+                end = next_end
+                break
+        else:
+            break
+    # Chunks of other settings anywhere in the folder, not only on the walk.
+    for entries in found.values():
+        for _, path in entries:
+            if path in kinds["other"] or path in kinds["unproven"]:
+                continue
+            try:
+                recorded = rundir.read_json(path).get("settings_sha256")
+            except storage.StorageError:
+                raise
+            except (OSError, ValueError, AttributeError):
+                continue
+            if recorded is None and not legacy_ok:
+                kinds["unproven"].append(path)
+            elif recorded is not None and recorded != settings_hash:
+                kinds["other"].append(path)
+    return end, chunks, kinds
+
+
+def save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
+    """Atomically write one finished chunk of rows."""
+    rundir.write_json(chunk_path(chunks_dir, start, end), chunk)
+
+
+def sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
+    """Legacy chunks taken: their settings hash is written now (accepted once,
+    recorded for good). Chunks of other or unproven settings: moved to
+    .attack_chunks/stale/, never merged. One line each."""
+    if kinds["legacy"]:
+        for path in kinds["legacy"]:
+            chunk = rundir.read_json(path)
+            rundir.write_json(path, {**chunk, "settings_sha256": shash})
+        integrity.note(
+            f"{chunks_dir}: {len(kinds['legacy'])} chunks written before chunks "
+            "recorded their settings are taken (their settings.json matches these "
+            "settings); their settings hash is now recorded"
+        )
+    aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
+    if aside:
+        stale = os.path.join(chunks_dir, "stale")
+        for path in aside:
+            storage.move(path, os.path.join(stale, os.path.basename(path)))
+        integrity.note(
+            f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
+            f"no record of them) are not merged; moved to {stale}"
+        )
+
+
+def chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(generations, success) of the attacked images in chunk rows."""
+    generations, success = [], []
+    for chunk in chunks:
+        for row in chunk["rows"]:
+            values = row_values(row)
+            if values["attacked"] == "1":
+                generations.append(int(values["generations"]))
+                success.append(values["success"] == "1")
+    return np.asarray(generations, np.int64), np.asarray(success, bool)
+
+
+def images_done(workdir: str, num_samples: int) -> int:
+    """Sampled images already done in a run directory (a quick look for the job's
+    cost estimate: the finished attack.csv, else the contiguous chunk files)."""
+    if storage.isfile(os.path.join(workdir, SUMMARY_NAME)) and storage.isfile(
+        os.path.join(workdir, CSV_NAME)
+    ):
+        return num_samples
+    found, end = chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
+    while end in found:
+        following = max(e for e, _ in found[end])
+        if following <= end:
+            break
+        end = following
+    return min(end, num_samples)
+
+
+def empty_chunk() -> dict[str, Any]:
+    return {"rows": [], "successes": 0, "evaluations": 0, "search_rejections": 0}

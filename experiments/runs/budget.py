@@ -1,0 +1,183 @@
+"""What a run will cost before it starts: memory of a batch, time of the whole job.
+
+- `check_batch`: a user-given --slots/--population whose batch of candidates
+  cannot fit in the device's memory is refused with one line before anything is
+  compiled. The estimate per candidate is the library's (`propmaps_jax.memory`:
+  the peak of values live at once in the forward's jaxpr, traced, nothing runs),
+  compared with the memory the device has free (on a CPU: MemAvailable of
+  /proc/meminfo).
+- `calibrate`: seconds per DE generation of one image's population, timed on a
+  few generations after a warm-up, from which the locality job prints the whole
+  job's time up front, labelled as an estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import numpy as np
+
+from propmaps_jax import memory, models
+from propmaps_jax.errors import PropmapsError
+
+GIB = 1 << 30
+
+
+def candidate_bytes(module, variables, image_shape=(32, 32, 3)) -> int:
+    """Activation bytes of one candidate in a forward of `module`: the library's
+    count (`memory.forward_bytes_per_candidate`, the peak of live values in the
+    forward's jaxpr; traced, never run)."""
+    return memory.forward_bytes_per_candidate(
+        models.make_apply_fn(module), variables, image_shape
+    )
+
+
+def available_bytes() -> int | None:
+    """Free memory of the first device: the accelerator's (bytes_limit less in
+    use) or, on a CPU, the host's MemAvailable; None when unknown."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_batch(
+    module,
+    variables,
+    slots: int | None,
+    population: int,
+    free: int | None = None,
+) -> None:
+    """PropmapsError (one line) when slots x population candidates cannot fit.
+
+    `slots`: a user-given --slots, or None for the library's default (sized by
+    backend, at least one image's population per device: that much is checked);
+    `free`: the free bytes (default `available_bytes()`). Per device: the slots
+    are shared over the local devices.
+    """
+    free = available_bytes() if free is None else free
+    if free is None:
+        return
+    given = slots is not None
+    slots = int(slots) if given else 1
+    per_device_slots = -(-slots // max(1, jax.local_device_count()))
+    per_candidate = candidate_bytes(module, variables)
+    need = per_device_slots * int(population) * per_candidate
+    if need > free:
+        fits = free // (int(population) * per_candidate)
+        what = f"--slots={slots} with " if given else ""
+        remedy = (
+            f"use --slots={fits} or fewer, or leave --slots out for the default"
+            if given and fits >= 1
+            else f"use a --population of at most {free // per_candidate}"
+        )
+        raise PropmapsError(
+            f"{what}--population={population} needs at least {need / GIB:.1f} GiB "
+            "per device for the candidates' activations "
+            f"({per_candidate / 1024:.0f} KiB each) but {free / GIB:.1f} GiB is free; "
+            f"{remedy}"
+        )
+
+
+def generation_seconds(apply_fn, variables, config, repeats: int = 2) -> float:
+    """Seconds of one DE generation of one image: the forward of its `population`
+    candidates that the attack engine uses on this backend (the receptive-field
+    forward where it is the default, else the plain one), timed after a warm-up
+    call (its compile is not counted)."""
+    from propmaps_jax import attack
+
+    population = int(config.population)
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    candidate = attack.default_candidate_forward(
+        apply_fn, None, config, jax.default_backend()
+    )
+    if candidate is not None:
+        pixels = np.zeros((1, population, config.pixels, 5), np.float32)
+        call = functools.partial(_jitted(candidate), variables, images, pixels)
+    else:
+        batch = np.repeat(images, population, axis=0)
+        call = functools.partial(_jitted(apply_fn), variables, batch)
+    jax.block_until_ready(call())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(call())
+    return (time.perf_counter() - start) / repeats
+
+
+@functools.cache
+def _jitted(fn):
+    return jax.jit(fn)
+
+
+def job_estimate(
+    work: dict[str, tuple[object, object, int]], config
+) -> dict[str, float]:
+    """{model: estimated seconds at most} of attacking `images` still to do per
+    model (`work`: model -> (apply_fn, variables, images)), from one timed
+    generation each: images x (generations + 1) x seconds per generation (every
+    attack running every generation; successes stop earlier)."""
+    out = {}
+    for name, (apply_fn, variables, images) in work.items():
+        if images <= 0:
+            out[name] = 0.0
+            continue
+        step = generation_seconds(apply_fn, variables, config)
+        out[name] = images * (config.generations + 1) * step
+    return out
+
+
+def announce_job(
+    work: dict[str, tuple[object, object, int]],
+    samples: dict[str, int],
+    config,
+    log=print,
+) -> dict[str, float]:
+    """Print what the locality job will run and its estimated time per model and
+    in all (labelled as an estimate), with a way to a first look in minutes when
+    it passes an hour. Returns {model: estimated seconds}."""
+    from experiments.common import format_duration
+
+    log(
+        "locality job: "
+        + ", ".join(
+            f"{n} on {samples[n]} samples"
+            + (f" ({samples[n] - work[n][2]} done)" if work[n][2] < samples[n] else "")
+            for n in samples
+        )
+        + ", each attacked then studied"
+    )
+    generations = config.generations
+    estimate = job_estimate(work, config)
+    total = sum(estimate.values())
+    log(
+        "estimated time on this machine, at most (one generation timed per model; "
+        f"as if every attack ran all {generations} generations, successes stop "
+        "earlier; compiling adds about a minute per model): "
+        + ", ".join(f"{n} {format_duration(s)}" for n, s in estimate.items())
+        + f"; whole job {format_duration(total)}"
+    )
+    if total > 3600:
+        slowest = max(estimate, key=estimate.get)
+        per_image = estimate[slowest] / max(work[slowest][2], 1)
+        few = max(1, min(samples[slowest], int(300 / max(per_image, 1e-9))))
+        log(
+            f"for a first look in minutes: --num_samples_{slowest}={few} (then the "
+            "same command with the full count resumes from those images)"
+        )
+    return estimate

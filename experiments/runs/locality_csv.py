@@ -1,0 +1,143 @@
+"""DIR/<model>/locality.csv: one row per successful attack, written and read here.
+
+Columns: the attacked image (index, label) and the attack's pixel (row, col, r,
+g, b); the same colour moved to a nearby and to a random pixel (position, the
+model's prediction there, success); then per Chebyshev distance d = 1..D the
+number of pixels at that distance inside the image (`ring<d>_n`) and how many of
+them fool the model with the attack's colour (`ring<d>_success`). Every value is
+an integer. Written by the locality experiment; read back by its controls
+(every column, the rings of its --max_distance) and by the salience study (the
+positions only).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+
+from experiments.runs import storage
+from propmaps_jax.errors import PropmapsError
+
+NAME = "locality.csv"
+BASE_COLUMNS = (
+    "index",
+    "label",
+    "row",
+    "col",
+    "r",
+    "g",
+    "b",
+    "nearby_row",
+    "nearby_col",
+    "nearby_pred",
+    "nearby_success",
+    "random_row",
+    "random_col",
+    "random_pred",
+    "random_success",
+)
+# What the salience study reads: the attack's pixel and where it was moved to.
+POSITION_COLUMNS = tuple(
+    c for c in BASE_COLUMNS if c != "label" and not c.endswith(("_pred", "_success"))
+)
+
+
+def ring_columns(max_distance: int) -> list[str]:
+    """`ring<d>_n`, `ring<d>_success` for d = 1..max_distance."""
+    return [
+        f"ring{d}_{what}"
+        for d in range(1, max_distance + 1)
+        for what in ("n", "success")
+    ]
+
+
+def text(table: dict, succ_rows: np.ndarray, study: dict) -> str:
+    """The file's text: one row per successful attack (`succ_rows` of attack.csv's
+    `table`), with the locality `study` of those attacks."""
+    distances = study["distances"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    max_d = int(distances.max())
+    writer.writerow(list(BASE_COLUMNS) + ring_columns(max_d))
+    for i, row in enumerate(succ_rows):
+        ring = []
+        for d in range(1, max_d + 1):
+            at_d = distances == d
+            ring += [
+                int(study["ring_inside"][i, at_d].sum()),
+                int(study["ring_success"][i, at_d].sum()),
+            ]
+        writer.writerow(
+            [int(table["index"][row]), int(table["label"][row])]
+            + [int(v) for v in table["pixels"][row, 0]]
+            + [int(v) for v in study["nearby_rc"][i]]
+            + [int(study["nearby_pred"][i]), int(study["nearby_success"][i])]
+            + [int(v) for v in study["random_rc"][i]]
+            + [int(study["random_pred"][i]), int(study["random_success"][i])]
+            + ring
+        )
+    return buffer.getvalue()
+
+
+def rerun_locality(path: str) -> str:
+    """What to do about a locality.csv that cannot be used."""
+    return (
+        f"delete {os.path.join(os.path.dirname(path), 'locality.json')} and run the "
+        "locality experiment again on this --workdir (it reuses attack.csv)"
+    )
+
+
+def read(
+    path: str,
+    columns: tuple[str, ...] = BASE_COLUMNS,
+    max_distance: int | None = None,
+    remedy: str | None = None,
+) -> dict[str, np.ndarray]:
+    """`columns` of a locality.csv as int arrays (N,), and with `max_distance`
+    "ring_n" and "ring_success" (N, max_distance).
+
+    A file that cannot be read, lacks a column (an older version, or another
+    --max_distance), holds a value that is not an integer or inconsistent counts
+    is refused with one line ending in `remedy` (default: how to remake it).
+    """
+    remedy = remedy or rerun_locality(path)
+    rings = ring_columns(max_distance or 0)
+    try:
+        content = storage.read_text(path)
+    except OSError as e:
+        raise PropmapsError(f"cannot read {path} ({e.strerror}): {remedy}") from None
+    reader = csv.reader(io.StringIO(content, newline=""))
+    header = next(reader, [])
+    rows = list(reader)
+    missing = [c for c in (*columns, *rings) if c not in header]
+    if missing:
+        raise PropmapsError(
+            f"{path} lacks the column(s) {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''} (an older version or another "
+            f"--max_distance): {remedy}"
+        )
+    try:
+        table = np.array(rows, dtype=np.int64).reshape(len(rows), len(header))
+    except ValueError:
+        raise PropmapsError(
+            f"{path} holds a value that is not an integer: {remedy}"
+        ) from None
+    out = {c: table[:, header.index(c)] for c in columns}
+    if max_distance is not None:
+        for what in ("n", "success"):
+            out[f"ring_{what}"] = np.stack(
+                [
+                    table[:, header.index(f"ring{d}_{what}")]
+                    for d in range(1, max_distance + 1)
+                ],
+                axis=1,
+            ).reshape(len(rows), max_distance)
+        if np.any(out["ring_success"] > out["ring_n"]):
+            raise PropmapsError(f"{path} holds inconsistent counts: {remedy}")
+    for flag in ("nearby_success", "random_success"):
+        if flag in out and np.any(~np.isin(out[flag], (0, 1))):
+            raise PropmapsError(f"{path} holds inconsistent counts: {remedy}")
+    return out

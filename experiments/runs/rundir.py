@@ -1,0 +1,182 @@
+"""A run directory: atomic writes, and reuse or resume only under the same settings.
+
+Every experiment writes its files through these helpers, so that a killed run
+never leaves a half-written file, and checks a stored record's settings before it
+reuses or resumes it: a workdir that holds results of other settings is refused
+with the list of differences.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from experiments.runs import storage
+from propmaps_jax.errors import PropmapsError
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomically write a file: a temporary file renamed over `path`, or one
+    upload on gs:// (`storage.write_bytes`)."""
+    storage.write_bytes(path, data)
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomically write a text file."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (Python or NumPy) replaced by None.
+
+    JSON has no NaN or Infinity: json.dumps would write bare `NaN`, which strict
+    readers (jq, JavaScript, most languages' parsers) refuse.
+    """
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    return obj
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically write a JSON file (indented, keys in insertion order); always
+    valid JSON: NaN and infinities are written as null."""
+    write_text(path, json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> None:
+    """Atomically write an .npz of `arrays` (compressed unless told otherwise)."""
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    """A CSV file's text: the header, then the rows (newline line ends)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in blocks."""
+    if storage.is_url(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's contents (local or gs://; FileNotFoundError if missing)."""
+    return json.loads(storage.read_bytes(path))
+
+
+def _shown(key: str, value: Any) -> str:
+    # Content hashes are told apart by their first 12 hex digits.
+    if key.endswith("sha256") and isinstance(value, str):
+        return repr(value[:12])
+    return repr(value)
+
+
+def differences(old: dict, new: dict) -> str:
+    """'key: old -> new, ...' for every setting that differs (hashes shortened)."""
+    keys = sorted(set(old) | set(new))
+    return ", ".join(
+        f"{k}: {_shown(k, old.get(k))} -> {_shown(k, new.get(k))}"
+        for k in keys
+        if old.get(k) != new.get(k)
+    )
+
+
+def check_workdir(path: str, flag: str = "--workdir") -> str:
+    """`path` as an absolute path once it is known to be usable, creating nothing.
+
+    A usable workdir is an existing, writable directory, or a path whose nearest
+    existing ancestor is a writable directory (so that it can be created when the
+    first result is written). Writability is probed with a temporary file (the
+    permission bits do not tell for root, read-only mounts or ACLs), which is
+    removed at once. PropmapsError (one line, what to do) otherwise.
+    """
+    if not path:
+        raise PropmapsError(f"{flag} is required: the folder where results are written")
+    if storage.is_url(path):
+        return _check_url_workdir(storage.normalize(path), flag)
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under the file {existing}"
+        raise PropmapsError(
+            f"{flag}={path} {where}: results need a folder; use another {flag}"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        what = "" if existing == path else f" (its existing parent {existing})"
+        raise PropmapsError(
+            f"{flag}={path}{what} is not writable ({e.strerror or e}); use a "
+            f"writable {flag} or fix its permissions"
+        ) from None
+    return path
+
+
+def _check_url_workdir(path: str, flag: str) -> str:
+    """A gs:// workdir: its bucket exists and these credentials may write to it.
+
+    The probe is one small object, written and deleted at once, so that missing
+    credentials or permissions fail here, in one line, before any work. Only
+    process 0 of a multi-host run (--distributed) checks: it alone reads and
+    writes the run directory, and the others never touch the store.
+    """
+    import jax
+
+    if jax.process_index() != 0:
+        return path
+    storage.makedirs(path)  # the bucket exists (StorageError otherwise)
+    if storage.isfile(path):
+        raise PropmapsError(
+            f"{flag}={path} is a file: results need a folder; use another {flag}"
+        )
+    probe = storage.join(path, f".write-probe-{os.getpid()}")
+    storage.write_bytes(probe, b"")
+    storage.remove(probe)
+    return path
+
+
+def require_same_settings(
+    workdir: str, stored: dict, settings: dict, what: str = "a run"
+) -> None:
+    """PropmapsError unless the stored settings of a run in `workdir` equal these."""
+    if stored != settings:
+        raise PropmapsError(
+            f"{workdir} already holds {what} with other settings "
+            f"({differences(stored, settings)}); use another --workdir or delete it"
+        )
