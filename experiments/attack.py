@@ -38,6 +38,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import budget, common, integrity, provenance, results, rundir, runlock
+from experiments.report.progress import format_duration
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -683,14 +684,13 @@ class _AttackProgress:
         eta, bound = self.eta_s()
         rate = (self.done - self.start) / elapsed
         line = (
-            f"{text}; {rate:.2f} images/s, elapsed {common.format_duration(elapsed)}, "
+            f"{text}; {rate:.2f} images/s, elapsed {format_duration(elapsed)}, "
             f"ETA {'<=' if bound and eta != float('inf') else ''}"
-            f"{common.format_duration(eta)}"
+            f"{format_duration(eta)}"
         )
         if LATER_WORK_S[0] is not None:
             line += (
-                f"; whole job ETA {common.format_duration(eta + LATER_WORK_S[0])} "
-                "(estimate)"
+                f"; whole job ETA {format_duration(eta + LATER_WORK_S[0])} (estimate)"
             )
         return line
 

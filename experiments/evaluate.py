@@ -16,6 +16,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common, rundir
+from experiments.report.progress import Progress
 from propmaps_jax import checkpoint, evaluation, models
 
 flags.DEFINE_bool(
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> None:
     images, labels = dataset.split("test")
 
     start = time.time()
-    progress = common.Progress(len(images), what="images")
+    progress = Progress(len(images), what="images")
     probs = evaluation.predict(
         models.make_apply_fn(module),
         variables,

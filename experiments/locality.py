@@ -43,12 +43,14 @@ from experiments import (
     budget,
     common,
     integrity,
-    plots,
     provenance,
     rundir,
     runlock,
     tables,
 )
+from experiments.report import plots
+from experiments.report import tables as report_tables
+from experiments.report.progress import Progress
 from experiments.results import check_dataset, read_attack_csv, read_summary
 from propmaps_jax import checkpoint, locality, locality_controls, models, stats
 from propmaps_jax.attack import AttackConfig
@@ -256,7 +258,7 @@ def study_model(
         f"{name}: moving the pixels of {n} successful attacks: "
         f"{len(offsets) + 2} forward passes each, {per_batch} images per batch"
     )
-    progress = common.Progress(n, what="images")
+    progress = Progress(n, what="images")
     for start in range(0, n, per_batch):
         # Pad the last batch (repeating images) so every call has the same shapes.
         take = np.arange(start, start + per_batch) % n
@@ -794,9 +796,9 @@ def _attack_and_study(
         FLAGS.batch_size,
     )
     log(
-        f"{name}: original {tables.cell(record['original_all'])}; "
-        f"random {tables.cell(record['random'])}; "
-        f"nearby {tables.cell(record['nearby'])}"
+        f"{name}: original {report_tables.cell(record['original_all'])}; "
+        f"random {report_tables.cell(record['random'])}; "
+        f"nearby {report_tables.cell(record['nearby'])}"
     )
     return summary, record
 
@@ -804,13 +806,17 @@ def _attack_and_study(
 def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list:
     """table1.md, table1.csv and the figures; the names of the map figures."""
     rundir.write_text(
-        os.path.join(workdir, "table1.md"), tables.table1_markdown(results, settings)
+        os.path.join(workdir, "table1.md"),
+        report_tables.table1_markdown(results, settings),
     )
-    rundir.write_text(os.path.join(workdir, "table1.csv"), tables.table1_csv(results))
+    rundir.write_text(
+        os.path.join(workdir, "table1.csv"), report_tables.table1_csv(results)
+    )
     plots.distance_figure(results, os.path.join(workdir, "locality_vs_distance.png"))
     if any(r.get("controls") for r in results.values()):
         rundir.write_text(
-            os.path.join(workdir, "controls.csv"), tables.controls_table_csv(results)
+            os.path.join(workdir, "controls.csv"),
+            report_tables.controls_table_csv(results),
         )
         plots.controls_distance_figure(
             results, os.path.join(workdir, "locality_controls.png")
@@ -902,7 +908,7 @@ def main(argv: list[str]) -> None:
         os.path.join(workdir, "locality.json"),
         {
             "settings": settings,
-            "paper_table1": tables.PAPER_TABLE1,
+            "paper_table1": report_tables.PAPER_TABLE1,
             "models": results,
             "attack_summaries": attack_summaries,
             # What the tables were made from (each model's attack.csv, by content).

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots, results, rundir
+from experiments import common, results, rundir
+from experiments.report import plots
 from propmaps_jax import claims, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES

@@ -50,7 +50,9 @@ import numpy as np
 import scipy.stats
 from absl import flags
 
-from experiments import common, rundir, salience_plots
+from experiments import common, rundir
+from experiments.report import salience_plots
+from experiments.report.progress import Progress
 from experiments.results import (
     load_attack_run,
     read_summary,
@@ -294,7 +296,7 @@ def stream_changes(
     """Run `analyse` over all images in fixed-size chunks (last one padded)."""
     total = len(images)
     out: dict[str, np.ndarray] = {}
-    progress = common.Progress(total, "attacks")
+    progress = Progress(total, "attacks")
     for begin in range(0, total, batch_size):
         end = min(begin + batch_size, total)
         take = np.concatenate(

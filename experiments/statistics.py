@@ -49,7 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, integrity, plots, results, rundir
+from experiments import common, integrity, results, rundir
+from experiments.report import plots
+from experiments.report.progress import Progress
 from propmaps_jax import attack_de, claims, models, propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
@@ -214,7 +216,7 @@ def _stream(module, variables, shapes, images, rows, batch_size, signed):
         for name in propagation.SUMMARY_NAMES
     }
     predicted = np.empty((total,), np.int64)
-    progress = common.Progress(total, "attacks")
+    progress = Progress(total, "attacks")
     for begin in range(0, total, batch_size):
         end = min(begin + batch_size, total)
         # Pad the last batch by repeating its first row (masked out) to keep one shape.
@@ -320,7 +322,7 @@ def _generation0(module, variables, images, rows, summary, workdir):
     per_batch = max(1, GENERATION0_CANDIDATES_PER_BATCH // config.population)
     indices, total = rows["index"], rows["index"].size
     out: dict[str, np.ndarray] = {}
-    progress = common.Progress(total, "initial populations")
+    progress = Progress(total, "initial populations")
     for begin in range(0, total, per_batch):
         end = min(begin + per_batch, total)
         take = np.concatenate(

@@ -337,7 +337,7 @@ def test_attack_csv_without_generations_is_one_line(tmp_path):
 
 
 def test_seeds_markdown_spread():
-    from experiments import tables
+    from experiments.report import tables
 
     def record(k):
         prop = stats.proportion
@@ -357,7 +357,7 @@ def test_seeds_markdown_spread():
 
 
 def test_no_successful_attack_gives_an_inconclusive_table():
-    from experiments import tables
+    from experiments.report import tables
 
     empty_bool, empty_int = np.zeros(0, bool), np.zeros(0, np.int64)
     per_attack = {

@@ -322,7 +322,7 @@ def test_flag_checks_and_two_model_table():
         import json
         from absl import flags
         import experiments.locality as loc
-        import experiments.tables as tables
+        import experiments.report.tables as tables
         from propmaps_jax import stats
         from propmaps_jax.errors import PropmapsError
 

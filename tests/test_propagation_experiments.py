@@ -1,7 +1,7 @@
 """Tiny runs of the propagation and statistics experiments, and their figures.
 
 The experiments run end to end through launch.py (subprocesses), as a user runs
-them; the figures are drawn in-process through experiments/plots.py (no flags).
+them; the figures are drawn in-process through experiments/report/plots.py (no flags).
 """
 
 import csv
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import plots, provenance
+from experiments import provenance
+from experiments.report import plots
 from experiments.results import attack_columns
 from propmaps_jax import checkpoint, models, propagation
 from propmaps_jax.perturb import apply_pixels_batch

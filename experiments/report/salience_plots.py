@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from experiments.plots import save_figure  # noqa: E402
+from experiments.report.plots import save_figure  # noqa: E402
 from propmaps_jax.models import CIFAR10_CLASSES  # noqa: E402
 
 __all__ = ["capture_figure", "examples_figure", "roc_figure", "save_figure"]
