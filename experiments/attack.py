@@ -37,7 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import budget, common, integrity, provenance, results, rundir, runlock
+from experiments import (
+    budget,
+    common,
+    flag_groups,
+    integrity,
+    provenance,
+    results,
+    rundir,
+    runlock,
+)
 from experiments.report.progress import format_duration
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
@@ -77,6 +86,14 @@ flags.DEFINE_integer(
     "--num_samples (10 to 500).",
 )
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (
+    *flag_groups.RUN,
+    *flag_groups.MODEL,
+    *flag_groups.DISTRIBUTED,
+    "seed",
+    "max_minutes",
+)
 
 CSV_NAME = "attack.csv"
 SUMMARY_NAME = "attack_summary.json"

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common, rundir
+from experiments import common, flag_groups, rundir
 from experiments.report.progress import Progress
 from propmaps_jax import checkpoint, evaluation, models
 
@@ -24,6 +24,8 @@ flags.DEFINE_bool(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, "batch_size")
 
 
 def main(argv: list[str]) -> None:

@@ -42,6 +42,7 @@ import experiments.attack as attack_experiment
 from experiments import (
     budget,
     common,
+    flag_groups,
     integrity,
     provenance,
     rundir,
@@ -83,6 +84,15 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (
+    *flag_groups.RUN,
+    *flag_groups.ATTACK,
+    *flag_groups.DISTRIBUTED,
+    "batch_size",
+    "seed",
+    "max_minutes",
+)
 
 
 def parse_models(text: str) -> list[str]:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, results, rundir
+from experiments import common, flag_groups, results, rundir
 from experiments.report import plots
 from propmaps_jax import claims, propagation
 from propmaps_jax.errors import PropmapsError
@@ -58,6 +58,8 @@ flags.DEFINE_bool(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, *flag_groups.FIGURES)
 
 
 def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:

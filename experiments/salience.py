@@ -50,7 +50,7 @@ import numpy as np
 import scipy.stats
 from absl import flags
 
-from experiments import common, rundir
+from experiments import common, flag_groups, rundir
 from experiments.report import salience_plots
 from experiments.report.progress import Progress
 from experiments.results import (
@@ -84,6 +84,8 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, "batch_size", "seed")
 
 CHANGES = ("original", "nearby", "random")
 # Groups of changes: the attack's pixel of successful / failed attacks, and the

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, integrity, results, rundir
+from experiments import common, flag_groups, integrity, results, rundir
 from experiments.report import plots
 from experiments.report.progress import Progress
 from propmaps_jax import attack_de, claims, models, propagation
@@ -57,6 +57,14 @@ from propmaps_jax.errors import PropmapsError
 from propmaps_jax.perturb import apply_pixels_batch
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (
+    *flag_groups.RUN,
+    *flag_groups.MODEL,
+    *flag_groups.FIGURES,
+    "batch_size",
+    "seed",
+)
 
 OUTCOMES = ("successful", "failed", "all")
 DISTANCE_BIN_WIDTH = 1.0

@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags, logging
 from flax import serialization
 
-from experiments import common, rundir
+from experiments import common, flag_groups, rundir
 from experiments.report.progress import format_duration
 from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
@@ -62,6 +62,8 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, "model", "batch_size", "seed", "max_minutes")
 CHECKPOINT = "checkpoint.msgpack"
 MODEL = "model.msgpack"
 LOG_EVERY_S = 15.0

@@ -51,8 +51,9 @@ def test_experiment_help_lists_its_own_and_shared_flags():
 
 
 def test_flags_read_by_each_experiment():
-    """The source scan behind --help and the flag check: shared flags read through
-    helpers (common.load_data reads --cifar10_path) count, unused ones do not."""
+    """What each experiment declares (its FLAGS_READ) behind --help and the flag
+    check: shared flags read through helpers (common.load_data reads
+    --cifar10_path) are declared, unused ones are not."""
     read = {name: launch.flags_read(name) for name in launch.EXPERIMENTS}
     for name in launch.EXPERIMENTS:
         assert {"workdir", "cifar10_path", "precision"} <= read[name], name
@@ -61,6 +62,21 @@ def test_flags_read_by_each_experiment():
     assert "weights" not in read["locality"]  # it has --weights_<model>
     assert not {"signed", "columns", "slots", "seed"} & read["evaluate"]
     assert "init_weights" in read["train"] and "signed" not in read["train"]
+
+
+def test_every_flag_an_experiment_reads_is_declared():
+    """Each FLAGS.x / FLAGS["x"] in an experiment's own source is one of its own
+    flags or declared in its FLAGS_READ (a flag read but not declared would be
+    refused on the command line and missing from --help)."""
+    import re
+
+    for name in launch.EXPERIMENTS:
+        with open(os.path.join(ROOT, "experiments", f"{name}.py")) as f:
+            source = f.read()
+        used = set(re.findall(r"\bFLAGS\.([a-z_0-9]+)\b", source))
+        used |= set(re.findall(r"\bFLAGS\[\"([a-z_0-9]+)\"\]", source))
+        used -= {"is_parsed", "unparse_flags"}
+        assert used <= launch.flags_read(name), (name, used - launch.flags_read(name))
 
 
 @pytest.mark.parametrize(
