@@ -4,13 +4,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import launch
 
 from experiments import attack as attack_experiment
 from experiments import integrity, provenance, results, rundir
@@ -18,7 +17,6 @@ from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
 NUM_SAMPLES = 10
 MISLABELED = (1, 6, 7)
@@ -202,16 +200,7 @@ def test_parse_target():
 
 
 def test_bad_flag_gives_a_one_line_error(tmp_path):
-    command = [
-        sys.executable,
-        "launch.py",
-        "--experiment=attack",
-        f"--workdir={tmp_path}",
-        "--population=3",
-    ]
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    done = launch("--experiment=attack", f"--workdir={tmp_path}", "--population=3")
     assert done.returncode == 2, done.stderr
     assert "error: population must be an integer >= 4" in done.stderr
     assert "Traceback" not in done.stderr

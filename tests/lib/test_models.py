@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from keras_reference import conv2d, max_pool
 
 from propmaps_jax import models
 from propmaps_jax.errors import PropmapsError
+from tests.keras_reference import conv2d, max_pool
 
 
 def _resnet_conv_names(blocks_per_stage: int, stages: int = 3) -> list[str]:

@@ -1,40 +1,29 @@
 """End to end: `launch.py --experiment=locality`, a tiny model, a tiny .npz dataset.
 
-The experiment runs in subprocesses (experiments/*.py define absl flags at import, and
-several of them define --model), so nothing here imports experiments.*.
+The experiment runs through launch.py in process (conftest.launch resets the absl
+flags before and after each run).
 """
 
 import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import launch, reset_flags
 
 from experiments.results import read_attack_csv
 from propmaps_jax import checkpoint, locality, models
+from propmaps_jax.errors import PropmapsError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_SAMPLES = 16
 
 
 def run_launch(*args, check=True):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("CIFAR10_PATH", None)
-    proc = subprocess.run(
-        [sys.executable, "launch.py", "--experiment=locality", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = launch("--experiment=locality", *args, env={"CIFAR10_PATH": None})
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
@@ -316,59 +305,65 @@ def test_bad_model_gives_one_line_error(tmp_path):
 
 
 def test_flag_checks_and_two_model_table():
-    """Flag errors and Table 1 with both paper models, in one child process."""
-    script = textwrap.dedent(
-        """
-        import json
-        from absl import flags
-        import experiments.locality as loc
-        import experiments.report.tables as tables
-        from propmaps_jax import stats
-        from propmaps_jax.errors import PropmapsError
+    """Flag errors and Table 1 with both paper models."""
+    from absl import flags
 
-        errors = {}
-        def error(name, fn, *args):
-            try:
-                fn(*args)
-            except PropmapsError as e:
-                errors[name] = str(e)
-        error("empty", loc.parse_models, " , ")
-        error("unknown", loc.parse_models, "lenet,vgg")
-        error("twice", loc.parse_models, "lenet,lenet")
+    import experiments.locality as loc
+    import experiments.report.tables as tables
+    from propmaps_jax import stats
+
+    errors = {}
+
+    def error(name, fn, *args):
+        try:
+            fn(*args)
+        except PropmapsError as e:
+            errors[name] = str(e)
+
+    error("empty", loc.parse_models, " , ")
+    error("unknown", loc.parse_models, "lenet,vgg")
+    error("twice", loc.parse_models, "lenet,lenet")
+    try:
+        reset_flags()
         flags.FLAGS(["x", "--pixels=3"])
         error("pixels", loc.check_flags)
+        reset_flags()
         flags.FLAGS(["x", "--pixels=1", "--target=3"])
         error("target", loc.check_flags)
+        reset_flags()
         flags.FLAGS(["x", "--target=none", "--weights=a.h5"])
         error("weights", loc.check_flags)
-        error("bundled", loc.model_weights, "resnet20")
+    finally:
+        reset_flags()
+    error("bundled", loc.model_weights, "resnet20")
 
-        def res(s, c, n, r, nb):
-            ring = [{"distance": 1, "pooled": stats.proportion(nb, 8 * s)}]
-            return {"accuracy_on_samples": stats.proportion(c, n),
-                    "original_all": stats.proportion(s, n),
-                    "original_correct": stats.proportion(s, c),
-                    "random": stats.proportion(r, s),
-                    "nearby": stats.proportion(nb, s), "distance": ring}
-        results = {"lenet": res(2934, 3700, 5000, 144, 971),
-                   "resnet": res(1638, 4600, 5000, 51, 513)}
-        settings = {"num_samples": 5000, "sample": "first", "seed": 0,
-                    "attack": {"population": 400, "generations": 100},
-                    "max_distance": 1}
-        print(json.dumps({"md": tables.table1_markdown(results, settings),
-                          "csv": tables.table1_csv(results), "errors": errors}))
-        """
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    def res(s, c, n, r, nb):
+        ring = [{"distance": 1, "pooled": stats.proportion(nb, 8 * s)}]
+        return {
+            "accuracy_on_samples": stats.proportion(c, n),
+            "original_all": stats.proportion(s, n),
+            "original_correct": stats.proportion(s, c),
+            "random": stats.proportion(r, s),
+            "nearby": stats.proportion(nb, s),
+            "distance": ring,
+        }
+
+    results = {
+        "lenet": res(2934, 3700, 5000, 144, 971),
+        "resnet": res(1638, 4600, 5000, 51, 513),
+    }
+    settings = {
+        "num_samples": 5000,
+        "sample": "first",
+        "seed": 0,
+        "attack": {"population": 400, "generations": 100},
+        "max_distance": 1,
+    }
+    out = {
+        "md": tables.table1_markdown(results, settings),
+        "csv": tables.table1_csv(results),
+        "errors": errors,
+    }
     errors = out["errors"]
     assert "--models is empty" in errors["empty"]
     assert "unknown model 'vgg'" in errors["unknown"]

@@ -136,7 +136,7 @@ def _spy_programs(monkeypatch, build: bool = True):
 
 
 def test_attack_choices_per_backend_give_the_same_attack(monkeypatch, fake_platform):
-    # The CPU's result is the one tests/test_attack.py computes (its program is
+    # The CPU's result is the one tests/lib/test_attack.py computes (its program is
     # cached there); the TPU's choices: the plain forward, no buckets.
     apply_fn, variables, images, labels, indices = lenet_case()
     cpu = attack_case(SLOTS)

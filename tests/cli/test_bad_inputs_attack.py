@@ -2,7 +2,7 @@
 
 Each bad input is refused before anything is written (the workdir stays absent),
 so the corrected command then runs; the workdir, Ctrl-C and JSON outputs are
-checked through `launch.py` where exit codes matter.
+checked through `launch.py` (in process) where exit codes matter.
 """
 
 import json
@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, launch, subprocess_env
 
 from experiments import attack as attack_experiment
 from experiments import rundir
@@ -24,7 +25,6 @@ from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = AttackConfig(pixels=1, population=20, generations=2)
 
 
@@ -169,18 +169,6 @@ def test_write_json_is_always_valid_json(tmp_path):
     }
 
 
-def launch(*args, timeout=300):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_launch_workdir_errors_are_one_line(files, tmp_path):
     """Through launch.py: exit 2 and one line, for both experiments, before any
     data or weights are read."""
@@ -248,6 +236,7 @@ SLOW_ATTACK = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
     """SIGINT after the first chunk: exit 130 within seconds, one line that says
     how to resume, no traceback, finished chunks kept; the same command then ends
@@ -266,11 +255,10 @@ def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
         "--slots=2",
         f"--workdir={workdir}",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_ATTACK, *args],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

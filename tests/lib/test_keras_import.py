@@ -8,10 +8,10 @@ import h5py
 import jax
 import numpy as np
 import pytest
-from keras_reference import KerasReference
 
 from propmaps_jax import checkpoint, data, evaluation, keras_import, models
 from propmaps_jax.errors import WeightsError
+from tests.keras_reference import KerasReference
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_reference_conv_same_padding_matches_hand_computed_case():
     # 1 channel 4x4 ramp, 3x3 ones kernel, stride 2, 'same': TF pads 0 before and
     # 1 after in each dimension, so outputs are sums of windows starting at 0 and 2.
     x = np.arange(16, dtype=np.float64).reshape(1, 4, 4, 1)
-    from keras_reference import conv2d
+    from tests.keras_reference import conv2d
 
     y = conv2d(x, np.ones((3, 3, 1, 1)), np.zeros(1), (2, 2), "same")
     expected = [
@@ -125,7 +125,6 @@ def test_accuracy_lenet_is_70_00_percent(imported, test_split):
     assert summary["correct"] == 7000, summary["accuracy"]
 
 
-@pytest.mark.slow
 def test_accuracy_resnet_is_81_93_percent(imported, test_split):
     module, variables, _, _ = imported["resnet"]
     images, labels = test_split

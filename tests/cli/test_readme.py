@@ -5,7 +5,8 @@ import os
 import re
 import shlex
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 SECTION = "## Use from your own JAX code"
 
 

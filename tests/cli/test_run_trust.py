@@ -2,8 +2,8 @@
 stop explained, every flag checked, the job's cost up front; and the chunking of
 issue 17 (a stop loses at most a few minutes; --max_minutes; resume elsewhere).
 
-Tiny LeNet, ten fake images, in process; launch.py only where the exit status
-and the one line are the point.
+Tiny LeNet, ten fake images, in process; launch.py (in process too) where the exit
+status and the one line are the point.
 """
 
 import errno
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from conftest import ROOT, launch
 
 from experiments import attack as attack_experiment
 from experiments import budget, cli, common, integrity, results, rundir, runlock
@@ -27,7 +28,6 @@ from propmaps_jax import checkpoint, data, memory, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
 NUM_SAMPLES = 10
 FLAGS = flags.FLAGS
@@ -217,21 +217,12 @@ def test_launch_refuses_a_locked_workdir_with_exit_2(setup, tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lock(workdir, lock_record(sleeper.pid))
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "launch.py",
-                "--experiment=attack",
-                "--model=lenet_tiny",
-                f"--weights={kwargs['weights']}",
-                f"--cifar10_path={npz}",
-                f"--workdir={workdir}",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-            capture_output=True,
-            text=True,
-            timeout=300,
+        proc = launch(
+            "--experiment=attack",
+            "--model=lenet_tiny",
+            f"--weights={kwargs['weights']}",
+            f"--cifar10_path={npz}",
+            f"--workdir={workdir}",
         )
     finally:
         sleeper.kill()
@@ -653,9 +644,7 @@ def test_train_max_minutes_stops_after_a_saved_epoch(tmp_path):
     npz = str(tmp_path / "tiny.npz")
     np.savez(npz, x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
     workdir = tmp_path / "train"
-    command = [
-        sys.executable,
-        "launch.py",
+    proc = launch(
         "--experiment=train",
         "--model=lenet_tiny",
         f"--cifar10_path={npz}",
@@ -663,9 +652,7 @@ def test_train_max_minutes_stops_after_a_saved_epoch(tmp_path):
         "--batch_size=4",
         "--max_minutes=0.0001",
         f"--workdir={workdir}",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    )
     assert proc.returncode == 75, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (

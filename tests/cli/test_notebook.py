@@ -10,8 +10,8 @@ import os
 import sys
 
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "examples", "quickstart.ipynb")
 
 
@@ -37,6 +37,7 @@ def _outputs(cell) -> str:
     return "".join(parts)
 
 
+@pytest.mark.e2e  # a Jupyter kernel: a process of its own
 def test_quickstart_notebook_runs(cifar10_path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -5,26 +5,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
+from conftest import launch as launch_py
 
 import launch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _launch(*args, env=None):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("args", [(), ("--help",), ("-h",), ("--helpfull",)])
 def test_help_lists_the_experiments(args):
-    result = _launch(*args)
+    result = launch_py(*args)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for name in launch.EXPERIMENTS:
@@ -35,7 +24,7 @@ def test_help_lists_the_experiments(args):
 
 
 def test_experiment_help_lists_its_own_and_shared_flags():
-    result = _launch("--experiment=train", "--help")
+    result = launch_py("--experiment=train", "--help")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("usage: python launch.py --experiment=train [flags]")
@@ -121,7 +110,7 @@ def test_check_accepts_good_command_lines_and_leaves_flags_alone():
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
-    result = _launch(
+    result = launch_py(
         "--experiment=evaluate",
         "--model=lenet",
         f"--weights={tmp_path / 'missing.msgpack'}",
@@ -136,6 +125,24 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
+def test_help_in_a_new_process_imports_no_jax():
+    """`python launch.py --help` as a user runs it: exit 0, the overview, and no
+    JAX imported before an experiment is chosen (so it answers at once)."""
+    code = (
+        "import sys, runpy; sys.argv = ['launch.py', '--help']; "
+        "runpy.run_path('launch.py', run_name='__main__'); "
+        "print('jax imported:', 'jax' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "experiments:" in result.stdout
+    assert result.stdout.strip().endswith("jax imported: False")
+
+
+@pytest.mark.e2e
 def test_all_experiment_modules_import_together():
     # Shared flags are defined once in experiments/common.py; importing every
     # experiment in one process must not raise absl's DuplicateFlagError.

@@ -1,14 +1,14 @@
 """docs/cloud_tpu.md: its launch.py commands parse with today's flags.
 
 The recipe's commands run inside `gcloud ... ssh --command='...'`, which the
-README's check (tests/test_readme.py) does not look into; this one does.
+README's check (tests/cli/test_readme.py) does not look into; this one does.
 """
 
 import os
 import re
 import shlex
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def recipe_launch_arguments() -> list[list[str]]:

@@ -1,19 +1,18 @@
 """Tiny runs of the propagation and statistics experiments, and their figures.
 
-The experiments run end to end through launch.py (subprocesses), as a user runs
+The experiments run end to end through launch.py (in process), as a user runs
 them; the figures are drawn in-process through experiments/report/plots.py (no flags).
 """
 
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import launch
 
 from experiments import provenance
 from experiments.report import plots
@@ -21,21 +20,8 @@ from experiments.results import attack_columns
 from propmaps_jax import checkpoint, models, propagation
 from propmaps_jax.perturb import apply_pixels_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_ROWS = 10
 NOT_ATTACKED = 3
-
-
-def run_launch(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +129,7 @@ def _is_png(path):
 
 
 def test_propagation_experiment_from_attack_csv(tiny_setup):
-    result = run_launch("--experiment=propagation", "--index=2", *tiny_setup["args"])
+    result = launch("--experiment=propagation", "--index=2", *tiny_setup["args"])
     assert result.returncode == 0, result.stderr[-2000:]
     out = os.path.join(tiny_setup["workdir"], "propagation")
     for reduce in ("max", "avg"):
@@ -180,7 +166,7 @@ def test_propagation_experiment_from_attack_csv(tiny_setup):
 
 
 def test_propagation_experiment_pixel_flags_and_move_to(tiny_setup):
-    result = run_launch(
+    result = launch(
         "--experiment=propagation",
         "--index=5",
         "--pixel=3,4",
@@ -221,7 +207,7 @@ def test_propagation_experiment_pixel_flags_and_move_to(tiny_setup):
     ],
 )
 def test_propagation_experiment_errors(tiny_setup, args, message):
-    result = run_launch("--experiment=propagation", *tiny_setup["args"], *args)
+    result = launch("--experiment=propagation", *tiny_setup["args"], *args)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
@@ -230,7 +216,7 @@ def test_propagation_experiment_errors(tiny_setup, args, message):
 def test_missing_attack_csv(tiny_setup):
     empty = tiny_setup["folder"] / "empty"
     args = [a for a in tiny_setup["args"] if not a.startswith("--workdir")]
-    result = run_launch(
+    result = launch(
         "--experiment=propagation", "--index=1", f"--workdir={empty}", *args
     )
     assert result.returncode == 2, result.stderr[-2000:]
@@ -239,9 +225,7 @@ def test_missing_attack_csv(tiny_setup):
 
 
 def test_statistics_experiment_equals_direct_computation(tiny_setup):
-    result = run_launch(
-        "--experiment=statistics", "--batch_size=4", *tiny_setup["args"]
-    )
+    result = launch("--experiment=statistics", "--batch_size=4", *tiny_setup["args"])
     assert result.returncode == 0, result.stderr[-2000:]
     out = os.path.join(tiny_setup["workdir"], "statistics")
     for name in (
@@ -358,9 +342,7 @@ def test_statistics_experiment_equals_direct_computation(tiny_setup):
 
 
 def test_paper_figures_are_chosen_by_the_rules(tiny_setup):
-    result = run_launch(
-        "--experiment=propagation", "--paper_figures", *tiny_setup["args"]
-    )
+    result = launch("--experiment=propagation", "--paper_figures", *tiny_setup["args"])
     assert result.returncode == 0, result.stderr[-2000:]
     out = os.path.join(tiny_setup["workdir"], "paper_figures")
     with open(os.path.join(out, "figures.json")) as f:
@@ -427,7 +409,7 @@ def test_a_run_that_does_not_belong_is_refused(tiny_setup, experiment, change, m
         args = [a for a in args if not a.startswith("--model")] + [change]
     if experiment == "propagation":
         args.append("--index=2")
-    result = run_launch(f"--experiment={experiment}", *args)
+    result = launch(f"--experiment={experiment}", *args)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
@@ -586,9 +568,7 @@ def test_a_mistyped_workdir_is_an_error_and_is_not_created(tiny_setup, experimen
     missing = os.path.join(tiny_setup["folder"], f"no_such_run_{experiment}")
     args = [a for a in tiny_setup["args"] if not a.startswith("--workdir=")]
     index = ["--index=2"] if experiment == "propagation" else []
-    result = run_launch(
-        f"--experiment={experiment}", *index, *args, f"--workdir={missing}"
-    )
+    result = launch(f"--experiment={experiment}", *index, *args, f"--workdir={missing}")
     assert result.returncode == 2, result.stderr
     assert "attack.csv" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(missing)

@@ -1,6 +1,7 @@
 """Bad command lines of the launcher and the train experiment, as a user types them:
 each gives the expected exit code and ONE line naming the problem, no traceback, and
-leaves nothing behind (subprocesses: the whole path from argv to exit status)."""
+leaves nothing behind (the whole path from argv to exit status, in process; Ctrl-C
+in a real process)."""
 
 import os
 import signal
@@ -9,8 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, launch, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,6 @@ def tiny_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
     np.savez(path, **arrays)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 TRAIN = ["--experiment=train", "--model=lenet_tiny", "--epochs=2", "--batch_size=32"]
@@ -85,26 +80,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gives_one_line(case, tmp_path, tiny_npz, compile_cache):
+def test_bad_input_gives_one_line(case, tmp_path, tiny_npz):
     argv, code, phrase = CASES[case]
     if "/proc/" in " ".join(argv) and not os.path.isdir("/proc/self"):
         pytest.skip("needs Linux /proc (a folder that refuses files even to root)")
     (tmp_path / "a_file").write_text("not a folder")
     argv = [a.format(tmp=tmp_path, data=tiny_npz) for a in argv]
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": compile_cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
-    result = subprocess.run(
-        [sys.executable, "launch.py", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = launch(*argv)
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     if code == 0:
@@ -117,7 +99,8 @@ def test_bad_input_gives_one_line(case, tmp_path, tiny_npz, compile_cache):
     assert not (tmp_path / "WORKDIR").exists()  # nothing left behind
 
 
-def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz, compile_cache):
+@pytest.mark.e2e
+def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz):
     """Ctrl-C during training: one line that says what is kept and how to resume,
     exit status 130, no KeyboardInterrupt traceback."""
     workdir = tmp_path / "run"
@@ -138,11 +121,7 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz, compile_cache):
     process = subprocess.Popen(
         [sys.executable, "-c", script, *argv],
         cwd=ROOT,
-        env={
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": compile_cache,
-        },
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

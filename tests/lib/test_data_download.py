@@ -16,8 +16,6 @@ import re
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 import tarfile
 import threading
 import urllib.error
@@ -27,12 +25,12 @@ import numpy as np
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from conftest import launch
 
 from experiments import common
 from propmaps_jax import data
 from propmaps_jax.errors import DataError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_BATCH = 2  # images per training batch; the test batch has 3
 ARCHIVE = "/" + data.ARCHIVE_NAME
 
@@ -505,28 +503,15 @@ def test_relative_path_is_recorded_absolute(tmp_path, monkeypatch):
     assert dataset.source == str(tmp_path / data.BATCHES_DIR)
 
 
-def _launch(*args, env):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_launch_downloads_on_first_use_and_says_offline_in_one_line(
     env, server, good, tmp_path
 ):
-    child = {k: v for k, v in os.environ.items() if k != "CIFAR10_PATH"}
-    child["JAX_PLATFORMS"] = "cpu"
     args = ("--experiment=evaluate", "--model=lenet", "--batch_size=3")
 
-    offline = _launch(
+    offline = launch(
         *args,
         f"--workdir={tmp_path / 'offline'}",
-        env={**child, data.URL_ENV: _refused_url()},
+        env={"CIFAR10_PATH": None, data.URL_ENV: _refused_url()},
     )
     assert offline.returncode == 2
     assert "Traceback" not in offline.stderr
@@ -535,7 +520,9 @@ def test_launch_downloads_on_first_use_and_says_offline_in_one_line(
     assert "Connect to the internet and run again, or pass --cifar10_path" in last
     assert not os.path.exists(tmp_path / "offline" / "evaluation.json")
 
-    online = _launch(*args, f"--workdir={tmp_path / 'online'}", env=child)
+    online = launch(
+        *args, f"--workdir={tmp_path / 'online'}", env={"CIFAR10_PATH": None}
+    )
     assert online.returncode == 0, online.stderr[-2000:]
     assert "MD5" in online.stderr and "verified" in online.stderr
     report = json.loads((tmp_path / "online" / "evaluation.json").read_text())

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from propmaps_jax import locality, models, stats
 from propmaps_jax.errors import PropmapsError
@@ -312,7 +313,7 @@ def test_protocol_moves_reproduce_a_committed_run():
     """The protocol's draws are stable: they give the nearby/random positions that
     the ResNet-32 run of RESULTS.md stored (made before the functional-core split)."""
     path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        ROOT,
         "docs",
         "results",
         "resnet_100_cpu",

@@ -8,11 +8,14 @@ import sys
 
 import jax
 import numpy as np
+import pytest
+from conftest import ROOT, launch
 
 from propmaps_jax import checkpoint, models
 from tests._attack_case import SLOTS, attack_case
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Several real processes (jax.distributed on localhost): end to end.
+pytestmark = pytest.mark.e2e
 WORKER = os.path.join(ROOT, "tests", "_attack_worker.py")
 
 
@@ -132,16 +135,12 @@ def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
 
 
 def test_distributed_without_a_cluster_is_a_clear_error(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "launch.py"),
-            "--experiment=attack",
-            "--distributed",
-            f"--workdir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
+    # A subprocess: jax.distributed.initialize() must not touch this process.
+    done = launch(
+        "--experiment=attack",
+        "--distributed",
+        f"--workdir={tmp_path}",
+        subprocess=True,
         timeout=120,
     )
     assert done.returncode == 2

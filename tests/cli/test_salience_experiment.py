@@ -1,6 +1,6 @@
 """The salience experiment on a tiny LeNet and a small hand-made attack run.
 
-One run goes through launch.py (a subprocess); its numbers are checked against an
+One run goes through launch.py (in process); its numbers are checked against an
 independent computation (jax.grad of the module, NumPy windows, SciPy ranks), and
 bad input is checked both through launch.py (one line, exit 2) and in-process
 through `salience.run` (experiments/salience.py defines only flags of its own).
@@ -11,14 +11,13 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from conftest import launch
 
 from experiments import provenance, salience
 from experiments.results import attack_columns
@@ -26,22 +25,12 @@ from propmaps_jax import checkpoint, data, locality, models
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.saliency import SaliencyConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 12
 NOT_ATTACKED = (3, 9)
 
 
 def run_launch(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("CIFAR10_PATH", None)
-    return subprocess.run(
-        [sys.executable, "launch.py", "--experiment=salience", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return launch("--experiment=salience", *args, env={"CIFAR10_PATH": None})
 
 
 def _write_csv(path, header, rows):
