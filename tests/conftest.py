@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import signal
 import subprocess as _subprocess
 import sys
@@ -42,6 +43,7 @@ os.environ.pop("PROPMAPS_CIFAR10_MD5", None)
 # an in-process launch, a library test or a subprocess is compiled once. The
 # environment carries it to the subprocesses; programs that compile in under
 # 0.1 s are not worth a disk entry. A user's own JAX_COMPILATION_CACHE_DIR wins.
+_OWN_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 COMPILE_CACHE = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="propmaps-test-xla-")
 )
@@ -53,6 +55,38 @@ jax.config.update(
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# What the cache did in this process, shown at the end of the session.
+_CACHE_EVENTS = {"hits": 0, "misses": 0, "saved_s": 0.0}
+
+
+def _on_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_EVENTS["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _CACHE_EVENTS["misses"] += 1
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == "/jax/compilation_cache/compile_time_saved_sec":
+        _CACHE_EVENTS["saved_s"] += seconds
+
+
+jax.monitoring.register_event_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def pytest_terminal_summary(terminalreporter):
+    entries = len(os.listdir(COMPILE_CACHE)) if os.path.isdir(COMPILE_CACHE) else 0
+    terminalreporter.write_line(
+        f"JAX compilation cache {COMPILE_CACHE}: {entries} programs; in the test "
+        f"process {_CACHE_EVENTS['hits']} hits (about {_CACHE_EVENTS['saved_s']:.0f} "
+        f"s of compilation saved), {_CACHE_EVENTS['misses']} misses"
+    )
+
+
+def pytest_unconfigure(config):
+    if _OWN_COMPILE_CACHE:
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 @dataclasses.dataclass
