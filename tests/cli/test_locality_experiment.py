@@ -333,9 +333,9 @@ def test_flag_checks_and_two_model_table():
         reset_flags()
         flags.FLAGS(["x", "--target=none", "--weights=a.h5"])
         error("weights", loc.check_flags)
+        error("bundled", loc.model_weights, "resnet20")
     finally:
         reset_flags()
-    error("bundled", loc.model_weights, "resnet20")
 
     def res(s, c, n, r, nb):
         ring = [{"distance": 1, "pooled": stats.proportion(nb, 8 * s)}]
