@@ -144,7 +144,7 @@ def reset_flags() -> None:
 
 
 def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
-    from absl import app
+    from absl import app, command_name
     from absl import logging as absl_logging
 
     from experiments import cli, common
@@ -157,9 +157,11 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
     code = 0
     reset_flags()
     # Each launch is absl's first app.run, as in a new process (it sets INFO
-    # logging then).
+    # logging then), except that it leaves this process's name alone.
     app._run_init.done = False
     app._register_and_parse_flags_with_usage.done = False
+    rename = command_name.make_process_name_useful
+    command_name.make_process_name_useful = lambda: None
     try:
         for name, value in env.items():
             os.environ.pop(name, None)
@@ -181,6 +183,7 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
                 traceback.print_exc(file=err)
                 code = 1
     finally:
+        command_name.make_process_name_useful = rename
         handler.stream = saved_stream
         sys.argv = saved[0]
         os.chdir(saved[1])
