@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common
+from experiments import common, flag_groups
+from experiments.report.progress import format_duration
 from experiments.runs import (
     attack_csv,
     budget,
@@ -82,6 +83,14 @@ flags.DEFINE_integer(
     "--num_samples (10 to 500).",
 )
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (
+    *flag_groups.RUN,
+    *flag_groups.MODEL,
+    *flag_groups.DISTRIBUTED,
+    "seed",
+    "max_minutes",
+)
 
 CSV_NAME, SUMMARY_NAME = attack_csv.CSV_NAME, attack_csv.SUMMARY_NAME
 CHUNKS_DIR = attack_csv.CHUNKS_DIR
@@ -523,14 +532,13 @@ class _AttackProgress:
         eta, bound = self.eta_s()
         rate = (self.done - self.start) / elapsed
         line = (
-            f"{text}; {rate:.2f} images/s, elapsed {common.format_duration(elapsed)}, "
+            f"{text}; {rate:.2f} images/s, elapsed {format_duration(elapsed)}, "
             f"ETA {'<=' if bound and eta != float('inf') else ''}"
-            f"{common.format_duration(eta)}"
+            f"{format_duration(eta)}"
         )
         if LATER_WORK_S[0] is not None:
             line += (
-                f"; whole job ETA {common.format_duration(eta + LATER_WORK_S[0])} "
-                "(estimate)"
+                f"; whole job ETA {format_duration(eta + LATER_WORK_S[0])} (estimate)"
             )
         return line
 

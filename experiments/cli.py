@@ -72,7 +72,8 @@ def select(args: list[str]) -> str | None:
     return names[0] if names else None
 
 
-# --- What an experiment is and reads, from its source (no import, no JAX).
+# --- What an experiment is (its docstring, read without importing it) and reads
+# (the shared flags it declares).
 
 
 @functools.cache
@@ -88,96 +89,15 @@ def summary(name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def _aliases(tree: ast.Module) -> dict[str, tuple[str, str | None]]:
-    """Names bound by imports from the experiments package: alias -> (module,
-    None) for a module, (module, function) for a function imported by name."""
-    out: dict[str, tuple[str, str | None]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("experiments.") and a.asname:
-                    out[a.asname] = (a.name, None)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            for a in node.names:
-                alias = a.asname or a.name
-                if node.module == "experiments":
-                    out[alias] = (f"experiments.{a.name}", None)
-                elif node.module.startswith("experiments."):
-                    sub = f"{node.module}.{a.name}"  # a module of a package?
-                    if os.path.isfile(os.path.join(ROOT, *sub.split(".")) + ".py"):
-                        out[alias] = (sub, None)
-                    else:
-                        out[alias] = (node.module, a.name)
-    return out
-
-
-def _flag_references(node: ast.AST) -> tuple[set[str], set[tuple[str, str]]]:
-    """(flags read in `node` as FLAGS.x or FLAGS["x"], names it refers to: (alias,
-    attribute) for `alias.attribute`, (name, "") for a bare name)."""
-    flags_read, names = set(), set()
-    # A module alias counts only with its attribute (`common.load_data`), not as
-    # a whole module.
-    bases = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute)}
-    for n in ast.walk(node):
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
-            if n.value.id == "FLAGS":
-                flags_read.add(n.attr)
-            else:
-                names.add((n.value.id, n.attr))
-        elif isinstance(n, ast.Attribute) and n.attr == "FLAGS":
-            pass  # flags.FLAGS.x: its parent Attribute is handled below
-        elif isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name):
-            key = n.slice
-            if n.value.id == "FLAGS" and isinstance(key, ast.Constant):
-                flags_read.add(str(key.value))
-        elif isinstance(n, ast.Name) and id(n) not in bases:
-            names.add((n.id, ""))
-        if (
-            isinstance(n, ast.Attribute)
-            and isinstance(n.value, ast.Attribute)
-            and n.value.attr == "FLAGS"
-        ):
-            flags_read.add(n.attr)
-    return flags_read, names
-
-
-def _top_level(tree: ast.Module, name: str) -> ast.AST | None:
-    for node in tree.body:
-        if (
-            isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-            and node.name == name
-        ):
-            return node
-    return None
-
-
-@functools.cache
 def flags_read(name: str) -> frozenset[str]:
-    """Names of the flags experiment `name` reads: FLAGS.x anywhere in its module,
-    and in the functions of other experiments modules that it uses (followed from
-    function to function), plus --precision, which this launcher applies."""
-    found: set[str] = set()
-    todo = [(f"experiments.{name}", None), ("experiments.common", "under_precision")]
-    seen = set()
-    while todo:
-        module, function = todo.pop()
-        if (module, function) in seen:
-            continue
-        seen.add((module, function))
-        tree = _tree(module)
-        node = tree if function is None else _top_level(tree, function)
-        if node is None:
-            continue
-        flags_in, names = _flag_references(node)
-        found |= flags_in
-        aliases = _aliases(tree)
-        for base, attribute in names:
-            if base in aliases:
-                target, imported = aliases[base]
-                todo.append((target, imported or attribute or None))
-            elif not attribute and function is not None and _top_level(tree, base):
-                todo.append((module, base))
-    return frozenset(found)
+    """Names of the flags experiment `name` reads: the ones its module defines, the
+    shared ones it declares in FLAGS_READ (experiments/flag_groups.py), and
+    --precision, which this launcher applies to every experiment. Imports it."""
+    from absl import flags
+
+    module = importlib.import_module(f"experiments.{name}")
+    own = flags.FLAGS.flags_by_module_dict().get(module.__name__, [])
+    return frozenset({*(f.name for f in own), *module.FLAGS_READ, "precision"})
 
 
 # --- Help texts.
@@ -217,9 +137,10 @@ def _flag_help(flag) -> str:
 
 
 def experiment_flags(name: str, flag_values) -> tuple[list, list]:
-    """(the experiment's own flags, the shared flags it reads), sorted by name."""
-    own, shared = [], []
+    """(the experiment's own flags, the shared flags it reads), sorted by name: its
+    own are those its module defines, the shared ones those it declares."""
     read = flags_read(name)
+    own, shared = [], {}
     for module, module_flags in flag_values.flags_by_module_dict().items():
         if not module.startswith("experiments."):
             continue
@@ -227,9 +148,12 @@ def experiment_flags(name: str, flag_values) -> tuple[list, list]:
             if module == f"experiments.{name}":
                 own.append(flag)
             elif flag.name in read:
-                shared.append(flag)
+                shared[flag.name] = flag
+    unknown = read - {*shared, *(f.name for f in own)}
+    if unknown:  # a mistake in the experiment's FLAGS_READ, not the user's
+        raise ValueError(f"experiments/{name}.py reads undefined flags {unknown}")
     by_name = functools.partial(sorted, key=lambda f: f.name)
-    return by_name(own), by_name({f.name: f for f in shared}.values())
+    return by_name(own), by_name(shared.values())
 
 
 def experiment_help(name: str, flag_values) -> str:

@@ -15,7 +15,8 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, flag_groups
+from experiments.report.progress import Progress
 from experiments.runs import rundir
 from propmaps_jax import checkpoint, evaluation, models
 
@@ -24,6 +25,8 @@ flags.DEFINE_bool(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, "batch_size")
 
 
 def main(argv: list[str]) -> None:
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> None:
     images, labels = dataset.split("test")
 
     start = time.time()
-    progress = common.Progress(len(images), what="images")
+    progress = Progress(len(images), what="images")
     probs = evaluation.predict(
         models.make_apply_fn(module),
         variables,

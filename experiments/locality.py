@@ -39,10 +39,14 @@ import numpy as np
 from absl import flags
 
 import experiments.attack as attack_experiment
-from experiments import common, plots, tables
+from experiments import common, flag_groups
+from experiments.report import plots
+from experiments.report import tables as report_tables
+from experiments.report.progress import Progress
 from experiments.runs import (
     attack_csv,
     budget,
+    controls_csv,
     integrity,
     lock,
     provenance,
@@ -89,6 +93,15 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (
+    *flag_groups.RUN,
+    *flag_groups.ATTACK,
+    *flag_groups.DISTRIBUTED,
+    "batch_size",
+    "seed",
+    "max_minutes",
+)
 
 
 def parse_models(text: str) -> list[str]:
@@ -264,7 +277,7 @@ def study_model(
         f"{name}: moving the pixels of {n} successful attacks: "
         f"{len(offsets) + 2} forward passes each, {per_batch} images per batch"
     )
-    progress = common.Progress(n, what="images")
+    progress = Progress(n, what="images")
     for batch in batching.batches(n, per_batch):
         take, start, count = batch.take, batch.start, batch.count
         nearby, random, rings, inside = jax.device_get(
@@ -736,7 +749,7 @@ def controls_for_model(
     if jax.process_index() == 0:
         rundir.write_text(
             os.path.join(model_dir, "controls.csv"),
-            tables.controls_csv(attacked, per_attack, draws),
+            controls_csv.controls_csv(attacked, per_attack, draws),
         )
         record["files_sha256"] = integrity.files_sha256(model_dir, ["controls.csv"])
         rundir.write_json(cache, record)
@@ -787,9 +800,9 @@ def _attack_and_study(
         FLAGS.batch_size,
     )
     log(
-        f"{name}: original {tables.cell(record['original_all'])}; "
-        f"random {tables.cell(record['random'])}; "
-        f"nearby {tables.cell(record['nearby'])}"
+        f"{name}: original {report_tables.cell(record['original_all'])}; "
+        f"random {report_tables.cell(record['random'])}; "
+        f"nearby {report_tables.cell(record['nearby'])}"
     )
     return summary, record
 
@@ -797,13 +810,17 @@ def _attack_and_study(
 def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list:
     """table1.md, table1.csv and the figures; the names of the map figures."""
     rundir.write_text(
-        os.path.join(workdir, "table1.md"), tables.table1_markdown(results, settings)
+        os.path.join(workdir, "table1.md"),
+        report_tables.table1_markdown(results, settings),
     )
-    rundir.write_text(os.path.join(workdir, "table1.csv"), tables.table1_csv(results))
+    rundir.write_text(
+        os.path.join(workdir, "table1.csv"), report_tables.table1_csv(results)
+    )
     plots.distance_figure(results, os.path.join(workdir, "locality_vs_distance.png"))
     if any(r.get("controls") for r in results.values()):
         rundir.write_text(
-            os.path.join(workdir, "controls.csv"), tables.controls_table_csv(results)
+            os.path.join(workdir, "controls.csv"),
+            report_tables.controls_table_csv(results),
         )
         plots.controls_distance_figure(
             results, os.path.join(workdir, "locality_controls.png")
@@ -893,7 +910,7 @@ def main(argv: list[str]) -> None:
         os.path.join(workdir, "locality.json"),
         {
             "settings": settings,
-            "paper_table1": tables.PAPER_TABLE1,
+            "paper_table1": report_tables.PAPER_TABLE1,
             "models": results,
             "attack_summaries": attack_summaries,
             # What the tables were made from (each model's attack.csv, by content).

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots
+from experiments import common, flag_groups
+from experiments.report import plots
 from experiments.runs import attack_csv, rundir, storage
 from propmaps_jax import batching, claims, propagation
 from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
@@ -59,6 +60,8 @@ flags.DEFINE_bool(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, *flag_groups.FIGURES)
 
 
 def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:

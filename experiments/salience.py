@@ -48,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common, salience_plots
+from experiments import common, flag_groups
+from experiments.report import salience_plots
+from experiments.report.progress import Progress
 from experiments.runs import locality_csv, rundir, storage
 from experiments.runs.attack_csv import (
     load_attack_run,
@@ -82,6 +84,8 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, "batch_size", "seed")
 
 # Groups of changes: the attack's pixel of successful / failed attacks, and the
 # moves of successful attacks (the locality protocol).
@@ -579,7 +583,7 @@ def run(
         functools.partial(analyse, variables),
         [images, labels, changes, keys],
         batch_size,
-        on_batch=common.Progress(len(indices), "attacks").update,
+        on_batch=Progress(len(indices), "attacks").update,
     )
 
     rng = np.random.default_rng([seed, BOOTSTRAP_STREAM])

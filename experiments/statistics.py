@@ -48,13 +48,23 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from experiments import common, plots
+from experiments import common, flag_groups
+from experiments.report import plots
+from experiments.report.progress import Progress
 from experiments.runs import attack_csv, integrity, rundir, storage
 from propmaps_jax import attack_de, batching, claims, models, propagation, stats
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (
+    *flag_groups.RUN,
+    *flag_groups.MODEL,
+    *flag_groups.FIGURES,
+    "batch_size",
+    "seed",
+)
 
 OUTCOMES = ("successful", "failed", "all")
 DISTANCE_METRIC = "Chebyshev distance (max(|dr|, |dc|))"
@@ -131,7 +141,7 @@ def _stream(module, variables, shapes, images, rows, batch_size, signed):
         for name in propagation.SUMMARY_NAMES
     }
     predicted = np.empty((total,), np.int64)
-    progress = common.Progress(total, "attacks")
+    progress = Progress(total, "attacks")
     for batch in batching.batches(total, batch_size):
         # The padding rows are masked out of the sums (`valid`).
         take, valid, begin, end = batch.take, batch.valid, batch.start, batch.end
@@ -241,7 +251,7 @@ def _generation0(module, variables, images, rows, summary, workdir):
         ),
         [indices, images[indices], rows["label"]],
         per_batch,
-        on_batch=common.Progress(total, "initial populations").update,
+        on_batch=Progress(total, "initial populations").update,
     )
     rundir.write_npz(
         path, {**out, "index": rows["index"], "settings": np.array(record)}

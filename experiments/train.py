@@ -28,7 +28,8 @@ import numpy as np
 from absl import flags, logging
 from flax import serialization
 
-from experiments import common
+from experiments import common, flag_groups
+from experiments.report.progress import format_duration
 from experiments.runs import rundir, storage
 from propmaps_jax import batching, checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
@@ -62,14 +63,11 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+# The shared flags this experiment reads (experiments/flag_groups.py).
+FLAGS_READ = (*flag_groups.RUN, "model", "batch_size", "seed", "max_minutes")
 CHECKPOINT = "checkpoint.msgpack"
 MODEL = "model.msgpack"
 LOG_EVERY_S = 15.0
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def run_settings(num_train: int) -> dict[str, Any]:
@@ -512,7 +510,7 @@ def train(argv: list[str]) -> None:
                     float(loss_sum[0]) / done,
                     100 * float(loss_sum[1]) / done,
                     rate,
-                    _hms(eta),
+                    format_duration(eta),
                 )
             every = FLAGS.checkpoint_every_steps
             if every and step % every == 0 and step % steps_per_epoch:
@@ -590,6 +588,6 @@ def train(argv: list[str]) -> None:
         "done: test accuracy %.2f%% after %d epochs, %s wall; wrote %s",
         100 * test_accuracy,
         FLAGS.epochs,
-        _hms(wall),
+        format_duration(wall),
         os.path.join(workdir, MODEL),
     )

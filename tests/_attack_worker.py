@@ -1,4 +1,4 @@
-"""Helper process for tests/test_attack_distributed.py: attack a fixed tiny case.
+"""Helper process for tests/lib/test_attack_distributed.py: attack a fixed tiny case.
 
 python tests/_attack_worker.py OUT.npz [PROCESS_ID NUM_PROCESSES COORDINATOR]
 Writes the AttackResult fields (process 0 only) and the device/process counts.

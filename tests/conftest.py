@@ -1,8 +1,25 @@
-"""Shared fixtures: a PRNG key, tiny models, the real CIFAR-10 copy when available."""
+"""Shared fixtures and the one way tests launch `python launch.py`.
 
+- `launch(*args)`: the launcher from argv to exit status, in this process by
+  default (absl flags and app state reset before and after, stdout/stderr and absl
+  logging captured), or as a subprocess (`subprocess=True`) for the tests whose
+  point is the process itself (mark them `e2e`).
+- One persistent JAX compilation cache for the session, shared by this process and
+  every subprocess it starts (JAX_COMPILATION_CACHE_DIR in the environment).
+- A PRNG key, tiny models, the real CIFAR-10 copy when available, a local Cloud
+  Storage emulator.
+"""
+
+import contextlib
+import dataclasses
+import io
 import os
+import shutil
+import signal
+import subprocess as _subprocess
 import sys
 import tempfile
+import traceback
 
 import jax
 import numpy as np
@@ -21,6 +38,168 @@ from propmaps_jax import models  # noqa: E402
 os.environ["PROPMAPS_CACHE"] = tempfile.mkdtemp(prefix="propmaps-test-cache-")
 os.environ["PROPMAPS_CIFAR10_URL"] = "http://127.0.0.1:9/cifar-10-python.tar.gz"
 os.environ.pop("PROPMAPS_CIFAR10_MD5", None)
+
+# One persistent compilation cache for the session: the same program compiled by
+# an in-process launch, a library test or a subprocess is compiled once. The
+# environment carries it to the subprocesses; programs that compile in under
+# 0.1 s are not worth a disk entry. A user's own JAX_COMPILATION_CACHE_DIR wins.
+_OWN_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+COMPILE_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="propmaps-test-xla-")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# What the cache did in this process, shown at the end of the session.
+_CACHE_EVENTS = {"hits": 0, "misses": 0, "saved_s": 0.0}
+
+
+def _on_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_EVENTS["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _CACHE_EVENTS["misses"] += 1
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == "/jax/compilation_cache/compile_time_saved_sec":
+        _CACHE_EVENTS["saved_s"] += seconds
+
+
+jax.monitoring.register_event_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def pytest_terminal_summary(terminalreporter):
+    entries = len(os.listdir(COMPILE_CACHE)) if os.path.isdir(COMPILE_CACHE) else 0
+    terminalreporter.write_line(
+        f"JAX compilation cache {COMPILE_CACHE}: {entries} programs; in the test "
+        f"process {_CACHE_EVENTS['hits']} hits (about {_CACHE_EVENTS['saved_s']:.0f} "
+        f"s of compilation saved), {_CACHE_EVENTS['misses']} misses"
+    )
+
+
+def pytest_unconfigure(config):
+    if _OWN_COMPILE_CACHE:
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Launched:
+    """What `python launch.py ...` did: its exit status and its two streams."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def launch(
+    *args: str,
+    env: dict[str, str | None] | None = None,
+    subprocess: bool = False,
+    timeout: float = 300,
+) -> Launched:
+    """`python launch.py *args` from the repository root.
+
+    In this process by default: the same path from argv to exit status (cli.run,
+    absl's app.run, the experiment's main, the one-line errors and exit codes),
+    without a new interpreter, JAX import and compilation per launch. With
+    `subprocess=True`, a real `python launch.py` (JAX_PLATFORMS=cpu): for tests
+    whose point is the process (signals, a first import, several processes).
+    `env`: variables to set for the launch, None removes one.
+    """
+    if subprocess:
+        environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        for name, value in (env or {}).items():
+            environment.pop(name, None)
+            if value is not None:
+                environment[name] = value
+        result = _subprocess.run(
+            [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Launched(result.returncode, result.stdout, result.stderr)
+    return _launch_in_process(list(args), env or {})
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a launch in a subprocess (for Popen-based signal tests)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def reset_flags() -> None:
+    """absl's flags back to their defaults, unparsed, as in a new process."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+
+
+def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
+    from absl import app, command_name
+    from absl import logging as absl_logging
+
+    from experiments import cli, common
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {name: os.environ.get(name) for name in env}
+    saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM))
+    handler = absl_logging.get_absl_handler().python_handler
+    saved_stream = handler.stream
+    code = 0
+    reset_flags()
+    # Each launch is absl's first app.run, as in a new process (it sets INFO
+    # logging then), except that it leaves this process's name alone.
+    app._run_init.done = False
+    app._register_and_parse_flags_with_usage.done = False
+    rename = command_name.make_process_name_useful
+    command_name.make_process_name_useful = lambda: None
+    try:
+        for name, value in env.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+        sys.argv = ["launch.py", *args]
+        os.chdir(ROOT)
+        handler.stream = err
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.run()
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # sys.exit("message"): printed, status 1, as Python does
+                    err.write(f"{e.code}\n")
+                    code = 1
+            except Exception:  # an uncaught error: a traceback and status 1
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        command_name.make_process_name_useful = rename
+        handler.stream = saved_stream
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        signal.signal(signal.SIGTERM, saved[2])
+        for name, value in saved_env.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+        reset_flags()
+        # Process-wide state a run leaves behind when it stops early: in a new
+        # process it would start empty.
+        common._DEADLINE[0] = None
+        attack = sys.modules.get("experiments.attack")
+        if attack is not None:
+            attack.LATER_WORK_S[0] = None
+    return Launched(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

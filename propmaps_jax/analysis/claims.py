@@ -399,7 +399,7 @@ def figure_examples(
 ) -> dict[str, dict[str, Any]]:
     """The attacks shown in figures 2-6, chosen by rule from an attack table.
 
-    `table`: arrays of attack.csv (experiments.results.read_attack_csv) with
+    `table`: arrays of attack.csv (experiments.runs.attack_csv.read_attack_csv) with
     "attacked", "success", "index", "prob_true_before", "prob_true_after";
     `last_layer_max_ratio` (N,): max |dFM| / max FM in the last layer (NaN where
     not computed). Returns {figure: {"row", "rule"}} for "2" (and "3", the same

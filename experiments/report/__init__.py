@@ -1,0 +1,1 @@
+"""Reports of the experiments: figures, markdown/CSV tables, progress lines."""

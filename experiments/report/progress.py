@@ -1,0 +1,43 @@
+"""Progress lines of the experiments, and the one H:MM:SS formatter they share."""
+
+import sys
+import time
+
+
+class Progress:
+    """Progress lines: done/total, successes so far, rate, ETA."""
+
+    def __init__(
+        self, total: int, what: str = "images", every_s: float = 10.0, initial: int = 0
+    ):
+        """`initial`: items already done before this run (a resume): not in the rate."""
+        self.total, self.what, self.every_s = total, what, every_s
+        self.initial = initial
+        self.start = time.time()
+        self.last = 0.0
+
+    def update(
+        self, done: int, successes: int | None = None, force: bool = False
+    ) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = (done - self.initial) / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = f"{done}/{self.total} {self.what}"
+        if successes is not None:
+            line += f", successes: {successes} ({successes / max(done, 1):.1%})"
+        elapsed_text, eta_text = format_duration(elapsed), format_duration(eta)
+        line += f", {rate:.2f} {self.what}/s, elapsed {elapsed_text}, ETA {eta_text}"
+        # One line: under absl, logging.info would print it to stderr a second time.
+        print(line, file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, or "?" for an unknown (infinite) duration."""
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,299 @@
+"""Bad inputs to the attack and locality experiments: one line, nothing written.
+
+Each bad input is refused before anything is written (the workdir stays absent),
+so the corrected command then runs; the workdir, Ctrl-C and JSON outputs are
+checked through `launch.py` (in process) where exit codes matter.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, launch, subprocess_env
+
+from experiments import attack as attack_experiment
+from experiments.runs import rundir
+from propmaps_jax import checkpoint, data, models
+from propmaps_jax.attack import AttackConfig
+from propmaps_jax.errors import PropmapsError
+
+CONFIG = AttackConfig(pixels=1, population=20, generations=2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A lenet_tiny checkpoint, broken weights files and a small .npz CIFAR-10."""
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    module = models.create_model("lenet_tiny")
+    variables = models.init_variables(module, jax.random.key(5))
+    weights = str(folder / "lenet_tiny.msgpack")
+    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    raw = open(weights, "rb").read()
+    (folder / "truncated.msgpack").write_bytes(raw[: len(raw) // 2])
+    (folder / "text.msgpack").write_text("not a checkpoint\n")
+    (folder / "weights_dir.msgpack").mkdir()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    y = np.asarray(models.make_logits_fn(module, variables)(x)).argmax(-1)
+    npz = str(folder / "tiny.npz")
+    np.savez(npz, x_train=x[:1], y_train=y[:1], x_test=x, y_test=y)
+    dataset = data.Cifar10(x[:1], y[:1], x, y.astype(np.int64), source="fake")
+    return {"folder": folder, "weights": weights, "npz": npz, "dataset": dataset}
+
+
+def run_kwargs(files, **changes):
+    kwargs = dict(
+        model_name="lenet_tiny",
+        weights=files["weights"],
+        dataset=files["dataset"],
+        num_samples=6,
+        seed=0,
+        sample="first",
+        config=CONFIG,
+        slots=2,
+        chunk_size=3,
+    )
+    kwargs.update(changes)
+    return kwargs
+
+
+@pytest.fixture(scope="module")
+def reference_run(files):
+    """An uninterrupted run of the default settings."""
+    workdir = str(files["folder"] / "reference")
+    attack_experiment.run_attack(workdir, **run_kwargs(files))
+    return workdir
+
+
+def test_bad_inputs_leave_nothing_and_the_fixed_run_works(files):
+    """Every bad input: one line, the workdir never created; then the corrected
+    run in the same workdir works (a failed run cannot block it)."""
+    folder = files["folder"]
+    cases = [
+        (dict(model_name="vgg"), "unknown model 'vgg'"),
+        (dict(weights=str(folder / "missing.msgpack")), "missing.msgpack does not"),
+        (dict(weights=str(folder / "weights_dir.msgpack")), "is a directory"),
+        (dict(weights=str(folder / "text.msgpack")), "not a readable propmaps-jax"),
+        (dict(weights=str(folder / "truncated.msgpack")), "truncated or corrupt"),
+        (dict(model_name="lenet"), "holds a 'lenet_tiny' model, not 'lenet'"),
+        (dict(slots=0), "--slots must be >= 1"),
+        (dict(chunk_size=0), "--chunk_size must be >= 1"),
+        (dict(num_samples=0), "--num_samples must be >= 1"),
+        (dict(num_samples=41), "--num_samples=41 exceeds the 40 test images"),
+        (dict(search_dtype="float16"), "--search_dtype must be float32 or bfloat16"),
+        (dict(target="cat"), "--target must be none, all or a class"),
+    ]
+    workdir = str(folder / "run")
+    for changes, message in cases:
+        with pytest.raises(PropmapsError) as e:
+            attack_experiment.run_attack(workdir, **run_kwargs(files, **changes))
+        assert message in str(e.value), (changes, str(e.value))
+        assert "\n" not in str(e.value)
+        assert not os.path.exists(workdir), changes
+    summary = attack_experiment.run_attack(workdir, **run_kwargs(files))
+    assert summary["num_samples"] == 6
+    # The chunks are kept beside the results (attack.csv is rebuilt from them).
+    assert sorted(os.listdir(workdir)) == [
+        ".attack_chunks",
+        "attack.csv",
+        "attack_summary.json",
+    ]
+
+
+def test_settings_left_by_an_older_failed_run_do_not_block(files):
+    """A settings.json without any chunk (what older versions left after an early
+    failure) holds no result: a run with other settings takes the folder over."""
+    workdir = files["folder"] / "stale"
+    (workdir / ".attack_chunks").mkdir(parents=True)
+    stale = {"model": "lenet_tiny", "weights": "/elsewhere.msgpack", "seed": 7}
+    (workdir / ".attack_chunks" / "settings.json").write_text(json.dumps(stale))
+    attack_experiment.run_attack(str(workdir), **run_kwargs(files))
+    assert (workdir / "attack.csv").is_file()
+
+
+def test_workdir_checks(tmp_path):
+    """A file, a path under a file, an unwritable folder: one line each; a
+    missing folder is fine and is not created."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (str(afile), "is a file"),
+        (str(afile / "sub"), f"is under the file {afile}"),
+        # /proc is read-only even for root.
+        ("/proc/propmaps_workdir", "is not writable"),
+        ("", "--workdir is required"),
+    ]
+    for path, message in cases:
+        with pytest.raises(PropmapsError, match=message) as e:
+            rundir.check_workdir(path)
+        assert "\n" not in str(e.value)
+    missing = tmp_path / "a" / "b"
+    assert rundir.check_workdir(str(missing)) == str(missing)
+    assert not (tmp_path / "a").exists()
+    assert os.listdir(tmp_path) == ["afile"]  # the probe file is gone
+
+
+def test_write_json_is_always_valid_json(tmp_path):
+    path = str(tmp_path / "out.json")
+    rundir.write_json(
+        path,
+        {
+            "nan": float("nan"),
+            "inf": [float("inf"), -math.inf],
+            "np": np.float32("nan"),
+            "ok": (1.5, np.int64(3), np.bool_(True)),
+            "nested": {"x": np.array([1.0, np.nan])},
+        },
+    )
+    text = open(path).read()
+    assert "NaN" not in text and "Infinity" not in text
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    loaded = json.loads(text, parse_constant=refuse)
+    assert loaded == {
+        "nan": None,
+        "inf": [None, None],
+        "np": None,
+        "ok": [1.5, 3, True],
+        "nested": {"x": [1.0, None]},
+    }
+
+
+def test_launch_workdir_errors_are_one_line(files, tmp_path):
+    """Through launch.py: exit 2 and one line, for both experiments, before any
+    data or weights are read."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for experiment, workdir, message in [
+        ("attack", str(afile), "is a file"),
+        ("locality", str(afile / "sub"), "is under the file"),
+        ("attack", "/proc/propmaps_workdir", "is not writable"),
+    ]:
+        proc = launch(
+            f"--experiment={experiment}",
+            f"--workdir={workdir}",
+            "--model=lenet" if experiment == "attack" else "--models=lenet",
+            "--cifar10_path=/nonexistent",
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_locality_checks_every_model_before_attacking(files):
+    """A bad --weights_<model> of the second model is found before the first
+    model's attack starts; the workdir is not created."""
+    workdir = str(files["folder"] / "locality_bad")
+    proc = launch(
+        "--experiment=locality",
+        "--models=lenet_tiny,lenet",
+        f"--weights_lenet_tiny={files['weights']}",
+        f"--weights_lenet={files['folder'] / 'truncated.msgpack'}",
+        f"--cifar10_path={files['npz']}",
+        "--num_samples=4",
+        f"--workdir={workdir}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(error) == 1 and "truncated.msgpack" in error[0]
+    assert "truncated or corrupt" in error[0] and "--weights_lenet" in error[0]
+    assert "one-pixel attack" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(workdir)
+
+
+# The attack through launch.py, slowed down after each saved chunk, so that the
+# test can interrupt it between the first and the last chunk.
+# A shell's background job ignores SIGINT and its children inherit that: the child
+# restores Python's handler, as in a user's terminal.
+SLOW_ATTACK = textwrap.dedent(
+    """
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import experiments.runs.attack_csv as attack_csv
+    import launch
+
+    save_chunk = attack_csv.save_chunk
+
+    def slow_save(*args):
+        save_chunk(*args)
+        time.sleep(0.5)
+
+    attack_csv.save_chunk = slow_save
+    sys.argv = ["launch.py"] + sys.argv[1:]
+    launch.main()
+    """
+)
+
+
+@pytest.mark.e2e
+def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
+    """SIGINT after the first chunk: exit 130 within seconds, one line that says
+    how to resume, no traceback, finished chunks kept; the same command then ends
+    with the attack.csv of an uninterrupted run, and prints results to stdout."""
+    folder = files["folder"]
+    workdir = str(folder / "ctrl_c")
+    args = [
+        "--experiment=attack",
+        "--model=lenet_tiny",
+        f"--weights={files['weights']}",
+        f"--cifar10_path={files['npz']}",
+        "--num_samples=6",
+        "--population=20",
+        "--generations=2",
+        "--chunk_size=1",
+        "--slots=2",
+        f"--workdir={workdir}",
+    ]
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_ATTACK, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    chunks = os.path.join(workdir, ".attack_chunks")
+    deadline = time.time() + 240
+    while time.time() < deadline and child.poll() is None:
+        if os.path.isdir(chunks) and any(
+            n.startswith("chunk_") for n in os.listdir(chunks)
+        ):
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, child.communicate()[1][-3000:]
+    child.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, stderr = child.communicate(timeout=60)
+    assert time.time() - sent < 5
+    assert child.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the finished results are kept in ")
+    assert "run the same command again to resume" in last
+    kept = [n for n in os.listdir(chunks) if n.startswith("chunk_")]
+    assert 1 <= len(kept) < 6 and not os.path.exists(
+        os.path.join(workdir, "attack.csv")
+    )
+
+    proc = launch(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "success rate" in proc.stdout and "success rate" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if "images finished" in line]
+    assert progress and len(progress) == len(set(progress))
+
+    with (
+        open(os.path.join(workdir, "attack.csv")) as a,
+        open(os.path.join(reference_run, "attack.csv")) as b,
+    ):
+        assert a.read() == b.read()

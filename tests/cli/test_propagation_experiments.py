@@ -1,0 +1,574 @@
+"""Tiny runs of the propagation and statistics experiments, and their figures.
+
+The experiments run end to end through launch.py (in process), as a user runs
+them; the figures are drawn in-process through experiments/report/plots.py (no flags).
+"""
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import launch
+
+from experiments.runs import provenance
+from experiments.report import plots
+from experiments.runs.attack_csv import attack_columns
+from propmaps_jax import checkpoint, models, propagation
+from propmaps_jax.attack.perturb import apply_pixels_batch
+
+NUM_ROWS = 10
+NOT_ATTACKED = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, tiny_resnet):
+    """A tiny ResNet checkpoint, a synthetic .npz data set and an attack.csv."""
+    folder = tmp_path_factory.mktemp("propagation")
+    module, shared = tiny_resnet
+    rng = np.random.default_rng(0)
+
+    def stats(path, x):  # BatchNorm statistics that keep about half the ReLUs open
+        is_var = "var" in jax.tree_util.keystr(path)
+        values = (
+            rng.uniform(0.5, 1.5, x.shape)
+            if is_var
+            else rng.uniform(-0.3, 0.3, x.shape)
+        )
+        return np.asarray(values, np.float32)
+
+    variables = {
+        "params": shared["params"],
+        "batch_stats": jax.tree_util.tree_map_with_path(stats, shared["batch_stats"]),
+    }
+    weights = str(folder / "tiny.msgpack")
+    checkpoint.save_checkpoint(weights, models.ModelConfig("resnet_tiny"), variables)
+    # An attack run this model could have made: images near a decision boundary,
+    # for each a candidate pixel that flips the class (successful) or does not
+    # (failed), and the predictions the model makes.
+    probs_fn = jax.jit(
+        lambda x: jax.nn.softmax(models.make_logits_fn(module, variables)(x))
+    )
+    pool = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    top2 = np.sort(np.asarray(probs_fn(pool)), axis=1)[:, -2:]
+    x_test = pool[np.argsort(top2[:, 1] - top2[:, 0])[:12]]
+    probs = np.asarray(probs_fn(x_test))
+    pred = probs.argmax(1)
+    y_test = pred.astype(np.int32)
+    y_test[NOT_ATTACKED] = (pred[NOT_ATTACKED] + 1) % 10
+    data_path = str(folder / "data.npz")
+    np.savez(
+        data_path, x_train=x_test[:2], y_train=y_test[:2], x_test=x_test, y_test=y_test
+    )
+    rows = []
+    for i in range(NUM_ROWS):
+        label = int(y_test[i])
+        before = [i, label, int(pred[i]), float(probs[i, label])]
+        if i == NOT_ATTACKED:
+            rows.append(before + [0, 0, int(pred[i]), before[3], 0, 0] + [-1] * 5)
+            continue
+        candidates = np.concatenate(
+            [rng.integers(0, 32, (64, 2)), rng.choice([0, 255], (64, 3))], axis=1
+        )
+        changed = np.repeat(x_test[i : i + 1], 64, axis=0)
+        changed[np.arange(64), candidates[:, 0], candidates[:, 1]] = candidates[:, 2:]
+        after = np.asarray(probs_fn(changed))
+        flips = np.flatnonzero(after.argmax(1) != label)
+        keeps = np.flatnonzero(after.argmax(1) == label)
+        want = flips if (i % 3 != 1 and flips.size) or not keeps.size else keeps
+        j = int(want[0])
+        pred_after = int(after[j].argmax())
+        rows.append(
+            before
+            + [1, int(pred_after != label), pred_after, float(after[j, label]), 5, 50]
+            + [int(v) for v in candidates[j]]
+        )
+    successes = sum(r[5] for r in rows)
+    assert 2 <= successes <= NUM_ROWS - 3, successes
+    workdir = folder / "work"
+    workdir.mkdir()
+    with open(workdir / "attack.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(attack_columns(1))
+        writer.writerows(rows)
+    summary = {
+        "settings": {
+            "weights": weights,
+            "target": None,
+            **provenance.describe("resnet_tiny", weights, x_test, y_test),
+        },
+        "dataset": data_path,
+        "num_samples": NUM_ROWS,
+        "attacked": NUM_ROWS - 1,
+        "successes": successes,
+    }
+    (workdir / "attack_summary.json").write_text(json.dumps(summary))
+    common = [
+        "--model=resnet_tiny",
+        f"--weights={weights}",
+        f"--cifar10_path={data_path}",
+        f"--workdir={workdir}",
+    ]
+    return {
+        "module": module,
+        "variables": variables,
+        "x_test": x_test,
+        "rows": np.array(rows, np.float64),
+        "workdir": str(workdir),
+        "args": common,
+        "folder": folder,
+    }
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return os.path.getsize(path) > 10_000 and f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_propagation_experiment_from_attack_csv(tiny_setup):
+    result = launch("--experiment=propagation", "--index=2", *tiny_setup["args"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = os.path.join(tiny_setup["workdir"], "propagation")
+    for reduce in ("max", "avg"):
+        path = os.path.join(out, f"2_pm_{reduce}.png")
+        assert _is_png(path)
+        # Printed once (under absl, logging.info would repeat it on stderr).
+        assert (result.stdout + result.stderr).count(f"wrote {path}") == 1
+    module, variables = tiny_setup["module"], tiny_setup["variables"]
+    with np.load(os.path.join(out, "2_maps.npz")) as npz:
+        shapes = propagation.layer_shapes(module, variables)
+        assert list(npz["layers"]) == list(shapes)
+        pixel = tiny_setup["rows"][2, -5:].astype(np.int64)
+        np.testing.assert_array_equal(npz["pixels"], pixel[None])
+        expected_perturbed = tiny_setup["x_test"][2].copy()
+        expected_perturbed[pixel[0], pixel[1]] = pixel[2:]
+        np.testing.assert_array_equal(npz["perturbed"], expected_perturbed)
+        # Reference: the maps reduced in float64 NumPy from layer_outputs.
+        both = np.stack([npz["image"], npz["perturbed"]]).astype(np.float32)
+        logits, fm = jax.jit(lambda x: models.layer_outputs(module, variables, x))(both)
+        for name in shapes:
+            fm_nat, fm_adv = np.asarray(fm[name], np.float64)
+            diff = np.abs(fm_nat - fm_adv)
+            for reduce, reference in (("max", diff.max(-1)), ("avg", diff.mean(-1))):
+                np.testing.assert_allclose(
+                    npz[f"pm_{reduce}/{name}"], reference, rtol=1e-5, atol=1e-6
+                )
+        np.testing.assert_allclose(
+            npz["fm_max"], [float(fm[n][0].max()) for n in shapes], rtol=1e-5
+        )
+        np.testing.assert_allclose(npz["probs"], jax.nn.softmax(logits[0]), atol=1e-6)
+        np.testing.assert_allclose(
+            npz["probs_adv"], jax.nn.softmax(logits[1]), atol=1e-6
+        )
+
+
+def test_propagation_experiment_pixel_flags_and_move_to(tiny_setup):
+    result = launch(
+        "--experiment=propagation",
+        "--index=5",
+        "--pixel=3,4",
+        "--rgb=255,0,10",
+        "--move_to=20,30",
+        "--signed",
+        *tiny_setup["args"],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = os.path.join(tiny_setup["workdir"], "propagation")
+    assert _is_png(os.path.join(out, "5_moved_20_30_pm_max.png"))
+    with np.load(os.path.join(out, "5_moved_20_30_maps.npz")) as npz:
+        np.testing.assert_array_equal(npz["pixels"], [[20, 30, 255, 0, 10]])
+        changed = np.argwhere(np.any(npz["perturbed"] != npz["image"], axis=-1))
+        assert changed.tolist() == [[20, 30]]
+        assert bool(npz["signed"])
+        module, variables = tiny_setup["module"], tiny_setup["variables"]
+        _, fm = jax.jit(lambda x: models.layer_outputs(module, variables, x))(
+            np.stack([npz["image"], npz["perturbed"]]).astype(np.float32)
+        )
+        for name in ("stem", "stage3_block1/conv2"):
+            fm_nat, fm_adv = np.asarray(fm[name], np.float64)
+            np.testing.assert_allclose(
+                npz[f"pm_max/{name}"], (fm_nat - fm_adv).max(-1), rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                npz[f"pm_avg/{name}"], (fm_nat - fm_adv).mean(-1), rtol=1e-5, atol=1e-6
+            )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--index=11"], "test image 11 is not in"),
+        ([f"--index={NOT_ATTACKED}"], "was not attacked"),
+        (["--index=1", "--pixel=3", "--rgb=1,2,3"], "--pixel='3' is not ROW,COL"),
+        (["--index=1", "--pixel=40,3", "--rgb=1,2,3"], "lies outside the 32x32 image"),
+    ],
+)
+def test_propagation_experiment_errors(tiny_setup, args, message):
+    result = launch("--experiment=propagation", *tiny_setup["args"], *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+
+
+def test_missing_attack_csv(tiny_setup):
+    empty = tiny_setup["folder"] / "empty"
+    args = [a for a in tiny_setup["args"] if not a.startswith("--workdir")]
+    result = launch(
+        "--experiment=propagation", "--index=1", f"--workdir={empty}", *args
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "attack.csv does not exist: run the attack first" in last, last
+
+
+def test_statistics_experiment_equals_direct_computation(tiny_setup):
+    result = launch("--experiment=statistics", "--batch_size=4", *tiny_setup["args"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = os.path.join(tiny_setup["workdir"], "statistics")
+    for name in (
+        "mean_pm_avg_successful",
+        "mean_pm_avg_failed",
+        "layer_means",
+        "distance_from_centre",
+    ):
+        assert _is_png(os.path.join(out, f"{name}.png")), name
+
+    # Direct, non-streaming: all attacked images in one batch.
+    rows = tiny_setup["rows"]
+    attacked = rows[:, 4] == 1
+    success = rows[attacked, 5] == 1
+    pixels = rows[attacked, -5:].astype(np.int64)[:, None, :]
+    images = tiny_setup["x_test"][rows[attacked, 0].astype(np.int64)]
+    perturbed = np.asarray(apply_pixels_batch(jnp.asarray(images), jnp.asarray(pixels)))
+    module, variables = tiny_setup["module"], tiny_setup["variables"]
+    analyze = jax.jit(lambda x, x_adv: propagation.analyze(module, variables, x, x_adv))
+    direct = jax.device_get(analyze(images, perturbed))
+    shapes = propagation.layer_shapes(module, variables)
+
+    with open(os.path.join(out, "per_layer.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [r["layer"] for r in table[::3]] == list(shapes)
+    masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
+    for row in table:
+        mask = masks[row["outcome"]]
+        assert int(row["attacks"]) == mask.sum()
+        s = {
+            k: np.asarray(v, np.float64)[mask]
+            for k, v in direct["summaries"][row["layer"]].items()
+        }
+        expected = {
+            "max_ratio_mean": s["max_ratio"].mean(),
+            "max_ratio_p95": np.percentile(s["max_ratio"], 95),
+            "reaches_max_fraction": np.mean(s["max_ratio"] >= 1),
+            "spread_mean": s["spread"].mean(),
+            "spread_p95": np.percentile(s["spread"], 95),
+            "mean_abs_diff": s["mean_abs_diff"].mean(),
+            "mean_fm": s["mean_fm"].mean(),
+            "mean_abs_fm": s["mean_abs_fm"].mean(),
+        }
+        for key, value in expected.items():
+            np.testing.assert_allclose(
+                float(row[key]), value, rtol=2e-4, atol=1e-6, err_msg=key
+            )
+
+    with np.load(os.path.join(out, "mean_maps.npz")) as npz:
+        for name in shapes:
+            pm_avg = np.asarray(direct["pm_avg"][name], np.float64)
+            np.testing.assert_allclose(
+                npz[f"pm_avg/successful/{name}"],
+                pm_avg[success].mean(0),
+                rtol=1e-5,
+                atol=1e-7,
+            )
+            np.testing.assert_allclose(
+                npz[f"pm_avg/failed/{name}"],
+                pm_avg[~success].mean(0),
+                rtol=1e-5,
+                atol=1e-7,
+            )
+
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["attacks"] == attacked.sum() and summary["not_attacked"] == 1
+    assert summary["successful"] == success.sum()
+    # Chebyshev distance from the centre (15.5, 15.5): one bin per square ring.
+    distances = np.maximum(
+        np.abs(pixels[:, 0, 0] - 15.5), np.abs(pixels[:, 0, 1] - 15.5)
+    )
+    stats = summary["distance_from_centre"]
+    assert stats["metric"].startswith("Chebyshev distance (max(|dr|, |dc|))")
+    assert stats["all"]["histogram_edges"] == list(range(17))
+    # Ring k (k = 0..15) holds (2k + 2)^2 - (2k)^2 = 8k + 4 of the 1024 positions.
+    np.testing.assert_allclose(
+        stats["uniform_histogram_fractions"], (8 * np.arange(16) + 4) / 1024
+    )
+    for outcome in ("successful", "failed"):
+        d = distances[masks[outcome]]
+        stats = summary["distance_from_centre"][outcome]
+        np.testing.assert_allclose(stats["mean"], d.mean())
+        np.testing.assert_allclose(stats["median"], np.median(d))
+        np.testing.assert_allclose(stats["q1"], np.percentile(d, 25))
+        assert sum(stats["histogram_counts"]) == d.size
+    # The run's pred_after are the model's own predictions.
+    predicted = np.argmax(direct["logits_adv"], axis=-1)
+    np.testing.assert_array_equal(predicted, rows[attacked, 6])
+    assert summary["pred_after_mismatches"] == 0
+
+    # claims.json: the paper's sentences as numbers, from the same per-image values.
+    with open(os.path.join(out, "claims.json")) as f:
+        report = json.load(f)
+    last = list(shapes)[-1]
+    ratio = np.stack(
+        [np.asarray(direct["summaries"][n]["max_ratio"]) for n in shapes], axis=1
+    )
+    for outcome, mask in masks.items():
+        for t in ("0.5", "0.9"):
+            got = [s["successes"] for s in report["close_to_max"]["shares"][outcome][t]]
+            assert got == list(np.sum(ratio[mask] >= float(t), axis=0)), (outcome, t)
+        strong = np.asarray(direct["summaries"][last]["spread_strong"])[mask]
+        quarter = report["quarter_of_last_map"]["by_outcome"][outcome]
+        assert quarter["PM_max > 0.5 max FM"]["successes"] == np.sum(strong > 0.25)
+    square = (np.abs(pixels[:, 0, :2] - 15.5) < 8).all(axis=1)
+    found = report["centre"]["found_pixels"]
+    assert found["successful"]["successes"] == square[success].sum()
+    assert found["failed"]["successes"] == square[~success].sum()
+    assert "does not record seed" in report["centre"]["generation0"]["not_computed"]
+    assert _is_png(os.path.join(out, "mean_pm_avg_uniform_positions.png"))
+    with open(os.path.join(out, "claims.md")) as f:
+        assert "Verdict rules" in f.read()
+
+
+def test_paper_figures_are_chosen_by_the_rules(tiny_setup):
+    result = launch("--experiment=propagation", "--paper_figures", *tiny_setup["args"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = os.path.join(tiny_setup["workdir"], "paper_figures")
+    with open(os.path.join(out, "figures.json")) as f:
+        figures = {r["figure"]: r for r in json.load(f)["figures"]}
+    assert set(figures) == {"2 and 3", "4", "5", "6"}
+    rows = tiny_setup["rows"]
+    attacked, success = rows[:, 4] == 1, rows[:, 5] == 1
+    ok = np.flatnonzero(attacked & success)
+    order = ok[np.argsort(rows[ok, 3], kind="stable")]
+    assert figures["2 and 3"]["index"] == int(rows[order[(ok.size - 1) // 2], 0])
+    assert figures["4"]["index"] == figures["2 and 3"]["index"]
+    assert figures["4"]["pixels"] != figures["2 and 3"]["pixels"]
+    # Figure 5: the failed attack with the largest last-layer ratio, directly.
+    failed = np.flatnonzero(attacked & ~success)
+    pixels = rows[failed, -5:].astype(np.int64)[:, None, :]
+    images = tiny_setup["x_test"][rows[failed, 0].astype(np.int64)]
+    perturbed = apply_pixels_batch(jnp.asarray(images), jnp.asarray(pixels))
+    module, variables = tiny_setup["module"], tiny_setup["variables"]
+    direct = propagation.analyze(module, variables, images, perturbed)
+    last = list(direct["summaries"])[-1]
+    ratio = np.asarray(direct["summaries"][last]["max_ratio"])
+    assert figures["5"]["index"] == int(rows[failed[np.nanargmax(ratio)], 0])
+    for record in figures.values():
+        for name in record["files"]:
+            assert _is_png(os.path.join(out, name)), name
+        assert 0 <= record["confidence_before"] <= 1
+
+
+def _copy_run(tiny_setup, name):
+    workdir = tiny_setup["folder"] / name
+    workdir.mkdir()
+    for file in ("attack.csv", "attack_summary.json"):
+        (workdir / file).write_text((tiny_setup["folder"] / "work" / file).read_text())
+    args = [a for a in tiny_setup["args"] if not a.startswith("--workdir")]
+    return workdir, [*args, f"--workdir={workdir}"]
+
+
+@pytest.mark.parametrize(
+    "experiment, change, message",
+    [
+        # Issue 13: another model on the run gave mislabelled results, exit 0.
+        (
+            "propagation",
+            "--model=lenet_tiny",
+            "was made with model 'resnet_tiny', not 'lenet_tiny'; pass "
+            "--model=resnet_tiny and --weights=",
+        ),
+        (
+            "statistics",
+            "--model=lenet_tiny",
+            "was made with model 'resnet_tiny', not 'lenet_tiny'; pass "
+            "--model=resnet_tiny and --weights=",
+        ),
+        # Issue 13: a duplicated row was counted twice by statistics.
+        ("statistics", "duplicate", "line 12: test image 9 appears again"),
+    ],
+)
+def test_a_run_that_does_not_belong_is_refused(tiny_setup, experiment, change, message):
+    workdir, args = _copy_run(tiny_setup, f"refused_{experiment}_{change[2:7]}")
+    if change == "duplicate":
+        lines = (workdir / "attack.csv").read_text().splitlines()
+        (workdir / "attack.csv").write_text("\n".join(lines + lines[-1:]) + "\n")
+    else:
+        args = [a for a in args if not a.startswith("--model")] + [change]
+    if experiment == "propagation":
+        args.append("--index=2")
+    result = launch(f"--experiment={experiment}", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert str(workdir / "attack.csv") in last or "attack run in" in last, last
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(workdir)) == ["attack.csv", "attack_summary.json"]
+
+
+# ----- the figures (in-process: plots.py has no flags) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "panels, columns, min_rows, grid",
+    [
+        (2, 6, 2, (2, 1)),  # LeNet beside its two images: no empty cells
+        (2, 6, 1, (1, 2)),
+        (7, 6, 2, (2, 4)),
+        (33, 6, 2, (6, 6)),  # ResNet-32
+        (12, 6, 1, (2, 6)),
+        (1, 6, 2, (2, 1)),
+    ],
+)
+def test_panel_grid_fits_the_panels(panels, columns, min_rows, grid):
+    rows, cols = plots.panel_grid(panels, columns, min_rows)
+    assert (rows, cols) == grid
+    assert rows * cols >= panels
+    # No empty column and (beyond the rows the images need) no empty row.
+    assert cols <= panels and (rows <= min_rows or (rows - 1) * cols < panels)
+
+
+def _colour_bar_tops(fig):
+    """{panel title's first line: the top tick label of its colour bar}."""
+    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_title()]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    tops = {}
+    for panel, bar in zip(panels[2:], bars, strict=True):
+        tops[panel.get_title().splitlines()[0]] = (
+            bar.get_yticklabels()[-1].get_text(),
+            bar.get_ylabel(),
+        )
+    return tops
+
+
+def test_lenet_figure_fills_its_grid_and_pm_avg_has_its_own_scale():
+    rng = np.random.default_rng(0)
+    shapes = {"conv1": (28, 28, 6), "conv2": (10, 10, 16)}
+    pm_avg = {n: rng.uniform(0, 0.5, s[:2]) for n, s in shapes.items()}
+    fm_max = {"conv1": 11.5, "conv2": 13.4}
+    image = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    pixels = np.array([[12, 10, 0, 60, 154]])
+    common = (image, image, pixels, "natural", "perturbed", "title", "note")
+    own = plots.single_attack_figure(pm_avg, shapes, None, *common, bar_title="PM_avg")
+    on_fm = plots.single_attack_figure(pm_avg, shapes, fm_max, *common)
+    try:
+        # Two images, two panels, two colour bars: nothing else, nothing empty.
+        assert len(own.axes) == 6
+        width, height = own.get_size_inches()
+        assert width < 8, width  # was 15.5 inches wide, mostly empty
+        tops = _colour_bar_tops(own)
+        for name in shapes:  # each bar tops at its own map's maximum, labelled
+            assert tops[name] == (f"{pm_avg[name].max():.3g}", "PM_avg")
+        assert _colour_bar_tops(on_fm)["conv2"][0] == "13.4"
+    finally:
+        plots.plt.close(own)
+        plots.plt.close(on_fm)
+
+
+def test_distance_figure_shows_the_random_pixels_interval(tmp_path, monkeypatch):
+    from propmaps_jax import stats
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.append(fig))
+    rings = [
+        {"distance": d, "pooled": stats.proportion(40 - 10 * d, 80)} for d in (1, 2)
+    ]
+    results = {
+        "lenet": {
+            "distance": rings,
+            "original_all": stats.proportion(20, 50),
+            "random": stats.proportion(3, 20),
+        },
+        # Only successes and n: the interval is computed (Wilson) by the figure.
+        "resnet": {
+            "distance": rings,
+            "original_all": stats.proportion(10, 50),
+            "random": {"successes": 0, "n": 10},
+        },
+    }
+    plots.distance_figure(results, str(tmp_path / "unused.png"))
+    (ax,) = drawn[0].axes
+    try:
+        # axhspan: a rectangle over the axes' width, in data units vertically.
+        spans = [
+            (round(p.get_y(), 6), round(p.get_y() + p.get_height(), 6))
+            for p in ax.patches
+            if p.get_alpha()
+        ]
+        for name in ("lenet", "resnet"):
+            successes, n = (results[name]["random"][k] for k in ("successes", "n"))
+            low, high = stats.wilson_interval(successes, n)
+            assert (round(100 * low, 6), round(100 * high, 6)) in spans, spans
+        labels = ax.get_legend_handles_labels()[1]
+        assert any(
+            "lenet: random pixel, 15.0% (3/20); shaded: 95% CI" in t for t in labels
+        )
+        assert "Chebyshev distance (max(|dr|, |dc|))" in ax.get_xlabel()
+    finally:
+        plots.plt.close(drawn[0])
+
+
+def test_distance_histogram_names_its_metric_and_shows_uniform():
+    edges = np.arange(17.0)
+    uniform = (8 * np.arange(16) + 4) / 1024
+    fig = plots.distance_histogram_figure(
+        {"successful": np.array([0.5, 3.5, 15.5]), "failed": np.array([7.5])},
+        edges,
+        "Attacked pixels: Chebyshev distance (max(|dr|, |dc|)) from the centre",
+        "Chebyshev distance (max(|dr|, |dc|)) of the attacked pixel",
+        uniform=uniform,
+    )
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xlabel().startswith("Chebyshev distance (max(|dr|, |dc|))")
+        assert "Chebyshev distance" in ax.get_title()
+        labels = ax.get_legend_handles_labels()[1]
+        assert labels[0].startswith("every position once")
+        assert "successful (n=3, median 3.5)" in labels
+    finally:
+        plots.plt.close(fig)
+
+
+def test_a_prediction_that_differs_from_attack_csv_is_said_not_hidden():
+    """At a near tie (another device or precision) this run's prediction may differ
+    from the one attack.csv records: the figure's title says so (issue 13: the
+    figure said "(attack.csv, successful)" beside "class unchanged")."""
+    from experiments import propagation as propagation_experiment
+
+    def result(before, after):
+        return {"probs": np.eye(10)[before], "probs_adv": np.eye(10)[after]}
+
+    recorded = {"pred_before": 8, "pred_after": 0}
+    disagreement = propagation_experiment._disagreement
+    assert disagreement(result(8, 0), recorded, 10) == ""
+    assert disagreement(result(8, 0), None, 10) == ""  # --pixel/--rgb or --move_to
+    assert disagreement(result(8, 8), recorded, 10) == (
+        "pred_after: attack.csv airplane, here ship"
+    )
+    assert disagreement(result(1, 8), recorded, 10) == (
+        "pred_before: attack.csv ship, here automobile; "
+        "pred_after: attack.csv airplane, here ship"
+    )
+
+
+@pytest.mark.parametrize("experiment", ["propagation", "statistics"])
+def test_a_mistyped_workdir_is_an_error_and_is_not_created(tiny_setup, experiment):
+    missing = os.path.join(tiny_setup["folder"], f"no_such_run_{experiment}")
+    args = [a for a in tiny_setup["args"] if not a.startswith("--workdir=")]
+    index = ["--index=2"] if experiment == "propagation" else []
+    result = launch(f"--experiment={experiment}", *index, *args, f"--workdir={missing}")
+    assert result.returncode == 2, result.stderr
+    assert "attack.csv" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(missing)

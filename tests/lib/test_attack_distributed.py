@@ -1,0 +1,151 @@
+"""The attack on 4 forced CPU devices and on 2 processes gives the 1-device results."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, launch
+
+from propmaps_jax import checkpoint, models
+from tests._attack_case import SLOTS, attack_case
+
+# Several real processes (jax.distributed on localhost): end to end.
+pytestmark = pytest.mark.e2e
+WORKER = os.path.join(ROOT, "tests", "_attack_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_four_devices_and_two_processes_match_one_device(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)  # compiler options could change the last float bits
+    four = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    address = f"localhost:{free_port()}"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(tmp_path / "four.npz")],
+            env=four,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    ] + [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(tmp_path / f"p{i}.npz"), str(i), "2", address],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    reference = attack_case(slots=SLOTS)  # in this process, one device
+    for run in runs:
+        output, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, output.decode()[-3000:]
+    four_devices = np.load(tmp_path / "four.npz")
+    two_processes = np.load(tmp_path / "p0.npz")
+    assert not (tmp_path / "p1.npz").exists()  # only process 0 writes
+    assert int(four_devices["device_count"]) == 4
+    assert int(two_processes["process_count"]) == 2
+    # Every decision (success, pixels, predictions, generations, evaluations) is
+    # the same bit for bit. Probabilities agree to float32 rounding: the devices
+    # run other batch shapes (1 or 2 slots each against 4), and on some CPUs (an
+    # AMD EPYC here, 2026-11-30) XLA's kernels then differ in the last bit
+    # (1.5e-8 measured), as the README says.
+    for name, expected in reference._asdict().items():
+        for run in (four_devices, two_processes):
+            if np.issubdtype(np.asarray(expected).dtype, np.floating):
+                np.testing.assert_allclose(
+                    run[name], expected, rtol=1e-6, atol=1e-7, err_msg=name
+                )
+            else:
+                np.testing.assert_array_equal(run[name], expected, err_msg=name)
+
+
+def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
+    """launch.py --experiment=attack --distributed on 2 localhost processes: process 0
+    alone writes, and attack.csv equals that of a single-process run."""
+    model = models.create_model("lenet_tiny")
+    variables = models.init_variables(model, jax.random.key(2))
+    weights = str(tmp_path / "lenet_tiny.msgpack")
+    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    y = np.asarray(models.make_apply_fn(model)(variables, x)).argmax(-1)
+    y[[2, 5]] = (y[[2, 5]] + 1) % 10  # two misclassified images: not attacked
+    npz = tmp_path / "data.npz"
+    np.savez(npz, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y)
+
+    def command(workdir, *extra):
+        return [
+            sys.executable,
+            os.path.join(ROOT, "launch.py"),
+            "--experiment=attack",
+            "--model=lenet_tiny",
+            f"--weights={weights}",
+            f"--cifar10_path={npz}",
+            "--num_samples=12",
+            "--population=8",
+            "--generations=3",
+            "--slots=4",
+            "--chunk_size=5",
+            f"--workdir={workdir}",
+            *extra,
+        ]
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    single = subprocess.run(
+        command(tmp_path / "one"), env=env, capture_output=True, text=True, timeout=240
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    address = f"localhost:{free_port()}"
+    runs = [
+        subprocess.Popen(
+            command(
+                tmp_path / "two",
+                "--distributed",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    for run in runs:
+        output, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, output.decode()[-3000:]
+    one = (tmp_path / "one" / "attack.csv").read_text()
+    two = (tmp_path / "two" / "attack.csv").read_text()
+    assert one == two
+    summary = json.loads((tmp_path / "two" / "attack_summary.json").read_text())
+    assert summary["device"]["process_count"] == 2
+    assert summary["attacked"] == 10 and summary["not_attacked_misclassified"] == 2
+
+
+def test_distributed_without_a_cluster_is_a_clear_error(tmp_path):
+    # A subprocess: jax.distributed.initialize() must not touch this process.
+    done = launch(
+        "--experiment=attack",
+        "--distributed",
+        f"--workdir={tmp_path}",
+        subprocess=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --distributed: jax.distributed.initialize() failed")
+    )
