@@ -12,9 +12,8 @@ import pytest
 from conftest import launch
 
 from experiments import attack as attack_experiment
+from experiments.runs import attack_csv, integrity, provenance, rundir
 from experiments.runs import attack_csv as results
-from experiments.runs import integrity, provenance, rundir
-from experiments.runs import attack_csv
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError

@@ -15,6 +15,12 @@ import types
 
 import numpy as np
 import pytest
+from conftest import ROOT
+from test_run_trust import (  # noqa: F401 (fixtures used below)
+    as_launched,
+    reference,
+    setup,
+)
 
 from experiments import attack as attack_experiment
 from experiments.runs import attack_csv, lock, storage
@@ -23,12 +29,6 @@ from propmaps_jax import checkpoint
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from tests import _gcs_emulator
-from conftest import ROOT
-from test_run_trust import (  # noqa: F401 (fixtures used below)
-    as_launched,
-    reference,
-    setup,
-)
 
 _ORIGINAL_SAVE_CHUNK = attack_csv.save_chunk
 

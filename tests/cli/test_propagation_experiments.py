@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from experiments.runs import provenance
 from experiments.report import plots
+from experiments.runs import provenance
 from experiments.runs.attack_csv import attack_columns
 from propmaps_jax import checkpoint, models, propagation
 from propmaps_jax.attack.perturb import apply_pixels_batch

@@ -22,19 +22,18 @@ from absl import flags
 from conftest import ROOT, launch
 
 from experiments import attack as attack_experiment
-from experiments import (
+from experiments import cli, common
+from experiments import locality as locality_experiment
+from experiments.runs import (
+    attack_csv,
     budget,
-    cli,
-    common,
     integrity,
     provenance,
-    results,
     rundir,
-    runlock,
     storage,
 )
-from experiments import locality as locality_experiment
-from experiments.runs import attack_csv
+from experiments.runs import attack_csv as results
+from experiments.runs import lock as runlock
 from propmaps_jax import checkpoint, data, memory, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
