@@ -10,6 +10,7 @@ import io
 import math
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -158,19 +159,8 @@ def single_attack_figure(
     # what their captions need and what a page allows.
     left = min(4.3, max(2.4, 1.8 * (rows // 2) - 0.4))
     width = left + 0.4 + 2.05 * columns
-    title, note = _wrap(title, width), _wrap(colorbar_label, width, points=8.0)
-    top = 0.3 + 0.22 * (title.count("\n") + 1)
-    bottom = 0.1 + 0.16 * (note.count("\n") + 1)
-    height = top + bottom + 1.8 * rows
-    fig = plt.figure(figsize=(width, height))
-    grid = fig.add_gridspec(
-        rows,
-        columns + 1,
-        width_ratios=[left] + [2.05] * columns,
-        wspace=0.45,
-        hspace=0.5,
-        top=1.0 - top / height,
-        bottom=bottom / height,
+    fig, grid, title, note = _panel_figure(
+        width, rows, columns + 1, title, colorbar_label, [left] + [2.05] * columns
     )
     half = rows // 2
     _show_image(fig.add_subplot(grid[:half, 0]), image, pixels, caption_natural)
@@ -179,6 +169,34 @@ def single_attack_figure(
     _draw_layer_panels(fig, cells, maps, shapes, fm_max, signed, note, bar_title)
     fig.suptitle(title, fontsize=11, y=0.995)
     return fig
+
+
+def _panel_figure(
+    width: float,
+    rows: int,
+    columns: int,
+    title: str,
+    colorbar_label: str,
+    width_ratios: list[float] | None = None,
+) -> tuple[plt.Figure, Any, str, str]:
+    """(figure, grid, wrapped title, wrapped colour-bar note) of a grid of panels
+    `width` inches wide, 1.8 inches a row, with room above for the title and
+    below for the note."""
+    title, note = _wrap(title, width), _wrap(colorbar_label, width, points=8.0)
+    top = 0.3 + 0.22 * (title.count("\n") + 1)
+    bottom = 0.1 + 0.16 * (note.count("\n") + 1)
+    height = top + bottom + 1.8 * rows
+    fig = plt.figure(figsize=(width, height))
+    grid = fig.add_gridspec(
+        rows,
+        columns,
+        width_ratios=width_ratios,
+        wspace=0.45,
+        hspace=0.5,
+        top=1.0 - top / height,
+        bottom=bottom / height,
+    )
+    return fig, grid, title, note
 
 
 def _wrap(text: str, width_inches: float, points: float = 11.0) -> str:
@@ -199,19 +217,7 @@ def mean_maps_figure(
     n = len(maps)
     rows, columns = panel_grid(n, columns)
     width = max(2.05 * columns, 4.0)
-    title, note = _wrap(title, width), _wrap(colorbar_label, width, points=8.0)
-    top = 0.3 + 0.22 * (title.count("\n") + 1)
-    bottom = 0.1 + 0.16 * (note.count("\n") + 1)
-    height = top + bottom + 1.8 * rows
-    fig = plt.figure(figsize=(width, height))
-    grid = fig.add_gridspec(
-        rows,
-        columns,
-        wspace=0.45,
-        hspace=0.5,
-        top=1.0 - top / height,
-        bottom=bottom / height,
-    )
+    fig, grid, title, note = _panel_figure(width, rows, columns, title, colorbar_label)
     cells = [grid[i // columns, i % columns] for i in range(n)]
     _draw_layer_panels(fig, cells, maps, shapes, None, False, note, bar_title)
     fig.suptitle(title, fontsize=11, y=0.995)
