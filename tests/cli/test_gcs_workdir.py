@@ -170,6 +170,7 @@ def _host():
     return socket.gethostname()
 
 
+@pytest.mark.e2e  # real launch.py processes (`start`)
 def test_missing_bucket_is_one_line_exit_2(tiny, gcs_bucket):
     """Through launch.py: a bucket that does not exist gives one line and exit 2,
     before any work."""
@@ -295,6 +296,7 @@ def finished(proc, timeout=600):
     return out, err
 
 
+@pytest.mark.e2e  # real launch.py processes (`start`)
 def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
     tiny, gcs_bucket, tmp_path
 ):
@@ -395,6 +397,7 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
             assert got == f.read(), name
 
 
+@pytest.mark.e2e  # real launch.py processes (`start`)
 def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
     """--distributed on 2 localhost processes with a gs:// workdir: process 1 is
     pointed at a store that does not answer, so any read or write of it would
@@ -435,6 +438,7 @@ def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
     assert summary["device"]["process_count"] == 2
 
 
+@pytest.mark.e2e  # real launch.py processes (`start`)
 def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
     """train on gs://: stopped by --max_minutes after the first epoch's checkpoint
     (exit 75, the checkpoint on gs://), the same command resumes from it and continues
