@@ -76,6 +76,9 @@ MOVED = {
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports an old dotted path as the module that now holds it."""
 
+    def __init__(self) -> None:
+        self.homes: dict[str, Any] = {}  # old path -> the module's own spec
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in MOVED:
             return None
@@ -83,7 +86,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         module = importlib.import_module(MOVED[spec.name])
-        self.homes = {**getattr(self, "homes", {}), spec.name: module.__spec__}
+        self.homes[spec.name] = module.__spec__
         return module
 
     def exec_module(self, module) -> None:

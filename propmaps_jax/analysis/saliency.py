@@ -103,24 +103,24 @@ class SaliencyConfig:
         return self.method == "smoothgrad"
 
 
+def _check_choice(value: str, what: str, argument: str, choices) -> str:
+    """`value`, or a SaliencyError naming the argument and the choices."""
+    if value not in choices:
+        raise SaliencyError(
+            f"unknown {what} {value!r} (argument {argument}); choose one of "
+            + ", ".join(choices)
+        )
+    return value
+
+
 def check_method(method: str) -> str:
     """`method`, or a SaliencyError naming the argument and the choices."""
-    if method not in METHODS:
-        raise SaliencyError(
-            f"unknown saliency method {method!r} (argument method); choose one of "
-            + ", ".join(METHODS)
-        )
-    return method
+    return _check_choice(method, "saliency method", "method", METHODS)
 
 
 def check_score(score: str) -> str:
     """`score`, or a SaliencyError naming the argument and the choices."""
-    if score not in SCORES:
-        raise SaliencyError(
-            f"unknown class score {score!r} (argument score); choose one of "
-            + ", ".join(SCORES)
-        )
-    return score
+    return _check_choice(score, "class score", "score", SCORES)
 
 
 def class_scores(
