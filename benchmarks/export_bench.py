@@ -41,6 +41,7 @@ from propmaps_jax import (  # noqa: E402
     attack,
     attack_engine,
     backend,
+    locality,
     memory,
     models,
     propagation,
@@ -156,8 +157,6 @@ def programs(
     `slots`, `population`, `queue_len`: the attack engine's; `batch`: the batch of
     the other programs (evaluation, locality, saliency, training).
     """
-    from experiments import locality as locality_experiment
-
     image_shape = (32, 32, 3)
     module = models.for_platform(models.create_model(model_name), platform)
     variables = _abstract_variables(module, image_shape)
@@ -240,9 +239,9 @@ def programs(
             ),
         )
     )
-    # The locality evaluator and the vulnerability map (experiments/locality.py).
+    # The locality evaluator and the vulnerability map (as experiments/locality.py).
     pixels = _ints(batch, 1, 5)
-    evaluate = locality_experiment._batch_evaluator(apply_fn, 4)
+    evaluate = locality.moves_program(apply_fn, 4)
     out.append(
         Program(
             "locality evaluator (nearby, random, rings 1-4)",
@@ -260,7 +259,7 @@ def programs(
     out.append(
         Program(
             "locality.vulnerability_map (one image)",
-            locality_experiment._vulnerability_program(apply_fn, 256),
+            locality.vulnerability_program(apply_fn, 256),
             (
                 variables,
                 jax.ShapeDtypeStruct(image_shape, jnp.uint8),

@@ -211,39 +211,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@functools.cache
-def _batch_evaluator(apply_fn, max_distance: int):
-    """Jitted: nearby, random and ring outcomes of a fixed-size batch of images.
-
-    Cached on what decides the program; the variables are its first argument.
-    """
-    offsets, _ = locality.chebyshev_offsets(max_distance)
-
-    @jax.jit
-    def evaluate(variables, images, labels, pixels, nearby_rc, random_rc):
-        def moved_to(rc):
-            return locality.evaluate_moved(
-                apply_fn, variables, images, labels, pixels, rc[:, 0], rc[:, 1]
-            )
-
-        rings, inside = locality.evaluate_offsets(
-            apply_fn, variables, images, labels, pixels, offsets
-        )
-        return moved_to(nearby_rc), moved_to(random_rc), rings, inside
-
-    return evaluate
-
-
-@functools.cache
-def _vulnerability_program(apply_fn, chunk: int):
-    """Jitted vulnerability map of one image, cached on what decides the program."""
-    return jax.jit(
-        lambda variables, image, label, colour: locality.vulnerability_map(
-            apply_fn, variables, image, label, colour, chunk
-        )
-    )
-
-
 def study_model(
     name: str,
     apply_fn,
@@ -264,7 +231,9 @@ def study_model(
     )
     offsets, distances = locality.chebyshev_offsets(max_distance)
     per_batch = max(1, batch_size // (len(offsets) + 2))
-    evaluate = functools.partial(_batch_evaluator(apply_fn, max_distance), variables)
+    evaluate = functools.partial(
+        locality.moves_program(apply_fn, max_distance), variables
+    )
     out = {
         "nearby_pred": np.zeros(n, np.int32),
         "nearby_success": np.zeros(n, bool),
@@ -318,7 +287,9 @@ def vulnerability_maps(
     """The colour of each attack at every position of its clean image: (V, H, W)."""
     height, width = images.shape[1], images.shape[2]
     chunk = min(batch_size, height * width)
-    compute = functools.partial(_vulnerability_program(apply_fn, chunk), variables)
+    compute = functools.partial(
+        locality.vulnerability_program(apply_fn, chunk), variables
+    )
     maps = [
         jax.device_get(compute(images[i], labels[i], pixels[i, 0, 2:]))
         for i in range(len(images))

@@ -16,10 +16,14 @@ perturbations raise a PropmapsError for k > 1. Random choices use one key per im
 `fold_in(key, dataset_index)`, so results never depend on batching. Everything is
 pure and jittable (heights, widths, distances and chunk sizes are static); the
 model is `apply_fn(variables, images)` with the variables an ordinary argument.
+`moves_program` and `vulnerability_program` are the jitted programs the
+experiments run, cached on what decides the program (the variables are their first
+argument).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -274,3 +278,40 @@ def vulnerability_map(
 
     out = jax.lax.map(one_chunk, flat.reshape(chunks, chunk_size))
     return Outcome(*(x.reshape(-1)[:total].reshape(height, width) for x in out))
+
+
+@functools.cache
+def moves_program(apply_fn: ApplyFn, max_distance: int):
+    """Jitted: nearby, random and ring outcomes of a fixed-size batch of images.
+
+    `(variables, images, labels, pixels, nearby_rc, random_rc) -> (nearby Outcome,
+    random Outcome, ring Outcome (N, P), inside (N, P))` for the offsets of
+    `chebyshev_offsets(max_distance)`. Cached on what decides the program; the
+    variables are its first argument.
+    """
+    offsets, _ = chebyshev_offsets(max_distance)
+
+    @jax.jit
+    def evaluate(variables, images, labels, pixels, nearby_rc, random_rc):
+        def moved_to(rc):
+            return evaluate_moved(
+                apply_fn, variables, images, labels, pixels, rc[:, 0], rc[:, 1]
+            )
+
+        rings, inside = evaluate_offsets(
+            apply_fn, variables, images, labels, pixels, offsets
+        )
+        return moved_to(nearby_rc), moved_to(random_rc), rings, inside
+
+    return evaluate
+
+
+@functools.cache
+def vulnerability_program(apply_fn: ApplyFn, chunk_size: int):
+    """Jitted `vulnerability_map` of one image, `(variables, image, label, colour)`,
+    cached on what decides the program."""
+    return jax.jit(
+        lambda variables, image, label, colour: vulnerability_map(
+            apply_fn, variables, image, label, colour, chunk_size
+        )
+    )
