@@ -235,6 +235,17 @@ def _captions(result, label, pixels, num_classes) -> tuple[str, str, str]:
     return natural, perturbed, pixel_text
 
 
+def _analyze_attack(module, variables, config, image, label, pixels) -> tuple:
+    """(perturbed image, `_analyze` result, (natural, perturbed) captions, pixels as
+    text) of the perturbation `pixels` (k, 5) on the clean `image`."""
+    perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
+    result = _analyze(module, variables, config.image_shape, image, perturbed)
+    natural, perturbed_caption, pixel_text = _captions(
+        result, label, pixels, config.num_classes
+    )
+    return perturbed, result, (natural, perturbed_caption), pixel_text
+
+
 # PM_max is drawn on the scale of the original feature maps (how much of a layer's
 # activity the pixel moves); PM_avg, a mean over channels, is far below that scale
 # (on it the maps look black), so each of its panels has its own scale.
@@ -427,10 +438,8 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
             continue  # drawn with figure 2 (the same attack's PM_avg)
         index, label = int(table["index"][row]), int(table["label"][row])
         image = images[index]
-        perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
-        result = _analyze(module, variables, config.image_shape, image, perturbed)
-        natural, perturbed_caption, pixel_text = _captions(
-            result, label, pixels, config.num_classes
+        perturbed, result, captions, pixel_text = _analyze_attack(
+            module, variables, config, image, label, pixels
         )
         outcome = "successful" if table["success"][row] else "failed (best candidate)"
         source = f"attack.csv, {outcome}" if figure != "4" else "moved pixel"
@@ -454,7 +463,7 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
             image,
             perturbed,
             pixels,
-            (natural, perturbed_caption),
+            captions,
             folder=folder,
             heading=heading,
         )
@@ -527,17 +536,15 @@ def main(argv: list[str]) -> None:
     )
     config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
     image, label = images[index], int(labels[index])
-    perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
-    result = _analyze(module, variables, config.image_shape, image, perturbed)
+    perturbed, result, captions, pixel_text = _analyze_attack(
+        module, variables, config, image, label, pixels
+    )
     disagreement = _disagreement(result, recorded, config.num_classes)
     if disagreement:
         logging.warning(
             "this model's predictions differ from attack.csv (%s)", disagreement
         )
         source += f"; predictions differ, {disagreement}"
-    natural, perturbed_caption, pixel_text = _captions(
-        result, label, pixels, config.num_classes
-    )
     logging.info("perturbation from %s: %s", source, pixel_text)
     storage.makedirs(os.path.join(workdir, "propagation"))
     _figures(
@@ -549,7 +556,7 @@ def main(argv: list[str]) -> None:
         image,
         perturbed,
         pixels,
-        (natural, perturbed_caption),
+        captions,
     )
     npz_path = os.path.join(workdir, "propagation", f"{name}_maps.npz")
     rundir.write_npz(
