@@ -50,6 +50,7 @@ from absl import flags, logging
 
 from experiments import common, flag_groups
 from experiments.report import plots
+from experiments.report import tables as report_tables
 from experiments.report.progress import Progress
 from experiments.runs import attack_csv, integrity, rundir, storage
 from propmaps_jax import attack_de, batching, claims, models, propagation, stats
@@ -374,12 +375,7 @@ def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
 
 
 def _pct(prop: dict) -> str:
-    if not prop["n"]:
-        return "n/a"
-    return (
-        f"{prop['rate']:.1%} ({prop['successes']}/{prop['n']}; "
-        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f}%)"
-    )
+    return report_tables.short_cell(prop, empty="n/a", unit="%")
 
 
 def claims_table(report: dict) -> str:

@@ -37,6 +37,16 @@ ROWS = (
 )
 
 
+def markdown_row(cells: list[str]) -> str:
+    """One Markdown table row: '| a | b |'."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_header(header: list[str]) -> list[str]:
+    """A Markdown table's header row and the separator under it."""
+    return [markdown_row(header), "|" + "---|" * len(header)]
+
+
 def cell(prop: dict[str, Any]) -> str:
     """One table cell: 'rate (count; 95% Wilson interval)'."""
     return stats.format_proportion(prop)
@@ -68,8 +78,7 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
         "random: any other pixel), so their denominator is the number of successful "
         "attacks. Each cell: rate (count; 95% Wilson interval).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *markdown_header(header),
     ]
     for key, label in ROWS:
         cells = [label, *(cell(results[n][key]) for n in names)]
@@ -82,7 +91,7 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
                 cells.append(text)
             else:
                 cells.append("not reported")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     lines += [
         "",
         "Accuracy on the samples: "
@@ -96,13 +105,12 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
         "all (image, position) pairs. Positions of one image are not independent, "
         "so these Wilson intervals are narrower than the true uncertainty.",
         "",
-        "| distance | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        *markdown_header(["distance", *names]),
     ]
     for i in range(settings["max_distance"]):
         cells = [str(i + 1) + (" (all neighbours)" if i == 0 else "")]
         cells += [cell(results[n]["distance"][i]["pooled"]) for n in names]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     lines.append(
         "| random pixel (baseline) | "
         + " | ".join(cell(results[n]["random"]) for n in names)
@@ -137,15 +145,21 @@ def table1_csv(results: dict[str, dict]) -> str:
     return buffer.getvalue()
 
 
-def _rate(prop: dict | None) -> str:
-    if prop is None:
-        return "—"
+def short_cell(prop: dict[str, Any], empty: str = "n/a (0/0)", unit: str = "") -> str:
+    """'32.8% (1638/5000; 31.5–34.1)': rate (count; interval in percent, then `unit`).
+
+    `empty`: the text of a proportion over no item.
+    """
     if not prop["n"]:
-        return "n/a (0/0)"
+        return empty
     return (
         f"{prop['rate']:.1%} ({prop['successes']}/{prop['n']}; "
-        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f})"
+        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f}{unit})"
     )
+
+
+def _rate(prop: dict | None) -> str:
+    return "—" if prop is None else short_cell(prop)
 
 
 def _p(value: float) -> str:
@@ -198,8 +212,7 @@ def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str
             "",
             "Columns: " + "; ".join(f"{m}: {label}" for m, label in lc.MOVES) + ".",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
+            *markdown_header(header),
         ]
         for stratum in lc.STRATA:
             s = strata[stratum]
@@ -211,7 +224,7 @@ def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str
             cells.append(
                 f"{t['only_first']} / {t['only_second']} ({_p(t['mcnemar_p'])})"
             )
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(markdown_row(cells))
         context = controls["context"]
         lines += [
             "",
@@ -324,7 +337,7 @@ def seeds_markdown(records: dict[int, dict]) -> str:
     """
     seeds = sorted(records)
     header = ["", *(f"seed {s}" for s in seeds), "mean ± sd over seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_header(header)
 
     def row(label: str, props: list[dict]) -> None:
         rates = np.array([p["rate"] for p in props], np.float64)
@@ -333,7 +346,7 @@ def seeds_markdown(records: dict[int, dict]) -> str:
             if len(rates) > 1
             else f"{100 * rates.mean():.1f}%"
         )
-        lines.append("| " + " | ".join([label, *map(cell, props), spread]) + " |")
+        lines.append(markdown_row([label, *map(cell, props), spread]))
 
     for key, label in SEED_ROWS:
         row(label, [records[s][key] for s in seeds])
