@@ -80,12 +80,8 @@ class SaliencyConfig:
     def __post_init__(self) -> None:
         check_method(self.method)
         check_score(self.score)
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise SaliencyError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not isinstance(self.samples, int) or self.samples < 1:
-            raise SaliencyError(
-                f"samples must be an integer >= 1, got {self.samples!r}"
-            )
+        _check_count(self.steps, "steps")
+        _check_count(self.samples, "samples")
         if not (math.isfinite(self.sigma) and self.sigma >= 0):
             raise SaliencyError(f"sigma must be finite and >= 0, got {self.sigma!r}")
 
@@ -111,6 +107,12 @@ def _check_choice(value: str, what: str, argument: str, choices) -> str:
             + ", ".join(choices)
         )
     return value
+
+
+def _check_count(value: int, argument: str) -> None:
+    """A SaliencyError naming the argument unless `value` is an integer >= 1."""
+    if not isinstance(value, int) or value < 1:
+        raise SaliencyError(f"{argument} must be an integer >= 1, got {value!r}")
 
 
 def check_method(method: str) -> str:
@@ -186,8 +188,7 @@ def integrated_gradients(
     All `steps` points of every image's path go through one batched pass of
     N * steps images (midpoint rule, alpha = (k + 1/2) / steps).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise SaliencyError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_count(steps, "steps")
     images = jnp.asarray(images, jnp.float32)
     classes = jnp.asarray(classes, jnp.int32)
     n = images.shape[0]
@@ -229,8 +230,7 @@ def smoothgrad(
     `key`: one key per image (N,) (results then never depend on batching), or one
     key that is split into N. All N * samples copies go through one batched pass.
     """
-    if not isinstance(samples, int) or samples < 1:
-        raise SaliencyError(f"samples must be an integer >= 1, got {samples!r}")
+    _check_count(samples, "samples")
     images = jnp.asarray(images, jnp.float32)
     classes = jnp.asarray(classes, jnp.int32)
     n = images.shape[0]
