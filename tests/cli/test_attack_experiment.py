@@ -429,8 +429,10 @@ def test_progress_lines_are_honest(capsys):
         total=10, queue_start=0, done_chunks=[], population=4, max_generations=10
     )
     progress.every_s = 0.0
-    # As if the first report had come 10 s ago with no evaluations: 12.4 per s.
-    progress.rate_from = (time.time() - 10.0, 0)
+    # As if the run had started, and the first report had come, 10 s ago with no
+    # evaluations: 12.4 evaluations per s, 0.3 images per s.
+    progress.t0 = time.time() - 10.0
+    progress.rate_from = (progress.t0, 0)
     # Fields this test does not use are 0 (the library may add some).
     info = ProgressInfo(
         **{
@@ -447,8 +449,10 @@ def test_progress_lines_are_honest(capsys):
     line = capsys.readouterr().err
     assert "3/10 attacked images finished (7 running)" in line
     assert "successes so far: 3 (a rate after the first chunk)" in line
-    # Worst case: 7 running at generation 3 of 10 need 4 * 7 * 7 = 196 evaluations.
-    assert "100" not in line and re.search(r"ETA <=0:00:1[5-7]", line)
+    # No success rate before a chunk has finished (3 of 3 is not "100%"); worst
+    # case: 7 running at generation 3 of 10 need 4 * 7 * 7 = 196 evaluations.
+    assert "%" not in line and "0.30 images/s" in line
+    assert re.search(r"ETA <=0:00:1[5-7]", line), line
     progress.on_engine(info)  # nothing finished since: no second line
     assert capsys.readouterr().err == ""
     result = AttackResult(
