@@ -2,8 +2,9 @@
 
 Against fake-gcs-server on 127.0.0.1 (conftest's `gcs_emulator`/`gcs_bucket`,
 reached through STORAGE_EMULATOR_HOST), skipped where it is not installed. The
-attack runs in process with a tiny LeNet; the locality and propagation
-experiments, and the two-process run, are launched as a user launches them.
+experiments run in this process with a tiny LeNet (conftest's `launch`); real
+processes only where the process is the point: a first start against a missing
+bucket, and the two-process run.
 """
 
 import json
@@ -15,7 +16,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, launch
 from test_run_trust import (  # noqa: F401 (fixtures used below)
     as_launched,
     reference,
@@ -296,14 +297,21 @@ def finished(proc, timeout=600):
     return out, err
 
 
-@pytest.mark.e2e  # real launch.py processes (`start`)
+def ran(*args: str) -> str:
+    """launch.py in this process, as `start` would run it (no $CIFAR10_PATH); its
+    stdout, after checking that it exited 0."""
+    done = launch(*args, env={"CIFAR10_PATH": None})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
     tiny, gcs_bucket, tmp_path
 ):
-    """launch.py --experiment=locality on gs:// and on a local disk, at once: the
-    same files, the tables and attack.csv byte for byte; then propagation reads
-    that attack.csv from gs:// and writes its figures there; statistics and
-    salience write the same tables and figures on both."""
+    """launch.py --experiment=locality on gs:// and on a local disk (in this
+    process): the same files, the tables and attack.csv byte for byte; then
+    propagation reads that attack.csv from gs:// and writes its figures there;
+    statistics and salience write the same tables and figures on both."""
     _, kwargs, npz = tiny
     common_args = [
         "--experiment=locality",
@@ -319,8 +327,9 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
     ]
     remote = storage.join(gcs_bucket, "locality")
     local = str(tmp_path / "locality")
-    runs = [start([*common_args, f"--workdir={w}"]) for w in (remote, local)]
-    (out_remote, _), (out_local, _) = (finished(r) for r in runs)
+    out_remote, out_local = (
+        ran(*common_args, f"--workdir={w}") for w in (remote, local)
+    )
     assert "# Table 1" in out_remote and out_remote == out_local
     local_files = sorted(
         os.path.relpath(os.path.join(d, f), local)
@@ -348,42 +357,32 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
 
     table = read_attack_csv(storage.join(remote, "lenet_tiny", "attack.csv"))
     index = int(table["index"][table["success"]][0])
-    out, _ = finished(
-        start(
-            [
-                "--experiment=propagation",
-                "--model=lenet_tiny",
-                f"--weights={kwargs['weights']}",
-                f"--cifar10_path={npz}",
-                f"--workdir={remote}/lenet_tiny",
-                f"--index={index}",
-            ]
-        )
+    out = ran(
+        "--experiment=propagation",
+        "--model=lenet_tiny",
+        f"--weights={kwargs['weights']}",
+        f"--cifar10_path={npz}",
+        f"--workdir={remote}/lenet_tiny",
+        f"--index={index}",
     )
     for name in (f"{index}_pm_max.png", f"{index}_pm_avg.png", f"{index}_maps.npz"):
         path = storage.join(remote, "lenet_tiny", "propagation", name)
         assert storage.isfile(path), (path, out)
 
-    # statistics, then salience (each locks the run), read that run on gs:// and
-    # on the local disk at once: the same tables.
+    # statistics, then salience, read that run on gs:// and on the local disk:
+    # the same tables.
     for experiment, extra in (
         ("statistics", ["--model=lenet_tiny", f"--weights={kwargs['weights']}"]),
         ("salience", ["--bootstrap=100", "--examples=1"]),
     ):
-        consumers = [
-            start(
-                [
-                    f"--experiment={experiment}",
-                    f"--cifar10_path={npz}",
-                    f"--workdir={where}/lenet_tiny",
-                    "--batch_size=8",
-                    *extra,
-                ]
+        for where in (remote, local):
+            ran(
+                f"--experiment={experiment}",
+                f"--cifar10_path={npz}",
+                f"--workdir={where}/lenet_tiny",
+                "--batch_size=8",
+                *extra,
             )
-            for where in (remote, local)
-        ]
-        for proc in consumers:
-            finished(proc)
     for name in (
         "statistics/distance_from_centre.png",
         "statistics/mean_maps.npz",
@@ -438,7 +437,6 @@ def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
     assert summary["device"]["process_count"] == 2
 
 
-@pytest.mark.e2e  # real launch.py processes (`start`)
 def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
     """train on gs://: stopped by --max_minutes after the first epoch's checkpoint
     (exit 75, the checkpoint on gs://), the same command resumes from it and continues
@@ -458,17 +456,20 @@ def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
         "--batch_size=4",
         f"--workdir={workdir}",
     ]
-    proc = start([*train, "--max_minutes=0.0001"])
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 75, err[-2000:]
+    stopped = launch(*train, "--max_minutes=0.0001", env={"CIFAR10_PATH": None})
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert (
-        err.strip()
+        stopped.stderr.strip()
         .splitlines()[-1]
         .startswith("stopped after --max_minutes: epoch 1 of 2 is saved")
     )
     assert storage.listdir(workdir) == ["checkpoint.msgpack"]
-    _, err = finished(start(train))
-    assert f"resuming from {workdir}/checkpoint.msgpack at step 4/8 (epoch 1)" in err
+    done = launch(*train, env={"CIFAR10_PATH": None})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"resuming from {workdir}/checkpoint.msgpack at step 4/8 (epoch 1)"
+        in done.stderr
+    )
     record = json.loads(storage.read_text(storage.join(workdir, "train.json")))
     assert len(record["history"]) == 2
     model = str(tmp_path / "model.msgpack")
@@ -476,17 +477,13 @@ def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
         f.write(storage.read_bytes(storage.join(workdir, "model.msgpack")))
     assert checkpoint.read_checkpoint(model)["config"].name == "lenet_tiny"
     evaluation = storage.join(gcs_bucket, "evaluate")
-    finished(
-        start(
-            [
-                "--experiment=evaluate",
-                "--model=lenet_tiny",
-                f"--weights={model}",
-                f"--cifar10_path={npz}",
-                "--save_predictions",
-                f"--workdir={evaluation}",
-            ]
-        )
+    ran(
+        "--experiment=evaluate",
+        "--model=lenet_tiny",
+        f"--weights={model}",
+        f"--cifar10_path={npz}",
+        "--save_predictions",
+        f"--workdir={evaluation}",
     )
     result = json.loads(storage.read_text(storage.join(evaluation, "evaluation.json")))
     assert result["total"] == 8
