@@ -244,20 +244,33 @@ def test_first_step_loss_of_given_weights_is_their_loss(tiny_resnet, random_imag
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("name, floor", [("lenet", 0.74), ("resnet", 0.88)])
-def test_bundled_model_reaches_its_stated_accuracy(cifar10_path, name, floor):
+@pytest.mark.parametrize(
+    "name, floor, images, correct",
+    # LeNet on the whole test set: its stated accuracy, to the image. ResNet-32 on
+    # the first 2,000 test images (a fifth of the time): the count measured on
+    # 2026-11-30 beside the whole set's stated 89.38%, +-1 for float rounding on
+    # other CPUs; any wrong weight or preprocessing moves it by far more.
+    [("lenet", 0.74, 10000, None), ("resnet", 0.88, 2000, 1802)],
+)
+def test_bundled_model_reaches_its_stated_accuracy(
+    cifar10_path, name, floor, images, correct
+):
     config, variables, metadata = checkpoint.load_weights(name)
     assert config.name == name and metadata["test_accuracy"] >= floor
     dataset = data.load_cifar10(cifar10_path)
     module = models.create_model(config)
     evaluate = jax.jit(functools.partial(training.eval_step, module))
-    correct = sum(
-        float(evaluate(variables, x, y)["correct"])
-        for x, y in zip(
-            np.split(dataset.x_test, 10), np.split(dataset.y_test, 10), strict=True
+    x, y = dataset.x_test[:images], dataset.y_test[:images]
+    got = sum(
+        float(evaluate(variables, xb, yb)["correct"])
+        for xb, yb in zip(
+            np.split(x, images // 1000), np.split(y, images // 1000), strict=True
         )
     )
-    assert correct / len(dataset.y_test) == pytest.approx(metadata["test_accuracy"])
+    if correct is None:
+        assert got / images == pytest.approx(metadata["test_accuracy"])
+    else:
+        assert abs(got - correct) <= 1, got
 
 
 def test_all_finite():
