@@ -21,9 +21,17 @@ import sys
 import tempfile
 import traceback
 
-import jax
-import numpy as np
-import pytest
+# The suite compiles a few hundred small XLA programs, and compiling, not running
+# them, is most of its time: XLA's optimisations are switched off for the test
+# session and every process it starts (the environment carries it), which halves
+# the compile time. The numbers the tests check do not depend on it (the suite
+# passes both ways); `JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest` runs it
+# as users run the code, fully optimised.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -49,14 +57,21 @@ COMPILE_CACHE = os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update(
+    "jax_disable_most_optimizations",
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "yes", "on"),
+)
 jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-# What the cache did in this process, shown at the end of the session.
+# What the cache did in this process, shown at the end of the session, and the
+# seconds XLA spent compiling per test (the tests that compile the most are shown).
 _CACHE_EVENTS = {"hits": 0, "misses": 0, "saved_s": 0.0}
+_COMPILE_S: dict[str, float] = {}
+_CURRENT_TEST = ["(collection)"]
 
 
 def _on_event(event: str, **_) -> None:
@@ -69,19 +84,58 @@ def _on_event(event: str, **_) -> None:
 def _on_duration(event: str, seconds: float, **_) -> None:
     if event == "/jax/compilation_cache/compile_time_saved_sec":
         _CACHE_EVENTS["saved_s"] += seconds
+    elif event == "/jax/core/compile/backend_compile_duration":
+        test = _CURRENT_TEST[0]
+        _COMPILE_S[test] = _COMPILE_S.get(test, 0.0) + seconds
 
 
 jax.monitoring.register_event_listener(_on_event)
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _CURRENT_TEST[0] = item.nodeid
+    try:
+        return (yield)
+    finally:
+        _CURRENT_TEST[0] = "(between tests)"
+
+
+def pytest_sessionfinish(session):
+    # A pytest-xdist worker sends what its cache and compiler did to the controller.
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["jax_compile"] = {
+            "events": dict(_CACHE_EVENTS),
+            "seconds": dict(_COMPILE_S),
+        }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: add up its workers' cache and compile numbers."""
+    report = getattr(node, "workeroutput", {}).get("jax_compile")
+    if report:
+        for name, value in report["events"].items():
+            _CACHE_EVENTS[name] += value
+        for test, seconds in report["seconds"].items():
+            _COMPILE_S[test] = _COMPILE_S.get(test, 0.0) + seconds
+
+
 def pytest_terminal_summary(terminalreporter):
     entries = len(os.listdir(COMPILE_CACHE)) if os.path.isdir(COMPILE_CACHE) else 0
     terminalreporter.write_line(
         f"JAX compilation cache {COMPILE_CACHE}: {entries} programs; in the test "
-        f"process {_CACHE_EVENTS['hits']} hits (about {_CACHE_EVENTS['saved_s']:.0f} "
-        f"s of compilation saved), {_CACHE_EVENTS['misses']} misses"
+        f"processes {_CACHE_EVENTS['hits']} hits (about "
+        f"{_CACHE_EVENTS['saved_s']:.0f} s of compilation saved), "
+        f"{_CACHE_EVENTS['misses']} misses"
     )
+    if _COMPILE_S and terminalreporter.config.option.durations is not None:
+        top = sorted(_COMPILE_S.items(), key=lambda kv: -kv[1])[:10]
+        terminalreporter.write_line(
+            f"XLA compilation in the test processes: {sum(_COMPILE_S.values()):.0f} s"
+            "; the most: " + "; ".join(f"{t} {s:.1f} s" for t, s in top)
+        )
 
 
 def pytest_unconfigure(config):
