@@ -168,21 +168,45 @@ def launch(
     `env`: variables to set for the launch, None removes one.
     """
     if subprocess:
-        environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        for name, value in (env or {}).items():
-            environment.pop(name, None)
-            if value is not None:
-                environment[name] = value
-        result = _subprocess.run(
-            [sys.executable, os.path.join(ROOT, "launch.py"), *args],
-            cwd=ROOT,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return Launched(result.returncode, result.stdout, result.stderr)
+        process = start(*args, env=env)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except _subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        return Launched(process.returncode, stdout, stderr)
     return _launch_in_process(list(args), env or {})
+
+
+def start(
+    *args: str,
+    env: dict[str, str | None] | None = None,
+    code: str | None = None,
+    stdout: int = _subprocess.PIPE,
+) -> _subprocess.Popen:
+    """`python launch.py *args` in a process of its own, not waited for: for runs
+    at once (several processes, a local and a gs:// run) and signals sent to a run.
+
+    `code`: run `python -c code *args` instead (a launcher that changes something
+    before it calls launch.py's code). `env`: variables to set (None removes one)
+    on top of this process's environment and JAX_PLATFORMS=cpu. Text streams;
+    stderr is a pipe, stdout too unless another `stdout` is given.
+    """
+    environment = subprocess_env()
+    for name, value in (env or {}).items():
+        environment.pop(name, None)
+        if value is not None:
+            environment[name] = value
+    program = ["-c", code] if code is not None else [os.path.join(ROOT, "launch.py")]
+    return _subprocess.Popen(
+        [sys.executable, *program, *args],
+        cwd=ROOT,
+        env=environment,
+        stdout=stdout,
+        stderr=_subprocess.PIPE,
+        text=True,
+    )
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

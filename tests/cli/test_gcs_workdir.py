@@ -16,7 +16,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import ROOT, launch
+from conftest import launch, start
 from test_run_trust import (  # noqa: F401 (fixtures used below)
     as_launched,
     reference,
@@ -171,21 +171,20 @@ def _host():
     return socket.gethostname()
 
 
-@pytest.mark.e2e  # real launch.py processes (`start`)
+@pytest.mark.e2e  # a real launch.py process: its first start against the store
 def test_missing_bucket_is_one_line_exit_2(tiny, gcs_bucket):
     """Through launch.py: a bucket that does not exist gives one line and exit 2,
     before any work."""
     _, kwargs, npz = tiny
-    proc = start(
-        [
-            "--experiment=attack",
-            "--model=lenet_tiny",
-            f"--weights={kwargs['weights']}",
-            f"--cifar10_path={npz}",
-            "--workdir=gs://no-such-bucket/run",
-        ]
+    proc = launch(
+        "--experiment=attack",
+        "--model=lenet_tiny",
+        f"--weights={kwargs['weights']}",
+        f"--cifar10_path={npz}",
+        "--workdir=gs://no-such-bucket/run",
+        env=ALONE,
+        subprocess=True,
     )
-    proc.stderr = proc.communicate(timeout=300)[1]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
@@ -275,20 +274,8 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
         store.stop()
 
 
-def start(args, env_extra=None, **popen):
-    """launch.py in a process of its own (e2e: two runs at once, one on gs://)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    env.pop("XLA_FLAGS", None)
-    env.pop("CIFAR10_PATH", None)
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "launch.py"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
+# A launched run sees neither the user's CIFAR-10 nor compiler options.
+ALONE = {"CIFAR10_PATH": None, "XLA_FLAGS": None}
 
 
 def finished(proc, timeout=600):
@@ -300,7 +287,7 @@ def finished(proc, timeout=600):
 def ran(*args: str) -> str:
     """launch.py in this process, as `start` would run it (no $CIFAR10_PATH); its
     stdout, after checking that it exited 0."""
-    done = launch(*args, env={"CIFAR10_PATH": None})
+    done = launch(*args, env=ALONE)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -396,7 +383,7 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
             assert got == f.read(), name
 
 
-@pytest.mark.e2e  # real launch.py processes (`start`)
+@pytest.mark.e2e  # two real launch.py processes at once (conftest's `start`)
 def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
     """--distributed on 2 localhost processes with a gs:// workdir: process 1 is
     pointed at a store that does not answer, so any read or write of it would
@@ -408,23 +395,21 @@ def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
     workdir = storage.join(gcs_bucket, "two")
     runs = [
         start(
-            [
-                "--experiment=attack",
-                "--model=lenet_tiny",
-                f"--weights={kwargs['weights']}",
-                f"--cifar10_path={npz}",
-                "--num_samples=10",
-                "--population=8",
-                "--generations=3",
-                "--slots=3",
-                "--chunk_size=4",
-                f"--workdir={workdir}",
-                "--distributed",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            None if i == 0 else {"STORAGE_EMULATOR_HOST": dead},
+            "--experiment=attack",
+            "--model=lenet_tiny",
+            f"--weights={kwargs['weights']}",
+            f"--cifar10_path={npz}",
+            "--num_samples=10",
+            "--population=8",
+            "--generations=3",
+            "--slots=3",
+            "--chunk_size=4",
+            f"--workdir={workdir}",
+            "--distributed",
+            f"--coordinator_address={address}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            env=ALONE if i == 0 else {**ALONE, "STORAGE_EMULATOR_HOST": dead},
         )
         for i in range(2)
     ]
@@ -456,7 +441,7 @@ def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
         "--batch_size=4",
         f"--workdir={workdir}",
     ]
-    stopped = launch(*train, "--max_minutes=0.0001", env={"CIFAR10_PATH": None})
+    stopped = launch(*train, "--max_minutes=0.0001", env=ALONE)
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert (
         stopped.stderr.strip()
@@ -464,7 +449,7 @@ def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
         .startswith("stopped after --max_minutes: epoch 1 of 2 is saved")
     )
     assert storage.listdir(workdir) == ["checkpoint.msgpack"]
-    done = launch(*train, env={"CIFAR10_PATH": None})
+    done = launch(*train, env=ALONE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
         f"resuming from {workdir}/checkpoint.msgpack at step 4/8 (epoch 1)"

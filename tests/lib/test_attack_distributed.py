@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, launch
+from conftest import ROOT, launch, start
 
 from propmaps_jax import checkpoint, models
 from tests._attack_case import SLOTS, attack_case
@@ -91,33 +91,25 @@ def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
             *extra,
         ]
 
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
     address = f"localhost:{free_port()}"
     runs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(ROOT, "launch.py"),
-                *command(
-                    tmp_path / "two",
-                    "--distributed",
-                    f"--coordinator_address={address}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+        start(
+            *command(
+                tmp_path / "two",
+                "--distributed",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env={"XLA_FLAGS": None},
         )
         for i in range(2)
     ]
     single = launch(*command(tmp_path / "one"))  # in this process, one device
     assert single.returncode == 0, single.stderr[-3000:]
     for run in runs:
-        output, _ = run.communicate(timeout=240)
-        assert run.returncode == 0, output.decode()[-3000:]
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err[-3000:]
     one = (tmp_path / "one" / "attack.csv").read_text()
     two = (tmp_path / "two" / "attack.csv").read_text()
     assert one == two
