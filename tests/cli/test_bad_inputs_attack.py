@@ -14,16 +14,16 @@ import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
 from conftest import ROOT, launch, subprocess_env
 
 from experiments import attack as attack_experiment
 from experiments.runs import rundir
-from propmaps_jax import checkpoint, data, models
+from propmaps_jax import data
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import classified_images, save_lenet_tiny, save_npz
 
 CONFIG = AttackConfig(pixels=1, population=20, generations=2)
 
@@ -32,19 +32,14 @@ CONFIG = AttackConfig(pixels=1, population=20, generations=2)
 def files(tmp_path_factory):
     """A lenet_tiny checkpoint, broken weights files and a small .npz CIFAR-10."""
     folder = tmp_path_factory.mktemp("bad_inputs")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(5))
     weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    module, variables = save_lenet_tiny(weights, 5)
     raw = open(weights, "rb").read()
     (folder / "truncated.msgpack").write_bytes(raw[: len(raw) // 2])
     (folder / "text.msgpack").write_text("not a checkpoint\n")
     (folder / "weights_dir.msgpack").mkdir()
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    y = np.asarray(models.make_logits_fn(module, variables)(x)).argmax(-1)
-    npz = str(folder / "tiny.npz")
-    np.savez(npz, x_train=x[:1], y_train=y[:1], x_test=x, y_test=y)
+    x, y = classified_images(module, variables, 40, 0)
+    npz = save_npz(folder / "tiny.npz", x, y)
     dataset = data.Cifar10(x[:1], y[:1], x, y.astype(np.int64), source="fake")
     return {"folder": folder, "weights": weights, "npz": npz, "dataset": dataset}
 
