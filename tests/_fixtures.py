@@ -3,10 +3,13 @@ CIFAR-10 images labelled with its own predictions (a few changed: misclassified,
 so not attacked), that data as an .npz, and the comparison of loaded datasets."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env
 
 from experiments import attack as attack_experiment
 from experiments.runs import attack_csv
@@ -108,3 +111,23 @@ def interrupted_run(workdir, kwargs, monkeypatch, chunks: int = 1) -> None:
     with pytest.raises(KeyboardInterrupt):
         attack_experiment.run_attack(workdir, **kwargs)
     restore()
+
+
+def start_interruptible(code: str, *args: str, stdout=subprocess.PIPE):
+    """`python -c code *args` started from the repository root in a launch's
+    environment, stderr piped as text, for the tests that send it Ctrl-C.
+
+    A shell's background job ignores SIGINT and its children inherit that: the
+    child restores Python's handler before `code` runs, as a user's launch has it.
+    """
+    restore_sigint = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", restore_sigint + code, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

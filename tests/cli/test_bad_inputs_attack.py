@@ -9,21 +9,24 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, launch, subprocess_env
+from conftest import launch
 
 from experiments import attack as attack_experiment
 from experiments.runs import rundir
 from propmaps_jax import data
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
-from tests._fixtures import classified_images, save_lenet_tiny, save_npz
+from tests._fixtures import (
+    classified_images,
+    save_lenet_tiny,
+    save_npz,
+    start_interruptible,
+)
 
 CONFIG = AttackConfig(pixels=1, population=20, generations=2)
 
@@ -213,8 +216,7 @@ def test_locality_checks_every_model_before_attacking(files):
 # restores Python's handler, as in a user's terminal.
 SLOW_ATTACK = textwrap.dedent(
     """
-    import signal, sys, time
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import sys, time
     import experiments.runs.attack_csv as attack_csv
     import launch
 
@@ -250,14 +252,7 @@ def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
         "--slots=2",
         f"--workdir={workdir}",
     ]
-    child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_ATTACK, *args],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = start_interruptible(SLOW_ATTACK, *args)
     chunks = os.path.join(workdir, ".attack_chunks")
     deadline = time.time() + 240
     while time.time() < deadline and child.poll() is None:
