@@ -28,17 +28,17 @@ def lenet_case():
     return apply_fn, variables, images, labels, indices
 
 
-def attack_case(slots: int, chunk_ends=None, case=None) -> attack.AttackResult:
-    """The engine's results for the fixed case."""
-    apply_fn, variables, images, labels, indices = case or lenet_case()
+def attack_args(case=None) -> tuple:
+    """The positional arguments of `attack.attack` / `attack.attack_stream` for the
+    fixed case: (apply_fn, variables, images, labels, indices, key, CONFIG)."""
+    return (*(case or lenet_case()), jax.random.key(7), CONFIG)
+
+
+def attack_case(
+    slots: int | None = None, chunk_ends=None, case=None, **kwargs
+) -> attack.AttackResult:
+    """The engine's results for the fixed case (`kwargs`: more options of
+    `attack.attack`, e.g. on_progress)."""
     return attack.attack(
-        apply_fn,
-        variables,
-        images,
-        labels,
-        indices,
-        jax.random.key(7),
-        CONFIG,
-        slots=slots,
-        chunk_ends=chunk_ends,
+        *attack_args(case), slots=slots, chunk_ends=chunk_ends, **kwargs
     )

@@ -14,9 +14,10 @@ from conftest import launch
 from experiments import attack as attack_experiment
 from experiments.runs import attack_csv, integrity, provenance, rundir
 from experiments.runs import attack_csv as results
-from propmaps_jax import checkpoint, data, models
+from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import interrupted_run, save_lenet_tiny, tiny_attack_setup
 
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
 NUM_SAMPLES = 10
@@ -28,27 +29,8 @@ def setup(tmp_path_factory):
     """A tiny LeNet checkpoint and a fake CIFAR-10 whose test labels are the model's
     predictions except for three mislabeled (misclassified) images."""
     folder = tmp_path_factory.mktemp("attack_experiment")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(2))
-    weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
-    rng = np.random.default_rng(1)
-    x_test = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    logits = np.asarray(models.make_logits_fn(module, variables)(x_test))
-    y_test = logits.argmax(-1).astype(np.int32)
-    for i in MISLABELED:
-        y_test[i] = (y_test[i] + 1) % 10
-    dataset = data.Cifar10(x_test[:0], y_test[:0], x_test, y_test, source="fake")
-    kwargs = dict(
-        model_name="lenet_tiny",
-        weights=weights,
-        dataset=dataset,
-        num_samples=NUM_SAMPLES,
-        seed=0,
-        sample="first",
-        config=CONFIG,
-        slots=3,
-        chunk_size=4,
+    kwargs, (module, variables, x_test, y_test, _) = tiny_attack_setup(
+        folder, MISLABELED, CONFIG, NUM_SAMPLES
     )
     return folder, kwargs, (module, variables, x_test, y_test)
 
@@ -226,24 +208,6 @@ def test_bfloat16_search_reports_float32_results(setup):
     )
 
 
-def interrupted_run(workdir, kwargs, monkeypatch, after=1):
-    """Run until `after` chunks are saved, then stop as Ctrl-C would."""
-    save_chunk = attack_csv.save_chunk
-    saved = []
-
-    def save_then_stop(*args):
-        save_chunk(*args)
-        saved.append(args[1:3])
-        if len(saved) == after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        attack_experiment.run_attack(workdir, **kwargs)
-    monkeypatch.setattr(attack_csv, "save_chunk", save_chunk)
-    return saved
-
-
 def test_settings_identify_weights_and_data_by_content(setup, finished):
     """The settings hold provenance.describe's keys; the weights path is recorded
     outside them."""
@@ -281,9 +245,7 @@ def test_same_weights_under_another_path_resume(setup, finished, monkeypatch):
 
 def other_weights(folder):
     path = str(folder / "other_weights.msgpack")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(99))
-    checkpoint.save_checkpoint(path, models.ModelConfig("lenet_tiny"), variables)
+    save_lenet_tiny(path, 99)
     return path
 
 
@@ -361,7 +323,7 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
     folder, kwargs, _ = setup
     workdir, _ = finished
     resumed = str(folder / "overlapping")
-    interrupted_run(resumed, dict(kwargs, chunk_size=2), monkeypatch, after=3)
+    interrupted_run(resumed, dict(kwargs, chunk_size=2), monkeypatch, chunks=3)
     chunks = os.path.join(resumed, ".attack_chunks")
     names = sorted(n for n in os.listdir(chunks) if n.startswith("chunk_"))
     assert names == [f"chunk_{a:07d}_{b:07d}.json" for a, b in [(0, 2), (2, 4), (4, 6)]]

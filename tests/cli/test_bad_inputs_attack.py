@@ -9,21 +9,24 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
-from conftest import ROOT, launch, subprocess_env
+from conftest import launch
 
 from experiments import attack as attack_experiment
 from experiments.runs import rundir
-from propmaps_jax import checkpoint, data, models
+from propmaps_jax import data
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import (
+    classified_images,
+    save_lenet_tiny,
+    save_npz,
+    start_interruptible,
+)
 
 CONFIG = AttackConfig(pixels=1, population=20, generations=2)
 
@@ -32,19 +35,14 @@ CONFIG = AttackConfig(pixels=1, population=20, generations=2)
 def files(tmp_path_factory):
     """A lenet_tiny checkpoint, broken weights files and a small .npz CIFAR-10."""
     folder = tmp_path_factory.mktemp("bad_inputs")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(5))
     weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    module, variables = save_lenet_tiny(weights, 5)
     raw = open(weights, "rb").read()
     (folder / "truncated.msgpack").write_bytes(raw[: len(raw) // 2])
     (folder / "text.msgpack").write_text("not a checkpoint\n")
     (folder / "weights_dir.msgpack").mkdir()
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    y = np.asarray(models.make_logits_fn(module, variables)(x)).argmax(-1)
-    npz = str(folder / "tiny.npz")
-    np.savez(npz, x_train=x[:1], y_train=y[:1], x_test=x, y_test=y)
+    x, y = classified_images(module, variables, 40, 0)
+    npz = save_npz(folder / "tiny.npz", x, y)
     dataset = data.Cifar10(x[:1], y[:1], x, y.astype(np.int64), source="fake")
     return {"folder": folder, "weights": weights, "npz": npz, "dataset": dataset}
 
@@ -218,8 +216,7 @@ def test_locality_checks_every_model_before_attacking(files):
 # restores Python's handler, as in a user's terminal.
 SLOW_ATTACK = textwrap.dedent(
     """
-    import signal, sys, time
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import sys, time
     import experiments.runs.attack_csv as attack_csv
     import launch
 
@@ -255,14 +252,7 @@ def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
         "--slots=2",
         f"--workdir={workdir}",
     ]
-    child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_ATTACK, *args],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = start_interruptible(SLOW_ATTACK, *args)
     chunks = os.path.join(workdir, ".attack_chunks")
     deadline = time.time() + 240
     while time.time() < deadline and child.poll() is None:

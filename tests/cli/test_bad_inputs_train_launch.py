@@ -6,11 +6,12 @@ in a real process)."""
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, launch, subprocess_env
+from conftest import launch
+
+from tests._fixtures import start_interruptible
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,9 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz):
     """Ctrl-C during training: one line that says what is kept and how to resume,
     exit status 130, no KeyboardInterrupt traceback."""
     workdir = tmp_path / "run"
-    # A shell's background job ignores SIGINT and its children inherit that: the
-    # child restores Python's handler before it runs launch.py as a user would.
     script = (
-        "import runpy, signal, sys; "
-        "signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "sys.argv = sys.argv[1:]; runpy.run_path('launch.py', run_name='__main__')"
+        "import runpy, sys; sys.argv = sys.argv[1:]; "
+        "runpy.run_path('launch.py', run_name='__main__')"
     )
     argv = [
         "launch.py",
@@ -118,14 +116,7 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, tiny_npz):
         f"--workdir={workdir}",
         f"--cifar10_path={tiny_npz}",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, *argv],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_interruptible(script, *argv, stdout=subprocess.DEVNULL)
     lines = []
     for line in process.stderr:  # until the first epoch's checkpoint is written
         lines.append(line)

@@ -125,6 +125,13 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` in a new process from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+    )
+
+
 @pytest.mark.e2e
 def test_help_in_a_new_process_imports_no_jax():
     """`python launch.py --help` as a user runs it: exit 0, the overview, and no
@@ -134,9 +141,7 @@ def test_help_in_a_new_process_imports_no_jax():
         "runpy.run_path('launch.py', run_name='__main__'); "
         "print('jax imported:', 'jax' in sys.modules)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
-    )
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     assert "experiments:" in result.stdout
     assert result.stdout.strip().endswith("jax imported: False")
@@ -151,8 +156,6 @@ def test_all_experiment_modules_import_together():
         "experiments.propagation, experiments.statistics, experiments.train; "
         "from absl import flags; print(flags.FLAGS['model'].default)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
-    )
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "resnet"

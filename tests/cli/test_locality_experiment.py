@@ -9,15 +9,15 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import launch, reset_flags
 
 from experiments.runs.attack_csv import read_attack_csv
-from propmaps_jax import checkpoint, locality, models
+from propmaps_jax import locality, models
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import save_lenet_tiny
 
 NUM_SAMPLES = 16
 
@@ -33,10 +33,8 @@ def run_launch(*args, check=True):
 def tiny_setup(tmp_path_factory):
     """A lenet_tiny checkpoint and an .npz whose test images it barely gets right."""
     folder = tmp_path_factory.mktemp("locality")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(3))
     weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    module, variables = save_lenet_tiny(weights, 3)
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
     logits = np.asarray(models.make_logits_fn(module, variables)(pool))

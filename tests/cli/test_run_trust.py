@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -34,9 +33,10 @@ from experiments.runs import (
 )
 from experiments.runs import attack_csv as results
 from experiments.runs import lock as runlock
-from propmaps_jax import checkpoint, data, memory, models
+from propmaps_jax import data, memory, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import interrupted_run, stop_after_chunks, tiny_attack_setup
 
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
 NUM_SAMPLES = 10
@@ -48,31 +48,8 @@ def setup(tmp_path_factory):
     """A tiny LeNet checkpoint and a fake CIFAR-10 that it classifies (the labels
     are its predictions, two of them changed: misclassified images)."""
     folder = tmp_path_factory.mktemp("trust")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(2))
-    weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
-    rng = np.random.default_rng(1)
-    x_test = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    logits = np.asarray(models.make_logits_fn(module, variables)(x_test))
-    y_test = logits.argmax(-1).astype(np.int32)
-    for i in (1, 6):
-        y_test[i] = (y_test[i] + 1) % 10
-    dataset = data.Cifar10(x_test[:0], y_test[:0], x_test, y_test, source="fake")
-    npz = str(folder / "tiny.npz")
-    np.savez(npz, x_train=x_test[:1], y_train=y_test[:1], x_test=x_test, y_test=y_test)
-    kwargs = dict(
-        model_name="lenet_tiny",
-        weights=weights,
-        dataset=dataset,
-        num_samples=NUM_SAMPLES,
-        seed=0,
-        sample="first",
-        config=CONFIG,
-        slots=3,
-        chunk_size=4,
-    )
-    return folder, kwargs, (module, variables, x_test, y_test, npz)
+    kwargs, case = tiny_attack_setup(folder, (1, 6), CONFIG, NUM_SAMPLES)
+    return folder, kwargs, case
 
 
 @pytest.fixture(scope="module")
@@ -103,33 +80,6 @@ def read(workdir, name):
 def chunk_names(workdir):
     chunks = os.path.join(workdir, ".attack_chunks")
     return sorted(n for n in os.listdir(chunks) if n.startswith("chunk_"))
-
-
-def stop_after(monkeypatch, chunks, stop):
-    """Make the attack call `stop()` right after its `chunks`-th chunk file."""
-    save_chunk = attack_csv.save_chunk
-    saved = []
-
-    def save_then_stop(*args):
-        save_chunk(*args)
-        saved.append(args[1:3])
-        if len(saved) == chunks:
-            stop()
-
-    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
-    return lambda: monkeypatch.setattr(attack_csv, "save_chunk", save_chunk)
-
-
-def interrupted(workdir, kwargs, monkeypatch, chunks=1):
-    """Run until `chunks` chunk files are saved, then stop as Ctrl-C would."""
-
-    def interrupt():
-        raise KeyboardInterrupt
-
-    restore = stop_after(monkeypatch, chunks, interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        attack_experiment.run_attack(workdir, **kwargs)
-    restore()
 
 
 def as_launched(workdir, run, parsed):
@@ -252,9 +202,9 @@ def test_chunks_of_other_settings_are_never_merged(setup, reference, monkeypatch
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / "other_settings")
-    interrupted(workdir, dict(kwargs, seed=1), monkeypatch, chunks=2)
+    interrupted_run(workdir, dict(kwargs, seed=1), monkeypatch, chunks=2)
     os.remove(os.path.join(workdir, ".attack_chunks", "settings.json"))
-    interrupted(workdir, kwargs, monkeypatch, chunks=1)
+    interrupted_run(workdir, kwargs, monkeypatch, chunks=1)
     attack_experiment.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
     stale = os.listdir(os.path.join(workdir, ".attack_chunks", "stale"))
@@ -287,7 +237,7 @@ def test_old_chunks_without_hash_are_accepted_once_and_written(
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / "old_format")
-    interrupted(workdir, kwargs, monkeypatch, chunks=2)
+    interrupted_run(workdir, kwargs, monkeypatch, chunks=2)
     strip_hashes(workdir)
     capsys.readouterr()
     summary = attack_experiment.run_attack(workdir, **kwargs)
@@ -307,7 +257,7 @@ def test_old_chunks_without_settings_json_are_not_merged(setup, reference, monke
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / "old_unproven")
-    interrupted(workdir, dict(kwargs, seed=1), monkeypatch, chunks=2)
+    interrupted_run(workdir, dict(kwargs, seed=1), monkeypatch, chunks=2)
     strip_hashes(workdir)
     os.remove(os.path.join(workdir, ".attack_chunks", "settings.json"))
     attack_experiment.run_attack(workdir, **kwargs)
@@ -503,7 +453,7 @@ def test_sigterm_is_handled_like_ctrl_c(
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / "sigterm")
-    stop_after(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    stop_after_chunks(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code = as_launched(
         workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
     )
@@ -604,7 +554,7 @@ def test_resume_on_another_machine_under_other_paths(setup, reference, monkeypat
     folder, kwargs, (*_, x_test, y_test, _) = setup
     _, expected, _ = reference
     first = str(folder / "machine_a" / "run")
-    interrupted(first, kwargs, monkeypatch, chunks=1)
+    interrupted_run(first, kwargs, monkeypatch, chunks=1)
     moved = str(folder / "machine_b" / "elsewhere" / "run")
     shutil.copytree(first, moved)
     weights = str(folder / "machine_b" / "weights.msgpack")

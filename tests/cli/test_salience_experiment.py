@@ -22,9 +22,10 @@ from conftest import launch
 from experiments import salience
 from experiments.runs import provenance
 from experiments.runs.attack_csv import attack_columns
-from propmaps_jax import checkpoint, data, locality, models
+from propmaps_jax import data, locality, models
 from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import save_lenet_tiny
 
 NUM_IMAGES = 12
 NOT_ATTACKED = (3, 9)
@@ -49,10 +50,8 @@ def setup(tmp_path_factory):
     candidate that does not; a locality.csv gives the moves of successful attacks.
     """
     folder = tmp_path_factory.mktemp("salience")
-    module = models.create_model("lenet_tiny")
-    variables = models.init_variables(module, jax.random.key(3))
     weights = str(folder / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
+    module, variables = save_lenet_tiny(weights, 3)
     logits_fn = jax.jit(models.make_logits_fn(module, variables))
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
@@ -340,12 +339,7 @@ def test_attack_run_of_another_model_is_refused(setup):
     # Same architecture, other weights: the stored predictions do not match.
     os.remove(os.path.join(workdir, "attack_summary.json"))
     other = str(setup["folder"] / "other.msgpack")
-    module = models.create_model("lenet_tiny")
-    checkpoint.save_checkpoint(
-        other,
-        models.ModelConfig("lenet_tiny"),
-        models.init_variables(module, jax.random.key(11)),
-    )
+    save_lenet_tiny(other, 11)
     with pytest.raises(PropmapsError, match="was not made by this model"):
         _run(setup, workdir, weights=other)
     assert not os.path.exists(os.path.join(workdir, "salience"))
@@ -368,12 +362,7 @@ def test_attack_run_recorded_with_other_weights_or_data_is_refused(setup):
     copy = str(setup["folder"] / "same_weights_elsewhere.msgpack")
     shutil.copy(setup["weights"], copy)
     other = str(setup["folder"] / "other_weights.msgpack")
-    module = models.create_model("lenet_tiny")
-    checkpoint.save_checkpoint(
-        other,
-        models.ModelConfig("lenet_tiny"),
-        models.init_variables(module, jax.random.key(12)),
-    )
+    save_lenet_tiny(other, 12)
     # Refused before the model is loaded or anything is computed.
     with pytest.raises(PropmapsError, match="was made with other weights"):
         _run(setup, workdir, weights=other)

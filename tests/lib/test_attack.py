@@ -11,7 +11,7 @@ import pytest
 
 from propmaps_jax import attack, attack_engine, models
 from propmaps_jax.errors import PropmapsError
-from tests._attack_case import CONFIG, SLOTS, attack_case, lenet_case
+from tests._attack_case import CONFIG, SLOTS, attack_args, attack_case, lenet_case
 
 
 @pytest.fixture(scope="module")
@@ -215,18 +215,12 @@ def test_progress_calls_in_bounded_steps_give_the_same_results(case, engine_resu
     # progress_every_s=0: one DE step per device call, the progress callback
     # between every two calls; stopping and continuing the loop changes nothing.
     reference, _ = engine_result
-    apply_fn, variables, images, labels, indices = case
+    labels = case[3]
     reports = []
-    result = attack.attack(
-        apply_fn,
-        variables,
-        images,
-        labels,
-        indices,
-        jax.random.key(7),
-        CONFIG,
+    result = attack_case(
         slots=SLOTS,
         chunk_ends=[4, 8],
+        case=case,
         on_progress=lambda info: reports.append(info),
         progress_every_s=0.0,
     )
@@ -251,20 +245,10 @@ def test_progress_calls_in_bounded_steps_give_the_same_results(case, engine_resu
 
 def test_resume_start_gives_the_same_results(case, engine_result):
     reference, _ = engine_result
-    apply_fn, variables, images, labels, indices = case
     before = attack_engine.TRACE_COUNT
     parts = list(
         attack.attack_stream(
-            apply_fn,
-            variables,
-            images,
-            labels,
-            indices,
-            jax.random.key(7),
-            CONFIG,
-            slots=SLOTS,
-            chunk_ends=[6, 8],
-            start=5,
+            *attack_args(case), slots=SLOTS, chunk_ends=[6, 8], start=5
         )
     )
     assert attack_engine.TRACE_COUNT == before  # same program as the run from 0
@@ -448,16 +432,7 @@ def test_search_forward_successes_are_checked_and_counted(case):
     def lying(v, x):
         return -apply_fn(v, x)
 
-    result = attack.attack(
-        apply_fn,
-        variables,
-        images,
-        labels,
-        indices,
-        jax.random.key(3),
-        config,
-        search_apply_fn=lying,
-    )
+    result = attack.attack(*case, jax.random.key(3), config, search_apply_fn=lying)
     keys = jax.vmap(attack.image_key, (None, 0))(jax.random.key(3), indices)
     one = jax.jit(
         jax.vmap(

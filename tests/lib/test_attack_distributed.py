@@ -6,13 +6,12 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from conftest import ROOT, launch, start
 
-from propmaps_jax import checkpoint, models
 from tests._attack_case import SLOTS, attack_case
+from tests._fixtures import classified_images, save_lenet_tiny, save_npz
 
 # Several real processes (jax.distributed on localhost): end to end.
 pytestmark = pytest.mark.e2e
@@ -65,16 +64,11 @@ def test_two_processes_of_two_devices_match_one_device(tmp_path):
 def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
     """launch.py --experiment=attack --distributed on 2 localhost processes: process 0
     alone writes, and attack.csv equals that of a single-process run."""
-    model = models.create_model("lenet_tiny")
-    variables = models.init_variables(model, jax.random.key(2))
     weights = str(tmp_path / "lenet_tiny.msgpack")
-    checkpoint.save_checkpoint(weights, models.ModelConfig("lenet_tiny"), variables)
-    rng = np.random.default_rng(3)
-    x = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    y = np.asarray(models.make_apply_fn(model)(variables, x)).argmax(-1)
-    y[[2, 5]] = (y[[2, 5]] + 1) % 10  # two misclassified images: not attacked
-    npz = tmp_path / "data.npz"
-    np.savez(npz, x_train=x[:0], y_train=y[:0], x_test=x, y_test=y)
+    model, variables = save_lenet_tiny(weights, 2)
+    # Two misclassified images: not attacked.
+    x, y = classified_images(model, variables, 12, 3, misclassified=(2, 5))
+    npz = save_npz(tmp_path / "data.npz", x, y, train=0)
 
     def command(workdir, *extra):
         return [

@@ -139,20 +139,10 @@ def _spy_programs(monkeypatch, build: bool = True):
 def test_attack_choices_per_backend_give_the_same_attack(monkeypatch, fake_platform):
     # The CPU's result is the one tests/lib/test_attack.py computes (its program is
     # cached there); the TPU's choices: the plain forward, no buckets.
-    apply_fn, variables, images, labels, indices = lenet_case()
     cpu = attack_case(SLOTS)
     seen = _spy_programs(monkeypatch)
     fake_platform("tpu")
-    tpu = attack.attack(
-        apply_fn,
-        variables,
-        images,
-        labels,
-        indices,
-        jax.random.key(7),
-        CONFIG,
-        slots=SLOTS,
-    )
+    tpu = attack_case(SLOTS)
     assert seen[-1][7] is None and seen[-1][8] is False
     for field in ("success", "pixels", "pred_after", "generations"):
         np.testing.assert_array_equal(getattr(cpu, field), getattr(tpu, field))
@@ -161,9 +151,7 @@ def test_attack_choices_per_backend_give_the_same_attack(monkeypatch, fake_platf
     fake_platform("cpu")
     seen = _spy_programs(monkeypatch, build=False)
     with pytest.raises(_Built):
-        attack.attack(
-            apply_fn, variables, images, labels, indices, jax.random.key(7), CONFIG
-        )
+        attack_case()
     assert seen[-1][7] is not None and seen[-1][8] is True
 
 
@@ -242,7 +230,7 @@ def test_default_slots_fit_the_device_memory():
 
 
 def test_attack_slots_from_a_faked_device_memory(monkeypatch, fake_platform):
-    apply_fn, variables, images, labels, indices = lenet_case()
+    apply_fn, variables, images, _, _ = lenet_case()
     seen = _spy_programs(monkeypatch, build=False)
     fake_platform("gpu")
     estimate, _ = attack.memory_estimate(apply_fn, variables, CONFIG, 1, len(images))
@@ -251,14 +239,11 @@ def test_attack_slots_from_a_faked_device_memory(monkeypatch, fake_platform):
     # Room for 3 slots in half the memory.
     limit = int((fixed + 3.5 * per_slot) / memory.MEMORY_FRACTION)
     monkeypatch.setattr(backend, "device_memory_limit", lambda device: limit)
-    key = jax.random.key(7)
     with pytest.raises(_Built):
-        attack.attack(apply_fn, variables, images, labels, indices, key, CONFIG)
+        attack_case()
     assert seen[-1][3] == 3
     # A user's slots win, even beyond what the estimate allows.
     with pytest.raises(_Built):
-        attack.attack(
-            apply_fn, variables, images, labels, indices, key, CONFIG, slots=5
-        )
+        attack_case(slots=5)
     assert seen[-1][3] == 5
     assert attack.memory_estimate(apply_fn, variables, CONFIG, 5, 8)[1] == limit

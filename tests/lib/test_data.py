@@ -14,6 +14,7 @@ import pytest
 from experiments import common
 from propmaps_jax import data
 from propmaps_jax.errors import DataError
+from tests._fixtures import assert_dataset_equal
 
 TRAIN_PER_BATCH, TEST_COUNT = 2, 3
 
@@ -69,23 +70,12 @@ def _write_tar(root, splits) -> str:
     return archive
 
 
-def _assert_equal(dataset: data.Cifar10, splits) -> None:
-    for got, want in zip(
-        (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test),
-        splits,
-        strict=True,
-    ):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(dataset.split("test")[1], splits[3])
-
-
 def test_folder_round_trip(tmp_path):
     splits = _fake_splits()
     folder = _write_folder(tmp_path, splits)
-    _assert_equal(data.load_from_path(folder), splits)
+    assert_dataset_equal(data.load_from_path(folder), splits)
     # The folder that contains cifar-10-batches-py/ works too.
-    _assert_equal(data.load_from_path(str(tmp_path)), splits)
+    assert_dataset_equal(data.load_from_path(str(tmp_path)), splits)
 
 
 def test_channel_major_decoding_hand_checked(tmp_path):
@@ -103,7 +93,7 @@ def test_channel_major_decoding_hand_checked(tmp_path):
 
 def test_tar_gz_round_trip(tmp_path):
     splits = _fake_splits(1)
-    _assert_equal(data.load_from_path(_write_tar(tmp_path, splits)), splits)
+    assert_dataset_equal(data.load_from_path(_write_tar(tmp_path, splits)), splits)
 
 
 def test_npz_round_trip_and_env_variable(tmp_path, monkeypatch):
@@ -121,7 +111,7 @@ def test_npz_round_trip_and_env_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR10_PATH", path)
     # The environment variable is the experiments' fallback, not the library's.
     dataset = data.load_cifar10(common.cifar10_path(None))
-    _assert_equal(dataset, splits)
+    assert_dataset_equal(dataset, splits)
     assert dataset.source == path
 
 
@@ -129,7 +119,7 @@ def test_explicit_path_wins_over_environment(tmp_path, monkeypatch):
     splits = _fake_splits(3)
     folder = _write_folder(tmp_path, splits)
     monkeypatch.setenv("CIFAR10_PATH", str(tmp_path / "nowhere"))
-    _assert_equal(data.load_cifar10(common.cifar10_path(folder)), splits)
+    assert_dataset_equal(data.load_cifar10(common.cifar10_path(folder)), splits)
 
 
 def test_tfds_mock_data(monkeypatch):
@@ -174,18 +164,26 @@ def test_tfds_honours_data_dir_variable(monkeypatch):
     ]
 
 
-def test_tfds_not_prepared_names_the_options(monkeypatch):
+def _tfds_failure(monkeypatch, error: Exception) -> str:
+    """The one-line DataError of load_cifar10("tfds") when tfds.data_source raises
+    `error` (skipped without tensorflow-datasets)."""
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
 
-    def unavailable(*args, **kwargs):
-        raise FileNotFoundError("Could not find cifar10\nmore lines")
+    def failing(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(tfds, "data_source", unavailable)
-    monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent/tfds")
-    with pytest.raises(DataError) as error:
+    monkeypatch.setattr(tfds, "data_source", failing)
+    with pytest.raises(DataError) as raised:
         data.load_cifar10("tfds")
-    message = str(error.value)
+    return str(raised.value)
+
+
+def test_tfds_not_prepared_names_the_options(monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent/tfds")
+    message = _tfds_failure(
+        monkeypatch, FileNotFoundError("Could not find cifar10\nmore lines")
+    )
     assert message.startswith(
         "tensorflow-datasets has no prepared 'cifar10' in /nonexistent/tfds "
         "(the tfds source); prepare it with file_format='array_record'"
@@ -199,17 +197,10 @@ def test_tfds_not_prepared_names_the_options(monkeypatch):
 
 
 def test_tfds_prepared_but_unreadable_says_why(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-
-    def unreadable(*args, **kwargs):
-        raise NotImplementedError("Random access for FileFormat.TFRECORD\nmore")
-
-    monkeypatch.setattr(tfds, "data_source", unreadable)
     monkeypatch.setattr(data.cifar10, "_tfds_prepared", lambda tfds, data_dir: True)
-    with pytest.raises(DataError) as error:
-        data.load_cifar10("tfds")
-    message = str(error.value)
+    message = _tfds_failure(
+        monkeypatch, NotImplementedError("Random access for FileFormat.TFRECORD\nmore")
+    )
     assert "could not read 'cifar10' (NotImplementedError: Random access" in message
     assert "file_format='array_record'" in message and "\n" not in message
 
@@ -300,7 +291,7 @@ def test_tfds_prepared_copy_on_disk_and_on_gcs(tmp_path, gcs_bucket, monkeypatch
     local = str(tmp_path / "tensorflow_datasets")
     files = _write_tfds_cifar10(local, splits)
     dataset = data.load_cifar10("tfds:" + local)
-    _assert_equal(dataset, splits)
+    assert_dataset_equal(dataset, splits)
     assert dataset.source == f"tfds cifar10 ({local})"
 
     remote = storage.join(gcs_bucket, "tensorflow_datasets")
@@ -321,7 +312,7 @@ def test_tfds_prepared_copy_on_disk_and_on_gcs(tmp_path, gcs_bucket, monkeypatch
     registry = sys.modules["fsspec.registry"]._registry  # fsspec.registry: a view
     monkeypatch.setitem(registry, "gs", EmulatorGCS)
     dataset = data.load_cifar10("tfds:" + remote)
-    _assert_equal(dataset, splits)
+    assert_dataset_equal(dataset, splits)
     assert dataset.source == f"tfds cifar10 ({remote})"
 
 

@@ -30,6 +30,7 @@ from conftest import launch
 from experiments import common
 from propmaps_jax import data
 from propmaps_jax.errors import DataError
+from tests._fixtures import assert_dataset_equal
 
 PER_BATCH = 2  # images per training batch; the test batch has 3
 ARCHIVE = "/" + data.ARCHIVE_NAME
@@ -174,16 +175,6 @@ def env(tmp_path, monkeypatch, server, good):
     return cache
 
 
-def _assert_dataset(dataset: data.Cifar10, splits) -> None:
-    for got, want in zip(
-        (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test),
-        splits,
-        strict=True,
-    ):
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
-
-
 def _assert_nothing_kept(cache) -> None:
     """No dataset, archive or temporary file: only the (empty) lock file."""
     left = sorted(os.listdir(cache)) if os.path.isdir(cache) else []
@@ -194,7 +185,7 @@ def test_good_archive_downloads_verifies_extracts_then_uses_the_cache(
     env, server, good, capsys, monkeypatch
 ):
     dataset = data.load_cifar10(common.cifar10_path(None))
-    _assert_dataset(dataset, good[0])
+    assert_dataset_equal(dataset, good[0])
     folder = str(env / data.BATCHES_DIR)
     assert dataset.source == folder and os.path.isabs(dataset.source)
     # The extracted folder only: the archive and every temporary file are gone.
@@ -217,7 +208,7 @@ def test_good_archive_downloads_verifies_extracts_then_uses_the_cache(
     server.close()
     monkeypatch.setenv(data.URL_ENV, _refused_url())
     again = data.load_cifar10(None)
-    _assert_dataset(again, good[0])
+    assert_dataset_equal(again, good[0])
     assert again.source == folder
     assert capsys.readouterr().err == ""
 
@@ -268,7 +259,7 @@ def test_bad_download_is_one_error_keeps_nothing_and_a_rerun_succeeds(
     assert "--cifar10_path (or set CIFAR10_PATH)" in common.in_flag_terms(text)
 
     server.mode = "good"
-    _assert_dataset(data.load_cifar10(None), good[0])
+    assert_dataset_equal(data.load_cifar10(None), good[0])
 
 
 def test_interrupted_by_the_user_keeps_nothing(env, good, monkeypatch):
@@ -281,7 +272,7 @@ def test_interrupted_by_the_user_keeps_nothing(env, good, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             data.fetch_cifar10()
     _assert_nothing_kept(env)
-    _assert_dataset(data.load_cifar10(None), good[0])
+    assert_dataset_equal(data.load_cifar10(None), good[0])
 
 
 def test_leftovers_of_a_killed_download_never_look_complete(env, good):
@@ -294,7 +285,7 @@ def test_leftovers_of_a_killed_download_never_look_complete(env, good):
     folder = data.fetch_cifar10()
     # Removed under the lock; a stranger's file in the cache is left alone.
     assert sorted(os.listdir(env)) == [".cifar10.lock", data.BATCHES_DIR]
-    _assert_dataset(data.load_from_path(folder), good[0])
+    assert_dataset_equal(data.load_from_path(folder), good[0])
 
 
 def test_official_checksum_guards_a_mirror_without_its_own(env, server, monkeypatch):
@@ -359,7 +350,7 @@ def test_mirror_on_a_shared_file_system(env, good, monkeypatch, tmp_path):
     mirror.parent.mkdir()
     mirror.write_bytes(good[1])
     monkeypatch.setenv(data.URL_ENV, mirror.as_uri())
-    _assert_dataset(data.load_from_path(data.fetch_cifar10()), good[0])
+    assert_dataset_equal(data.load_from_path(data.fetch_cifar10()), good[0])
     assert mirror.read_bytes() == good[1]  # the source is untouched
 
 
@@ -406,7 +397,7 @@ def test_archive_members_outside_the_batches_folder_are_not_written(
     folder = data.fetch_cifar10()
     assert "link" not in os.listdir(folder)
     assert not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
-    _assert_dataset(data.load_from_path(folder), good[0])
+    assert_dataset_equal(data.load_from_path(folder), good[0])
 
 
 def test_incomplete_cache_is_refused_not_repaired(env, good):
@@ -482,14 +473,14 @@ def test_precedence_flag_then_environment_then_cache(env, tmp_path, monkeypatch)
     try:
         monkeypatch.setenv("CIFAR10_PATH", env_folder)
         with flagsaver.flagsaver(cifar10_path=flag_folder):
-            _assert_dataset(common.load_data(), flag_splits)
+            assert_dataset_equal(common.load_data(), flag_splits)
         with flagsaver.flagsaver(cifar10_path=None):
             dataset = common.load_data()
-            _assert_dataset(dataset, env_splits)
+            assert_dataset_equal(dataset, env_splits)
             assert dataset.source == env_folder
             monkeypatch.setenv("CIFAR10_PATH", "")  # set but empty: not a source
             dataset = common.load_data()
-            _assert_dataset(dataset, cache_splits)
+            assert_dataset_equal(dataset, cache_splits)
             assert dataset.source == str(env / data.BATCHES_DIR)
         assert mirror.requests == 1
     finally:
