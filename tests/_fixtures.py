@@ -4,12 +4,11 @@ so not attacked), that data as an .npz, and the comparison of loaded datasets.""
 
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import start
 
 from experiments import attack as attack_experiment
 from experiments.runs import attack_csv
@@ -123,11 +122,4 @@ def start_interruptible(code: str, *args: str, stdout=subprocess.PIPE):
     restore_sigint = (
         "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     )
-    return subprocess.Popen(
-        [sys.executable, "-c", restore_sigint + code, *args],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start(*args, code=restore_sigint + code, stdout=stdout)

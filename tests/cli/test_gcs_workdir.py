@@ -24,14 +24,13 @@ from test_run_trust import (  # noqa: F401 (fixtures used below)
 )
 
 from experiments import attack as attack_experiment
-from experiments.runs import attack_csv, lock, storage
+from experiments.runs import lock, storage
 from experiments.runs.attack_csv import read_attack_csv
 from propmaps_jax import checkpoint
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from tests import _gcs_emulator
-
-_ORIGINAL_SAVE_CHUNK = attack_csv.save_chunk
+from tests._fixtures import stop_after_chunks
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +59,6 @@ def parsed_flags():
         yield flags.FLAGS
 
 
-def stop_after_chunks(monkeypatch, chunks, stop):
-    """Call `stop()` right after the attack saved its `chunks`-th chunk."""
-    save_chunk = attack_csv.save_chunk
-    saved = []
-
-    def save_then_stop(*args):
-        save_chunk(*args)
-        saved.append(args)
-        if len(saved) == chunks:
-            stop()
-
-    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
-
-
 def chunk_names(workdir):
     return [
         os.path.basename(p)
@@ -93,11 +78,11 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
     def interrupt():
         raise KeyboardInterrupt
 
-    stop_after_chunks(monkeypatch, 1, interrupt)
+    restore = stop_after_chunks(monkeypatch, 1, interrupt)
     status = as_launched(
         workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
     )
-    monkeypatch.setattr(attack_csv, "save_chunk", _ORIGINAL_SAVE_CHUNK)
+    restore()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 130, last
     assert last == (
@@ -249,14 +234,14 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
         monkeypatch.setattr(
             gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait)
         )
-        stop_after_chunks(monkeypatch, 1, store.stop)
+        restore = stop_after_chunks(monkeypatch, 1, store.stop)
         with pytest.raises(storage.StorageError) as error:
             attack_experiment.run_attack(workdir, **kwargs)
         message = str(error.value)
         assert message.startswith(f"cannot reach the emulator at {store.url}"), message
         assert "run the same command again to resume" in message
         assert "\n" not in message
-        monkeypatch.setattr(attack_csv, "save_chunk", _ORIGINAL_SAVE_CHUNK)
+        restore()
         store.start()  # the same port and folder: the objects are back
         assert chunk_names(workdir) == ["chunk_0000000_0000004.json"]
         # The failed run could not delete its lock (the store was gone). A rerun
