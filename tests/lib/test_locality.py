@@ -332,3 +332,51 @@ def test_protocol_moves_reproduce_a_committed_run():
         1, rows["index"], rows["row"], rows["col"], 32, 32
     )
     assert (other != nearby).any()
+
+
+def test_programs_are_the_tested_functions_compiled_once(tiny_lenet, random_images):
+    """moves_program / vulnerability_program (the locality experiment's and
+    export_bench's programs) give what evaluate_moved, evaluate_offsets and
+    vulnerability_map give (each checked above against a plain loop), and are
+    cached on what decides the program: the same object on a second request."""
+    module, variables = tiny_lenet
+    apply_fn = models.make_apply_fn(module)
+    rng = np.random.default_rng(4)
+    n = random_images.shape[0]
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    pixels = np.concatenate(
+        [rng.integers(0, 32, (n, 1, 2)), rng.integers(0, 256, (n, 1, 3))], axis=-1
+    )
+    nearby, far = rng.integers(0, 32, (n, 2)), rng.integers(0, 32, (n, 2))
+    program = locality.moves_program(apply_fn, 2)
+    assert locality.moves_program(apply_fn, 2) is program
+    got = program(variables, random_images, labels, pixels, nearby, far)
+    offsets, _ = locality.chebyshev_offsets(2)
+    expected = (
+        locality.evaluate_moved(
+            apply_fn, variables, random_images, labels, pixels, *nearby.T
+        ),
+        locality.evaluate_moved(
+            apply_fn, variables, random_images, labels, pixels, *far.T
+        ),
+        *locality.evaluate_offsets(
+            apply_fn, variables, random_images, labels, pixels, offsets
+        ),
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert a.shape == b.shape
+        if a.dtype == np.float32:
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+    vulnerability = locality.vulnerability_program(apply_fn, 300)
+    assert locality.vulnerability_program(apply_fn, 300) is vulnerability
+    colour = np.array([250, 5, 120])
+    got = vulnerability(variables, random_images[0], 3, colour)
+    expected = locality.vulnerability_map(
+        apply_fn, variables, random_images[0], 3, colour, 300
+    )
+    np.testing.assert_array_equal(got.pred, expected.pred)
+    np.testing.assert_array_equal(got.success, expected.success)
+    np.testing.assert_allclose(got.prob_true, expected.prob_true, atol=1e-6)
