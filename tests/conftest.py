@@ -3,9 +3,12 @@
 - `launch(*args)`: the launcher from argv to exit status, in this process by
   default (absl flags and app state reset before and after, stdout/stderr and absl
   logging captured), or as a subprocess (`subprocess=True`) for the tests whose
-  point is the process itself (mark them `e2e`).
-- One persistent JAX compilation cache for the session, shared by this process and
-  every subprocess it starts (JAX_COMPILATION_CACHE_DIR in the environment).
+  point is the process itself (mark them `e2e`); `start(*args)` starts one without
+  waiting (runs at once, signals).
+- XLA's optimisations off (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set) and one
+  persistent JAX compilation cache for the session, shared by this process, the
+  pytest-xdist workers and every subprocess (both through the environment); with
+  `--durations`, the tests that compiled the most are listed at the end.
 - A PRNG key, tiny models, the real CIFAR-10 copy when available, a local Cloud
   Storage emulator.
 """
@@ -193,7 +196,7 @@ def start(
     on top of this process's environment and JAX_PLATFORMS=cpu. Text streams;
     stderr is a pipe, stdout too unless another `stdout` is given.
     """
-    environment = subprocess_env()
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for name, value in (env or {}).items():
         environment.pop(name, None)
         if value is not None:
@@ -207,11 +210,6 @@ def start(
         stderr=_subprocess.PIPE,
         text=True,
     )
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment of a launch in a subprocess (for Popen-based signal tests)."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def reset_flags() -> None:
