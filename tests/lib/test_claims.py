@@ -95,14 +95,18 @@ def test_generation0_recomputes_what_the_attack_reports(tiny_lenet, random_image
     # generations), half another class (every candidate succeeds at generation 0).
     labels = np.where(np.arange(6) % 2 == 0, pred, (pred + 1) % 10).astype(np.int32)
     key, indices = jax.random.key(5), np.arange(100, 106)
-    attacked = jax.vmap(
-        lambda i, x, y: attack_de.attack_image(
-            attack_de.image_key(key, i), apply_fn, variables, x, y, config
+    attacked = jax.jit(
+        jax.vmap(
+            lambda i, x, y: attack_de.attack_image(
+                attack_de.image_key(key, i), apply_fn, variables, x, y, config
+            )
         )
     )(jnp.asarray(indices), images, jnp.asarray(labels))
-    best = jax.vmap(
-        lambda i, x, y: claims.generation0_best(
-            attack_de.image_key(key, i), apply_fn, variables, x, y, config
+    best = jax.jit(
+        jax.vmap(
+            lambda i, x, y: claims.generation0_best(
+                attack_de.image_key(key, i), apply_fn, variables, x, y, config
+            )
         )
     )(jnp.asarray(indices), images, jnp.asarray(labels))
     at0 = np.asarray(attacked.generations) == 0
