@@ -112,9 +112,9 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
         cells += [cell(results[n]["distance"][i]["pooled"]) for n in names]
         lines.append(markdown_row(cells))
     lines.append(
-        "| random pixel (baseline) | "
-        + " | ".join(cell(results[n]["random"]) for n in names)
-        + " |"
+        markdown_row(
+            ["random pixel (baseline)", *(cell(results[n]["random"]) for n in names)]
+        )
     )
     if any(r.get("controls") for r in results.values()):
         lines += ["", controls_markdown(results, settings)]
@@ -262,12 +262,15 @@ def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str
             "|---|---|---|---|",
             f"| success ~ distance | {_coefficient(models['unadjusted']['distance'])} "
             "| | |",
-            "| success ~ distance + margin + generation 0 | "
-            + " | ".join(
-                _coefficient(models["adjusted"][k])
-                for k in ("distance", "margin", "generation0")
-            )
-            + " |",
+            markdown_row(
+                [
+                    "success ~ distance + margin + generation 0",
+                    *(
+                        _coefficient(models["adjusted"][k])
+                        for k in ("distance", "margin", "generation0")
+                    ),
+                ]
+            ),
             "",
             f"**Verdict ({name}): locality beyond fragility is "
             f"{controls['verdict']['outcome']}** — "
