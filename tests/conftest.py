@@ -197,10 +197,7 @@ def start(
     stderr is a pipe, stdout too unless another `stdout` is given.
     """
     environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for name, value in (env or {}).items():
-        environment.pop(name, None)
-        if value is not None:
-            environment[name] = value
+    _set_env(environment, env or {})
     program = ["-c", code] if code is not None else [os.path.join(ROOT, "launch.py")]
     return _subprocess.Popen(
         [sys.executable, *program, *args],
@@ -210,6 +207,14 @@ def start(
         stderr=_subprocess.PIPE,
         text=True,
     )
+
+
+def _set_env(environment, changes: dict[str, str | None]) -> None:
+    """Set `changes` in the mapping `environment`; a None value removes the name."""
+    for name, value in changes.items():
+        environment.pop(name, None)
+        if value is not None:
+            environment[name] = value
 
 
 def reset_flags() -> None:
@@ -239,10 +244,7 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
     rename = command_name.make_process_name_useful
     command_name.make_process_name_useful = lambda: None
     try:
-        for name, value in env.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+        _set_env(os.environ, env)
         sys.argv = ["launch.py", *args]
         os.chdir(ROOT)
         handler.stream = err
@@ -264,10 +266,7 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
         sys.argv = saved[0]
         os.chdir(saved[1])
         signal.signal(signal.SIGTERM, saved[2])
-        for name, value in saved_env.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+        _set_env(os.environ, saved_env)
         reset_flags()
         # Process-wide state a run leaves behind when it stops early: in a new
         # process it would start empty.
