@@ -269,12 +269,12 @@ def finished(proc, timeout=600):
     return out, err
 
 
-def ran(*args: str) -> str:
-    """launch.py in this process, as `start` would run it (no $CIFAR10_PATH); its
-    stdout, after checking that it exited 0."""
+def ran(*args: str):
+    """launch.py in this process, as `start` would run it (no $CIFAR10_PATH),
+    checked to exit 0: what it did (conftest.Launched)."""
     done = launch(*args, env=ALONE)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done
 
 
 def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
@@ -300,7 +300,7 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
     remote = storage.join(gcs_bucket, "locality")
     local = str(tmp_path / "locality")
     out_remote, out_local = (
-        ran(*common_args, f"--workdir={w}") for w in (remote, local)
+        ran(*common_args, f"--workdir={w}").stdout for w in (remote, local)
     )
     assert "# Table 1" in out_remote and out_remote == out_local
     local_files = sorted(
@@ -336,7 +336,7 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
         f"--cifar10_path={npz}",
         f"--workdir={remote}/lenet_tiny",
         f"--index={index}",
-    )
+    ).stdout
     for name in (f"{index}_pm_max.png", f"{index}_pm_avg.png", f"{index}_maps.npz"):
         path = storage.join(remote, "lenet_tiny", "propagation", name)
         assert storage.isfile(path), (path, out)
@@ -434,8 +434,7 @@ def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):
         .startswith("stopped after --max_minutes: epoch 1 of 2 is saved")
     )
     assert storage.listdir(workdir) == ["checkpoint.msgpack"]
-    done = launch(*train, env=ALONE)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = ran(*train)
     assert (
         f"resuming from {workdir}/checkpoint.msgpack at step 4/8 (epoch 1)"
         in done.stderr
