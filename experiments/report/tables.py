@@ -166,7 +166,10 @@ def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-4 else f"{value:.0e}"
 
 
-def _coefficient(c: dict) -> str:
+def _coefficient(model: dict, name: str) -> str:
+    if model.get("too_few"):
+        return f"not fitted: {model['images']} attacks (< {lc.MIN_STRATUM})"
+    c = model[name]
     if c["estimate"] is None:
         return "n/a"
     interval = (
@@ -254,19 +257,20 @@ def controls_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str
             f"pairs of rings d = 1..{max_d} (binomial per image and ring) and the "
             "random move (at its own distance); coefficients in log-odds per unit, "
             f"95% bootstrap intervals over images ({controls['settings']['bootstrap']} "
-            "resamples; failed fits: "
+            f"resamples; fitted on at least {lc.MIN_STRATUM} successful attacks; "
+            "failed fits: "
             + ", ".join(f"{k} {m['bootstrap_failed']}" for k, m in models.items())
             + ").",
             "",
             "| model | distance | margin | generation 0 |",
             "|---|---|---|---|",
-            f"| success ~ distance | {_coefficient(models['unadjusted']['distance'])} "
+            f"| success ~ distance | {_coefficient(models['unadjusted'], 'distance')} "
             "| | |",
             markdown_row(
                 [
                     "success ~ distance + margin + generation 0",
                     *(
-                        _coefficient(models["adjusted"][k])
+                        _coefficient(models["adjusted"], k)
                         for k in ("distance", "margin", "generation0")
                     ),
                 ]

@@ -442,7 +442,11 @@ def distance_model(
     names = COEFFICIENTS[adjusted]
     n_images = len(per_attack["ring_n"])
     result: dict[str, Any] = {"images": n_images, "rows": int(len(trials))}
-    if n_images == 0:
+    # Below MIN_STRATUM attacks the fit is not made: on a handful of images the
+    # rows are often separable and every resample refits the same data, which
+    # would print a zero-width "interval" that means nothing.
+    result["too_few"] = n_images < MIN_STRATUM
+    if result["too_few"]:
         for name in names:
             result[name] = {"estimate": None, "ci_low": None, "ci_high": None}
         result["bootstrap_failed"] = 0
@@ -545,7 +549,12 @@ def verdict(strata: dict[str, dict], adjusted: dict[str, Any]) -> dict[str, Any]
     missing = [s for s in counted if s not in nearby_wins]
     if missing:
         reasons.append("nearby does not beat random in " + ", ".join(missing))
-    if slope_not_negative:
+    if adjusted.get("too_few"):
+        reasons.append(
+            f"the distance model is not fitted on fewer than {MIN_STRATUM} "
+            "successful attacks"
+        )
+    elif slope_not_negative:
         reasons.append("the adjusted distance coefficient's interval lies at/above 0")
     elif not slope_negative:
         reasons.append("the adjusted distance coefficient's interval includes 0")

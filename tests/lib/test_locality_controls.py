@@ -383,3 +383,41 @@ def test_no_successful_attack_gives_an_inconclusive_table():
         {"m": {"controls": {**result, "settings": {"bootstrap": 20}}}}, {}
     )
     assert "inconclusive" in md and "None" not in md
+
+
+def _ring_attacks(n, rng):
+    """n successful attacks whose ring success falls with distance (slope -1)."""
+    ring_n = np.tile([8, 16, 24], (n, 1))
+    p = 1.0 / (1.0 + np.exp(-(1.0 - np.arange(1, 4))))
+    return {
+        "ring_n": ring_n,
+        "ring_success": rng.binomial(ring_n, p),
+        "random_distance": rng.integers(4, 20, n),
+        "random_success": rng.random(n) < 0.02,
+        "margin": rng.random(n),
+        "generation0": rng.random(n) < 0.5,
+    }
+
+
+def test_distance_model_is_not_fitted_on_too_few_attacks():
+    from experiments.report import tables
+
+    rng = np.random.default_rng(3)
+    few = _ring_attacks(lc.MIN_STRATUM - 1, rng)
+    model = lc.distance_model(few, True, np.random.default_rng(0), 50)
+    assert model["too_few"] and model["images"] == lc.MIN_STRATUM - 1
+    assert all(model[k]["estimate"] is None for k in lc.COEFFICIENTS[True])
+    assert tables._coefficient(model, "distance") == (
+        f"not fitted: {lc.MIN_STRATUM - 1} attacks (< {lc.MIN_STRATUM})"
+    )
+    reasons = lc.verdict(_strata({}, {}), model)["reasons"]
+    assert any("not fitted on fewer than" in r for r in reasons)
+    assert not any("interval includes 0" in r for r in reasons)
+    # From MIN_STRATUM on, the fit is made and its interval has a width.
+    enough = _ring_attacks(lc.MIN_STRATUM, rng)
+    model = lc.distance_model(enough, True, np.random.default_rng(0), 50)
+    slope = model["distance"]
+    assert not model["too_few"] and slope["ci_low"] < slope["ci_high"] < 0
+    assert tables._coefficient(model, "distance").startswith(
+        f"{slope['estimate']:+.3f} ("
+    )
