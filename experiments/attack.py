@@ -214,8 +214,45 @@ def _legacy_settings(settings: dict, weights: str | None) -> dict:
     }
 
 
+def other_count(stored: Any, settings: dict) -> bool:
+    """Whether `stored` are these settings but for the sample count, with the
+    first test images sampled (--sample=first).
+
+    Then the first N images are the first N of any larger count, and each image's
+    attack depends only on the image and its own key (`fold_in(key(seed), test
+    index)`), so a run's results on the images two counts share are the same: a
+    run directory can grow (the same command with a larger --num_samples
+    continues it) or be read at a smaller count (its first N images). A seeded
+    random sample (--sample=random) is another set of images at each count.
+    """
+    if not isinstance(stored, dict) or "weights_sha256" not in stored:
+        return False
+    if stored.get("sample") != "first" or settings.get("sample") != "first":
+        return False
+
+    def rest(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "num_samples"}
+
+    return rest(stored) == rest(settings) and stored.get("num_samples") != settings.get(
+        "num_samples"
+    )
+
+
+def _settings_hashes(settings: dict, num_test: int) -> frozenset[str]:
+    """The settings hashes a chunk of this run may carry: this run's, and with
+    --sample=first those of the same run at every other sample count (see
+    `other_count`)."""
+    if not other_count({**settings, "num_samples": -1}, settings):
+        return frozenset({integrity.settings_sha256(settings)})
+    return frozenset(
+        integrity.settings_sha256({**settings, "num_samples": k})
+        for k in range(1, num_test + 1)
+    )
+
+
 def _require_same(workdir: str, stored: Any, settings: dict, legacy: dict) -> None:
-    """PropmapsError unless `stored` (a run's recorded settings) are these.
+    """PropmapsError unless `stored` (a run's recorded settings) are these, or
+    these at another sample count (`other_count`).
 
     A run recorded before content hashes existed (a "weights" path, no hashes)
     cannot say which data it used: it is accepted when its path-based settings
@@ -228,7 +265,7 @@ def _require_same(workdir: str, stored: Any, settings: dict, legacy: dict) -> No
         )
     if "weights_sha256" not in stored and "weights" in stored:
         rundir.require_same_settings(workdir, stored, legacy, "an attack")
-    else:
+    elif not other_count(stored, settings):
         rundir.require_same_settings(workdir, stored, settings, "an attack")
 
 
@@ -275,6 +312,14 @@ def _check_workdir(
             summary = None
         else:
             _require_same(workdir, summary["settings"], settings, legacy)
+            if other_count(summary["settings"], settings):
+                integrity.note(
+                    f"{workdir} holds a finished run of "
+                    f"{summary['settings']['num_samples']} samples: this run of "
+                    f"{settings['num_samples']} takes its results on the images "
+                    "they share (its chunks stay for the other count)"
+                )
+                summary = None
     legacy_ok = False
     if has_chunks and storage.isfile(settings_path):
         stored = integrity.read_json_record(settings_path)
@@ -306,7 +351,7 @@ def _check_workdir(
 
 
 def _open_workdir(
-    workdir: str, settings: dict, legacy: dict, indices: np.ndarray
+    workdir: str, settings: dict, legacy: dict, indices: np.ndarray, num_test: int
 ) -> tuple[int, list[dict], dict | None]:
     """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
 
@@ -319,11 +364,12 @@ def _open_workdir(
         status, finished_summary, legacy_ok = _check_workdir(workdir, settings, legacy)
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
         if status != "finished" and storage.isdir(chunks_dir):
-            shash = integrity.settings_sha256(settings)
             resume_from, done_chunks, kinds = attack_csv.finished_prefix(
-                chunks_dir, indices, shash, legacy_ok
+                chunks_dir, indices, _settings_hashes(settings, num_test), legacy_ok
             )
-            attack_csv.sort_out_chunks(chunks_dir, kinds, shash)
+            attack_csv.sort_out_chunks(
+                chunks_dir, kinds, integrity.settings_sha256(settings)
+            )
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
         return -1, [], finished_summary or {"settings": settings}
@@ -773,7 +819,7 @@ def _run_attack(
     )
     legacy = _legacy_settings(settings, weights)
     resume_from, done_chunks, finished = _open_workdir(
-        workdir, settings, legacy, indices
+        workdir, settings, legacy, indices, len(x_test)
     )
     if finished is not None:
         logging.info("%s: finished run with the same settings, nothing to do", workdir)

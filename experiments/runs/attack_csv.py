@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -558,12 +559,17 @@ def chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
 
 
 def read_chunk(
-    path: str, expected_indices: np.ndarray, settings_hash: str, legacy_ok: bool
+    path: str,
+    expected_indices: np.ndarray,
+    settings_hashes: Collection[str],
+    legacy_ok: bool,
 ) -> tuple[dict | None, str]:
     """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
-    expected index, in order, made under these settings; (None, why) otherwise:
-    "bad" (unreadable, rows of other images), "other" (another settings hash),
-    "unproven" (no hash, and no matching settings.json to vouch for it).
+    expected index, in order, made under these settings (its hash one of
+    `settings_hashes`: the run's, and with --sample=first those of the same run at
+    other sample counts); (None, why) otherwise: "bad" (unreadable, rows of other
+    images), "other" (another settings hash), "unproven" (no hash, and no matching
+    settings.json to vouch for it).
 
     A chunk without a hash was written before chunks recorded one: it is taken
     ("legacy") only when `legacy_ok` (the run's settings.json matched).
@@ -580,7 +586,7 @@ def read_chunk(
     if recorded is None:
         if not legacy_ok:
             return None, "unproven"
-    elif recorded != settings_hash:
+    elif recorded not in settings_hashes:
         return None, "other"
     if row_indices != [int(i) for i in expected_indices]:
         return None, "bad"
@@ -588,7 +594,10 @@ def read_chunk(
 
 
 def finished_prefix(
-    chunks_dir: str, indices: np.ndarray, settings_hash: str, legacy_ok: bool
+    chunks_dir: str,
+    indices: np.ndarray,
+    settings_hashes: Collection[str],
+    legacy_ok: bool,
 ) -> tuple[int, list[dict], dict[str, list[str]]]:
     """End of the contiguous run of finished chunks from 0, those chunks, and the
     paths of the chunk files passed over by kind ("legacy": taken without a hash;
@@ -596,8 +605,10 @@ def finished_prefix(
 
     The walk goes from each chunk's end to the chunk that starts there, so no image
     is ever taken twice; a chunk must hold exactly the rows of the sampled images
-    of its range (`indices[start:end]`, in order) and carry this run's settings
-    hash, else the prefix ends before it and its images are attacked again. Of
+    of its range (`indices[start:end]`, in order) and carry one of this run's
+    settings hashes, else the prefix ends before it and its images are attacked
+    again. Chunks past the last sampled image (a run that counted more images) are
+    left where they are. Of
     several chunks starting at the same image (resumes with another chunking),
     the longest valid one is taken.
     """
@@ -609,7 +620,7 @@ def finished_prefix(
             if next_end <= end or next_end > len(indices):
                 continue
             chunk, kind = read_chunk(
-                path, indices[end:next_end], settings_hash, legacy_ok
+                path, indices[end:next_end], settings_hashes, legacy_ok
             )
             if kind in kinds:
                 kinds[kind].append(path)
@@ -632,7 +643,7 @@ def finished_prefix(
                 continue
             if recorded is None and not legacy_ok:
                 kinds["unproven"].append(path)
-            elif recorded is not None and recorded != settings_hash:
+            elif recorded is not None and recorded not in settings_hashes:
                 kinds["other"].append(path)
     return end, chunks, kinds
 
@@ -681,16 +692,18 @@ def chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def images_done(workdir: str, num_samples: int) -> int:
     """Sampled images already done in a run directory (a quick look for the job's
     cost estimate: the finished attack.csv, else the contiguous chunk files)."""
-    if storage.isfile(os.path.join(workdir, SUMMARY_NAME)) and storage.isfile(
-        os.path.join(workdir, CSV_NAME)
-    ):
-        return num_samples
     found, end = chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
     while end in found:
         following = max(e for e, _ in found[end])
         if following <= end:
             break
         end = following
+    summary_path = os.path.join(workdir, SUMMARY_NAME)
+    if storage.isfile(summary_path) and storage.isfile(os.path.join(workdir, CSV_NAME)):
+        # A finished run, perhaps of fewer samples (a run's count may grow).
+        summary = integrity.read_json_record(summary_path)
+        finished = summary.get("num_samples") if isinstance(summary, dict) else None
+        end = max(end, finished if isinstance(finished, int) else num_samples)
     return min(end, num_samples)
 
 

@@ -156,6 +156,55 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
     assert resumed_summary == summary
 
 
+def test_a_run_grows_and_is_read_at_fewer_samples(setup, finished, monkeypatch, capsys):
+    """With --sample=first a run's count may change in place: a larger count
+    continues it, a smaller one takes its first images' results; either gives the
+    files of a fresh run of that count, and no image is attacked twice."""
+    folder, kwargs, _ = setup
+    workdir, _ = finished
+    full_csv = open(os.path.join(workdir, "attack.csv")).read()
+    save_chunk, saved = attack_csv.save_chunk, []
+
+    def record(*args):
+        save_chunk(*args)
+        saved.append(args[1:3])
+
+    monkeypatch.setattr(attack_csv, "save_chunk", record)
+    grown = str(folder / "grown")
+    attack_experiment.run_attack(grown, **dict(kwargs, num_samples=6))
+    six_csv = open(os.path.join(grown, "attack.csv")).read()
+    assert saved == [(0, 4), (4, 6)] and len(six_csv.splitlines()) == 1 + 6
+    summary = attack_experiment.run_attack(grown, **kwargs)
+    assert saved[2:] == [(6, 8), (8, 10)]  # only the new images are attacked
+    assert summary["num_samples"] == NUM_SAMPLES
+    assert open(os.path.join(grown, "attack.csv")).read() == full_csv
+    assert "holds a finished run of 6 samples" in capsys.readouterr().err
+
+    # A first look at a larger run: its first 6 images, as a run of 6 gives them.
+    look = str(folder / "look")
+    shutil.copytree(workdir, look)
+    del saved[:]
+    attack_experiment.run_attack(look, **dict(kwargs, num_samples=6))
+    assert saved == [(4, 6)]  # the chunk [4, 8) reaches past 6: 4 and 5 again
+    assert open(os.path.join(look, "attack.csv")).read() == six_csv
+    chunks = os.listdir(os.path.join(look, ".attack_chunks"))
+    assert "chunk_0000008_0000010.json" in chunks and "stale" not in chunks
+    # ... and back to all 10 without an attack: the chunks past 6 were kept.
+    attack_experiment.run_attack(look, **kwargs)
+    assert saved == [(4, 6)]
+    assert open(os.path.join(look, "attack.csv")).read() == full_csv
+
+
+def test_a_random_sample_cannot_change_its_count(setup):
+    """--sample=random draws another set of images at each count: refused."""
+    folder, kwargs, _ = setup
+    workdir = str(folder / "random")
+    random6 = dict(kwargs, num_samples=6, sample="random")
+    attack_experiment.run_attack(workdir, **random6)
+    with pytest.raises(PropmapsError, match=r"other settings \(num_samples: 6 -> 8\)"):
+        attack_experiment.run_attack(workdir, **dict(random6, num_samples=8))
+
+
 def test_sample_indices():
     np.testing.assert_array_equal(
         attack_experiment.sample_indices(100, 5, 0, "first"), np.arange(5)
@@ -340,7 +389,7 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
     shash = integrity.settings_sha256(
         json.load(open(os.path.join(chunks, "settings.json")))
     )
-    end, done, _ = attack_csv.finished_prefix(chunks, indices, shash, False)
+    end, done, _ = attack_csv.finished_prefix(chunks, indices, {shash}, False)
     assert end == 6
     rows = [r for c in done for r in c["rows"]]
     assert [int(r.split(",")[0]) for r in rows] == list(range(6))

@@ -146,6 +146,17 @@ def test_sample_count_per_model(tiny_setup):
     md = open(os.path.join(workdir, "table1.md")).read()
     assert f"lenet_tiny: {NUM_SAMPLES} samples, lenet: 4 samples" in md
     assert "| lenet (ours, 4 samples) |" in md
+    # The same command with a larger count continues from those 4 images (what
+    # the job's "first look" hint promises).
+    proc = run_launch(*args, "--models=lenet_tiny,lenet", "--num_samples_lenet=6")
+    assert "holds a finished run of 4 samples" in proc.stderr
+    table = read_attack_csv(os.path.join(workdir, "lenet", "attack.csv"))
+    assert list(table["index"]) == [0, 1, 2, 3, 4, 5]
+    summary = json.load(open(os.path.join(workdir, "locality.json")))
+    assert summary["models"]["lenet"]["original_all"]["n"] == 6
+    assert (
+        "| lenet (ours, 6 samples) |" in open(os.path.join(workdir, "table1.md")).read()
+    )
 
     proc = run_launch(
         *tiny_args(tiny_setup, workdir), "--num_samples_lenet=4", check=False

@@ -431,7 +431,7 @@ def test_in_progress_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
                 rundir.write_json(path, chunk)
             rundir.write_json(os.path.join(chunks_dir, "settings.json"), settings)
         resume_from, chunks, finished = attack_experiment._open_workdir(
-            copy, settings, legacy, indices
+            copy, settings, legacy, indices, len(x_test)
         )
         assert (
             finished is None and resume_from == max(ends) and len(chunks) == len(names)
@@ -441,6 +441,19 @@ def test_in_progress_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
         for name in names:
             chunk = json.load(open(os.path.join(chunks_dir, name)))
             assert chunk["settings_sha256"] == shash, (form, name)
+    # Read at a smaller count (a first look at the run as it stands): the chunks
+    # of its first 100 images are taken, the others stay where they are.
+    first100 = {**settings, "num_samples": 100}
+    kept = sorted(os.listdir(chunks_dir))
+    resume_from, chunks, _ = attack_experiment._open_workdir(
+        copy,
+        first100,
+        attack_experiment._legacy_settings(first100, None),
+        indices[:100],
+        len(x_test),
+    )
+    assert resume_from == 100 and chunks[-1]["_path"].endswith("_0000100.json")
+    assert sorted(os.listdir(chunks_dir)) == kept
 
 
 # --- 3. Every stop explained (and issue 17: a stop loses little).
