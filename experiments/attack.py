@@ -316,8 +316,13 @@ def _check_workdir(
                 integrity.note(
                     f"{workdir} holds a finished run of "
                     f"{summary['settings']['num_samples']} samples: this run of "
-                    f"{settings['num_samples']} takes its results on the images "
-                    "they share (its chunks stay for the other count)"
+                    f"{settings['num_samples']} "
+                    + (
+                        "takes its results on the images they share (its chunks "
+                        "stay for the other count)"
+                        if has_chunks
+                        else "attacks every image, as its chunks are gone"
+                    )
                 )
                 summary = None
     legacy_ok = False
