@@ -214,9 +214,9 @@ def _legacy_settings(settings: dict, weights: str | None) -> dict:
     }
 
 
-def other_count(stored: Any, settings: dict) -> bool:
-    """Whether `stored` are these settings but for the sample count, with the
-    first test images sampled (--sample=first).
+def _count_may_change(settings: Any) -> bool:
+    """Whether runs of these settings at other sample counts are the same run:
+    settings recorded by content with the first test images sampled (--sample=first).
 
     Then the first N images are the first N of any larger count, and each image's
     attack depends only on the image and its own key (`fold_in(key(seed), test
@@ -225,9 +225,17 @@ def other_count(stored: Any, settings: dict) -> bool:
     continues it) or be read at a smaller count (its first N images). A seeded
     random sample (--sample=random) is another set of images at each count.
     """
-    if not isinstance(stored, dict) or "weights_sha256" not in stored:
-        return False
-    if stored.get("sample") != "first" or settings.get("sample") != "first":
+    return (
+        isinstance(settings, dict)
+        and "weights_sha256" in settings
+        and settings.get("sample") == "first"
+    )
+
+
+def other_count(stored: Any, settings: dict) -> bool:
+    """Whether `stored` are these settings but for the sample count, and runs of
+    them may change count (`_count_may_change`)."""
+    if not (_count_may_change(stored) and _count_may_change(settings)):
         return False
 
     def rest(d: dict) -> dict:
@@ -239,10 +247,10 @@ def other_count(stored: Any, settings: dict) -> bool:
 
 
 def _settings_hashes(settings: dict, num_test: int) -> frozenset[str]:
-    """The settings hashes a chunk of this run may carry: this run's, and with
-    --sample=first those of the same run at every other sample count (see
-    `other_count`)."""
-    if not other_count({**settings, "num_samples": -1}, settings):
+    """The settings hashes a chunk of this run may carry: this run's, and where
+    the count may change (`_count_may_change`) those of the same run at every
+    other sample count."""
+    if not _count_may_change(settings):
         return frozenset({integrity.settings_sha256(settings)})
     return frozenset(
         integrity.settings_sha256({**settings, "num_samples": k})
