@@ -386,7 +386,7 @@ def claims_table(report: dict) -> str:
         f" of {report['maps']['layers']} layers; attacks: "
         + ", ".join(f"{n} {o}" for o, n in report["counts"].items()),
         "",
-        "Verdict rules (fixed in propmaps_jax/claims.py before the numbers):",
+        "Verdict rules (fixed in propmaps_jax/analysis/claims.py before the numbers):",
         "",
         *(f"- {name}: {rule}" for name, rule in report["rules"].items()),
         "",
