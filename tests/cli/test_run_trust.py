@@ -394,11 +394,12 @@ def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
     )
 
 
-def test_in_progress_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
-    """The chunks of docs/results/resnet_1000_cpu (the ResNet-32 run in progress,
-    as the attack wrote them; copied) are taken by the chunk store as they are,
-    with their settings hash, and as chunks of the older format (no hash, a
-    settings.json that matches), which get their hash written once."""
+def test_committed_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
+    """The chunks of docs/results/resnet_1000_cpu (the ResNet-32 run made over
+    several sessions, as the attack wrote them; copied alone to another path, as
+    a run stopped before its results were written) are taken by the chunk store
+    as they are, with their settings hash, and as chunks of the older format (no
+    hash, a settings.json that matches), which get their hash written once."""
     dataset = data.load_cifar10(cifar10_path)
     x_test, y_test = dataset.split("test")
     settings = attack_experiment._settings(
@@ -421,8 +422,8 @@ def test_in_progress_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
     shash = integrity.settings_sha256(settings)
     for form in ("hashed", "older"):
         copy = str(tmp_path / form)
-        shutil.copytree(committed, copy)
         chunks_dir = os.path.join(copy, ".attack_chunks")
+        shutil.copytree(os.path.join(committed, ".attack_chunks"), chunks_dir)
         if form == "older":
             for name in names:
                 path = os.path.join(chunks_dir, name)
