@@ -28,6 +28,16 @@ flags.DEFINE_string(
     "$CIFAR10_PATH, else the official archive, downloaded on first use into "
     "$PROPMAPS_CACHE (default ~/.cache/propmaps_jax).",
 )
+flags.DEFINE_enum(
+    "data_split",
+    "test",
+    list(data.SPLITS),
+    "Which split of the CIFAR-10 source the experiment attacks or evaluates: test, "
+    "or train (needed by an .npz of x, y alone, which holds training images only). "
+    "Recorded with the data source (' [train split]'); an attack's settings hold "
+    "the SHA-256 of the images attacked, so a --workdir never mixes two splits or "
+    "two copies of the data.",
+)
 flags.DEFINE_string("workdir", None, "Folder for results (created if needed).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 # Flags shared by several experiments are defined here once, so that experiment
@@ -120,8 +130,12 @@ def cifar10_path(flag_value: str | None) -> str | None:
 
 def load_data() -> data.Cifar10:
     """CIFAR-10 from --cifar10_path / $CIFAR10_PATH, else the download cache
-    (downloaded on first use); its source is recorded as an absolute path."""
+    (downloaded on first use), with --data_split in its test slot (the split every
+    experiment attacks or evaluates: `data.attack_split`); its source is recorded
+    as an absolute path, with " [train split]" when that split is the training one.
+    """
     dataset = data.load_cifar10(cifar10_path(FLAGS.cifar10_path))
+    dataset = data.attack_split(dataset, FLAGS.data_split)
     logging.info("CIFAR-10 from %s", dataset.source)
     return dataset
 
@@ -176,6 +190,7 @@ FLAG_NAMES = {
 def in_flag_terms(message: str) -> str:
     """A library error message with its argument names replaced by the flags."""
     message = re.sub(r"`model_name='([^']*)'`", r"--model=\1", message)
+    message = re.sub(r"`split='([^']*)'`", r"--data_split=\1", message)
     for argument, flag in FLAG_NAMES.items():
         message = message.replace(argument, flag)
     return message

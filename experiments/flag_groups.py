@@ -11,8 +11,9 @@ Names only (no absl here): the flags themselves are defined in experiments/commo
 (the shared ones) and experiments/attack.py (the attack's, read by locality too).
 """
 
-# Every experiment: where its input and output are.
-RUN = ("cifar10_path", "workdir")
+# Every experiment: where its input and output are, and which split of the input
+# it attacks or evaluates (common.load_data applies --data_split).
+RUN = ("cifar10_path", "data_split", "workdir")
 # One model to load: --model and its weights.
 MODEL = ("model", "weights")
 # A multi-host run (jax.distributed).

@@ -433,6 +433,9 @@ def _remedy(summary: dict, expected: dict[str, str]) -> str:
         )
     if "dataset_sha256" in differ:
         source = summary.get("dataset")
+        train_split = " [train split]"
+        if source and source.endswith(train_split):
+            source = source[: -len(train_split)] + " --data_split=train"
         flags.append(
             f"--cifar10_path={source}" if source else "the --cifar10_path it used"
         )

@@ -1,13 +1,16 @@
-"""CIFAR-10: `cifar10` reads it (a path, an archive, an .npz or tensorflow-datasets),
-`download` fetches the official archive into a cache on first use. Their public
-names are re-exported here (`pj.data.load_cifar10`)."""
+"""CIFAR-10: `cifar10` reads it (a path, an archive, an .npz or tensorflow-datasets)
+and chooses the split that experiments attack (`attack_split`), `download` fetches
+the official archive into a cache on first use. Their public names are re-exported
+here (`pj.data.load_cifar10`)."""
 
 from propmaps_jax.data.cifar10 import (
     HOW_TO_POINT,
     IMAGE_SHAPE,
     NUM_CLASSES,
+    SPLITS,
     TFDS_SOURCE,
     Cifar10,
+    attack_split,
     load_cifar10,
     load_from_path,
     load_from_tfds,
@@ -45,12 +48,14 @@ __all__ = [
     "LOCAL_COPY",
     "MD5_ENV",
     "NUM_CLASSES",
+    "SPLITS",
     "TEST_FILE",
     "TFDS_SOURCE",
     "TRAIN_FILES",
     "URL_ENV",
     "USER_AGENT",
     "Cifar10",
+    "attack_split",
     "cache_dir",
     "download_source",
     "fetch_cifar10",

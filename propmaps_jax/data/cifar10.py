@@ -3,11 +3,16 @@
 Sources, in the order `load_cifar10` tries them:
 1. an explicit `path` (the experiments pass `--cifar10_path`, else `$CIFAR10_PATH`):
    the official `cifar-10-python.tar.gz`, its extracted `cifar-10-batches-py/` folder
-   (or a folder that contains it), or an `.npz` with `x_train, y_train, x_test, y_test`;
-   `tfds` or `tfds:DATA_DIR` reads a prepared tensorflow-datasets "cifar10" instead
-   (an opt-in: building it needs TensorFlow);
+   (or a folder that contains it), or an `.npz` with `x_train, y_train, x_test, y_test`
+   or with `x, y` alone (one split of images, read as the training split, with no
+   test images: e.g. the first 4,000 training images, lossless); `tfds` or
+   `tfds:DATA_DIR` reads a prepared tensorflow-datasets "cifar10" instead (an
+   opt-in: building it needs TensorFlow);
 2. otherwise the official archive, downloaded once into a cache folder and read
    from there (`propmaps_jax.data.download`).
+
+The experiments attack and evaluate the dataset's test slot; `attack_split` puts
+the training split there instead (the `.npz` of `x, y` alone needs it).
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ IMAGE_SHAPE = (32, 32, 3)
 TFDS_SOURCE = "tfds"
 HOW_TO_POINT = (
     f"pass `path`: cifar-10-python.tar.gz, its extracted {BATCHES_DIR}/ folder or "
-    "an .npz with x_train/y_train/x_test/y_test (or give no path to download "
-    "CIFAR-10 on first use)"
+    "an .npz with x_train/y_train/x_test/y_test (or x/y: training images only) (or "
+    "give no path to download CIFAR-10 on first use)"
 )
+SPLITS = ("test", "train")
+# The two layouts of an .npz source: both splits, or one split of training images.
+NPZ_SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_XY_KEYS = ("x", "y")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,33 +172,96 @@ def _load_tar(path: str) -> Cifar10:
         ) from None
 
 
-def _load_npz(path: str) -> Cifar10:
-    keys = ("x_train", "y_train", "x_test", "y_test")
+def _npz_labels(labels: np.ndarray, path: str, name: str, where: str) -> np.ndarray:
+    """`labels` (array `name` of the file at `path`; `where`: the split, for the
+    messages) as int32 (N,), checked integer and in 0..9 in their own dtype, before
+    the cast, which could wrap a large value into range."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {name} must hold integer labels, got {labels.dtype}")
+    if labels.ndim == 2 and labels.shape[1] == 1:  # a column vector, as some exports
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(
+            f"{path}: {name} must be a vector of labels (N,), got shape {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(
+            f"{where}: labels must be in 0..{NUM_CLASSES - 1}, "
+            f"found {labels.min()}..{labels.max()}"
+        )
+    return labels.astype(np.int32)
+
+
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+    """The arrays of either layout that the .npz at `path` holds (no pickles)."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes); " + HOW_TO_POINT)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in keys if k not in npz.files]
-            if missing:
-                raise DataError(
-                    f"{path} lacks arrays {', '.join(missing)}; an .npz source needs "
-                    "x_train, y_train, x_test, y_test"
-                )
-            arrays = {k: npz[k] for k in keys}
-    except DataError:
-        raise
+        npz = np.load(path, allow_pickle=False)
     except Exception as e:
         raise DataError(
             f"{path} is not a readable .npz file ({type(e).__name__}: {e}); "
             "it may be truncated or corrupt"
         ) from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, not an .npz; " + HOW_TO_POINT)
+    arrays = {}
+    with npz:
+        if not npz.files:
+            raise DataError(f"{path} is an empty .npz (no arrays); " + HOW_TO_POINT)
+        for name in (*NPZ_SPLIT_KEYS, *NPZ_XY_KEYS):
+            if name not in npz.files:
+                continue
+            try:
+                arrays[name] = npz[name]
+            except Exception as e:  # object arrays need pickle; a damaged member
+                raise DataError(
+                    f"{path}: array {name} is not readable without pickle "
+                    f"({type(e).__name__}: {e}); save it as a plain numeric array"
+                ) from None
+    return arrays
+
+
+def _load_npz(path: str) -> Cifar10:
+    arrays = _npz_arrays(path)
+    split_keys = [k for k in NPZ_SPLIT_KEYS if k in arrays]
+    xy_keys = [k for k in NPZ_XY_KEYS if k in arrays]
+    if split_keys and xy_keys:
+        raise DataError(
+            f"{path} mixes two layouts ({', '.join(split_keys + xy_keys)}); an .npz "
+            "source holds either x_train, y_train, x_test, y_test or x, y alone"
+        )
+    if xy_keys:
+        return _load_npz_xy(path, arrays)
+    missing = [k for k in NPZ_SPLIT_KEYS if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path} lacks arrays {', '.join(missing)}; an .npz source needs "
+            "x_train, y_train, x_test, y_test (or x, y: training images only)"
+        )
     for split in ("train", "test"):
-        labels = np.asarray(arrays[f"y_{split}"]).reshape(-1)
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(
-                f"{path}: y_{split} must hold integer labels, got {labels.dtype}"
-            )
-        arrays[f"y_{split}"] = labels.astype(np.int32)
-        validate_split(arrays[f"x_{split}"], arrays[f"y_{split}"], f"{path} ({split})")
+        where = f"{path} ({split})"
+        labels = _npz_labels(arrays[f"y_{split}"], path, f"y_{split}", where)
+        validate_split(arrays[f"x_{split}"], labels, where)
+        arrays[f"y_{split}"] = labels
     return Cifar10(**arrays, source=path)
+
+
+def _load_npz_xy(path: str, arrays: dict[str, np.ndarray]) -> Cifar10:
+    """An .npz of `x, y` alone: one split of images, read as the training split."""
+    missing = [k for k in NPZ_XY_KEYS if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path} lacks array {missing[0]}; an .npz of one split needs x "
+            "(uint8 images) and y (integer labels)"
+        )
+    where = f"{path} (x, y)"
+    images, labels = arrays["x"], _npz_labels(arrays["y"], path, "y", where)
+    validate_split(images, labels, where)
+    if images.shape[0] == 0:
+        raise DataError(f"{path} holds no images (x has shape {images.shape})")
+    no_test = np.zeros((0, *IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int32)
+    return Cifar10(images, labels, *no_test, source=path)
 
 
 def _is_tarfile(path: str) -> bool:
@@ -200,7 +272,8 @@ def _is_tarfile(path: str) -> bool:
 
 
 def load_from_path(path: str) -> Cifar10:
-    """Load CIFAR-10 from a tar.gz archive, a batches folder or an .npz file.
+    """Load CIFAR-10 from a tar.gz archive, a batches folder or an .npz file (of
+    both splits, or of `x, y` alone: a training split, with no test images).
 
     The dataset's `source` is the absolute path, so that a record of it means the
     same thing from any working directory.
@@ -304,3 +377,36 @@ def load_cifar10(path: str | None = None) -> Cifar10:
     if is_tfds:
         return load_from_tfds(data_dir)
     return load_from_path(path)
+
+
+def attack_split(dataset: Cifar10, split: str) -> Cifar10:
+    """`dataset` with `split` in its test slot, the split experiments attack and
+    evaluate: "test" returns it unchanged; "train" puts x_train/y_train there
+    (the train slot stays) and says so in its `source` ("<source> [train split]").
+
+    DataError when that split holds no images, naming the split to choose instead.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    images, _ = dataset.split(split)
+    if len(images) == 0:
+        other = SPLITS[1 - SPLITS.index(split)]
+        if len(dataset.split(other)[0]) == 0:
+            raise DataError(f"{dataset.source} holds no images in either split")
+        only = (
+            "training images only (e.g. an .npz of x, y)"
+            if other == "train"
+            else "test images only"
+        )
+        raise DataError(
+            f"{dataset.source} has an empty {split} split: it holds {only}; pass "
+            f"`split='{other}'`"
+        )
+    if split == "test":
+        return dataset
+    return dataclasses.replace(
+        dataset,
+        x_test=dataset.x_train,
+        y_test=dataset.y_train,
+        source=f"{dataset.source} [{split} split]",
+    )

@@ -428,3 +428,175 @@ def test_real_copy(cifar10_path):
     # Real photos, not noise: neighbouring pixels are strongly correlated.
     x = dataset.x_test[:100].astype(np.float64)
     assert np.corrcoef(x[:, :, :-1].ravel(), x[:, :, 1:].ravel())[0, 1] > 0.8
+
+
+# --- An .npz of x, y alone: one split of images, read as the training split.
+
+
+def _write_xy(path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_of_x_y_is_a_training_split_without_test_images(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    y = np.array([6, 9, 9, 4, 1], np.int64)  # int64, as the lossless file stores them
+    path = _write_xy(tmp_path / "first5.npz", x=x, y=y)
+    dataset = data.load_from_path(path)
+    empty = np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int32)
+    assert_dataset_equal(dataset, (x, y.astype(np.int32), *empty))
+    assert dataset.source == path
+
+
+def _bad_npz_cases():
+    """(name, write the file at a path, a phrase its one-line DataError holds)."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2], np.int64)
+
+    def savez(**arrays):
+        return lambda path: np.savez(path, **arrays)
+
+    def write_bytes(content):
+        return lambda path: open(path, "wb").write(content)
+
+    def save_npy(path):  # np.save would append .npy to the name
+        with open(path, "wb") as f:
+            np.save(f, x)
+
+    return [
+        ("wrong shape", savez(x=x[:, :, :16], y=y), "images must be uint8 of shape"),
+        ("wrong dtype", savez(x=x.astype(np.float32), y=y), "got float32 (3, 32, 32,"),
+        ("float labels", savez(x=x, y=y.astype(np.float64)), "y must hold integer"),
+        ("label matrix", savez(x=x, y=np.zeros((3, 2), int)), "got shape (3, 2)"),
+        ("missing y", savez(x=x), "lacks array y; an .npz of one split needs x"),
+        ("missing x", savez(y=y), "lacks array x; an .npz of one split needs x"),
+        ("mixed layouts", savez(x=x, y=y, x_test=x), "mixes two layouts (x_test, x,"),
+        (
+            "label 10",
+            savez(x=x, y=np.array([0, 10, 2])),
+            "(x, y): labels must be in 0..9",
+        ),
+        # Checked before the int32 cast, which would wrap 2**32 + 3 to 3.
+        ("wrapping label", savez(x=x, y=y + 2**32), "found 4294967296..4294967298"),
+        ("negative label", savez(x=x, y=-y - 1), "found -3..-1"),
+        ("uneven lengths", savez(x=x, y=y[:2]), "expected 3 labels, got shape (2,)"),
+        ("no images", savez(x=x[:0], y=y[:0]), "holds no images (x has shape (0,"),
+        ("empty file", write_bytes(b""), "is empty (0 bytes)"),
+        ("no arrays", savez(), "is an empty .npz (no arrays)"),
+        ("truncated", write_bytes(b"PK\x03\x04garbage"), "is not a readable .npz"),
+        ("a .npy", save_npy, "is a single .npy array, not an .npz"),
+        # Never allow_pickle: an object array stays unread.
+        ("objects", savez(x=x, y=np.array([0, "a", 2], object)), "without pickle"),
+    ]
+
+
+BAD_NPZ = _bad_npz_cases()
+
+
+@pytest.mark.parametrize(
+    "name, write, phrase", BAD_NPZ, ids=[case[0] for case in BAD_NPZ]
+)
+def test_bad_npz_gives_one_line_naming_the_file(tmp_path, name, write, phrase):
+    path = str(tmp_path / "bad.npz")
+    write(path)
+    with pytest.raises(DataError) as raised:
+        data.load_from_path(path)
+    message = str(raised.value)
+    assert phrase in message, (name, message)
+    assert path in message and "\n" not in message, (name, message)
+
+
+def test_two_split_npz_labels_checked_before_the_cast(tmp_path):
+    x_train, y_train, x_test, y_test = _fake_splits()
+    path = str(tmp_path / "wrap.npz")
+    wrapping = y_test.astype(np.int64) + 2**32
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=wrapping)
+    with pytest.raises(DataError, match=r"\(test\): labels must be in 0..9, found 42"):
+        data.load_from_path(path)
+
+
+# --- attack_split: the split in the test slot, the one experiments attack.
+
+
+def _dataset(seed: int = 6, source: str = "/data/c.npz") -> data.Cifar10:
+    return data.Cifar10(*_fake_splits(seed), source=source)
+
+
+def test_attack_split_test_is_the_dataset_itself():
+    dataset = _dataset()
+    assert data.attack_split(dataset, "test") is dataset
+
+
+def test_attack_split_train_moves_the_training_images_into_the_test_slot():
+    dataset = _dataset()
+    chosen = data.attack_split(dataset, "train")
+    x_train, y_train, _, _ = _fake_splits(6)
+    assert_dataset_equal(chosen, (x_train, y_train, x_train, y_train))
+    assert chosen.split("test")[0] is dataset.x_train  # no copy
+    assert chosen.source == "/data/c.npz [train split]"
+    assert dataset.source == "/data/c.npz"  # the input is left alone
+
+
+def test_attack_split_of_an_empty_split_says_what_to_pass(tmp_path):
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    path = _write_xy(tmp_path / "train_only.npz", x=x, y=np.arange(4))
+    train_only = data.load_from_path(path)
+    with pytest.raises(DataError) as raised:
+        data.attack_split(train_only, "test")
+    message = str(raised.value)
+    assert message == (
+        f"{path} has an empty test split: it holds training images only (e.g. an "
+        ".npz of x, y); pass `split='train'`"
+    )
+    # The experiments name their flag.
+    assert common.in_flag_terms(message).endswith("pass --data_split=train")
+    np.testing.assert_array_equal(data.attack_split(train_only, "train").x_test, x)
+
+    x_train, y_train, x_test, y_test = _fake_splits()
+    test_only = data.Cifar10(x_train[:0], y_train[:0], x_test, y_test, source="t")
+    with pytest.raises(DataError, match=r"empty train split: it holds test images"):
+        data.attack_split(test_only, "train")
+    nothing = data.Cifar10(x_train[:0], y_train[:0], x_test[:0], y_test[:0], "n")
+    with pytest.raises(DataError, match=r"^n holds no images in either split$"):
+        data.attack_split(nothing, "test")
+    with pytest.raises(DataError, match=r"unknown split 'val'; use one of test, train"):
+        data.attack_split(_dataset(), "val")
+
+
+def _lossless_path(cifar10_path: str) -> str:
+    """The lossless first 4,000 training images beside $CIFAR10_PATH's copy
+    ($CIFAR10_LOSSLESS_PATH wins); skip where it is absent."""
+    jpeg_root = os.path.abspath(cifar10_path)
+    while os.path.basename(jpeg_root) in ("", data.BATCHES_DIR):
+        jpeg_root = os.path.dirname(jpeg_root)
+    path = os.environ.get("CIFAR10_LOSSLESS_PATH") or os.path.join(
+        os.path.dirname(jpeg_root), "cifar10-lossless", "train_first4000.npz"
+    )
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is absent: no lossless CIFAR-10 training images")
+    return path
+
+
+def test_real_lossless_first_4000_pair_with_the_jpeg_copy(cifar10_path):
+    from experiments.runs import provenance
+
+    path = _lossless_path(cifar10_path)
+    lossless = data.attack_split(data.load_cifar10(path), "train")
+    jpeg = data.attack_split(data.load_cifar10(cifar10_path), "train")
+    x, y = lossless.split("test")
+    assert x.shape == (4000, 32, 32, 3) and x.dtype == np.uint8
+    assert y.dtype == np.int32 and lossless.source.endswith("[train split]")
+    # The same images in the same order: data_batch_1's first 4,000 labels, and the
+    # JPEG copy's pixels about 5.8 away on the 0-255 scale (README of the copy).
+    x_jpeg, y_jpeg = jpeg.split("test")
+    np.testing.assert_array_equal(y, y_jpeg[:4000])
+    difference = np.abs(x.astype(np.int16) - x_jpeg[:4000]).mean()
+    assert 5.3 < difference < 6.3, difference
+    # An attack's settings identify the images by content: the two encodings of
+    # the same 4,000 images never share a run directory.
+    assert provenance.dataset_sha256(x, y) != provenance.dataset_sha256(
+        x_jpeg[:4000], y_jpeg[:4000]
+    )
