@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags, logging
 from flax import serialization
 
-from experiments import common, flag_groups
+from experiments import common
 from experiments.report.progress import format_duration
 from experiments.runs import rundir, storage
 from propmaps_jax import batching, checkpoint, models, training
@@ -64,7 +64,8 @@ flags.DEFINE_integer(
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py).
-FLAGS_READ = (*flag_groups.RUN, "model", "batch_size", "seed", "max_minutes")
+# Not --data_split: training always trains on the train split and evaluates on test.
+FLAGS_READ = ("cifar10_path", "workdir", "model", "batch_size", "seed", "max_minutes")
 CHECKPOINT = "checkpoint.msgpack"
 MODEL = "model.msgpack"
 LOG_EVERY_S = 15.0
@@ -343,7 +344,7 @@ def train(argv: list[str]) -> None:
     elif FLAGS.init_weights is not None:
         config, init_variables = load_init_weights(FLAGS.model, FLAGS.init_weights)
     else:
-        config = models.ModelConfig(FLAGS.model)
+        config = models.default_config(FLAGS.model)
     # Flags, data and starting weights are checked: only now is the workdir
     # created (and probed), before anything is compiled.
     created = prepare_workdir(workdir)

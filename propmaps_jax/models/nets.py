@@ -47,14 +47,72 @@ def normalize(images: Images, mean: Sequence[float], std: Sequence[float]) -> ja
     return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+# The seed of `lenet_perm`'s one fixed pixel permutation (`pixel_permutation`).
+PERMUTATION_SEED = 0
+
+
+def pixel_permutation(seed: int, height: int = 32, width: int = 32) -> np.ndarray:
+    """A fixed, seeded permutation of the H*W pixel positions (int32 (H*W,)).
+
+    Network input position j (row-major) holds the image's pixel `perm[j]`; a pixel
+    keeps its three channels together, so a one-pixel change of the image is a
+    one-pixel change of the network's input, at another position.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return rng.permutation(height * width).astype(np.int32)
+
+
+def check_permutation(permutation: Sequence[int], positions: int, where: str) -> None:
+    """A WeightsError unless `permutation` is a permutation of range(positions)."""
+    perm = np.asarray(permutation)
+    if perm.ndim != 1 or perm.size != positions or perm.dtype.kind not in "iu":
+        raise WeightsError(
+            f"{where}: the pixel permutation must be {positions} integers, got "
+            f"shape {perm.shape} of {perm.dtype}"
+        )
+    if not np.array_equal(np.sort(perm), np.arange(positions)):
+        raise WeightsError(
+            f"{where}: the pixel permutation is not one of 0..{positions - 1} "
+            f"({positions - np.unique(perm).size} repeated positions or values out "
+            "of range); re-create the checkpoint"
+        )
+
+
+def inverse_permutation(permutation: Sequence[int]) -> np.ndarray:
+    """inv with inv[perm[j]] = j: the network position of each image pixel."""
+    perm = np.asarray(permutation, np.int64)
+    inverse = np.empty_like(perm)
+    inverse[perm] = np.arange(perm.size)
+    return inverse.astype(np.int32)
+
+
+def permute_pixels(x: jax.Array, permutation: Sequence[int]) -> jax.Array:
+    """(N, H, W, C) images in the network's order: out[:, j] = x[:, perm[j]]
+    (positions row-major)."""
+    n, height, width, channels = x.shape
+    flat = x.reshape(n, height * width, channels)
+    perm = jnp.asarray(np.asarray(permutation, np.int32))
+    return jnp.take(flat, perm, axis=1).reshape(n, height, width, channels)
+
+
 class LeNet(nn.Module):
-    """The paper's LeNet: Conv 6@5x5, pool, Conv 16@5x5, pool, Dense 120, 84, 10."""
+    """The paper's LeNet: Conv 6@5x5, pool, Conv 16@5x5, pool, Dense 120, 84, 10.
+
+    `kernel_sizes` changes the convolutions' kernels (`lenet_k3`, `lenet_k7`: the
+    first one 3x3 or 7x7). With a `permutation` (`lenet_perm`), the normalised
+    image's pixel positions are shuffled by it before the first layer
+    (`permute_pixels`): the model still takes ordinary images, so attacks and
+    studies work in image coordinates, but its receptive fields are local in the
+    network's coordinates and scattered in the image's.
+    """
 
     num_classes: int = 10
     mean: Sequence[float] = CIFAR10_MEAN
     std: Sequence[float] = CIFAR10_STD
     features: Sequence[int] = (6, 16)
     hidden: Sequence[int] = (120, 84)
+    kernel_sizes: Sequence[int] = (5, 5)
+    permutation: tuple[int, ...] | None = None
     dtype: Any = jnp.float32
     # The first convolution as `ColumnPairConv` (same parameters, same sums): True,
     # False, or None for `backend.enabled("column_pair_conv")` on the default
@@ -64,13 +122,17 @@ class LeNet(nn.Module):
     @nn.compact
     def __call__(self, images: Images, train: bool = False) -> jax.Array:
         x = normalize(images, self.mean, self.std).astype(self.dtype)
+        if self.permutation is not None:
+            x = permute_pixels(x, self.permutation)
         pairs = self.column_pairs
         if pairs is None:
             pairs = backend.enabled("column_pair_conv")
-        for i, width in enumerate(self.features):
+        for i, (width, k) in enumerate(
+            zip(self.features, self.kernel_sizes, strict=True)
+        ):
             conv = ColumnPairConv if i == 0 and pairs else nn.Conv
             x = conv(
-                width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}"
+                width, (k, k), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}"
             )(x)
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -159,10 +221,36 @@ class ResNet(nn.Module):
         return x.astype(jnp.float32)
 
 
+class MLP(nn.Module):
+    """A fully connected network (no convolution): flatten, Dense 1024, 512, 10.
+
+    No receptive-field geometry at all: every first-layer unit sees every pixel, so
+    whatever locality it shows comes from what training learns, not from its wiring.
+    """
+
+    num_classes: int = 10
+    mean: Sequence[float] = CIFAR10_MEAN
+    std: Sequence[float] = CIFAR10_STD
+    hidden: Sequence[int] = (1024, 512)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Images, train: bool = False) -> jax.Array:
+        x = normalize(images, self.mean, self.std).astype(self.dtype)
+        x = x.reshape((x.shape[0], -1))  # (H, W, C) order
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+        return x.astype(jnp.float32)
+
+
 ResNet32 = functools.partial(ResNet, blocks_per_stage=5)
 ResNet20 = functools.partial(ResNet, blocks_per_stage=3)
 ResNetTiny = functools.partial(ResNet, blocks_per_stage=1, widths=(4, 8, 8))
 LeNetTiny = functools.partial(LeNet, features=(3, 4), hidden=(16,))
+LeNetK3 = functools.partial(LeNet, kernel_sizes=(3, 5))
+LeNetK7 = functools.partial(LeNet, kernel_sizes=(7, 5))
+MLPTiny = functools.partial(MLP, hidden=(16,))
 
 # Architectures by name. "resnet" is the paper's (and the Keras model's) ResNet-32.
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -171,7 +259,16 @@ MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": ResNet20,
     "lenet_tiny": LeNetTiny,
     "resnet_tiny": ResNetTiny,
+    # The receptive-field / image-content study (analysis/readings.py).
+    "lenet_perm": LeNet,
+    "lenet_k3": LeNetK3,
+    "lenet_k7": LeNetK7,
+    "mlp": MLP,
+    "mlp_tiny": MLPTiny,
+    "lenet_perm_tiny": LeNetTiny,
 }
+# Models whose config carries a pixel permutation (`pixel_permutation`).
+PERMUTED_MODELS = frozenset({"lenet_perm", "lenet_perm_tiny"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,37 +280,77 @@ class ModelConfig:
     std: tuple[float, ...] = CIFAR10_STD
     num_classes: int = 10
     image_shape: tuple[int, int, int] = (32, 32, 3)
+    # The pixel permutation of a permuted model (PERMUTED_MODELS), else None.
+    permutation: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "mean": list(self.mean),
             "std": list(self.std),
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
         }
+        if self.permutation is not None:  # absent for the others: configs unchanged
+            out["permutation"] = list(self.permutation)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        permutation = data.get("permutation")
+        if permutation is not None:
+            shape = tuple(int(v) for v in data["image_shape"])
+            check_permutation(permutation, shape[0] * shape[1], "the model config")
+            permutation = tuple(int(v) for v in permutation)
         return cls(
             name=str(data["name"]),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
             num_classes=int(data["num_classes"]),
             image_shape=tuple(int(v) for v in data["image_shape"]),
+            permutation=permutation,
         )
+
+
+def default_config(name: str) -> ModelConfig:
+    """A registry model's config with default normalisation; a permuted model
+    gets the project's one fixed permutation (`PERMUTATION_SEED`)."""
+    if name not in PERMUTED_MODELS:
+        return ModelConfig(name)
+    height, width = ModelConfig(name).image_shape[:2]
+    perm = pixel_permutation(PERMUTATION_SEED, height, width)
+    return ModelConfig(name, permutation=tuple(int(v) for v in perm))
 
 
 def create_model(config: ModelConfig | str, dtype: Any = jnp.float32) -> nn.Module:
     """The Flax module for a config (or a registry name with default normalisation)."""
     if isinstance(config, str):
-        config = ModelConfig(config)
+        config = default_config(config)
     if config.name not in MODEL_REGISTRY:
         raise PropmapsError(
             f"unknown model {config.name!r}; choose one of {', '.join(MODEL_REGISTRY)}"
         )
+    extra = {}
+    if config.name in PERMUTED_MODELS:
+        if config.permutation is None:
+            raise PropmapsError(
+                f"model {config.name!r} needs its pixel permutation: load it from "
+                "its checkpoint, or build its config with models.default_config"
+            )
+        height, width = config.image_shape[:2]
+        check_permutation(config.permutation, height * width, f"model {config.name}")
+        extra["permutation"] = tuple(config.permutation)
+    elif config.permutation is not None:
+        raise PropmapsError(
+            f"model {config.name!r} takes no pixel permutation; the permuted models "
+            f"are {', '.join(sorted(PERMUTED_MODELS))}"
+        )
     return MODEL_REGISTRY[config.name](
-        num_classes=config.num_classes, mean=config.mean, std=config.std, dtype=dtype
+        num_classes=config.num_classes,
+        mean=config.mean,
+        std=config.std,
+        dtype=dtype,
+        **extra,
     )
 
 
