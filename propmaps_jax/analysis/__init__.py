@@ -7,5 +7,11 @@
   computation of the salience study (`analyse_changes`);
 - `claims`: the paper's sentences about the maps as numbers, with verdict rules;
 - `readings`: receptive field or image content: what each reading predicts for the
-  locality tests and the rule that decides between them.
+  locality tests, the rule that decides between them, and the measures;
+- `content`: one model's locality measures clustered by image (rates, rings, the
+  within-image distance model with and without the colour difference);
+- `content_controls`: controls drawn from the attacks' own colours, and a
+  context-matched position also matched on distance from the centre;
+- `within_image`: conditional (fixed-effects) logistic regression and the
+  bootstrap over images (clusters) that every interval over positions uses.
 """

@@ -71,9 +71,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from propmaps_jax.analysis import within_image
 from propmaps_jax.errors import PropmapsError
 
 POSITIVE, NEGATIVE, ZERO, INCONCLUSIVE = "positive", "negative", "zero", "inconclusive"
@@ -303,3 +306,152 @@ def verdict_markdown(decision: Mapping[str, Any]) -> str:
     lines.append("")
     lines.append(f"**Verdict: {decision['verdict']}** ({decision['reason']}).")
     return "\n".join(lines)
+
+
+# The measures. Each takes the arrays of the runs it compares and returns
+# {"estimate", "lo", "hi"} with a 95% interval from a bootstrap over images.
+MEASURE_RESAMPLES = 2000
+SLOPE_RESAMPLES = 200
+
+
+def _interval(r: Mapping[str, Any]) -> dict[str, float | None]:
+    def number(v: Any) -> float | None:
+        v = float(v)
+        return v if math.isfinite(v) else None
+
+    return {
+        "estimate": number(r["estimate"]),
+        "lo": number(r["lo"]),
+        "hi": number(r["hi"]),
+    }
+
+
+def paired_difference(
+    first: Any, second: Any, clusters: Any, seed: int = 0
+) -> dict[str, float | None]:
+    """rate(first) - rate(second) of two moves of the same attacks, bootstrapped
+    over images (perm_network_vs_image, perm_image_vs_random, mlp_nearby_vs_random)."""
+    return _interval(
+        within_image.rate_difference(first, second, clusters, MEASURE_RESAMPLES, seed)
+    )
+
+
+def encoding_difference(
+    jpeg_index: Any,
+    jpeg_nearby: Any,
+    lossless_index: Any,
+    lossless_nearby: Any,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """jpeg_vs_lossless: the nearby rate on the JPEG copy minus on the lossless
+    original, over the images attacked successfully under both encodings (paired
+    by image index), bootstrapped over those images."""
+    jpeg_index, lossless_index = np.asarray(jpeg_index), np.asarray(lossless_index)
+    common, in_jpeg, in_lossless = np.intersect1d(
+        jpeg_index, lossless_index, return_indices=True
+    )
+    out = _interval(
+        within_image.rate_difference(
+            np.asarray(jpeg_nearby, bool)[in_jpeg],
+            np.asarray(lossless_nearby, bool)[in_lossless],
+            common,
+            MEASURE_RESAMPLES,
+            seed,
+        )
+    )
+    out["images_in_both"] = int(len(common))
+    return out
+
+
+def _stacked(runs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows of several runs in one table: run number, test image, stratum id."""
+    parts = {"run": [], "image": [], "stratum": [], "distance": [], "success": []}
+    offset = 0
+    for r, rows in enumerate(runs):
+        attack = np.asarray(rows["attack"], np.int64)
+        parts["run"].append(np.full(len(attack), r))
+        parts["image"].append(np.asarray(rows["image"], np.int64)[attack])
+        parts["stratum"].append(attack + offset)
+        parts["distance"].append(np.asarray(rows["distance"], np.float64))
+        parts["success"].append(np.asarray(rows["success"], bool))
+        offset += int(attack.max()) + 1 if len(attack) else 0
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def slope_difference(
+    first: Mapping[str, np.ndarray],
+    second: Mapping[str, np.ndarray],
+    seed: int = 0,
+    num_resamples: int = SLOPE_RESAMPLES,
+) -> dict[str, float | None]:
+    """kernel_decay: within-image distance slope of `first` minus `second`.
+
+    Each of `first`/`second` holds ring rows (`content.ring_rows`: attack,
+    distance, success) and `image` (the test image of each attack). The two models
+    attacked the same test images, so the bootstrap draws test images and refits
+    both models on the drawn images' attacks (conditional logit, one stratum per
+    drawn copy of an attack).
+    """
+    table = _stacked([first, second])
+
+    def statistic(sample: np.ndarray) -> float:
+        strata = within_image.resampled_strata(sample, table["stratum"])
+        slopes = []
+        for r in (0, 1):
+            mine = table["run"][sample] == r
+            fit = within_image.conditional_logit(
+                table["success"][sample][mine],
+                table["distance"][sample][mine][:, None],
+                strata[mine],
+            )
+            slopes.append(fit["coef"][0] if fit["converged"] else math.nan)
+        return slopes[0] - slopes[1]
+
+    return _interval(
+        within_image.cluster_bootstrap(statistic, table["image"], num_resamples, seed)
+    )
+
+
+def nearby_rate_comparison(
+    runs: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int = 0
+) -> dict[str, Any]:
+    """The paper's "the nearby rate is about the same across networks" as numbers.
+
+    `runs`: {label: (test image index of each successful attack, nearby success)}
+    of runs on the same test images. Each model's nearby rate and each pair's
+    difference, with 95% intervals from one bootstrap over test images (a drawn
+    image brings every model's attack on it).
+    """
+    labels = list(runs)
+    images = np.concatenate([np.asarray(runs[k][0]) for k in labels])
+    success = np.concatenate([np.asarray(runs[k][1], bool) for k in labels])
+    run = np.concatenate([np.full(len(runs[k][0]), i) for i, k in enumerate(labels)])
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+
+    def statistic(sample: np.ndarray) -> np.ndarray:
+        rates = [
+            success[sample][run[sample] == i].mean()
+            if np.any(run[sample] == i)
+            else math.nan
+            for i in range(len(labels))
+        ]
+        diffs = [rates[labels.index(a)] - rates[labels.index(b)] for a, b in pairs]
+        return np.asarray(rates + diffs, np.float64)
+
+    boot = within_image.cluster_bootstrap(statistic, images, MEASURE_RESAMPLES, seed)
+    values = [
+        _interval({"estimate": e, "lo": lo, "hi": hi})
+        for e, lo, hi in zip(boot["estimate"], boot["lo"], boot["hi"], strict=True)
+    ]
+    out: dict[str, Any] = {"rates": {}, "differences": {}}
+    for i, label in enumerate(labels):
+        out["rates"][label] = {**values[i], "n": int((run == i).sum())}
+    for j, (a, b) in enumerate(pairs):
+        diff = values[len(labels) + j]
+        diff["class"] = classify(
+            diff["lo"] if diff["lo"] is not None else math.nan,
+            diff["hi"] if diff["hi"] is not None else math.nan,
+            RATE_MARGIN,
+        )
+        out["differences"][f"{a} - {b}"] = diff
+    return out
