@@ -26,6 +26,7 @@ EXPERIMENTS = (
     "salience",
     "train",
     "evaluate",
+    "readings",
 )
 HELP = {"-h", "-help", "--help", "-helpfull", "--helpfull", "-helpshort", "--helpshort"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -63,6 +63,7 @@ from propmaps_jax import (
     models,
     stats,
 )
+from propmaps_jax.analysis import content, content_controls, readings, within_image
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 
@@ -222,8 +223,10 @@ def study_model(
     seed: int,
     max_distance: int,
     batch_size: int,
+    permutation: tuple[int, ...] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per successful attack: nearby/random positions and outcomes, ring successes."""
+    """Per successful attack: nearby/random positions and outcomes, ring successes;
+    with a model's pixel `permutation`, also the network-space nearby and rings."""
     n, height, width = len(indices), images.shape[1], images.shape[2]
     rows, cols = pixels[:, 0, 0], pixels[:, 0, 1]
     nearby_rc, random_rc = locality.protocol_moves(
@@ -273,6 +276,66 @@ def study_model(
         random_rc,
         distances,
     )
+    if permutation is not None:
+        out.update(
+            network_moves(
+                name,
+                apply_fn,
+                variables,
+                images,
+                labels,
+                indices,
+                pixels,
+                seed,
+                max_distance,
+                per_batch,
+                permutation,
+            )
+        )
+    return out
+
+
+def network_moves(
+    name,
+    apply_fn,
+    variables,
+    images,
+    labels,
+    indices,
+    pixels,
+    seed,
+    max_distance,
+    per_batch,
+    permutation,
+) -> dict[str, np.ndarray]:
+    """The network-space nearby and rings of a pixel-permuted model's attacks."""
+    n, height, width = len(indices), images.shape[1], images.shape[2]
+    netnearby_rc = locality.network_protocol_moves(
+        seed, indices, pixels[:, 0, 0], pixels[:, 0, 1], permutation, height, width
+    )
+    offsets, _ = locality.chebyshev_offsets(max_distance)
+    evaluate = functools.partial(
+        locality.network_moves_program(apply_fn, max_distance, tuple(permutation)),
+        variables,
+    )
+    out = {
+        "netnearby_rc": netnearby_rc,
+        "netnearby_pred": np.zeros(n, np.int32),
+        "netnearby_success": np.zeros(n, bool),
+        "netring_success": np.zeros((n, len(offsets)), bool),
+        "netring_inside": np.zeros((n, len(offsets)), bool),
+    }
+    log(f"{name}: the same colours moved in the network's coordinates")
+    for batch in batching.batches(n, per_batch):
+        take, start, count = batch.take, batch.start, batch.count
+        nearby, rings, inside = jax.device_get(
+            evaluate(images[take], labels[take], pixels[take], netnearby_rc[take])
+        )
+        part = slice(start, start + count)
+        out["netnearby_pred"][part] = nearby.pred[:count]
+        out["netnearby_success"][part] = nearby.success[:count]
+        out["netring_success"][part] = rings.success[:count] & inside[:count]
+        out["netring_inside"][part] = inside[:count]
     return out
 
 
@@ -318,11 +381,24 @@ def summarise(
         "random": stats.proportion(int(study["random_success"].sum()), successes),
         "nearby": stats.proportion(int(study["nearby_success"].sum()), successes),
     }
+    result["distance"] = _ring_summary(study, "ring", max_distance, successes)
+    if "netnearby_success" in study:  # a pixel-permuted model: network space too
+        result["network_nearby"] = stats.proportion(
+            int(study["netnearby_success"].sum()), successes
+        )
+        result["network_distance"] = _ring_summary(
+            study, "netring", max_distance, successes
+        )
+    return result
+
+
+def _ring_summary(study: dict, prefix: str, max_distance: int, successes: int):
+    """Per distance: the pooled rate of the rings `prefix`_success / _inside."""
     rings = []
     for d in range(1, max_distance + 1):
         at_d = study["distances"] == d
-        inside = study["ring_inside"][:, at_d]
-        success = study["ring_success"][:, at_d]
+        inside = study[f"{prefix}_inside"][:, at_d]
+        success = study[f"{prefix}_success"][:, at_d]
         fraction = success.sum(axis=1) / np.maximum(inside.sum(axis=1), 1)
         rings.append(
             {
@@ -335,8 +411,7 @@ def summarise(
                 ),
             }
         )
-    result["distance"] = rings
-    return result
+    return rings
 
 
 def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
@@ -356,15 +431,16 @@ def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
     return cached
 
 
-def _empty_study(max_distance: int) -> dict[str, np.ndarray]:
+def _empty_study(max_distance: int, permutation=None) -> dict[str, np.ndarray]:
     offsets, distances = locality.chebyshev_offsets(max_distance)
-    return {
-        "nearby_success": np.zeros(0, bool),
-        "random_success": np.zeros(0, bool),
-        "ring_success": np.zeros((0, len(offsets)), bool),
-        "ring_inside": np.zeros((0, len(offsets)), bool),
-        "distances": distances,
-    }
+    spaces = ("", "net") if permutation is not None else ("",)
+    out: dict[str, np.ndarray] = {"distances": distances}
+    for space in spaces:
+        out[f"{space}nearby_success"] = np.zeros(0, bool)
+        out[f"{space}ring_success"] = np.zeros((0, len(offsets)), bool)
+        out[f"{space}ring_inside"] = np.zeros((0, len(offsets)), bool)
+    out["random_success"] = np.zeros(0, bool)
+    return out
 
 
 def _maps_summary(maps_arrays: dict, table: dict, succ_rows: np.ndarray) -> list:
@@ -452,9 +528,10 @@ def locality_for_model(
             seed,
             max_distance,
             batch_size,
+            getattr(module, "permutation", None),
         )
         if len(succ_rows)
-        else _empty_study(max_distance)
+        else _empty_study(max_distance, getattr(module, "permutation", None))
     )
     num_maps = min(num_maps, len(succ_rows))
     if num_maps:
@@ -727,6 +804,256 @@ def controls_for_model(
     return record
 
 
+WITHIN_IMAGE_VERSION = 2
+# Per (attack, ring position): what the readings experiment refits across runs.
+WITHIN_IMAGE_ROWS = "within_image_rows.npz"
+
+
+def content_controls_for_model(
+    apply_fn,
+    variables,
+    table,
+    x_test,
+    y_test,
+    images,
+    labels,
+    pixels,
+    nearby_rc,
+    moves,
+    seed,
+    batch_size,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The image-content controls (`content_controls`) of one model's successful
+    attacks: another attack's colour at the attack's own and at the nearby position
+    (the attacks' own colour distribution, where the older control draws uniform
+    RGB), the attack's colour at a position matched on 3x3 context *and* distance
+    from the centre, and nearby - random per stratum of the clean margin's logit
+    and of generation 0 / search, each with an interval from a bootstrap over
+    images. Returns (summary, per-attack arrays)."""
+    succ_rows = np.flatnonzero(table["success"])
+    index = table["index"][succ_rows]
+    draws = content_controls.draw_content_controls(seed, index, images, pixels)
+    own, near, matched = batching.map_batches(
+        functools.partial(_controls_evaluator(apply_fn), variables),
+        [
+            images,
+            labels,
+            pixels,
+            nearby_rc,
+            draws.attack_colour_own,
+            draws.attack_colour_nearby,
+            draws.matched_rc,
+        ],
+        max(1, min(batch_size // 3, len(index))),
+    )
+    attacked = table["index"][table["attacked"]]
+    probs = batching.map_batches(
+        functools.partial(_probabilities_program(apply_fn), variables),
+        [x_test[attacked]],
+        max(1, min(batch_size, len(attacked))),
+    )
+    p_true = probs[np.arange(len(attacked)), y_test[attacked]]
+    others = probs.copy()
+    others[np.arange(len(attacked)), y_test[attacked]] = -1.0
+    logit = within_image.margin_logit(p_true, others.max(axis=1))
+    quartile, edges = within_image.logit_margin_strata(logit)
+    in_attacked = np.searchsorted(np.flatnonzero(table["attacked"]), succ_rows)
+    margin_q = quartile[in_attacked]
+    generation0 = table["generations"][succ_rows] == 0
+    found = draws.matched_found
+    other_own = own.success.astype(bool)
+    other_nearby = near.success.astype(bool)
+    matched_success = matched.success.astype(bool)
+
+    def rate(success, mask=None):
+        mask = np.ones(len(success), bool) if mask is None else mask
+        return content.interval_dict(
+            within_image.rate(success[mask], index[mask], content.RATE_RESAMPLES, seed)
+        )
+
+    def diff(first, second, mask=None):
+        mask = np.ones(len(first), bool) if mask is None else mask
+        return content.interval_dict(
+            within_image.rate_difference(
+                first[mask], second[mask], index[mask], content.RATE_RESAMPLES, seed
+            )
+        )
+
+    labels_strata = np.array([f"margin logit Q{q + 1}" for q in margin_q], dtype=object)
+    strata_names = [f"margin logit Q{q}" for q in range(1, 5)]
+    summary = {
+        "other_attack_colour_at_attack": rate(other_own),
+        "other_attack_colour_at_nearby": rate(other_nearby),
+        "nearby_minus_other_colour_at_nearby": diff(moves["nearby"], other_nearby),
+        "centre_matched": {
+            "found": int(found.sum()),
+            "drop_rate": draws.drop_rate,
+            "median_candidates": float(np.median(draws.matched_candidates))
+            if len(index)
+            else None,
+            "rate": rate(matched_success, found),
+            "minus_random": diff(matched_success, moves["random"], found),
+            "nearby_minus": diff(moves["nearby"], matched_success, found),
+        },
+        "margin_logit_edges": [float(e) for e in edges],
+        "nearby_minus_random_by_stratum": content_controls.stratum_differences(
+            moves["nearby"],
+            moves["random"],
+            labels_strata,
+            strata_names,
+            index,
+            content.RATE_RESAMPLES,
+            seed,
+        )
+        + content_controls.stratum_differences(
+            moves["nearby"],
+            moves["random"],
+            np.where(generation0, "generation 0", "search"),
+            ["generation 0", "search"],
+            index,
+            content.RATE_RESAMPLES,
+            seed,
+        )[1:],
+    }
+    arrays = {
+        "other_colour_own_success": other_own,
+        "other_colour_nearby_success": other_nearby,
+        "centre_matched_found": found,
+        "centre_matched_success": matched_success,
+        "margin_logit": logit[in_attacked].astype(np.float32),
+    }
+    return summary, arrays
+
+
+def within_image_for_model(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    seed: int,
+    max_distance: int,
+    batch_size: int,
+) -> dict[str, Any] | None:
+    """Receptive field or image content: one model's measures (`content`), from
+    DIR/<model>/attack.csv and locality.csv; DIR/<model>/within_image.json.
+
+    The ring outcomes per position are recomputed (locality.csv keeps their counts
+    only) and checked against locality.csv's nearby and random outcomes.
+    """
+    attack_csv = os.path.join(model_dir, "attack.csv")
+    locality_csv = os.path.join(model_dir, "locality.csv")
+    table = read_attack_csv(attack_csv)
+    succ_rows = np.flatnonzero(table["success"])
+    if not len(succ_rows):
+        log(f"{name}: no successful attack, no within-image analysis")
+        return None
+    _, module, variables, _ = loaded
+    permutation = getattr(module, "permutation", None)
+    settings = {
+        "attack_csv_sha256": rundir.file_sha256(attack_csv),
+        "locality_csv_sha256": rundir.file_sha256(locality_csv),
+        "weights_sha256": provenance.weights_sha256(name, weights),
+        "seed": seed,
+        "max_distance": max_distance,
+        "fit_resamples": content.FIT_RESAMPLES,
+        "rate_resamples": content.RATE_RESAMPLES,
+        "version": WITHIN_IMAGE_VERSION,
+    }
+    cache = os.path.join(model_dir, "within_image.json")
+    cached, why = integrity.reusable(cache, settings, [WITHIN_IMAGE_ROWS])
+    if cached is not None:
+        log(f"{name}: reusing the within-image analysis in {cache}")
+        return cached
+    if why:
+        integrity.note(f"{name}: recomputing the within-image analysis: {why}")
+    moved = locality_file.read(
+        locality_csv, max_distance=max_distance, network=permutation is not None
+    )
+    x_test, y_test = dataset.split("test")
+    index = table["index"][succ_rows]
+    images, labels = x_test[index], y_test[index]
+    pixels = table["pixels"][succ_rows].astype(np.int32)
+    nearby_rc = np.stack([moved["nearby_row"], moved["nearby_col"]], 1)
+    random_rc = np.stack([moved["random_row"], moved["random_col"]], 1)
+    nearby_rc, random_rc = nearby_rc.astype(np.int32), random_rc.astype(np.int32)
+    start = time.time()
+    log(f"{name}: within-image analysis of {len(index)} successful attacks")
+    apply_fn = models.make_apply_fn(module)
+    offsets, _ = locality.chebyshev_offsets(max_distance)
+    per_batch = max(1, batch_size // (len(offsets) + 2))
+    nearby, random, rings, inside = batching.map_batches(
+        functools.partial(locality.moves_program(apply_fn, max_distance), variables),
+        [images, labels, pixels, nearby_rc, random_rc],
+        per_batch,
+    )
+    if not (
+        np.array_equal(nearby.success, moved["nearby_success"].astype(bool))
+        and np.array_equal(random.success, moved["random_success"].astype(bool))
+    ):
+        raise PropmapsError(
+            f"{locality_csv}'s nearby/random outcomes are not this model's: delete "
+            f"{model_dir}/locality.json and run the locality experiment again"
+        )
+    spaces = {"image": (rings.success & inside, inside, None)}
+    moves = {
+        "nearby": moved["nearby_success"].astype(bool),
+        "random": moved["random_success"].astype(bool),
+    }
+    if permutation is not None:
+        netnearby_rc = np.stack(
+            [moved["netnearby_row"], moved["netnearby_col"]], 1
+        ).astype(np.int32)
+        net_nearby, net_rings, net_inside = batching.map_batches(
+            functools.partial(
+                locality.network_moves_program(
+                    apply_fn, max_distance, tuple(permutation)
+                ),
+                variables,
+            ),
+            [images, labels, pixels, netnearby_rc],
+            per_batch,
+        )
+        spaces["network"] = (net_rings.success & net_inside, net_inside, permutation)
+        moves["network_nearby"] = moved["netnearby_success"].astype(bool)
+    controls, control_arrays = content_controls_for_model(
+        apply_fn,
+        variables,
+        table,
+        x_test,
+        y_test,
+        images,
+        labels,
+        pixels,
+        nearby_rc,
+        moves,
+        seed,
+        batch_size,
+    )
+    result: dict[str, Any] = {
+        "moves": content.move_rates(moves, index, seed),
+        "controls": controls,
+        "spaces": {},
+    }
+    arrays = {"index": index.astype(np.int32), **control_arrays}
+    for space, (success, inside_space, perm) in spaces.items():
+        rows = content.ring_rows(
+            images, pixels, success, inside_space, max_distance, perm
+        )
+        result["spaces"][space] = {
+            "rings": content.ring_rates(rows, max_distance, seed),
+            "fixed_effects": content.distance_effects(rows, seed),
+        }
+        arrays.update(content.rows_to_arrays(rows, space))
+    result["wall_time_s"] = time.time() - start
+    record = {"settings": settings, **result}
+    if jax.process_index() == 0:
+        rundir.write_npz(os.path.join(model_dir, WITHIN_IMAGE_ROWS), arrays)
+        record["files_sha256"] = integrity.files_sha256(model_dir, [WITHIN_IMAGE_ROWS])
+        rundir.write_json(cache, record)
+    return record
+
+
 def _attack_and_study(
     name: str, workdir: str, weights, loaded: tuple, dataset, config
 ) -> tuple:
@@ -770,12 +1097,37 @@ def _attack_and_study(
         FLAGS.max_distance,
         FLAGS.batch_size,
     )
+    record["within_image"] = within_image_for_model(
+        name,
+        model_dir,
+        weights,
+        loaded,
+        dataset,
+        FLAGS.seed,
+        FLAGS.max_distance,
+        FLAGS.batch_size,
+    )
     log(
         f"{name}: original {report_tables.cell(record['original_all'])}; "
         f"random {report_tables.cell(record['random'])}; "
         f"nearby {report_tables.cell(record['nearby'])}"
     )
     return summary, record
+
+
+def _compare_nearby(workdir: str, results: dict[str, dict]) -> None:
+    """The nearby rate across this run's models, with intervals on the differences
+    (`readings.nearby_rate_comparison`), kept in each model's within-image record."""
+    names = [n for n in results if results[n].get("within_image")]
+    if len(names) < 2:
+        return
+    runs = {}
+    for name in names:
+        moved = locality_file.read(os.path.join(workdir, name, locality_file.NAME))
+        runs[name] = (moved["index"], moved["nearby_success"].astype(bool))
+    comparison = readings.nearby_rate_comparison(runs, FLAGS.seed)
+    for name in names:
+        results[name]["nearby_comparison"] = comparison
 
 
 def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list:
@@ -876,6 +1228,7 @@ def main(argv: list[str]) -> None:
         "batch_size": FLAGS.batch_size,
         "dataset": dataset.source,
     }
+    _compare_nearby(workdir, results)
     figures = _write_tables_and_figures(workdir, results, maps, settings, dataset)
     rundir.write_json(
         os.path.join(workdir, "locality.json"),

@@ -37,6 +37,16 @@ ROWS = (
 )
 
 
+NETWORK_ROW = ("network_nearby", "on nearby pixels in the network's coordinates")
+
+
+def _rows(results: dict[str, dict]) -> tuple:
+    """Table 1's rows; the network-space nearby row when a model has one."""
+    if any("network_nearby" in r for r in results.values()):
+        return (*ROWS, NETWORK_ROW)
+    return ROWS
+
+
 def markdown_row(cells: list[str]) -> str:
     """One Markdown table row: '| a | b |'."""
     return "| " + " | ".join(cells) + " |"
@@ -80,8 +90,11 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
         "",
         *markdown_header(header),
     ]
-    for key, label in ROWS:
-        cells = [label, *(cell(results[n][key]) for n in names)]
+    for key, label in _rows(results):
+        cells = [
+            label,
+            *(cell(results[n][key]) if key in results[n] else "n/a" for n in names),
+        ]
         for n in paper_cols:
             if key in PAPER_KEYS:
                 rate = PAPER_TABLE1[n][PAPER_KEYS[key]]
@@ -116,9 +129,159 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
             ["random pixel (baseline)", *(cell(results[n]["random"]) for n in names)]
         )
     )
+    permuted = [n for n in names if "network_distance" in results[n]]
+    if permuted:
+        lines += [
+            "",
+            "The same in the network's coordinates (pixel-permuted models): the "
+            "colour put at every image position that the model's permutation places "
+            "at Chebyshev distance d from the attacked pixel in its input.",
+            "",
+            *markdown_header(["distance (network space)", *permuted]),
+        ]
+        for i in range(settings["max_distance"]):
+            cells = [str(i + 1)]
+            cells += [
+                cell(results[n]["network_distance"][i]["pooled"]) for n in permuted
+            ]
+            lines.append(markdown_row(cells))
     if any(r.get("controls") for r in results.values()):
         lines += ["", controls_markdown(results, settings)]
+    if any(r.get("within_image") for r in results.values()):
+        lines += ["", within_image_markdown(results)]
     return "\n".join(lines) + "\n"
+
+
+def _ci(value: dict | None, percent: bool = True) -> str:
+    """'estimate (lo to hi)' of an interval dict; percentage points when `percent`."""
+    if not value or value.get("estimate") is None:
+        return "n/a"
+    scale, digits = (100, 1) if percent else (1, 3)
+    lo = "?" if value.get("lo") is None else f"{scale * value['lo']:.{digits}f}"
+    hi = "?" if value.get("hi") is None else f"{scale * value['hi']:.{digits}f}"
+    return f"{scale * value['estimate']:.{digits}f} ({lo} to {hi})"
+
+
+def within_image_markdown(results: dict[str, dict]) -> str:
+    """The within-image analysis (`propmaps_jax.analysis.content`) of each model."""
+    names = [n for n in results if results[n].get("within_image")]
+    lines = [
+        "## Within images: intervals clustered by image, image fixed effects",
+        "",
+        "Rates in %, differences in points, each with a 95% interval from a "
+        "bootstrap over images (positions of one image are not independent). "
+        "Distance coefficients: conditional logistic regression of ring success "
+        "(d = 1..D) on Chebyshev distance with one stratum per image (log-odds per "
+        "pixel), alone and with the colour difference between the moved-to and the "
+        "attacked pixel's original colours (RGB distance per 100) as a covariate; "
+        "under the image-content reading distance adds little once that is in.",
+        "",
+        *markdown_header(
+            [
+                "model",
+                "space",
+                "nearby",
+                "random",
+                "nearby - random",
+                "distance",
+                "distance, colour-adjusted",
+                "colour",
+                "informative images",
+            ]
+        ),
+    ]
+    for name in names:
+        record = results[name]["within_image"]
+        moves = record["moves"]
+        for space, data in record["spaces"].items():
+            fixed = data["fixed_effects"]
+            nearby_key = "nearby" if space == "image" else "network_nearby"
+            difference = moves["differences"].get(f"{nearby_key} - random")
+            fits = [
+                _ci(fixed[k], percent=False)
+                if fixed.get("not_fitted") is None
+                else f"not fitted: {fixed['not_fitted']}"
+                for k in ("distance", "colour_adjusted_distance", "colour")
+            ]
+            lines.append(
+                markdown_row(
+                    [
+                        name,
+                        space,
+                        _ci(moves["rates"].get(nearby_key)),
+                        _ci(moves["rates"].get("random")),
+                        _ci(difference),
+                        *fits,
+                        str(fixed["images_informative"]),
+                    ]
+                )
+            )
+    lines += [
+        "",
+        "Image-content controls (bootstrap over images): another successful "
+        "attack's colour (the attacks' own colour distribution, not uniform RGB) at "
+        "the nearby position; the attack's colour at a position matched on 3x3 "
+        "context and on distance from the centre (attacks without one are dropped); "
+        "nearby - random per stratum of the clean margin's logit (Q1: least "
+        "confident) and of generation 0 / search.",
+        "",
+        *markdown_header(
+            [
+                "model",
+                "nearby - other attack's colour at nearby",
+                "context+centre matched: rate",
+                "nearby - matched",
+                "matched - random",
+                "dropped",
+            ]
+        ),
+    ]
+    for name in names:
+        c = results[name]["within_image"].get("controls")
+        if not c:
+            continue
+        m = c["centre_matched"]
+        dropped = "n/a" if m["drop_rate"] is None else f"{100 * m['drop_rate']:.0f}%"
+        lines.append(
+            markdown_row(
+                [
+                    name,
+                    _ci(c["nearby_minus_other_colour_at_nearby"]),
+                    _ci(m["rate"]),
+                    _ci(m["nearby_minus"]),
+                    _ci(m["minus_random"]),
+                    dropped,
+                ]
+            )
+        )
+    lines += [
+        "",
+        *markdown_header(["model", "stratum", "attacks", "nearby - random (points)"]),
+    ]
+    for name in names:
+        c = results[name]["within_image"].get("controls")
+        for row in (c or {}).get("nearby_minus_random_by_stratum", []):
+            lines.append(markdown_row([name, row["stratum"], str(row["n"]), _ci(row)]))
+    comparison = next(
+        (
+            results[n].get("nearby_comparison")
+            for n in names
+            if results[n].get("nearby_comparison")
+        ),
+        None,
+    )
+    if comparison:
+        lines += [
+            "",
+            "The nearby rate across the models of this run (the paper: about the "
+            "same across networks); differences with one bootstrap over test images, "
+            "'zero' within ±5 points:",
+            "",
+            *markdown_header(["difference", "points (95% CI)", "class"]),
+        ]
+        for pair, d in comparison["differences"].items():
+            lines.append(markdown_row([pair, _ci(d), d["class"]]))
+    return "\n".join(lines)
 
 
 def table1_csv(results: dict[str, dict]) -> str:
@@ -128,9 +291,12 @@ def table1_csv(results: dict[str, dict]) -> str:
     names = list(results)
     fields = ("rate", "successes", "n", "ci_low", "ci_high", "paper_rate")
     writer.writerow(["row"] + [f"{n}_{f}" for n in names for f in fields])
-    for key, label in ROWS:
+    for key, label in _rows(results):
         row: list[Any] = [label]
         for n in names:
+            if key not in results[n]:
+                row += [""] * len(fields)
+                continue
             prop = results[n][key]
             paper = PAPER_TABLE1.get(n, {}).get(PAPER_KEYS.get(key, ""), "")
             row += [

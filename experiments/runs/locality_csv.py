@@ -4,8 +4,10 @@ Columns: the attacked image (index, label) and the attack's pixel (row, col, r,
 g, b); the same colour moved to a nearby and to a random pixel (position, the
 model's prediction there, success); then per Chebyshev distance d = 1..D the
 number of pixels at that distance inside the image (`ring<d>_n`) and how many of
-them fool the model with the attack's colour (`ring<d>_success`). Every value is
-an integer. Written by the locality experiment; read back by its controls
+them fool the model with the attack's colour (`ring<d>_success`). A pixel-permuted
+model's file adds the same moves in the network's coordinates (`netnearby_*`,
+`netring<d>_*`, in image positions: see `locality.network_protocol_moves`). Every
+value is an integer. Written by the locality experiment; read back by its controls
 (every column, the rings of its --max_distance) and by the salience study (the
 positions only).
 """
@@ -45,13 +47,35 @@ POSITION_COLUMNS = tuple(
 )
 
 
-def ring_columns(max_distance: int) -> list[str]:
+# A pixel-permuted model's network-space moves (after the rings): the nearby
+# position in the network's coordinates, and the rings taken there.
+NETWORK_COLUMNS = (
+    "netnearby_row",
+    "netnearby_col",
+    "netnearby_pred",
+    "netnearby_success",
+)
+
+
+def ring_columns(max_distance: int, prefix: str = "ring") -> list[str]:
     """`ring<d>_n`, `ring<d>_success` for d = 1..max_distance."""
     return [
-        f"ring{d}_{what}"
+        f"{prefix}{d}_{what}"
         for d in range(1, max_distance + 1)
         for what in ("n", "success")
     ]
+
+
+def _ring_counts(study: dict, i: int, max_d: int, prefix: str) -> list[int]:
+    distances = study["distances"]
+    counts = []
+    for d in range(1, max_d + 1):
+        at_d = distances == d
+        counts += [
+            int(study[f"{prefix}_inside"][i, at_d].sum()),
+            int(study[f"{prefix}_success"][i, at_d].sum()),
+        ]
+    return counts
 
 
 def text(table: dict, succ_rows: np.ndarray, study: dict) -> str:
@@ -61,15 +85,20 @@ def text(table: dict, succ_rows: np.ndarray, study: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     max_d = int(distances.max())
-    writer.writerow(list(BASE_COLUMNS) + ring_columns(max_d))
+    network = "netnearby_rc" in study
+    header = list(BASE_COLUMNS) + ring_columns(max_d)
+    if network:
+        header += list(NETWORK_COLUMNS) + ring_columns(max_d, "netring")
+    writer.writerow(header)
     for i, row in enumerate(succ_rows):
-        ring = []
-        for d in range(1, max_d + 1):
-            at_d = distances == d
+        ring = _ring_counts(study, i, max_d, "ring")
+        if network:
+            ring += [int(v) for v in study["netnearby_rc"][i]]
             ring += [
-                int(study["ring_inside"][i, at_d].sum()),
-                int(study["ring_success"][i, at_d].sum()),
+                int(study["netnearby_pred"][i]),
+                int(study["netnearby_success"][i]),
             ]
+            ring += _ring_counts(study, i, max_d, "netring")
         writer.writerow(
             [int(table["index"][row]), int(table["label"][row])]
             + [int(v) for v in table["pixels"][row, 0]]
@@ -95,6 +124,7 @@ def read(
     columns: tuple[str, ...] = BASE_COLUMNS,
     max_distance: int | None = None,
     remedy: str | None = None,
+    network: bool = False,
 ) -> dict[str, np.ndarray]:
     """`columns` of a locality.csv as int arrays (N,), and with `max_distance`
     "ring_n" and "ring_success" (N, max_distance).
@@ -104,7 +134,10 @@ def read(
     is refused with one line ending in `remedy` (default: how to remake it).
     """
     remedy = remedy or rerun_locality(path)
-    rings = ring_columns(max_distance or 0)
+    if network:
+        columns = (*columns, *NETWORK_COLUMNS)
+    prefixes = ("ring", "netring") if network else ("ring",)
+    rings = [c for p in prefixes for c in ring_columns(max_distance or 0, p)]
     try:
         content = storage.read_text(path)
     except OSError as e:
@@ -127,17 +160,18 @@ def read(
         ) from None
     out = {c: table[:, header.index(c)] for c in columns}
     if max_distance is not None:
-        for what in ("n", "success"):
-            out[f"ring_{what}"] = np.stack(
-                [
-                    table[:, header.index(f"ring{d}_{what}")]
-                    for d in range(1, max_distance + 1)
-                ],
-                axis=1,
-            ).reshape(len(rows), max_distance)
-        if np.any(out["ring_success"] > out["ring_n"]):
-            raise PropmapsError(f"{path} holds inconsistent counts: {remedy}")
-    for flag in ("nearby_success", "random_success"):
+        for prefix in prefixes:
+            for what in ("n", "success"):
+                out[f"{prefix}_{what}"] = np.stack(
+                    [
+                        table[:, header.index(f"{prefix}{d}_{what}")]
+                        for d in range(1, max_distance + 1)
+                    ],
+                    axis=1,
+                ).reshape(len(rows), max_distance)
+            if np.any(out[f"{prefix}_success"] > out[f"{prefix}_n"]):
+                raise PropmapsError(f"{path} holds inconsistent counts: {remedy}")
+    for flag in ("nearby_success", "random_success", "netnearby_success"):
         if flag in out and np.any(~np.isin(out[flag], (0, 1))):
             raise PropmapsError(f"{path} holds inconsistent counts: {remedy}")
     return out

@@ -216,7 +216,7 @@ def move_rates(
     out: dict[str, Any] = {"rates": {}, "differences": {}}
     for name in names:
         r = within_image.rate(moves[name], clusters, RATE_RESAMPLES, seed)
-        out["rates"][name] = _interval_dict(r)
+        out["rates"][name] = interval_dict(r)
     pairs = [(m, "random") for m in names if m != "random"]
     if "network_nearby" in moves:
         pairs.append(("network_nearby", "nearby"))
@@ -224,11 +224,13 @@ def move_rates(
         r = within_image.rate_difference(
             moves[first], moves[second], clusters, RATE_RESAMPLES, seed
         )
-        out["differences"][f"{first} - {second}"] = _interval_dict(r)
+        out["differences"][f"{first} - {second}"] = interval_dict(r)
     return out
 
 
-def _interval_dict(r: dict[str, Any]) -> dict[str, Any]:
+def interval_dict(r: dict[str, Any]) -> dict[str, Any]:
+    """{"estimate", "lo", "hi"} of a bootstrap result, None for what is not finite."""
+
     def number(v):
         return None if v is None or not np.isfinite(v) else float(v)
 

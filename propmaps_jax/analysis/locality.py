@@ -8,7 +8,10 @@ is kept and put at another position of the *clean* image:
 - rings: every position at Chebyshev distance exactly d (d = 1 is "all
   neighbours"), as fixed-size offset arrays with an "inside the image" mask, so
   shapes never depend on where the pixel is;
-- vulnerability map: the colour at every one of the H*W positions.
+- vulnerability map: the colour at every one of the H*W positions;
+- for a pixel-permuted model (`models.LeNet` with a permutation), the same nearby
+  and rings taken in the *network's* coordinates (`network_protocol_moves`): image
+  positions that the permutation puts next to the attacked pixel.
 Success means the predicted class differs from the label (untargeted).
 
 Locality is defined here for one-pixel attacks only (k = 1): functions that take
@@ -32,6 +35,7 @@ import numpy as np
 
 from propmaps_jax.attack.perturb import apply_pixels_batch, move_pixels
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models.nets import check_permutation, inverse_permutation
 from propmaps_jax.types import (
     ApplyFn,
     Images,
@@ -159,7 +163,75 @@ def sample_random(
 
 # The locality protocol's stream, separate from the attack's fold_in(key(seed), index).
 LOCALITY_STREAM = 0x10CA1
-NEARBY_STREAM, RANDOM_STREAM = 0, 1
+NEARBY_STREAM, RANDOM_STREAM, NETWORK_NEARBY_STREAM = 0, 1, 2
+
+
+def network_offset_positions(
+    rows: jax.Array,
+    cols: jax.Array,
+    offsets: np.ndarray,
+    permutation: np.ndarray,
+    height: int,
+    width: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Image positions (..., P) at `offsets` (P, 2) from (rows, cols) *in the
+    network's coordinates* of a pixel-permuted model, and the inside mask.
+
+    The network's input position j holds the image's pixel `permutation[j]`
+    (`models.permute_pixels`): the attacked image pixel p sits at network position
+    q = inv[p]; its network neighbour q + offset holds image pixel
+    permutation[q + offset], which is where the colour must go in the image to land
+    next to the attacked pixel in the network. Outside the network's input: masked
+    False (the position returned is harmless to evaluate).
+    """
+    perm = jnp.asarray(np.asarray(permutation, np.int32))
+    inverse = jnp.asarray(_inverse(permutation))
+    flat = inverse[jnp.asarray(rows, jnp.int32) * width + jnp.asarray(cols, jnp.int32)]
+    net_rows, net_cols, inside = offset_positions(
+        flat // width, flat % width, offsets, height, width
+    )
+    image_flat = perm[net_rows * width + net_cols]
+    return image_flat // width, image_flat % width, inside
+
+
+def _inverse(permutation: np.ndarray) -> np.ndarray:
+    check_permutation(permutation, np.size(permutation), "the network-space moves")
+    return inverse_permutation(permutation)
+
+
+def network_protocol_moves(
+    seed: int,
+    indices: jax.Array,
+    rows: jax.Array,
+    cols: jax.Array,
+    permutation: np.ndarray,
+    height: int,
+    width: int,
+) -> np.ndarray:
+    """The network-space nearby positions (N, 2), in image coordinates, of pixels
+    (rows, cols) of a pixel-permuted model: one of the attacked pixel's 8
+    neighbours *in the network's input*, uniformly among those inside it, drawn as
+    `protocol_moves` draws the image-space nearby (own stream, one key per image).
+    """
+    if height * width != np.size(permutation):
+        raise PropmapsError(
+            f"the pixel permutation has {np.size(permutation)} positions, the images "
+            f"{height}x{width}"
+        )
+    base = jax.random.fold_in(jax.random.key(seed), LOCALITY_STREAM)
+    key = jax.random.fold_in(base, NETWORK_NEARBY_STREAM)
+    img_rows, img_cols, inside = network_offset_positions(
+        rows, cols, ring_offsets(1), permutation, height, width
+    )
+    logits = jnp.where(inside, 0.0, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(image_keys(key, indices), logits)[:, None]
+    return np.stack(
+        [
+            np.asarray(jnp.take_along_axis(img_rows, choice, axis=1)[:, 0]),
+            np.asarray(jnp.take_along_axis(img_cols, choice, axis=1)[:, 0]),
+        ],
+        axis=1,
+    )
 
 
 def protocol_moves(
@@ -302,6 +374,42 @@ def moves_program(apply_fn: ApplyFn, max_distance: int):
             apply_fn, variables, images, labels, pixels, offsets
         )
         return moved_to(nearby_rc), moved_to(random_rc), rings, inside
+
+    return evaluate
+
+
+@functools.cache
+def network_moves_program(
+    apply_fn: ApplyFn, max_distance: int, permutation: tuple[int, ...]
+):
+    """Jitted: the network-space nearby and ring outcomes of a pixel-permuted model.
+
+    `(variables, images, labels, pixels, netnearby_rc) -> (nearby Outcome, ring
+    Outcome (N, P), inside (N, P))`, the rings at the offsets of
+    `chebyshev_offsets(max_distance)` taken in the network's coordinates
+    (`network_offset_positions`).
+    """
+    offsets, _ = chebyshev_offsets(max_distance)
+    perm = np.asarray(permutation, np.int32)
+
+    @jax.jit
+    def evaluate(variables, images, labels, pixels, netnearby_rc):
+        height, width = images.shape[1], images.shape[2]
+        pixels = jnp.asarray(pixels)
+        rows, cols, inside = network_offset_positions(
+            pixels[:, 0, 0], pixels[:, 0, 1], offsets, perm, height, width
+        )
+        rings = evaluate_moved(apply_fn, variables, images, labels, pixels, rows, cols)
+        nearby = evaluate_moved(
+            apply_fn,
+            variables,
+            images,
+            labels,
+            pixels,
+            netnearby_rc[:, 0],
+            netnearby_rc[:, 1],
+        )
+        return nearby, rings, inside
 
     return evaluate
 
