@@ -281,6 +281,7 @@ def conditional_logit(
     groups: Any,
     max_iter: int = 50,
     tol: float = 1e-10,
+    start: Any = None,
 ) -> dict[str, Any]:
     """Conditional (fixed-effects) logistic regression of y on X, strata = groups.
 
@@ -292,6 +293,8 @@ def conditional_logit(
       max_iter: Newton-Raphson iterations at most (each step halved until the
         log-likelihood does not fall).
       tol: converged when no coefficient moves by more than tol (1 + max |b|).
+      start: (p,) coefficients to start Newton-Raphson from (default zeros), e.g.
+        the full sample's estimate for a bootstrap resample (fewer iterations).
     Returns:
       {"coef" (p,), "se" (p,) model-based from the exact information, "se_cluster"
       (p,) sandwich clustered by stratum with the G / (G - 1) small-sample factor
@@ -324,7 +327,9 @@ def conditional_logit(
     }
     if n_strata < 2:
         return result
-    beta = np.zeros(p)
+    beta = np.zeros(p) if start is None else np.array(start, np.float64).reshape(p)
+    if not np.all(np.isfinite(beta)):
+        beta = np.zeros(p)
     loglik, scores, information = _evaluate(strata, beta, 2)
     exact, converged = True, False
     for iteration in range(1, max_iter + 1):
