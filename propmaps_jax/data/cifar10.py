@@ -22,6 +22,7 @@ import dataclasses
 import io
 import os
 import pickle
+import stat
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -231,8 +232,9 @@ def _load_tar(path: str) -> Cifar10:
 
             return _from_reader(read, path)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        reason = " ".join(str(e).split())  # tarfile's reasons span several lines
         raise DataError(
-            f"{path} is not a readable tar archive ({type(e).__name__}: {e}); "
+            f"{path} is not a readable tar archive ({type(e).__name__}: {reason}); "
             "it may be truncated or corrupt: download it again"
         ) from None
 
@@ -336,6 +338,19 @@ def _is_tarfile(path: str) -> bool:
         return False  # a damaged archive: _load_tar reports it if the name says tar
 
 
+def _file_kind(mode: int) -> str:
+    """What a path that is not a regular file or folder is, in words."""
+    for test, kind in (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def load_from_path(path: str) -> Cifar10:
     """Load CIFAR-10 from a tar.gz archive, a batches folder or an .npz file (of
     both splits, or of `x, y` alone: a training split, with no test images).
@@ -348,6 +363,14 @@ def load_from_path(path: str) -> Cifar10:
         raise DataError(f"CIFAR-10 path {path} does not exist; " + HOW_TO_POINT)
     if os.path.isdir(path):
         return _load_folder(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        # A device (/dev/zero never ends), a FIFO (blocks until written), a socket.
+        raise DataError(
+            f"{path} is a {_file_kind(mode)}, not a file or folder; " + HOW_TO_POINT
+        )
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes); " + HOW_TO_POINT)
     if path.endswith(".npz"):
         return _load_npz(path)
     if path.endswith((".tar.gz", ".tgz", ".tar")) or _is_tarfile(path):

@@ -360,7 +360,8 @@ def _extract(archive: str, folder: str) -> None:
                         record.write(f"{sha256[name]}  {name}\n")
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise DataError(
-                f"{archive} is not a readable tar archive ({type(e).__name__}: {e}); "
+                f"{archive} is not a readable tar archive ({type(e).__name__}: "
+                f"{_reason(e)}); "
                 f"delete it to download again, {LOCAL_COPY}"
             ) from None
         except OSError as e:

@@ -404,6 +404,34 @@ def test_batches_of_every_pickle_protocol_are_read(tmp_path):
         assert_dataset_equal(data.load_from_path(folder), splits)
 
 
+def test_devices_fifos_and_empty_files_are_refused_at_once(tmp_path):
+    """/dev/zero (read forever), a FIFO (blocks until someone writes), a 0-byte
+    .tar.gz: one line each, without reading them."""
+    fifo = tmp_path / "cifar.tar.gz"
+    os.mkfifo(fifo)
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(b"")
+    cases = [
+        ("/dev/zero", "/dev/zero is a character device, not a file or folder"),
+        (str(fifo), "cifar.tar.gz is a FIFO (named pipe), not a file or folder"),
+        (str(empty), "empty.tar.gz is empty (0 bytes); pass `path`"),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError) as raised:
+            data.load_from_path(path)
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_unreadable_tar_reason_is_one_line(tmp_path):
+    archive = tmp_path / "noise.tar.gz"
+    archive.write_bytes(b"this is not an archive at all" * 40)
+    with pytest.raises(DataError) as raised:
+        data.load_from_path(str(archive))
+    message = str(raised.value)
+    assert "noise.tar.gz is not a readable tar archive" in message
+    assert "\n" not in message
+
+
 def test_truncated_tar_gz(tmp_path):
     archive = _write_tar(tmp_path, _fake_splits())
     size = os.path.getsize(archive)
