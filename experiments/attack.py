@@ -804,6 +804,7 @@ def _run_attack(
     indices = sample_indices(len(x_test), num_samples, seed, sample)
     if loaded is None:
         loaded = common.load_model(model_name, weights)
+    common.check_computes(loaded, x_test, model_name, weights)
     # A user-given batch that cannot fit is refused before anything is compiled.
     budget.check_batch(loaded[1], loaded[2], slots, config.population)
     if target == "all":

@@ -140,14 +140,32 @@ def load_data() -> data.Cifar10:
     return dataset
 
 
-def load_model(name: str, weights: str | None):
-    """(config, module, variables, metadata): `weights`, else the bundled model."""
+def load_model(name: str, weights: str | None, num_classes: int = data.NUM_CLASSES):
+    """(config, module, variables, metadata): `weights`, else the bundled model;
+    one line when a variable is not finite or the model has other than the data's
+    `num_classes` outputs (`check_computes` then runs it on a few images)."""
     if name not in models.MODEL_REGISTRY:
         raise PropmapsError(
             f"unknown model {name!r}; choose one of {', '.join(models.MODEL_REGISTRY)}"
         )
     config, variables, metadata = checkpoint.load_weights(name, weights)
+    models.check_num_classes(
+        config.num_classes, num_classes, _weights_name(name, weights)
+    )
     return config, models.create_model(config), variables, metadata
+
+
+def _weights_name(name: str, weights: str | None) -> str:
+    return weights or checkpoint.bundled_checkpoint_path(name)
+
+
+def check_computes(loaded: tuple, images: Any, name: str, weights: str | None) -> None:
+    """One line unless the model of `loaded` (`load_model(name, weights)`) gives
+    finite logits on the first few `images`: before any work starts."""
+    _, module, variables, _ = loaded
+    models.check_outputs_finite(
+        models.make_apply_fn(module), variables, images, _weights_name(name, weights)
+    )
 
 
 # The run directory's atomic writers, under the names experiments have used.

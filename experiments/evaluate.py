@@ -38,6 +38,9 @@ def main(argv: list[str]) -> None:
     weights = FLAGS.weights or checkpoint.bundled_checkpoint_path(FLAGS.model)
     dataset = common.load_data()
     images, labels = dataset.split("test")
+    common.check_computes(
+        (config, module, variables, metadata), images, FLAGS.model, FLAGS.weights
+    )
 
     start = time.time()
     progress = Progress(len(images), what="images")

@@ -1180,6 +1180,8 @@ def main(argv: list[str]) -> None:
     start = time.time()
     dataset = common.load_data()
     check_sample_counts(names, len(dataset.x_test))
+    for name in names:  # every model computes, before the first attack starts
+        common.check_computes(loaded[name], dataset.x_test, name, weights[name])
     estimate = budget.announce_job(
         {
             n: (

@@ -390,7 +390,9 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
         workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
     )
     table = run.table
-    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+    loaded = common.load_model(FLAGS.model, FLAGS.weights)
+    common.check_computes(loaded, images, FLAGS.model, FLAGS.weights)
+    config, module, variables, _ = loaded
     failed = np.flatnonzero(table["attacked"] & ~table["success"])
     ratio = np.full(table["index"].shape, np.nan)
     ratio[failed] = _last_layer_ratio(
@@ -534,7 +536,9 @@ def main(argv: list[str]) -> None:
     check_pixels(
         pixels, images.shape[1:], "--move_to" if FLAGS.move_to is not None else source
     )
-    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+    loaded = common.load_model(FLAGS.model, FLAGS.weights)
+    common.check_computes(loaded, images, FLAGS.model, FLAGS.weights)
+    config, module, variables, _ = loaded
     image, label = images[index], int(labels[index])
     perturbed, result, captions, pixel_text = _analyze_attack(
         module, variables, config, image, label, pixels

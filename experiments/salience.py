@@ -537,8 +537,10 @@ def run(
         width,
         locality_positions(workdir, indices, pixels, success, height, width),
     )
-    _, module, variables, _ = common.load_model(model_name, weights)
+    loaded = common.load_model(model_name, weights)
+    _, module, variables, _ = loaded
     images = x_test[indices]
+    common.check_computes(loaded, images, model_name, weights)
 
     # The model must be the attack's: its predictions must match attack.csv.
     check = jax.jit(

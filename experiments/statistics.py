@@ -633,7 +633,9 @@ def main(argv: list[str]) -> None:
     )
     csv_path = run.csv_path
     rows = _attacked(run)
-    config, module, variables, _ = common.load_model(FLAGS.model, FLAGS.weights)
+    loaded = common.load_model(FLAGS.model, FLAGS.weights)
+    common.check_computes(loaded, images, FLAGS.model, FLAGS.weights)
+    config, module, variables, _ = loaded
     filter_fn, _ = propagation.layer_selection(FLAGS.layers)
     shapes = propagation.layer_shapes(module, variables, config.image_shape, filter_fn)
     order = list(shapes)

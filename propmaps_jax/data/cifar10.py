@@ -17,9 +17,12 @@ the training split there instead (the `.npz` of `x, y` alone needs it).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import io
 import os
 import pickle
+import stat
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -86,11 +89,74 @@ def validate_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
         )
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles written by Python 3 call it: the
+    bytes of latin-1 text, nothing else (no codec lookup by name)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is admitted for latin-1 text only")
+    return text.encode("latin1")
+
+
+def _plain_dtype(*args) -> np.dtype:
+    """`numpy.dtype` for the dtypes of plain numeric arrays (no object arrays)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dtype} is not plain data")
+    return dtype
+
+
+# numpy's array reconstructors (pickle protocols up to 4, and 5) under both of
+# their module names (numpy < 2 and >= 2).
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+# The only globals a CIFAR-10 batch may name: what numpy arrays are rebuilt from
+# (the official files, pickled by Python 2) and the plain data builtins that
+# protocol-2 pickles written by Python 3 use for bytes. Anything else could run
+# code, and is refused before it is looked up.
+_BATCH_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    **{
+        (module, name): getattr(builtins, name)
+        for module in ("__builtin__", "builtins")
+        for name in ("bytes", "bytearray", "set", "frozenset")
+    },
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only: `find_class` admits the globals of
+    `_BATCH_GLOBALS` and refuses every other one, so a crafted file cannot run code.
+    """
+
+    def __init__(self, raw: bytes, where: str):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        found = _BATCH_GLOBALS.get((module, name))
+        if found is None:
+            raise DataError(
+                f"{self.where} is not a plain CIFAR-10 batch: its pickle names "
+                f"{module}.{name}, which could run code, and was refused before "
+                "anything ran; use the official archive (or give no path to "
+                "download it)"
+            )
+        return found
+
+
 def _decode_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        batch = pickle.loads(raw, encoding="bytes")
+        batch = _BatchUnpickler(raw, where).load()
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except DataError:
+        raise
     except Exception as e:  # any unpickling problem means the file is damaged
         raise DataError(
             f"{where} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
@@ -166,8 +232,9 @@ def _load_tar(path: str) -> Cifar10:
 
             return _from_reader(read, path)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        reason = " ".join(str(e).split())  # tarfile's reasons span several lines
         raise DataError(
-            f"{path} is not a readable tar archive ({type(e).__name__}: {e}); "
+            f"{path} is not a readable tar archive ({type(e).__name__}: {reason}); "
             "it may be truncated or corrupt: download it again"
         ) from None
 
@@ -271,6 +338,19 @@ def _is_tarfile(path: str) -> bool:
         return False  # a damaged archive: _load_tar reports it if the name says tar
 
 
+def _file_kind(mode: int) -> str:
+    """What a path that is not a regular file or folder is, in words."""
+    for test, kind in (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def load_from_path(path: str) -> Cifar10:
     """Load CIFAR-10 from a tar.gz archive, a batches folder or an .npz file (of
     both splits, or of `x, y` alone: a training split, with no test images).
@@ -283,6 +363,14 @@ def load_from_path(path: str) -> Cifar10:
         raise DataError(f"CIFAR-10 path {path} does not exist; " + HOW_TO_POINT)
     if os.path.isdir(path):
         return _load_folder(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        # A device (/dev/zero never ends), a FIFO (blocks until written), a socket.
+        raise DataError(
+            f"{path} is a {_file_kind(mode)}, not a file or folder; " + HOW_TO_POINT
+        )
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes); " + HOW_TO_POINT)
     if path.endswith(".npz"):
         return _load_npz(path)
     if path.endswith((".tar.gz", ".tgz", ".tar")) or _is_tarfile(path):

@@ -8,7 +8,11 @@ there. Later calls read the cache without the network.
 The download never leaves anything that looks complete unless it is: the archive is
 written to a temporary file in the cache folder and renamed only after its checksum
 matched; it is extracted into a temporary folder that is renamed to
-`cifar-10-batches-py` only once every batch is there. A mirror can be named with
+`cifar-10-batches-py` only once every batch is there, with the SHA-256 of each
+batch as extracted from the verified archive (`SHA256SUMS`, the format of
+`sha256sum -c`). Every later use checks the batches against that record, so a
+cached file changed since (damaged, replaced, or a pickle planted there) is refused,
+not read. A mirror can be named with
 `$PROPMAPS_CIFAR10_URL`; it is checked against the official MD5 (a mirror holds the
 same bytes) unless `$PROPMAPS_CIFAR10_MD5` gives another. The check is never
 skipped: an archive that cannot be verified can still be used by passing its path.
@@ -53,6 +57,8 @@ MD5_ENV = "PROPMAPS_CIFAR10_MD5"
 DOWNLOAD_TIMEOUT_S = 60.0
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 USER_AGENT = "propmaps-jax (CIFAR-10 download)"
+# The record of the extracted batches' SHA-256, written inside the cache's folder.
+SHA256_RECORD = "SHA256SUMS"
 LOCAL_COPY = f"or pass `path`: a local copy of {BATCHES_DIR}/ (or {ARCHIVE_NAME})"
 
 
@@ -297,7 +303,11 @@ def _download(
 
 
 def _file_md5(path: str) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+    return _file_digest(path, hashlib.md5(usedforsecurity=False))
+
+
+def _file_digest(path: str, digest) -> str:
+    """The hex digest of the file at `path` with `digest` (a new hashlib object)."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -319,8 +329,8 @@ def _member_file_name(member: tarfile.TarInfo) -> str | None:
 
 
 def _extract(archive: str, folder: str) -> None:
-    """Extract the batches of `archive` to `folder`: into a temporary folder beside
-    it, renamed once complete."""
+    """Extract the batches of `archive` to `folder`, with the SHA-256 of each in
+    `SHA256_RECORD`: into a temporary folder beside it, renamed once complete."""
     staging = tempfile.mkdtemp(prefix=f".{BATCHES_DIR}.", dir=os.path.dirname(folder))
     try:
         # mkdtemp's folder is private (0700); the dataset gets the usual mode, so
@@ -328,20 +338,30 @@ def _extract(archive: str, folder: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)
+        sha256 = {}
         try:
             with tarfile.open(archive, "r:*") as tar:
                 for member in tar:
                     name = _member_file_name(member)
-                    if name is None:
+                    if name is None or name == SHA256_RECORD:
                         continue
+                    digest = hashlib.sha256()
                     with (
                         tar.extractfile(member) as source,
                         open(os.path.join(staging, name), "wb") as target,
                     ):
-                        shutil.copyfileobj(source, target, 1 << 20)
+                        for block in iter(lambda: source.read(1 << 20), b""):
+                            digest.update(block)
+                            target.write(block)
+                    sha256[name] = digest.hexdigest()
+            with open(os.path.join(staging, SHA256_RECORD), "w") as record:
+                for name in (*TRAIN_FILES, TEST_FILE):
+                    if name in sha256:
+                        record.write(f"{sha256[name]}  {name}\n")
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise DataError(
-                f"{archive} is not a readable tar archive ({type(e).__name__}: {e}); "
+                f"{archive} is not a readable tar archive ({type(e).__name__}: "
+                f"{_reason(e)}); "
                 f"delete it to download again, {LOCAL_COPY}"
             ) from None
         except OSError as e:
@@ -432,9 +452,35 @@ def fetch_cifar10(
 
 
 def _require_complete(folder: str) -> None:
+    """The cached batches are all there and are the bytes extracted from the
+    verified archive (their SHA-256 in `SHA256_RECORD`); DataError otherwise."""
     missing = _batches_missing(folder)
     if missing:
         raise DataError(
             f"the cached {folder} is incomplete (missing {', '.join(missing)}); "
             f"delete it to download again, {LOCAL_COPY}"
         )
+    record = os.path.join(folder, SHA256_RECORD)
+    try:
+        with open(record) as f:
+            lines = [line.split() for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    expected = {line[1]: line[0].lower() for line in lines if len(line) == 2}
+    unrecorded = [f for f in (*TRAIN_FILES, TEST_FILE) if f not in expected]
+    if unrecorded:
+        raise DataError(
+            f"the cached {folder} has no SHA-256 record of {', '.join(unrecorded)} "
+            f"(its {SHA256_RECORD} is missing or damaged: extracted by an older "
+            f"version, or changed), so it cannot be verified; delete it to "
+            f"download again, {LOCAL_COPY}"
+        )
+    for name in (*TRAIN_FILES, TEST_FILE):
+        got = _file_digest(os.path.join(folder, name), hashlib.sha256())
+        if got != expected[name]:
+            raise DataError(
+                f"the cached {folder}/{name} has SHA-256 {got}, not the "
+                f"{expected[name]} extracted from the verified archive: it was "
+                "changed or damaged; "
+                f"delete {folder} to download again, {LOCAL_COPY}"
+            )

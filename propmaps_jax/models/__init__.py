@@ -6,9 +6,16 @@
 - `column_pair`: LeNet's first convolution on pairs of columns (a CPU speed trick);
 - `receptive`: the attack's candidate forward that recomputes only the receptive
   field of the changed pixel;
-- `checkpoint`: bundled and saved weights; `keras_import`: the public Keras models.
+- `checkpoint`: bundled and saved weights; `keras_import`: the public Keras models;
+- `checks`: what loaded weights must satisfy before any work (finite variables,
+  the data's class count, finite logits on a few images).
 """
 
+from propmaps_jax.models.checks import (
+    check_finite_variables,
+    check_num_classes,
+    check_outputs_finite,
+)
 from propmaps_jax.models.column_pair import ColumnPairConv, column_pair_conv
 from propmaps_jax.models.nets import (
     CIFAR10_CLASSES,
@@ -60,6 +67,9 @@ __all__ = [
     "ResNet20",
     "ResNet32",
     "ResNetTiny",
+    "check_finite_variables",
+    "check_num_classes",
+    "check_outputs_finite",
     "check_permutation",
     "check_variables_fit",
     "column_pair_conv",

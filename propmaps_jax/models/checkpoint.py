@@ -22,6 +22,7 @@ from flax import serialization
 from propmaps_jax.errors import WeightsError
 from propmaps_jax.models import (
     ModelConfig,
+    check_finite_variables,
     check_variables_fit,
     keras_import,
     variables_template,
@@ -140,12 +141,36 @@ def parse_checkpoint(raw: bytes, path: str) -> dict[str, Any]:
             f"{path} is not a propmaps-jax checkpoint (no '{FORMAT}' header); "
             "`weights` takes our .msgpack checkpoints or a Keras .h5 file"
         )
+    for field in ("config", "metadata", "variables"):
+        if field not in payload:
+            raise WeightsError(
+                f"{path} has no '{field}' (a damaged or hand-made checkpoint); "
+                "re-create it with save_checkpoint or pass other `weights`"
+            )
     return {
-        "config": ModelConfig.from_dict(json.loads(payload["config"])),
-        "metadata": json.loads(payload["metadata"]),
+        "config": _json_field(payload, "config", path, ModelConfig.from_dict),
+        "metadata": _json_field(payload, "metadata", path, dict),
         "variables": payload["variables"],
         "train_state": payload.get("train_state"),
     }
+
+
+def _json_field(payload: dict, field: str, path: str, build: Any) -> Any:
+    """`build` of the JSON object in the checkpoint's `field` (one line if not)."""
+    try:
+        value = json.loads(payload[field])
+        if not isinstance(value, dict):
+            raise TypeError(f"a JSON {type(value).__name__}, not an object")
+        return build(value)
+    except WeightsError:
+        raise
+    except Exception as e:  # not text, not JSON, or a config without its fields
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise WeightsError(
+            f"{path}: its '{field}' is not a valid JSON {field} "
+            f"({type(e).__name__}: {reason}); re-create the checkpoint with "
+            "save_checkpoint or pass other `weights`"
+        ) from None
 
 
 def load_checkpoint(
@@ -172,7 +197,8 @@ def bundled_checkpoint_path(model_name: str) -> str:
 def load_weights(
     model_name: str, weights: str | None = None
 ) -> tuple[ModelConfig, Variables, dict]:
-    """Load `weights` (our checkpoint or a Keras .h5), else the bundled checkpoint."""
+    """Load `weights` (our checkpoint or a Keras .h5), else the bundled checkpoint;
+    WeightsError when a variable holds NaN or inf (the model could not compute)."""
     if weights is None:
         path = bundled_checkpoint_path(model_name)
         if not os.path.isfile(path):
@@ -180,12 +206,19 @@ def load_weights(
                 f"no bundled checkpoint for model {model_name!r} (not trained yet); "
                 "pass `weights`: a checkpoint of ours or a Keras .h5 file"
             )
-        return load_checkpoint(path, expect_model=model_name)
-    if not os.path.isfile(weights):
-        what = (
-            "is a directory, not a file" if os.path.isdir(weights) else "does not exist"
-        )
-        raise WeightsError(f"weights file {weights} {what}")
-    if weights.endswith((".h5", ".hdf5", ".keras")):
-        return keras_import.load_keras_weights(weights, model_name)
-    return load_checkpoint(weights, expect_model=model_name)
+        loaded = load_checkpoint(path, expect_model=model_name)
+    else:
+        path = weights
+        if not os.path.isfile(weights):
+            what = (
+                "is a directory, not a file"
+                if os.path.isdir(weights)
+                else "does not exist"
+            )
+            raise WeightsError(f"weights file {weights} {what}")
+        if weights.endswith((".h5", ".hdf5", ".keras")):
+            loaded = keras_import.load_keras_weights(weights, model_name)
+        else:
+            loaded = load_checkpoint(weights, expect_model=model_name)
+    check_finite_variables(loaded[1], path)
+    return loaded

@@ -92,6 +92,30 @@ def _parse_graph(model_config: dict[str, Any]) -> dict[str, KerasLayer]:
     raise _StructureError(f"unsupported Keras model class {class_name!r}")
 
 
+# More values than any weight array of the supported models holds by far (ResNet's
+# largest has 36,864): a larger one is a damaged file, refused before it is read.
+MAX_WEIGHT_VALUES = 1 << 26
+
+
+def _weight_array(dataset: Any, name: str, path: str) -> np.ndarray:
+    """The numeric array of an HDF5 weight dataset, checked before it is read."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise WeightsError(f"{path}: weight {name} is not an array (an HDF5 group)")
+    if dataset.dtype.kind not in "fiu":
+        raise WeightsError(
+            f"{path}: weight {name} holds {dataset.dtype} values, not numbers; the "
+            "file is damaged or not a Keras model: pass a Keras .h5 saved by "
+            "model.save(...)"
+        )
+    if dataset.size > MAX_WEIGHT_VALUES:
+        raise WeightsError(
+            f"{path}: weight {name} has shape {dataset.shape} ({dataset.size:,} "
+            f"values, more than the {MAX_WEIGHT_VALUES:,} any supported model "
+            "needs); the file is damaged: pass a Keras .h5 saved by model.save(...)"
+        )
+    return np.asarray(dataset)
+
+
 def read_keras_file(path: str) -> KerasFile:
     """Graph and weight arrays of a Keras 2 HDF5 file (WeightsError if unreadable)."""
     with open(path, "rb") as f:
@@ -121,13 +145,15 @@ def read_keras_file(path: str) -> KerasFile:
                     weight_name = _as_str(weight_name)
                     # "conv2d_1/kernel:0" -> "kernel"
                     short = weight_name.split("/")[-1].split(":")[0]
-                    arrays[short] = np.asarray(layer_group[weight_name])
+                    arrays[short] = _weight_array(
+                        layer_group[weight_name], weight_name, path
+                    )
                 weights[name] = arrays
     except WeightsError:
         raise
     except _StructureError as e:
         raise WeightsError(f"{path}: cannot read its Keras graph ({e})") from None
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, MemoryError) as e:
         raise WeightsError(
             f"{path} is not a readable Keras 2 HDF5 file ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); it may be truncated or "

@@ -6,14 +6,21 @@ with the choices that platform would get.
 """
 
 import os
-import pickle
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import attack, attack_engine, backend, checkpoint, memory, models
+from propmaps_jax import (
+    attack,
+    attack_engine,
+    backend,
+    checkpoint,
+    data,
+    memory,
+    models,
+)
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import column_pair
 from tests._attack_case import CONFIG, SLOTS, attack_case, lenet_case
@@ -87,9 +94,8 @@ def test_lenet_layouts_share_parameters_and_logits():
     _, variables, _ = checkpoint.load_weights("lenet")
     test_batch = os.path.join(os.environ.get("CIFAR10_PATH", ""), "test_batch")
     if os.path.isfile(test_batch):  # the real test images where CI has them
-        with open(test_batch, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")[b"data"][:64]
-        images = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        # Through the library's reader: a data file is never plainly unpickled.
+        images = data.load_from_path(os.environ["CIFAR10_PATH"]).x_test[:64]
     else:
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)

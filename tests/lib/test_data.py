@@ -346,6 +346,92 @@ def test_corrupt_pickle(tmp_path):
         data.load_from_path(folder)
 
 
+class _RunsCode:
+    """Unpickled, calls `function(*args)`: what a crafted batch file would do."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (lambda marker: _RunsCode(os.system, f"touch {marker}"), "system"),
+        (lambda marker: _RunsCode(open, str(marker), "w"), ".open"),
+        (
+            lambda marker: {b"data": _RunsCode(os.system, f"touch {marker}")},
+            "system",
+        ),
+    ],
+    ids=["os.system", "builtins.open", "nested in the batch"],
+)
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(
+    tmp_path, payload, refused, protocol
+):
+    """No code from data: the batch is unpickled with a restricted unpickler that
+    names the file and the refused global; the payload never runs."""
+    folder = _write_folder(tmp_path / "src", _fake_splits())
+    marker = tmp_path / "marker"
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(payload(marker), f, protocol=protocol)
+    with pytest.raises(DataError) as raised:
+        data.load_from_path(folder)
+    message = str(raised.value)
+    assert "test_batch is not a plain CIFAR-10 batch" in message
+    assert refused in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_batches_of_every_pickle_protocol_are_read(tmp_path):
+    """The restricted unpickler admits what numpy arrays and bytes are rebuilt from
+    in every protocol (protocol 2 from Python 3 rebuilds bytes via _codecs)."""
+    splits = _fake_splits()
+    x_train, y_train, x_test, y_test = splits
+    folder = _write_folder(tmp_path, splits)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        batch = {
+            b"data": _encode(x_test),
+            b"labels": [int(v) for v in y_test],
+            b"batch_label": b"testing batch 1 of 1",
+            b"filenames": [b"a.png", b"", b"c.png"],
+        }
+        with open(os.path.join(folder, "test_batch"), "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+        assert_dataset_equal(data.load_from_path(folder), splits)
+
+
+def test_devices_fifos_and_empty_files_are_refused_at_once(tmp_path):
+    """/dev/zero (read forever), a FIFO (blocks until someone writes), a 0-byte
+    .tar.gz: one line each, without reading them."""
+    fifo = tmp_path / "cifar.tar.gz"
+    os.mkfifo(fifo)
+    empty = tmp_path / "empty.tar.gz"
+    empty.write_bytes(b"")
+    cases = [
+        ("/dev/zero", "/dev/zero is a character device, not a file or folder"),
+        (str(fifo), "cifar.tar.gz is a FIFO (named pipe), not a file or folder"),
+        (str(empty), "empty.tar.gz is empty (0 bytes); pass `path`"),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError) as raised:
+            data.load_from_path(path)
+        assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_unreadable_tar_reason_is_one_line(tmp_path):
+    archive = tmp_path / "noise.tar.gz"
+    archive.write_bytes(b"this is not an archive at all" * 40)
+    with pytest.raises(DataError) as raised:
+        data.load_from_path(str(archive))
+    message = str(raised.value)
+    assert "noise.tar.gz is not a readable tar archive" in message
+    assert "\n" not in message
+
+
 def test_truncated_tar_gz(tmp_path):
     archive = _write_tar(tmp_path, _fake_splits())
     size = os.path.getsize(archive)

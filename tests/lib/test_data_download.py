@@ -191,8 +191,24 @@ def test_good_archive_downloads_verifies_extracts_then_uses_the_cache(
     # The extracted folder only: the archive and every temporary file are gone.
     assert sorted(os.listdir(env)) == [".cifar10.lock", data.BATCHES_DIR]
     assert sorted(os.listdir(folder)) == sorted(
-        [*data.TRAIN_FILES, data.TEST_FILE, "batches.meta", "readme.html"]
+        [
+            *data.TRAIN_FILES,
+            data.TEST_FILE,
+            "batches.meta",
+            "readme.html",
+            data.download.SHA256_RECORD,
+        ]
     )
+    # The record holds the SHA-256 of each batch as extracted, as sha256sum writes.
+    with tarfile.open(fileobj=io.BytesIO(good[1]), mode="r:gz") as tar:
+        names = (*data.TRAIN_FILES, data.TEST_FILE)
+        raw = [tar.extractfile(f"{data.BATCHES_DIR}/{name}").read() for name in names]
+    expected = "".join(
+        f"{hashlib.sha256(content).hexdigest()}  {name}\n"
+        for name, content in zip(names, raw, strict=True)
+    )
+    with open(os.path.join(folder, data.download.SHA256_RECORD)) as f:
+        assert f.read() == expected
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
@@ -404,6 +420,32 @@ def test_incomplete_cache_is_refused_not_repaired(env, good):
     folder = data.fetch_cifar10()
     os.remove(os.path.join(folder, "data_batch_2"))
     with pytest.raises(DataError, match=r"cached .* is incomplete \(missing data_b"):
+        data.fetch_cifar10()
+
+
+def test_cache_changed_after_extraction_is_refused(env, good):
+    """The cache is checked against the SHA-256 recorded from the verified archive
+    at every use: a batch replaced by another valid one, a flipped byte, a missing
+    or edited record are each one line, never read."""
+    folder = data.fetch_cifar10()
+    record = os.path.join(folder, data.download.SHA256_RECORD)
+    original = open(record).read()
+    batch = os.path.join(folder, data.TEST_FILE)
+    x_train, y_train, x_test, y_test = _splits(9)
+    with open(batch, "wb") as f:
+        f.write(_batch(x_test, y_test, "planted"))
+    with pytest.raises(DataError) as raised:
+        data.load_cifar10(None)
+    message = str(raised.value)
+    assert f"{data.TEST_FILE} has SHA-256" in message and "was changed" in message
+    assert f"delete {folder} to download again" in message and "\n" not in message
+
+    with open(record, "w") as f:  # the record edited to match: still checked
+        f.write(original.replace(original.split()[0], "0" * 64))
+    with pytest.raises(DataError, match=r"data_batch_1 has SHA-256 .*, not the 0000"):
+        data.fetch_cifar10()
+    os.remove(record)
+    with pytest.raises(DataError, match=r"has no SHA-256 record of data_batch_1, "):
         data.fetch_cifar10()
 
 
