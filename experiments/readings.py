@@ -222,7 +222,9 @@ def main(argv: list[str]) -> None:
         os.path.join(workdir, "readings.md"), markdown(decision, comparison, paths)
     )
     curves = {
-        label: run["within_image"] for label, run in runs.items() if run["within_image"]
+        f"{label} ({len(run['index'])} successful attacks)": run["within_image"]
+        for label, run in runs.items()
+        if run["within_image"]
     }
     plots.readings_distance_figure(
         curves, os.path.join(workdir, "readings_distance.png")
