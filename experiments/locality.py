@@ -63,7 +63,7 @@ from propmaps_jax import (
     models,
     stats,
 )
-from propmaps_jax.analysis import content, content_controls, readings, within_image
+from propmaps_jax.analysis import content, content_controls, readings
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 
@@ -852,75 +852,30 @@ def content_controls_for_model(
         [x_test[attacked]],
         max(1, min(batch_size, len(attacked))),
     )
-    p_true = probs[np.arange(len(attacked)), y_test[attacked]]
-    others = probs.copy()
-    others[np.arange(len(attacked)), y_test[attacked]] = -1.0
-    logit = within_image.margin_logit(p_true, others.max(axis=1))
-    quartile, edges = within_image.logit_margin_strata(logit)
+    margin_logit = content.clean_margin_logit(probs, y_test[attacked])
     in_attacked = np.searchsorted(np.flatnonzero(table["attacked"]), succ_rows)
-    margin_q = quartile[in_attacked]
-    generation0 = table["generations"][succ_rows] == 0
     found = draws.matched_found
     other_own = own.success.astype(bool)
     other_nearby = near.success.astype(bool)
     matched_success = matched.success.astype(bool)
-
-    def rate(success, mask=None):
-        mask = np.ones(len(success), bool) if mask is None else mask
-        return content.interval_dict(
-            within_image.rate(success[mask], index[mask], content.RATE_RESAMPLES, seed)
-        )
-
-    def diff(first, second, mask=None):
-        mask = np.ones(len(first), bool) if mask is None else mask
-        return content.interval_dict(
-            within_image.rate_difference(
-                first[mask], second[mask], index[mask], content.RATE_RESAMPLES, seed
-            )
-        )
-
-    labels_strata = np.array([f"margin logit Q{q + 1}" for q in margin_q], dtype=object)
-    strata_names = [f"margin logit Q{q}" for q in range(1, 5)]
-    summary = {
-        "other_attack_colour_at_attack": rate(other_own),
-        "other_attack_colour_at_nearby": rate(other_nearby),
-        "nearby_minus_other_colour_at_nearby": diff(moves["nearby"], other_nearby),
-        "centre_matched": {
-            "found": int(found.sum()),
-            "drop_rate": draws.drop_rate,
-            "median_candidates": float(np.median(draws.matched_candidates))
-            if len(index)
-            else None,
-            "rate": rate(matched_success, found),
-            "minus_random": diff(matched_success, moves["random"], found),
-            "nearby_minus": diff(moves["nearby"], matched_success, found),
-        },
-        "margin_logit_edges": [float(e) for e in edges],
-        "nearby_minus_random_by_stratum": content_controls.stratum_differences(
-            moves["nearby"],
-            moves["random"],
-            labels_strata,
-            strata_names,
-            index,
-            content.RATE_RESAMPLES,
-            seed,
-        )
-        + content_controls.stratum_differences(
-            moves["nearby"],
-            moves["random"],
-            np.where(generation0, "generation 0", "search"),
-            ["generation 0", "search"],
-            index,
-            content.RATE_RESAMPLES,
-            seed,
-        )[1:],
-    }
+    summary = content.controls_summary(
+        moves,
+        other_own,
+        other_nearby,
+        matched_success,
+        draws,
+        index,
+        margin_logit,
+        in_attacked,
+        table["generations"][succ_rows] == 0,
+        seed,
+    )
     arrays = {
         "other_colour_own_success": other_own,
         "other_colour_nearby_success": other_nearby,
         "centre_matched_found": found,
         "centre_matched_success": matched_success,
-        "margin_logit": logit[in_attacked].astype(np.float32),
+        "margin_logit": margin_logit[in_attacked].astype(np.float32),
     }
     return summary, arrays
 

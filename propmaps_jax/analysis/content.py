@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from propmaps_jax.analysis import locality, within_image
+from propmaps_jax.analysis import content_controls, locality, within_image
 
 # Bootstrap resamples of the fixed-effects fits (each resample refits both models)
 # and of the rates; the seed's stream is separate from the controls' draws.
@@ -259,4 +259,95 @@ def interval_dict(r: dict[str, Any]) -> dict[str, Any]:
         "estimate": number(r["estimate"]),
         "lo": number(r["lo"]),
         "hi": number(r["hi"]),
+    }
+
+
+def clean_margin_logit(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) log p(true) - log p(runner-up) of clean softmax outputs (N, C)."""
+    probs = np.asarray(probs)
+    rows = np.arange(len(probs))
+    p_true = probs[rows, labels]
+    others = probs.copy()
+    others[rows, labels] = -1.0
+    return within_image.margin_logit(p_true, others.max(axis=1))
+
+
+def controls_summary(
+    moves: dict[str, np.ndarray],
+    other_own: np.ndarray,
+    other_nearby: np.ndarray,
+    matched_success: np.ndarray,
+    draws: content_controls.ContentControls,
+    index: np.ndarray,
+    margin_logit: np.ndarray,
+    in_attacked: np.ndarray,
+    generation0: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """The image-content controls of one model's successful attacks, with intervals
+    from a bootstrap over images.
+
+    Args:
+      moves: {"nearby", "random"} successes (N,) of the protocol's moves.
+      other_own, other_nearby: success (N,) of another attack's colour at the
+        attack's own and at the nearby position (`content_controls` draws).
+      matched_success: success (N,) of the attack's colour at the context- and
+        centre-matched position (meaningful where `draws.matched_found`).
+      index: (N,) test image of each attack (the bootstrap's clusters).
+      margin_logit: (M,) clean margin logit of every attacked image; its quartiles
+        are the strata; `in_attacked` (N,) places the attacks among them.
+      generation0: (N,) found in DE's initial population.
+    """
+    found = draws.matched_found
+
+    def rate(success, mask=None):
+        mask = np.ones(len(success), bool) if mask is None else mask
+        return interval_dict(
+            within_image.rate(success[mask], index[mask], RATE_RESAMPLES, seed)
+        )
+
+    def diff(first, second, mask=None):
+        mask = np.ones(len(first), bool) if mask is None else mask
+        return interval_dict(
+            within_image.rate_difference(
+                first[mask], second[mask], index[mask], RATE_RESAMPLES, seed
+            )
+        )
+
+    quartile, edges = within_image.logit_margin_strata(margin_logit)
+    labels = np.array([f"margin logit Q{q + 1}" for q in quartile[in_attacked]], object)
+    by_margin = content_controls.stratum_differences(
+        moves["nearby"],
+        moves["random"],
+        labels,
+        [f"margin logit Q{q}" for q in range(1, 5)],
+        index,
+        RATE_RESAMPLES,
+        seed,
+    )
+    by_generation = content_controls.stratum_differences(
+        moves["nearby"],
+        moves["random"],
+        np.where(generation0, "generation 0", "search"),
+        ["generation 0", "search"],
+        index,
+        RATE_RESAMPLES,
+        seed,
+    )
+    return {
+        "other_attack_colour_at_attack": rate(other_own),
+        "other_attack_colour_at_nearby": rate(other_nearby),
+        "nearby_minus_other_colour_at_nearby": diff(moves["nearby"], other_nearby),
+        "centre_matched": {
+            "found": int(found.sum()),
+            "drop_rate": draws.drop_rate,
+            "median_candidates": float(np.median(draws.matched_candidates))
+            if len(index)
+            else None,
+            "rate": rate(matched_success, found),
+            "minus_random": diff(matched_success, moves["random"], found),
+            "nearby_minus": diff(moves["nearby"], matched_success, found),
+        },
+        "margin_logit_edges": [float(e) for e in edges],
+        "nearby_minus_random_by_stratum": by_margin + by_generation[1:],
     }
