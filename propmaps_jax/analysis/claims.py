@@ -592,11 +592,11 @@ def claim_same_across_layers(
     for name, values in readings.items():
         profiles[name] = {}
         for outcome, mask in masks.items():
-            if mask.any():
+            try:
                 profile = layer_profile(values[mask], seed)
                 profile["verdict"] = same_across_layers_verdict(profile)
-            else:
-                profile = {"n": 0, "verdict": "undecided (no attack)"}
+            except PropmapsError:  # no attack, or none finite in every layer
+                profile = {"n": 0, "verdict": "undecided (no attack with values)"}
             profiles[name][outcome] = profile
     primary_name = "peak PM_avg / max FM"
     primary = profiles[primary_name]["successful"]
@@ -685,14 +685,15 @@ def claim_centre_concentration(
     last_maps: dict[str, dict[str, np.ndarray]],
     pixels: np.ndarray,
     success: np.ndarray,
+    image_shape: tuple[int, int],
 ) -> dict[str, Any]:
-    """Claim 5 from the last layer's mean PM_avg maps (H, W):
+    """Claim 5 from the last layer's mean PM_avg maps (H, W) and the attacks'
+    pixels in images of `image_shape` (height, width):
     `last_maps[source][outcome]` for source "attacks", "distance_matched" and
     "uniform_positions" (a missing source: NaN); the excess of the successful
     attacks' central mass over the distance-matched control's is primary."""
-    height, width = last_maps["attacks"]["successful"].shape
     masks = _outcome_masks(success)
-    inside = in_centre(pixels, height, width)
+    inside = in_centre(pixels, *image_shape)
     per_outcome = {}
     for outcome in masks:
         mass = {
@@ -710,7 +711,9 @@ def claim_centre_concentration(
         "primary": {"excess": excess, "margin": GEOMETRY_MARGIN},
         "secondary": {
             **per_outcome,
-            "share_of_positions": float(central_square(height, width).mean()),
+            "share_of_positions": float(
+                central_square(*last_maps["attacks"]["successful"].shape).mean()
+            ),
         },
         "verdict": matched_concentration_verdict(excess),
     }

@@ -387,7 +387,9 @@ def test_centre_concentration_against_the_distance_matched_control():
             "uniform_positions": {"successful": central_map(0.3)},
         }
         pixels = np.array([[[1, 1, 0, 0, 0]], [[0, 0, 0, 0, 0]]])
-        return claims.claim_centre_concentration(maps, pixels, np.array([1, 0], bool))
+        return claims.claim_centre_concentration(
+            maps, pixels, np.array([1, 0], bool), (4, 4)
+        )
 
     out = run(0.74)
     assert out["primary"]["excess"] == pytest.approx(0.01)
