@@ -5,8 +5,10 @@ them; the figures are drawn in-process through experiments/report/plots.py (no f
 """
 
 import csv
+import datetime
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -682,3 +684,31 @@ def test_a_mistyped_workdir_is_an_error_and_is_not_created(tiny_setup, experimen
     assert result.returncode == 2, result.stderr
     assert "attack.csv" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(missing)
+
+
+def test_claims_provenance_from_git_and_the_run_folder(tmp_path):
+    committed, _ = claims_json.rules_committed()
+    assert committed and datetime.datetime.fromisoformat(committed).tzinfo
+    # A committed run: its attack.csv was in git before the rules' last commit.
+    run = os.path.join(ROOT, "docs", "results", "lenet_1000_cpu")
+    prov = claims_json.run_provenance(
+        os.path.join(run, "attack.csv"), str(tmp_path), time.time()
+    )
+    assert prov["status"] == "retrospective"
+    first_seen, rules = (
+        datetime.datetime.fromisoformat(prov[k])
+        for k in ("numbers_first_seen", "rules_committed")
+    )
+    assert first_seen < rules
+    # An untracked run: the earliest of its files' times, an earlier claims file's
+    # recorded date and the start of this computation.
+    csv_path = tmp_path / "attack.csv"
+    csv_path.write_text("index\n")
+    os.utime(csv_path, (1.7e9, 1.7e9))  # 2023-11-14
+    seen = claims_json.numbers_first_seen(str(csv_path), str(tmp_path), time.time())
+    assert seen.startswith("2023-11-14")
+    (tmp_path / "claims.json").write_text(
+        json.dumps({"provenance": {"numbers_first_seen": "2020-01-01T00:00:00+00:00"}})
+    )
+    seen = claims_json.numbers_first_seen(str(csv_path), str(tmp_path), time.time())
+    assert seen == "2020-01-01T00:00:00+00:00"
