@@ -12,11 +12,12 @@ Provenance: a run's verdicts are prospective only if the rules' file was last
 committed before the run's numbers existed. `rules_committed` asks git for the
 date of the last commit that changed propmaps_jax/analysis/claims.py (any change
 counts, even formatting: conservative); `numbers_first_seen` takes the earliest
-date known for the run's numbers: the first commit of attack.csv and of an
-earlier claims.json (when git tracks them), the date an earlier claims.json
-recorded, their modification times (local folders), and the time this
-computation started. A copied folder (new modification times) that git does not
-track can look newer than it is: its dates are as good as the copy's.
+date known for the run's numbers: the first commit, on any branch, holding the
+exact content of its attack.csv or of an earlier claims.json (so a copy of a
+committed run counts), the date an earlier claims.json recorded, their
+modification times (local folders), and the time this computation started. A
+copied folder (new modification times) whose files git never held can look
+newer than it is: its dates are as good as the copy's.
 """
 
 from __future__ import annotations
@@ -60,14 +61,19 @@ def rules_committed() -> tuple[str | None, bool]:
 
 
 def _first_commit(path: str) -> str | None:
-    """ISO date of the first commit that added `path`, None if untracked."""
+    """ISO date of the earliest commit, on any branch of the repository that holds
+    the rules, with exactly this file's content (found by its blob hash, so a
+    copy of a committed file counts); None if none or no git."""
     if storage.is_url(path) or not os.path.exists(path):
         return None
-    folder, name = os.path.split(os.path.abspath(path))
-    dates = _git(
-        folder, "log", "--diff-filter=A", "--follow", "--format=%cI", "--", name
-    )
-    return dates.splitlines()[-1] if dates else None
+    folder = os.path.dirname(os.path.abspath(claims_lib.__file__))
+    blob = _git(folder, "hash-object", "--", os.path.abspath(path))
+    if not blob:
+        return None
+    dates = _git(folder, "log", "--all", "--format=%cI", f"--find-object={blob}")
+    if not dates:
+        return None
+    return min(dates.splitlines(), key=datetime.datetime.fromisoformat)
 
 
 def _modified(path: str) -> str | None:

@@ -8,6 +8,7 @@ import csv
 import datetime
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -700,6 +701,13 @@ def test_claims_provenance_from_git_and_the_run_folder(tmp_path):
         for k in ("numbers_first_seen", "rules_committed")
     )
     assert first_seen < rules
+    # A copy of it elsewhere (new modification time): git knows its content.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(os.path.join(run, "attack.csv"), copy / "attack.csv")
+    again = claims_json.run_provenance(str(copy / "attack.csv"), str(copy), time.time())
+    assert again["status"] == "retrospective"
+    assert again["numbers_first_seen"] == prov["numbers_first_seen"]
     # An untracked run: the earliest of its files' times, an earlier claims file's
     # recorded date and the start of this computation.
     csv_path = tmp_path / "attack.csv"
