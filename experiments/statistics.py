@@ -21,17 +21,19 @@ to the host), and writes to DIR/statistics/:
   spread (fraction of positions where PM_max > 10% of the layer's original max),
   the mean |dFM| and mean FM; per outcome the distance of the pixel from the centre;
 - mean_maps.npz: the mean PM_avg and PM_max maps per layer and outcome;
-- claims.json and claims.md: the paper's sentences as numbers
-  (`propmaps_jax.claims`), each with its interval and a verdict by a rule fixed
-  in the code: the share of attacks whose max|dFM| / max FM reaches 0.5 and 0.9
-  per layer; the mean PM_avg per layer raw and normalised, largest / smallest
-  layer; the share of pixels in the central square, for the pixels found and,
-  effort-matched, for each attack's best candidate of the initial population
-  (recomputed from the run's seed and checked against the attacks that succeeded
-  in it); the share of attacks whose last-layer PM_max exceeds half the
-  layer's max FM on more than a quarter of the map; and the central-square mass
-  of the last layers' mean PM_avg maps beside a control: the same colours at
-  uniformly drawn positions (mean_pm_avg_uniform_positions.png).
+- claims.json and claims.md: the paper's sentences read as the paper means them
+  (`propmaps_jax.claims.CLAIMS`): per sentence the layers its argument is about,
+  one primary statistic with its interval and why it is the sentence's meaning,
+  the verdict computed from it alone, and secondary statistics beside it (the
+  format: `experiments.runs.claims_json`). The effort-matched secondary of
+  "failed attacks farther from the centre" is each attack's best candidate of
+  its initial population (recomputed from the run's seed and checked against
+  the attacks that succeeded in it); "concentrate close to the center" compares
+  the last layer's mean PM_avg map with the same colours at positions drawn at
+  each attack's own distance from the centre (its primary) and at uniform
+  positions (mean_pm_avg_uniform_positions.png). Each claims file says whether
+  its rules were fixed before the run's numbers existed (prospective) or not
+  (retrospective), from git's date of the rules' last commit.
 
 --signed and --layers=conv_relu|bn_relu write to statistics_signed/,
 statistics_conv_relu/, ... (the default maps: statistics/).
@@ -52,7 +54,7 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report import tables as report_tables
 from experiments.report.progress import Progress
-from experiments.runs import attack_csv, integrity, rundir, storage
+from experiments.runs import attack_csv, claims_json, integrity, rundir, storage
 from propmaps_jax import attack_de, batching, claims, models, propagation, stats
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
@@ -165,24 +167,36 @@ def _stream(module, variables, shapes, images, rows, batch_size, signed):
     return jax.device_get(state), scalars, predicted
 
 
-def _control(module, variables, shapes, images, rows, batch_size):
-    """(running sums, positions (N, 2)) of the attacks' colours put at uniformly
-    drawn positions (one per test image, from the seed), outcomes kept."""
+def _controls(module, variables, shapes, images, rows, batch_size):
+    """{"uniform_positions", "distance_matched"}: running sums of the attacks'
+    colours put at other positions (one per test image, from the seed), outcomes
+    kept: drawn uniformly, and drawn at each attack's own distance from the
+    centre (`claims.distance_matched_positions`)."""
     height, width = images.shape[1:3]
     key = jax.random.fold_in(jax.random.key(FLAGS.seed), CONTROL_STREAM)
-    positions = claims.uniform_positions(key, rows["index"], height, width)
-    moved = rows["pixels"].copy()
-    moved[:, 0, :2] = positions
-    state, _, _ = _stream(
-        module,
-        variables,
-        shapes,
-        images,
-        {**rows, "pixels": moved},
-        batch_size,
-        FLAGS.signed,
-    )
-    return state, positions
+    found = rows["pixels"][:, 0, :2]
+    draws = {
+        "uniform_positions": claims.uniform_positions(
+            key, rows["index"], height, width
+        ),
+        "distance_matched": claims.distance_matched_positions(
+            jax.random.fold_in(key, 1), rows["index"], found, height, width
+        ),
+    }
+    states = {}
+    for name, positions in draws.items():
+        moved = rows["pixels"].copy()
+        moved[:, 0, :2] = positions
+        states[name], _, _ = _stream(
+            module,
+            variables,
+            shapes,
+            images,
+            {**rows, "pixels": moved},
+            batch_size,
+            FLAGS.signed,
+        )
+    return states
 
 
 GENERATION0_NAME = "generation0.npz"
@@ -261,208 +275,246 @@ def _generation0(module, variables, images, rows, summary, workdir):
 
 
 def _claims(rows, scalars, order, mean_maps, control_maps, generation0, shape):
-    """claims.json: the paper's sentences as numbers (see propmaps_jax.claims)."""
+    """claims.json: the paper's sentences read as the paper means them, each a
+    `claims.claim_record` (see propmaps_jax.claims and experiments.runs.claims_json)."""
     height, width = shape
     success = rows["success"]
-    outcomes = {"successful": success, "failed": ~success, "all": success | ~success}
-    reach = {
-        o: claims.reach_shares(scalars["max_ratio"][m]) for o, m in outcomes.items()
+    last = len(order) - 1
+    results = {
+        "close_to_max": claims.claim_close_to_max(scalars["max_ratio"], success, order),
+        "same_across_layers": claims.claim_same_across_layers(scalars, success),
     }
-    close = f"{claims.CLOSE_TO_MAX:g}"
-    normalisations = {
-        "none (mean abs dFM)": scalars["mean_abs_diff"],
-        "divided by the layer's mean abs FM": scalars["mean_abs_diff"]
-        / scalars["mean_abs_fm"],
-        "divided by the layer's max FM": scalars["mean_abs_diff"] / scalars["fm_max"],
-    }
-    same = {}
-    for name, values in normalisations.items():
-        profiles = {o: claims.layer_profile(values[m]) for o, m in outcomes.items()}
-        same[name] = {
-            **profiles,
-            "verdict": claims.same_across_layers_verdict(profiles["successful"])
-            if success.any()
-            else "undecided",
-        }
-    centre = {
-        "central_square": (
-            f"Chebyshev distance from the centre below {claims.CENTRE_SIDE_FRACTION:g}"
-            f" x half the side ({int(claims.central_square(height, width).sum())} of "
-            f"{height * width} positions)"
-        ),
-        "found_pixels": claims.centre_comparison(
-            rows["pixels"], success, height, width
-        ),
-    }
+    best0 = None if isinstance(generation0, str) else generation0["best"]
+    results["failed_farther_from_centre"] = claims.claim_failed_farther(
+        rows["pixels"], success, height, width, best0
+    )
     if isinstance(generation0, str):
-        centre["generation0"] = {"not_computed": generation0}
+        results["failed_farther_from_centre"]["secondary"]["generation0"] = {
+            "not_computed": generation0
+        }
     else:
         at0 = success & (rows["generations"] == 0)
         same_pixel = np.all(generation0["reported"][at0] == rows["pixels"][at0], (1, 2))
-        centre["generation0"] = {
-            **claims.centre_comparison(generation0["best"], success, height, width),
-            "what": "each attack's best candidate (lowest p(true)) of its initial "
-            "population, which every attack evaluated, whatever its outcome",
-            "check": {
-                "succeeded_at_generation0": int(at0.sum()),
-                "recorded_pixel_recomputed": int(same_pixel.sum()),
-            },
+        results["failed_farther_from_centre"]["secondary"]["generation0"]["check"] = {
+            "succeeded_at_generation0": int(at0.sum()),
+            "recorded_pixel_recomputed": int(same_pixel.sum()),
         }
-    last = len(order) - 1
-    spread = {}
-    for o, m in outcomes.items():
-        strong = claims.share(scalars["spread_strong"][m, last] > claims.QUARTER)
-        weak = claims.share(scalars["spread"][m, last] > claims.QUARTER)
-        spread[o] = {
-            f"PM_max > {claims.STRONG_FRACTION:g} max FM": strong,
-            f"PM_max > {propagation.SPREAD_THRESHOLD:g} max FM": weak,
-            "mean_spread_strong": claims.bootstrap_mean(
-                scalars["spread_strong"][m, last]
-            ),
-        }
-    concentration = {}
-    for o in ("successful", "failed"):
-        per_layer = {}
-        for layer in order:
-            actual = claims.centre_mass(mean_maps[f"pm_avg/{o}"][layer])
-            control = (
-                claims.centre_mass(control_maps[f"pm_avg/{o}"][layer])
-                if control_maps
-                else float("nan")
+    results["quarter_of_last_map"] = claims.claim_quarter(
+        scalars["spread_strong"][:, last], scalars["spread"][:, last], success
+    )
+    top = order[last]
+    outcomes = [
+        o for o in ("successful", "failed") if (success == (o == "successful")).any()
+    ]
+    last_maps = {"attacks": {o: mean_maps[f"pm_avg/{o}"][top] for o in outcomes}}
+    for name, maps in control_maps.items():
+        last_maps[name] = {o: maps[f"pm_avg/{o}"][top] for o in outcomes}
+    if "successful" in outcomes:
+        results["centre_concentration"] = claims.claim_centre_concentration(
+            last_maps, rows["pixels"], success, (height, width)
+        )
+        if not control_maps:
+            results["centre_concentration"]["not_computed"] = (
+                "no control positions: attacks of more than one pixel"
             )
-            positions = claims.central_square(*mean_maps[f"pm_avg/{o}"][layer].shape)
-            level = float(np.mean(mean_maps[f"pm_avg/{o}"][layer]))
-            control_level = (
-                float(np.mean(control_maps[f"pm_avg/{o}"][layer]))
-                if control_maps
-                else float("nan")
-            )
-            per_layer[layer] = {
-                "attacks": actual,
-                "uniform_positions": control,
-                "share_of_positions": float(positions.mean()),
-                # How strong, not where: mean PM_avg over the map, attacks and control.
-                "mean_pm_avg": level,
-                "mean_pm_avg_uniform_positions": control_level,
-            }
-        top = per_layer[order[last]]
-        concentration[o] = {
-            "central_mass_share": per_layer,
-            "verdict_last_layer": claims.centre_concentration_verdict(
-                top["attacks"], top["uniform_positions"], top["share_of_positions"]
-            ),
+    else:
+        results["centre_concentration"] = {
+            "primary": None,
+            "secondary": {},
+            "verdict": "undecided (no successful attack)",
+            "not_computed": "no successful attack",
         }
+    results["figure9_similar"] = claims.claim_figure9(
+        scalars["mean_abs_diff"], scalars["mean_abs_fm"], success, order
+    )
     return {
-        "rules": claims.VERDICT_RULES,
+        "schema": claims_json.SCHEMA,
         "maps": {"signed": FLAGS.signed, "layers": FLAGS.layers},
         "layers": order,
-        "counts": {o: int(m.sum()) for o, m in outcomes.items()},
-        "close_to_max": {
-            "shares": reach,
-            "verdict": claims.close_to_max_verdict(reach["successful"][close]),
+        "counts": {
+            "successful": int(success.sum()),
+            "failed": int((~success).sum()),
+            "all": int(success.size),
         },
-        "same_across_layers": same,
-        "centre": centre,
-        "quarter_of_last_map": {
-            "layer": order[last],
-            "by_outcome": spread,
-            "verdict": claims.quarter_verdict(
-                spread["successful"][f"PM_max > {claims.STRONG_FRACTION:g} max FM"]
-            ),
+        "claims": {
+            claim.key: claims.claim_record(claim, results[claim.key])
+            for claim in claims.CLAIMS
         },
-        "centre_concentration": concentration,
     }
 
 
-def _pct(prop: dict) -> str:
+def _pct(prop: dict | None) -> str:
+    if prop is None:
+        return "n/a"
     return report_tables.short_cell(prop, empty="n/a", unit="%")
 
 
-def claims_table(report: dict) -> str:
-    """claims.md: the rules, then one table row per sentence and statistic."""
-    order, last = report["layers"], report["layers"][-1]
-    lines = [
-        f"Maps: {'signed FM - FM_adv' if report['maps']['signed'] else '|FM - FM_adv|'}"
-        f" of {report['maps']['layers']} layers; attacks: "
-        + ", ".join(f"{n} {o}" for o, n in report["counts"].items()),
-        "",
-        "Verdict rules (fixed in propmaps_jax/analysis/claims.py before the numbers):",
-        "",
-        *(f"- {name}: {rule}" for name, rule in report["rules"].items()),
-        "",
-        "| sentence | statistic | successful | failed | verdict |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    shares = report["close_to_max"]["shares"]
-    verdict = report["close_to_max"]["verdict"]
-    for t in shares["successful"]:
-        best = int(np.argmax([s["rate"] or 0 for s in shares["successful"][t]]))
-        for j in sorted({best, len(order) - 1}):
-            lines.append(
-                rf"| close to max | max\|dFM\|/max FM >= {t}, {order[j]} | "
-                f"{_pct(shares['successful'][t][j])} | {_pct(shares['failed'][t][j])} "
-                f"| {verdict if t == '0.9' and j == best else ''} |"
-            )
-    for name, entry in report["same_across_layers"].items():
+def _ratio(r: dict) -> str:
+    if r.get("ci_low") is None:
+        return f"{r['ratio']:.3g}"
+    return f"{r['ratio']:.3g} ({r['ci_low']:.3g}–{r['ci_high']:.3g})"
+
+
+def _profile(profile: dict) -> str:
+    if not profile.get("n"):
+        return "n/a"
+    return "largest/smallest " + _ratio(profile["largest_over_smallest"])
+
+
+def _primary_cells(key: str, entry: dict) -> tuple[str, str]:
+    """(successful, failed) cells of a claim's primary statistic."""
+    p, sec = entry["primary"], entry["secondary"]
+    if p is None:
+        return "n/a", "n/a"
+    if key == "close_to_max":
+        return _pct(p), _pct(sec["failed_last_layer"])
+    if key == "same_across_layers":
+        return _profile(p), _profile(sec[p["statistic"]]["failed"])
+    if key == "failed_farther_from_centre":
+        return _pct(p["successful"]), _pct(p["failed"])
+    if key == "quarter_of_last_map":
+        return _pct(p), _pct(sec["failed"])
+    if key == "centre_concentration":
         cells = []
         for o in ("successful", "failed"):
-            r = entry[o]["largest_over_smallest"]
-            f = entry[o]["last_over_first"]
+            if o not in sec:
+                cells.append("n/a")
+                continue
+            m = sec[o]["central_mass_share"]
             cells.append(
-                f"largest/smallest {r['ratio']:.3g} ({r['ci_low']:.3g}–"
-                f"{r['ci_high']:.3g}); last/first {f['ratio']:.3g}"
+                f"excess {100 * sec[o]['excess_over_distance_matched']:+.1f} points "
+                f"({m['attacks']:.1%} against {m.get('distance_matched', np.nan):.1%})"
             )
-        lines.append(
-            f"| PM avg same across layers | {name} | {cells[0]} | {cells[1]} | "
-            f"{entry['verdict']} |"
+        return cells[0], cells[1]
+    if key == "figure9_similar":
+        ratios = p["failed_over_successful"]
+        return (
+            f"failed/successful, last layer {_ratio(ratios[-1])}",
+            f"failed higher in {len(p['failed_higher_in_layers'])} of "
+            f"{len(ratios)} layers",
         )
-    centre = report["centre"]
-    for key, what in (("found_pixels", "found pixel"), ("generation0", "gen-0 best")):
-        c = centre[key]
-        if "not_computed" in c:
+    raise KeyError(key)
+
+
+def _secondary_lines(key: str, entry: dict, order: list[str]) -> list[str]:
+    """The secondary statistics of a claim, one bullet each."""
+    sec, lines = entry["secondary"], []
+    if entry["primary"] is None:
+        return lines
+    if key == "close_to_max":
+        per = sec["per_layer"]
+        best = order.index(sec["best_layer"])
+        for t in per["successful"]:
+            for j in sorted({0, best, len(order) - 1}):
+                lines.append(
+                    rf"max\|dFM\|/max FM >= {t}, {order[j]}: successful "
+                    f"{_pct(per['successful'][t][j])}, failed "
+                    f"{_pct(per['failed'][t][j])}"
+                )
+    elif key == "same_across_layers":
+        for name, by_outcome in sec.items():
+            ok, failed = by_outcome["successful"], by_outcome["failed"]
+            peaks = ""
+            if ok.get("n"):
+                means = [layer["mean"] for layer in ok["per_layer"]]
+                peaks = f"; successful, first {means[0]:.3g}, last {means[-1]:.3g}"
             lines.append(
-                f"| successful near centre | {what} | not computed: "
-                f"{c['not_computed']} | | |"
+                f"{name}: successful {_profile(ok)} ({ok['verdict']}), failed "
+                f"{_profile(failed)}{peaks}"
             )
-            continue
+    elif key == "failed_farther_from_centre":
         lines.append(
-            f"| successful near centre | {what} in central square (uniform "
-            f"{c['uniform_share']:.0%}) | {_pct(c['successful'])} | "
-            f"{_pct(c['failed'])} | {c['verdict']} |"
+            f"share of positions in the central square: {sec['uniform_share']:.0%}"
         )
-    q = report["quarter_of_last_map"]
-    for name in q["by_outcome"]["successful"]:
-        if name.startswith("mean"):
-            continue
+        g = sec["generation0"]
+        if "not_computed" in g:
+            lines.append(
+                f"initial population's best: not computed ({g['not_computed']})"
+            )
+        else:
+            lines.append(
+                f"initial population's best: successful {_pct(g['successful'])}, "
+                f"failed {_pct(g['failed'])} ({g['verdict_if_primary']} if it were "
+                "primary)"
+            )
+            ch = g["check"]
+            lines.append(
+                f"generation-0 recomputation: {ch['recorded_pixel_recomputed']} of the "
+                f"{ch['succeeded_at_generation0']} attacks that succeeded in their "
+                "initial population give the recorded pixel"
+            )
+    elif key == "quarter_of_last_map":
+        weak = sec["weak_threshold"]
         lines.append(
-            f"| more than a quarter of last map | {name} on > 25% of {last} | "
-            f"{_pct(q['by_outcome']['successful'][name])} | "
-            f"{_pct(q['by_outcome']['failed'][name])} | "
-            f"{q['verdict'] if name.startswith('PM_max > 0.5') else ''} |"
+            f"PM_max > {propagation.SPREAD_THRESHOLD:g} max FM on > 25%: successful "
+            f"{_pct(weak['successful'])}, failed {_pct(weak['failed'])}"
         )
-    cc = report["centre_concentration"]
-    cells = []
-    for o in ("successful", "failed"):
-        m = cc[o]["central_mass_share"][last]
-        cells.append(
-            f"{m['attacks']:.1%} (uniform positions {m['uniform_positions']:.1%}); "
-            f"mean PM avg {m['mean_pm_avg']:.3g} (uniform positions "
-            f"{m['mean_pm_avg_uniform_positions']:.3g})"
-        )
-    lines.append(
-        f"| mean maps concentrate in centre | central mass share of mean PM avg, "
-        f"{last} (central square: "
-        f"{cc['successful']['central_mass_share'][last]['share_of_positions']:.0%} "
-        f"of positions) | {cells[0]} | "
-        f"{cells[1]} | {cc['successful']['verdict_last_layer']} |"
-    )
-    if "check" in centre.get("generation0", {}):
-        ch = centre["generation0"]["check"]
+    elif key == "centre_concentration":
+        lines.append(f"central square: {sec['share_of_positions']:.0%} of positions")
+        for o in ("successful", "failed"):
+            if o not in sec:
+                continue
+            m = sec[o]["central_mass_share"]
+            lines.append(
+                f"{o}: central mass {m['attacks']:.1%}; distance-matched positions "
+                f"{m.get('distance_matched', np.nan):.1%}; uniform positions "
+                f"{m.get('uniform_positions', np.nan):.1%}; pixels in the central "
+                f"square {_pct(sec[o]['pixels_in_central_square'])}"
+            )
+    elif key == "figure9_similar":
+        for name, reading in (
+            ("raw (figure 9)", entry["primary"]),
+            (
+                "each image's |dFM| / its own mean |FM|",
+                sec["divided_by_own_mean_abs_fm"],
+            ),
+        ):
+            ratios = reading["failed_over_successful"]
+            higher = reading["failed_higher_in_layers"]
+            lines.append(
+                f"{name}: failed/successful first layer {_ratio(ratios[0])}, last "
+                f"{_ratio(ratios[-1])}; failed higher in {len(higher)} of "
+                f"{len(ratios)} layers"
+            )
+    return lines
+
+
+def claims_table(report: dict) -> str:
+    """claims.md: provenance, then per sentence its reading, the primary statistic
+    and verdict in one table, and the secondary statistics below."""
+    maps = report["maps"]
+    prov = report.get("provenance", {})
+    lines = [
+        f"Maps: {'signed FM - FM_adv' if maps['signed'] else '|FM - FM_adv|'}"
+        f" of {maps['layers']} layers; attacks: "
+        + ", ".join(f"{n} {o}" for o, n in report["counts"].items()),
+        "",
+        f"Rules: {prov.get('status', 'unknown')} ({prov.get('why', '')}; rules "
+        f"last committed {prov.get('rules_committed') or 'unknown'}, the run's "
+        f"numbers first known {prov.get('numbers_first_seen') or 'unknown'}).",
+        "",
+        "| sentence | primary statistic | successful | failed | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key, entry in report["claims"].items():
+        ok, failed = _primary_cells(key, entry)
+        cells = [key, entry["primary_statistic"], ok, failed, entry["verdict"]]
+        # A "|" inside a cell (|dFM|) would end it.
+        lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
+    for key, entry in report["claims"].items():
         lines += [
             "",
-            f"Generation-0 recomputation: {ch['recorded_pixel_recomputed']} of the "
-            f"{ch['succeeded_at_generation0']} attacks that succeeded in their "
-            "initial population give the recorded pixel.",
+            f"### {key}",
+            "",
+            f'"{entry["words"]}" ({entry["source"]}; about {entry["layers"]})',
+            "",
+            f"- primary: {entry['primary_statistic']}; why: {entry['why']}",
+            f"- rule: {entry['rule']}",
+        ]
+        if entry.get("not_computed"):
+            lines.append(f"- not computed: {entry['not_computed']}")
+        lines += [
+            f"- {line}" for line in _secondary_lines(key, entry, report["layers"])
         ]
     return "\n".join(lines) + "\n"
 
@@ -658,12 +710,12 @@ def main(argv: list[str]) -> None:
         )
 
     if rows["pixels"].shape[1] == 1:
-        control_state, _ = _control(
+        control_states = _controls(
             module, variables, shapes, images, rows, FLAGS.batch_size
         )
     else:
-        control_state = None
-        logging.info("no uniform-position control: attacks of more than one pixel")
+        control_states = {}
+        logging.info("no control positions: attacks of more than one pixel")
     generation0 = _generation0(module, variables, images, rows, run.summary, workdir)
 
     masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
@@ -706,18 +758,20 @@ def main(argv: list[str]) -> None:
         order,
         layer_stats,
     )
-    control_maps = (
-        _mean_maps(control_state, counts, order) if control_state is not None else {}
-    )
+    control_maps = {
+        name: _mean_maps(state, counts, order) for name, state in control_states.items()
+    }
     report = _claims(
         rows, scalars, order, mean_maps, control_maps, generation0, (height, width)
     )
-    rundir.write_json(os.path.join(out_dir, "claims.json"), report)
+    # Before claims.json is written: an earlier one's dates count.
+    report["provenance"] = claims_json.run_provenance(csv_path, out_dir, start)
+    rundir.write_json(os.path.join(out_dir, claims_json.NAME), report)
     table = claims_table(report)
     rundir.write_text(os.path.join(out_dir, "claims.md"), table)
     if control_maps and counts["successful"]:
         fig = plots.mean_maps_figure(
-            control_maps["pm_avg/successful"],
+            control_maps["uniform_positions"]["pm_avg/successful"],
             shapes,
             f"Control: mean PM_avg of the {counts['successful']} successful attacks' "
             f"colours put at uniformly drawn positions, {FLAGS.model} (compare "

@@ -55,6 +55,7 @@ SUMMARY_NAMES = (
     "mean_abs_diff",  # mean |FM - FM_adv| over (H, W, K)
     "mean_fm",  # mean of the original feature maps over (H, W, K)
     "mean_abs_fm",  # mean |FM| of the original feature maps over (H, W, K)
+    "pm_avg_peak",  # max over (H, W) of PM_avg (the brightest point of figure 3)
 )
 
 FilterFn = Callable[[nn.Module, str], bool] | bool
@@ -229,6 +230,7 @@ def layer_summaries(
         "mean_abs_diff": jnp.mean(abs_diff, axis=(1, 2, 3)),
         "mean_fm": jnp.mean(fm, axis=(1, 2, 3)),
         "mean_abs_fm": jnp.mean(jnp.abs(fm), axis=(1, 2, 3)),
+        "pm_avg_peak": jnp.max(jnp.mean(abs_diff, axis=-1), axis=(1, 2)),
     }
 
 

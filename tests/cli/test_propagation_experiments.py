@@ -5,20 +5,24 @@ them; the figures are drawn in-process through experiments/report/plots.py (no f
 """
 
 import csv
+import datetime
 import json
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import launch
+from conftest import ROOT, launch
 
 from experiments.report import plots
-from experiments.runs import provenance
+from experiments.runs import claims_json, provenance
 from experiments.runs.attack_csv import attack_columns
-from propmaps_jax import checkpoint, models, propagation
+from propmaps_jax import checkpoint, claims, models, propagation
 from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.errors import PropmapsError
 
 NUM_ROWS = 10
 NOT_ATTACKED = 3
@@ -317,28 +321,137 @@ def test_statistics_experiment_equals_direct_computation(tiny_setup):
     np.testing.assert_array_equal(predicted, rows[attacked, 6])
     assert summary["pred_after_mismatches"] == 0
 
-    # claims.json: the paper's sentences as numbers, from the same per-image values.
+    # claims.json: each sentence's primary statistic, from the same per-image values.
     with open(os.path.join(out, "claims.json")) as f:
         report = json.load(f)
+    assert report["schema"] == 2
+    found = report["claims"]
+    assert list(found) == [c.key for c in claims.CLAIMS]
     last = list(shapes)[-1]
-    ratio = np.stack(
-        [np.asarray(direct["summaries"][n]["max_ratio"]) for n in shapes], axis=1
+
+    def per_layer(name):
+        return np.stack(
+            [np.asarray(direct["summaries"][n][name], np.float64) for n in shapes], 1
+        )
+
+    ratio = per_layer("max_ratio")
+    close = found["close_to_max"]
+    assert close["primary"]["layer"] == last
+    assert close["primary"]["successes"] == np.sum(ratio[success, -1] >= 0.9)
+    assert close["secondary"]["failed_last_layer"]["successes"] == np.sum(
+        ratio[~success, -1] >= 0.9
     )
-    for outcome, mask in masks.items():
+    for outcome in ("successful", "failed"):
         for t in ("0.5", "0.9"):
-            got = [s["successes"] for s in report["close_to_max"]["shares"][outcome][t]]
-            assert got == list(np.sum(ratio[mask] >= float(t), axis=0)), (outcome, t)
-        strong = np.asarray(direct["summaries"][last]["spread_strong"])[mask]
-        quarter = report["quarter_of_last_map"]["by_outcome"][outcome]
-        assert quarter["PM_max > 0.5 max FM"]["successes"] == np.sum(strong > 0.25)
+            shares = close["secondary"]["per_layer"][outcome][t]
+            got = [s["successes"] for s in shares]
+            expected = np.sum(ratio[masks[outcome]] >= float(t), axis=0)
+            assert got == list(expected), (outcome, t)
+    # Figure 3's reading: the peak of PM_avg over the layer's max FM.
+    peak = np.stack(
+        [np.asarray(direct["pm_avg"][n], np.float64).max(axis=(1, 2)) for n in shapes],
+        1,
+    ) / per_layer("fm_max")
+    same = found["same_across_layers"]["primary"]
+    np.testing.assert_allclose(
+        [p["mean"] for p in same["per_layer"]], peak[success].mean(0), rtol=1e-4
+    )
     square = (np.abs(pixels[:, 0, :2] - 15.5) < 8).all(axis=1)
-    found = report["centre"]["found_pixels"]
-    assert found["successful"]["successes"] == square[success].sum()
-    assert found["failed"]["successes"] == square[~success].sum()
-    assert "does not record seed" in report["centre"]["generation0"]["not_computed"]
+    farther = found["failed_farther_from_centre"]
+    assert farther["primary"]["successful"]["successes"] == square[success].sum()
+    assert farther["primary"]["failed"]["successes"] == square[~success].sum()
+    assert (
+        "does not record seed" in (farther["secondary"]["generation0"]["not_computed"])
+    )
+    strong = per_layer("spread_strong")[:, -1]
+    quarter = found["quarter_of_last_map"]
+    assert quarter["primary"]["successes"] == np.sum(strong[success] > 0.25)
+    assert quarter["secondary"]["failed"]["successes"] == np.sum(
+        strong[~success] > 0.25
+    )
+    centre = found["centre_concentration"]
+    with np.load(os.path.join(out, "mean_maps.npz")) as npz:
+        mass = claims.centre_mass(npz[f"pm_avg/successful/{last}"])
+    shares = centre["secondary"]["successful"]["central_mass_share"]
+    assert shares["attacks"] == pytest.approx(mass)
+    assert centre["primary"]["excess"] == pytest.approx(
+        mass - shares["distance_matched"]
+    )
+    assert 0 <= shares["uniform_positions"] <= 1
+    assert centre["verdict"] == claims.matched_concentration_verdict(
+        centre["primary"]["excess"]
+    )
+    diff = per_layer("mean_abs_diff")
+    figure9 = found["figure9_similar"]
+    np.testing.assert_allclose(
+        [r["ratio"] for r in figure9["primary"]["failed_over_successful"]],
+        diff[~success].mean(0) / diff[success].mean(0),
+        rtol=1e-5,
+    )
+    own = diff / per_layer("mean_abs_fm")
+    np.testing.assert_allclose(
+        [
+            r["ratio"]
+            for r in figure9["secondary"]["divided_by_own_mean_abs_fm"][
+                "failed_over_successful"
+            ]
+        ],
+        own[~success].mean(0) / own[success].mean(0),
+        rtol=1e-5,
+    )
+    for entry in found.values():
+        assert entry["primary_statistic"] and entry["why"] and entry["verdict"]
+    provenance_ = report["provenance"]
+    assert provenance_["status"] in ("prospective", "retrospective", "unknown")
+    assert provenance_["numbers_first_seen"]
     assert _is_png(os.path.join(out, "mean_pm_avg_uniform_positions.png"))
     with open(os.path.join(out, "claims.md")) as f:
-        assert "Verdict rules" in f.read()
+        text = f.read()
+    assert f"Rules: {provenance_['status']}" in text
+    for key in found:
+        assert f"### {key}" in text and f"| {key} |" in text
+    # The statistics folder reads back through the claims file's reader.
+    assert claims_json.claim(out, "close_to_max") == found["close_to_max"]
+
+
+def test_claims_of_a_folder_without_them_name_the_experiment(tiny_setup, tmp_path):
+    # No claims.json: one line naming the statistics experiment.
+    with pytest.raises(PropmapsError) as error:
+        claims_json.claim(str(tmp_path / "statistics"), "close_to_max")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "python launch.py --experiment=statistics" in message
+    # A committed claims.json of the first schema stays readable; its claims as
+    # the paper means them are not there: one line, with the run's model.
+    old = os.path.join(ROOT, "docs", "results", "lenet_1000_cpu", "statistics")
+    report = claims_json.read_claims(old)
+    assert report["schema"] == 1 and "close_to_max" in report
+    with pytest.raises(PropmapsError) as error:
+        claims_json.claim(old, "centre_concentration")
+    message = str(error.value)
+    assert "\n" not in message and "predates" in message
+    assert "python launch.py --experiment=statistics --model=lenet" in message
+    # A claim whose maps were not computed (attacks of several pixels).
+    folder = tmp_path / "multi" / "statistics"
+    folder.mkdir(parents=True)
+    (folder / "claims.json").write_text(
+        json.dumps(
+            {
+                "schema": 2,
+                "claims": {
+                    "centre_concentration": {
+                        "not_computed": "no control positions: attacks of more "
+                        "than one pixel"
+                    }
+                },
+            }
+        )
+    )
+    with pytest.raises(PropmapsError, match="experiment=statistics") as error:
+        claims_json.claim(str(folder), "centre_concentration")
+    assert "more than one pixel" in str(error.value)
+    with pytest.raises(PropmapsError, match="no claim"):
+        claims_json.claim(str(folder), "not_a_claim")
 
 
 def test_paper_figures_are_chosen_by_the_rules(tiny_setup):
@@ -572,3 +685,38 @@ def test_a_mistyped_workdir_is_an_error_and_is_not_created(tiny_setup, experimen
     assert result.returncode == 2, result.stderr
     assert "attack.csv" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(missing)
+
+
+def test_claims_provenance_from_git_and_the_run_folder(tmp_path):
+    committed, _ = claims_json.rules_committed()
+    assert committed and datetime.datetime.fromisoformat(committed).tzinfo
+    # A committed run: its attack.csv was in git before the rules' last commit.
+    run = os.path.join(ROOT, "docs", "results", "lenet_1000_cpu")
+    prov = claims_json.run_provenance(
+        os.path.join(run, "attack.csv"), str(tmp_path), time.time()
+    )
+    assert prov["status"] == "retrospective"
+    first_seen, rules = (
+        datetime.datetime.fromisoformat(prov[k])
+        for k in ("numbers_first_seen", "rules_committed")
+    )
+    assert first_seen < rules
+    # A copy of it elsewhere (new modification time): git knows its content.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(os.path.join(run, "attack.csv"), copy / "attack.csv")
+    again = claims_json.run_provenance(str(copy / "attack.csv"), str(copy), time.time())
+    assert again["status"] == "retrospective"
+    assert again["numbers_first_seen"] == prov["numbers_first_seen"]
+    # An untracked run: the earliest of its files' times, an earlier claims file's
+    # recorded date and the start of this computation.
+    csv_path = tmp_path / "attack.csv"
+    csv_path.write_text("index\n")
+    os.utime(csv_path, (1.7e9, 1.7e9))  # 2023-11-14
+    seen = claims_json.numbers_first_seen(str(csv_path), str(tmp_path), time.time())
+    assert seen.startswith("2023-11-14")
+    (tmp_path / "claims.json").write_text(
+        json.dumps({"provenance": {"numbers_first_seen": "2020-01-01T00:00:00+00:00"}})
+    )
+    seen = claims_json.numbers_first_seen(str(csv_path), str(tmp_path), time.time())
+    assert seen == "2020-01-01T00:00:00+00:00"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.runs import attack_csv as results
-from propmaps_jax import attack_de, claims, models, propagation
+from propmaps_jax import attack_de, claims, models, propagation, stats
 from propmaps_jax.errors import PropmapsError
 
 
@@ -228,3 +228,239 @@ def test_post_activation_and_signed_summaries_against_numpy(tiny_resnet):
             filter_fn,
             relu,
         )
+
+
+# --- Each claim as the paper means it: primary statistics and verdicts.
+
+
+def test_every_claim_declares_one_primary_statistic_and_why():
+    assert [c.key for c in claims.CLAIMS] == [
+        "close_to_max",
+        "same_across_layers",
+        "failed_farther_from_centre",
+        "quarter_of_last_map",
+        "centre_concentration",
+        "figure9_similar",
+    ]
+    for claim in claims.CLAIMS:
+        assert claim.words and claim.layers and claim.primary and claim.why
+        assert claim.secondary and claim.rule
+        record = claims.claim_record(claim, {"primary": 1, "verdict": "holds"})
+        assert record["primary_statistic"] == claim.primary
+        assert record["primary"] == 1 and record["verdict"] == "holds"
+    assert "last layer" in claims.CLAIM["close_to_max"].layers
+
+
+def test_close_to_max_is_read_in_the_last_layer():
+    # The first layer reaches the maximum everywhere, the last one in 1 of 4
+    # successful attacks; the failed attacks reach it in the last layer.
+    ratio = np.array(
+        [[1.0, 0.95], [1.0, 0.2], [1.0, 0.3], [1.0, 0.1], [1.0, 0.99], [1.0, 0.98]]
+    )
+    success = np.array([1, 1, 1, 1, 0, 0], bool)
+    out = claims.claim_close_to_max(ratio, success, ["stem", "last"])
+    assert out["primary"]["layer"] == "last"
+    assert (out["primary"]["successes"], out["primary"]["n"]) == (1, 4)
+    assert out["secondary"]["failed_last_layer"]["successes"] == 2
+    assert out["secondary"]["best_layer"] == "stem"
+    assert out["secondary"]["per_layer"]["successful"]["0.9"][0]["successes"] == 4
+    assert out["verdict"] == "rarely"  # 1/4: the Wilson interval reaches below 5%
+
+    def verdict(reaching, n):
+        last = np.r_[np.ones(reaching), np.zeros(n - reaching)]
+        values = np.stack([np.ones(n), last], axis=1)
+        return claims.claim_close_to_max(values, np.ones(n, bool), ["a", "b"])[
+            "verdict"
+        ]
+
+    assert verdict(40, 40) == "holds"
+    assert verdict(30, 100) == "sometimes"
+    assert verdict(0, 100) == "rarely"
+
+
+def _summaries_of(diff_positions: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image scalars (N, 2) of two hand-made layers from `layer_summaries`."""
+    out = {}
+    for j, diff in enumerate(diff_positions):
+        fm = np.zeros((2, 4, 4, 2), np.float32)
+        fm[:, 0, 0, 0] = 2.0  # every layer's max FM is 2
+        s = jax.device_get(
+            propagation.layer_summaries(jnp.asarray(fm), jnp.asarray(fm + diff))
+        )
+        for name, value in s.items():
+            out.setdefault(name, np.zeros((2, len(diff_positions))))[:, j] = value
+    return out
+
+
+def test_same_across_layers_reads_the_peak_as_figure_3_shows_it():
+    # Layer 1: a difference of 1 at one position in both channels; layer 2: 1
+    # everywhere. The peak of PM_avg is 1 (half of max FM) in both; the spatial
+    # mean grows 16-fold as the map spreads.
+    spot = np.zeros((2, 4, 4, 2), np.float32)
+    spot[:, 1, 2, :] = 1.0
+    everywhere = np.ones((2, 4, 4, 2), np.float32)
+    scalars = _summaries_of([spot, everywhere])
+    np.testing.assert_allclose(scalars["pm_avg_peak"], 1.0)
+    np.testing.assert_allclose(scalars["mean_abs_diff"], [[1 / 16, 1]] * 2)
+    out = claims.claim_same_across_layers(scalars, np.array([1, 0], bool))
+    primary = out["primary"]
+    assert primary["statistic"] == "peak PM_avg / max FM"
+    assert [p["mean"] for p in primary["per_layer"]] == pytest.approx([0.5, 0.5])
+    assert primary["largest_over_smallest"]["ratio"] == pytest.approx(1.0)
+    assert out["verdict"] == "holds"
+    mean = out["secondary"]["mean PM_avg"]["successful"]
+    assert mean["largest_over_smallest"]["ratio"] == pytest.approx(16.0)
+    assert mean["verdict"] == "fails"
+    # The peak five times larger in the last layer: fails; noisy: undecided.
+    scalars["pm_avg_peak"][:, 1] = 5.0
+    assert claims.claim_same_across_layers(scalars, np.array([1, 1], bool))[
+        "verdict"
+    ] == ("fails")
+    rng = np.random.default_rng(0)
+    noisy = {
+        "pm_avg_peak": np.c_[np.ones(6), rng.choice([0.5, 4.0], 6)],
+        "fm_max": np.ones((6, 2)),
+        "mean_abs_diff": np.ones((6, 2)),
+        "mean_abs_fm": np.ones((6, 2)),
+    }
+    noisy["pm_avg_peak"][:2, 1] = [0.5, 4.0]
+    assert (
+        claims.claim_same_across_layers(noisy, np.ones(6, bool))["verdict"]
+        == "undecided"
+    )
+
+
+def test_failed_farther_from_centre_by_hand():
+    def pixels(positions):
+        return np.array([[[r, c, 0, 0, 0]] for r, c in positions])
+
+    # 4x4: (1, 1) and (2, 2) central; (0, 0) and (3, 3) not.
+    central, edge = (1, 1), (0, 3)
+    success = np.array([1] * 30 + [0] * 30, bool)
+    apart = pixels([central] * 30 + [edge] * 30)
+    out = claims.claim_failed_farther(apart, success, 4, 4, generation0_best=apart)
+    assert out["primary"]["successful"]["successes"] == 30
+    assert out["primary"]["failed"]["successes"] == 0
+    assert out["secondary"]["uniform_share"] == 0.25
+    assert out["secondary"]["generation0"]["verdict_if_primary"] == "holds"
+    assert out["verdict"] == "holds"
+    reversed_ = pixels([edge] * 30 + [central] * 30)
+    assert claims.claim_failed_farther(reversed_, success, 4, 4)["verdict"].startswith(
+        "reversed"
+    )
+    mixed = pixels(([central, edge] * 30))
+    assert (
+        claims.claim_failed_farther(mixed, success, 4, 4)["verdict"]
+        == "no difference between outcomes"
+    )
+    assert claims.claim_failed_farther(apart[:30], success[:30], 4, 4)[
+        "verdict"
+    ].startswith("undecided")
+
+
+def test_quarter_of_last_map_verdicts():
+    def verdict(strong_attacks, n):
+        strong = np.r_[np.full(strong_attacks, 0.4), np.full(n - strong_attacks, 0.1)]
+        return claims.claim_quarter(strong, strong, np.ones(n, bool))
+
+    out = verdict(40, 40)
+    assert out["verdict"] == "holds" and out["primary"]["successes"] == 40
+    assert verdict(30, 100)["verdict"] == "sometimes"
+    assert verdict(0, 100)["verdict"] == "rarely"
+    # Exactly a quarter is not more than a quarter.
+    exact = claims.claim_quarter(np.full(3, 0.25), np.full(3, 0.25), np.ones(3, bool))
+    assert exact["primary"]["successes"] == 0
+
+
+def test_centre_concentration_against_the_distance_matched_control():
+    def central_map(mass):
+        m = np.zeros((4, 4))
+        m[1, 1], m[0, 0] = mass, 1.0 - mass
+        return m
+
+    attacks = {"successful": central_map(0.75), "failed": central_map(0.5)}
+
+    def run(matched):
+        maps = {
+            "attacks": attacks,
+            "distance_matched": {"successful": central_map(matched)},
+            "uniform_positions": {"successful": central_map(0.3)},
+        }
+        pixels = np.array([[[1, 1, 0, 0, 0]], [[0, 0, 0, 0, 0]]])
+        return claims.claim_centre_concentration(
+            maps, pixels, np.array([1, 0], bool), (4, 4)
+        )
+
+    out = run(0.74)
+    assert out["primary"]["excess"] == pytest.approx(0.01)
+    assert out["verdict"].startswith("mostly geometry")
+    ok = out["secondary"]["successful"]
+    assert ok["central_mass_share"]["uniform_positions"] == pytest.approx(0.3)
+    assert ok["pixels_in_central_square"]["successes"] == 1
+    assert np.isnan(out["secondary"]["failed"]["excess_over_distance_matched"])
+    assert out["secondary"]["share_of_positions"] == 0.25
+    assert run(0.5)["verdict"].startswith("beyond geometry")
+    assert run(0.9)["verdict"].startswith("less central")
+    assert claims.matched_concentration_verdict(float("nan")) == "undecided"
+
+
+def test_distance_matched_positions_keep_each_attack_distance():
+    key = jax.random.key(0)
+    positions = np.array([[15, 16], [0, 5], [31, 31], [10, 20]] * 25)
+    indices = np.arange(100)
+    drawn = claims.distance_matched_positions(key, indices, positions, 32, 32)
+    assert drawn.shape == (100, 2) and drawn.min() >= 0 and drawn.max() <= 31
+    np.testing.assert_array_equal(
+        stats.distance_from_centre(drawn, 32, 32),
+        stats.distance_from_centre(positions, 32, 32),
+    )
+    # Drawn around the ring, not the attack's own position.
+    outer = drawn[positions[:, 0] == 0]
+    assert len({tuple(p) for p in outer}) > 5
+    perm = np.random.default_rng(1).permutation(100)
+    np.testing.assert_array_equal(
+        claims.distance_matched_positions(key, indices[perm], positions[perm], 32, 32),
+        drawn[perm],
+    )
+
+
+def test_figure9_ratio_and_its_per_image_normalisation():
+    # Failed attacks move their maps 10% more, on images twice as strong: raw,
+    # failed are higher; divided by each image's own mean |FM|, lower.
+    success = np.array([1] * 20 + [0] * 20, bool)
+    diff = np.where(success[:, None], 1.0, 1.1) * np.ones((40, 2))
+    fm = np.where(success[:, None], 1.0, 2.0) * np.ones((40, 2))
+    out = claims.claim_figure9(diff, fm, success, ["a", "b"])
+    raw = out["primary"]["failed_over_successful"]
+    assert [r["ratio"] for r in raw] == pytest.approx([1.1, 1.1])
+    assert out["primary"]["failed_higher_in_layers"] == ["a", "b"]
+    own = out["secondary"]["divided_by_own_mean_abs_fm"]
+    assert [r["ratio"] for r in own["failed_over_successful"]] == pytest.approx(
+        [0.55, 0.55]
+    )
+    assert own["failed_higher_in_layers"] == []
+    assert out["verdict"] == "holds (similar)"
+    diff[~success] = 2.0
+    assert claims.claim_figure9(diff, fm, success, ["a", "b"])["verdict"] == "differ"
+    # A ratio of 1.2 between widely spread values: the interval straddles 1.25.
+    noisy = np.where(success, np.tile([0.2, 1.8], 20), np.tile([0.2, 2.2], 20))
+    noisy = np.stack([noisy, noisy], axis=1)
+    assert (
+        claims.claim_figure9(noisy, fm, success, ["a", "b"])["verdict"] == "undecided"
+    )
+    one_outcome = claims.claim_figure9(diff, fm, np.ones(40, bool), ["a", "b"])
+    assert one_outcome["verdict"].startswith("undecided")
+
+
+def test_provenance_prospective_retrospective_unknown():
+    early, late = "2026-11-01T10:00:00+00:00", "2026-12-01T10:00:00+01:00"
+    assert claims.provenance(early, late)["status"] == "prospective"
+    assert claims.provenance(late, early)["status"] == "retrospective"
+    assert claims.provenance(late, late)["status"] == "retrospective"
+    assert claims.provenance(None, late)["status"] == "unknown"
+    assert claims.provenance(early, None)["status"] == "unknown"
+    modified = claims.provenance(early, late, rules_modified=True)
+    assert modified["status"] == "retrospective"
+    assert modified["rules_committed"] == early
+    with pytest.raises(PropmapsError, match="time zone"):
+        claims.provenance("2026-11-01T10:00:00", late)

@@ -259,6 +259,10 @@ def test_layer_summaries_against_numpy():
     np.testing.assert_allclose(
         out["mean_abs_fm"], np.abs(f).mean(axis=(1, 2, 3)), rtol=1e-5
     )
+    # The peak of PM_avg: the brightest position of the channel-mean map.
+    np.testing.assert_allclose(
+        out["pm_avg_peak"], d.mean(axis=-1).max(axis=(1, 2)), rtol=1e-5
+    )
 
 
 def test_resnet_layers_in_forward_order_and_maps_of_layer_outputs(tiny_resnet):
