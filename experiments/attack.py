@@ -364,13 +364,22 @@ def _check_workdir(
 
 
 def _open_workdir(
-    workdir: str, settings: dict, legacy: dict, indices: np.ndarray, num_test: int
+    workdir: str,
+    settings: dict,
+    legacy: dict,
+    indices: np.ndarray,
+    num_test: int,
+    image_shape: tuple[int, int] | None = None,
 ) -> tuple[int, list[dict], dict | None]:
     """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
 
+    Every chunk is checked before it is believed (`attack_csv.read_chunk`: its
+    content hash, or the summary's record of its file, its settings hash, its rows
+    by the row rules with pixels inside `image_shape`); one that fails is moved to
+    .attack_chunks/damaged/ with one line and its images are attacked again.
     Nothing is written until the first result is (see `_attack_chunks`), apart
-    from the settings hash added to chunks that predate it and chunks of other
-    settings moved aside. Process 0 owns the files; the others follow its decision.
+    from the hashes added to chunks that predate them and chunks moved aside.
+    Process 0 owns the files; the others follow its decision.
     """
     status, resume_from, finished_summary, done_chunks = "new", 0, None, []
     if _is_main_process():
@@ -378,7 +387,13 @@ def _open_workdir(
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
         if status != "finished" and storage.isdir(chunks_dir):
             resume_from, done_chunks, kinds = attack_csv.finished_prefix(
-                chunks_dir, indices, _settings_hashes(settings, num_test), legacy_ok
+                chunks_dir,
+                indices,
+                _settings_hashes(settings, num_test),
+                legacy_ok,
+                _recorded_chunks(workdir),
+                settings.get("target"),
+                image_shape,
             )
             attack_csv.sort_out_chunks(
                 chunks_dir, kinds, integrity.settings_sha256(settings)
@@ -387,6 +402,14 @@ def _open_workdir(
     if resume_from < 0:
         return -1, [], finished_summary or {"settings": settings}
     return resume_from, done_chunks, None
+
+
+def _recorded_chunks(workdir: str) -> dict[str, str]:
+    """{chunk file name: SHA-256} as DIR/attack_summary.json records them ({} when
+    it has no readable record)."""
+    summary = integrity.read_json_record(os.path.join(workdir, SUMMARY_NAME))
+    recorded = (summary or {}).get("chunks_sha256")
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _default_chunk_size(chunk_size: int | None, num_samples: int) -> int:
@@ -747,6 +770,14 @@ def _write_results(
             "(repeated or missing rows); delete it and run again"
         )
     text = attack_csv.csv_text(pixels, rows)
+    # The rows pass the same rules every reader applies, before anything is written.
+    attack_csv.read_attack_text(
+        os.path.join(workdir, CSV_NAME),
+        text,
+        summary["settings"]["target"],
+        tuple(before.images.shape[1:3]),
+        summary,
+    )
     summary["attack_csv_sha256"] = integrity.text_sha256(text)
     summary["settings_sha256"] = integrity.settings_sha256(summary["settings"])
     summary["chunks_sha256"] = {
@@ -832,7 +863,7 @@ def _run_attack(
     )
     legacy = _legacy_settings(settings, weights)
     resume_from, done_chunks, finished = _open_workdir(
-        workdir, settings, legacy, indices, len(x_test)
+        workdir, settings, legacy, indices, len(x_test), tuple(x_test.shape[1:3])
     )
     if finished is not None:
         logging.info("%s: finished run with the same settings, nothing to do", workdir)

@@ -216,7 +216,7 @@ def strip_hashes(workdir):
     for name in chunk_names(workdir):
         path = os.path.join(workdir, ".attack_chunks", name)
         chunk = json.load(open(path))
-        del chunk["settings_sha256"]
+        del chunk["settings_sha256"], chunk[attack_csv.CONTENT_KEY]
         assert set(chunk) == {
             "rows",
             "successes",
@@ -263,6 +263,110 @@ def test_old_chunks_without_settings_json_are_not_merged(setup, reference, monke
     attack_experiment.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
     assert len(os.listdir(os.path.join(workdir, ".attack_chunks", "stale"))) == 2
+
+
+def damage_chunk(path, edit):
+    """Edit a chunk file as a hand (or a bad disk) might, leaving it valid JSON."""
+    chunk = json.load(open(path))
+    attacked = [i for i, r in enumerate(chunk["rows"]) if r.split(",")[4] == "1"]
+    fields = chunk["rows"][attacked[0]].split(",")
+    if edit == "successes":
+        chunk["successes"] += 1
+    elif edit == "success_flag":
+        fields[5] = "0" if fields[5] == "1" else "1"
+    elif edit == "probability":
+        digits = fields[7]
+        fields[7] = digits[:-1] + ("1" if digits[-1] != "1" else "2")
+    chunk["rows"][attacked[0]] = ",".join(fields)
+    with open(path, "w") as f:
+        json.dump(chunk, f)
+
+
+@pytest.mark.parametrize("edit", ["successes", "success_flag", "probability"])
+def test_an_edited_chunk_is_moved_aside_and_attacked_again(
+    setup, reference, capsys, edit
+):
+    """A chunk edited after it was written (its count, a row's success flag, a
+    digit of a probability), attack.csv deleted: the same command moves the chunk
+    to .attack_chunks/damaged/ (one line), attacks its images again and ends in
+    the files of a clean run; a second rerun has nothing to say."""
+    folder, kwargs, _ = setup
+    source, expected, summary = reference
+    workdir = str(folder / f"edited_chunk_{edit}")
+    shutil.copytree(source, workdir)
+    name = "chunk_0000004_0000008.json"
+    damage_chunk(os.path.join(workdir, ".attack_chunks", name), edit)
+    os.remove(os.path.join(workdir, "attack.csv"))
+    capsys.readouterr()
+    again = attack_experiment.run_attack(workdir, **kwargs)
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "fail their checks" in line]
+    assert len(said) == 1 and name in said[0], err
+    assert read(workdir, "attack.csv") == expected
+    assert again["successes"] == summary["successes"]
+    damaged = os.path.join(workdir, ".attack_chunks", "damaged")
+    assert os.listdir(damaged) == [name]
+    attack_experiment.run_attack(workdir, **kwargs)
+    assert "fail their checks" not in capsys.readouterr().err
+    assert read(workdir, "attack.csv") == expected
+
+
+def test_an_edited_chunk_of_the_older_format_is_caught(setup, reference, capsys):
+    """Chunks without their own hash (written before it existed): an edited one is
+    caught by the file hash its summary records, and with no summary by its rows
+    (a count its rows do not hold); an intact one is taken and its hash written."""
+    folder, kwargs, _ = setup
+    source, expected, _ = reference
+    for with_summary in (True, False):
+        workdir = str(folder / f"edited_old_chunk_{with_summary}")
+        shutil.copytree(source, workdir)
+        chunks = os.path.join(workdir, ".attack_chunks")
+        for name in chunk_names(workdir):
+            chunk = json.load(open(os.path.join(chunks, name)))
+            del chunk[attack_csv.CONTENT_KEY]
+            rundir.write_json(os.path.join(chunks, name), chunk)
+        summary_path = os.path.join(workdir, "attack_summary.json")
+        summary = json.load(open(summary_path))
+        summary["chunks_sha256"] = {
+            name: rundir.file_sha256(os.path.join(chunks, name))
+            for name in chunk_names(workdir)
+        }
+        rundir.write_json(summary_path, summary)
+        damage_chunk(os.path.join(chunks, "chunk_0000004_0000008.json"), "successes")
+        os.remove(os.path.join(workdir, "attack.csv"))
+        if not with_summary:
+            os.remove(summary_path)
+        capsys.readouterr()
+        attack_experiment.run_attack(workdir, **kwargs)
+        err = capsys.readouterr().err
+        assert "1 chunks fail their checks" in err, err
+        assert read(workdir, "attack.csv") == expected
+        for name in chunk_names(workdir):
+            chunk = json.load(open(os.path.join(chunks, name)))
+            assert chunk[attack_csv.CONTENT_KEY] == attack_csv.chunk_sha256(chunk)
+
+
+def test_one_set_of_row_rules_for_chunks_and_attack_csv(setup, reference):
+    """The attack's chunks and every reader of attack.csv go through the same
+    function (`read_attack_text`): a row that contradicts itself is named the
+    same way in both."""
+    _, _, _ = setup
+    source, expected, _ = reference
+    lines = expected.splitlines()
+    attacked = next(
+        i for i, line in enumerate(lines[1:], 1) if line.split(",")[4] == "1"
+    )
+    fields = lines[attacked].split(",")
+    fields[10] = "40"  # a pixel row outside the 32x32 image
+    row = ",".join(fields)
+    with pytest.raises(PropmapsError, match="lies outside the 32x32 image"):
+        attack_csv.read_attack_text(
+            "x.csv", "\n".join([lines[0], row]) + "\n", None, (32, 32)
+        )
+    chunk = {"rows": [row], "successes": int(fields[5]), "evaluations": int(fields[9])}
+    assert "lies outside the 32x32 image" in attack_csv.chunk_problem(
+        "c.json", chunk, None, (32, 32)
+    )
 
 
 def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
