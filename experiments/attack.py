@@ -181,12 +181,16 @@ def _settings(
     config: AttackConfig,
     target: int | str | None,
     search_dtype: str = "float32",
+    numerics_keys: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings that decide an attack run's results (compared on resume).
 
     `provenance_keys`: `provenance.describe(...)`: the model's name and the SHA-256
     of its weights and of the test split, so that the same weights under another
-    path resume, and other weights or data are refused.
+    path resume, and other weights or data are refused. The numerics (search
+    dtype, `numerics_keys`: default `numerics()`, the precision and x64 in force)
+    are entries only where not the default, so that a run resumed under other
+    numerics is refused like any other change of settings.
     """
     settings = {
         **{k: provenance_keys[k] for k in provenance.KEYS},
@@ -200,7 +204,30 @@ def _settings(
     # with, so that runs begun before this setting existed still resume.
     if search_dtype != "float32":
         settings["search_dtype"] = search_dtype
+    settings.update(numerics() if numerics_keys is None else numerics_keys)
     return settings
+
+
+# --precision values (jax.default_matmul_precision) that compute in true float32:
+# the launcher's default, and no setting at all (in-process calls; on a CPU the
+# same numbers, on an accelerator JAX's own default, which the launcher never
+# leaves in place).
+_DEFAULT_PRECISIONS = (None, "highest", "float32")
+
+
+def numerics() -> dict[str, Any]:
+    """The numerics in force that decide an attack's numbers, as settings entries,
+    only where they differ from the defaults every committed run was made with
+    (float32 matmuls at --precision=highest, jax_enable_x64 off): `precision`
+    (jax.default_matmul_precision, set by --precision) and `jax_enable_x64`.
+    Runs made under the defaults keep the settings they were started with."""
+    found: dict[str, Any] = {}
+    precision = jax.config.jax_default_matmul_precision
+    if precision not in _DEFAULT_PRECISIONS:
+        found["precision"] = str(precision)
+    if jax.config.jax_enable_x64:
+        found["jax_enable_x64"] = True
+    return found
 
 
 def _legacy_settings(settings: dict, weights: str | None) -> dict:

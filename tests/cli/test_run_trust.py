@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -367,6 +368,39 @@ def test_one_set_of_row_rules_for_chunks_and_attack_csv(setup, reference):
     assert "lies outside the 32x32 image" in attack_csv.chunk_problem(
         "c.json", chunk, None, (32, 32)
     )
+
+
+def test_other_numerics_are_other_settings(setup, reference, monkeypatch):
+    """--precision, jax_enable_x64 and the search dtype are settings: a run resumed
+    or rerun under other numerics is refused in one line naming the difference
+    (and its chunks carry another settings hash); the defaults add no entry, so
+    that runs made before keep their settings."""
+    folder, kwargs, _ = setup
+    source, _, summary = reference
+    keys = {"model": "m", "weights_sha256": "a", "dataset_sha256": "b"}
+    plain = attack_experiment._settings(keys, 1, 0, "first", CONFIG, None)
+    with jax.default_matmul_precision("highest"):
+        assert attack_experiment._settings(keys, 1, 0, "first", CONFIG, None) == plain
+    for context, entry in (
+        (jax.default_matmul_precision("default"), "'precision'"),
+        (jax.default_matmul_precision("bfloat16"), "'precision'"),
+        (jax.enable_x64(True), "'jax_enable_x64'"),
+    ):
+        with context:
+            other = attack_experiment._settings(keys, 1, 0, "first", CONFIG, None)
+        assert other != plain
+        assert integrity.settings_sha256(other) != integrity.settings_sha256(plain)
+        assert entry.strip("'") in other
+    workdir = str(folder / "numerics")
+    interrupted_run(workdir, kwargs, monkeypatch, chunks=1)
+    with jax.default_matmul_precision("default"):
+        with pytest.raises(PropmapsError, match=r"other settings \(.*precision: None"):
+            attack_experiment.run_attack(workdir, **kwargs)
+        with pytest.raises(PropmapsError, match=r"other settings \(.*precision: None"):
+            attack_experiment.run_attack(source, **kwargs)
+    with pytest.raises(PropmapsError, match=r"other settings \(.*search_dtype"):
+        attack_experiment.run_attack(workdir, **kwargs, search_dtype="bfloat16")
+    assert attack_experiment.run_attack(source, **kwargs) == summary
 
 
 def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
