@@ -863,7 +863,9 @@ def _run_attack(
     if loaded is None:
         loaded = common.load_model(model_name, weights)
     # A user-given batch that cannot fit is refused before anything is compiled.
-    budget.check_batch(loaded[1], loaded[2], slots, config.population)
+    budget.check_batch(
+        loaded[1], loaded[2], slots, config.population, pixels=config.pixels
+    )
     if target == "all":
         return _run_all_targets(
             workdir,

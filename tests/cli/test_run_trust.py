@@ -772,17 +772,55 @@ def test_a_batch_that_cannot_fit_is_refused_before_compiling(setup, tmp_path):
     apply_fn = models.make_apply_fn(module)
     assert per == memory.forward_bytes_per_candidate(apply_fn, variables)
     assert per >= 4 * (32 * 32 * 3 + 28 * 28 * 3)
+    slot = budget.slot_bytes(module, variables, 8)
+    assert slot >= 8 * per
     with pytest.raises(PropmapsError, match=r"--slots=1000 with --population=8 needs"):
-        budget.check_batch(module, variables, 1000, 8, free=100 * 8 * per)
-    budget.check_batch(module, variables, 100, 8, free=100 * 8 * per)
-    budget.check_batch(module, variables, None, 8, free=8 * per)
+        budget.check_batch(module, variables, 1000, 8, free=100 * slot)
+    budget.check_batch(module, variables, 100, 8, free=100 * slot)
+    with pytest.raises(PropmapsError, match=r"use --slots=99 or fewer"):
+        budget.check_batch(module, variables, 100, 8, free=100 * slot - 1)
+    budget.check_batch(module, variables, None, 8, free=slot)
     # Without --slots, a population alone that cannot fit (one image's worth).
     with pytest.raises(PropmapsError, match=r"^--population=9 needs .* at most 8$"):
-        budget.check_batch(module, variables, None, 9, free=8 * per)
+        budget.check_batch(module, variables, None, 9, free=slot)
     workdir = str(tmp_path / "too_big")
     with pytest.raises(PropmapsError, match=r"use --slots=\d+ or fewer"):
         attack_experiment.run_attack(workdir, **dict(kwargs, slots=2**30))
     assert not os.path.exists(workdir)
+
+
+def test_the_memory_check_counts_the_de_step_that_grows_with_population_squared(
+    setup,
+):
+    """--population=150000 --slots=1 passed a check of the activations alone
+    (about 4 GB for LeNet-tiny) and then XLA asked for 630 GB: evosax's DE draws
+    each member's partners over the whole population (population x population
+    arrays). Every term that grows with the population or the slots is counted,
+    and the check holds at its boundary."""
+    _, _, (module, variables, *_) = setup
+    big = 150_000
+    per = budget.candidate_bytes(module, variables)
+    search = memory.search_bytes_per_slot(big)
+    # At least one population x population float32 array (the partner draw's
+    # probabilities), by hand.
+    assert search >= 4 * big * big
+    slot = budget.slot_bytes(module, variables, big)
+    assert slot == big * (per + 3 * 4 * 5) + search
+    gib = 2**30
+    assert big * per < 64 * gib < slot  # passed before, refused now
+    with pytest.raises(PropmapsError, match=r"--slots=1 with --population=150000"):
+        budget.check_batch(module, variables, 1, big, free=64 * gib)
+    budget.check_batch(module, variables, 1, big, free=slot)
+    with pytest.raises(PropmapsError, match=r"at most \d+$") as refused:
+        budget.check_batch(module, variables, 1, big, free=slot - 1)
+    fits = int(str(refused.value).rsplit(" ", 1)[1])
+    assert fits < big
+    assert budget.slot_bytes(module, variables, fits) <= slot - 1
+    assert budget.slot_bytes(module, variables, fits + 1) > slot - 1
+    # The library's estimate counts it too (the default slots on a device).
+    estimate = memory.attack_memory(models.make_apply_fn(module), variables, 2, big, 10)
+    assert estimate.per_slot_search == search
+    assert estimate.total >= 2 * slot
 
 
 # --- 5. The whole job's cost up front.
