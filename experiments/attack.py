@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, flag_groups
-from experiments.report.progress import format_duration
+from experiments.report.progress import format_duration, say
 from experiments.runs import (
     attack_csv,
     budget,
@@ -660,7 +660,7 @@ class _AttackProgress:
             if self.done == self.last_done and now - self.last_print < self.HEARTBEAT_S:
                 return
         self.last_print, self.last_done = now, self.done
-        print(self.line(now), file=sys.stderr, flush=True)
+        say(self.line(now))
 
 
 def _grid(n: int, chunk_size: int, resume_from: int) -> list[int]:
@@ -1109,10 +1109,10 @@ def main(argv: list[str]) -> None:
     )
     if _is_main_process():
         # The result, on stdout (progress and logs go to stderr).
-        print(
+        say(
             f"success rate {100 * summary.get('success_rate_attacked', 0.0):.2f}% of "
             f"{summary.get('attacked', 0)} attacked images "
             f"({100 * summary.get('success_rate_all', 0.0):.2f}% of all "
             f"{summary.get('num_samples', 0)} samples); results in {workdir}",
-            flush=True,
+            sys.stdout,
         )

@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from experiments.report.progress import say
 from experiments.runs import storage
 from propmaps_jax.errors import PropmapsError
 
@@ -210,11 +211,7 @@ def _take_over_local(workdir: str, path: str, record: dict, data: bytes) -> bool
 
 
 def _took_over(workdir: str, record: dict) -> None:
-    print(
-        f"{workdir}: taking over the lock of a run that is gone ({describe(record)})",
-        file=sys.stderr,
-        flush=True,
-    )
+    say(f"{workdir}: taking over the lock of a run that is gone ({describe(record)})")
 
 
 def _remove_if_empty(workdir: str, created: bool) -> None:

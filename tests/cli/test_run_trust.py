@@ -87,12 +87,14 @@ def as_launched(workdir, run, parsed):
     """Call `run()` as `main` is called (common.resumable); (exit status, stderr
     lines) of the stop it ends with."""
     parsed.workdir = workdir
-    old = signal.getsignal(signal.SIGTERM)
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as stop:
             common.resumable()(lambda argv: run())([])
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+        common._STOPPING[0] = None
     return stop.value.code
 
 
