@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, flag_groups
-from experiments.report.progress import format_duration
+from experiments.report.progress import format_duration, say
 from experiments.runs import (
     attack_csv,
     budget,
@@ -181,12 +181,16 @@ def _settings(
     config: AttackConfig,
     target: int | str | None,
     search_dtype: str = "float32",
+    numerics_keys: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings that decide an attack run's results (compared on resume).
 
     `provenance_keys`: `provenance.describe(...)`: the model's name and the SHA-256
     of its weights and of the test split, so that the same weights under another
-    path resume, and other weights or data are refused.
+    path resume, and other weights or data are refused. The numerics (search
+    dtype, `numerics_keys`: default `numerics()`, the precision and x64 in force)
+    are entries only where not the default, so that a run resumed under other
+    numerics is refused like any other change of settings.
     """
     settings = {
         **{k: provenance_keys[k] for k in provenance.KEYS},
@@ -200,7 +204,30 @@ def _settings(
     # with, so that runs begun before this setting existed still resume.
     if search_dtype != "float32":
         settings["search_dtype"] = search_dtype
+    settings.update(numerics() if numerics_keys is None else numerics_keys)
     return settings
+
+
+# --precision values (jax.default_matmul_precision) that compute in true float32:
+# the launcher's default, and no setting at all (in-process calls; on a CPU the
+# same numbers, on an accelerator JAX's own default, which the launcher never
+# leaves in place).
+_DEFAULT_PRECISIONS = (None, "highest", "float32")
+
+
+def numerics() -> dict[str, Any]:
+    """The numerics in force that decide an attack's numbers, as settings entries,
+    only where they differ from the defaults every committed run was made with
+    (float32 matmuls at --precision=highest, jax_enable_x64 off): `precision`
+    (jax.default_matmul_precision, set by --precision) and `jax_enable_x64`.
+    Runs made under the defaults keep the settings they were started with."""
+    found: dict[str, Any] = {}
+    precision = jax.config.jax_default_matmul_precision
+    if precision not in _DEFAULT_PRECISIONS:
+        found["precision"] = str(precision)
+    if jax.config.jax_enable_x64:
+        found["jax_enable_x64"] = True
+    return found
 
 
 def _legacy_settings(settings: dict, weights: str | None) -> dict:
@@ -364,13 +391,22 @@ def _check_workdir(
 
 
 def _open_workdir(
-    workdir: str, settings: dict, legacy: dict, indices: np.ndarray, num_test: int
+    workdir: str,
+    settings: dict,
+    legacy: dict,
+    indices: np.ndarray,
+    num_test: int,
+    image_shape: tuple[int, int] | None = None,
 ) -> tuple[int, list[dict], dict | None]:
     """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
 
+    Every chunk is checked before it is believed (`attack_csv.read_chunk`: its
+    content hash, or the summary's record of its file, its settings hash, its rows
+    by the row rules with pixels inside `image_shape`); one that fails is moved to
+    .attack_chunks/damaged/ with one line and its images are attacked again.
     Nothing is written until the first result is (see `_attack_chunks`), apart
-    from the settings hash added to chunks that predate it and chunks of other
-    settings moved aside. Process 0 owns the files; the others follow its decision.
+    from the hashes added to chunks that predate them and chunks moved aside.
+    Process 0 owns the files; the others follow its decision.
     """
     status, resume_from, finished_summary, done_chunks = "new", 0, None, []
     if _is_main_process():
@@ -378,7 +414,13 @@ def _open_workdir(
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
         if status != "finished" and storage.isdir(chunks_dir):
             resume_from, done_chunks, kinds = attack_csv.finished_prefix(
-                chunks_dir, indices, _settings_hashes(settings, num_test), legacy_ok
+                chunks_dir,
+                indices,
+                _settings_hashes(settings, num_test),
+                legacy_ok,
+                _recorded_chunks(workdir),
+                settings.get("target"),
+                image_shape,
             )
             attack_csv.sort_out_chunks(
                 chunks_dir, kinds, integrity.settings_sha256(settings)
@@ -387,6 +429,14 @@ def _open_workdir(
     if resume_from < 0:
         return -1, [], finished_summary or {"settings": settings}
     return resume_from, done_chunks, None
+
+
+def _recorded_chunks(workdir: str) -> dict[str, str]:
+    """{chunk file name: SHA-256} as DIR/attack_summary.json records them ({} when
+    it has no readable record)."""
+    summary = integrity.read_json_record(os.path.join(workdir, SUMMARY_NAME))
+    recorded = (summary or {}).get("chunks_sha256")
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _default_chunk_size(chunk_size: int | None, num_samples: int) -> int:
@@ -610,7 +660,7 @@ class _AttackProgress:
             if self.done == self.last_done and now - self.last_print < self.HEARTBEAT_S:
                 return
         self.last_print, self.last_done = now, self.done
-        print(self.line(now), file=sys.stderr, flush=True)
+        say(self.line(now))
 
 
 def _grid(n: int, chunk_size: int, resume_from: int) -> list[int]:
@@ -747,6 +797,14 @@ def _write_results(
             "(repeated or missing rows); delete it and run again"
         )
     text = attack_csv.csv_text(pixels, rows)
+    # The rows pass the same rules every reader applies, before anything is written.
+    attack_csv.read_attack_text(
+        os.path.join(workdir, CSV_NAME),
+        text,
+        summary["settings"]["target"],
+        tuple(before.images.shape[1:3]),
+        summary,
+    )
     summary["attack_csv_sha256"] = integrity.text_sha256(text)
     summary["settings_sha256"] = integrity.settings_sha256(summary["settings"])
     summary["chunks_sha256"] = {
@@ -806,7 +864,9 @@ def _run_attack(
         loaded = common.load_model(model_name, weights)
     common.check_computes(loaded, x_test, model_name, weights)
     # A user-given batch that cannot fit is refused before anything is compiled.
-    budget.check_batch(loaded[1], loaded[2], slots, config.population)
+    budget.check_batch(
+        loaded[1], loaded[2], slots, config.population, pixels=config.pixels
+    )
     if target == "all":
         return _run_all_targets(
             workdir,
@@ -833,7 +893,7 @@ def _run_attack(
     )
     legacy = _legacy_settings(settings, weights)
     resume_from, done_chunks, finished = _open_workdir(
-        workdir, settings, legacy, indices, len(x_test)
+        workdir, settings, legacy, indices, len(x_test), tuple(x_test.shape[1:3])
     )
     if finished is not None:
         logging.info("%s: finished run with the same settings, nothing to do", workdir)
@@ -1050,10 +1110,10 @@ def main(argv: list[str]) -> None:
     )
     if _is_main_process():
         # The result, on stdout (progress and logs go to stderr).
-        print(
+        say(
             f"success rate {100 * summary.get('success_rate_attacked', 0.0):.2f}% of "
             f"{summary.get('attacked', 0)} attacked images "
             f"({100 * summary.get('success_rate_all', 0.0):.2f}% of all "
             f"{summary.get('num_samples', 0)} samples); results in {workdir}",
-            flush=True,
+            sys.stdout,
         )

@@ -18,6 +18,8 @@ import re
 import sys
 import textwrap
 
+from experiments.report.progress import say
+
 EXPERIMENTS = (
     "locality",
     "attack",
@@ -286,7 +288,7 @@ def check(args: list[str]) -> str:
 
 
 def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    say(f"error: {message}")
     sys.exit(2)
 
 
@@ -341,7 +343,8 @@ def main() -> None:
             stop = common.stop_message(e, workdir)
             if stop is None:
                 raise
-            sys.stderr.write(stop[0] + "\n")
+            common.stopping()
+            say(stop[0])
             sys.exit(stop[1])
         finally:
             if locked:
@@ -356,6 +359,9 @@ def run() -> None:
     try:
         main()
     except KeyboardInterrupt as e:
+        from experiments import common
+
+        common.stopping()
         terminated = type(e).__name__ == "Terminated"
-        sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
+        say("terminated (SIGTERM)" if terminated else "interrupted")
         sys.exit(143 if terminated else 130)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 from absl import flags, logging
 
+from experiments.report.progress import say
 from experiments.runs import rundir, storage
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.errors import PropmapsError
@@ -262,16 +264,94 @@ def past_deadline() -> bool:
     return _DEADLINE[0] is not None and time.time() >= _DEADLINE[0]
 
 
+# The signal this process is stopping for (None: none yet). A second signal while
+# the first one's stop is under way (TERM then INT from a scheduler, Ctrl-C
+# pressed twice) is ignored: its exception would land in the middle of the
+# cleanup (the lock's release, the stop line, JAX's teardown at exit), as a
+# traceback, another exit status, or worse.
+_STOPPING: list[int | None] = [None]
+# Read end of the pipe where the C-level handler writes each signal's number as it
+# arrives (`signal.set_wakeup_fd`). Python runs pending handlers by signal number,
+# not in order of arrival (SIGINT before SIGTERM when both came during one long
+# device call): the pipe says which came first.
+_ARRIVALS: list[int | None] = [None]
+
+
+def _drain_arrivals() -> bytes:
+    if _ARRIVALS[0] is None:
+        return b""
+    data = b""
+    with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+        while chunk := os.read(_ARRIVALS[0], 512):
+            data += chunk
+    return data
+
+
+def _watch_arrivals() -> None:
+    """Record the signals' order of arrival (main thread only; nothing when
+    another part of the program already uses the wakeup fd)."""
+    if _ARRIVALS[0] is not None:
+        _drain_arrivals()  # left from an earlier run in this process
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    try:
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        previous = None
+    if previous == -1:
+        _ARRIVALS[0] = read
+        return
+    if previous is not None:
+        signal.set_wakeup_fd(previous)
+    os.close(read)
+    os.close(write)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if _STOPPING[0] is not None:
+        return
+    arrived = [s for s in _drain_arrivals() if s in (signal.SIGINT, signal.SIGTERM)]
+    first = arrived[0] if arrived else signum
+    _STOPPING[0] = first
+    _ignore_further_signals()
+    raise Terminated() if first == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _ignore_further_signals() -> None:
+    """SIGINT and SIGTERM ignored by the OS from now on: at exit Python puts its
+    own handlers back to the default action (which kills the process, before its
+    stop line or in JAX's teardown), but leaves an ignored signal ignored."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+    _on_stop_signal(signum, frame)
 
 
 def handle_sigterm() -> None:
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt): every Ctrl-C path applies."""
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt): every Ctrl-C path applies.
+    SIGINT (when Python's own handler is in place) and SIGTERM stop the run once:
+    after the first, both are ignored until the process ends (`_STOPPING`)."""
+    _STOPPING[0] = None
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_stop_signal)
     except ValueError:  # not the main thread (e.g. a test runner's worker)
-        pass
+        return
+    _watch_arrivals()
+
+
+def stopping() -> None:
+    """A stop is under way (also one not raised by our handler, e.g. a
+    KeyboardInterrupt from elsewhere): later signals are ignored."""
+    if _STOPPING[0] is None:
+        _STOPPING[0] = signal.SIGINT
+    _ignore_further_signals()
 
 
 def _holds_results(workdir: str | None) -> bool:
@@ -344,8 +424,8 @@ def resumable(default_workdir: str | None = None) -> Callable:
                 stop = stop_message(e, FLAGS.workdir or default_workdir)
                 if stop is None:
                     raise
-                sys.stderr.write(stop[0] + "\n")
-                sys.stderr.flush()
+                stopping()
+                say(stop[0])
                 sys.exit(stop[1])
             finally:
                 _DEADLINE[0] = None

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from typing import Any
 
@@ -42,7 +41,7 @@ import experiments.attack as attack_experiment
 from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report import tables as report_tables
-from experiments.report.progress import Progress
+from experiments.report.progress import Progress, say
 from experiments.runs import (
     attack_csv,
     budget,
@@ -209,7 +208,7 @@ def model_weights(name: str) -> str | None:
 
 def log(message: str) -> None:
     """A progress message: stderr (results go to stdout)."""
-    print(message, file=sys.stderr, flush=True)
+    say(message)
 
 
 def study_model(

@@ -22,6 +22,7 @@ count with XLA's CPU memory analysis of the compiled engine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "attack_memory",
     "forward_bytes_per_candidate",
     "peak_live_bytes",
+    "search_bytes_per_slot",
     "slots_that_fit",
     "tree_bytes",
 ]
@@ -129,6 +131,39 @@ def forward_bytes_per_candidate(
     return max(1, -(-(peaks[1] - peaks[0]) // (large - small)))
 
 
+@functools.cache
+def search_bytes_per_slot(
+    population: int, pixels: int = 1, image_shape: tuple[int, ...] = (32, 32, 3)
+) -> int:
+    """Peak bytes of one slot's DE step (the trial vectors proposed, then told),
+    by `peak_live_bytes` of its jaxpr (traced, never run).
+
+    Not linear in the population: evosax's DE/rand/1 draws each member's partners
+    with `jax.random.choice(..., p=...)` over the whole population, vmapped over
+    the members, so the step holds population x population arrays (about 12 bytes
+    each at the time of writing: 270 GB per slot at a population of 150,000).
+    """
+    from propmaps_jax.attack import de  # the attack imports this module
+
+    config = de.AttackConfig(pixels=pixels, population=population)
+    state = jax.eval_shape(lambda: de.empty_search_state(config))
+
+    def step(key, state):
+        fresh = jnp.bool_(False)
+        candidates = de.propose(key, state.de_state, fresh, config, image_shape)
+        fit = jnp.sum(candidates, axis=1)  # stands for the model's fitness
+        scores = de.Scores(
+            de.decode_candidates(candidates, image_shape),
+            fit,
+            fit > 0,
+            fit,
+            jnp.zeros(population, jnp.int32),
+        )
+        return de.update_search(key, state, candidates, scores, fresh, config)
+
+    return peak_live_bytes(jax.make_jaxpr(step)(jax.random.key(0), state).jaxpr)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackMemory:
     """Bytes of one device's attack program, by part (an estimate, see module doc)."""
@@ -138,6 +173,8 @@ class AttackMemory:
     per_candidate: int  # forward activations per candidate
     per_candidate_state: int  # DE state per candidate (population and trials)
     candidates: int  # slots x population
+    per_slot_search: int = 0  # one slot's DE step (population^2: `search_bytes...`)
+    slots: int = 0
 
     @property
     def total(self) -> int:
@@ -145,6 +182,7 @@ class AttackMemory:
             self.weights
             + self.queue
             + self.candidates * (self.per_candidate + self.per_candidate_state)
+            + self.slots * self.per_slot_search
         )
 
 
@@ -169,7 +207,9 @@ def attack_memory(
     candidates, a queue of `queue_len` images, `apply_fn`'s forward.
 
     The DE state is counted as three float32 rows (population, trials, their
-    decoded pixels) of pixels x 5 values per candidate, the queue as the uint8
+    decoded pixels) of pixels x 5 values per candidate, and each slot's DE step
+    at its own peak (`search_bytes_per_slot`, which grows with the square of
+    the population), the queue as the uint8
     image, its label, target, index and the results (pixels x 5 + 5 values).
     """
     return AttackMemory(
@@ -178,6 +218,10 @@ def attack_memory(
         per_candidate=forward_bytes_per_candidate(apply_fn, variables, image_shape),
         per_candidate_state=3 * 4 * 5 * pixels,
         candidates=slots * population,
+        per_slot_search=search_bytes_per_slot(
+            population, pixels, tuple(int(d) for d in image_shape)
+        ),
+        slots=slots,
     )
 
 
@@ -191,5 +235,7 @@ def slots_that_fit(
     only its per-candidate and fixed parts are used) fits in `fraction` of
     `memory_bytes`; at least 1."""
     usable = fraction * memory_bytes - estimate.weights - estimate.queue
-    per_slot = (estimate.per_candidate + estimate.per_candidate_state) * population
+    per_slot = (
+        estimate.per_candidate + estimate.per_candidate_state
+    ) * population + estimate.per_slot_search
     return max(1, int(usable // per_slot))

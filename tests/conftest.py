@@ -232,7 +232,12 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
 
     out, err = io.StringIO(), io.StringIO()
     saved_env = {name: os.environ.get(name) for name in env}
-    saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM))
+    saved = (
+        sys.argv,
+        os.getcwd(),
+        signal.getsignal(signal.SIGTERM),
+        signal.getsignal(signal.SIGINT),
+    )
     handler = absl_logging.get_absl_handler().python_handler
     saved_stream = handler.stream
     code = 0
@@ -266,11 +271,13 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
         sys.argv = saved[0]
         os.chdir(saved[1])
         signal.signal(signal.SIGTERM, saved[2])
+        signal.signal(signal.SIGINT, saved[3])
         _set_env(os.environ, saved_env)
         reset_flags()
         # Process-wide state a run leaves behind when it stops early: in a new
         # process it would start empty.
         common._DEADLINE[0] = None
+        common._STOPPING[0] = None
         attack = sys.modules.get("experiments.attack")
         if attack is not None:
             attack.LATER_WORK_S[0] = None

@@ -1,7 +1,28 @@
-"""Progress lines of the experiments, and the one H:MM:SS formatter they share."""
+"""Progress lines of the experiments, the one way they are printed (`say`), and the
+one H:MM:SS formatter they share."""
 
+import contextlib
+import os
 import sys
 import time
+from typing import TextIO
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Print one line (default on stderr) and flush; a reader that went away
+    (`launch.py ... 2>&1 | head -1`: a closed pipe) never stops the run.
+
+    On a BrokenPipeError the stream's file descriptor is pointed at /dev/null, so
+    that later lines, and the flush at exit, go nowhere instead of raising.
+    """
+    stream = sys.stderr if stream is None else stream
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 class Progress:
@@ -32,7 +53,7 @@ class Progress:
         elapsed_text, eta_text = format_duration(elapsed), format_duration(eta)
         line += f", {rate:.2f} {self.what}/s, elapsed {elapsed_text}, ETA {eta_text}"
         # One line: under absl, logging.info would print it to stderr a second time.
-        print(line, file=sys.stderr, flush=True)
+        say(line)
 
 
 def format_duration(seconds: float) -> str:

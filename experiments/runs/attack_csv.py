@@ -96,14 +96,9 @@ def _summary_target(summary: dict | None) -> int | None | str:
     return summary["settings"]["target"]
 
 
-def _parse(path: str) -> tuple[list[str], np.ndarray]:
-    """(header, table (N, columns) float64); the first malformed line named."""
-    if not storage.isfile(path):
-        raise PropmapsError(
-            f"{path} does not exist: run the attack first "
-            "(python launch.py --experiment=attack --workdir=...)"
-        )
-    text = storage.read_bytes(path).decode("utf-8")
+def _parse(path: str, text: str) -> tuple[list[str], np.ndarray]:
+    """(header, table (N, columns) float64) of attack.csv's `text` (`path` names it
+    in messages); the first malformed line named."""
     with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         try:
@@ -326,7 +321,35 @@ def read_attack_csv(
     """
     if isinstance(summary, str):
         summary = read_summary(os.path.dirname(path))
-    header, table = _parse(path)
+    if not storage.isfile(path):
+        raise PropmapsError(
+            f"{path} does not exist: run the attack first "
+            "(python launch.py --experiment=attack --workdir=...)"
+        )
+    text = storage.read_bytes(path).decode("utf-8")
+    return read_attack_text(path, text, _summary_target(summary), image_shape, summary)
+
+
+def read_attack_text(
+    path: str,
+    text: str,
+    target: int | None | str = UNKNOWN,
+    image_shape: tuple[int, int] | None = None,
+    summary: dict | None = None,
+) -> dict[str, np.ndarray]:
+    """The rows of attack.csv's `text` as arrays, every row checked: the one set of
+    row rules of the project, applied by the attack to the rows it writes (and to
+    each chunk it reads back) and by every reader of attack.csv.
+
+    Rules: one row per test image; every value a finite number, integers where
+    the column is one; flags 0 or 1; probabilities in 0..1; counts >= 0; a
+    success only of an attacked image and one that changes the class (into
+    `target` when targeted; None: untargeted; UNKNOWN: either); pixels inside
+    `image_shape` (height, width) when given, colours in 0..255; then the counts
+    of `summary` (num_samples, attacked, successes) when given. A PropmapsError
+    names `path` and the first offending line.
+    """
+    header, table = _parse(path, text)
     k = num_pixels(header)
     integral = [j for j, c in enumerate(header) if c not in FLOAT_COLUMNS]
     bad = ~np.isfinite(table) | (
@@ -348,7 +371,7 @@ def read_attack_csv(
         np.int64
     )
     _check_duplicates(path, out["index"])
-    for mask, problem in _row_problems(out, _summary_target(summary), image_shape):
+    for mask, problem in _row_problems(out, target, image_shape):
         if np.any(mask):
             j = int(np.flatnonzero(mask)[0])
             raise PropmapsError(
@@ -539,11 +562,19 @@ def csv_text(pixels: int, rows: list[str]) -> str:
 # ---------------------------------------------------------------------------------
 # The chunk store: DIR/.attack_chunks/chunk_<start>_<end>.json, one per finished
 # piece of the run, each written whole (`storage`: a renamed temporary file, or
-# one upload on gs://), holding the rows of sampled images start..end-1 and the
-# run's settings hash; DIR/.attack_chunks/settings.json records the settings.
-# Chunks written before chunks recorded their hash are still read (`legacy`).
+# one upload on gs://), holding the rows of sampled images start..end-1, the
+# run's settings hash and the hash of its own content (`chunk_sha256`);
+# DIR/.attack_chunks/settings.json records the settings. A chunk is believed only
+# when its content hash holds and its rows pass `read_attack_text`'s rules with
+# its counts; one that fails is moved to .attack_chunks/damaged/ and its images
+# are attacked again. Chunks written before chunks recorded these hashes are
+# still read (`legacy`; and checked against attack_summary.json's
+# `chunks_sha256` when it lists them).
 
 CHUNKS_DIR = ".attack_chunks"
+DAMAGED_DIR = "damaged"
+STALE_DIR = "stale"
+CONTENT_KEY = "chunk_sha256"
 
 
 def chunk_path(chunks_dir: str, start: int, end: int) -> str:
@@ -561,31 +592,85 @@ def chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
     return found
 
 
+def chunk_sha256(chunk: dict) -> str:
+    """SHA-256 of a chunk's content: canonical JSON of every entry but the hash
+    itself (and the in-memory entries starting with "_")."""
+    return integrity.settings_sha256(
+        {k: v for k, v in chunk.items() if k != CONTENT_KEY and not k.startswith("_")}
+    )
+
+
+def chunk_problem(
+    path: str,
+    chunk: dict,
+    target: int | None | str = UNKNOWN,
+    image_shape: tuple[int, int] | None = None,
+) -> str:
+    """'' when the chunk's rows pass the row rules (`read_attack_text`) and its
+    counts are those of its rows, else the first problem (one line)."""
+    rows = chunk["rows"]
+    if not rows:
+        return "it holds no rows"
+    fields = len(rows[0].split(","))
+    pixels = (fields - len(BASE_COLUMNS)) // len(PIXEL_FIELDS)
+    try:
+        table = read_attack_text(
+            path, csv_text(max(pixels, 1), rows), target, image_shape
+        )
+    except PropmapsError as e:
+        return str(e).replace(f": {_RERUN}", "")
+    found = {
+        "successes": int(table["success"].sum()),
+        "evaluations": int(table["evaluations"].sum()),
+    }
+    for key, value in found.items():
+        if chunk.get(key) != value:
+            return f"{path} records {key} {chunk.get(key)!r} but its rows hold {value}"
+    return ""
+
+
 def read_chunk(
     path: str,
     expected_indices: np.ndarray,
     settings_hashes: Collection[str],
     legacy_ok: bool,
+    recorded_sha256: str | None = None,
+    target: int | None | str = UNKNOWN,
+    image_shape: tuple[int, int] | None = None,
 ) -> tuple[dict | None, str]:
     """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
     expected index, in order, made under these settings (its hash one of
     `settings_hashes`: the run's, and with --sample=first those of the same run at
-    other sample counts); (None, why) otherwise: "bad" (unreadable, rows of other
-    images), "other" (another settings hash), "unproven" (no hash, and no matching
-    settings.json to vouch for it).
+    other sample counts), whose content is as written and whose rows pass the row
+    rules; (None, why) otherwise: "damaged" (unreadable, its content hash fails,
+    another file than `recorded_sha256` (the summary's record), or rows that fail
+    the rules or its counts), "bad" (rows of other images), "other" (another
+    settings hash), "unproven" (no hash, and no matching settings.json to vouch for
+    it).
 
-    A chunk without a hash was written before chunks recorded one: it is taken
-    ("legacy") only when `legacy_ok` (the run's settings.json matched).
+    A chunk without its settings hash was written before chunks recorded one: it
+    is taken ("legacy") only when `legacy_ok` (the run's settings.json matched). A
+    chunk without its content hash ("legacy" too) is taken by its rows, and by its
+    file's SHA-256 when the summary recorded one.
     """
     try:
         chunk = rundir.read_json(path)
         rows = chunk["rows"]
         row_indices = [row_index(row) for row in rows]
         recorded = chunk.get("settings_sha256")
+        content = chunk.get(CONTENT_KEY)
     except storage.StorageError:
         raise  # the store is unreachable: one line, never "a bad chunk"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, "bad"
+        return None, "damaged"
+    if content is not None and content != chunk_sha256(chunk):
+        return None, "damaged"
+    if (
+        content is None
+        and recorded_sha256 is not None
+        and rundir.file_sha256(path) != recorded_sha256
+    ):
+        return None, "damaged"
     if recorded is None:
         if not legacy_ok:
             return None, "unproven"
@@ -593,7 +678,9 @@ def read_chunk(
         return None, "other"
     if row_indices != [int(i) for i in expected_indices]:
         return None, "bad"
-    return chunk, "ok" if recorded else "legacy"
+    if chunk_problem(path, chunk, target, image_shape):
+        return None, "damaged"
+    return chunk, "ok" if recorded and content else "legacy"
 
 
 def finished_prefix(
@@ -601,29 +688,45 @@ def finished_prefix(
     indices: np.ndarray,
     settings_hashes: Collection[str],
     legacy_ok: bool,
+    recorded: dict[str, str] | None = None,
+    target: int | None | str = UNKNOWN,
+    image_shape: tuple[int, int] | None = None,
 ) -> tuple[int, list[dict], dict[str, list[str]]]:
     """End of the contiguous run of finished chunks from 0, those chunks, and the
     paths of the chunk files passed over by kind ("legacy": taken without a hash;
-    "other", "unproven": never merged; see `read_chunk`).
+    "damaged": failed their checks; "other", "unproven": never merged; see
+    `read_chunk`). `recorded`: the summary's `chunks_sha256` ({file name: SHA-256}),
+    `target`, `image_shape`: the run's, for the row rules.
 
     The walk goes from each chunk's end to the chunk that starts there, so no image
     is ever taken twice; a chunk must hold exactly the rows of the sampled images
-    of its range (`indices[start:end]`, in order) and carry one of this run's
-    settings hashes, else the prefix ends before it and its images are attacked
-    again. Chunks past the last sampled image (a run that counted more images) are
-    left where they are. Of
-    several chunks starting at the same image (resumes with another chunking),
-    the longest valid one is taken.
+    of its range (`indices[start:end]`, in order), pass its checks and carry one of
+    this run's settings hashes, else the prefix ends before it and its images are
+    attacked again. Chunks past the last sampled image (a run that counted more
+    images) are left where they are. Of several chunks starting at the same image
+    (resumes with another chunking), the longest valid one is taken.
     """
     found = chunk_files(chunks_dir)
+    recorded = recorded or {}
     end, chunks = 0, []
-    kinds: dict[str, list[str]] = {"legacy": [], "other": [], "unproven": []}
+    kinds: dict[str, list[str]] = {
+        "legacy": [],
+        "damaged": [],
+        "other": [],
+        "unproven": [],
+    }
     while end in found:
         for next_end, path in sorted(found[end], reverse=True):
             if next_end <= end or next_end > len(indices):
                 continue
             chunk, kind = read_chunk(
-                path, indices[end:next_end], settings_hashes, legacy_ok
+                path,
+                indices[end:next_end],
+                settings_hashes,
+                legacy_ok,
+                recorded.get(os.path.basename(path)),
+                target,
+                image_shape,
             )
             if kind in kinds:
                 kinds[kind].append(path)
@@ -636,44 +739,80 @@ def finished_prefix(
     # Chunks of other settings anywhere in the folder, not only on the walk.
     for entries in found.values():
         for _, path in entries:
-            if path in kinds["other"] or path in kinds["unproven"]:
+            if any(path in kinds[k] for k in ("other", "unproven", "damaged")):
                 continue
             try:
-                recorded = rundir.read_json(path).get("settings_sha256")
+                recorded_hash = rundir.read_json(path).get("settings_sha256")
             except storage.StorageError:
                 raise
             except (OSError, ValueError, AttributeError):
                 continue
-            if recorded is None and not legacy_ok:
+            if recorded_hash is None and not legacy_ok:
                 kinds["unproven"].append(path)
-            elif recorded is not None and recorded not in settings_hashes:
+            elif recorded_hash is not None and recorded_hash not in settings_hashes:
                 kinds["other"].append(path)
     return end, chunks, kinds
 
 
 def save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
-    """Atomically write one finished chunk of rows."""
-    rundir.write_json(chunk_path(chunks_dir, start, end), chunk)
+    """Atomically write one finished chunk of rows, with the hash of its content."""
+    content = {k: v for k, v in chunk.items() if not k.startswith("_")}
+    rundir.write_json(
+        chunk_path(chunks_dir, start, end),
+        {**content, CONTENT_KEY: chunk_sha256(content)},
+    )
+
+
+def _move_aside(path: str, folder: str) -> None:
+    """Move a chunk file into `folder` (renamed, never deleted; a name already
+    there gets a numbered suffix)."""
+    name = os.path.basename(path)
+    target, n = os.path.join(folder, name), 1
+    while storage.exists(target):
+        target, n = os.path.join(folder, f"{name}.{n}"), n + 1
+    storage.move(path, target)
 
 
 def sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
-    """Legacy chunks taken: their settings hash is written now (accepted once,
-    recorded for good). Chunks of other or unproven settings: moved to
-    .attack_chunks/stale/, never merged. One line each."""
+    """Legacy chunks taken: their settings hash and content hash are written now
+    (accepted once, recorded for good). Damaged chunks: moved to
+    .attack_chunks/damaged/, their images attacked again. Chunks of other or
+    unproven settings: moved to .attack_chunks/stale/, never merged. One line
+    each."""
     if kinds["legacy"]:
+        unhashed = 0
         for path in kinds["legacy"]:
             chunk = rundir.read_json(path)
-            rundir.write_json(path, {**chunk, "settings_sha256": shash})
+            chunk = {k: v for k, v in chunk.items() if k != CONTENT_KEY}
+            unhashed += "settings_sha256" not in chunk
+            chunk["settings_sha256"] = chunk.get("settings_sha256") or shash
+            rundir.write_json(path, {**chunk, CONTENT_KEY: chunk_sha256(chunk)})
+        what = (
+            "their settings are taken (their settings.json matches these settings"
+            if unhashed
+            else "their own hash are taken (their settings hash is this run's"
+        )
         integrity.note(
             f"{chunks_dir}: {len(kinds['legacy'])} chunks written before chunks "
-            "recorded their settings are taken (their settings.json matches these "
-            "settings); their settings hash is now recorded"
+            f"recorded {what}, their rows pass the checks); their hashes are now "
+            "recorded"
+        )
+    damaged = sorted(set(kinds["damaged"]))
+    if damaged:
+        folder = os.path.join(chunks_dir, DAMAGED_DIR)
+        for path in damaged:
+            _move_aside(path, folder)
+        names = ", ".join(os.path.basename(p) for p in damaged)
+        integrity.note(
+            f"{chunks_dir}: {len(damaged)} chunks fail their checks (edited, "
+            f"truncated or contradicting themselves: {names}); moved to {folder}, "
+            "their images are attacked again"
         )
     aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
     if aside:
-        stale = os.path.join(chunks_dir, "stale")
+        stale = os.path.join(chunks_dir, STALE_DIR)
         for path in aside:
-            storage.move(path, os.path.join(stale, os.path.basename(path)))
+            _move_aside(path, stale)
         integrity.note(
             f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
             f"no record of them) are not merged; moved to {stale}"

@@ -2,10 +2,12 @@
 
 - `check_batch`: a user-given --slots/--population whose batch of candidates
   cannot fit in the device's memory is refused with one line before anything is
-  compiled. The estimate per candidate is the library's (`propmaps_jax.memory`:
-  the peak of values live at once in the forward's jaxpr, traced, nothing runs),
-  compared with the memory the device has free (on a CPU: MemAvailable of
-  /proc/meminfo).
+  compiled. Every term that grows with the population or the slots is counted
+  (`slot_bytes`): the activations per candidate (`propmaps_jax.memory`: the peak
+  of values live at once in the forward's jaxpr, traced, nothing runs), the DE
+  state, and the DE step of each slot, which grows with the square of the
+  population; compared with the memory the device has free (on a CPU:
+  MemAvailable of /proc/meminfo).
 - `calibrate`: seconds per DE generation of one image's population, timed on a
   few generations after a warm-up, from which the locality job prints the whole
   job's time up front, labelled as an estimate.
@@ -57,19 +59,32 @@ def available_bytes() -> int | None:
         return None
 
 
+def slot_bytes(module, variables, population: int, pixels: int = 1) -> int:
+    """Bytes of one slot of `population` candidates, every term that grows with
+    the population or the slots: the candidates' forward activations
+    (`candidate_bytes` each), their DE state (three rows of 5 x pixels float32)
+    and the slot's DE step, whose partner draws hold population x population
+    arrays (`memory.search_bytes_per_slot`)."""
+    population = int(population)
+    return population * (
+        candidate_bytes(module, variables) + 3 * 4 * 5 * pixels
+    ) + memory.search_bytes_per_slot(population, pixels)
+
+
 def check_batch(
     module,
     variables,
     slots: int | None,
     population: int,
     free: int | None = None,
+    pixels: int = 1,
 ) -> None:
     """PropmapsError (one line) when slots x population candidates cannot fit.
 
     `slots`: a user-given --slots, or None for the library's default (sized by
     backend, at least one image's population per device: that much is checked);
     `free`: the free bytes (default `available_bytes()`). Per device: the slots
-    are shared over the local devices.
+    are shared over the local devices. Each slot counts `slot_bytes`.
     """
     free = available_bytes() if free is None else free
     if free is None:
@@ -77,22 +92,36 @@ def check_batch(
     given = slots is not None
     slots = int(slots) if given else 1
     per_device_slots = -(-slots // max(1, jax.local_device_count()))
-    per_candidate = candidate_bytes(module, variables)
-    need = per_device_slots * int(population) * per_candidate
+    per_slot = slot_bytes(module, variables, population, pixels)
+    need = per_device_slots * per_slot
     if need > free:
-        fits = free // (int(population) * per_candidate)
+        fits = free // per_slot
         what = f"--slots={slots} with " if given else ""
         remedy = (
             f"use --slots={fits} or fewer, or leave --slots out for the default"
             if given and fits >= 1
-            else f"use a --population of at most {free // per_candidate}"
+            else "use a --population of at most "
+            f"{_largest_population(module, variables, free, pixels)}"
         )
         raise PropmapsError(
             f"{what}--population={population} needs at least {need / GIB:.1f} GiB "
-            "per device for the candidates' activations "
-            f"({per_candidate / 1024:.0f} KiB each) but {free / GIB:.1f} GiB is free; "
-            f"{remedy}"
+            "per device for the candidates' activations and the DE step "
+            f"({per_slot / population / 1024:.0f} KiB per candidate) but "
+            f"{free / GIB:.1f} GiB is free; {remedy}"
         )
+
+
+def _largest_population(module, variables, free: int, pixels: int) -> int:
+    """The largest population (at least 4) whose one slot fits in `free` bytes,
+    by bisection over `slot_bytes` (it grows with the population); 0: none."""
+    low, high = 3, max(4, free // max(1, candidate_bytes(module, variables)))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if slot_bytes(module, variables, middle, pixels) <= free:
+            low = middle
+        else:
+            high = middle - 1
+    return low if low >= 4 else 0
 
 
 def generation_seconds(apply_fn, variables, config, repeats: int = 2) -> float:

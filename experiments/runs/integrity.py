@@ -22,11 +22,11 @@ import hashlib
 import io
 import json
 import os
-import sys
 import zipfile
 
 import numpy as np
 
+from experiments.report.progress import say
 from experiments.runs import rundir, storage
 from propmaps_jax.errors import PropmapsError
 
@@ -46,7 +46,7 @@ def text_sha256(text: str) -> str:
 
 def note(message: str) -> None:
     """One line on stderr: what a rerun recomputes and why."""
-    print(message, file=sys.stderr, flush=True)
+    say(message)
 
 
 def attack_csv_problem(csv_path: str, summary: dict | None) -> str:

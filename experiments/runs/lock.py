@@ -13,10 +13,13 @@ delete the file when that run is known to be gone (a shared filesystem).
 The only primitive that needs the storage's help is `create_exclusive`: create a
 file if and only if it does not exist, whole (`storage.create_if_absent`: a hard
 link of a complete temporary file on a local or NFSv3+ filesystem, an upload with
-the precondition `ifGenerationMatch=0` on Cloud Storage). A gs:// workdir is
-locked the same way; its stale lock is taken over by deleting it and creating
-ours (no rename on an object store): two takers racing both delete, and exactly
-one of them creates the new lock.
+the precondition `ifGenerationMatch=0` on Cloud Storage). A stale local lock is
+taken over under an exclusive `flock` of the run directory (`_take_over_local`:
+at most one holder, whatever the timing). A gs:// workdir is locked the same
+way; its stale lock is taken over by deleting it and creating ours (no rename
+or flock on an object store): two takers racing both delete, exactly one of
+them creates the new lock, and a taker that read the stale lock before another
+replaced it may still delete the new one (not covered).
 
 Not covered: multi-host runs (--distributed) do not take the lock, and a pid
 reused by an unrelated process on the same host keeps a stale lock alive until
@@ -29,6 +32,7 @@ import atexit
 import contextlib
 import datetime
 import errno
+import fcntl
 import json
 import os
 import shlex
@@ -37,6 +41,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from experiments.report.progress import say
 from experiments.runs import storage
 from propmaps_jax.errors import PropmapsError
 
@@ -158,33 +163,55 @@ def acquire(workdir: str) -> bool:
             storage.remove(path)
             _took_over(workdir, record)
             continue
-        # Take over a stale lock: rename it away (only one taker succeeds), check
-        # that it is the one judged stale, then create ours.
-        aside = f"{path}.stale-{os.getpid()}"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            continue
-        taken = _read(aside)
-        if taken != record:
-            # Someone else's fresh lock: put it back and look again.
-            with contextlib.suppress(OSError):
-                os.rename(aside, path)
-            continue
-        os.remove(aside)
-        _took_over(workdir, record)
+        if _take_over_local(workdir, path, record, data):
+            _HELD[workdir] = [1, created]
+            _took_over(workdir, record)
+            return True
     raise PropmapsError(
         f"could not take the lock {path} (it keeps changing); is another run "
         "starting in the same folder?"
     )
 
 
+def _take_over_local(workdir: str, path: str, record: dict, data: bytes) -> bool:
+    """Replace the stale lock `record` at `path` by ours; False when it changed
+    in between (look again).
+
+    The takers of a stale lock take turns under an exclusive `flock` of the
+    folder itself (released by the kernel when its holder dies, so it is never
+    left stale, and no file is left behind). Under it a taker checks that the
+    lock is still the one it judged stale, removes it and creates its own with
+    `create_exclusive`: only a taker removes a lock, and only the stale one it
+    has just read, so a fresh lock (a taker's, or a new run's that was quicker
+    to create the file) is never removed or overwritten. (A rename aside and a
+    put-back could overwrite a lock created in between: two holders.)
+    """
+    try:
+        fd = os.open(workdir, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            raise PropmapsError(
+                f"{path} was left by a run that is gone ({describe(record)}) but "
+                f"this filesystem cannot lock {workdir} to take it over ({e}); "
+                f"delete {path} and run again"
+            ) from None
+        if _read(path) != record:
+            return False
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return False
+        return create_exclusive(path, data)
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def _took_over(workdir: str, record: dict) -> None:
-    print(
-        f"{workdir}: taking over the lock of a run that is gone ({describe(record)})",
-        file=sys.stderr,
-        flush=True,
-    )
+    say(f"{workdir}: taking over the lock of a run that is gone ({describe(record)})")
 
 
 def _remove_if_empty(workdir: str, created: bool) -> None:

@@ -9,12 +9,14 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
 import numpy as np
 import pytest
-from conftest import launch
+from conftest import ROOT, launch
 
 from experiments import attack as attack_experiment
 from experiments.runs import rundir
@@ -282,6 +284,85 @@ def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
     progress = [line for line in proc.stderr.splitlines() if "images finished" in line]
     assert progress and len(progress) == len(set(progress))
 
+    with (
+        open(os.path.join(workdir, "attack.csv")) as a,
+        open(os.path.join(reference_run, "attack.csv")) as b,
+    ):
+        assert a.read() == b.read()
+
+
+def _slow_attack_args(files, name):
+    workdir = str(files["folder"] / name)
+    return workdir, [
+        "--experiment=attack",
+        "--model=lenet_tiny",
+        f"--weights={files['weights']}",
+        f"--cifar10_path={files['npz']}",
+        "--num_samples=6",
+        "--population=20",
+        "--generations=2",
+        "--chunk_size=1",
+        "--slots=2",
+        f"--workdir={workdir}",
+    ]
+
+
+def _wait_for_a_chunk(child, workdir):
+    chunks = os.path.join(workdir, ".attack_chunks")
+    deadline = time.time() + 240
+    while time.time() < deadline and child.poll() is None:
+        if os.path.isdir(chunks) and any(
+            n.startswith("chunk_") for n in os.listdir(chunks)
+        ):
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("gap_s", [0.0, 0.03, 0.07])
+def test_a_second_signal_during_the_stop_is_ignored(files, gap_s):
+    """SIGTERM, then SIGINT within 70 ms (a scheduler, then a user): the first
+    signal's stop line and exit status, no traceback, no crash; the lock is gone
+    and the chunks are kept. Sent at once (gap 0), both may be pending before the
+    process runs again, and Linux then delivers SIGINT first: either stop is
+    right then, as long as it is one stop, cleanly."""
+    workdir, args = _slow_attack_args(files, f"two_signals_{gap_s}")
+    child = start_interruptible(SLOW_ATTACK, *args)
+    _wait_for_a_chunk(child, workdir)
+    assert child.poll() is None, child.communicate()[1][-3000:]
+    child.send_signal(signal.SIGTERM)
+    time.sleep(gap_s)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    allowed = {143: "terminated (SIGTERM)", 130: "interrupted"}
+    if gap_s:
+        allowed.pop(130)
+    assert child.returncode in allowed, (child.returncode, stderr[-3000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    stops = [line for line in stderr.splitlines() if "run the same command" in line]
+    assert len(stops) == 1, stderr[-3000:]
+    assert stops[0].startswith(
+        f"{allowed[child.returncode]}: the finished results are kept"
+    )
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+@pytest.mark.e2e
+def test_a_closed_pipe_does_not_stop_the_run(files, reference_run):
+    """`launch.py ... 2>&1 | head -1`: the reader is gone after the first line;
+    the progress lines and the result that follow go nowhere, and the run
+    finishes (exit 0) with the attack.csv of any other run."""
+    workdir, args = _slow_attack_args(files, "closed_pipe")
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_ATTACK, *args],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # 2>&1
+    )
+    assert child.stdout.readline()
+    child.stdout.close()  # as `head -1` does after its line
+    assert child.wait(timeout=240) == 0
     with (
         open(os.path.join(workdir, "attack.csv")) as a,
         open(os.path.join(reference_run, "attack.csv")) as b,

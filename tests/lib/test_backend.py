@@ -208,7 +208,10 @@ def _resnet32_estimate():
 def test_default_slots_fit_the_device_memory():
     estimate = _resnet32_estimate()
     gib = 2**30
-    per_slot = 400 * (estimate.per_candidate + estimate.per_candidate_state)
+    per_slot = (
+        400 * (estimate.per_candidate + estimate.per_candidate_state)
+        + estimate.per_slot_search
+    )
 
     def total(slots):
         return estimate.weights + estimate.queue + slots * per_slot
@@ -240,7 +243,9 @@ def test_attack_slots_from_a_faked_device_memory(monkeypatch, fake_platform):
     seen = _spy_programs(monkeypatch, build=False)
     fake_platform("gpu")
     estimate, _ = attack.memory_estimate(apply_fn, variables, CONFIG, 1, len(images))
-    per_slot = (estimate.per_candidate + estimate.per_candidate_state) * 8
+    per_slot = (
+        estimate.per_candidate + estimate.per_candidate_state
+    ) * 8 + estimate.per_slot_search
     fixed = estimate.weights + estimate.queue
     # Room for 3 slots in half the memory.
     limit = int((fixed + 3.5 * per_slot) / memory.MEMORY_FRACTION)
