@@ -570,12 +570,12 @@ def make_candidate_forward(
     """
     if pixels_per_candidate != 1:
         return None
+    if type(module) is not models.MLP and _graph_of(module) is None:
+        return None  # checked first: another module may have no dtype at all
     if jnp.dtype(module.dtype) != jnp.dtype(jnp.float32):
         return None
     if type(module) is models.MLP:
         return DenseCandidateForward(module)
-    if _graph_of(module) is None:
-        return None
     return CandidateForward(module, float(densify_fraction))
 
 
