@@ -62,6 +62,16 @@ def cell(prop: dict[str, Any]) -> str:
     return stats.format_proportion(prop)
 
 
+def _split_words(settings: dict[str, Any]) -> str:
+    """Which images a run attacked, from its recorded data source."""
+    if str(settings.get("dataset", "")).endswith("[train split]"):
+        return (
+            "**training images** (`--data_split=train`: seen by the model in "
+            "training, unlike the paper's test images)"
+        )
+    return "test set"
+
+
 def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
     """DIR/table1.md: ours next to the paper's, plus the success-vs-distance table."""
     names = list(results)
@@ -79,7 +89,7 @@ def table1_markdown(results: dict[str, dict], settings: dict[str, Any]) -> str:
     lines = [
         "# Table 1: success rate of the one-pixel attack and of its pixel moved",
         "",
-        f"CIFAR-10 test set, {samples} "
+        f"CIFAR-10 {_split_words(settings)}, {samples} "
         f"(sample={settings['sample']}, seed {settings['seed']}); one-pixel attack by "
         f"differential evolution, population {settings['attack']['population']}, "
         f"{settings['attack']['generations']} generations. Random and nearby: the "
