@@ -95,6 +95,11 @@ def load_run(label: str, folder: str) -> dict[str, Any]:
             run["spaces"][space] = rows
     summary = integrity.read_json_record(os.path.join(folder, "within_image.json"))
     run["within_image"] = summary or {}
+    attack = integrity.read_json_record(os.path.join(folder, "attack_summary.json"))
+    settings = (attack or {}).get("settings", {})
+    run["first_n"] = (
+        int(settings["num_samples"]) if settings.get("sample") == "first" else None
+    )
     return run
 
 
@@ -154,6 +159,22 @@ def measure(runs: dict[str, dict], seed: int) -> dict[str, dict]:
     return {k: v for k, v in out.items() if v.get("lo") is not None}
 
 
+def compare_nearby(runs: dict[str, dict], seed: int) -> dict[str, Any]:
+    """The nearby rate across networks on the same test images: those of the
+    smallest run (each run sampled the first N test images)."""
+    counts = [run["first_n"] for run in runs.values()]
+    limit = None if None in counts or not counts else min(counts)
+    compared = {}
+    for label, run in runs.items():
+        keep = (
+            np.ones(len(run["index"]), bool) if limit is None else run["index"] < limit
+        )
+        compared[label] = (run["index"][keep], _success(run, "nearby_success")[keep])
+    comparison = readings.nearby_rate_comparison(compared, seed)
+    comparison["first_test_images"] = limit
+    return comparison
+
+
 def markdown(decision: dict, comparison: dict, runs: dict[str, str]) -> str:
     """DIR/readings.md."""
     lines = [
@@ -167,8 +188,14 @@ def markdown(decision: dict, comparison: dict, runs: dict[str, str]) -> str:
         "## The nearby rate across networks (test images)",
         "",
         "The paper says the nearby rate is about the same across networks. Each "
-        "model's nearby rate over its successful attacks; differences with one "
-        "bootstrap over test images; 'zero' = within ±5 points.",
+        "model's nearby rate over its successful attacks on the same test images "
+        + (
+            f"(the first {comparison['first_test_images']:,}, the smallest run's)"
+            if comparison.get("first_test_images")
+            else "(each run's own)"
+        )
+        + "; differences with one bootstrap over test images; 'zero' = within "
+        "±5 points.",
         "",
         "| model | nearby rate (95% CI) | successful attacks |",
         "| --- | --- | --- |",
@@ -202,12 +229,8 @@ def main(argv: list[str]) -> None:
     print(f"readings: measuring {len(runs)} runs", file=sys.stderr, flush=True)
     measured = measure(runs, FLAGS.seed)
     decision = readings.decide(measured)
-    compared = {
-        label: (run["index"], _success(run, "nearby_success"))
-        for label, run in runs.items()
-        if label not in TRAIN_SPLIT_ROLES
-    }
-    comparison = readings.nearby_rate_comparison(compared, FLAGS.seed)
+    compared_runs = {k: v for k, v in runs.items() if k not in TRAIN_SPLIT_ROLES}
+    comparison = compare_nearby(compared_runs, FLAGS.seed)
     record = {
         "runs": paths,
         "seed": FLAGS.seed,
