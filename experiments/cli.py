@@ -326,7 +326,14 @@ def main() -> None:
         return argv[:1]
 
     def run(argv: list[str]) -> None:
+        import logging
+
         from experiments.runs import lock as runlock
+
+        # JAX logs "Unable to initialize backend 'tpu'" at INFO on every machine
+        # without one: noise, not news (a platform asked for and missing is an
+        # error, which this leaves alone).
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
         # One writer per workdir: every experiment's --workdir is locked for the
         # run (multi-host runs excepted: see runlock).
