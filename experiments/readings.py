@@ -44,6 +44,10 @@ FLAGS_READ = ("workdir", "seed", "runs")
 ROWS_FILE = "within_image_rows.npz"
 ROLES = ("lenet_perm", "mlp", "lenet_k3", "lenet_k7", "lenet", "jpeg", "lossless")
 TRAIN_SPLIT_ROLES = ("jpeg", "lossless")
+FIGURE_NAMES = {
+    "jpeg": "Keras LeNet, JPEG, train",
+    "lossless": "Keras LeNet, lossless, train",
+}
 
 
 def parse_runs(text: str | None) -> dict[str, str]:
@@ -245,7 +249,9 @@ def main(argv: list[str]) -> None:
         os.path.join(workdir, "readings.md"), markdown(decision, comparison, paths)
     )
     curves = {
-        f"{label} ({len(run['index'])} successful attacks)": run["within_image"]
+        f"{FIGURE_NAMES.get(label, label)} ({len(run['index'])} successful attacks)": run[
+            "within_image"
+        ]
         for label, run in runs.items()
         if run["within_image"]
     }

@@ -415,7 +415,7 @@ def readings_distance_figure(records: dict[str, dict], path: str) -> None:
             ax.axhspan(
                 100 * random["lo"], 100 * random["hi"], color="0.3", alpha=0.15, lw=0
             )
-        ax.set_title(label, fontsize=11)
+        ax.set_title(label, fontsize=10.5)
         ax.set_xlabel("Chebyshev distance d")
         ax.set_xticks(
             range(
@@ -428,7 +428,7 @@ def readings_distance_figure(records: dict[str, dict], path: str) -> None:
             )
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("success of the moved colour (%)")
     for ax in list(axes.flat)[len(labels) :]:
