@@ -248,13 +248,13 @@ def main(argv: list[str]) -> None:
     rundir.write_text(
         os.path.join(workdir, "readings.md"), markdown(decision, comparison, paths)
     )
-    curves = {
-        f"{FIGURE_NAMES.get(label, label)} ({len(run['index'])} successful attacks)": run[
-            "within_image"
-        ]
-        for label, run in runs.items()
-        if run["within_image"]
-    }
+    curves = {}
+    for label, run in runs.items():
+        if run["within_image"]:
+            name = FIGURE_NAMES.get(label, label)
+            curves[f"{name} ({len(run['index'])} successful attacks)"] = run[
+                "within_image"
+            ]
     plots.readings_distance_figure(
         curves, os.path.join(workdir, "readings_distance.png")
     )
