@@ -189,17 +189,8 @@ def sample_context_and_centre_matched(
         jnp.arange(height)[:, None], jnp.arange(width)[None, :], height, width
     )
     same_ring = jnp.abs(centre - centre[row, col]) <= centre_tolerance
-    flat = (context & same_ring).reshape(-1)
-    found = jnp.any(flat)
-    logits = jnp.where(flat, 0.0, -jnp.inf)
-    choice = jax.random.categorical(key, jnp.where(found, logits, 0.0))
-    choice = jnp.where(found, choice, row * width + col)
-    return (
-        choice // width,
-        choice % width,
-        found,
-        flat.sum().astype(jnp.int32),
-        distance.reshape(-1)[choice],
+    return locality_controls.sample_from_mask(
+        key, context & same_ring, distance, row, col
     )
 
 

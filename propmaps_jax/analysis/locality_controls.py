@@ -183,8 +183,17 @@ def sample_context_matched(
     position qualifies, found is False and the attack's own position is returned
     (its result must be ignored).
     """
-    width = image.shape[1]
     mask, distance = context_candidates(image, row, col, tolerance, min_distance)
+    return sample_from_mask(key, mask, distance, row, col)
+
+
+def sample_from_mask(
+    key: jax.Array, mask: jax.Array, distance: jax.Array, row: jax.Array, col: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One position uniform among `mask` (H, W): (row, col, found, candidates,
+    `distance` (H, W) at the draw); with an empty mask, found is False and
+    (row, col) is returned (its result must be ignored)."""
+    width = mask.shape[1]
     flat = mask.reshape(-1)
     found = jnp.any(flat)
     logits = jnp.where(flat, 0.0, -jnp.inf)

@@ -240,29 +240,10 @@ def test_ctrl_c_keeps_chunks_and_the_same_command_resumes(files, reference_run):
     """SIGINT after the first chunk: exit 130 within seconds, one line that says
     how to resume, no traceback, finished chunks kept; the same command then ends
     with the attack.csv of an uninterrupted run, and prints results to stdout."""
-    folder = files["folder"]
-    workdir = str(folder / "ctrl_c")
-    args = [
-        "--experiment=attack",
-        "--model=lenet_tiny",
-        f"--weights={files['weights']}",
-        f"--cifar10_path={files['npz']}",
-        "--num_samples=6",
-        "--population=20",
-        "--generations=2",
-        "--chunk_size=1",
-        "--slots=2",
-        f"--workdir={workdir}",
-    ]
+    workdir, args = _slow_attack_args(files, "ctrl_c")
     child = start_interruptible(SLOW_ATTACK, *args)
     chunks = os.path.join(workdir, ".attack_chunks")
-    deadline = time.time() + 240
-    while time.time() < deadline and child.poll() is None:
-        if os.path.isdir(chunks) and any(
-            n.startswith("chunk_") for n in os.listdir(chunks)
-        ):
-            break
-        time.sleep(0.05)
+    _wait_for_a_chunk(child, workdir)
     assert child.poll() is None, child.communicate()[1][-3000:]
     child.send_signal(signal.SIGINT)
     sent = time.time()
