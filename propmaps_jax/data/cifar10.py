@@ -82,6 +82,12 @@ def validate_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
         raise DataError(
             f"{where}: expected {images.shape[0]} labels, got shape {labels.shape}"
         )
+    check_label_range(labels, where)
+
+
+def check_label_range(labels: np.ndarray, where: str) -> None:
+    """DataError unless every label is in 0..NUM_CLASSES - 1 (any integer dtype:
+    checked before a cast could wrap a value into range)."""
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise DataError(
             f"{where}: labels must be in 0..{NUM_CLASSES - 1}, "
@@ -251,11 +257,7 @@ def _npz_labels(labels: np.ndarray, path: str, name: str, where: str) -> np.ndar
         raise DataError(
             f"{path}: {name} must be a vector of labels (N,), got shape {labels.shape}"
         )
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise DataError(
-            f"{where}: labels must be in 0..{NUM_CLASSES - 1}, "
-            f"found {labels.min()}..{labels.max()}"
-        )
+    check_label_range(labels, where)
     return labels.astype(np.int32)
 
 
