@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from propmaps_jax.analysis import within_image
+from propmaps_jax.analysis import content, within_image
 from propmaps_jax.errors import PropmapsError
 
 POSITIVE, NEGATIVE, ZERO, INCONCLUSIVE = "positive", "negative", "zero", "inconclusive"
@@ -314,24 +314,12 @@ MEASURE_RESAMPLES = 2000
 SLOPE_RESAMPLES = 200
 
 
-def _interval(r: Mapping[str, Any]) -> dict[str, float | None]:
-    def number(v: Any) -> float | None:
-        v = float(v)
-        return v if math.isfinite(v) else None
-
-    return {
-        "estimate": number(r["estimate"]),
-        "lo": number(r["lo"]),
-        "hi": number(r["hi"]),
-    }
-
-
 def paired_difference(
     first: Any, second: Any, clusters: Any, seed: int = 0
 ) -> dict[str, float | None]:
     """rate(first) - rate(second) of two moves of the same attacks, bootstrapped
     over images (perm_network_vs_image, perm_image_vs_random, mlp_nearby_vs_random)."""
-    return _interval(
+    return content.interval_dict(
         within_image.rate_difference(first, second, clusters, MEASURE_RESAMPLES, seed)
     )
 
@@ -350,7 +338,7 @@ def encoding_difference(
     common, in_jpeg, in_lossless = np.intersect1d(
         jpeg_index, lossless_index, return_indices=True
     )
-    out = _interval(
+    out = content.interval_dict(
         within_image.rate_difference(
             np.asarray(jpeg_nearby, bool)[in_jpeg],
             np.asarray(lossless_nearby, bool)[in_lossless],
@@ -407,7 +395,7 @@ def slope_difference(
             slopes.append(fit["coef"][0] if fit["converged"] else math.nan)
         return slopes[0] - slopes[1]
 
-    return _interval(
+    return content.interval_dict(
         within_image.cluster_bootstrap(statistic, table["image"], num_resamples, seed)
     )
 
@@ -440,7 +428,7 @@ def nearby_rate_comparison(
 
     boot = within_image.cluster_bootstrap(statistic, images, MEASURE_RESAMPLES, seed)
     values = [
-        _interval({"estimate": e, "lo": lo, "hi": hi})
+        content.interval_dict({"estimate": e, "lo": lo, "hi": hi})
         for e, lo, hi in zip(boot["estimate"], boot["lo"], boot["hi"], strict=True)
     ]
     out: dict[str, Any] = {"rates": {}, "differences": {}}
