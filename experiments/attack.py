@@ -36,18 +36,11 @@ from absl import flags, logging
 
 from experiments import common, flag_groups
 from experiments.report.progress import format_duration, say
-from experiments.runs import (
-    attack_csv,
-    budget,
-    integrity,
-    lock,
-    provenance,
-    rundir,
-    storage,
-)
+from experiments.runs import budget, chunks, integrity, lock, rundir, storage
 from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import attack_csv, hashing, provenance
 
 flags.DEFINE_integer("num_samples", 5000, "Number of CIFAR-10 test images sampled.")
 flags.DEFINE_integer("pixels", 1, "Pixels changed per image (k).")
@@ -93,7 +86,7 @@ FLAGS_READ = (
 )
 
 CSV_NAME, SUMMARY_NAME = attack_csv.CSV_NAME, attack_csv.SUMMARY_NAME
-CHUNKS_DIR = attack_csv.CHUNKS_DIR
+CHUNKS_DIR = chunks.CHUNKS_DIR
 # Default chunk: about 1/20 of the run (a progress line and a saved chunk every
 # 5%), between 10 and 500 images. Slots carry on across chunk ends, so small chunks
 # cost only a host sync and a small file each.
@@ -278,9 +271,9 @@ def _settings_hashes(settings: dict, num_test: int) -> frozenset[str]:
     the count may change (`_count_may_change`) those of the same run at every
     other sample count."""
     if not _count_may_change(settings):
-        return frozenset({integrity.settings_sha256(settings)})
+        return frozenset({hashing.settings_sha256(settings)})
     return frozenset(
-        integrity.settings_sha256({**settings, "num_samples": k})
+        hashing.settings_sha256({**settings, "num_samples": k})
         for k in range(1, num_test + 1)
     )
 
@@ -308,7 +301,7 @@ def _finished_problem(workdir: str, summary: dict) -> str:
     """'' when DIR/attack.csv is the finished result its summary records, else what
     is wrong with it (missing, edited, truncated, or rows that fail the checks)."""
     csv_path = os.path.join(workdir, CSV_NAME)
-    problem = integrity.attack_csv_problem(csv_path, summary)
+    problem = attack_csv.attack_csv_problem(csv_path, summary)
     if problem:
         return problem
     try:
@@ -335,7 +328,7 @@ def _check_workdir(
     summary_path = os.path.join(workdir, SUMMARY_NAME)
     chunks_dir = os.path.join(workdir, CHUNKS_DIR)
     settings_path = os.path.join(chunks_dir, "settings.json")
-    has_chunks = bool(attack_csv.chunk_files(chunks_dir))
+    has_chunks = bool(chunks.chunk_files(chunks_dir))
     summary = None
     if storage.isfile(summary_path):
         summary = integrity.read_json_record(summary_path)
@@ -413,7 +406,7 @@ def _open_workdir(
         status, finished_summary, legacy_ok = _check_workdir(workdir, settings, legacy)
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
         if status != "finished" and storage.isdir(chunks_dir):
-            resume_from, done_chunks, kinds = attack_csv.finished_prefix(
+            resume_from, done_chunks, kinds = chunks.finished_prefix(
                 chunks_dir,
                 indices,
                 _settings_hashes(settings, num_test),
@@ -422,9 +415,7 @@ def _open_workdir(
                 settings.get("target"),
                 image_shape,
             )
-            attack_csv.sort_out_chunks(
-                chunks_dir, kinds, integrity.settings_sha256(settings)
-            )
+            chunks.sort_out_chunks(chunks_dir, kinds, hashing.settings_sha256(settings))
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
         return -1, [], finished_summary or {"settings": settings}
@@ -735,7 +726,7 @@ def _attack_chunks(
     )
     chunks_dir = os.path.join(workdir, CHUNKS_DIR)
     settings_path = os.path.join(chunks_dir, "settings.json")
-    shash = integrity.settings_sha256(settings)
+    shash = hashing.settings_sha256(settings)
     chunk_start, piece_start, tick = resume_from, resume_from, time.time()
     pending: dict[str, Any] = attack_csv.empty_chunk()
     for end, queue_end, result in zip(ends, queue_ends, stream, strict=True):
@@ -765,9 +756,9 @@ def _attack_chunks(
         if _is_main_process():
             if chunk_start == resume_from:
                 rundir.write_json(settings_path, settings)
-            attack_csv.save_chunk(chunks_dir, chunk_start, end, chunk)
+            chunks.save_chunk(chunks_dir, chunk_start, end, chunk)
         done_chunks.append(
-            {**chunk, "_path": attack_csv.chunk_path(chunks_dir, chunk_start, end)}
+            {**chunk, "_path": chunks.chunk_path(chunks_dir, chunk_start, end)}
         )
         chunk_start = end
         if late and end < n:
@@ -805,8 +796,8 @@ def _write_results(
         tuple(before.images.shape[1:3]),
         summary,
     )
-    summary["attack_csv_sha256"] = integrity.text_sha256(text)
-    summary["settings_sha256"] = integrity.settings_sha256(summary["settings"])
+    summary["attack_csv_sha256"] = hashing.text_sha256(text)
+    summary["settings_sha256"] = hashing.settings_sha256(summary["settings"])
     summary["chunks_sha256"] = {
         os.path.basename(c["_path"]): rundir.file_sha256(c["_path"])
         for c in done_chunks

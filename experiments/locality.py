@@ -42,18 +42,7 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report import tables as report_tables
 from experiments.report.progress import Progress, say
-from experiments.runs import (
-    attack_csv,
-    budget,
-    controls_csv,
-    integrity,
-    lock,
-    provenance,
-    rundir,
-    storage,
-)
-from experiments.runs import locality_csv as locality_file
-from experiments.runs.attack_csv import check_dataset, read_attack_csv, read_summary
+from experiments.runs import budget, chunks, integrity, lock, rundir, storage
 from propmaps_jax import (
     batching,
     checkpoint,
@@ -65,6 +54,14 @@ from propmaps_jax import (
 from propmaps_jax.analysis import content, content_controls, readings
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import controls_csv, provenance
+from propmaps_jax.results import locality_csv as locality_file
+from propmaps_jax.results.attack_csv import (
+    check_attack_csv,
+    check_dataset,
+    read_attack_csv,
+    read_summary,
+)
 
 DEFAULT_WORKDIR = os.path.join("runs", "locality")
 
@@ -493,7 +490,7 @@ def locality_for_model(
     """
     attack_csv = os.path.join(model_dir, "attack.csv")
     summary = read_summary(model_dir)
-    integrity.check_attack_csv(attack_csv, summary)
+    check_attack_csv(attack_csv, summary)
     table = read_attack_csv(attack_csv, summary=summary)
     locality.check_one_pixel(table["pixels"])
     settings = {
@@ -1142,7 +1139,7 @@ def main(argv: list[str]) -> None:
                 models.make_apply_fn(loaded[n][1]),
                 loaded[n][2],
                 model_samples(n)
-                - attack_csv.images_done(os.path.join(workdir, n), model_samples(n)),
+                - chunks.images_done(os.path.join(workdir, n), model_samples(n)),
             )
             for n in names
         },

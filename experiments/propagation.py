@@ -38,11 +38,12 @@ from absl import flags, logging
 
 from experiments import common, flag_groups
 from experiments.report import plots
-from experiments.runs import attack_csv, rundir, storage
+from experiments.runs import rundir, storage
 from propmaps_jax import batching, claims, propagation
 from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import CIFAR10_CLASSES
+from propmaps_jax.results import attack_csv
 
 flags.DEFINE_integer("index", None, "Index of the test image.")
 flags.DEFINE_string(

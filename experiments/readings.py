@@ -28,9 +28,9 @@ from absl import flags
 from experiments import common
 from experiments.report import plots
 from experiments.runs import integrity, rundir, storage
-from experiments.runs import locality_csv as locality_file
 from propmaps_jax.analysis import content, readings
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import locality_csv as locality_file
 
 flags.DEFINE_string(
     "runs",

@@ -51,17 +51,18 @@ from absl import flags
 from experiments import common, flag_groups
 from experiments.report import salience_plots
 from experiments.report.progress import Progress
-from experiments.runs import locality_csv, rundir, storage
-from experiments.runs.attack_csv import (
+from experiments.runs import rundir, storage
+from propmaps_jax import batching, locality, models, propagation, saliency, stats
+from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
+from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import locality_csv
+from propmaps_jax.results.attack_csv import (
     load_attack_run,
     read_summary,
     recorded_weights,
     require_predictions_match,
 )
-from propmaps_jax import batching, locality, models, propagation, saliency, stats
-from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
-from propmaps_jax.attack.perturb import apply_pixels_batch
-from propmaps_jax.errors import PropmapsError
 
 flags.DEFINE_string(
     "saliency",

@@ -54,10 +54,11 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report import tables as report_tables
 from experiments.report.progress import Progress
-from experiments.runs import attack_csv, claims_json, integrity, rundir, storage
+from experiments.runs import integrity, rundir, storage
 from propmaps_jax import attack_de, batching, claims, models, propagation, stats
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import attack_csv, claims_json
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py).

@@ -52,6 +52,7 @@ SUBMODULES = {
     "perturb": "propmaps_jax.attack.perturb",
     "propagation": "propmaps_jax.analysis.propagation",
     "receptive": "propmaps_jax.models.receptive",
+    "results": "propmaps_jax.results",
     "saliency": "propmaps_jax.analysis.saliency",
     "stats": "propmaps_jax.stats",
     "training": "propmaps_jax.training",

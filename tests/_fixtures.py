@@ -11,7 +11,7 @@ import pytest
 from conftest import start
 
 from experiments import attack as attack_experiment
-from experiments.runs import attack_csv
+from experiments.runs import chunks as chunk_store
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig
 
@@ -86,7 +86,7 @@ def assert_dataset_equal(dataset: data.Cifar10, splits) -> None:
 def stop_after_chunks(monkeypatch, chunks: int, stop):
     """Make the attack call `stop()` right after it saved its `chunks`-th chunk
     file; returns a function that undoes this."""
-    save_chunk = attack_csv.save_chunk
+    save_chunk = chunk_store.save_chunk
     saved = []
 
     def save_then_stop(*args):
@@ -95,8 +95,8 @@ def stop_after_chunks(monkeypatch, chunks: int, stop):
         if len(saved) == chunks:
             stop()
 
-    monkeypatch.setattr(attack_csv, "save_chunk", save_then_stop)
-    return lambda: monkeypatch.setattr(attack_csv, "save_chunk", save_chunk)
+    monkeypatch.setattr(chunk_store, "save_chunk", save_then_stop)
+    return lambda: monkeypatch.setattr(chunk_store, "save_chunk", save_chunk)
 
 
 def interrupted_run(workdir, kwargs, monkeypatch, chunks: int = 1) -> None:

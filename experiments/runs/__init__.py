@@ -4,10 +4,10 @@
   knows the difference).
 - `rundir`: atomic writes, JSON, the workdir check, reuse only under the same
   settings; `lock`: one writer per run directory.
-- `integrity`: what made each file and the check every reader applies;
-  `provenance`: the content hashes that identify a model's weights and data;
+- `integrity`: reuse of a run's files only while their records hold;
+  `chunks`: the attack's chunk store (resume, damaged and stale chunks);
   `budget`: batch memory and the job's time.
-- One module per file format, writer and reader together: `attack_csv`
-  (attack.csv, attack_summary.json and the chunk store they are built from),
-  `locality_csv` (a model's locality.csv).
+- The file formats (attack.csv, attack_summary.json, chunks, locality.csv,
+  controls.csv, claims.json, the content hashes and provenance) are the
+  library's: `propmaps_jax.results`, which `pip install` alone reads.
 """

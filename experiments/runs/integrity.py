@@ -1,4 +1,4 @@
-"""What made each file of a run, and the one check every reader applies.
+"""Reusing a run's files: records of what made them, checked before reuse.
 
 Every result records the hashes of what it was made from:
 - each attack chunk, the SHA-256 of its run's settings (`settings_sha256`), so a
@@ -8,19 +8,18 @@ Every result records the hashes of what it was made from:
 - a locality record, the SHA-256 of its attack.csv (in its settings) and of the
   files it wrote (`files_sha256`).
 
-A rerun recomputes what is missing, truncated, edited or stale and says so in
-one line (`note`); a consumer (statistics, salience, propagation, locality)
-refuses an attack.csv that is not the one its summary records, through
-`check_attack_csv`. Files written before these records existed carry no hash:
+The hashes themselves, and the check that an attack.csv is the one its summary
+records (`check_attack_csv`, applied by every consumer: statistics, salience,
+propagation, locality), are the results formats' (`propmaps_jax.results`). A
+rerun recomputes what is missing, truncated, edited or stale and says so in one
+line (`note`). Files written before these records existed carry no hash:
 they are checked by their content as before (an attack.csv by its rows and the
 counts of its summary), and get the record the next time their run writes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import zipfile
 
@@ -28,55 +27,11 @@ import numpy as np
 
 from experiments.report.progress import say
 from experiments.runs import rundir, storage
-from propmaps_jax.errors import PropmapsError
-
-
-def settings_sha256(settings: dict) -> str:
-    """SHA-256 of a settings record (canonical JSON: sorted keys, no spaces)."""
-    text = json.dumps(
-        rundir.finite_json(settings), sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def text_sha256(text: str) -> str:
-    """SHA-256 of a text file's UTF-8 bytes (as `rundir.file_sha256` of the file)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def note(message: str) -> None:
     """One line on stderr: what a rerun recomputes and why."""
     say(message)
-
-
-def attack_csv_problem(csv_path: str, summary: dict | None) -> str:
-    """'' when attack.csv is the file its summary records (by SHA-256), else why not.
-
-    A summary without the record (runs made before it existed) is not compared
-    here; the rows are still checked by `results.read_attack_csv`.
-    """
-    recorded = (summary or {}).get("attack_csv_sha256")
-    if not storage.isfile(csv_path):
-        return f"{csv_path} is missing"
-    if not isinstance(recorded, str):
-        return ""
-    found = rundir.file_sha256(csv_path)
-    if found != recorded:
-        return (
-            f"{csv_path} is not the file its attack run wrote (SHA-256 {found[:12]}, "
-            f"recorded {recorded[:12]}: edited or truncated since)"
-        )
-    return ""
-
-
-def check_attack_csv(csv_path: str, summary: dict | None) -> None:
-    """PropmapsError (one line, how to rebuild) unless attack.csv is as recorded."""
-    problem = attack_csv_problem(csv_path, summary)
-    if problem:
-        raise PropmapsError(
-            f"{problem}; run the same attack command again: it rebuilds the file "
-            "from its chunks (or attacks again)"
-        )
 
 
 def read_json_record(path: str) -> dict | None:

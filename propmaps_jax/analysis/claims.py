@@ -955,8 +955,8 @@ def figure_examples(
 ) -> dict[str, dict[str, Any]]:
     """The attacks shown in figures 2-6, chosen by rule from an attack table.
 
-    `table`: arrays of attack.csv (experiments.runs.attack_csv.read_attack_csv) with
-    "attacked", "success", "index", "prob_true_before", "prob_true_after";
+    `table`: arrays of attack.csv (propmaps_jax.results.attack_csv.read_attack_csv)
+    with "attacked", "success", "index", "prob_true_before", "prob_true_after";
     `last_layer_max_ratio` (N,): max |dFM| / max FM in the last layer (NaN where
     not computed). Returns {figure: {"row", "rule"}} for "2" (and "3", the same
     attack: the paper shows PM_max and PM_avg of one sample), "5" and "6";

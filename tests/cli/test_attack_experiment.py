@@ -12,11 +12,13 @@ import pytest
 from conftest import launch
 
 from experiments import attack as attack_experiment
-from experiments.runs import attack_csv, integrity, provenance, rundir
-from experiments.runs import attack_csv as results
+from experiments.runs import chunks as chunk_store
+from experiments.runs import rundir
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import attack_csv as results
+from propmaps_jax.results import hashing, provenance
 from tests._fixtures import interrupted_run, save_lenet_tiny, tiny_attack_setup
 
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
@@ -125,7 +127,7 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
     folder, kwargs, _ = setup
     workdir, summary = finished
     resumed = str(folder / "interrupted")
-    save_chunk = attack_csv.save_chunk
+    save_chunk = chunk_store.save_chunk
     calls = []
 
     def save_then_die(*args):
@@ -134,7 +136,7 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed after two of three chunks
 
-    monkeypatch.setattr(attack_csv, "save_chunk", save_then_die)
+    monkeypatch.setattr(chunk_store, "save_chunk", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         attack_experiment.run_attack(resumed, **kwargs)
     assert calls == [(0, 4), (4, 8)]
@@ -163,13 +165,13 @@ def test_a_run_grows_and_is_read_at_fewer_samples(setup, finished, monkeypatch, 
     folder, kwargs, _ = setup
     workdir, _ = finished
     full_csv = open(os.path.join(workdir, "attack.csv")).read()
-    save_chunk, saved = attack_csv.save_chunk, []
+    save_chunk, saved = chunk_store.save_chunk, []
 
     def record(*args):
         save_chunk(*args)
         saved.append(args[1:3])
 
-    monkeypatch.setattr(attack_csv, "save_chunk", record)
+    monkeypatch.setattr(chunk_store, "save_chunk", record)
     grown = str(folder / "grown")
     attack_experiment.run_attack(grown, **dict(kwargs, num_samples=6))
     six_csv = open(os.path.join(grown, "attack.csv")).read()
@@ -386,10 +388,10 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
     with open(os.path.join(chunks, "chunk_0000004_0000008.json"), "w") as f:
         json.dump(dict(both, rows=both["rows"]), f)
     indices = np.arange(NUM_SAMPLES)
-    shash = integrity.settings_sha256(
+    shash = hashing.settings_sha256(
         json.load(open(os.path.join(chunks, "settings.json")))
     )
-    end, done, _ = attack_csv.finished_prefix(chunks, indices, {shash}, False)
+    end, done, _ = chunk_store.finished_prefix(chunks, indices, {shash}, False)
     assert end == 6
     rows = [r for c in done for r in c["rows"]]
     assert [int(r.split(",")[0]) for r in rows] == list(range(6))

@@ -1,4 +1,4 @@
-"""Reading an attack run (experiments/runs/attack_csv.py): every consumer of an
+"""Reading an attack run (propmaps_jax/results/attack_csv.py): every consumer of an
 attack.csv refuses a run of another model, other weights or other data, a repeated
 test image and a row that contradicts itself, with one line naming the file and the row.
 
@@ -14,9 +14,9 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments.runs import attack_csv as results
-from experiments.runs import provenance
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import attack_csv as results
+from propmaps_jax.results import provenance
 
 MODEL = "lenet_tiny"
 

@@ -219,16 +219,16 @@ def test_locality_checks_every_model_before_attacking(files):
 SLOW_ATTACK = textwrap.dedent(
     """
     import sys, time
-    import experiments.runs.attack_csv as attack_csv
+    import experiments.runs.chunks as chunk_store
     import launch
 
-    save_chunk = attack_csv.save_chunk
+    save_chunk = chunk_store.save_chunk
 
     def slow_save(*args):
         save_chunk(*args)
         time.sleep(0.5)
 
-    attack_csv.save_chunk = slow_save
+    chunk_store.save_chunk = slow_save
     sys.argv = ["launch.py"] + sys.argv[1:]
     launch.main()
     """

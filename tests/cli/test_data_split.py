@@ -8,8 +8,8 @@ import pytest
 from conftest import launch as launch_py
 
 import launch
-from experiments.runs import provenance
 from propmaps_jax import data, models
+from propmaps_jax.results import provenance
 from tests._fixtures import save_lenet_tiny
 
 

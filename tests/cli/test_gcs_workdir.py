@@ -25,10 +25,10 @@ from test_run_trust import (  # noqa: F401 (fixtures used below)
 
 from experiments import attack as attack_experiment
 from experiments.runs import lock, storage
-from experiments.runs.attack_csv import read_attack_csv
 from propmaps_jax import checkpoint
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results.attack_csv import read_attack_csv
 from tests import _gcs_emulator
 from tests._fixtures import stop_after_chunks
 

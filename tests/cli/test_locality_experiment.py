@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import launch, reset_flags
 
-from experiments.runs.attack_csv import read_attack_csv
 from propmaps_jax import locality, models
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results.attack_csv import read_attack_csv
 from tests._fixtures import save_lenet_tiny
 
 NUM_SAMPLES = 16
@@ -417,8 +417,8 @@ def test_old_locality_csv_is_one_line_naming_the_rerun(finished_run, tiny_setup)
 def test_controls_refuse_margins_of_another_model(tmp_path):
     """run_controls: clean p(true) unlike attack.csv's -> one line, before any draw."""
     from experiments import locality as locality_experiment
-    from experiments.runs.attack_csv import read_attack_csv
     from propmaps_jax.errors import PropmapsError
+    from propmaps_jax.results.attack_csv import read_attack_csv
 
     header = (
         "index,label,pred_before,prob_true_before,attacked,success,pred_after,"

@@ -18,11 +18,11 @@ import pytest
 from conftest import ROOT, launch
 
 from experiments.report import plots
-from experiments.runs import claims_json, provenance
-from experiments.runs.attack_csv import attack_columns
 from propmaps_jax import checkpoint, claims, models, propagation
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import claims_json, provenance
+from propmaps_jax.results.attack_csv import attack_columns
 
 NUM_ROWS = 10
 NOT_ATTACKED = 3

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from experiments.runs import locality_csv
 from propmaps_jax import checkpoint, models
+from propmaps_jax.results import locality_csv
 
 NUM_SAMPLES = 16
 

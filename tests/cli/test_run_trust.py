@@ -24,19 +24,12 @@ from conftest import ROOT, launch, start
 from experiments import attack as attack_experiment
 from experiments import cli, common
 from experiments import locality as locality_experiment
-from experiments.runs import (
-    attack_csv,
-    budget,
-    integrity,
-    provenance,
-    rundir,
-    storage,
-)
-from experiments.runs import attack_csv as results
+from experiments.runs import budget, rundir, storage
 from experiments.runs import lock as runlock
 from propmaps_jax import data, memory, models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import attack_csv, hashing, provenance
 from tests._fixtures import interrupted_run, stop_after_chunks, tiny_attack_setup
 
 CONFIG = AttackConfig(pixels=1, population=8, generations=3)
@@ -263,7 +256,7 @@ def test_old_chunks_without_hash_are_accepted_once_and_written(
         capsys.readouterr().err
     )
     assert read(workdir, "attack.csv") == expected
-    shash = integrity.settings_sha256(summary["settings"])
+    shash = hashing.settings_sha256(summary["settings"])
     for name in chunk_names(workdir):
         chunk = json.load(open(os.path.join(workdir, ".attack_chunks", name)))
         assert chunk["settings_sha256"] == shash
@@ -364,29 +357,6 @@ def test_an_edited_chunk_of_the_older_format_is_caught(setup, reference, capsys)
             assert chunk[attack_csv.CONTENT_KEY] == attack_csv.chunk_sha256(chunk)
 
 
-def test_one_set_of_row_rules_for_chunks_and_attack_csv(setup, reference):
-    """The attack's chunks and every reader of attack.csv go through the same
-    function (`read_attack_text`): a row that contradicts itself is named the
-    same way in both."""
-    _, _, _ = setup
-    source, expected, _ = reference
-    lines = expected.splitlines()
-    attacked = next(
-        i for i, line in enumerate(lines[1:], 1) if line.split(",")[4] == "1"
-    )
-    fields = lines[attacked].split(",")
-    fields[10] = "40"  # a pixel row outside the 32x32 image
-    row = ",".join(fields)
-    with pytest.raises(PropmapsError, match="lies outside the 32x32 image"):
-        attack_csv.read_attack_text(
-            "x.csv", "\n".join([lines[0], row]) + "\n", None, (32, 32)
-        )
-    chunk = {"rows": [row], "successes": int(fields[5]), "evaluations": int(fields[9])}
-    assert "lies outside the 32x32 image" in attack_csv.chunk_problem(
-        "c.json", chunk, None, (32, 32)
-    )
-
-
 def test_other_numerics_are_other_settings(setup, reference, monkeypatch):
     """--precision, jax_enable_x64 and the search dtype are settings: a run resumed
     or rerun under other numerics is refused in one line naming the difference
@@ -406,7 +376,7 @@ def test_other_numerics_are_other_settings(setup, reference, monkeypatch):
         with context:
             other = attack_experiment._settings(keys, 1, 0, "first", CONFIG, None)
         assert other != plain
-        assert integrity.settings_sha256(other) != integrity.settings_sha256(plain)
+        assert hashing.settings_sha256(other) != hashing.settings_sha256(plain)
         assert entry.strip("'") in other
     workdir = str(folder / "numerics")
     interrupted_run(workdir, kwargs, monkeypatch, chunks=1)
@@ -425,10 +395,10 @@ def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
 ):
     """A truncated attack.csv is not "nothing to do": the same command rebuilds it
     from the chunks (one line); an edited row is refused by every consumer
-    (results.load_attack_run) and rebuilt the same way."""
+    (attack_csv.load_attack_run) and rebuilt the same way."""
     folder, kwargs, (_, _, x_test, y_test, _) = setup
     source, expected, summary = reference
-    assert summary["attack_csv_sha256"] == integrity.text_sha256(expected)
+    assert summary["attack_csv_sha256"] == hashing.text_sha256(expected)
     workdir = str(folder / "damaged")
     shutil.copytree(source, workdir)
     csv_path = os.path.join(workdir, "attack.csv")
@@ -446,12 +416,12 @@ def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
     with open(csv_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with pytest.raises(PropmapsError, match="not the file its attack run wrote"):
-        results.load_attack_run(
+        attack_csv.load_attack_run(
             workdir, x_test, y_test, model_name="lenet_tiny", weights=kwargs["weights"]
         )
     attack_experiment.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
-    results.load_attack_run(
+    attack_csv.load_attack_run(
         workdir, x_test, y_test, model_name="lenet_tiny", weights=kwargs["weights"]
     )
 
@@ -511,13 +481,13 @@ def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
 
 def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
     """The finished runs under docs/results (made before any hash was recorded)
-    load in every consumer (results.load_attack_run), and the attack command
+    load in every consumer (attack_csv.load_attack_run), and the attack command
     that made them still finds them finished (nothing is attacked again)."""
     dataset = data.load_cifar10(cifar10_path)
     x_test, y_test = dataset.split("test")
     for run, model in (("lenet_1000_cpu", "lenet"), ("resnet_100_cpu", "resnet")):
         directory = os.path.join(ROOT, "docs", "results", run)
-        loaded = results.load_attack_run(
+        loaded = attack_csv.load_attack_run(
             directory, x_test, y_test, model_name=model, weights=None
         )
         assert loaded.table["index"].size == loaded.summary["num_samples"]
@@ -574,7 +544,7 @@ def test_committed_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
         if n.startswith("chunk_")
     )
     ends = [int(n[len("chunk_0000000_") : -len(".json")]) for n in names]
-    shash = integrity.settings_sha256(settings)
+    shash = hashing.settings_sha256(settings)
     for form in ("hashed", "older"):
         copy = str(tmp_path / form)
         chunks_dir = os.path.join(copy, ".attack_chunks")

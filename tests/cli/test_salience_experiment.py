@@ -20,11 +20,11 @@ import scipy.stats
 from conftest import launch
 
 from experiments import salience
-from experiments.runs import provenance
-from experiments.runs.attack_csv import attack_columns
 from propmaps_jax import data, locality, models
 from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import provenance
+from propmaps_jax.results.attack_csv import attack_columns
 from tests._fixtures import save_lenet_tiny
 
 NUM_IMAGES = 12

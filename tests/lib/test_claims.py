@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.runs import attack_csv as results
 from propmaps_jax import attack_de, claims, models, propagation, stats
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import attack_csv as results
 
 
 def test_reach_shares_by_hand():

@@ -667,7 +667,7 @@ def _lossless_path(cifar10_path: str) -> str:
 
 
 def test_real_lossless_first_4000_pair_with_the_jpeg_copy(cifar10_path):
-    from experiments.runs import provenance
+    from propmaps_jax.results import provenance
 
     path = _lossless_path(cifar10_path)
     lossless = data.attack_split(data.load_cifar10(path), "train")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from experiments.runs import locality_csv
 from propmaps_jax import locality, stats
 from propmaps_jax import locality_controls as lc
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import locality_csv
 
 
 @pytest.mark.parametrize("b,c", [(0, 0), (3, 0), (7, 2), (20, 31), (148, 23)])
@@ -184,7 +184,7 @@ LOCALITY_CSV = (
 @pytest.fixture
 def hand_made(tmp_path):
     from experiments import locality as locality_experiment
-    from experiments.runs.attack_csv import read_attack_csv
+    from propmaps_jax.results.attack_csv import read_attack_csv
 
     (tmp_path / "attack.csv").write_text(ATTACK_CSV)
     (tmp_path / "locality.csv").write_text(LOCALITY_CSV)
@@ -319,7 +319,7 @@ def test_old_or_broken_locality_csv_is_one_line(tmp_path):
 
 
 def test_attack_csv_without_generations_is_one_line(tmp_path):
-    from experiments.runs.attack_csv import read_attack_csv
+    from propmaps_jax.results.attack_csv import read_attack_csv
 
     lines = ATTACK_CSV.splitlines()
     drop = lines[0].split(",").index("generations")

@@ -8,8 +8,10 @@ before the attack, or of the target class) attacked = success = 0, the "after"
 columns repeat the "before" ones and the pixel columns are -1. A failed attack
 still reports its best candidate in the pixel columns.
 
-Every experiment that reads an attack run goes through `load_attack_run` (or, for
-the file alone, `read_attack_csv`), so that all of them refuse the same things:
+A user reads any attack.csv with the package alone: `read_attack_results(path)`
+gives an `AttackResults` of NumPy arrays (pixels (N, k, 5)). Every experiment
+that reads an attack run goes through `load_attack_run` (or, for the file alone,
+`read_attack_csv`), so that all of them refuse the same things:
 a run made with another model, other weights or other data than the ones they are
 given (checked against the provenance recorded in attack_summary.json), a row
 that repeats a test image, and a row that contradicts itself (a success whose
@@ -21,18 +23,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
-import re
 from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
-from experiments.runs import integrity, provenance, rundir, storage
-from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
+from propmaps_jax.results import _io, hashing, provenance
 
 CSV_NAME = "attack.csv"
 SUMMARY_NAME = "attack_summary.json"
@@ -74,12 +76,10 @@ def num_pixels(columns: list[str]) -> int:
 def read_summary(directory: str) -> dict[str, Any] | None:
     """DIR/attack_summary.json, or None when the run has none."""
     path = os.path.join(directory, SUMMARY_NAME)
-    if not storage.isfile(path):
+    if not _io.isfile(path):
         return None
     try:
-        summary = json.loads(storage.read_bytes(path))
-    except storage.StorageError:
-        raise
+        summary = json.loads(_io.read_bytes(path))
     except (ValueError, UnicodeDecodeError):
         summary = None
     if not isinstance(summary, dict) or not isinstance(
@@ -321,12 +321,12 @@ def read_attack_csv(
     """
     if isinstance(summary, str):
         summary = read_summary(os.path.dirname(path))
-    if not storage.isfile(path):
+    if not _io.isfile(path):
         raise PropmapsError(
             f"{path} does not exist: run the attack first "
             "(python launch.py --experiment=attack --workdir=...)"
         )
-    text = storage.read_bytes(path).decode("utf-8")
+    text = _io.read_text(path)
     return read_attack_text(path, text, _summary_target(summary), image_shape, summary)
 
 
@@ -382,6 +382,54 @@ def read_attack_text(
     out["success"] = out["success"].astype(bool)
     _check_summary_counts(path, out, summary)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackResults:
+    """The rows of an attack.csv as arrays, one entry per sampled image (N,).
+
+    `pixels` is (N, k, 5): row, col, r, g, b of each attacked pixel (-1 for an
+    image that was not attacked); `summary`: its attack_summary.json, or None.
+    """
+
+    index: np.ndarray
+    label: np.ndarray
+    pred_before: np.ndarray
+    prob_true_before: np.ndarray
+    attacked: np.ndarray
+    success: np.ndarray
+    pred_after: np.ndarray
+    prob_true_after: np.ndarray
+    generations: np.ndarray
+    evaluations: np.ndarray
+    pixels: np.ndarray
+    summary: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return int(self.index.size)
+
+
+def read_attack_results(
+    path: str, image_shape: tuple[int, int] | None = None
+) -> AttackResults:
+    """An attack.csv (local or gs://) as `AttackResults`, every row checked.
+
+    Args:
+      path: the attack.csv file, or the run directory holding it.
+      image_shape: (height, width) of the images, to check the pixels against.
+
+    Refused with one line (PropmapsError): a file that is not the one its
+    attack_summary.json records, or a row that breaks a rule of
+    `read_attack_text`.
+    """
+    if not path.endswith(".csv"):
+        path = os.path.join(path, CSV_NAME)
+    summary = read_summary(os.path.dirname(path))
+    if summary is not None:
+        check_attack_csv(path, summary)
+    table = read_attack_csv(path, image_shape, summary)
+    names = [f.name for f in dataclasses.fields(AttackResults) if f.name != "summary"]
+    return AttackResults(**{name: table[name] for name in names}, summary=summary)
 
 
 def check_dataset(
@@ -496,7 +544,7 @@ def load_attack_run(
     used with (images/labels: the whole test split the samples were drawn from).
 
     Refused with one line: an attack.csv that is not the file its summary records
-    (by SHA-256: edited or truncated since; `integrity`); a run whose
+    (by SHA-256: edited or truncated since; `check_attack_csv`); a run whose
     attack_summary.json records another model,
     other weights or other data (by content); a row that repeats an image, that
     contradicts itself or the summary, or whose image or label is not in the data.
@@ -508,7 +556,7 @@ def load_attack_run(
             f"{directory} holds a --target=all attack (one run per class): pass "
             f"--workdir={os.path.join(directory, 'target_<class>')}"
         )
-    if not storage.isfile(csv_path):
+    if not _io.isfile(csv_path):
         read_attack_csv(csv_path)  # the one message for a missing file
     if summary is not None:
         expected = given_provenance(model_name, weights, images, labels)
@@ -518,10 +566,40 @@ def load_attack_run(
             expected,
             _remedy(summary, expected),
         )
-    integrity.check_attack_csv(csv_path, summary)
+    check_attack_csv(csv_path, summary)
     table = read_attack_csv(csv_path, tuple(images.shape[1:3]), summary)
     check_dataset(csv_path, table, images, labels)
     return AttackRun(directory, csv_path, table, summary)
+
+
+def attack_csv_problem(csv_path: str, summary: dict | None) -> str:
+    """'' when attack.csv is the file its summary records (by SHA-256), else why not.
+
+    A summary without the record (runs made before it existed) is not compared
+    here; the rows are still checked by `read_attack_csv`.
+    """
+    recorded = (summary or {}).get("attack_csv_sha256")
+    if not _io.isfile(csv_path):
+        return f"{csv_path} is missing"
+    if not isinstance(recorded, str):
+        return ""
+    found = hashing.file_sha256(csv_path)
+    if found != recorded:
+        return (
+            f"{csv_path} is not the file its attack run wrote (SHA-256 {found[:12]}, "
+            f"recorded {recorded[:12]}: edited or truncated since)"
+        )
+    return ""
+
+
+def check_attack_csv(csv_path: str, summary: dict | None) -> None:
+    """PropmapsError (one line, how to rebuild) unless attack.csv is as recorded."""
+    problem = attack_csv_problem(csv_path, summary)
+    if problem:
+        raise PropmapsError(
+            f"{problem}; run the same attack command again: it rebuilds the file "
+            "from its chunks (or attacks again)"
+        )
 
 
 def require_predictions_match(csv_path: str, mismatches: int, total: int) -> None:
@@ -541,6 +619,7 @@ def require_predictions_match(csv_path: str, mismatches: int, total: int) -> Non
 
 
 def format_row(values: list[Any]) -> str:
+    """One attack.csv line of `values` (floats with 9 significant digits)."""
     return ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in values)
 
 
@@ -560,42 +639,23 @@ def csv_text(pixels: int, rows: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------
-# The chunk store: DIR/.attack_chunks/chunk_<start>_<end>.json, one per finished
-# piece of the run, each written whole (`storage`: a renamed temporary file, or
-# one upload on gs://), holding the rows of sampled images start..end-1, the
-# run's settings hash and the hash of its own content (`chunk_sha256`);
-# DIR/.attack_chunks/settings.json records the settings. A chunk is believed only
-# when its content hash holds and its rows pass `read_attack_text`'s rules with
-# its counts; one that fails is moved to .attack_chunks/damaged/ and its images
-# are attacked again. Chunks written before chunks recorded these hashes are
-# still read (`legacy`; and checked against attack_summary.json's
-# `chunks_sha256` when it lists them).
+# A chunk: one finished piece of an attack run, the JSON object
+# {"rows": [attack.csv lines of sampled images start..end-1], "successes",
+# "evaluations", "search_rejections", "seconds", "settings_sha256" (its run's
+# settings), "chunk_sha256" (its own content)}. A chunk is believed only when its
+# content hash holds and its rows pass `read_attack_text`'s rules with its counts.
+# Chunks written before chunks recorded these hashes are still read (`legacy`;
+# and checked against attack_summary.json's `chunks_sha256` when it lists them).
+# Where chunks are kept in a run directory, and what happens to one that fails,
+# is the shell's (`experiments/runs/chunks.py`).
 
-CHUNKS_DIR = ".attack_chunks"
-DAMAGED_DIR = "damaged"
-STALE_DIR = "stale"
 CONTENT_KEY = "chunk_sha256"
-
-
-def chunk_path(chunks_dir: str, start: int, end: int) -> str:
-    return os.path.join(chunks_dir, f"chunk_{start:07d}_{end:07d}.json")
-
-
-def chunk_files(chunks_dir: str) -> dict[int, list[tuple[int, str]]]:
-    """{start: [(end, path), ...]} of the chunk files in `chunks_dir`."""
-    found: dict[int, list[tuple[int, str]]] = {}
-    for path in storage.glob(os.path.join(chunks_dir, "chunk_*_*.json")):
-        match = re.fullmatch(r"chunk_(\d+)_(\d+)\.json", os.path.basename(path))
-        if match:
-            start, end = int(match.group(1)), int(match.group(2))
-            found.setdefault(start, []).append((end, path))
-    return found
 
 
 def chunk_sha256(chunk: dict) -> str:
     """SHA-256 of a chunk's content: canonical JSON of every entry but the hash
     itself (and the in-memory entries starting with "_")."""
-    return integrity.settings_sha256(
+    return hashing.settings_sha256(
         {k: v for k, v in chunk.items() if k != CONTENT_KEY and not k.startswith("_")}
     )
 
@@ -631,6 +691,7 @@ def chunk_problem(
 
 def read_chunk(
     path: str,
+    data: bytes,
     expected_indices: np.ndarray,
     settings_hashes: Collection[str],
     legacy_ok: bool,
@@ -638,7 +699,8 @@ def read_chunk(
     target: int | None | str = UNKNOWN,
     image_shape: tuple[int, int] | None = None,
 ) -> tuple[dict | None, str]:
-    """(chunk, "ok" | "legacy") when the chunk at `path` holds exactly one row per
+    """(chunk, "ok" | "legacy") when the chunk file's bytes `data` (`path` names it)
+    hold exactly one row per
     expected index, in order, made under these settings (its hash one of
     `settings_hashes`: the run's, and with --sample=first those of the same run at
     other sample counts), whose content is as written and whose rows pass the row
@@ -654,21 +716,19 @@ def read_chunk(
     file's SHA-256 when the summary recorded one.
     """
     try:
-        chunk = rundir.read_json(path)
+        chunk = json.loads(data)
         rows = chunk["rows"]
         row_indices = [row_index(row) for row in rows]
         recorded = chunk.get("settings_sha256")
         content = chunk.get(CONTENT_KEY)
-    except storage.StorageError:
-        raise  # the store is unreachable: one line, never "a bad chunk"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None, "damaged"
     if content is not None and content != chunk_sha256(chunk):
         return None, "damaged"
     if (
         content is None
         and recorded_sha256 is not None
-        and rundir.file_sha256(path) != recorded_sha256
+        and hashlib.sha256(data).hexdigest() != recorded_sha256
     ):
         return None, "damaged"
     if recorded is None:
@@ -683,142 +743,6 @@ def read_chunk(
     return chunk, "ok" if recorded and content else "legacy"
 
 
-def finished_prefix(
-    chunks_dir: str,
-    indices: np.ndarray,
-    settings_hashes: Collection[str],
-    legacy_ok: bool,
-    recorded: dict[str, str] | None = None,
-    target: int | None | str = UNKNOWN,
-    image_shape: tuple[int, int] | None = None,
-) -> tuple[int, list[dict], dict[str, list[str]]]:
-    """End of the contiguous run of finished chunks from 0, those chunks, and the
-    paths of the chunk files passed over by kind ("legacy": taken without a hash;
-    "damaged": failed their checks; "other", "unproven": never merged; see
-    `read_chunk`). `recorded`: the summary's `chunks_sha256` ({file name: SHA-256}),
-    `target`, `image_shape`: the run's, for the row rules.
-
-    The walk goes from each chunk's end to the chunk that starts there, so no image
-    is ever taken twice; a chunk must hold exactly the rows of the sampled images
-    of its range (`indices[start:end]`, in order), pass its checks and carry one of
-    this run's settings hashes, else the prefix ends before it and its images are
-    attacked again. Chunks past the last sampled image (a run that counted more
-    images) are left where they are. Of several chunks starting at the same image
-    (resumes with another chunking), the longest valid one is taken.
-    """
-    found = chunk_files(chunks_dir)
-    recorded = recorded or {}
-    end, chunks = 0, []
-    kinds: dict[str, list[str]] = {
-        "legacy": [],
-        "damaged": [],
-        "other": [],
-        "unproven": [],
-    }
-    while end in found:
-        for next_end, path in sorted(found[end], reverse=True):
-            if next_end <= end or next_end > len(indices):
-                continue
-            chunk, kind = read_chunk(
-                path,
-                indices[end:next_end],
-                settings_hashes,
-                legacy_ok,
-                recorded.get(os.path.basename(path)),
-                target,
-                image_shape,
-            )
-            if kind in kinds:
-                kinds[kind].append(path)
-            if chunk is not None:
-                chunks.append({**chunk, "_path": path})
-                end = next_end
-                break
-        else:
-            break
-    # Chunks of other settings anywhere in the folder, not only on the walk.
-    for entries in found.values():
-        for _, path in entries:
-            if any(path in kinds[k] for k in ("other", "unproven", "damaged")):
-                continue
-            try:
-                recorded_hash = rundir.read_json(path).get("settings_sha256")
-            except storage.StorageError:
-                raise
-            except (OSError, ValueError, AttributeError):
-                continue
-            if recorded_hash is None and not legacy_ok:
-                kinds["unproven"].append(path)
-            elif recorded_hash is not None and recorded_hash not in settings_hashes:
-                kinds["other"].append(path)
-    return end, chunks, kinds
-
-
-def save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
-    """Atomically write one finished chunk of rows, with the hash of its content."""
-    content = {k: v for k, v in chunk.items() if not k.startswith("_")}
-    rundir.write_json(
-        chunk_path(chunks_dir, start, end),
-        {**content, CONTENT_KEY: chunk_sha256(content)},
-    )
-
-
-def _move_aside(path: str, folder: str) -> None:
-    """Move a chunk file into `folder` (renamed, never deleted; a name already
-    there gets a numbered suffix)."""
-    name = os.path.basename(path)
-    target, n = os.path.join(folder, name), 1
-    while storage.exists(target):
-        target, n = os.path.join(folder, f"{name}.{n}"), n + 1
-    storage.move(path, target)
-
-
-def sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
-    """Legacy chunks taken: their settings hash and content hash are written now
-    (accepted once, recorded for good). Damaged chunks: moved to
-    .attack_chunks/damaged/, their images attacked again. Chunks of other or
-    unproven settings: moved to .attack_chunks/stale/, never merged. One line
-    each."""
-    if kinds["legacy"]:
-        unhashed = 0
-        for path in kinds["legacy"]:
-            chunk = rundir.read_json(path)
-            chunk = {k: v for k, v in chunk.items() if k != CONTENT_KEY}
-            unhashed += "settings_sha256" not in chunk
-            chunk["settings_sha256"] = chunk.get("settings_sha256") or shash
-            rundir.write_json(path, {**chunk, CONTENT_KEY: chunk_sha256(chunk)})
-        what = (
-            "their settings are taken (their settings.json matches these settings"
-            if unhashed
-            else "their own hash are taken (their settings hash is this run's"
-        )
-        integrity.note(
-            f"{chunks_dir}: {len(kinds['legacy'])} chunks written before chunks "
-            f"recorded {what}, their rows pass the checks); their hashes are now "
-            "recorded"
-        )
-    damaged = sorted(set(kinds["damaged"]))
-    if damaged:
-        folder = os.path.join(chunks_dir, DAMAGED_DIR)
-        for path in damaged:
-            _move_aside(path, folder)
-        names = ", ".join(os.path.basename(p) for p in damaged)
-        integrity.note(
-            f"{chunks_dir}: {len(damaged)} chunks fail their checks (edited, "
-            f"truncated or contradicting themselves: {names}); moved to {folder}, "
-            "their images are attacked again"
-        )
-    aside = sorted(set(kinds["other"]) | set(kinds["unproven"]))
-    if aside:
-        stale = os.path.join(chunks_dir, STALE_DIR)
-        for path in aside:
-            _move_aside(path, stale)
-        integrity.note(
-            f"{chunks_dir}: {len(aside)} chunks made under other settings (or with "
-            f"no record of them) are not merged; moved to {stale}"
-        )
-
-
 def chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(generations, success) of the attacked images in chunk rows."""
     generations, success = [], []
@@ -831,23 +755,6 @@ def chunk_outcomes(chunks: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(generations, np.int64), np.asarray(success, bool)
 
 
-def images_done(workdir: str, num_samples: int) -> int:
-    """Sampled images already done in a run directory (a quick look for the job's
-    cost estimate: the finished attack.csv, else the contiguous chunk files)."""
-    found, end = chunk_files(os.path.join(workdir, CHUNKS_DIR)), 0
-    while end in found:
-        following = max(e for e, _ in found[end])
-        if following <= end:
-            break
-        end = following
-    summary_path = os.path.join(workdir, SUMMARY_NAME)
-    if storage.isfile(summary_path) and storage.isfile(os.path.join(workdir, CSV_NAME)):
-        # A finished run, perhaps of fewer samples (a run's count may grow).
-        summary = integrity.read_json_record(summary_path)
-        finished = summary.get("num_samples") if isinstance(summary, dict) else None
-        end = max(end, finished if isinstance(finished, int) else num_samples)
-    return min(end, num_samples)
-
-
 def empty_chunk() -> dict[str, Any]:
+    """A chunk with no rows yet, its counts at zero."""
     return {"rows": [], "successes": 0, "evaluations": 0, "search_rejections": 0}

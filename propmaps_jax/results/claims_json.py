@@ -27,9 +27,9 @@ import os
 import subprocess
 from typing import Any
 
-from experiments.runs import rundir, storage
 from propmaps_jax.analysis import claims as claims_lib
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import _io
 
 SCHEMA = 2
 NAME = "claims.json"
@@ -64,7 +64,7 @@ def _first_commit(path: str) -> str | None:
     """ISO date of the earliest commit, on any branch of the repository that holds
     the rules, with exactly this file's content (found by its blob hash, so a
     copy of a committed file counts); None if none or no git."""
-    if storage.is_url(path) or not os.path.exists(path):
+    if _io.is_url(path) or not os.path.exists(path):
         return None
     folder = os.path.dirname(os.path.abspath(claims_lib.__file__))
     blob = _git(folder, "hash-object", "--", os.path.abspath(path))
@@ -77,7 +77,7 @@ def _first_commit(path: str) -> str | None:
 
 
 def _modified(path: str) -> str | None:
-    if storage.is_url(path) or not os.path.exists(path):
+    if _io.is_url(path) or not os.path.exists(path):
         return None
     stamp = os.path.getmtime(path)
     return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat()
@@ -89,9 +89,9 @@ def numbers_first_seen(attack_csv: str, out_dir: str, started: float) -> str:
     earlier = os.path.join(out_dir, NAME)
     for path in (attack_csv, earlier):
         dates += [d for d in (_first_commit(path), _modified(path)) if d]
-    if storage.exists(earlier):
+    if _io.exists(earlier):
         try:
-            recorded = rundir.read_json(earlier).get("provenance", {})
+            recorded = _io.read_json(earlier).get("provenance", {})
         except (ValueError, OSError, AttributeError):
             recorded = {}
         if recorded.get("numbers_first_seen"):
@@ -111,9 +111,9 @@ def _command(out_dir: str) -> str:
     """The statistics command that writes `out_dir` (model from its summary)."""
     model = "MODEL"
     summary = os.path.join(out_dir, "summary.json")
-    if storage.exists(summary):
+    if _io.exists(summary):
         try:
-            model = rundir.read_json(summary).get("model") or model
+            model = _io.read_json(summary).get("model") or model
         except (ValueError, OSError, AttributeError):
             pass
     workdir = os.path.dirname(os.path.normpath(out_dir))
@@ -125,12 +125,12 @@ def _command(out_dir: str) -> str:
 def read_claims(out_dir: str) -> dict[str, Any]:
     """claims.json of a statistics folder, any schema (1: without "claims")."""
     path = os.path.join(out_dir, NAME)
-    if not storage.exists(path):
+    if not _io.exists(path):
         raise PropmapsError(
             f"{out_dir} has no {NAME}: run `{_command(out_dir)}` to compute the claims"
         )
     try:
-        report = rundir.read_json(path)
+        report = _io.read_json(path)
     except ValueError as error:
         raise PropmapsError(
             f"{path} is not JSON ({error}): run `{_command(out_dir)}` again"

@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from experiments.runs import storage
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import _io
 
 NAME = "locality.csv"
 BASE_COLUMNS = (
@@ -139,7 +139,7 @@ def read(
     prefixes = ("ring", "netring") if network else ("ring",)
     rings = [c for p in prefixes for c in ring_columns(max_distance or 0, p)]
     try:
-        content = storage.read_text(path)
+        content = _io.read_text(path)
     except OSError as e:
         raise PropmapsError(f"cannot read {path} ({e.strerror}): {remedy}") from None
     reader = csv.reader(io.StringIO(content, newline=""))

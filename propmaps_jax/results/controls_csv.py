@@ -7,7 +7,7 @@ The controls' report tables (their section of table1.md, DIR/controls.csv) are i
 
 from __future__ import annotations
 
-from experiments.runs import rundir
+from propmaps_jax.results import _io
 
 CONTROLS_COLUMNS = (
     "index",
@@ -63,4 +63,4 @@ def controls_csv(attacked: dict, per_attack: dict, controls) -> str:
         )
         row.append(f"{controls.nearby_context_distance[j]:.3f}")
         rows.append(row)
-    return rundir.csv_text(list(CONTROLS_COLUMNS), rows)
+    return _io.csv_text(list(CONTROLS_COLUMNS), rows)

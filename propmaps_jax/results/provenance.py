@@ -10,14 +10,13 @@ same run.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import numpy as np
 
-from experiments.runs import rundir
-from propmaps_jax import checkpoint
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
+from propmaps_jax.results import hashing
 
 KEYS = ("model", "weights_sha256", "dataset_sha256")
 
@@ -27,7 +26,7 @@ def weights_sha256(model_name: str, weights: str | None) -> str:
     path = (
         checkpoint.bundled_checkpoint_path(model_name) if weights is None else weights
     )
-    return rundir.file_sha256(path)
+    return hashing.file_sha256(path)
 
 
 def dataset_sha256(images: np.ndarray, labels: np.ndarray) -> str:
@@ -76,7 +75,3 @@ def require_match(
     diff = mismatch(recorded, expected)
     if diff:
         raise PropmapsError(f"{what} was made with {diff}; {remedy}")
-
-
-def abspath(path: str | None) -> str | None:
-    return None if path is None else os.path.abspath(path)
