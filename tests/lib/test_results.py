@@ -1,5 +1,6 @@
-"""propmaps_jax.results: a committed attack.csv read with the package alone, and
-every row rule refusing a hand-made bad row in one line."""
+"""propmaps_jax.results: a committed attack.csv read with the package alone, the
+row rules that test_attack_provenance.py leaves out refusing a hand-made bad row
+in one line, and the chunk format's checks."""
 
 import json
 import os
@@ -81,37 +82,15 @@ def edit(row: int, **values) -> list[str]:
     return [",".join(fields) if i == row else r for i, r in enumerate(ROWS)]
 
 
+# The rules that tests/lib/test_attack_provenance.py's BAD_ROWS (through
+# load_attack_run) leaves out; together they cover every rule of read_attack_text.
 BAD = {
-    "flag": (edit(0, attacked=2), None, "attacked is 2, not 0 or 1"),
-    "success flag": (edit(1, success=3), None, "success is 3, not 0 or 1"),
     "index": (edit(0, index=-4), None, "index is -4 < 0"),
     "label": (edit(2, label=-1, pred_before=-1, pred_after=-1), None, "< 0"),
-    "probability": (edit(0, prob_true_before=1.5), None, "not in 0..1"),
-    "generations": (edit(0, generations=-1), None, "generations is -1 < 0"),
-    "success unattacked": (edit(2, success=1), None, "success=1 but attacked=0"),
-    "pixels unattacked": (edit(2, row_1=3), None, "pixel columns are not -1"),
-    "class unattacked": (edit(2, pred_after=4), None, "pred_after 4 != pred_before"),
-    "misclassified attacked": (
-        edit(2, attacked=1, row_1=0, col_1=0, r_1=0, g_1=0, b_1=0),
-        None,
-        "only correctly classified images are attacked",
-    ),
-    "correct unattacked": (
-        edit(2, label=3, attacked=0),
-        None,
-        "not attacked although correctly classified",
-    ),
-    "success kept class": (edit(0, pred_after=1), None, "an untargeted attack"),
-    "failure changed class": (edit(1, pred_after=6), None, "the class changed"),
-    "pixel outside": (edit(0, row_1=40), None, "lies outside the 32x32 image"),
-    "colour": (edit(1, r_1=256), None, "colour lies outside 0..255"),
-    "not integer": (edit(0, generations=2.5), None, "not an integer"),
-    "not a number": (edit(0, label="cat"), None, "'cat', not a number"),
+    "success flag": (edit(1, success=3), None, "success is 3, not 0 or 1"),
+    "evaluations": (edit(0, evaluations=-1), None, "evaluations is -1 < 0"),
     "not finite": (edit(0, prob_true_after="nan"), None, "not a finite number"),
-    "repeated image": ([ROWS[0], ROWS[1], ROWS[0]], None, "appears again"),
-    "fields": ([ROWS[0], ROWS[1] + ",1"], None, "has 16 fields, the header 15"),
-    "target class attacked": (edit(1, label=2), 2, "its label is the target class"),
-    "targeted success": (edit(0, pred_after=2), 4, "becomes 4"),
+    "target class attacked": (ROWS, 2, "its label is the target class 2"),
 }
 
 
