@@ -28,10 +28,9 @@ paper_figures_signed/, paper_figures_<layers>/.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
@@ -39,9 +38,11 @@ from absl import flags, logging
 from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.runs import rundir, storage
-from propmaps_jax import batching, claims, propagation
-from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
+from propmaps_jax import propagation
+from propmaps_jax.analysis import paper_examples
+from propmaps_jax.attack.perturb import apply_pixels
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.figures import propagation as propagation_figures
 from propmaps_jax.models import CIFAR10_CLASSES
 from propmaps_jax.results import attack_csv
 
@@ -65,6 +66,33 @@ FLAGS = flags.FLAGS
 FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, *flag_groups.FIGURES)
 
 
+@dataclasses.dataclass(frozen=True)
+class PropagationConfig:
+    """The settings of one propagation run, read from the flags by `main`."""
+
+    workdir: str
+    model: str
+    weights: str | None
+    signed: bool
+    layers: str
+    columns: int
+    index: int | None = None
+    pixel: str | None = None
+    rgb: str | None = None
+    move_to: str | None = None
+    paper_figures: bool = False
+
+    @property
+    def paper_folder(self) -> str:
+        """paper_figures, or paper_figures_signed / paper_figures_<layers>."""
+        folder = "paper_figures"
+        if self.signed:
+            folder += "_signed"
+        if self.layers != "conv":
+            folder += f"_{self.layers}"
+        return folder
+
+
 def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:
     """'12,30' -> (12, 30); a PropmapsError naming the flag when malformed."""
     parts = [p.strip() for p in text.split(",")]
@@ -81,24 +109,25 @@ def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:
 
 
 def perturbation_from_flags(
-    workdir: str, index: int, images: np.ndarray, labels: np.ndarray
+    cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, str, dict | None]:
     """(pixels (k, 5), where they come from, the attack.csv row or None) from
     --pixel/--rgb or DIR/attack.csv (checked against --model, --weights and the
     test split `images`/`labels`)."""
-    if FLAGS.pixel is not None or FLAGS.rgb is not None:
-        if FLAGS.pixel is None or FLAGS.rgb is None:
+    index = cfg.index
+    if cfg.pixel is not None or cfg.rgb is not None:
+        if cfg.pixel is None or cfg.rgb is None:
             raise PropmapsError(
                 "--pixel and --rgb go together: give both (e.g. --pixel=12,30 "
                 "--rgb=255,0,0) or neither to read the perturbation from attack.csv"
             )
-        row, col = parse_ints(FLAGS.pixel, 2, "pixel", "ROW,COL")
-        colour = parse_ints(FLAGS.rgb, 3, "rgb", "R,G,B")
+        row, col = parse_ints(cfg.pixel, 2, "pixel", "ROW,COL")
+        colour = parse_ints(cfg.rgb, 3, "rgb", "R,G,B")
         if any(not 0 <= c <= 255 for c in colour):
-            raise PropmapsError(f"--rgb={FLAGS.rgb}: each colour must be in 0..255")
+            raise PropmapsError(f"--rgb={cfg.rgb}: each colour must be in 0..255")
         return np.array([[row, col, *colour]], np.int64), "--pixel/--rgb", None
     run = attack_csv.load_attack_run(
-        workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
+        cfg.workdir, images, labels, model_name=cfg.model, weights=cfg.weights
     )
     path, table = run.csv_path, run.table
     rows = np.flatnonzero(table["index"] == index)
@@ -145,19 +174,19 @@ def class_name(index: int, num_classes: int) -> str:
 
 
 def _perturbation(
-    workdir: str, index: int, images: np.ndarray, labels: np.ndarray
+    cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, str, str, dict | None]:
     """(pixels (k, 5), where they come from, output name, the attack.csv row's
     predictions or None) from the flags."""
-    pixels, source, recorded = perturbation_from_flags(workdir, index, images, labels)
-    name = str(index)
-    if FLAGS.move_to is not None:
+    pixels, source, recorded = perturbation_from_flags(cfg, images, labels)
+    name = str(cfg.index)
+    if cfg.move_to is not None:
         if pixels.shape[0] != 1:
             raise PropmapsError(
                 f"--move_to moves a one-pixel perturbation; this one has "
                 f"{pixels.shape[0]} pixels"
             )
-        row, col = parse_ints(FLAGS.move_to, 2, "move_to", "ROW,COL")
+        row, col = parse_ints(cfg.move_to, 2, "move_to", "ROW,COL")
         pixels = pixels.copy()
         pixels[0, :2] = (row, col)
         source += f", moved to ({row}, {col})"
@@ -186,32 +215,6 @@ def _disagreement(result, recorded: dict | None, num_classes: int) -> str:
     )
 
 
-def _analyze(module, variables, image_shape, image, perturbed) -> dict:
-    """Probabilities, maps {reduce: {layer: (H, W)}} and per-layer scalars."""
-    filter_fn, relu = propagation.layer_selection(FLAGS.layers)
-    order = propagation.layer_shapes(module, variables, image_shape, filter_fn)
-    analyze = jax.jit(
-        lambda v, x, x_adv: propagation.analyze(
-            module, v, x, x_adv, signed=FLAGS.signed, filter_fn=filter_fn, relu=relu
-        )
-    )
-    out = jax.device_get(analyze(variables, image[None], perturbed[None]))
-    summaries = {
-        key: np.array([out["summaries"][n][key][0] for n in order], np.float64)
-        for key in propagation.SUMMARY_NAMES
-    }
-    return {
-        "order": order,
-        "probs": np.asarray(jax.nn.softmax(out["logits"][0])),
-        "probs_adv": np.asarray(jax.nn.softmax(out["logits_adv"][0])),
-        "pm": {
-            r: {n: np.asarray(out[f"pm_{r}"][n][0]) for n in order}
-            for r in ("max", "avg")
-        },
-        "summaries": summaries,
-    }
-
-
 def _captions(result, label, pixels, num_classes) -> tuple[str, str, str]:
     """(caption of the natural image, of the perturbed one, the pixels as text)."""
     probs, probs_adv = result["probs"], result["probs_adv"]
@@ -236,46 +239,29 @@ def _captions(result, label, pixels, num_classes) -> tuple[str, str, str]:
     return natural, perturbed, pixel_text
 
 
-def _analyze_attack(module, variables, config, image, label, pixels) -> tuple:
-    """(perturbed image, `_analyze` result, (natural, perturbed) captions, pixels as
-    text) of the perturbation `pixels` (k, 5) on the clean `image`."""
+def _analyze_attack(cfg, module, variables, config, image, label, pixels) -> tuple:
+    """(perturbed image, the maps of this one attack (`maps_of_result` of one
+    image), (natural, perturbed) captions, pixels as text) of the perturbation
+    `pixels` (k, 5) on the clean `image`."""
     perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
-    result = _analyze(module, variables, config.image_shape, image, perturbed)
+    maps = propagation.maps_of_result(
+        module, variables, image[None], pixels[None], cfg.signed, cfg.layers
+    )
+    result = {
+        "order": maps["order"],
+        "probs": maps["probs"][0],
+        "probs_adv": maps["probs_adv"][0],
+        "pm": {r: {n: m[0] for n, m in pm.items()} for r, pm in maps["pm"].items()},
+        "summaries": {k: v[0] for k, v in maps["summaries"].items()},
+    }
     natural, perturbed_caption, pixel_text = _captions(
         result, label, pixels, config.num_classes
     )
     return perturbed, result, (natural, perturbed_caption), pixel_text
 
 
-# PM_max is drawn on the scale of the original feature maps (how much of a layer's
-# activity the pixel moves); PM_avg, a mean over channels, is far below that scale
-# (on it the maps look black), so each of its panels has its own scale.
-SCALES = {
-    "max": (
-        "max",
-        "colour scale of each layer: {range} of its original feature maps "
-        "(arrow: the map exceeds it)",
-    ),
-    "avg": (
-        "mean",
-        "colour scale of each layer: {range} of its own PM_avg map (its own scale: "
-        "a mean over channels lies far below the feature maps' maximum); compare "
-        "layers by the numbers on the colour bars",
-    ),
-}
-
-
-def _maps_of() -> str:
-    """What the maps are taken of, for titles."""
-    return {
-        "conv": "convolution outputs",
-        "conv_relu": "ReLU(convolution outputs)",
-        "bn_relu": "ReLU(BatchNorm outputs)",
-    }[FLAGS.layers]
-
-
 def _figures(
-    workdir,
+    cfg,
     name,
     index,
     source,
@@ -289,38 +275,25 @@ def _figures(
 ):
     """DIR/<folder>/<name>_pm_max.png and _pm_avg.png (`heading`: {reduce: the
     first line of the title})."""
-    order = result["order"]
-    fm_max = dict(zip(order, result["summaries"]["fm_max"], strict=True))
-    difference = "FM - FM_adv" if FLAGS.signed else "|FM - FM_adv|"
-    for reduce, (what, note) in SCALES.items():
-        first = (heading or {}).get(reduce, "")
-        title = (
-            f"{first}PM_{reduce} = {what} over channels of {difference} "
-            f"({_maps_of()}), {FLAGS.model}, test image {index} ({source})"
-        )
-        fig = plots.single_attack_figure(
-            result["pm"][reduce],
-            order,
-            fm_max if reduce == "max" else None,
-            image,
-            perturbed,
-            pixels,
-            captions[0],
-            captions[1],
-            title,
-            note.format(
-                range="-maximum .. +maximum" if FLAGS.signed else "0 .. the maximum"
-            ),
-            signed=FLAGS.signed,
-            columns=FLAGS.columns,
-            bar_title=f"PM_{reduce}",
-        )
-        path = os.path.join(workdir, folder, f"{name}_pm_{reduce}.png")
+    figures = propagation_figures.attack_maps_figures(
+        result,
+        image,
+        perturbed,
+        pixels,
+        captions,
+        f"{cfg.model}, test image {index} ({source})",
+        signed=cfg.signed,
+        layers=cfg.layers,
+        columns=cfg.columns,
+        heading=heading,
+    )
+    for reduce, fig in figures.items():
+        path = os.path.join(cfg.workdir, folder, f"{name}_pm_{reduce}.png")
         plots.save_figure(fig, path)
         print(f"wrote {path}")
 
 
-def _maps_arrays(result, image, perturbed, pixels, label, index) -> dict:
+def _maps_arrays(result, image, perturbed, pixels, label, index, signed) -> dict:
     """The contents of DIR/propagation/<name>_maps.npz."""
     order = result["order"]
     arrays: dict[str, np.ndarray] = {
@@ -333,7 +306,7 @@ def _maps_arrays(result, image, perturbed, pixels, label, index) -> dict:
         "index": np.array(index),
         "probs": result["probs"],
         "probs_adv": result["probs_adv"],
-        "signed": np.array(FLAGS.signed),
+        "signed": np.array(signed),
     }
     arrays.update(result["summaries"])
     for reduce in ("max", "avg"):
@@ -358,91 +331,35 @@ def _print_summary(index, label, pixel_text, result, num_classes) -> None:
         )
 
 
-def _last_layer_ratio(module, variables, images, indices, pixels, batch_size=64):
-    """Last-layer max|dFM| / max FM (N,) of the default maps (raw convolution
-    outputs, absolute differences), in batches: the selection rules' input."""
-
-    def ratio(v, x, p):
-        _, _, fm, fm_adv = propagation.paired_feature_maps(
-            module, v, x, apply_pixels_batch(x, p)
-        )
-        last = list(fm)[-1]
-        return propagation.layer_summaries(fm[last], fm_adv[last])["max_ratio"]
-
-    ratio = functools.partial(jax.jit(ratio), variables)
-    out = batching.map_batches(ratio, [images[indices], pixels], batch_size)
-    return out.astype(np.float64)
-
-
-def _prob_true(module, variables, image, label, pixels) -> np.ndarray:
-    """p(label) of `image` with each perturbation of `pixels` (M, k, 5)."""
-    batch = np.broadcast_to(image, (pixels.shape[0], *image.shape))
-    logits = jax.jit(module.apply, static_argnames="train")(
-        variables,
-        apply_pixels_batch(jnp.asarray(batch, jnp.float32), jnp.asarray(pixels)),
-        train=False,
-    )
-    return np.asarray(jax.nn.softmax(logits)[:, label], np.float64)
-
-
-def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
+def paper_figures(
+    cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
+) -> None:
     """Figures 2-6 of the paper, each attack chosen by a rule (see the docstring)."""
+    workdir = cfg.workdir
     run = attack_csv.load_attack_run(
-        workdir, images, labels, model_name=FLAGS.model, weights=FLAGS.weights
+        workdir, images, labels, model_name=cfg.model, weights=cfg.weights
     )
     table = run.table
-    loaded = common.load_model(FLAGS.model, FLAGS.weights)
-    common.check_computes(loaded, images, FLAGS.model, FLAGS.weights)
+    loaded = common.load_model(cfg.model, cfg.weights)
+    common.check_computes(loaded, images, cfg.model, cfg.weights)
     config, module, variables, _ = loaded
-    failed = np.flatnonzero(table["attacked"] & ~table["success"])
-    ratio = np.full(table["index"].shape, np.nan)
-    ratio[failed] = _last_layer_ratio(
-        module, variables, images, table["index"][failed], table["pixels"][failed]
+    examples = paper_examples.paper_figure_examples(
+        module, variables, images, labels, table
     )
-    chosen = claims.figure_examples(table, ratio)
-    if not chosen:
+    if not examples:
         raise PropmapsError(
             f"{run.csv_path} holds no attacked image: attack more images first"
         )
-    folder = "paper_figures"
-    if FLAGS.signed:
-        folder += "_signed"
-    if FLAGS.layers != "conv":
-        folder += f"_{FLAGS.layers}"
+    folder = cfg.paper_folder
     storage.makedirs(os.path.join(workdir, folder))
-    examples = []
-    for figure, pick in chosen.items():
-        row = pick["row"]
-        examples.append((figure, row, table["pixels"][row], pick["rule"]))
-        if figure == "2":
-            index, pixel = int(table["index"][row]), table["pixels"][row]
-            height, width = images.shape[1:3]
-            moves = claims.neighbours(int(pixel[0, 0]), int(pixel[0, 1]), height, width)
-            candidates = np.repeat(pixel[None], len(moves), axis=0)
-            candidates[:, 0, :2] = moves
-            p_true = _prob_true(
-                module, variables, images[index], int(labels[index]), candidates
-            )
-            to = claims.moved_by_one(dict(zip(moves, p_true, strict=True)))
-            moved = pixel.copy()
-            moved[0, :2] = to
-            examples.append(
-                (
-                    "4",
-                    row,
-                    moved,
-                    "figure 2's colour moved to the neighbouring position (Chebyshev "
-                    "distance 1) where p(true) stays highest",
-                )
-            )
     record = []
-    for figure, row, pixels, rule in sorted(examples, key=lambda e: e[0]):
+    for figure, row, pixels, rule in examples:
         if figure == "3":
             continue  # drawn with figure 2 (the same attack's PM_avg)
         index, label = int(table["index"][row]), int(table["label"][row])
         image = images[index]
         perturbed, result, captions, pixel_text = _analyze_attack(
-            module, variables, config, image, label, pixels
+            cfg, module, variables, config, image, label, pixels
         )
         outcome = "successful" if table["success"][row] else "failed (best candidate)"
         source = f"attack.csv, {outcome}" if figure != "4" else "moved pixel"
@@ -458,7 +375,7 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
             for reduce in ("max", "avg")
         }
         _figures(
-            workdir,
+            cfg,
             name,
             index,
             source,
@@ -498,51 +415,33 @@ def paper_figures(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
     rundir.write_json(
         os.path.join(workdir, folder, "figures.json"),
         {
-            "model": FLAGS.model,
-            "weights": FLAGS.weights,
-            "signed": FLAGS.signed,
-            "layers": FLAGS.layers,
+            "model": cfg.model,
+            "weights": cfg.weights,
+            "signed": cfg.signed,
+            "layers": cfg.layers,
             "attack_csv": run.csv_path,
             "figures": record,
         },
     )
 
 
-def main(argv: list[str]) -> None:
-    """Compute and plot PM_max / PM_avg of one perturbed test image."""
-    del argv
-    # Not created here: a mistyped --workdir is not left behind by an error.
-    workdir = common.require_workdir(create=False)
-    if FLAGS.paper_figures:
-        if any(
-            v is not None for v in (FLAGS.index, FLAGS.pixel, FLAGS.rgb, FLAGS.move_to)
-        ):
-            raise PropmapsError(
-                "--paper_figures chooses the attacks itself: drop --index, --pixel, "
-                "--rgb and --move_to"
-            )
-        images, labels = common.load_data().split("test")
-        paper_figures(workdir, images, labels)
-        return
-    if FLAGS.index is None:
-        raise PropmapsError("--index is required: the test image to analyse")
-    index = FLAGS.index
-    # Data before the model: bad input is reported without compiling anything.
-    images, labels = common.load_data().split("test")
+def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -> None:
+    """PM_max / PM_avg figures and maps of test image cfg.index."""
+    index = cfg.index
     if not 0 <= index < images.shape[0]:
         raise PropmapsError(
             f"--index={index} is outside the test set (0..{images.shape[0] - 1})"
         )
-    pixels, source, name, recorded = _perturbation(workdir, index, images, labels)
+    pixels, source, name, recorded = _perturbation(cfg, images, labels)
     check_pixels(
-        pixels, images.shape[1:], "--move_to" if FLAGS.move_to is not None else source
+        pixels, images.shape[1:], "--move_to" if cfg.move_to is not None else source
     )
-    loaded = common.load_model(FLAGS.model, FLAGS.weights)
-    common.check_computes(loaded, images, FLAGS.model, FLAGS.weights)
+    loaded = common.load_model(cfg.model, cfg.weights)
+    common.check_computes(loaded, images, cfg.model, cfg.weights)
     config, module, variables, _ = loaded
     image, label = images[index], int(labels[index])
     perturbed, result, captions, pixel_text = _analyze_attack(
-        module, variables, config, image, label, pixels
+        cfg, module, variables, config, image, label, pixels
     )
     disagreement = _disagreement(result, recorded, config.num_classes)
     if disagreement:
@@ -551,21 +450,46 @@ def main(argv: list[str]) -> None:
         )
         source += f"; predictions differ, {disagreement}"
     logging.info("perturbation from %s: %s", source, pixel_text)
-    storage.makedirs(os.path.join(workdir, "propagation"))
-    _figures(
-        workdir,
-        name,
-        index,
-        source,
-        result,
-        image,
-        perturbed,
-        pixels,
-        captions,
-    )
-    npz_path = os.path.join(workdir, "propagation", f"{name}_maps.npz")
+    storage.makedirs(os.path.join(cfg.workdir, "propagation"))
+    _figures(cfg, name, index, source, result, image, perturbed, pixels, captions)
+    npz_path = os.path.join(cfg.workdir, "propagation", f"{name}_maps.npz")
     rundir.write_npz(
-        npz_path, _maps_arrays(result, image, perturbed, pixels, label, index)
+        npz_path,
+        _maps_arrays(result, image, perturbed, pixels, label, index, cfg.signed),
     )
     print(f"wrote {npz_path}")
     _print_summary(index, label, pixel_text, result, config.num_classes)
+
+
+def main(argv: list[str]) -> None:
+    """Compute and plot PM_max / PM_avg of one perturbed test image (or figures
+    2-6 of the paper with --paper_figures)."""
+    del argv
+    cfg = PropagationConfig(
+        # Not created here: a mistyped --workdir is not left behind by an error.
+        workdir=common.require_workdir(create=False),
+        model=FLAGS.model,
+        weights=FLAGS.weights,
+        signed=FLAGS.signed,
+        layers=FLAGS.layers,
+        columns=FLAGS.columns,
+        index=FLAGS.index,
+        pixel=FLAGS.pixel,
+        rgb=FLAGS.rgb,
+        move_to=FLAGS.move_to,
+        paper_figures=FLAGS.paper_figures,
+    )
+    if cfg.paper_figures:
+        if any(v is not None for v in (cfg.index, cfg.pixel, cfg.rgb, cfg.move_to)):
+            raise PropmapsError(
+                "--paper_figures chooses the attacks itself: drop --index, --pixel, "
+                "--rgb and --move_to"
+            )
+        images, labels = common.load_data().split("test")
+        paper_figures(cfg, images, labels)
+        return
+    if cfg.index is None:
+        raise PropmapsError("--index is required: the test image to analyse")
+    # Data before the model: bad input is reported without compiling anything.
+    images, labels = common.load_data().split("test")
+    one_attack(cfg, images, labels)

@@ -12,6 +12,7 @@ seed, the epoch and the example's index).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -31,7 +32,7 @@ from flax import serialization
 from experiments import common
 from experiments.report.progress import format_duration
 from experiments.runs import rundir, storage
-from propmaps_jax import batching, checkpoint, models, training
+from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
 
 flags.DEFINE_integer("epochs", 100, "Training epochs.")
@@ -71,19 +72,64 @@ MODEL = "model.msgpack"
 LOG_EVERY_S = 15.0
 
 
-def run_settings(num_train: int) -> dict[str, Any]:
-    """The flags that determine the result: a checkpoint resumes only under the same."""
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The settings of one training run, read from the flags (and checked) by
+    `main`; `stop_after_epochs` and `max_minutes` are not part of its identity."""
+
+    workdir: str | None
+    model: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_epochs: float
+    augment: bool
+    seed: int
+    eval_every: int
+    eval_batch_size: int
+    checkpoint_every_steps: int
+    init_weights: str | None
+    stop_after_epochs: int | None
+    max_minutes: float | None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting of the run checked before any data is read or anything
+    written (the messages name the flags)."""
+    if cfg.model not in models.MODEL_REGISTRY:
+        raise PropmapsError(
+            f"unknown model {cfg.model!r}; choose one of "
+            f"{', '.join(models.MODEL_REGISTRY)}"
+        )
+    for name in ("epochs", "eval_every", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise PropmapsError(f"--{name} must be at least 1")
+    if cfg.stop_after_epochs is not None and cfg.stop_after_epochs < 1:
+        raise PropmapsError("--stop_after_epochs must be at least 1")
+    if cfg.checkpoint_every_steps < 0:
+        raise PropmapsError("--checkpoint_every_steps must be >= 0 (0: per epoch)")
+    if not (math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0):
+        raise PropmapsError(
+            f"--warmup_epochs must be a number >= 0, got {cfg.warmup_epochs}"
+        )
+    training.check_hyperparameters(cfg.learning_rate, cfg.weight_decay)
+
+
+def run_settings(cfg: TrainConfig, num_train: int) -> dict[str, Any]:
+    """The settings that determine the result: a checkpoint resumes only under the
+    same."""
     return {
-        "model": FLAGS.model,
-        "epochs": FLAGS.epochs,
-        "batch_size": FLAGS.batch_size,
-        "learning_rate": FLAGS.learning_rate,
-        "weight_decay": FLAGS.weight_decay,
-        "warmup_epochs": FLAGS.warmup_epochs,
-        "augment": FLAGS.augment,
-        "seed": FLAGS.seed,
+        "model": cfg.model,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "warmup_epochs": cfg.warmup_epochs,
+        "augment": cfg.augment,
+        "seed": cfg.seed,
         "train_examples": num_train,
-        "init_weights_sha256": init_weights_sha256(FLAGS.init_weights),
+        "init_weights_sha256": init_weights_sha256(cfg.init_weights),
     }
 
 
@@ -170,28 +216,6 @@ def check_settings(saved: dict[str, Any], current: dict[str, Any], path: str) ->
         )
 
 
-def check_flags() -> None:
-    """Every flag of the run checked before any data is read or anything written."""
-    common.default_batch_size(128)
-    if FLAGS.model not in models.MODEL_REGISTRY:
-        raise PropmapsError(
-            f"unknown model {FLAGS.model!r}; choose one of "
-            f"{', '.join(models.MODEL_REGISTRY)}"
-        )
-    for name in ("epochs", "eval_every", "eval_batch_size"):
-        if getattr(FLAGS, name) < 1:
-            raise PropmapsError(f"--{name} must be at least 1")
-    if FLAGS.stop_after_epochs is not None and FLAGS.stop_after_epochs < 1:
-        raise PropmapsError("--stop_after_epochs must be at least 1")
-    if FLAGS.checkpoint_every_steps < 0:
-        raise PropmapsError("--checkpoint_every_steps must be >= 0 (0: per epoch)")
-    if not (math.isfinite(FLAGS.warmup_epochs) and FLAGS.warmup_epochs >= 0):
-        raise PropmapsError(
-            f"--warmup_epochs must be a number >= 0, got {FLAGS.warmup_epochs}"
-        )
-    training.check_hyperparameters(FLAGS.learning_rate, FLAGS.weight_decay)
-
-
 def workdir_path(path: str | None) -> str:
     """--workdir, checked without creating anything: given, and not a file or under
     one (created later by `prepare_workdir`, once every input is checked)."""
@@ -253,37 +277,65 @@ def _exists(path: str) -> bool:
         return False
 
 
-# The one JSON sanitiser (NaN and infinities as null), under its old name here.
-json_safe = rundir.finite_json
-
-
 class Diverged(PropmapsError):
     """Training reached a non-finite loss or non-finite weights."""
 
 
-def diverged(epoch: int, what: str, kept: str) -> Diverged:
+def diverged(epoch: int, what: str, kept: str, learning_rate: float) -> Diverged:
     """The one-line error of a run whose loss or weights are no longer finite."""
     return Diverged(
         f"training diverged at epoch {epoch} ({what}); lower --learning_rate "
-        f"(now {FLAGS.learning_rate:g}) and start again in a new --workdir; {kept}"
+        f"(now {learning_rate:g}) and start again in a new --workdir; {kept}"
     )
 
 
-def evaluate(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch: int):
-    """(accuracy, mean loss) on a split, padding the last batch."""
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for part in batching.batches(len(images), batch):
-        take = part.take
-        out = eval_fn(variables, images[take], labels[take], part.valid)
-        for k in totals:
-            totals[k] += float(out[k])
-    return totals["correct"] / totals["count"], totals["loss"] / totals["count"]
+def _resumed_state(state, ckpt: dict[str, Any], ckpt_path: str):
+    """(train state, augmentation key) of a checkpoint, checked to fit `state`."""
+    variables = checkpoint.check_variables_fit(
+        state.variables, ckpt["variables"], ckpt_path
+    )
+    saved = ckpt["train_state"] or {}
+    try:
+        opt_state = serialization.from_state_dict(state.opt_state, saved["opt_state"])
+        step = int(saved["step"])
+        augment_key = jax.random.wrap_key_data(np.asarray(saved["rng"], np.uint32))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PropmapsError(
+            f"{ckpt_path} has no usable training state ({e}); "
+            "delete it to start over or use a new --workdir"
+        ) from None
+    resumed = training.TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=jax.tree_util.tree_map(jnp.asarray, opt_state),
+    )
+    return resumed, augment_key
 
 
 def main(argv: list[str]) -> None:
     """Train (see the module docstring); Ctrl-C: one line, exit 130."""
+    del argv
     try:
-        train(argv)
+        cfg = TrainConfig(
+            batch_size=common.default_batch_size(128),
+            workdir=FLAGS.workdir,
+            model=FLAGS.model,
+            epochs=FLAGS.epochs,
+            learning_rate=FLAGS.learning_rate,
+            weight_decay=FLAGS.weight_decay,
+            warmup_epochs=FLAGS.warmup_epochs,
+            augment=FLAGS.augment,
+            seed=FLAGS.seed,
+            eval_every=FLAGS.eval_every,
+            eval_batch_size=FLAGS.eval_batch_size,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+            init_weights=FLAGS.init_weights,
+            stop_after_epochs=FLAGS.stop_after_epochs,
+            max_minutes=FLAGS.max_minutes,
+        )
+        check_config(cfg)
+        train(cfg)
     except KeyboardInterrupt as stop:
         kept = os.path.join(FLAGS.workdir or "", CHECKPOINT)
         if FLAGS.workdir and _exists(kept):
@@ -299,34 +351,30 @@ def main(argv: list[str]) -> None:
         sys.exit(common.EXIT_TERMINATED if term else common.EXIT_INTERRUPTED)
 
 
-def train(argv: list[str]) -> None:
+def train(cfg: TrainConfig) -> None:
     """The training run of `main`."""
-    del argv
-    check_flags()
-    common.start_deadline(FLAGS.max_minutes)
-    workdir = workdir_path(FLAGS.workdir)
+    common.start_deadline(cfg.max_minutes)
+    workdir = workdir_path(cfg.workdir)
     dataset = common.load_data()
     x_train, y_train = dataset.x_train, dataset.y_train
     x_test, y_test = dataset.x_test, dataset.y_test
-    steps_per_epoch = len(x_train) // FLAGS.batch_size
+    steps_per_epoch = len(x_train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise PropmapsError(
-            f"--batch_size={FLAGS.batch_size} exceeds the {len(x_train)} "
-            "training images"
+            f"--batch_size={cfg.batch_size} exceeds the {len(x_train)} training images"
         )
-    total_steps = steps_per_epoch * FLAGS.epochs
-    # A warm-up longer than the run would never reach the peak learning rate.
-    warmup_steps = min(
-        int(round(FLAGS.warmup_epochs * steps_per_epoch)), total_steps // 2
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = training.warmup_steps(
+        cfg.warmup_epochs, steps_per_epoch, total_steps
     )
-    if warmup_steps < int(round(FLAGS.warmup_epochs * steps_per_epoch)):
+    if warmup_steps < int(round(cfg.warmup_epochs * steps_per_epoch)):
         logging.info(
             "warm-up capped at %d steps, half of the run's %d (--warmup_epochs=%g)",
             warmup_steps,
             total_steps,
-            FLAGS.warmup_epochs,
+            cfg.warmup_epochs,
         )
-    settings = run_settings(len(x_train))
+    settings = run_settings(cfg, len(x_train))
 
     # Check a previous run's settings before any compilation: fail fast.
     ckpt_path = os.path.join(workdir, CHECKPOINT)
@@ -341,18 +389,18 @@ def train(argv: list[str]) -> None:
     init_variables = None
     if ckpt is not None:
         config = ckpt["config"]
-    elif FLAGS.init_weights is not None:
-        config, init_variables = load_init_weights(FLAGS.model, FLAGS.init_weights)
+    elif cfg.init_weights is not None:
+        config, init_variables = load_init_weights(cfg.model, cfg.init_weights)
     else:
-        config = models.default_config(FLAGS.model)
+        config = models.default_config(cfg.model)
     # Flags, data and starting weights are checked: only now is the workdir
     # created (and probed), before anything is compiled.
     created = prepare_workdir(workdir)
     module = models.create_model(config)
     optimizer = training.make_optimizer(
-        FLAGS.learning_rate, FLAGS.weight_decay, total_steps, warmup_steps
+        cfg.learning_rate, cfg.weight_decay, total_steps, warmup_steps
     )
-    base_key = jax.random.key(FLAGS.seed)
+    base_key = jax.random.key(cfg.seed)
     if init_variables is None:
         state = training.create_train_state(
             module, optimizer, jax.random.fold_in(base_key, 0), config.image_shape
@@ -364,40 +412,20 @@ def train(argv: list[str]) -> None:
     history: list[dict[str, Any]] = []
 
     if ckpt is not None:
-        variables = checkpoint.check_variables_fit(
-            state.variables, ckpt["variables"], ckpt_path
-        )
-        saved = ckpt["train_state"] or {}
-        try:
-            opt_state = serialization.from_state_dict(
-                state.opt_state, saved["opt_state"]
-            )
-            step = int(saved["step"])
-            augment_key = jax.random.wrap_key_data(np.asarray(saved["rng"], np.uint32))
-        except (KeyError, TypeError, ValueError) as e:
-            raise PropmapsError(
-                f"{ckpt_path} has no usable training state ({e}); "
-                "delete it to start over or use a new --workdir"
-            ) from None
-        state = training.TrainState(
-            step=jnp.asarray(step, jnp.int32),
-            params=variables["params"],
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=jax.tree_util.tree_map(jnp.asarray, opt_state),
-        )
+        state, augment_key = _resumed_state(state, ckpt, ckpt_path)
         wall_before = float(ckpt["metadata"].get("wall_time_s", 0.0))
         history = list(ckpt["metadata"].get("history", []))
         logging.info(
             "resuming from %s at step %d/%d (epoch %d)",
             ckpt_path,
-            step,
+            int(state.step),
             total_steps,
-            step // steps_per_epoch,
+            int(state.step) // steps_per_epoch,
         )
 
     train_fn = jax.jit(
         functools.partial(
-            training.train_step, module, optimizer, do_augment=FLAGS.augment
+            training.train_step, module, optimizer, do_augment=cfg.augment
         ),
         donate_argnums=(0,),
     )
@@ -406,15 +434,15 @@ def train(argv: list[str]) -> None:
     saved_step = int(state.step) if ckpt is not None else None
     start_time = time.time()
     if init_variables is not None:
-        init_accuracy, init_loss = evaluate(
-            eval_fn, state.variables, x_test, y_test, FLAGS.eval_batch_size
+        init_accuracy, init_loss = training.evaluate(
+            eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
         )
         history.append(
             {"epoch": 0, "test_accuracy": init_accuracy, "test_loss": init_loss}
         )
         logging.info(
             "fine-tuning from %s: test accuracy %.2f%% before training, test loss %.4f",
-            FLAGS.init_weights,
+            cfg.init_weights,
             100 * init_accuracy,
             init_loss,
         )
@@ -440,7 +468,7 @@ def train(argv: list[str]) -> None:
             )
             kept = f"the last good checkpoint ({ckpt_path}, {when}) is kept"
         remove_if_empty(workdir, created)
-        raise diverged(epoch, what, kept)
+        raise diverged(epoch, what, kept, cfg.learning_rate)
 
     def save(test_accuracy: float | None) -> None:
         nonlocal saved_step
@@ -459,33 +487,33 @@ def train(argv: list[str]) -> None:
         storage.write_bytes(
             ckpt_path,
             checkpoint.checkpoint_bytes(
-                config, state.variables, json_safe(metadata), train_state
+                config, state.variables, rundir.finite_json(metadata), train_state
             ),
         )
         saved_step = int(state.step)
 
     step = int(state.step)
-    last_epoch = FLAGS.epochs
-    if FLAGS.stop_after_epochs is not None:
-        last_epoch = min(last_epoch, FLAGS.stop_after_epochs)
+    last_epoch = cfg.epochs
+    if cfg.stop_after_epochs is not None:
+        last_epoch = min(last_epoch, cfg.stop_after_epochs)
     test_accuracy = None
     logging.info(
         "training %s: %d epochs x %d steps of %d images, %d parameters",
-        FLAGS.model,
-        FLAGS.epochs,
+        cfg.model,
+        cfg.epochs,
         steps_per_epoch,
-        FLAGS.batch_size,
+        cfg.batch_size,
         models.count_params(state.variables),
     )
     while step < last_epoch * steps_per_epoch:
         epoch = step // steps_per_epoch
-        order = training.epoch_permutation(FLAGS.seed, epoch, len(x_train))
+        order = training.epoch_permutation(cfg.seed, epoch, len(x_train))
         epoch_key = jax.random.fold_in(augment_key, epoch)
         epoch_start, last_log = time.time(), time.time()
         first_step = step
         loss_sum = jnp.zeros(()), jnp.zeros(())
         for position in range(step % steps_per_epoch, steps_per_epoch):
-            idx = order[position * FLAGS.batch_size : (position + 1) * FLAGS.batch_size]
+            idx = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
             state, metrics = train_fn(
                 state, x_train[idx], y_train[idx], idx.astype(np.int32), epoch_key
             )
@@ -499,13 +527,13 @@ def train(argv: list[str]) -> None:
             if now - last_log >= LOG_EVERY_S or position == steps_per_epoch - 1:
                 last_log = now
                 require_finite(epoch + 1, float(loss_sum[0]) / done, False)
-                rate = done * FLAGS.batch_size / max(now - epoch_start, 1e-9)
-                eta = (total_steps - step) * FLAGS.batch_size / rate
+                rate = done * cfg.batch_size / max(now - epoch_start, 1e-9)
+                eta = (total_steps - step) * cfg.batch_size / rate
                 logging.info(
                     "epoch %d/%d step %d/%d: loss %.4f, train acc %.2f%%, "
                     "%.0f images/s, ETA %s",
                     epoch + 1,
-                    FLAGS.epochs,
+                    cfg.epochs,
                     step,
                     total_steps,
                     float(loss_sum[0]) / done,
@@ -513,22 +541,22 @@ def train(argv: list[str]) -> None:
                     rate,
                     format_duration(eta),
                 )
-            every = FLAGS.checkpoint_every_steps
+            every = cfg.checkpoint_every_steps
             if every and step % every == 0 and step % steps_per_epoch:
                 require_finite(epoch + 1, float(loss_sum[0]) / done)
                 save(None)
         epoch_done = step // steps_per_epoch
         require_finite(epoch + 1, float(loss_sum[0]) / max(step - first_step, 1))
         test_accuracy = None
-        if epoch_done % FLAGS.eval_every == 0 or epoch_done == FLAGS.epochs:
-            test_accuracy, test_loss = evaluate(
-                eval_fn, state.variables, x_test, y_test, FLAGS.eval_batch_size
+        if epoch_done % cfg.eval_every == 0 or epoch_done == cfg.epochs:
+            test_accuracy, test_loss = training.evaluate(
+                eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
             )
             require_finite(epoch + 1, test_loss, False, "test loss")
             logging.info(
                 "epoch %d/%d: test accuracy %.2f%%, test loss %.4f (%.1f s)",
                 epoch_done,
-                FLAGS.epochs,
+                cfg.epochs,
                 100 * test_accuracy,
                 test_loss,
                 time.time() - epoch_start,
@@ -544,20 +572,20 @@ def train(argv: list[str]) -> None:
         )
         save(test_accuracy)
         if common.past_deadline() and step < last_epoch * steps_per_epoch:
-            raise common.TimeLimit(f"epoch {epoch_done} of {FLAGS.epochs} is saved")
+            raise common.TimeLimit(f"epoch {epoch_done} of {cfg.epochs} is saved")
 
     if step < total_steps:
         logging.info(
             "stopped after epoch %d of %d (--stop_after_epochs); rerun the same "
             "command without it to resume",
             step // steps_per_epoch,
-            FLAGS.epochs,
+            cfg.epochs,
         )
         return
 
     if test_accuracy is None:
-        test_accuracy, _ = evaluate(
-            eval_fn, state.variables, x_test, y_test, FLAGS.eval_batch_size
+        test_accuracy, _ = training.evaluate(
+            eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
         )
     wall = wall_before + time.time() - start_time
     command = "python " + shlex.join(
@@ -565,30 +593,32 @@ def train(argv: list[str]) -> None:
     )
     metadata = {
         "command": command,
-        "seed": FLAGS.seed,
-        "epochs": FLAGS.epochs,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
         "settings": settings,
         "test_accuracy": test_accuracy,
         "test_examples": len(x_test),
         "data_source": dataset.source,
         "init_weights": (
-            None if FLAGS.init_weights is None else os.path.abspath(FLAGS.init_weights)
+            None if cfg.init_weights is None else os.path.abspath(cfg.init_weights)
         ),
         "device": {**common.device_description(), "cpu": cpu_model()},
         "wall_time_s": wall,
     }
     storage.write_bytes(
         os.path.join(workdir, MODEL),
-        checkpoint.checkpoint_bytes(config, state.variables, json_safe(metadata)),
+        checkpoint.checkpoint_bytes(
+            config, state.variables, rundir.finite_json(metadata)
+        ),
     )
     common.write_json(
         os.path.join(workdir, "train.json"),
-        json_safe({**metadata, "history": history}),
+        rundir.finite_json({**metadata, "history": history}),
     )
     logging.info(
         "done: test accuracy %.2f%% after %d epochs, %s wall; wrote %s",
         100 * test_accuracy,
-        FLAGS.epochs,
+        cfg.epochs,
         format_duration(wall),
         os.path.join(workdir, MODEL),
     )

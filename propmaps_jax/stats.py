@@ -3,7 +3,7 @@ intervals, the exact McNemar test of paired proportions, bootstrap counts over
 units and percentile intervals, a batched binomial logistic regression (Newton /
 IRLS), average ranks and the one Spearman correlation (NumPy, or JAX under `jit`),
 a weighted ROC AUC and ROC curve, and the distance of pixels from the image
-centre."""
+centre, and a rate as a short table cell."""
 
 from __future__ import annotations
 
@@ -377,3 +377,16 @@ def distance_stats(distances: np.ndarray, bin_edges: np.ndarray) -> dict[str, An
         "histogram_edges": [float(e) for e in bin_edges],
         "histogram_counts": [int(c) for c in counts],
     }
+
+
+def short_cell(prop: dict[str, Any], empty: str = "n/a (0/0)", unit: str = "") -> str:
+    """'32.8% (1638/5000; 31.5–34.1)': rate (count; interval in percent, then `unit`).
+
+    `empty`: the text of a proportion over no item.
+    """
+    if not prop["n"]:
+        return empty
+    return (
+        f"{prop['rate']:.1%} ({prop['successes']}/{prop['n']}; "
+        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f}{unit})"
+    )

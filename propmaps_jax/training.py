@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from propmaps_jax import models
+from propmaps_jax import batching, models
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.types import Images, Labels, PRNGKey, Variables
 
@@ -245,3 +245,23 @@ def eval_step(
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The shuffle order of an epoch: a deterministic function of (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """The warm-up in steps, capped at half the run (a warm-up longer than the run
+    would never reach the peak learning rate)."""
+    return min(int(round(warmup_epochs * steps_per_epoch)), total_steps // 2)
+
+
+def evaluate(
+    eval_fn, variables: Variables, images: np.ndarray, labels: np.ndarray, batch: int
+) -> tuple[float, float]:
+    """(accuracy, mean loss) on a split, padding the last batch; `eval_fn` is the
+    jitted `eval_step` with the module bound."""
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for part in batching.batches(len(images), batch):
+        take = part.take
+        out = eval_fn(variables, images[take], labels[take], part.valid)
+        for k in totals:
+            totals[k] += float(out[k])
+    return totals["correct"] / totals["count"], totals["loss"] / totals["count"]

@@ -321,21 +321,8 @@ def table1_csv(results: dict[str, dict]) -> str:
     return buffer.getvalue()
 
 
-def short_cell(prop: dict[str, Any], empty: str = "n/a (0/0)", unit: str = "") -> str:
-    """'32.8% (1638/5000; 31.5–34.1)': rate (count; interval in percent, then `unit`).
-
-    `empty`: the text of a proportion over no item.
-    """
-    if not prop["n"]:
-        return empty
-    return (
-        f"{prop['rate']:.1%} ({prop['successes']}/{prop['n']}; "
-        f"{100 * prop['ci_low']:.1f}–{100 * prop['ci_high']:.1f}{unit})"
-    )
-
-
 def _rate(prop: dict | None) -> str:
-    return "—" if prop is None else short_cell(prop)
+    return "—" if prop is None else stats.short_cell(prop)
 
 
 def _p(value: float) -> str:

@@ -6,6 +6,11 @@
 - `saliency`: saliency maps, the measures that compare two maps, and the device
   computation of the salience study (`analyse_changes`);
 - `claims`: the paper's sentences about the maps as numbers, with verdict rules;
+  `claims_markdown` renders their report (claims.md);
+- `statistics`: the maps over many attacks (running sums, controls, the initial
+  populations) and the claims report of them;
+- `paper_examples`: the attacks the paper's figures 2-6 show, chosen by rule;
+- `salience`: the salience study's predictions, bootstrap intervals and verdicts;
 - `readings`: receptive field or image content: what each reading predicts for the
   locality tests, the rule that decides between them, and the measures;
 - `content`: one model's locality measures clustered by image (rates, rings, the

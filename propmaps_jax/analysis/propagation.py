@@ -28,6 +28,7 @@ argument). Per-layer results are `OrderedDict`s in forward order, also through
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from propmaps_jax import batching
+from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import is_conv, layer_outputs
 from propmaps_jax.types import FeatureMaps, Images, LayerMaps, Variables
@@ -264,6 +267,71 @@ def analyze(
             lambda n: layer_summaries(fm[n], fm_adv[n], signed=signed), fm
         ),
     }
+
+
+def maps_of_result(
+    module: nn.Module,
+    variables: Variables,
+    images: Images,
+    result_pixels: np.ndarray,
+    signed: bool = False,
+    layers: str = "conv",
+) -> dict[str, Any]:
+    """The propagation maps of an attack result, on the host.
+
+    `images` (N, H, W, C) are the clean images (0..255), `result_pixels` (N, k, 5)
+    the perturbations the attack found (`AttackResult.pixels`, or attack.csv's
+    `pixels` column: a failed attack's best candidate); `layers` a `LAYER_KINDS`
+    name. Returns {"order": {layer: (H, W, K)} in forward order, "probs",
+    "probs_adv": (N, classes), "pm": {"max", "avg": {layer: (N, H, W)}},
+    "summaries": {name: (N, layers)} (`SUMMARY_NAMES`)}.
+    """
+    filter_fn, relu = layer_selection(layers)
+    images = jnp.asarray(images)
+    order = layer_shapes(module, variables, tuple(images.shape[1:]), filter_fn)
+    perturbed = apply_pixels_batch(images, jnp.asarray(result_pixels))
+    run = jax.jit(
+        lambda v, x, x_adv: analyze(
+            module, v, x, x_adv, signed=signed, filter_fn=filter_fn, relu=relu
+        )
+    )
+    out = jax.device_get(run(variables, images, perturbed))
+    return {
+        "order": order,
+        "probs": np.asarray(jax.nn.softmax(out["logits"])),
+        "probs_adv": np.asarray(jax.nn.softmax(out["logits_adv"])),
+        "pm": {
+            r: {n: np.asarray(out[f"pm_{r}"][n]) for n in order} for r in REDUCTIONS
+        },
+        "summaries": {
+            key: np.stack(
+                [np.asarray(out["summaries"][n][key], np.float64) for n in order],
+                axis=-1,
+            )
+            for key in SUMMARY_NAMES
+        },
+    }
+
+
+def last_layer_max_ratio(
+    module: nn.Module,
+    variables: Variables,
+    images: np.ndarray,
+    result_pixels: np.ndarray,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Last-layer max|dFM| / max FM (N,) of the default maps (raw convolution
+    outputs, absolute differences) of clean `images` (N, H, W, C) perturbed by
+    `result_pixels` (N, k, 5), in batches: `claims.figure_examples`' input."""
+
+    def ratio(v, x, p):
+        _, _, fm, fm_adv = paired_feature_maps(module, v, x, apply_pixels_batch(x, p))
+        last = list(fm)[-1]
+        return layer_summaries(fm[last], fm_adv[last])["max_ratio"]
+
+    ratio = functools.partial(jax.jit(ratio), variables)
+    out = batching.map_batches(ratio, [images, result_pixels], batch_size)
+    return out.astype(np.float64)
 
 
 def init_statistics(layer_shapes: dict[str, Sequence[int]]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 One run goes through launch.py (in process); its numbers are checked against an
 independent computation (jax.grad of the module, NumPy windows, SciPy ranks), and
 bad input is checked both through launch.py (one line, exit 2) and in-process
-through `salience.run` (experiments/salience.py defines only flags of its own).
+through `salience.run` (experiments/salience.py defines only flags of its own);
+the verdict rule is `propmaps_jax.analysis.salience.verdict`.
 """
 
 import csv
@@ -21,6 +22,7 @@ from conftest import launch
 
 from experiments import salience
 from propmaps_jax import data, locality, models
+from propmaps_jax.analysis import salience as salience_study
 from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.results import provenance
@@ -168,7 +170,7 @@ def test_writes_every_output(finished, setup):
     for row in rows:
         assert row["verdict"] in ("supported", "not supported", "inconclusive")
         assert f"**{row['verdict']}**" in table
-        assert row["verdict"] == salience.verdict(
+        assert row["verdict"] == salience_study.verdict(
             float(row["estimate"]),
             float(row["ci_low"]),
             float(row["ci_high"]),
@@ -278,12 +280,15 @@ def test_numbers_against_an_independent_computation(finished, setup):
 
 
 def test_verdict_rule():
-    assert salience.verdict(0.7, 0.65, 0.75, "auc", 50) == "supported"
-    assert salience.verdict(0.55, 0.52, 0.58, "auc", 50) == "not supported"
-    assert salience.verdict(0.4, 0.3, 0.45, "auc", 50) == "not supported"
-    assert salience.verdict(0.6, 0.45, 0.75, "auc", 50) == "inconclusive"
-    assert salience.verdict(0.02, float("nan"), 0.03, "capture", 50) == "inconclusive"
-    assert salience.verdict(0.7, 0.65, 0.75, "auc", 9) == "inconclusive"
+    assert salience_study.verdict(0.7, 0.65, 0.75, "auc", 50) == "supported"
+    assert salience_study.verdict(0.55, 0.52, 0.58, "auc", 50) == "not supported"
+    assert salience_study.verdict(0.4, 0.3, 0.45, "auc", 50) == "not supported"
+    assert salience_study.verdict(0.6, 0.45, 0.75, "auc", 50) == "inconclusive"
+    assert (
+        salience_study.verdict(0.02, float("nan"), 0.03, "capture", 50)
+        == "inconclusive"
+    )
+    assert salience_study.verdict(0.7, 0.65, 0.75, "auc", 9) == "inconclusive"
 
 
 @pytest.mark.parametrize(
@@ -316,16 +321,16 @@ def _copy_run(setup, name):
 
 
 def _run(setup, workdir, **kwargs):
+    dataset = kwargs.pop("dataset", None) or data.load_cifar10(setup["data"])
     args = {
         "model_name": "lenet_tiny",
         "weights": setup["weights"],
-        "dataset": data.load_cifar10(setup["data"]),
         "config": SaliencyConfig(),
         "resamples": 100,
         "examples": 0,
     }
     args.update(kwargs)
-    salience.run(workdir, **args)
+    salience.run(salience.SalienceConfig(workdir, **args), dataset)
 
 
 def test_attack_run_of_another_model_is_refused(setup):

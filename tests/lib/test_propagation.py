@@ -390,3 +390,65 @@ def test_per_outcome_layer_stats_by_hand():
     np.testing.assert_allclose(out["spread_p95"], [0.95, 0.975])
     none = propagation.per_outcome_layer_stats(scalars, np.zeros(4, bool))
     assert np.all(np.isnan(none["mean_fm"]))
+
+
+@pytest.mark.parametrize("signed, layers", [(False, "conv"), (True, "conv_relu")])
+def test_maps_of_result_equal_analyze_of_the_perturbed_images(
+    tiny_lenet, random_images, signed, layers
+):
+    """One call gives the maps of an attack result: the same numbers as
+    `analyze` on the images perturbed one by one with `apply_pixels`."""
+    from propmaps_jax.attack.perturb import apply_pixels
+
+    module, variables = tiny_lenet
+    images = random_images[:3]
+    pixels = np.array(
+        [[[5, 7, 255, 0, 0]], [[0, 31, 0, 255, 0]], [[16, 16, 10, 20, 30]]]
+    )
+    maps = propagation.maps_of_result(
+        module, variables, images, pixels, signed=signed, layers=layers
+    )
+    filter_fn, relu = propagation.layer_selection(layers)
+    order = propagation.layer_shapes(module, variables, (32, 32, 3), filter_fn)
+    assert maps["order"] == order
+    for i in range(images.shape[0]):
+        perturbed = apply_pixels(jnp.asarray(images[i]), jnp.asarray(pixels[i]))
+        out = propagation.analyze(
+            module,
+            variables,
+            images[i][None],
+            perturbed[None],
+            signed=signed,
+            filter_fn=filter_fn,
+            relu=relu,
+        )
+        np.testing.assert_allclose(
+            maps["probs_adv"][i], jax.nn.softmax(out["logits_adv"][0]), rtol=1e-5
+        )
+        for j, layer in enumerate(order):
+            for reduce in ("max", "avg"):
+                np.testing.assert_allclose(
+                    maps["pm"][reduce][layer][i],
+                    out[f"pm_{reduce}"][layer][0],
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
+            for name in propagation.SUMMARY_NAMES:
+                np.testing.assert_allclose(
+                    maps["summaries"][name][i, j],
+                    out["summaries"][layer][name][0],
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
+
+
+def test_last_layer_max_ratio_is_the_last_summary_of_the_maps(
+    tiny_lenet, random_images
+):
+    module, variables = tiny_lenet
+    pixels = np.tile(np.array([[[9, 9, 255, 255, 255]]]), (5, 1, 1))
+    ratio = propagation.last_layer_max_ratio(
+        module, variables, random_images[:5], pixels, batch_size=2
+    )
+    maps = propagation.maps_of_result(module, variables, random_images[:5], pixels)
+    np.testing.assert_allclose(ratio, maps["summaries"]["max_ratio"][:, -1], rtol=1e-5)

@@ -1,24 +1,20 @@
-"""Figures of the salience experiment (experiments/salience.py); no flags here.
+"""Figures of the salience study (experiments/salience.py).
 
 Every function takes host arrays (NumPy) and returns a matplotlib figure; saliency
 maps are shown as each map's share of its total mass per pixel, so that one colour
-scale (with its colour bar) serves every saliency panel of a figure.
+scale (with its colour bar) serves every saliency panel of a figure. Saving is the
+caller's (`experiments.report.plots.save_figure`); matplotlib is imported here, not
+by `import propmaps_jax`.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import Normalize, PowerNorm
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from experiments.report.plots import save_figure  # noqa: E402
-from propmaps_jax.models import CIFAR10_CLASSES  # noqa: E402
-
-__all__ = ["capture_figure", "examples_figure", "roc_figure", "save_figure"]
+from propmaps_jax.models import CIFAR10_CLASSES
 
 GROUP_COLOURS = {
     "successful": "tab:red",

@@ -1,0 +1,9 @@
+"""The project's figures as library functions, so that an installed user draws them.
+
+`propagation`: one attack's propagation maps (paper figures 2-6), the mean maps
+over many attacks (figures 7/8), the layer means (figure 9) and the distance of the
+attacked pixels from the centre; `salience`: the salience study's examples, capture
+curves and ROC. Each function takes host arrays and returns a matplotlib figure;
+matplotlib is an optional dependency, imported by these modules only (never by
+`import propmaps_jax`).
+"""
