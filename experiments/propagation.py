@@ -9,7 +9,9 @@ than --model, --weights and the data given is refused), or from --pixel/--rgb.
 --move_to puts the same colour at another position (the paper's counterexamples,
 figure 4). Writes
 DIR/propagation/<name>_pm_max.png, <name>_pm_avg.png and <name>_maps.npz, where
-<name> is I, or I_moved_ROW_COL with --move_to.
+<name> is I, or I_moved_ROW_COL with --move_to; a model of more than 8 layers
+also gets <name>_pm_max_selected.png and _pm_avg_selected.png (8 of its layers,
+readable at a page's width).
 
     python launch.py --experiment=propagation --model=resnet --workdir=DIR \
         --paper_figures [--signed] [--layers=bn_relu]
@@ -273,24 +275,30 @@ def _figures(
     folder="propagation",
     heading=None,
 ):
-    """DIR/<folder>/<name>_pm_max.png and _pm_avg.png (`heading`: {reduce: the
+    """DIR/<folder>/<name>_pm_max.png and _pm_avg.png, and their _selected
+    versions for a model of many layers (`heading`: {reduce: the
     first line of the title})."""
-    figures = propagation_figures.attack_maps_figures(
-        result,
-        image,
-        perturbed,
-        pixels,
-        captions,
-        f"{cfg.model}, test image {index} ({source})",
-        signed=cfg.signed,
-        layers=cfg.layers,
-        columns=cfg.columns,
-        heading=heading,
-    )
-    for reduce, fig in figures.items():
-        path = os.path.join(cfg.workdir, folder, f"{name}_pm_{reduce}.png")
-        plots.save_figure(fig, path)
-        print(f"wrote {path}")
+    # A model of many layers also gets the figures of a few of them, readable at
+    # the size a page shows them (`propagation_figures.SELECTED_LAYERS`).
+    many = len(result["order"]) > propagation_figures.SELECTED_LAYERS
+    for selected, suffix in ((False, ""), (True, "_selected"))[: 1 + many]:
+        figures = propagation_figures.attack_maps_figures(
+            result,
+            image,
+            perturbed,
+            pixels,
+            captions,
+            f"{cfg.model}, test image {index} ({source})",
+            signed=cfg.signed,
+            layers=cfg.layers,
+            columns=cfg.columns,
+            heading=heading,
+            selected=selected,
+        )
+        for reduce, fig in figures.items():
+            path = os.path.join(cfg.workdir, folder, f"{name}_pm_{reduce}{suffix}.png")
+            plots.save_figure(fig, path)
+            print(f"wrote {path}")
 
 
 def _maps_arrays(result, image, perturbed, pixels, label, index, signed) -> dict:

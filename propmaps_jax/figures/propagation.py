@@ -38,9 +38,11 @@ def _draw_layer_panels(
     signed: bool,
     colorbar_label: str,
     bar_title: str = "",
+    font_scale: float = 1.0,
 ) -> None:
     """One panel per layer with its own colour bar (titled `bar_title`), in the
-    given grid cells; `vmax` None: each panel scaled to its own map's maximum."""
+    given grid cells; `vmax` None: each panel scaled to its own map's maximum;
+    `font_scale` multiplies every text size (the selected-layer figures')."""
     for cell, (name, pm) in zip(grid_cells, maps.items(), strict=False):
         ax = fig.add_subplot(cell)
         if vmax is not None:
@@ -75,20 +77,34 @@ def _draw_layer_panels(
         bar.ax.set_yticklabels(
             [_format_scale(t) for t in ([low, 0.0, top] if signed else [0.0, top])]
         )
-        bar.ax.tick_params(labelsize=6, length=2, pad=1)
+        bar.ax.tick_params(labelsize=6 * font_scale, length=2, pad=1)
         if bar_title:
-            bar.set_label(bar_title, fontsize=6, labelpad=1)
+            bar.set_label(bar_title, fontsize=6 * font_scale, labelpad=1)
         ax.set_title(
-            layer_title(name, shapes[name]), fontsize=7, pad=2, linespacing=1.1
+            layer_title(name, shapes[name]),
+            fontsize=7 * font_scale,
+            pad=2,
+            linespacing=1.1,
         )
         ax.set_xticks([])
         ax.set_yticks([])
     if colorbar_label and grid_cells:
-        fig.text(0.99, 0.0, colorbar_label, ha="right", va="bottom", fontsize=8)
+        fig.text(
+            0.99,
+            0.0,
+            colorbar_label,
+            ha="right",
+            va="bottom",
+            fontsize=8 * font_scale,
+        )
 
 
 def _show_image(
-    ax: plt.Axes, image: np.ndarray, pixels: np.ndarray | None, title: str
+    ax: plt.Axes,
+    image: np.ndarray,
+    pixels: np.ndarray | None,
+    title: str,
+    font_scale: float = 1.0,
 ) -> None:
     ax.imshow(np.asarray(image, np.uint8), interpolation="nearest")
     if pixels is not None:
@@ -105,7 +121,7 @@ def _show_image(
                         linewidth=width,
                     )
                 )
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=8 * font_scale)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -118,6 +134,33 @@ def panel_grid(panels: int, columns: int, min_rows: int = 1) -> tuple[int, int]:
     panels = max(panels, 1)
     rows = max(min_rows, math.ceil(panels / max(1, columns)))
     return rows, math.ceil(panels / rows)
+
+
+# Figures of more layers than this (ResNet-32's 33) also come as a figure of this
+# many layers, evenly spaced from the first to the last, drawn larger: the full
+# figure's text is unreadable at the ~900 px a page shows it.
+SELECTED_LAYERS = 8
+SELECTED_FONT_SCALE = 1.6
+
+
+def _size_scale(font_scale: float) -> float:
+    """How much larger the panels are drawn when the text is `font_scale` larger:
+    less than the text, so that the text is larger on the page (1 for 1)."""
+    return 1.0 + (font_scale - 1.0) / 3.0
+
+
+def selected_layers(order: Sequence[str], count: int = SELECTED_LAYERS) -> list[str]:
+    """`count` layers of `order`, evenly spaced, first and last included (all of
+    them when there are no more than `count`)."""
+    order = list(order)
+    if len(order) <= count:
+        return order
+    picks = np.unique(np.round(np.linspace(0, len(order) - 1, count)).astype(int))
+    return [order[i] for i in picks]
+
+
+def _selected(maps: dict[str, np.ndarray], layers: list[str]) -> dict:
+    return {name: maps[name] for name in layers}
 
 
 def single_attack_figure(
@@ -134,6 +177,7 @@ def single_attack_figure(
     signed: bool = False,
     columns: int = 6,
     bar_title: str = "",
+    font_scale: float = 1.0,
 ) -> plt.Figure:
     """Figures 2-6: the natural and perturbed image, then a panel per layer.
 
@@ -145,17 +189,35 @@ def single_attack_figure(
     rows, columns = panel_grid(n, columns, min_rows=2)
     # The images' column as wide as an image is tall (half the panel rows), within
     # what their captions need and what a page allows.
-    left = min(4.3, max(2.4, 1.8 * (rows // 2) - 0.4))
-    width = left + 0.4 + 2.05 * columns
+    size = _size_scale(font_scale)
+    # The captions grow with the text.
+    left = min(4.3, max(2.4, 1.8 * (rows // 2) - 0.4)) * font_scale
+    width = left + 0.4 * size + 2.05 * size * columns
     fig, grid, title, note = _panel_figure(
-        width, rows, columns + 1, title, colorbar_label, [left] + [2.05] * columns
+        width,
+        rows,
+        columns + 1,
+        title,
+        colorbar_label,
+        [left] + [2.05 * size] * columns,
+        font_scale,
     )
     half = rows // 2
-    _show_image(fig.add_subplot(grid[:half, 0]), image, pixels, caption_natural)
-    _show_image(fig.add_subplot(grid[half:, 0]), perturbed, pixels, caption_perturbed)
+    _show_image(
+        fig.add_subplot(grid[:half, 0]), image, pixels, caption_natural, font_scale
+    )
+    _show_image(
+        fig.add_subplot(grid[half:, 0]),
+        perturbed,
+        pixels,
+        caption_perturbed,
+        font_scale,
+    )
     cells = [grid[i // columns, 1 + i % columns] for i in range(n)]
-    _draw_layer_panels(fig, cells, maps, shapes, fm_max, signed, note, bar_title)
-    fig.suptitle(title, fontsize=11, y=0.995)
+    _draw_layer_panels(
+        fig, cells, maps, shapes, fm_max, signed, note, bar_title, font_scale
+    )
+    fig.suptitle(title, fontsize=11 * font_scale, y=0.995)
     return fig
 
 
@@ -166,14 +228,16 @@ def _panel_figure(
     title: str,
     colorbar_label: str,
     width_ratios: list[float] | None = None,
+    font_scale: float = 1.0,
 ) -> tuple[plt.Figure, Any, str, str]:
     """(figure, grid, wrapped title, wrapped colour-bar note) of a grid of panels
     `width` inches wide, 1.8 inches a row, with room above for the title and
     below for the note."""
-    title, note = _wrap(title, width), _wrap(colorbar_label, width, points=8.0)
-    top = 0.3 + 0.22 * (title.count("\n") + 1)
-    bottom = 0.1 + 0.16 * (note.count("\n") + 1)
-    height = top + bottom + 1.8 * rows
+    title = _wrap(title, width, points=11.0 * font_scale)
+    note = _wrap(colorbar_label, width, points=8.0 * font_scale)
+    top = 0.3 + 0.22 * font_scale * (title.count("\n") + 1)
+    bottom = 0.1 + 0.16 * font_scale * (note.count("\n") + 1)
+    height = top + bottom + 1.8 * _size_scale(font_scale) * rows
     fig = plt.figure(figsize=(width, height))
     grid = fig.add_gridspec(
         rows,
@@ -228,16 +292,22 @@ def attack_maps_figures(
     layers: str = "conv",
     columns: int = 6,
     heading: dict[str, str] | None = None,
+    selected: bool = False,
 ) -> dict[str, plt.Figure]:
     """{"max": PM_max figure, "avg": PM_avg figure} of one attack (paper figures
     2-6): `result` holds one image's "order" {layer: shape}, "pm" {reduce: {layer:
     (H, W)}} and "summaries" {name: (layers,)} (`propagation.maps_of_result` of one
     image); `captions`: of the natural and the perturbed image; `about`: the end
     of the title (model, image, where the perturbation comes from); `heading`:
-    {reduce: the first line of the title}."""
+    {reduce: the first line of the title}; `selected`: only `selected_layers`,
+    four to a row, drawn larger."""
     order = result["order"]
     fm_max = dict(zip(order, result["summaries"]["fm_max"], strict=True))
     difference = "FM - FM_adv" if signed else "|FM - FM_adv|"
+    shown = selected_layers(order) if selected else list(order)
+    if selected:
+        about = f"{about}; {len(shown)} of its {len(order)} layers"
+        columns = 4
     figures = {}
     for reduce, (what, note) in SCALES.items():
         first = (heading or {}).get(reduce, "")
@@ -246,7 +316,7 @@ def attack_maps_figures(
             f"({MAPS_OF[layers]}), {about}"
         )
         figures[reduce] = single_attack_figure(
-            result["pm"][reduce],
+            _selected(result["pm"][reduce], shown),
             order,
             fm_max if reduce == "max" else None,
             image,
@@ -259,6 +329,7 @@ def attack_maps_figures(
             signed=signed,
             columns=columns,
             bar_title=f"PM_{reduce}",
+            font_scale=SELECTED_FONT_SCALE if selected else 1.0,
         )
     return figures
 
@@ -270,15 +341,20 @@ def mean_maps_figure(
     colorbar_label: str,
     columns: int = 6,
     bar_title: str = "",
+    font_scale: float = 1.0,
 ) -> plt.Figure:
     """Figures 7/8: one panel per layer, each scaled to its own maximum."""
     n = len(maps)
     rows, columns = panel_grid(n, columns)
-    width = max(2.05 * columns, 4.0)
-    fig, grid, title, note = _panel_figure(width, rows, columns, title, colorbar_label)
+    width = max(2.05 * _size_scale(font_scale) * columns, 4.0)
+    fig, grid, title, note = _panel_figure(
+        width, rows, columns, title, colorbar_label, font_scale=font_scale
+    )
     cells = [grid[i // columns, i % columns] for i in range(n)]
-    _draw_layer_panels(fig, cells, maps, shapes, None, False, note, bar_title)
-    fig.suptitle(title, fontsize=11, y=0.995)
+    _draw_layer_panels(
+        fig, cells, maps, shapes, None, False, note, bar_title, font_scale
+    )
+    fig.suptitle(title, fontsize=11 * font_scale, y=0.995)
     return fig
 
 
@@ -383,16 +459,29 @@ def statistics_figures(
     for figure, outcome in (("7", "successful"), ("8", "failed")):
         if counts[outcome] == 0:
             continue
-        figures[f"mean_pm_avg_{outcome}.png"] = mean_maps_figure(
-            mean_maps[f"pm_avg/{outcome}"],
-            shapes,
+        title = (
             f"Mean PM_avg (mean over channels of {what}) over {counts[outcome]} "
-            f"{outcome} attacks, {model} (figure {figure} of the paper)",
-            "colour scale of each layer: 0 .. the maximum of its mean map "
-            "(not scaled to the feature maps)",
-            columns=columns,
-            bar_title="mean PM_avg",
+            f"{outcome} attacks, {model} (figure {figure} of the paper)"
         )
+        note = (
+            "colour scale of each layer: 0 .. the maximum of its mean map "
+            "(not scaled to the feature maps)"
+        )
+        maps = mean_maps[f"pm_avg/{outcome}"]
+        figures[f"mean_pm_avg_{outcome}.png"] = mean_maps_figure(
+            maps, shapes, title, note, columns=columns, bar_title="mean PM_avg"
+        )
+        if len(order) > SELECTED_LAYERS:
+            shown = selected_layers(order)
+            figures[f"mean_pm_avg_{outcome}_selected.png"] = mean_maps_figure(
+                _selected(maps, shown),
+                shapes,
+                f"{title}; {len(shown)} of its {len(order)} layers",
+                note,
+                columns=4,
+                bar_title="mean PM_avg",
+                font_scale=SELECTED_FONT_SCALE,
+            )
 
     # Pre-activation conv outputs are often negative on average: compare the mean
     # |dFM| with the mean magnitude |FM| of the original maps (log scale); the signed
