@@ -47,11 +47,8 @@ from experiments.runs import (
     locality_run,
     lock,
     rundir,
-    storage,
 )
-from experiments.runs import locality_csv as locality_file
-from propmaps_jax import checkpoint, models
-from propmaps_jax.analysis import readings
+from propmaps_jax import models
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import locality as locality_figures
@@ -174,95 +171,13 @@ def check_sample_counts(config: LocalityConfig, num_test: int) -> None:
             )
 
 
-def load_models(names: list[str], weights: dict[str, str | None]) -> dict[str, tuple]:
-    """`common.load_model` of every model, all checked before any attack starts.
-
-    A broken file is named with its flag (--weights_<model>).
-    """
-    loaded = {}
-    for name in names:
-        try:
-            loaded[name] = common.load_model(name, weights[name])
-        except PropmapsError as e:
-            flag = f"--weights_{name}"
-            message = str(e).replace("`weights`", flag)
-            raise type(e)(
-                message if flag in message else f"{flag}: {message}"
-            ) from None
-    return loaded
-
-
-def check_weights(name: str, weights: str | None) -> None:
-    """A model without --weights_<name> needs its bundled checkpoint."""
-    if weights is None and not os.path.isfile(checkpoint.bundled_checkpoint_path(name)):
-        raise PropmapsError(
-            f"no bundled checkpoint for model {name!r} (it has not been trained yet); "
-            f"pass --weights_{name}=PATH (a checkpoint of ours or a Keras .h5 file)"
-        )
-
-
-def _attack_and_study(
-    name: str,
-    workdir: str,
-    config: LocalityConfig,
-    loaded: tuple,
-    dataset,
-    later_work_s: float,
-) -> tuple:
-    """(attack summary, locality record) of one model, each reused when done."""
-    model_dir = os.path.join(workdir, name)
-    weights, seed = config.weights[name], config.attack.seed
-    say(
-        f"{name}: one-pixel attack on {config.num_samples[name]} samples in {model_dir}"
-    )
-    summary = attack_run.run_attack(
-        model_dir,
-        model_name=name,
-        weights=weights,
-        dataset=dataset,
-        loaded=loaded,
-        later_work_s=later_work_s,
-        **dataclasses.replace(
-            config.attack, num_samples=config.num_samples[name]
-        ).arguments(),
-    )
-    steps = (name, model_dir, weights, loaded, dataset, seed, config.max_distance)
-    record = locality_run.locality_for_model(
-        *steps, config.vulnerability_maps, config.batch_size
-    )
-    record["controls"] = locality_run.controls_for_model(*steps, config.batch_size)
-    record["within_image"] = locality_run.within_image_for_model(
-        *steps, config.batch_size
-    )
-    say(
-        f"{name}: original {report_tables.cell(record['original_all'])}; "
-        f"random {report_tables.cell(record['random'])}; "
-        f"nearby {report_tables.cell(record['nearby'])}"
-    )
-    return summary, record
-
-
-def _compare_nearby(workdir: str, results: dict[str, dict], seed: int) -> None:
-    """The nearby rate across this run's models, with intervals on the differences
-    (`readings.nearby_rate_comparison`), kept in each model's within-image record."""
-    names = [n for n in results if results[n].get("within_image")]
-    if len(names) < 2:
-        return
-    runs = {}
-    for name in names:
-        moved = locality_file.read(os.path.join(workdir, name, locality_file.NAME))
-        runs[name] = (moved["index"], moved["nearby_success"].astype(bool))
-    comparison = readings.nearby_rate_comparison(runs, seed)
-    for name in names:
-        results[name]["nearby_comparison"] = comparison
-
-
-def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list:
-    """table1.md, table1.csv and the figures; the names of the map figures."""
-    rundir.write_text(
-        os.path.join(workdir, "table1.md"),
-        report_tables.table1_markdown(results, settings),
-    )
+def _write_tables_and_figures(
+    workdir, results, maps, settings, dataset
+) -> tuple[str, list]:
+    """table1.md, table1.csv and the figures; (table1.md's text, the names of the
+    map figures)."""
+    table1 = report_tables.table1_markdown(results, settings)
+    rundir.write_text(os.path.join(workdir, "table1.md"), table1)
     rundir.write_text(
         os.path.join(workdir, "table1.csv"), report_tables.table1_csv(results)
     )
@@ -291,7 +206,7 @@ def _write_tables_and_figures(workdir, results, maps, settings, dataset) -> list
                 path,
             )
             figures.append(os.path.basename(path))
-    return figures
+    return table1, figures
 
 
 @common.resumable(DEFAULT_WORKDIR)
@@ -347,8 +262,8 @@ def run(workdir: str, config: LocalityConfig) -> None:
     then DIR/table1.md, table1.csv, controls.csv, locality.json and the figures."""
     names, weights, seed = list(config.models), config.weights, config.attack.seed
     for name in names:
-        check_weights(name, weights[name])
-    loaded = load_models(names, weights)
+        locality_run.check_weights(name, weights[name])
+    loaded = locality_run.load_models(names, weights)
     start = time.time()
     dataset = common.load_data()
     check_sample_counts(config, len(dataset.x_test))
@@ -370,6 +285,10 @@ def run(workdir: str, config: LocalityConfig) -> None:
         config.attack.config,
         say,
     )
+    options = {  # each model's attack: its own sample count
+        n: dataclasses.replace(config.attack, num_samples=config.num_samples[n])
+        for n in names
+    }
     results: dict[str, dict] = {}
     attack_summaries: dict[str, Any] = {}
     maps: dict[str, dict] = {}
@@ -378,13 +297,17 @@ def run(workdir: str, config: LocalityConfig) -> None:
             raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
         later = names[names.index(name) + 1 :]
         with lock.hold(os.path.join(workdir, name), jax.process_index() == 0):
-            attack_summaries[name], record = _attack_and_study(
+            attack_summaries[name], record = locality_run.attack_and_study(
                 name,
-                workdir,
-                config,
+                os.path.join(workdir, name),
+                weights[name],
                 loaded[name],
                 dataset,
-                sum(estimate[n] for n in later),
+                options[name],
+                max_distance=config.max_distance,
+                num_maps=config.vulnerability_maps,
+                batch_size=config.batch_size,
+                later_work_s=sum(estimate[n] for n in later),
             )
         maps[name] = record.pop("maps")
         results[name] = record
@@ -407,8 +330,10 @@ def run(workdir: str, config: LocalityConfig) -> None:
         "batch_size": config.batch_size,
         "dataset": dataset.source,
     }
-    _compare_nearby(workdir, results, seed)
-    figures = _write_tables_and_figures(workdir, results, maps, settings, dataset)
+    locality_run.compare_nearby(workdir, results, seed)
+    table1, figures = _write_tables_and_figures(
+        workdir, results, maps, settings, dataset
+    )
     rundir.write_json(
         os.path.join(workdir, "locality.json"),
         {
@@ -427,4 +352,4 @@ def run(workdir: str, config: LocalityConfig) -> None:
     )
     say(f"wrote {workdir}/table1.md, table1.csv, locality.json and figures")
     # The result, on stdout (progress and logs go to stderr).
-    print(storage.read_text(os.path.join(workdir, "table1.md")), flush=True)
+    print(table1, flush=True)

@@ -1,9 +1,11 @@
 """The locality study's run directory, one model at a time: DIR/<model>/.
 
-Each step reads what the step before it wrote (attack.csv, then locality.csv),
-computes through `propmaps_jax.analysis.locality_study`, and writes its files
-once, with a JSON record that marks it done: locality.csv, vulnerability_maps.npz
-and locality.json (`locality_for_model`); controls.csv and controls.json
+`attack_and_study` runs one model's steps: the attack (`attack_run`), then the
+study, its controls and the within-image analysis. Each step reads what the step
+before it wrote (attack.csv, then locality.csv), computes through
+`propmaps_jax.analysis.locality_study`, and writes its files once, with a JSON
+record that marks it done: locality.csv, vulnerability_maps.npz and
+locality.json (`locality_for_model`); controls.csv and controls.json
 (`controls_for_model`); within_image_rows.npz and within_image.json
 (`within_image_for_model`). A step is reused, not recomputed, when its record
 holds the same settings (the input files and the weights by content, and the
@@ -22,8 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments import common
 from experiments.report.progress import Progress, say
 from experiments.runs import (
+    attack_run,
     controls_csv,
     integrity,
     provenance,
@@ -32,8 +36,8 @@ from experiments.runs import (
 )
 from experiments.runs import locality_csv as locality_file
 from experiments.runs.attack_csv import check_dataset, read_attack_csv, read_summary
-from propmaps_jax import locality, locality_controls, models
-from propmaps_jax.analysis import content
+from propmaps_jax import checkpoint, locality, locality_controls, models, stats
+from propmaps_jax.analysis import content, readings
 from propmaps_jax.analysis import locality_study as study_lib
 from propmaps_jax.errors import PropmapsError
 
@@ -300,3 +304,83 @@ def within_image_for_model(
         record["files_sha256"] = integrity.files_sha256(model_dir, [WITHIN_IMAGE_ROWS])
         rundir.write_json(cache, record)
     return record
+
+
+def load_models(names: list[str], weights: dict[str, str | None]) -> dict[str, tuple]:
+    """`common.load_model` of every model, all checked before any attack starts.
+
+    A broken file is named with its flag (--weights_<model>).
+    """
+    loaded = {}
+    for name in names:
+        try:
+            loaded[name] = common.load_model(name, weights[name])
+        except PropmapsError as e:
+            flag = f"--weights_{name}"
+            message = str(e).replace("`weights`", flag)
+            raise type(e)(
+                message if flag in message else f"{flag}: {message}"
+            ) from None
+    return loaded
+
+
+def check_weights(name: str, weights: str | None) -> None:
+    """A model without --weights_<name> needs its bundled checkpoint."""
+    if weights is None and not os.path.isfile(checkpoint.bundled_checkpoint_path(name)):
+        raise PropmapsError(
+            f"no bundled checkpoint for model {name!r} (it has not been trained yet); "
+            f"pass --weights_{name}=PATH (a checkpoint of ours or a Keras .h5 file)"
+        )
+
+
+def attack_and_study(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    options: attack_run.AttackOptions,
+    *,
+    max_distance: int,
+    num_maps: int,
+    batch_size: int,
+    later_work_s: float | None = None,
+) -> tuple[dict, dict]:
+    """(attack summary, locality record) of one model in DIR/<model>/: the attack
+    (`attack_run.run_attack` with `options`), then the study, its controls and the
+    within-image analysis; each reused when done."""
+    say(f"{name}: one-pixel attack on {options.num_samples} samples in {model_dir}")
+    summary = attack_run.run_attack(
+        model_dir,
+        model_name=name,
+        weights=weights,
+        dataset=dataset,
+        loaded=loaded,
+        later_work_s=later_work_s,
+        **options.arguments(),
+    )
+    steps = (name, model_dir, weights, loaded, dataset, options.seed, max_distance)
+    record = locality_for_model(*steps, num_maps, batch_size)
+    record["controls"] = controls_for_model(*steps, batch_size)
+    record["within_image"] = within_image_for_model(*steps, batch_size)
+    say(
+        f"{name}: original {stats.format_proportion(record['original_all'])}; "
+        f"random {stats.format_proportion(record['random'])}; "
+        f"nearby {stats.format_proportion(record['nearby'])}"
+    )
+    return summary, record
+
+
+def compare_nearby(workdir: str, results: dict[str, dict], seed: int) -> None:
+    """The nearby rate across this run's models, with intervals on the differences
+    (`readings.nearby_rate_comparison`), kept in each model's within-image record."""
+    names = [n for n in results if results[n].get("within_image")]
+    if len(names) < 2:
+        return
+    runs = {}
+    for name in names:
+        moved = locality_file.read(os.path.join(workdir, name, locality_file.NAME))
+        runs[name] = (moved["index"], moved["nearby_success"].astype(bool))
+    comparison = readings.nearby_rate_comparison(runs, seed)
+    for name in names:
+        results[name]["nearby_comparison"] = comparison

@@ -320,7 +320,7 @@ def test_flag_checks_and_two_model_table(tmp_path):
 
     import experiments.locality as loc
     import experiments.report.tables as tables
-    from experiments.runs import attack_run
+    from experiments.runs import attack_run, locality_run
     from propmaps_jax import stats
     from propmaps_jax.attack import AttackConfig
 
@@ -359,7 +359,7 @@ def test_flag_checks_and_two_model_table(tmp_path):
     )
     error("target", loc.check_config, dataclasses.replace(config, attack=targeted), [])
     error("weights", loc.check_config, config, ["weights"])
-    error("bundled", loc.check_weights, "resnet20", None)
+    error("bundled", locality_run.check_weights, "resnet20", None)
     # The same checks from the command line: main reads the flags into the config.
     for flag, says in (("--pixels=3", "use --pixels=1"), ("--target=3", "drop")):
         proc = run_launch("--models=lenet", flag, f"--workdir={tmp_path}", check=False)
