@@ -27,7 +27,6 @@ from absl import flags
 from experiments import common, flag_groups
 from experiments.report.progress import say
 from experiments.runs import attack_run
-from propmaps_jax.attack import AttackConfig
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py); the attack's
@@ -52,20 +51,7 @@ def main(argv: list[str]) -> None:
     del argv
     if FLAGS.distributed:
         common.initialize_distributed()
-    options = attack_run.AttackOptions(
-        num_samples=FLAGS.num_samples,
-        seed=FLAGS.seed,
-        sample=FLAGS.sample,
-        config=AttackConfig(
-            pixels=FLAGS.pixels,
-            population=FLAGS.population,
-            generations=FLAGS.generations,
-        ),
-        target=attack_run.parse_target(FLAGS.target),
-        slots=FLAGS.slots,
-        chunk_size=FLAGS.chunk_size,
-        search_dtype=FLAGS.search_dtype,
-    )
+    options = attack_run.attack_options(FLAGS)
     options.check()
     workdir = common.require_workdir(create=False)
     loaded = common.load_model(FLAGS.model, FLAGS.weights)

@@ -49,7 +49,6 @@ from experiments.runs import (
     rundir,
 )
 from propmaps_jax import models
-from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import locality as locality_figures
 
@@ -230,20 +229,7 @@ def main(argv: list[str]) -> None:
             for n in names
         },
         own_num_samples=own_num_samples,
-        attack=attack_run.AttackOptions(
-            num_samples=FLAGS.num_samples,
-            seed=FLAGS.seed,
-            sample=FLAGS.sample,
-            config=AttackConfig(
-                pixels=FLAGS.pixels,
-                population=FLAGS.population,
-                generations=FLAGS.generations,
-            ),
-            target=attack_run.parse_target(FLAGS.target),
-            slots=FLAGS.slots,
-            chunk_size=FLAGS.chunk_size,
-            search_dtype=FLAGS.search_dtype,
-        ),
+        attack=attack_run.attack_options(FLAGS),
         max_distance=FLAGS.max_distance,
         vulnerability_maps=FLAGS.vulnerability_maps,
         batch_size=FLAGS.batch_size,

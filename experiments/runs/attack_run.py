@@ -134,6 +134,24 @@ class AttackOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def attack_options(flag_values) -> AttackOptions:
+    """The attack flags' values (defined above), as `main` passes them in."""
+    return AttackOptions(
+        num_samples=flag_values.num_samples,
+        seed=flag_values.seed,
+        sample=flag_values.sample,
+        config=AttackConfig(
+            pixels=flag_values.pixels,
+            population=flag_values.population,
+            generations=flag_values.generations,
+        ),
+        target=parse_target(flag_values.target),
+        slots=flag_values.slots,
+        chunk_size=flag_values.chunk_size,
+        search_dtype=flag_values.search_dtype,
+    )
+
+
 def sample_indices(
     num_test: int, num_samples: int, seed: int, sample: str
 ) -> np.ndarray:

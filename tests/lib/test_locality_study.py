@@ -86,8 +86,8 @@ def test_locality_study_on_a_tiny_model_matches_the_hand_computed_rings():
     assert "| 1 | 40.0% (2/5" in md and "| 3 | 0.0% (0/4" in md
 
 
-def test_moves_table_is_what_locality_csv_holds():
-    """The in-memory moves equal locality.csv's columns, ring counts per distance."""
+def tiny_moves(max_distance):
+    """(table, moves, images, labels) of the tiny case's study, without maps."""
     images, labels, attack = tiny_case()
     table = locality_study.attack_table(
         np.arange(3), labels, np.array([0, 0, 0]), np.array([0.9, 0.9, 0.9]), attack
@@ -99,11 +99,16 @@ def test_moves_table_is_what_locality_csv_holds():
         images,
         labels,
         seed=0,
-        max_distance=2,
+        max_distance=max_distance,
         num_maps=0,
         batch_size=16,
     )
-    moved = locality_study.moves_table(table, moves, 2)
+    return table, locality_study.moves_table(table, moves, max_distance), images, labels
+
+
+def test_moves_table_is_what_locality_csv_holds():
+    """The in-memory moves equal locality.csv's columns, ring counts per distance."""
+    table, moved, _, _ = tiny_moves(2)
     assert set(locality_study.MOVE_COLUMNS) <= set(moved)
     np.testing.assert_array_equal(moved["ring_n"], [[5, 6]])
     np.testing.assert_array_equal(moved["ring_success"], [[2, 1]])
@@ -113,24 +118,38 @@ def test_moves_table_is_what_locality_csv_holds():
 
 
 def test_a_model_that_does_not_reproduce_the_moves_is_refused():
+    table, moved, images, labels = tiny_moves(1)
+    moved["nearby_success"] = 1 - moved["nearby_success"]
+    with pytest.raises(locality_study.OutcomesMismatch, match="not this model's"):
+        locality_study.within_image_study(
+            column_model, jnp.float32(1.0), table, moved, images, labels, 0, 1, 16
+        )
+
+
+def test_moves_table_equals_locality_csv_read_back(tmp_path):
+    """The one call's in-memory moves are what the experiment writes and reads."""
+    from experiments.runs import locality_csv
+
     images, labels, attack = tiny_case()
     table = locality_study.attack_table(
         np.arange(3), labels, np.array([0, 0, 0]), np.array([0.9, 0.9, 0.9]), attack
     )
-    _, moves, _ = locality_study.study_attacks(
+    _, study, _ = locality_study.study_attacks(
         column_model,
         jnp.float32(1.0),
         table,
         images,
         labels,
         seed=0,
-        max_distance=1,
+        max_distance=3,
         num_maps=0,
         batch_size=16,
     )
-    moved = locality_study.moves_table(table, moves, 1)
-    moved["nearby_success"] = 1 - moved["nearby_success"]
-    with pytest.raises(locality_study.OutcomesMismatch, match="not this model's"):
-        locality_study.within_image_study(
-            column_model, jnp.float32(1.0), table, moved, images, labels, 0, 1, 16
-        )
+    path = tmp_path / "locality.csv"
+    path.write_text(locality_csv.text(table, np.flatnonzero(table["success"]), study))
+    read = locality_csv.read(str(path), max_distance=3)
+    moved = locality_study.moves_table(table, study, 3)
+    assert set(read) <= set(moved)
+    for column, values in read.items():
+        np.testing.assert_array_equal(moved[column], values, err_msg=column)
+        assert moved[column].dtype == values.dtype, column
