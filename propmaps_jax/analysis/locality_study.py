@@ -824,7 +824,8 @@ def locality_study(
     Args:
       apply_fn, variables: the model, `apply_fn(variables, images) -> logits`.
       images, labels: the attacked images (N, H, W, 3), 0..255, and their labels.
-      attack: the one-pixel `AttackResult` of those images (`attack_images`).
+      attack: the one-pixel `AttackResult` of those images (`pj.attack.attack`
+        with the same `indices`).
       indices: the images' dataset indices, which seed each image's random moves
         (`fold_in(key(seed), index)`); default 0..N-1.
       seed: the seed of every random choice (moves, controls' draws, bootstraps).
