@@ -87,7 +87,8 @@ def test_locality_study_on_a_tiny_model_matches_the_hand_computed_rings():
 
 
 def tiny_moves(max_distance):
-    """(table, moves, images, labels) of the tiny case's study, without maps."""
+    """(table, moves as locality.csv holds them, images, labels, the study's
+    arrays) of the tiny case, without maps."""
     images, labels, attack = tiny_case()
     table = locality_study.attack_table(
         np.arange(3), labels, np.array([0, 0, 0]), np.array([0.9, 0.9, 0.9]), attack
@@ -103,12 +104,13 @@ def tiny_moves(max_distance):
         num_maps=0,
         batch_size=16,
     )
-    return table, locality_study.moves_table(table, moves, max_distance), images, labels
+    moved = locality_study.moves_table(table, moves, max_distance)
+    return table, moved, images, labels, moves
 
 
 def test_moves_table_is_what_locality_csv_holds():
     """The in-memory moves equal locality.csv's columns, ring counts per distance."""
-    table, moved, _, _ = tiny_moves(2)
+    table, moved, *_ = tiny_moves(2)
     assert set(locality_study.MOVE_COLUMNS) <= set(moved)
     np.testing.assert_array_equal(moved["ring_n"], [[5, 6]])
     np.testing.assert_array_equal(moved["ring_success"], [[2, 1]])
@@ -118,7 +120,7 @@ def test_moves_table_is_what_locality_csv_holds():
 
 
 def test_a_model_that_does_not_reproduce_the_moves_is_refused():
-    table, moved, images, labels = tiny_moves(1)
+    table, moved, images, labels, _ = tiny_moves(1)
     moved["nearby_success"] = 1 - moved["nearby_success"]
     with pytest.raises(locality_study.OutcomesMismatch, match="not this model's"):
         locality_study.within_image_study(
@@ -130,25 +132,10 @@ def test_moves_table_equals_locality_csv_read_back(tmp_path):
     """The one call's in-memory moves are what the experiment writes and reads."""
     from experiments.runs import locality_csv
 
-    images, labels, attack = tiny_case()
-    table = locality_study.attack_table(
-        np.arange(3), labels, np.array([0, 0, 0]), np.array([0.9, 0.9, 0.9]), attack
-    )
-    _, study, _ = locality_study.study_attacks(
-        column_model,
-        jnp.float32(1.0),
-        table,
-        images,
-        labels,
-        seed=0,
-        max_distance=3,
-        num_maps=0,
-        batch_size=16,
-    )
+    table, moved, _, _, study = tiny_moves(3)
     path = tmp_path / "locality.csv"
     path.write_text(locality_csv.text(table, np.flatnonzero(table["success"]), study))
     read = locality_csv.read(str(path), max_distance=3)
-    moved = locality_study.moves_table(table, study, 3)
     assert set(read) <= set(moved)
     for column, values in read.items():
         np.testing.assert_array_equal(moved[column], values, err_msg=column)
