@@ -8,7 +8,8 @@ experiment imported alongside) with one line. --precision is applied by the
 launcher to every experiment and need not be listed.
 
 Names only (no absl here): the flags themselves are defined in experiments/common.py
-(the shared ones) and experiments/attack.py (the attack's, read by locality too).
+(the shared ones) and experiments/runs/attack_run.py (the attack's, read by the
+attack and locality experiments).
 """
 
 # Every experiment: where its input and output are, and which split of the input
@@ -20,7 +21,7 @@ MODEL = ("model", "weights")
 DISTRIBUTED = ("distributed", "coordinator_address", "num_processes", "process_id")
 # Propagation-map figures.
 FIGURES = ("columns", "layers", "signed")
-# The one-pixel attack's settings (defined in experiments/attack.py).
+# The one-pixel attack's settings (defined in experiments/runs/attack_run.py).
 ATTACK = (
     "chunk_size",
     "generations",

@@ -30,6 +30,7 @@ from experiments.report import plots
 from experiments.runs import integrity, rundir, storage
 from propmaps_jax.analysis import content, readings
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.figures import readings as readings_figures
 from propmaps_jax.results import locality_csv as locality_file
 
 flags.DEFINE_string(
@@ -255,7 +256,8 @@ def main(argv: list[str]) -> None:
             curves[f"{name} ({len(run['index'])} successful attacks)"] = run[
                 "within_image"
             ]
-    plots.readings_distance_figure(
-        curves, os.path.join(workdir, "readings_distance.png")
+    plots.save_figure(
+        readings_figures.readings_distance_figure(curves),
+        os.path.join(workdir, "readings_distance.png"),
     )
     print(readings.verdict_markdown(decision))

@@ -22,7 +22,7 @@ DIR/statistics/:
   the mean |dFM| and mean FM; per outcome the distance of the pixel from the centre;
 - mean_maps.npz: the mean PM_avg and PM_max maps per layer and outcome;
 - claims.json and claims.md: the paper's sentences read as the paper means them
-  (`propmaps_jax.claims.CLAIMS`; the format: `experiments.runs.claims_json`, the
+  (`propmaps_jax.claims.CLAIMS`; the format: `propmaps_jax.results.claims_json`, the
   markdown: `propmaps_jax.analysis.claims_markdown`). The effort-matched secondary
   of "failed attacks farther from the centre" is each attack's best candidate of
   its initial population (recomputed from the run's seed, kept in

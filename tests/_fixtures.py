@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import start
 
-from experiments import attack as attack_experiment
+from experiments.runs import attack_run
 from experiments.runs import chunks as chunk_store
 from propmaps_jax import checkpoint, data, models
 from propmaps_jax.attack import AttackConfig
@@ -108,7 +108,7 @@ def interrupted_run(workdir, kwargs, monkeypatch, chunks: int = 1) -> None:
 
     restore = stop_after_chunks(monkeypatch, chunks, interrupt)
     with pytest.raises(KeyboardInterrupt):
-        attack_experiment.run_attack(workdir, **kwargs)
+        attack_run.run_attack(workdir, **kwargs)
     restore()
 
 

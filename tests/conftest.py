@@ -278,9 +278,6 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
         # process it would start empty.
         common._DEADLINE[0] = None
         common._STOPPING[0] = None
-        attack = sys.modules.get("experiments.attack")
-        if attack is not None:
-            attack.LATER_WORK_S[0] = None
     return Launched(code, out.getvalue(), err.getvalue())
 
 

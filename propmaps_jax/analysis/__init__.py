@@ -3,6 +3,9 @@
 - `propagation`: propagation maps |FM - FM_adv| and their statistics;
 - `locality`: the paper's locality protocol (nearby / random moves, rings);
 - `locality_controls`: our controls of its reading (fragility, colour, context);
+- `locality_study`: the whole locality study of one model's attacks in one call
+  (`locality_study`: Table 1, rings, vulnerability maps, the controls) and the
+  loops the locality experiment runs;
 - `saliency`: saliency maps, the measures that compare two maps, and the device
   computation of the salience study (`analyse_changes`);
 - `claims`: the paper's sentences about the maps as numbers, with verdict rules;

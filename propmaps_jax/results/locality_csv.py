@@ -20,27 +20,11 @@ import os
 
 import numpy as np
 
+from propmaps_jax.analysis.locality_study import MOVE_COLUMNS as BASE_COLUMNS
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.results import _io
 
 NAME = "locality.csv"
-BASE_COLUMNS = (
-    "index",
-    "label",
-    "row",
-    "col",
-    "r",
-    "g",
-    "b",
-    "nearby_row",
-    "nearby_col",
-    "nearby_pred",
-    "nearby_success",
-    "random_row",
-    "random_col",
-    "random_pred",
-    "random_success",
-)
 # What the salience study reads: the attack's pixel and where it was moved to.
 POSITION_COLUMNS = tuple(
     c for c in BASE_COLUMNS if c != "label" and not c.endswith(("_pred", "_success"))

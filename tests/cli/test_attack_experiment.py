@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from experiments import attack as attack_experiment
+from experiments.runs import attack_run, rundir
 from experiments.runs import chunks as chunk_store
-from experiments.runs import rundir
 from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig, AttackResult, ProgressInfo
 from propmaps_jax.errors import PropmapsError
@@ -30,7 +29,7 @@ MISLABELED = (1, 6, 7)
 def setup(tmp_path_factory):
     """A tiny LeNet checkpoint and a fake CIFAR-10 whose test labels are the model's
     predictions except for three mislabeled (misclassified) images."""
-    folder = tmp_path_factory.mktemp("attack_experiment")
+    folder = tmp_path_factory.mktemp("attack_run")
     kwargs, (module, variables, x_test, y_test, _) = tiny_attack_setup(
         folder, MISLABELED, CONFIG, NUM_SAMPLES
     )
@@ -41,7 +40,7 @@ def setup(tmp_path_factory):
 def finished(setup):
     folder, kwargs, _ = setup
     workdir = str(folder / "uninterrupted")
-    summary = attack_experiment.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs)
     return workdir, summary
 
 
@@ -105,8 +104,8 @@ def test_finished_run_is_not_recomputed(setup, finished, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("attack_stream called for a finished run")
 
-    monkeypatch.setattr(attack_experiment, "attack_stream", fail)
-    assert attack_experiment.run_attack(workdir, **kwargs) == summary
+    monkeypatch.setattr(attack_run, "attack_stream", fail)
+    assert attack_run.run_attack(workdir, **kwargs) == summary
 
 
 def test_other_settings_are_refused(setup, finished):
@@ -118,7 +117,7 @@ def test_other_settings_are_refused(setup, finished):
     }
     other = dict(kwargs, config=AttackConfig(population=9, generations=3))
     with pytest.raises(PropmapsError, match=r"other settings \(population: 8 -> 9\)"):
-        attack_experiment.run_attack(workdir, **other)
+        attack_run.run_attack(workdir, **other)
     for name, text in before.items():
         assert open(os.path.join(workdir, name)).read() == text
 
@@ -138,11 +137,11 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
 
     monkeypatch.setattr(chunk_store, "save_chunk", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        attack_experiment.run_attack(resumed, **kwargs)
+        attack_run.run_attack(resumed, **kwargs)
     assert calls == [(0, 4), (4, 8)]
     assert not os.path.exists(os.path.join(resumed, "attack.csv"))
     # Resume with another chunk size: only [8, 10) is attacked.
-    resumed_summary = attack_experiment.run_attack(
+    resumed_summary = attack_run.run_attack(
         resumed, **dict(kwargs, chunk_size=1)
     )
     assert calls[2:] == [(8, 9), (9, 10)]
@@ -153,7 +152,7 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
         assert a.read() == b.read()
     with open(os.path.join(resumed, "attack_summary.json")) as f:
         assert json.load(f) == resumed_summary
-    for name in attack_experiment.RUN_SPECIFIC:
+    for name in attack_run.RUN_SPECIFIC:
         summary.pop(name), resumed_summary.pop(name)
     assert resumed_summary == summary
 
@@ -173,10 +172,10 @@ def test_a_run_grows_and_is_read_at_fewer_samples(setup, finished, monkeypatch, 
 
     monkeypatch.setattr(chunk_store, "save_chunk", record)
     grown = str(folder / "grown")
-    attack_experiment.run_attack(grown, **dict(kwargs, num_samples=6))
+    attack_run.run_attack(grown, **dict(kwargs, num_samples=6))
     six_csv = open(os.path.join(grown, "attack.csv")).read()
     assert saved == [(0, 4), (4, 6)] and len(six_csv.splitlines()) == 1 + 6
-    summary = attack_experiment.run_attack(grown, **kwargs)
+    summary = attack_run.run_attack(grown, **kwargs)
     assert saved[2:] == [(6, 8), (8, 10)]  # only the new images are attacked
     assert summary["num_samples"] == NUM_SAMPLES
     assert open(os.path.join(grown, "attack.csv")).read() == full_csv
@@ -186,13 +185,13 @@ def test_a_run_grows_and_is_read_at_fewer_samples(setup, finished, monkeypatch, 
     look = str(folder / "look")
     shutil.copytree(workdir, look)
     del saved[:]
-    attack_experiment.run_attack(look, **dict(kwargs, num_samples=6))
+    attack_run.run_attack(look, **dict(kwargs, num_samples=6))
     assert saved == [(4, 6)]  # the chunk [4, 8) reaches past 6: 4 and 5 again
     assert open(os.path.join(look, "attack.csv")).read() == six_csv
     chunks = os.listdir(os.path.join(look, ".attack_chunks"))
     assert "chunk_0000008_0000010.json" in chunks and "stale" not in chunks
     # ... and back to all 10 without an attack: the chunks past 6 were kept.
-    attack_experiment.run_attack(look, **kwargs)
+    attack_run.run_attack(look, **kwargs)
     assert saved == [(4, 6)]
     assert open(os.path.join(look, "attack.csv")).read() == full_csv
 
@@ -202,35 +201,35 @@ def test_a_random_sample_cannot_change_its_count(setup):
     folder, kwargs, _ = setup
     workdir = str(folder / "random")
     random6 = dict(kwargs, num_samples=6, sample="random")
-    attack_experiment.run_attack(workdir, **random6)
+    attack_run.run_attack(workdir, **random6)
     with pytest.raises(PropmapsError, match=r"other settings \(num_samples: 6 -> 8\)"):
-        attack_experiment.run_attack(workdir, **dict(random6, num_samples=8))
+        attack_run.run_attack(workdir, **dict(random6, num_samples=8))
 
 
 def test_sample_indices():
     np.testing.assert_array_equal(
-        attack_experiment.sample_indices(100, 5, 0, "first"), np.arange(5)
+        attack_run.sample_indices(100, 5, 0, "first"), np.arange(5)
     )
-    drawn = attack_experiment.sample_indices(100, 20, 3, "random")
+    drawn = attack_run.sample_indices(100, 20, 3, "random")
     assert len(set(drawn)) == 20 and (np.diff(drawn) > 0).all() and drawn.max() < 100
     np.testing.assert_array_equal(
-        drawn, attack_experiment.sample_indices(100, 20, 3, "random")
+        drawn, attack_run.sample_indices(100, 20, 3, "random")
     )
     assert not np.array_equal(
-        drawn, attack_experiment.sample_indices(100, 20, 4, "random")
+        drawn, attack_run.sample_indices(100, 20, 4, "random")
     )
     with pytest.raises(PropmapsError, match="exceeds the 100 test images"):
-        attack_experiment.sample_indices(100, 101, 0, "first")
+        attack_run.sample_indices(100, 101, 0, "first")
 
 
 def test_parse_target():
-    assert attack_experiment.parse_target("none") is None
-    assert attack_experiment.parse_target("all") == "all"
-    assert attack_experiment.parse_target("3") == 3
+    assert attack_run.parse_target("none") is None
+    assert attack_run.parse_target("all") == "all"
+    assert attack_run.parse_target("3") == 3
     with pytest.raises(PropmapsError, match="class in 0..9"):
-        attack_experiment.parse_target("10")
+        attack_run.parse_target("10")
     with pytest.raises(PropmapsError, match="none, all or a class"):
-        attack_experiment.parse_target("cat")
+        attack_run.parse_target("cat")
 
 
 def test_bad_flag_gives_a_one_line_error(tmp_path):
@@ -245,7 +244,7 @@ def test_bfloat16_search_reports_float32_results(setup):
     number is the float32 model's, and the run's settings and summary say so."""
     folder, kwargs, (module, variables, x_test, y_test) = setup
     workdir = str(folder / "bfloat16")
-    summary = attack_experiment.run_attack(workdir, **kwargs, search_dtype="bfloat16")
+    summary = attack_run.run_attack(workdir, **kwargs, search_dtype="bfloat16")
     assert summary["settings"]["search_dtype"] == "bfloat16"
     assert summary["search_dtype"] == "bfloat16" and summary["search_rejections"] >= 0
     table = results.read_attack_csv(os.path.join(workdir, "attack.csv"))
@@ -254,7 +253,7 @@ def test_bfloat16_search_reports_float32_results(setup):
     )
     # A float32 run keeps its settings as before (no search_dtype entry).
     keys = {"model": "m", "weights_sha256": "a", "dataset_sha256": "b"}
-    assert "search_dtype" not in attack_experiment._settings(
+    assert "search_dtype" not in attack_run._settings(
         keys, 1, 0, "first", CONFIG, None
     )
 
@@ -281,12 +280,12 @@ def test_same_weights_under_another_path_resume(setup, finished, monkeypatch):
         os.symlink(kwargs["weights"], link)
     with open(os.path.join(workdir, "attack_summary.json")) as f:
         stored = json.load(f)
-    assert attack_experiment.run_attack(workdir, **dict(kwargs, weights=copy)) == (
+    assert attack_run.run_attack(workdir, **dict(kwargs, weights=copy)) == (
         stored
     )
     resumed = str(folder / "resumed_by_link")
     interrupted_run(resumed, kwargs, monkeypatch)
-    attack_experiment.run_attack(resumed, **dict(kwargs, weights=link))
+    attack_run.run_attack(resumed, **dict(kwargs, weights=link))
     with (
         open(os.path.join(workdir, "attack.csv")) as a,
         open(os.path.join(resumed, "attack.csv")) as b,
@@ -331,7 +330,7 @@ def test_other_weights_or_data_are_refused(setup, finished, monkeypatch, finishe
         (dict(seed=1), r"\(seed: 0 -> 1\)"),
     ]:
         with pytest.raises(PropmapsError, match="already holds an attack") as e:
-            attack_experiment.run_attack(workdir, **dict(kwargs, **changed))
+            attack_run.run_attack(workdir, **dict(kwargs, **changed))
         assert re.search(pattern, str(e.value)) and "\n" not in str(e.value)
     after = {
         os.path.join(d, f): open(os.path.join(d, f), "rb").read()
@@ -359,8 +358,8 @@ def test_run_recorded_before_hashes_resumes_by_path(setup, finished, monkeypatch
     copy = str(folder / "legacy_copy.msgpack")
     shutil.copyfile(kwargs["weights"], copy)
     with pytest.raises(PropmapsError, match=r"weights: '.*' -> '.*legacy_copy"):
-        attack_experiment.run_attack(legacy_dir, **dict(kwargs, weights=copy))
-    attack_experiment.run_attack(legacy_dir, **kwargs)
+        attack_run.run_attack(legacy_dir, **dict(kwargs, weights=copy))
+    attack_run.run_attack(legacy_dir, **kwargs)
     with (
         open(os.path.join(workdir, "attack.csv")) as a,
         open(os.path.join(legacy_dir, "attack.csv")) as b,
@@ -395,7 +394,7 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
     assert end == 6
     rows = [r for c in done for r in c["rows"]]
     assert [int(r.split(",")[0]) for r in rows] == list(range(6))
-    attack_experiment.run_attack(resumed, **kwargs)
+    attack_run.run_attack(resumed, **kwargs)
     with (
         open(os.path.join(workdir, "attack.csv")) as a,
         open(os.path.join(resumed, "attack.csv")) as b,
@@ -404,7 +403,7 @@ def test_resume_never_repeats_a_row(setup, finished, monkeypatch):
 
 
 def test_rows_are_checked_before_attack_csv_is_written(tmp_path):
-    before = attack_experiment._Before(
+    before = attack_run._Before(
         images=None,
         indices=np.array([3, 5]),
         labels=None,
@@ -414,13 +413,13 @@ def test_rows_are_checked_before_attack_csv_is_written(tmp_path):
     )
     chunks = [{"rows": ["3,1"]}, {"rows": ["3,1", "5,1"]}]
     with pytest.raises(PropmapsError, match="repeated or missing rows"):
-        attack_experiment._write_results(str(tmp_path), before, 1, chunks, {})
+        attack_run._write_results(str(tmp_path), before, 1, chunks, {})
     assert os.listdir(tmp_path) == []
 
 
 def test_expected_remaining_generations():
     """The ETA's estimator against hand-computed cases."""
-    expected = attack_experiment.expected_remaining_generations
+    expected = attack_run.expected_remaining_generations
     # Nothing finished: the worst case, marked as a bound: (10-3) + (10-0) + 2 * 11.
     assert expected(np.array([]), np.array([3, 0]), 2, 10) == (39.0, True)
     done = np.array([0, 2, 4, 10, 10])  # three successes, two failures (G = 10)
@@ -438,7 +437,7 @@ def test_expected_remaining_generations():
 def test_progress_lines_are_honest(capsys):
     """The rate is over images of finished chunks only; each line printed once;
     the ETA counts running attacks (failures run every generation)."""
-    progress = attack_experiment._AttackProgress(
+    progress = attack_run._AttackProgress(
         total=10, queue_start=0, done_chunks=[], population=4, max_generations=10
     )
     progress.every_s = 0.0

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, launch
 
-from experiments import attack as attack_experiment
-from experiments.runs import rundir
+from experiments.runs import attack_run, rundir
 from propmaps_jax import data
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -69,7 +68,7 @@ def run_kwargs(files, **changes):
 def reference_run(files):
     """An uninterrupted run of the default settings."""
     workdir = str(files["folder"] / "reference")
-    attack_experiment.run_attack(workdir, **run_kwargs(files))
+    attack_run.run_attack(workdir, **run_kwargs(files))
     return workdir
 
 
@@ -94,11 +93,11 @@ def test_bad_inputs_leave_nothing_and_the_fixed_run_works(files):
     workdir = str(folder / "run")
     for changes, message in cases:
         with pytest.raises(PropmapsError) as e:
-            attack_experiment.run_attack(workdir, **run_kwargs(files, **changes))
+            attack_run.run_attack(workdir, **run_kwargs(files, **changes))
         assert message in str(e.value), (changes, str(e.value))
         assert "\n" not in str(e.value)
         assert not os.path.exists(workdir), changes
-    summary = attack_experiment.run_attack(workdir, **run_kwargs(files))
+    summary = attack_run.run_attack(workdir, **run_kwargs(files))
     assert summary["num_samples"] == 6
     # The chunks are kept beside the results (attack.csv is rebuilt from them).
     assert sorted(os.listdir(workdir)) == [
@@ -115,7 +114,7 @@ def test_settings_left_by_an_older_failed_run_do_not_block(files):
     (workdir / ".attack_chunks").mkdir(parents=True)
     stale = {"model": "lenet_tiny", "weights": "/elsewhere.msgpack", "seed": 7}
     (workdir / ".attack_chunks" / "settings.json").write_text(json.dumps(stale))
-    attack_experiment.run_attack(str(workdir), **run_kwargs(files))
+    attack_run.run_attack(str(workdir), **run_kwargs(files))
     assert (workdir / "attack.csv").is_file()
 
 

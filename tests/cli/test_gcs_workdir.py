@@ -23,8 +23,7 @@ from test_run_trust import (  # noqa: F401 (fixtures used below)
     setup,
 )
 
-from experiments import attack as attack_experiment
-from experiments.runs import lock, storage
+from experiments.runs import attack_run, lock, storage
 from propmaps_jax import checkpoint
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
@@ -80,7 +79,7 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
 
     restore = stop_after_chunks(monkeypatch, 1, interrupt)
     status = as_launched(
-        workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
+        workdir, lambda: attack_run.run_attack(workdir, **kwargs), parsed_flags
     )
     restore()
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -93,7 +92,7 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
     assert not storage.exists(storage.join(workdir, lock.LOCK_NAME))
     assert not storage.exists(storage.join(workdir, "attack.csv"))
 
-    summary = attack_experiment.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs)
     assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
     assert chunk_names(workdir) == [
         "chunk_0000000_0000004.json",
@@ -109,18 +108,18 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
 
     # Finished: reused without attacking. (No monkeypatch.undo() in this file:
     # it would also drop STORAGE_EMULATOR_HOST, and gs:// would mean the real one.)
-    attack_chunks = attack_experiment._attack_chunks
+    attack_chunks = attack_run._attack_chunks
     monkeypatch.setattr(
-        attack_experiment, "_attack_chunks", lambda *a, **k: pytest.fail("attacked")
+        attack_run, "_attack_chunks", lambda *a, **k: pytest.fail("attacked")
     )
     assert (
-        attack_experiment.run_attack(workdir, **kwargs)["successes"]
+        attack_run.run_attack(workdir, **kwargs)["successes"]
         == (summary["successes"])
     )
-    monkeypatch.setattr(attack_experiment, "_attack_chunks", attack_chunks)
+    monkeypatch.setattr(attack_run, "_attack_chunks", attack_chunks)
     other = dict(kwargs, config=AttackConfig(pixels=1, population=9, generations=3))
     with pytest.raises(PropmapsError, match="already holds an attack with other"):
-        attack_experiment.run_attack(workdir, **other)
+        attack_run.run_attack(workdir, **other)
 
 
 def test_lock_on_gcs_refuses_a_second_writer(tiny, gcs_bucket, capsys):
@@ -132,7 +131,7 @@ def test_lock_on_gcs_refuses_a_second_writer(tiny, gcs_bucket, capsys):
     record = {"pid": 1, "host": "elsewhere", "since": "then", "command": "x"}
     assert storage.create_if_absent(lock_path, json.dumps(record).encode())
     with pytest.raises(PropmapsError) as error:
-        attack_experiment.run_attack(workdir, **kwargs)
+        attack_run.run_attack(workdir, **kwargs)
     message = str(error.value)
     assert "in use by another run: pid 1 on host elsewhere" in message
     assert "\n" not in message
@@ -203,7 +202,7 @@ def test_no_permission_is_one_line(tiny, gcs_bucket, monkeypatch):
 
     monkeypatch.setattr(storage, "_filesystem", Refusing)
     with pytest.raises(PropmapsError) as error:
-        attack_experiment.run_attack(storage.join(gcs_bucket, "run"), **kwargs)
+        attack_run.run_attack(storage.join(gcs_bucket, "run"), **kwargs)
     message = str(error.value)
     assert message.startswith(f"no permission to write {gcs_bucket}/run/.write-probe")
     assert "gcloud auth application-default login" in message
@@ -236,7 +235,7 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
         )
         restore = stop_after_chunks(monkeypatch, 1, store.stop)
         with pytest.raises(storage.StorageError) as error:
-            attack_experiment.run_attack(workdir, **kwargs)
+            attack_run.run_attack(workdir, **kwargs)
         message = str(error.value)
         assert message.startswith(f"cannot reach the emulator at {store.url}"), message
         assert "run the same command again to resume" in message
@@ -253,7 +252,7 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         storage.write_text(lock_path, json.dumps({**record, "pid": gone.pid}))
-        attack_experiment.run_attack(workdir, **kwargs)
+        attack_run.run_attack(workdir, **kwargs)
         assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
     finally:
         store.stop()

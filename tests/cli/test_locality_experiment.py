@@ -12,7 +12,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import launch, reset_flags
+from conftest import launch
 
 from propmaps_jax import locality, models
 from propmaps_jax.errors import PropmapsError
@@ -313,13 +313,16 @@ def test_bad_model_gives_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_flag_checks_and_two_model_table():
+def test_flag_checks_and_two_model_table(tmp_path):
     """Flag errors and Table 1 with both paper models."""
-    from absl import flags
+    import dataclasses
+    import functools
 
     import experiments.locality as loc
     import experiments.report.tables as tables
+    from experiments.runs import attack_run, locality_run
     from propmaps_jax import stats
+    from propmaps_jax.attack import AttackConfig
 
     errors = {}
 
@@ -332,19 +335,35 @@ def test_flag_checks_and_two_model_table():
     error("empty", loc.parse_models, " , ")
     error("unknown", loc.parse_models, "lenet,vgg")
     error("twice", loc.parse_models, "lenet,lenet")
-    try:
-        reset_flags()
-        flags.FLAGS(["x", "--pixels=3"])
-        error("pixels", loc.check_flags)
-        reset_flags()
-        flags.FLAGS(["x", "--pixels=1", "--target=3"])
-        error("target", loc.check_flags)
-        reset_flags()
-        flags.FLAGS(["x", "--target=none", "--weights=a.h5"])
-        error("weights", loc.check_flags)
-        error("bundled", loc.model_weights, "resnet20")
-    finally:
-        reset_flags()
+    # As main reads the flags: --pixels=3, --target=3, the attack's --weights.
+    config = loc.LocalityConfig(
+        models=("lenet",),
+        weights={"lenet": None},
+        num_samples={"lenet": 10},
+        own_num_samples={},
+        attack=attack_run.AttackOptions(
+            num_samples=10,
+            seed=0,
+            sample="first",
+            config=AttackConfig(pixels=1, population=8, generations=2),
+        ),
+        max_distance=2,
+        vulnerability_maps=1,
+        batch_size=64,
+    )
+    with_attack = functools.partial(dataclasses.replace, config.attack)
+    three_pixels = with_attack(config=AttackConfig(pixels=3, population=8))
+    targeted = with_attack(target=attack_run.parse_target("3"))
+    error(
+        "pixels", loc.check_config, dataclasses.replace(config, attack=three_pixels), []
+    )
+    error("target", loc.check_config, dataclasses.replace(config, attack=targeted), [])
+    error("weights", loc.check_config, config, ["weights"])
+    error("bundled", locality_run.check_weights, "resnet20", None)
+    # The same checks from the command line: main reads the flags into the config.
+    for flag, says in (("--pixels=3", "use --pixels=1"), ("--target=3", "drop")):
+        proc = run_launch("--models=lenet", flag, f"--workdir={tmp_path}", check=False)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
 
     def res(s, c, n, r, nb):
         ring = [{"distance": 1, "pooled": stats.proportion(nb, 8 * s)}]
@@ -416,7 +435,7 @@ def test_old_locality_csv_is_one_line_naming_the_rerun(finished_run, tiny_setup)
 
 def test_controls_refuse_margins_of_another_model(tmp_path):
     """run_controls: clean p(true) unlike attack.csv's -> one line, before any draw."""
-    from experiments import locality as locality_experiment
+    from propmaps_jax.analysis import locality_study
     from propmaps_jax.errors import PropmapsError
     from propmaps_jax.results.attack_csv import read_attack_csv
 
@@ -434,13 +453,13 @@ def test_controls_refuse_margins_of_another_model(tmp_path):
     def apply_fn(variables, images):  # p(true) = softmax of [0, s] at index 1
         return jnp.stack([jnp.zeros(len(images)), jnp.full(len(images), variables)], 1)
 
-    moved = locality_experiment._empty_locality(2)
+    moved = locality_study.moves_table(table, {}, 2)
     # logit 2.1972 gives p(true) = 0.9: accepted (margin 0.8).
-    attacked, _, _ = locality_experiment.run_controls(
+    attacked, _, _ = locality_study.run_controls(
         apply_fn, jnp.float32(np.log(9.0)), table, moved, x, y, 0, 8
     )
     assert attacked["margin"] == pytest.approx([0.8], abs=1e-5)
     with pytest.raises(PropmapsError, match="another model or data"):
-        locality_experiment.run_controls(
+        locality_study.run_controls(
             apply_fn, jnp.float32(0.0), table, moved, x, y, 0, 8
         )

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from experiments.report import plots
 from propmaps_jax import checkpoint, claims, models, propagation
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.results import claims_json, provenance
@@ -485,52 +484,6 @@ def test_a_run_that_does_not_belong_is_refused(tiny_setup, experiment, change, m
     assert str(workdir / "attack.csv") in last or "attack run in" in last, last
     assert "Traceback" not in result.stderr
     assert sorted(os.listdir(workdir)) == ["attack.csv", "attack_summary.json"]
-
-
-# ----- the locality distance figure (in-process: plots.py has no flags) ----------
-
-
-def test_distance_figure_shows_the_random_pixels_interval(tmp_path, monkeypatch):
-    from propmaps_jax import stats
-
-    drawn = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.append(fig))
-    rings = [
-        {"distance": d, "pooled": stats.proportion(40 - 10 * d, 80)} for d in (1, 2)
-    ]
-    results = {
-        "lenet": {
-            "distance": rings,
-            "original_all": stats.proportion(20, 50),
-            "random": stats.proportion(3, 20),
-        },
-        # Only successes and n: the interval is computed (Wilson) by the figure.
-        "resnet": {
-            "distance": rings,
-            "original_all": stats.proportion(10, 50),
-            "random": {"successes": 0, "n": 10},
-        },
-    }
-    plots.distance_figure(results, str(tmp_path / "unused.png"))
-    (ax,) = drawn[0].axes
-    try:
-        # axhspan: a rectangle over the axes' width, in data units vertically.
-        spans = [
-            (round(p.get_y(), 6), round(p.get_y() + p.get_height(), 6))
-            for p in ax.patches
-            if p.get_alpha()
-        ]
-        for name in ("lenet", "resnet"):
-            successes, n = (results[name]["random"][k] for k in ("successes", "n"))
-            low, high = stats.wilson_interval(successes, n)
-            assert (round(100 * low, 6), round(100 * high, 6)) in spans, spans
-        labels = ax.get_legend_handles_labels()[1]
-        assert any(
-            "lenet: random pixel, 15.0% (3/20); shaded: 95% CI" in t for t in labels
-        )
-        assert "Chebyshev distance (max(|dr|, |dc|))" in ax.get_xlabel()
-    finally:
-        plots.plt.close(drawn[0])
 
 
 def test_a_prediction_that_differs_from_attack_csv_is_said_not_hidden():

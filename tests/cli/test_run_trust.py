@@ -21,10 +21,14 @@ import pytest
 from absl import flags
 from conftest import ROOT, launch, start
 
-from experiments import attack as attack_experiment
 from experiments import cli, common
-from experiments import locality as locality_experiment
-from experiments.runs import budget, rundir, storage
+from experiments.runs import (
+    attack_run,
+    budget,
+    locality_run,
+    rundir,
+    storage,
+)
 from experiments.runs import lock as runlock
 from propmaps_jax import data, memory, models
 from propmaps_jax.attack import AttackConfig
@@ -51,7 +55,7 @@ def reference(setup):
     """An uninterrupted run: (workdir, attack.csv text, summary)."""
     folder, kwargs, _ = setup
     workdir = str(folder / "reference")
-    summary = attack_experiment.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs)
     return workdir, read(workdir, "attack.csv"), summary
 
 
@@ -116,7 +120,7 @@ def test_second_writer_is_refused_naming_the_first(setup, tmp_path):
     workdir = str(tmp_path / "busy")
     write_lock(workdir, lock_record(os.getppid()))
     with pytest.raises(PropmapsError) as e:
-        attack_experiment.run_attack(workdir, **kwargs)
+        attack_run.run_attack(workdir, **kwargs)
     message = str(e.value)
     assert "\n" not in message and "in use by another run" in message
     assert f"pid {os.getppid()} on host {socket.gethostname()}" in message
@@ -173,7 +177,7 @@ def test_lock_is_released_on_error_and_create_is_exclusive(setup, tmp_path):
     _, kwargs, _ = setup
     workdir = str(tmp_path / "fails")
     with pytest.raises(PropmapsError):
-        attack_experiment.run_attack(workdir, **dict(kwargs, num_samples=10**6))
+        attack_run.run_attack(workdir, **dict(kwargs, num_samples=10**6))
     assert not os.path.exists(workdir)
     path = str(tmp_path / "x")
     assert runlock.create_exclusive(path, b"a")
@@ -216,7 +220,7 @@ def test_chunks_of_other_settings_are_never_merged(setup, reference, monkeypatch
     interrupted_run(workdir, dict(kwargs, seed=1), monkeypatch, chunks=2)
     os.remove(os.path.join(workdir, ".attack_chunks", "settings.json"))
     interrupted_run(workdir, kwargs, monkeypatch, chunks=1)
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
     stale = os.listdir(os.path.join(workdir, ".attack_chunks", "stale"))
     assert "chunk_0000004_0000008.json" in stale
@@ -251,7 +255,7 @@ def test_old_chunks_without_hash_are_accepted_once_and_written(
     interrupted_run(workdir, kwargs, monkeypatch, chunks=2)
     strip_hashes(workdir)
     capsys.readouterr()
-    summary = attack_experiment.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs)
     assert "2 chunks written before chunks recorded their settings are taken" in (
         capsys.readouterr().err
     )
@@ -271,7 +275,7 @@ def test_old_chunks_without_settings_json_are_not_merged(setup, reference, monke
     interrupted_run(workdir, dict(kwargs, seed=1), monkeypatch, chunks=2)
     strip_hashes(workdir)
     os.remove(os.path.join(workdir, ".attack_chunks", "settings.json"))
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
     assert len(os.listdir(os.path.join(workdir, ".attack_chunks", "stale"))) == 2
 
@@ -309,7 +313,7 @@ def test_an_edited_chunk_is_moved_aside_and_attacked_again(
     damage_chunk(os.path.join(workdir, ".attack_chunks", name), edit)
     os.remove(os.path.join(workdir, "attack.csv"))
     capsys.readouterr()
-    again = attack_experiment.run_attack(workdir, **kwargs)
+    again = attack_run.run_attack(workdir, **kwargs)
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "fail their checks" in line]
     assert len(said) == 1 and name in said[0], err
@@ -317,7 +321,7 @@ def test_an_edited_chunk_is_moved_aside_and_attacked_again(
     assert again["successes"] == summary["successes"]
     damaged = os.path.join(workdir, ".attack_chunks", "damaged")
     assert os.listdir(damaged) == [name]
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert "fail their checks" not in capsys.readouterr().err
     assert read(workdir, "attack.csv") == expected
 
@@ -348,7 +352,7 @@ def test_an_edited_chunk_of_the_older_format_is_caught(setup, reference, capsys)
         if not with_summary:
             os.remove(summary_path)
         capsys.readouterr()
-        attack_experiment.run_attack(workdir, **kwargs)
+        attack_run.run_attack(workdir, **kwargs)
         err = capsys.readouterr().err
         assert "1 chunks fail their checks" in err, err
         assert read(workdir, "attack.csv") == expected
@@ -365,16 +369,16 @@ def test_other_numerics_are_other_settings(setup, reference, monkeypatch):
     folder, kwargs, _ = setup
     source, _, summary = reference
     keys = {"model": "m", "weights_sha256": "a", "dataset_sha256": "b"}
-    plain = attack_experiment._settings(keys, 1, 0, "first", CONFIG, None)
+    plain = attack_run._settings(keys, 1, 0, "first", CONFIG, None)
     with jax.default_matmul_precision("highest"):
-        assert attack_experiment._settings(keys, 1, 0, "first", CONFIG, None) == plain
+        assert attack_run._settings(keys, 1, 0, "first", CONFIG, None) == plain
     for context, entry in (
         (jax.default_matmul_precision("default"), "'precision'"),
         (jax.default_matmul_precision("bfloat16"), "'precision'"),
         (jax.enable_x64(True), "'jax_enable_x64'"),
     ):
         with context:
-            other = attack_experiment._settings(keys, 1, 0, "first", CONFIG, None)
+            other = attack_run._settings(keys, 1, 0, "first", CONFIG, None)
         assert other != plain
         assert hashing.settings_sha256(other) != hashing.settings_sha256(plain)
         assert entry.strip("'") in other
@@ -382,12 +386,12 @@ def test_other_numerics_are_other_settings(setup, reference, monkeypatch):
     interrupted_run(workdir, kwargs, monkeypatch, chunks=1)
     with jax.default_matmul_precision("default"):
         with pytest.raises(PropmapsError, match=r"other settings \(.*precision: None"):
-            attack_experiment.run_attack(workdir, **kwargs)
+            attack_run.run_attack(workdir, **kwargs)
         with pytest.raises(PropmapsError, match=r"other settings \(.*precision: None"):
-            attack_experiment.run_attack(source, **kwargs)
+            attack_run.run_attack(source, **kwargs)
     with pytest.raises(PropmapsError, match=r"other settings \(.*search_dtype"):
-        attack_experiment.run_attack(workdir, **kwargs, search_dtype="bfloat16")
-    assert attack_experiment.run_attack(source, **kwargs) == summary
+        attack_run.run_attack(workdir, **kwargs, search_dtype="bfloat16")
+    assert attack_run.run_attack(source, **kwargs) == summary
 
 
 def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
@@ -405,7 +409,7 @@ def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
     with open(csv_path, "w") as f:
         f.write(expected[: len(expected) // 2])
     capsys.readouterr()
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert "rebuilding it from the run's chunks" in capsys.readouterr().err
     assert read(workdir, "attack.csv") == expected
 
@@ -419,7 +423,7 @@ def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
         attack_csv.load_attack_run(
             workdir, x_test, y_test, model_name="lenet_tiny", weights=kwargs["weights"]
         )
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
     attack_csv.load_attack_run(
         workdir, x_test, y_test, model_name="lenet_tiny", weights=kwargs["weights"]
@@ -436,7 +440,7 @@ def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
     loaded = (models.ModelConfig("lenet_tiny"), module, variables, {})
 
     def study():
-        return locality_experiment.locality_for_model(
+        return locality_run.locality_for_model(
             "lenet_tiny",
             workdir,
             kwargs["weights"],
@@ -498,8 +502,8 @@ def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
     def no_attack(*args, **kwargs):
         raise AssertionError("a finished run was attacked again")
 
-    monkeypatch.setattr(attack_experiment, "_attack_chunks", no_attack)
-    summary = attack_experiment.run_attack(
+    monkeypatch.setattr(attack_run, "_attack_chunks", no_attack)
+    summary = attack_run.run_attack(
         copy,
         model_name="lenet",
         weights=None,
@@ -527,7 +531,7 @@ def test_committed_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
     hash, a settings.json that matches), which get their hash written once."""
     dataset = data.load_cifar10(cifar10_path)
     x_test, y_test = dataset.split("test")
-    settings = attack_experiment._settings(
+    settings = attack_run._settings(
         provenance.describe("resnet", None, x_test, y_test),
         1000,
         0,
@@ -535,8 +539,8 @@ def test_committed_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
         AttackConfig(),
         None,
     )
-    legacy = attack_experiment._legacy_settings(settings, None)
-    indices = attack_experiment.sample_indices(len(x_test), 1000, 0, "first")
+    legacy = attack_run._legacy_settings(settings, None)
+    indices = attack_run.sample_indices(len(x_test), 1000, 0, "first")
     committed = os.path.join(ROOT, "docs", "results", "resnet_1000_cpu", "resnet")
     names = sorted(
         n
@@ -556,7 +560,7 @@ def test_committed_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
                 assert chunk.pop("settings_sha256") == shash
                 rundir.write_json(path, chunk)
             rundir.write_json(os.path.join(chunks_dir, "settings.json"), settings)
-        resume_from, chunks, finished = attack_experiment._open_workdir(
+        resume_from, chunks, finished = attack_run._open_workdir(
             copy, settings, legacy, indices, len(x_test)
         )
         assert (
@@ -571,10 +575,10 @@ def test_committed_resnet_run_resumes_from_its_chunks(cifar10_path, tmp_path):
     # of its first 100 images are taken, the others stay where they are.
     first100 = {**settings, "num_samples": 100}
     kept = sorted(os.listdir(chunks_dir))
-    resume_from, chunks, _ = attack_experiment._open_workdir(
+    resume_from, chunks, _ = attack_run._open_workdir(
         copy,
         first100,
-        attack_experiment._legacy_settings(first100, None),
+        attack_run._legacy_settings(first100, None),
         indices[:100],
         len(x_test),
     )
@@ -594,7 +598,7 @@ def test_sigterm_is_handled_like_ctrl_c(
     workdir = str(folder / "sigterm")
     stop_after_chunks(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code = as_launched(
-        workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
+        workdir, lambda: attack_run.run_attack(workdir, **kwargs), parsed_flags
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 143
@@ -603,7 +607,7 @@ def test_sigterm_is_handled_like_ctrl_c(
         "same command again to resume"
     )
     monkeypatch.undo()
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
 
 
@@ -634,7 +638,7 @@ def test_write_failures_are_one_line_and_resume(
 
     monkeypatch.setattr(storage, "atomic_write_bytes", failing)
     status = as_launched(
-        workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
+        workdir, lambda: attack_run.run_attack(workdir, **kwargs), parsed_flags
     )
     err = capsys.readouterr().err
     assert status == 74 and "Traceback" not in err
@@ -644,7 +648,7 @@ def test_write_failures_are_one_line_and_resume(
     assert "run the same command again to resume" in last
     monkeypatch.undo()
     assert chunk_names(workdir) == ["chunk_0000000_0000004.json"]
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
 
 
@@ -658,7 +662,7 @@ def test_max_minutes_stops_between_chunks_with_exit_75(
     workdir = str(folder / "time_limit")
     parsed_flags.max_minutes = 0.0001
     code = as_launched(
-        workdir, lambda: attack_experiment.run_attack(workdir, **kwargs), parsed_flags
+        workdir, lambda: attack_run.run_attack(workdir, **kwargs), parsed_flags
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 75
@@ -667,7 +671,7 @@ def test_max_minutes_stops_between_chunks_with_exit_75(
     assert len(chunk_names(workdir)) == 1
     assert not os.path.exists(os.path.join(workdir, "attack.csv"))
     parsed_flags.max_minutes = None
-    attack_experiment.run_attack(workdir, **kwargs)
+    attack_run.run_attack(workdir, **kwargs)
     assert read(workdir, "attack.csv") == expected
 
 
@@ -677,14 +681,14 @@ def test_chunks_end_after_max_chunk_seconds(setup, reference, monkeypatch):
     folder, kwargs, _ = setup
     _, expected, _ = reference
     workdir = str(folder / "timed_chunks")
-    monkeypatch.setattr(attack_experiment, "MAX_CHUNK_S", 0.0)
-    attack_experiment.run_attack(workdir, **kwargs)
+    monkeypatch.setattr(attack_run, "MAX_CHUNK_S", 0.0)
+    attack_run.run_attack(workdir, **kwargs)
     names = chunk_names(workdir)
     assert names == [f"chunk_{i:07d}_{i + 1:07d}.json" for i in range(NUM_SAMPLES)]
     assert read(workdir, "attack.csv") == expected
     # 50 images of ResNet-32 per default chunk took ~17 minutes on a CPU: the grid
     # of reports is at most a tenth of a chunk.
-    assert attack_experiment._grid(1000, 50, 0)[:3] == [5, 10, 15]
+    assert attack_run._grid(1000, 50, 0)[:3] == [5, 10, 15]
 
 
 def test_resume_on_another_machine_under_other_paths(setup, reference, monkeypatch):
@@ -701,7 +705,7 @@ def test_resume_on_another_machine_under_other_paths(setup, reference, monkeypat
     dataset = data.Cifar10(
         x_test[:0], y_test[:0], x_test.copy(), y_test.copy(), source="/other/path"
     )
-    attack_experiment.run_attack(
+    attack_run.run_attack(
         moved, **dict(kwargs, weights=weights, dataset=dataset)
     )
     assert read(moved, "attack.csv") == expected
@@ -757,7 +761,7 @@ def test_a_batch_that_cannot_fit_is_refused_before_compiling(setup, tmp_path):
         budget.check_batch(module, variables, None, 9, free=slot)
     workdir = str(tmp_path / "too_big")
     with pytest.raises(PropmapsError, match=r"use --slots=\d+ or fewer"):
-        attack_experiment.run_attack(workdir, **dict(kwargs, slots=2**30))
+        attack_run.run_attack(workdir, **dict(kwargs, slots=2**30))
     assert not os.path.exists(workdir)
 
 

@@ -183,7 +183,7 @@ LOCALITY_CSV = (
 
 @pytest.fixture
 def hand_made(tmp_path):
-    from experiments import locality as locality_experiment
+    from propmaps_jax.analysis import locality_study
     from propmaps_jax.results.attack_csv import read_attack_csv
 
     (tmp_path / "attack.csv").write_text(ATTACK_CSV)
@@ -192,7 +192,7 @@ def hand_made(tmp_path):
     moved = locality_csv.read(str(tmp_path / "locality.csv"), max_distance=2)
     # Clean margins of the 7 attacked images (attack.csv order).
     margin = np.array([0.1, 0.2, 0.3, 0.7, 0.9, 0.5, 0.8])
-    attacked, per_attack = locality_experiment.controls_inputs(table, moved, margin)
+    attacked, per_attack = locality_study.controls_inputs(table, moved, margin)
     per_attack.update(
         own_random_colour_success=np.array([1, 0, 0, 1, 0], bool),
         nearby_random_colour_success=np.array([0, 1, 0, 1, 0], bool),

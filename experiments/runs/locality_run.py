@@ -1,0 +1,385 @@
+"""The locality study's run directory, one model at a time: DIR/<model>/.
+
+`attack_and_study` runs one model's steps: the attack (`attack_run`), then the
+study, its controls and the within-image analysis. Each step reads what the step
+before it wrote (attack.csv, then locality.csv), computes through
+`propmaps_jax.analysis.locality_study`, and writes its files once, with a JSON
+record that marks it done: locality.csv, vulnerability_maps.npz and
+locality.json (`locality_for_model`); controls.csv and controls.json
+(`controls_for_model`); within_image_rows.npz and within_image.json
+(`within_image_for_model`). A step is reused, not recomputed, when its record
+holds the same settings (the input files and the weights by content, and the
+study's own settings) and its files are intact (`integrity.reusable`): the
+settings dicts here are what committed runs under docs/results/ recorded, so
+their keys and values must not change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments import common
+from experiments.report.progress import Progress, say
+from experiments.runs import attack_run, integrity, rundir, storage
+from propmaps_jax import checkpoint, locality, locality_controls, models, stats
+from propmaps_jax.analysis import content, readings
+from propmaps_jax.analysis import locality_study as study_lib
+from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import controls_csv, provenance
+from propmaps_jax.results import locality_csv as locality_file
+from propmaps_jax.results.attack_csv import (
+    check_attack_csv,
+    check_dataset,
+    read_attack_csv,
+    read_summary,
+)
+
+WITHIN_IMAGE_VERSION = 2
+# Per (attack, ring position): what the readings experiment refits across runs.
+WITHIN_IMAGE_ROWS = "within_image_rows.npz"
+
+
+def _model_log(name: str) -> Callable[[str], None]:
+    """Progress lines of one model (stderr), prefixed with its name."""
+    return lambda message: say(f"{name}: {message}")
+
+
+def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
+    """The stored study of DIR/<model>/ when made with these settings and its files
+    are intact (`integrity.reusable`), else None (one line says why)."""
+    cache = os.path.join(model_dir, "locality.json")
+    cached, why = integrity.reusable(cache, settings, ["vulnerability_maps.npz"])
+    maps = integrity.read_npz(os.path.join(model_dir, "vulnerability_maps.npz"))
+    if cached is not None and maps is None:
+        cached, why = None, "vulnerability_maps.npz is truncated or unreadable"
+    if cached is None:
+        if why:
+            integrity.note(f"{name}: recomputing the locality study: {why}")
+        return None
+    say(f"{name}: reusing the locality results in {cache}")
+    cached["maps"] = maps
+    return cached
+
+
+def _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record):
+    """locality.csv, vulnerability_maps.npz, then locality.json (marks it done)."""
+    if len(succ_rows):
+        rundir.write_text(
+            os.path.join(model_dir, "locality.csv"),
+            locality_file.text(table, succ_rows, study),
+        )
+    rundir.write_npz(os.path.join(model_dir, "vulnerability_maps.npz"), maps_arrays)
+    record["files_sha256"] = integrity.files_sha256(
+        model_dir, ["locality.csv", "vulnerability_maps.npz"]
+    )
+    rundir.write_json(os.path.join(model_dir, "locality.json"), record)
+
+
+def _model(loaded: tuple):
+    """(apply_fn, variables, pixel permutation or None) of `common.load_model`'s
+    result."""
+    _, module, variables, _ = loaded
+    permutation = getattr(module, "permutation", None)
+    return models.make_apply_fn(module), variables, permutation
+
+
+def locality_for_model(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    seed: int,
+    max_distance: int,
+    num_maps: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The locality study of one model from DIR/<model>/attack.csv (reused if done).
+
+    `loaded`: `common.load_model(name, weights)`. The study is reused when made
+    from the same attack.csv and weights (both by content) and settings.
+    """
+    attack_csv = os.path.join(model_dir, "attack.csv")
+    summary = read_summary(model_dir)
+    check_attack_csv(attack_csv, summary)
+    table = read_attack_csv(attack_csv, summary=summary)
+    locality.check_one_pixel(table["pixels"])
+    settings = {
+        "attack_csv_sha256": rundir.file_sha256(attack_csv),
+        "weights_sha256": provenance.weights_sha256(name, weights),
+        "seed": seed,
+        "max_distance": max_distance,
+        "vulnerability_maps": num_maps,
+    }
+    cached = _reuse(name, model_dir, settings)
+    if cached is not None:
+        return cached
+    x_test, y_test = dataset.split("test")
+    check_dataset(attack_csv, table, x_test, y_test)
+    apply_fn, variables, permutation = _model(loaded)
+    succ_rows = np.flatnonzero(table["success"])
+    start = time.time()
+    progress = Progress(len(succ_rows), what="images")
+    result, study, maps_arrays = study_lib.study_attacks(
+        apply_fn,
+        variables,
+        table,
+        x_test[table["index"]],
+        y_test[table["index"]],
+        seed=seed,
+        max_distance=max_distance,
+        num_maps=num_maps,
+        batch_size=batch_size,
+        permutation=permutation,
+        log=_model_log(name),
+        on_batch=progress.update,
+    )
+    if jax.process_index() != 0:  # only the main process writes
+        return {"settings": settings, **result, "maps": maps_arrays}
+    result["locality_wall_time_s"] = time.time() - start
+    record = {"settings": settings, **result}
+    _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record)
+    record["maps"] = maps_arrays
+    return record
+
+
+def controls_for_model(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    seed: int,
+    max_distance: int,
+    batch_size: int,
+) -> dict[str, Any] | None:
+    """The controls of one model from DIR/<model>/attack.csv and locality.csv.
+
+    Reused (DIR/<model>/controls.json) when made from the same two files, weights
+    and settings; writes DIR/<model>/controls.csv and controls.json.
+    """
+    attack_csv = os.path.join(model_dir, "attack.csv")
+    locality_csv = os.path.join(model_dir, "locality.csv")
+    table = read_attack_csv(attack_csv)
+    succ_rows = np.flatnonzero(table["success"])
+    has_moves = storage.isfile(locality_csv)
+    settings = {
+        "attack_csv_sha256": rundir.file_sha256(attack_csv),
+        "locality_csv_sha256": rundir.file_sha256(locality_csv) if has_moves else None,
+        "weights_sha256": provenance.weights_sha256(name, weights),
+        "seed": seed,
+        "max_distance": max_distance,
+        "context_tolerance": locality_controls.CONTEXT_TOLERANCE,
+        "context_min_distance": locality_controls.CONTEXT_MIN_DISTANCE,
+        "bootstrap": study_lib.CONTROLS_BOOTSTRAP,
+        "rule": locality_controls.VERDICT_RULE,
+    }
+    if not table["attacked"].any():
+        say(f"{name}: no attacked image, no locality controls")
+        return None
+    cache = os.path.join(model_dir, "controls.json")
+    cached, why = integrity.reusable(cache, settings, ["controls.csv"])
+    if cached is not None:
+        say(f"{name}: reusing the locality controls in {cache}")
+        return cached
+    if why:
+        integrity.note(f"{name}: recomputing the locality controls: {why}")
+    if len(succ_rows) and not has_moves:
+        raise PropmapsError(
+            f"{locality_csv} is missing: delete {model_dir}/locality.json and run the "
+            "locality experiment again on this --workdir (it reuses attack.csv)"
+        )
+    moved = (
+        locality_file.read(locality_csv, max_distance=max_distance)
+        if len(succ_rows)
+        else study_lib.moves_table(table, {}, max_distance)
+    )
+    if not np.array_equal(moved["index"], table["index"][succ_rows]) or not (
+        np.array_equal(
+            np.stack([moved["row"], moved["col"]], 1), table["pixels"][succ_rows, 0, :2]
+        )
+    ):
+        raise PropmapsError(
+            f"{locality_csv} does not hold the successful attacks of {attack_csv}: "
+            f"delete {model_dir}/locality.json and run the locality experiment again"
+        )
+    x_test, y_test = dataset.split("test")
+    apply_fn, variables, _ = _model(loaded)
+    summary, attacked, per_attack, draws = study_lib.controls_study(
+        apply_fn,
+        variables,
+        table,
+        moved,
+        x_test[table["index"]],
+        y_test[table["index"]],
+        seed,
+        batch_size,
+        log=_model_log(name),
+    )
+    record = {"settings": settings, **summary}
+    if jax.process_index() == 0:
+        rundir.write_text(
+            os.path.join(model_dir, "controls.csv"),
+            controls_csv.controls_csv(attacked, per_attack, draws),
+        )
+        record["files_sha256"] = integrity.files_sha256(model_dir, ["controls.csv"])
+        rundir.write_json(cache, record)
+    return record
+
+
+def within_image_for_model(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    seed: int,
+    max_distance: int,
+    batch_size: int,
+) -> dict[str, Any] | None:
+    """Receptive field or image content: one model's measures (`content`), from
+    DIR/<model>/attack.csv and locality.csv; DIR/<model>/within_image.json.
+
+    The ring outcomes per position are recomputed (locality.csv keeps their counts
+    only) and checked against locality.csv's nearby and random outcomes.
+    """
+    attack_csv = os.path.join(model_dir, "attack.csv")
+    locality_csv = os.path.join(model_dir, "locality.csv")
+    table = read_attack_csv(attack_csv)
+    succ_rows = np.flatnonzero(table["success"])
+    if not len(succ_rows):
+        say(f"{name}: no successful attack, no within-image analysis")
+        return None
+    apply_fn, variables, permutation = _model(loaded)
+    settings = {
+        "attack_csv_sha256": rundir.file_sha256(attack_csv),
+        "locality_csv_sha256": rundir.file_sha256(locality_csv),
+        "weights_sha256": provenance.weights_sha256(name, weights),
+        "seed": seed,
+        "max_distance": max_distance,
+        "fit_resamples": content.FIT_RESAMPLES,
+        "rate_resamples": content.RATE_RESAMPLES,
+        "version": WITHIN_IMAGE_VERSION,
+    }
+    cache = os.path.join(model_dir, "within_image.json")
+    cached, why = integrity.reusable(cache, settings, [WITHIN_IMAGE_ROWS])
+    if cached is not None:
+        say(f"{name}: reusing the within-image analysis in {cache}")
+        return cached
+    if why:
+        integrity.note(f"{name}: recomputing the within-image analysis: {why}")
+    moved = locality_file.read(
+        locality_csv, max_distance=max_distance, network=permutation is not None
+    )
+    x_test, y_test = dataset.split("test")
+    try:
+        result, arrays = study_lib.within_image_study(
+            apply_fn,
+            variables,
+            table,
+            moved,
+            x_test[table["index"]],
+            y_test[table["index"]],
+            seed,
+            max_distance,
+            batch_size,
+            permutation,
+            log=_model_log(name),
+        )
+    except study_lib.OutcomesMismatch:
+        raise PropmapsError(
+            f"{locality_csv}'s nearby/random outcomes are not this model's: delete "
+            f"{model_dir}/locality.json and run the locality experiment again"
+        ) from None
+    record = {"settings": settings, **result}
+    if jax.process_index() == 0:
+        rundir.write_npz(os.path.join(model_dir, WITHIN_IMAGE_ROWS), arrays)
+        record["files_sha256"] = integrity.files_sha256(model_dir, [WITHIN_IMAGE_ROWS])
+        rundir.write_json(cache, record)
+    return record
+
+
+def load_models(names: list[str], weights: dict[str, str | None]) -> dict[str, tuple]:
+    """`common.load_model` of every model, all checked before any attack starts.
+
+    A broken file is named with its flag (--weights_<model>).
+    """
+    loaded = {}
+    for name in names:
+        try:
+            loaded[name] = common.load_model(name, weights[name])
+        except PropmapsError as e:
+            flag = f"--weights_{name}"
+            message = str(e).replace("`weights`", flag)
+            raise type(e)(
+                message if flag in message else f"{flag}: {message}"
+            ) from None
+    return loaded
+
+
+def check_weights(name: str, weights: str | None) -> None:
+    """A model without --weights_<name> needs its bundled checkpoint."""
+    if weights is None and not os.path.isfile(checkpoint.bundled_checkpoint_path(name)):
+        raise PropmapsError(
+            f"no bundled checkpoint for model {name!r} (it has not been trained yet); "
+            f"pass --weights_{name}=PATH (a checkpoint of ours or a Keras .h5 file)"
+        )
+
+
+def attack_and_study(
+    name: str,
+    model_dir: str,
+    weights: str | None,
+    loaded: tuple,
+    dataset,
+    options: attack_run.AttackOptions,
+    *,
+    max_distance: int,
+    num_maps: int,
+    batch_size: int,
+    later_work_s: float | None = None,
+) -> tuple[dict, dict]:
+    """(attack summary, locality record) of one model in DIR/<model>/: the attack
+    (`attack_run.run_attack` with `options`), then the study, its controls and the
+    within-image analysis; each reused when done."""
+    say(f"{name}: one-pixel attack on {options.num_samples} samples in {model_dir}")
+    summary = attack_run.run_attack(
+        model_dir,
+        model_name=name,
+        weights=weights,
+        dataset=dataset,
+        loaded=loaded,
+        later_work_s=later_work_s,
+        **options.arguments(),
+    )
+    steps = (name, model_dir, weights, loaded, dataset, options.seed, max_distance)
+    record = locality_for_model(*steps, num_maps, batch_size)
+    record["controls"] = controls_for_model(*steps, batch_size)
+    record["within_image"] = within_image_for_model(*steps, batch_size)
+    say(
+        f"{name}: original {stats.format_proportion(record['original_all'])}; "
+        f"random {stats.format_proportion(record['random'])}; "
+        f"nearby {stats.format_proportion(record['nearby'])}"
+    )
+    return summary, record
+
+
+def compare_nearby(workdir: str, results: dict[str, dict], seed: int) -> None:
+    """The nearby rate across this run's models, with intervals on the differences
+    (`readings.nearby_rate_comparison`), kept in each model's within-image record."""
+    names = [n for n in results if results[n].get("within_image")]
+    if len(names) < 2:
+        return
+    runs = {}
+    for name in names:
+        moved = locality_file.read(os.path.join(workdir, name, locality_file.NAME))
+        runs[name] = (moved["index"], moved["nearby_success"].astype(bool))
+    comparison = readings.nearby_rate_comparison(runs, seed)
+    for name in names:
+        results[name]["nearby_comparison"] = comparison
