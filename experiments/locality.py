@@ -261,9 +261,7 @@ def run(workdir: str, config: LocalityConfig) -> None:
                 models.make_apply_fn(loaded[n][1]),
                 loaded[n][2],
                 config.num_samples[n]
-                - chunks.images_done(
-                    os.path.join(workdir, n), config.num_samples[n]
-                ),
+                - chunks.images_done(os.path.join(workdir, n), config.num_samples[n]),
             )
             for n in names
         },

@@ -141,9 +141,7 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
     assert calls == [(0, 4), (4, 8)]
     assert not os.path.exists(os.path.join(resumed, "attack.csv"))
     # Resume with another chunk size: only [8, 10) is attacked.
-    resumed_summary = attack_run.run_attack(
-        resumed, **dict(kwargs, chunk_size=1)
-    )
+    resumed_summary = attack_run.run_attack(resumed, **dict(kwargs, chunk_size=1))
     assert calls[2:] == [(8, 9), (9, 10)]
     with (
         open(os.path.join(workdir, "attack.csv")) as a,
@@ -215,9 +213,7 @@ def test_sample_indices():
     np.testing.assert_array_equal(
         drawn, attack_run.sample_indices(100, 20, 3, "random")
     )
-    assert not np.array_equal(
-        drawn, attack_run.sample_indices(100, 20, 4, "random")
-    )
+    assert not np.array_equal(drawn, attack_run.sample_indices(100, 20, 4, "random"))
     with pytest.raises(PropmapsError, match="exceeds the 100 test images"):
         attack_run.sample_indices(100, 101, 0, "first")
 
@@ -253,9 +249,7 @@ def test_bfloat16_search_reports_float32_results(setup):
     )
     # A float32 run keeps its settings as before (no search_dtype entry).
     keys = {"model": "m", "weights_sha256": "a", "dataset_sha256": "b"}
-    assert "search_dtype" not in attack_run._settings(
-        keys, 1, 0, "first", CONFIG, None
-    )
+    assert "search_dtype" not in attack_run._settings(keys, 1, 0, "first", CONFIG, None)
 
 
 def test_settings_identify_weights_and_data_by_content(setup, finished):
@@ -280,9 +274,7 @@ def test_same_weights_under_another_path_resume(setup, finished, monkeypatch):
         os.symlink(kwargs["weights"], link)
     with open(os.path.join(workdir, "attack_summary.json")) as f:
         stored = json.load(f)
-    assert attack_run.run_attack(workdir, **dict(kwargs, weights=copy)) == (
-        stored
-    )
+    assert attack_run.run_attack(workdir, **dict(kwargs, weights=copy)) == (stored)
     resumed = str(folder / "resumed_by_link")
     interrupted_run(resumed, kwargs, monkeypatch)
     attack_run.run_attack(resumed, **dict(kwargs, weights=link))

@@ -113,8 +113,7 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
         attack_run, "_attack_chunks", lambda *a, **k: pytest.fail("attacked")
     )
     assert (
-        attack_run.run_attack(workdir, **kwargs)["successes"]
-        == (summary["successes"])
+        attack_run.run_attack(workdir, **kwargs)["successes"] == (summary["successes"])
     )
     monkeypatch.setattr(attack_run, "_attack_chunks", attack_chunks)
     other = dict(kwargs, config=AttackConfig(pixels=1, population=9, generations=3))

@@ -705,9 +705,7 @@ def test_resume_on_another_machine_under_other_paths(setup, reference, monkeypat
     dataset = data.Cifar10(
         x_test[:0], y_test[:0], x_test.copy(), y_test.copy(), source="/other/path"
     )
-    attack_run.run_attack(
-        moved, **dict(kwargs, weights=weights, dataset=dataset)
-    )
+    attack_run.run_attack(moved, **dict(kwargs, weights=weights, dataset=dataset))
     assert read(moved, "attack.csv") == expected
 
 
