@@ -71,11 +71,23 @@ def _record() -> dict:
 
 
 def _read(path: str) -> dict | None:
-    """The lock's record; None when it vanished; {} when unreadable (half made)."""
+    """The lock's record; None when it vanished; {} when unreadable (half made).
+    PropmapsError when `path` is not a file that can be read (a folder, no
+    permission): no run made it, so no run will remove it."""
     try:
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise PropmapsError(
+            f"{path} is a folder, not a lock file: no run made it; remove it "
+            f"(rm -r {shlex.quote(path)}) and run again"
+        ) from None
+    except OSError as e:
+        raise PropmapsError(
+            f"cannot read the lock {path} ({e.strerror or e}); fix its permissions "
+            "or remove it, then run again"
+        ) from None
     try:
         record = json.loads(raw)
     except ValueError:
@@ -236,7 +248,7 @@ def release(workdir: str) -> None:
         record = _read(path)
         if record is not None and record.get("pid") == os.getpid():
             storage.remove(path)
-    except (OSError, storage.StorageError):
+    except (OSError, PropmapsError):
         pass  # the store is unreachable: the lock stays, and is judged stale later
     _remove_if_empty(workdir, held[1])
 
