@@ -66,6 +66,11 @@ CASES = {
         2,
         "error: --workdir=/proc/WORKDIR is not writable",
     ),
+    "train: a workdir name too long for the filesystem, before loading data": (
+        [*TRAIN, "--workdir={tmp}/" + "n" * 300, "--cifar10_path=/nonexistent"],
+        2,
+        "has a folder name of 300 bytes",
+    ),
     "train: diverges at once": (
         [
             *TRAIN,
