@@ -344,6 +344,8 @@ def main() -> None:
         try:
             if workdir:  # a name its filesystem refuses: before any loading
                 rundir.check_name_lengths(workdir)
+            if not flags.FLAGS.distributed:  # before the lock (see start_backend)
+                common.start_backend()
             if workdir and not flags.FLAGS.distributed:
                 locked = workdir if runlock.acquire(workdir) else None
             common.under_precision(module.main)(argv)
