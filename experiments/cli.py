@@ -329,6 +329,7 @@ def main() -> None:
         import logging
 
         from experiments.runs import lock as runlock
+        from experiments.runs import rundir
 
         # JAX logs "Unable to initialize backend 'tpu'" at INFO on every machine
         # without one: noise, not news (a platform asked for and missing is an
@@ -341,6 +342,10 @@ def main() -> None:
         locked = None
         common.handle_sigterm()
         try:
+            if workdir:  # a name its filesystem refuses: before any loading
+                rundir.check_name_lengths(workdir)
+            if not flags.FLAGS.distributed:  # before the lock (see start_backend)
+                common.start_backend()
             if workdir and not flags.FLAGS.distributed:
                 locked = workdir if runlock.acquire(workdir) else None
             common.under_precision(module.main)(argv)

@@ -175,6 +175,49 @@ write_text = rundir.write_text
 write_json = rundir.write_json
 
 
+def start_backend() -> None:
+    """Start JAX's backend now, before the launcher locks the workdir.
+
+    A platform that JAX_PLATFORMS asks for and this machine lacks is then one line
+    (PropmapsError: what was asked, what is available) instead of a traceback at
+    the first array; and XLA's own checks that end the process from C++, where no
+    Python cleanup runs (an unknown flag in XLA_FLAGS), end it before there is a
+    lock to leave behind. Not for --distributed: jax.distributed.initialize() must
+    come before any backend starts.
+    """
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        # Without JAX_PLATFORMS, JAX starts what it finds and names a failing
+        # plugin itself. With it, a missing CUDA is an AssertionError (jax 0.10)
+        # and a missing TPU a RuntimeError.
+        asked = jax.config.jax_platforms
+        if not asked:
+            raise
+        reason = str(e).split(" (set JAX_PLATFORMS=")[0].strip()
+        reason = f" ({' '.join(reason.split())})" if reason else ""
+        available = ", ".join(_available_platforms()) or "none found"
+        raise PropmapsError(
+            f"JAX_PLATFORMS={asked} asks for a platform this machine does not "
+            f"have{reason} (available: {available}); set JAX_PLATFORMS to one of "
+            "those, or unset it to let JAX choose"
+        ) from None
+
+
+def _available_platforms() -> list[str]:
+    """The platforms JAX finds when left to choose (after a failed start only: it
+    replaces the JAX_PLATFORMS setting of this process)."""
+    jax.config.update("jax_platforms", "")
+    found = []
+    for name in ("cpu", "gpu", "tpu"):
+        try:
+            jax.devices(name)
+        except RuntimeError:
+            continue
+        found.append(name)
+    return found
+
+
 def initialize_distributed() -> None:
     """jax.distributed.initialize() from the flags (unset ones are auto-detected)."""
     # CPU devices of different processes need a collectives implementation (it

@@ -14,12 +14,14 @@ The only primitive that needs the storage's help is `create_exclusive`: create a
 file if and only if it does not exist, whole (`storage.create_if_absent`: a hard
 link of a complete temporary file on a local or NFSv3+ filesystem, an upload with
 the precondition `ifGenerationMatch=0` on Cloud Storage). A stale local lock is
-taken over under an exclusive `flock` of the run directory (`_take_over_local`:
-at most one holder, whatever the timing). A gs:// workdir is locked the same
-way; its stale lock is taken over by deleting it and creating ours (no rename
-or flock on an object store): two takers racing both delete, exactly one of
-them creates the new lock, and a taker that read the stale lock before another
-replaced it may still delete the new one (not covered).
+taken over under an exclusive `flock` of the run directory (`_take_over_local`,
+with `propmaps_jax.locking`, the one inter-process lock of the project, which the
+download cache uses too: at most one holder, whatever the timing). A gs://
+workdir is locked the same way; its stale lock is taken over by deleting it and
+creating ours (no rename or flock on an object store): two takers racing both
+delete, exactly one of them creates the new lock, and a taker that read the
+stale lock before another replaced it may still delete the new one (not
+covered).
 
 Not covered: multi-host runs (--distributed) do not take the lock, and a pid
 reused by an unrelated process on the same host keeps a stale lock alive until
@@ -32,7 +34,6 @@ import atexit
 import contextlib
 import datetime
 import errno
-import fcntl
 import json
 import os
 import shlex
@@ -43,6 +44,7 @@ from collections.abc import Iterator
 
 from experiments.report.progress import say
 from experiments.runs import storage
+from propmaps_jax import locking
 from propmaps_jax.errors import PropmapsError
 
 LOCK_NAME = ".lock"
@@ -71,11 +73,23 @@ def _record() -> dict:
 
 
 def _read(path: str) -> dict | None:
-    """The lock's record; None when it vanished; {} when unreadable (half made)."""
+    """The lock's record; None when it vanished; {} when unreadable (half made).
+    PropmapsError when `path` is not a file that can be read (a folder, no
+    permission): no run made it, so no run will remove it."""
     try:
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise PropmapsError(
+            f"{path} is a folder, not a lock file: no run made it; remove it "
+            f"(rm -r {shlex.quote(path)}) and run again"
+        ) from None
+    except OSError as e:
+        raise PropmapsError(
+            f"cannot read the lock {path} ({e.strerror or e}); fix its permissions "
+            "or remove it, then run again"
+        ) from None
     try:
         record = json.loads(raw)
     except ValueError:
@@ -177,37 +191,32 @@ def _take_over_local(workdir: str, path: str, record: dict, data: bytes) -> bool
     """Replace the stale lock `record` at `path` by ours; False when it changed
     in between (look again).
 
-    The takers of a stale lock take turns under an exclusive `flock` of the
-    folder itself (released by the kernel when its holder dies, so it is never
-    left stale, and no file is left behind). Under it a taker checks that the
-    lock is still the one it judged stale, removes it and creates its own with
-    `create_exclusive`: only a taker removes a lock, and only the stale one it
-    has just read, so a fresh lock (a taker's, or a new run's that was quicker
-    to create the file) is never removed or overwritten. (A rename aside and a
+    The takers of a stale lock take turns under `locking.exclusive` of the folder
+    itself (a `flock`, released by the kernel when its holder dies, so it is never
+    left stale, and no file is added to the run directory). Under it a taker checks
+    that the lock is still the one it judged stale, removes it and creates its own
+    with `create_exclusive`: only a taker removes a lock, and only the stale one it
+    has just read, so a fresh lock (a taker's, or a new run's that was quicker to
+    create the file) is never removed or overwritten. (A rename aside and a
     put-back could overwrite a lock created in between: two holders.)
     """
     try:
-        fd = os.open(workdir, os.O_RDONLY)
-    except OSError:
+        with locking.exclusive(workdir):
+            if _read(path) != record:
+                return False
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                return False
+            return create_exclusive(path, data)
+    except locking.LockUnavailable as e:
+        raise PropmapsError(
+            f"{path} was left by a run that is gone ({describe(record)}) but "
+            f"this filesystem cannot lock {workdir} to take it over ({e.strerror}); "
+            f"delete {path} and run again"
+        ) from None
+    except FileNotFoundError:  # the folder went away: look again
         return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as e:
-            raise PropmapsError(
-                f"{path} was left by a run that is gone ({describe(record)}) but "
-                f"this filesystem cannot lock {workdir} to take it over ({e}); "
-                f"delete {path} and run again"
-            ) from None
-        if _read(path) != record:
-            return False
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return False
-        return create_exclusive(path, data)
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def _took_over(workdir: str, record: dict) -> None:
@@ -236,7 +245,7 @@ def release(workdir: str) -> None:
         record = _read(path)
         if record is not None and record.get("pid") == os.getpid():
             storage.remove(path)
-    except (OSError, storage.StorageError):
+    except (OSError, PropmapsError):
         pass  # the store is unreachable: the lock stays, and is judged stale later
     _remove_if_empty(workdir, held[1])
 

@@ -124,17 +124,13 @@ def check_workdir(path: str, flag: str = "--workdir") -> str:
     if storage.is_url(path):
         return _check_url_workdir(storage.normalize(path), flag)
     path = os.path.abspath(path)
-    existing = path
-    while not os.path.exists(existing):
-        parent = os.path.dirname(existing)
-        if parent == existing:
-            break
-        existing = parent
+    existing = _nearest_existing(path)
     if not os.path.isdir(existing):
         where = "is a file" if existing == path else f"is under the file {existing}"
         raise PropmapsError(
             f"{flag}={path} {where}: results need a folder; use another {flag}"
         )
+    check_name_lengths(path, flag)
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
         os.close(fd)
@@ -146,6 +142,47 @@ def check_workdir(path: str, flag: str = "--workdir") -> str:
             f"writable {flag} or fix its permissions"
         ) from None
     return path
+
+
+def _nearest_existing(path: str) -> str:
+    """`path` itself if it exists, else its nearest existing ancestor."""
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    return existing
+
+
+# The usual NAME_MAX, where the filesystem does not say (POSIX's pathconf).
+DEFAULT_NAME_MAX = 255
+
+
+def check_name_lengths(path: str, flag: str = "--workdir") -> None:
+    """PropmapsError (one line) when a folder of the local `path` that is still to
+    be created has a longer name than its filesystem allows (`PC_NAME_MAX`).
+
+    Checked with the workdir, before any data or model is loaded: otherwise the
+    first write fails, after the loading. gs:// names are left to the store.
+    """
+    if storage.is_url(path):
+        return
+    path = os.path.abspath(path)
+    existing = _nearest_existing(path)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = DEFAULT_NAME_MAX
+    if limit <= 0:  # no limit stated
+        limit = DEFAULT_NAME_MAX
+    for name in os.path.relpath(path, existing).split(os.sep):
+        size = len(os.fsencode(name))
+        if size > limit:
+            raise PropmapsError(
+                f"{flag}={path} has a folder name of {size} bytes, more than the "
+                f"{limit} its filesystem allows; use a shorter {flag}"
+            )
 
 
 def _check_url_workdir(path: str, flag: str) -> str:

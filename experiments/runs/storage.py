@@ -6,6 +6,22 @@ one place that knows the difference: every function takes a local path or a
 `gs://bucket/key` URL and behaves the same on both, so that the run-directory
 code (atomic writes, resume, a lock) is written once.
 
+**One code path.** Each operation is written once, on an fsspec filesystem:
+`fsspec.filesystem("file")` for a local path, gcsfs for gs://. Only three
+differences are real, and only they branch on the store:
+
+- an atomic write: locally a temporary file, fsynced, then `os.replace`
+  (fsspec's local write is neither atomic nor synced); on gs:// one upload;
+- a create-if-absent: locally a hard link of a complete temporary file
+  (fsspec's local `mode="create"` is `O_EXCL` then a write, which a reader can
+  see empty); on gs:// an upload with the precondition `ifGenerationMatch=0`;
+- a folder: created locally; on gs:// there are none (`makedirs` checks the
+  bucket instead: gcsfs's own `makedirs` would create a bucket).
+
+Errors differ by design too: a local failure stays an `OSError` (the launcher
+turns a full disk or a read-only one into its stop line), a gs:// failure
+becomes one `StorageError` line (below).
+
 **Library.** fsspec with gcsfs, not etils `epath`. Without TensorFlow, `epath`
 hands gs:// paths to fsspec and gcsfs anyway, and its pathlib interface has no
 way to ask for an upload with a precondition, which the lock needs
@@ -65,11 +81,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob as glob_module
 import logging
 import os
 import posixpath
 from collections.abc import Iterator
+from typing import Any
+
+import fsspec
 
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models.checkpoint import atomic_write_bytes
@@ -121,8 +139,12 @@ def _bucket_and_key(path: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def _filesystem(path: str):
-    """The fsspec filesystem of a URL (StorageError for an unsupported one)."""
+def _filesystem(path: str) -> tuple[Any, str]:
+    """(the fsspec filesystem of `path`, `path` as that filesystem names it): the
+    local one (creating parent folders on write), or gcsfs for a gs:// URL
+    (StorageError for another scheme, a URL without a bucket, or no gcsfs)."""
+    if not is_url(path):
+        return fsspec.filesystem("file", auto_mkdir=True), _local(path)
     kind = scheme(path)
     if kind not in SUPPORTED_SCHEMES:
         raise StorageError(
@@ -149,9 +171,10 @@ def _filesystem(path: str):
     emulator = os.environ.get(EMULATOR_VARIABLE)
     # An emulator takes no credentials; never look for them (or for a metadata
     # server) when one is set. Listings are never cached: other hosts write too.
-    return gcsfs.core.GCSFileSystem(
+    filesystem = gcsfs.core.GCSFileSystem(
         token="anon" if emulator else None, use_listings_cache=False
     )
+    return filesystem, path
 
 
 def _endpoint() -> str:
@@ -185,7 +208,10 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _bucket_missing(fs, path: str) -> bool:
-    """Whether the bucket of a gs:// `path` does not exist (False if unknown)."""
+    """Whether the bucket of a gs:// `path` does not exist (False if unknown, and
+    for a local path)."""
+    if not is_url(path):
+        return False
     bucket, _ = _bucket_and_key(path)
     try:
         fs.info(bucket)
@@ -207,7 +233,11 @@ def _no_bucket(path: str) -> StorageError:
 
 @contextlib.contextmanager
 def _translated(fs, path: str, action: str) -> Iterator[None]:
-    """Turn a store's failures into one-line StorageErrors (missing files stay)."""
+    """Turn a gs:// store's failures into one-line StorageErrors (missing files
+    stay FileNotFoundError); a local path's errors pass unchanged."""
+    if not is_url(path):
+        yield
+        return
     try:
         yield
     except StorageError:
@@ -254,33 +284,38 @@ def _denied(path: str, action: str, error: BaseException) -> str:
 # The operations the run-directory code needs.
 
 
-def exists(path: str) -> bool:
-    """Whether a file exists at `path` (a gs:// bucket must exist: StorageError)."""
-    return _look(path, os.path.exists, "exists")
-
-
-def _look(path: str, local_check, method: str) -> bool:
-    """`local_check(path)` locally, else the filesystem's `method`; a missing
-    bucket is a StorageError rather than False."""
-    if not is_url(path):
-        return local_check(_local(path))
-    fs = _filesystem(path)
+def _look(path: str, method: str) -> bool:
+    """The filesystem's `method` ("exists", "isfile", "isdir") of `path`; on gs://
+    a missing bucket is a StorageError rather than False."""
+    fs, where = _filesystem(path)
     with _translated(fs, path, "look for"):
-        if getattr(fs, method)(path):
+        if getattr(fs, method)(where):
             return True
         if _bucket_missing(fs, path):
             raise _no_bucket(path)
         return False
 
 
+def exists(path: str) -> bool:
+    """Whether a file exists at `path` (a gs:// bucket must exist: StorageError)."""
+    return _look(path, "exists")
+
+
+def isfile(path: str) -> bool:
+    """Whether `path` is a file (an object on gs://; a bucket must exist)."""
+    return _look(path, "isfile")
+
+
+def isdir(path: str) -> bool:
+    """Whether `path` is a folder: on gs://, whether any object lies under it."""
+    return _look(path, "isdir")
+
+
 def read_bytes(path: str) -> bytes:
     """The contents of the file at `path` (FileNotFoundError if there is none)."""
-    if not is_url(path):
-        with open(_local(path), "rb") as f:
-            return f.read()
-    fs = _filesystem(path)
+    fs, where = _filesystem(path)
     with _translated(fs, path, "read"):
-        return fs.cat_file(path)
+        return fs.cat_file(where)
 
 
 def read_text(path: str) -> str:
@@ -298,9 +333,9 @@ def write_bytes(path: str, data: bytes) -> None:
     if not is_url(path):
         atomic_write_bytes(_local(path), data)
         return
-    fs = _filesystem(path)
+    fs, where = _filesystem(path)
     with _translated(fs, path, "write"):
-        fs.pipe_file(path, bytes(data))
+        fs.pipe_file(where, bytes(data))
 
 
 def write_text(path: str, text: str) -> None:
@@ -315,63 +350,40 @@ def create_if_absent(path: str, data: bytes) -> bool:
     race, exactly one gets True, and the file always holds the winner's whole
     `data`.
     """
-    if is_url(path):
-        fs = _filesystem(path)
-        with _translated(fs, path, "create"):
-            try:
-                fs.pipe_file(path, bytes(data), mode="create")
-            except FileExistsError:
-                return False
-            return True
-    return atomic_write_bytes(_local(path), data, exclusive=True)
+    if not is_url(path):
+        return atomic_write_bytes(_local(path), data, exclusive=True)
+    fs, where = _filesystem(path)
+    with _translated(fs, path, "create"):
+        try:
+            fs.pipe_file(where, bytes(data), mode="create")
+        except FileExistsError:
+            return False
+        return True
 
 
 def remove(path: str, missing_ok: bool = True) -> None:
     """Delete the file at `path` (a missing one is fine unless `missing_ok=False`)."""
-    if not is_url(path):
-        try:
-            os.remove(_local(path))
-        except FileNotFoundError:
-            if not missing_ok:
-                raise
-        return
-    fs = _filesystem(path)
+    fs, where = _filesystem(path)
     with _translated(fs, path, "delete"):
         try:
-            fs.rm_file(path)
+            fs.rm_file(where)
         except FileNotFoundError:
             if not missing_ok or _bucket_missing(fs, path):
                 raise
 
 
-def isfile(path: str) -> bool:
-    """Whether `path` is a file (an object on gs://; a bucket must exist)."""
-    return _look(path, os.path.isfile, "isfile")
-
-
-def isdir(path: str) -> bool:
-    """Whether `path` is a folder: on gs://, whether any object lies under it."""
-    if not is_url(path):
-        return os.path.isdir(_local(path))
-    return bool(listdir(path))
-
-
 def move(source: str, target: str) -> None:
-    """Move a file: `os.replace` locally; on gs:// a server-side copy, then delete.
+    """Move a file (the target's folder is created): a rename locally; on gs://
+    the server's move where the bucket offers one, else a copy, then a delete.
 
-    Both paths must be on the same store. On gs:// the move is not atomic (object
-    stores have no rename): a crash between the copy and the delete leaves the file
-    at both names, never at neither; callers only move files aside (stale chunks),
+    Both paths must be on the same store. On gs:// the copy-then-delete is not
+    atomic (object stores have no rename): a crash in between leaves the file at
+    both names, never at neither; callers only move files aside (stale chunks),
     where a leftover original is judged again, and moved again, by the next run.
     """
-    if not is_url(source):
-        os.makedirs(os.path.dirname(os.path.abspath(_local(target))), exist_ok=True)
-        os.replace(_local(source), _local(target))
-        return
-    fs = _filesystem(source)
+    fs, where = _filesystem(source)
     with _translated(fs, source, "move"):
-        fs.copy(source, target)
-        fs.rm_file(source)
+        fs.mv(where, _filesystem(target)[1])
 
 
 def makedirs(path: str) -> None:
@@ -381,52 +393,42 @@ def makedirs(path: str) -> None:
     object is written under it), so there is nothing to create; the bucket is
     checked so that a mistyped one fails here, before any work, in one line.
     """
-    if not is_url(path):
-        os.makedirs(_local(path), exist_ok=True)
-        return
-    fs = _filesystem(path)
-    bucket, _ = _bucket_and_key(path)
+    fs, where = _filesystem(path)
     with _translated(fs, path, "use"):
+        if not is_url(path):
+            fs.makedirs(where, exist_ok=True)
+            return
         try:
-            fs.info(bucket)
+            fs.info(_bucket_and_key(path)[0])
         except FileNotFoundError:
             raise _no_bucket(path) from None
 
 
-def _with_scheme(path: str, found: str) -> str:
-    kind = scheme(path)
-    found = found.split("://", 1)[-1].lstrip("/")
-    return f"{kind}://{found}"
-
-
 def listdir(path: str) -> list[str]:
     """Sorted names of the files and folders directly in `path` ([] if none)."""
-    if not is_url(path):
-        try:
-            return sorted(os.listdir(_local(path)))
-        except FileNotFoundError:
-            return []
-    fs = _filesystem(path)
+    fs, where = _filesystem(path)
     with _translated(fs, path, "list"):
         try:
-            found = fs.ls(path, detail=False)
+            found = fs.ls(where, detail=False)
         except FileNotFoundError:
             if _bucket_missing(fs, path):
                 raise
             return []
-    prefix = path.partition("://")[2].strip("/")
+    prefix = fs._strip_protocol(where).strip("/")
     # A file lists as itself; some stores list a folder as its own first entry.
     entries = (p.strip("/") for p in found)
     return sorted({posixpath.basename(p) for p in entries if p and p != prefix})
 
 
 def glob(pattern: str) -> list[str]:
-    """Sorted paths (URLs for a URL pattern) matching a `*`/`?` pattern."""
-    if not is_url(pattern):
-        return sorted(glob_module.glob(_local(pattern)))
-    fs = _filesystem(pattern)
+    """Sorted paths (URLs for a URL pattern) matching a `*`/`?` pattern (a `*`
+    matches names that start with a dot too, on both stores)."""
+    fs, where = _filesystem(pattern)
     with _translated(fs, pattern, "list"):
-        found = fs.glob(pattern)
+        found = fs.glob(where)
         if not found and _bucket_missing(fs, pattern):
             raise _no_bucket(pattern)
-    return sorted(_with_scheme(pattern, p) for p in found)
+    if not is_url(pattern):
+        return sorted(found)
+    kind = scheme(pattern)
+    return sorted(f"{kind}://{p.split('://', 1)[-1].lstrip('/')}" for p in found)

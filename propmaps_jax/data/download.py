@@ -40,6 +40,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TextIO
 
+from propmaps_jax import locking
 from propmaps_jax.errors import DataError
 
 # The archive's layout: the folder it extracts to and the batches in it.
@@ -169,24 +170,23 @@ def _cache_lock(cache: str, stream: TextIO) -> Iterator[bool]:
     """One download per cache folder at a time (processes that share a home
     folder, as on a cluster); the others wait and then find it done.
 
-    Yields whether the lock is held: then no other process is writing there.
+    Yields whether the lock is held (`locking.exclusive` of `.cifar10.lock`): then
+    no other process is writing there. Where no lock can be had (no `flock`), the
+    download goes on: its renames keep the cache safe.
     """
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks (Windows): the renames still keep it safe
-        yield False
-        return
-    with open(os.path.join(cache, ".cifar10.lock"), "a") as lock:
+
+    def waiting() -> None:
+        stream.write(f"waiting for another process downloading into {cache}\n")
+        stream.flush()
+
+    with contextlib.ExitStack() as stack:
+        path = os.path.join(cache, ".cifar10.lock")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            stream.write(f"waiting for another process downloading into {cache}\n")
-            stream.flush()
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            stack.enter_context(locking.exclusive(path, on_wait=waiting))
+            held = True
+        except locking.LockUnavailable:
+            held = False
+        yield held
 
 
 def _remove_leftovers(cache: str) -> None:

@@ -129,6 +129,8 @@ def test_workdir_checks(tmp_path):
         # /proc is read-only even for root.
         ("/proc/propmaps_workdir", "is not writable"),
         ("", "--workdir is required"),
+        # A name longer than the filesystem's NAME_MAX (255 bytes on most).
+        (str(tmp_path / ("n" * 300) / "run"), "a folder name of 300 bytes"),
     ]
     for path, message in cases:
         with pytest.raises(PropmapsError, match=message) as e:
@@ -177,6 +179,8 @@ def test_launch_workdir_errors_are_one_line(files, tmp_path):
         ("attack", str(afile), "is a file"),
         ("locality", str(afile / "sub"), "is under the file"),
         ("attack", "/proc/propmaps_workdir", "is not writable"),
+        ("attack", str(tmp_path / ("n" * 300)), "a folder name of 300 bytes"),
+        ("locality", str(tmp_path / ("n" * 300)), "a folder name of 300 bytes"),
     ]:
         proc = launch(
             f"--experiment={experiment}",

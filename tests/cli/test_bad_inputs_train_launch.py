@@ -66,6 +66,11 @@ CASES = {
         2,
         "error: --workdir=/proc/WORKDIR is not writable",
     ),
+    "train: a workdir name too long for the filesystem, before loading data": (
+        [*TRAIN, "--workdir={tmp}/" + "n" * 300, "--cifar10_path=/nonexistent"],
+        2,
+        "has a folder name of 300 bytes",
+    ),
     "train: diverges at once": (
         [
             *TRAIN,
@@ -98,6 +103,56 @@ def test_bad_input_gives_one_line(case, tmp_path, tiny_npz):
     assert errors[0] == result.stderr.strip().splitlines()[-1]
     assert phrase in errors[0]
     assert not (tmp_path / "WORKDIR").exists()  # nothing left behind
+
+
+def _platform_present(platform: str) -> bool:
+    import jax
+
+    try:
+        return bool(jax.devices(platform))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_a_missing_jax_platform_is_one_line(platform, tmp_path, tiny_npz):
+    """JAX_PLATFORMS names a platform this machine does not have: one line naming
+    JAX_PLATFORMS, what was asked and what is available, exit 2, nothing left."""
+    if _platform_present(platform):
+        pytest.skip(f"this machine has a {platform} device")
+    workdir = tmp_path / "run"
+    result = launch(
+        *TRAIN,
+        f"--workdir={workdir}",
+        f"--cifar10_path={tiny_npz}",
+        env={"JAX_PLATFORMS": platform},
+        subprocess=True,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: JAX_PLATFORMS={platform} "), result.stderr
+    assert "available: cpu" in last
+    assert not workdir.exists()
+
+
+@pytest.mark.e2e
+def test_garbage_xla_flags_leave_no_lock(tmp_path, tiny_npz):
+    """XLA refuses an unknown flag in XLA_FLAGS by ending the process from C++ (no
+    Python cleanup runs): that happens before the workdir is locked, so no stale
+    lock is left, and the next run starts without taking one over."""
+    workdir = tmp_path / "run"
+    argv = [*TRAIN, f"--workdir={workdir}", f"--cifar10_path={tiny_npz}"]
+    result = launch(*argv, env={"XLA_FLAGS": "--nonsense_flag"}, subprocess=True)
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "--nonsense_flag" in result.stderr.strip().splitlines()[-1]
+    assert not (workdir / ".lock").exists()
+    again = launch(*argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "taking over the lock" not in again.stderr
+    assert not (workdir / ".lock").exists()
 
 
 @pytest.mark.e2e

@@ -190,8 +190,8 @@ def test_no_permission_is_one_line(tiny, gcs_bucket, monkeypatch):
     real = storage._filesystem
 
     class Refusing:
-        def __init__(self, path):
-            self.fs = real(path)
+        def __init__(self, fs):
+            self.fs = fs
 
         def __getattr__(self, name):
             return getattr(self.fs, name)
@@ -199,7 +199,11 @@ def test_no_permission_is_one_line(tiny, gcs_bucket, monkeypatch):
         def pipe_file(self, *args, **kwargs):
             raise Refused()
 
-    monkeypatch.setattr(storage, "_filesystem", Refusing)
+    def refusing(path):
+        fs, where = real(path)
+        return Refusing(fs), where
+
+    monkeypatch.setattr(storage, "_filesystem", refusing)
     with pytest.raises(PropmapsError) as error:
         attack_run.run_attack(storage.join(gcs_bucket, "run"), **kwargs)
     message = str(error.value)

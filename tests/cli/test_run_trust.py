@@ -208,6 +208,31 @@ def test_launch_refuses_a_locked_workdir_with_exit_2(setup, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_lock_that_is_a_folder_is_one_line(setup, tmp_path):
+    """DIR/.lock is a folder, not a lock file: one line saying so and what to do
+    (exit 2 through launch.py), no traceback, nothing written in DIR."""
+    _, kwargs, (*_, npz) = setup
+    workdir = tmp_path / "folder_lock"
+    (workdir / runlock.LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(PropmapsError) as e:
+        runlock.acquire(str(workdir))
+    message = str(e.value)
+    assert "\n" not in message and "is a folder, not a lock file" in message
+    proc = launch(
+        "--experiment=attack",
+        "--model=lenet_tiny",
+        f"--weights={kwargs['weights']}",
+        f"--cifar10_path={npz}",
+        f"--workdir={workdir}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "is a folder, not a lock file" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(workdir) == [runlock.LOCK_NAME]
+    assert os.listdir(workdir / runlock.LOCK_NAME) == []
+
+
 # --- 2. Every file records what made it.
 
 
