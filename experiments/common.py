@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -362,13 +363,33 @@ def _on_stop_signal(signum, frame) -> None:
     raise Terminated() if first == signal.SIGTERM else KeyboardInterrupt()
 
 
-def _ignore_further_signals() -> None:
-    """SIGINT and SIGTERM ignored by the OS from now on: at exit Python puts its
-    own handlers back to the default action (which kills the process, before its
-    stop line or in JAX's teardown), but leaves an ignored signal ignored."""
+def _absorb(signum, frame) -> None:
+    """A signal after the first: nothing (the first one's stop is under way)."""
+
+
+def _ignore_at_exit() -> None:
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_IGNORE_AT_EXIT = [False]
+
+
+def _ignore_further_signals() -> None:
+    """Later SIGINT and SIGTERM do nothing. Until exit a Python handler absorbs
+    them: signals that arrived together during one long device call are run one
+    after the other, and setting SIG_IGN here would make CPython print "Signal 15
+    ignored due to race condition" for the ones still pending. At exit (an atexit
+    hook, registered after JAX's and so run before its teardown) the OS ignores
+    them instead: Python puts its own handlers back to the default action, which
+    kills the process, but leaves an ignored signal ignored."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, _absorb)
+        signal.signal(signal.SIGTERM, _absorb)
+    if not _IGNORE_AT_EXIT[0]:
+        atexit.register(_ignore_at_exit)
+        _IGNORE_AT_EXIT[0] = True
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -323,12 +323,51 @@ def test_a_second_signal_during_the_stop_is_ignored(files, gap_s):
         allowed.pop(130)
     assert child.returncode in allowed, (child.returncode, stderr[-3000:])
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "race condition" not in stderr, stderr[-3000:]
     stops = [line for line in stderr.splitlines() if "run the same command" in line]
     assert len(stops) == 1, stderr[-3000:]
     assert stops[0].startswith(
         f"{allowed[child.returncode]}: the finished results are kept"
     )
     assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# Both signals arrive during one long C call (a device call), so Python runs their
+# handlers back to back: the second must find a handler, not SIG_IGN, or CPython
+# prints "Signal 15 ignored due to race condition" (issue 34, point 6).
+SIGNALS_IN_ONE_CALL = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from experiments import common
+    common.handle_sigterm()
+    def send():
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=send).start()
+    try:
+        sum(range(6 * 10**7))  # holds the GIL: the thread sends during the sleep
+        sum(range(10))
+        time.sleep(2)
+    except KeyboardInterrupt as e:
+        print("stopped by", type(e).__name__, file=sys.stderr)
+        for _ in range(1000):
+            sum(range(10))
+    """
+)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_signals_pending_together_stop_once_without_a_message(trial):
+    child = subprocess.run(
+        [sys.executable, "-c", SIGNALS_IN_ONE_CALL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stderr.strip() == "stopped by Terminated", child.stderr[-2000:]
 
 
 @pytest.mark.e2e
