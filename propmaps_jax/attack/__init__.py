@@ -36,6 +36,7 @@ from propmaps_jax.attack.driver import (
     memory_estimate,
     validate_inputs,
 )
+from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch, move_pixels
 
 __all__ = [
     "AXIS",
@@ -45,6 +46,8 @@ __all__ = [
     "AttackResult",
     "ImageResult",
     "ProgressInfo",
+    "apply_pixels",
+    "apply_pixels_batch",
     "attack",
     "attack_image",
     "attack_stream",
@@ -59,5 +62,6 @@ __all__ = [
     "initial_population",
     "make_de",
     "memory_estimate",
+    "move_pixels",
     "validate_inputs",
 ]
