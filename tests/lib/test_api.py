@@ -107,3 +107,21 @@ def test_make_apply_fn_refuses_what_it_cannot_call_in_one_line(model, words):
     message = str(error.value)
     assert words in message and "\n" not in message
     assert "apply_fn(variables, images) -> logits" in message
+
+
+def test_a_model_the_project_does_not_know_gets_more_images_per_cpu_step():
+    """The CPU default batch is 512 candidates for the project's models (one image
+    at population 400) and 4096 for any other model (driver.py says why)."""
+    assert pj.attack.is_project_model(
+        pj.models.make_apply_fn(pj.models.create_model("lenet_tiny"))
+    )
+    assert not pj.attack.is_project_model(pj.models.make_apply_fn(NoTrain()))
+    assert not pj.attack.is_project_model(lambda variables, images: images)
+    assert pj.attack.default_slots(400, 100, 1, "cpu") == 1
+    assert pj.attack.default_slots(400, 100, 1, "cpu", project_model=False) == 10
+    assert pj.attack.default_slots(400, 4, 1, "cpu", project_model=False) == 4
+    assert pj.attack.default_slots(16, 1000, 1, "cpu", project_model=False) == 256
+    # Accelerators size the batch by memory, whatever the model.
+    assert pj.attack.default_slots(
+        400, 1000, 1, "gpu", project_model=False
+    ) == pj.attack.default_slots(400, 1000, 1, "gpu")
