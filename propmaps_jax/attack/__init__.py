@@ -25,6 +25,7 @@ from propmaps_jax.attack.de import (
 from propmaps_jax.attack.driver import (
     AXIS,
     DEFAULT_BATCH_PER_CPU,
+    DEFAULT_BATCH_PER_CPU_OTHER_MODEL,
     DEFAULT_BATCH_PER_DEVICE,
     AttackResult,
     ProgressInfo,
@@ -33,18 +34,23 @@ from propmaps_jax.attack.driver import (
     concatenate_results,
     default_candidate_forward,
     default_slots,
+    is_project_model,
     memory_estimate,
     validate_inputs,
 )
+from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch, move_pixels
 
 __all__ = [
     "AXIS",
     "DEFAULT_BATCH_PER_CPU",
+    "DEFAULT_BATCH_PER_CPU_OTHER_MODEL",
     "DEFAULT_BATCH_PER_DEVICE",
     "AttackConfig",
     "AttackResult",
     "ImageResult",
     "ProgressInfo",
+    "apply_pixels",
+    "apply_pixels_batch",
     "attack",
     "attack_image",
     "attack_stream",
@@ -57,7 +63,9 @@ __all__ = [
     "generation_key",
     "image_key",
     "initial_population",
+    "is_project_model",
     "make_de",
     "memory_estimate",
+    "move_pixels",
     "validate_inputs",
 ]

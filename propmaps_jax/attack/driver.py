@@ -37,6 +37,16 @@ from propmaps_jax.types import ApplyFn, Images, PRNGKey, Variables
 # BENCHMARKS.md), so one slot at the paper's population of 400.
 DEFAULT_BATCH_PER_DEVICE = 32768
 DEFAULT_BATCH_PER_CPU = 512
+# On a CPU, for a model the project does not know (`is_project_model` false): a
+# small model's forward no longer outweighs the attack's own work per step (DE,
+# bookkeeping), so more images per step pay. Measured 2026-12-07 on the 2-core CPU
+# (shared with other jobs; min of 2-3 interleaved runs) with the README's tiny CNN
+# (two 8-channel convolutions), population 400: 8 images x 21 generations took
+# 12.0 s at 1 slot, 8.8 s at 4, 7.9 s at 8; 32 images x 11 generations 20.2 s at 1,
+# 17.4 s at 8, 17.2 s at 16, 19.7 s at 32. 4096 candidates (10 slots at 400) sits
+# between the two best. Most of the time is the work itself: a failed attack
+# evaluates population x (generations + 1) candidates whatever the slots.
+DEFAULT_BATCH_PER_CPU_OTHER_MODEL = 4096
 AXIS = "images"
 
 
@@ -129,12 +139,14 @@ def default_slots(
     *,
     memory_bytes: int | None = None,
     estimate: memory.AttackMemory | None = None,
+    project_model: bool = True,
 ) -> int:
     """Slots per device: about the backend's default batch of evaluations per step.
 
     `platform`: "cpu", "gpu", "tpu"... (default: JAX's default backend). Where
     `backend.enabled("small_batch")` (CPU) the batch is DEFAULT_BATCH_PER_CPU (at
-    least one image's population), elsewhere
+    least one image's population), DEFAULT_BATCH_PER_CPU_OTHER_MODEL for a model
+    the project does not know (`project_model` false), elsewhere
     DEFAULT_BATCH_PER_DEVICE, lowered where the device's memory is known
     (`memory_bytes`, e.g. `backend.device_memory_limit`) to what fits in
     `memory.MEMORY_FRACTION` of it by `estimate` (`memory.attack_memory`); never
@@ -142,12 +154,25 @@ def default_slots(
     """
     per_device = math.ceil(num_images / num_devices)
     if backend.enabled("small_batch", platform):
-        wanted = max(1, DEFAULT_BATCH_PER_CPU // population)
+        batch = (
+            DEFAULT_BATCH_PER_CPU
+            if project_model
+            else DEFAULT_BATCH_PER_CPU_OTHER_MODEL
+        )
+        wanted = max(1, batch // population)
     else:
         wanted = math.ceil(DEFAULT_BATCH_PER_DEVICE / population)
     if memory_bytes is not None and estimate is not None:
         wanted = min(wanted, memory.slots_that_fit(memory_bytes, estimate, population))
     return max(1, min(per_device, wanted))
+
+
+def is_project_model(apply_fn: ApplyFn) -> bool:
+    """Whether `apply_fn` is the inference forward of a module class of
+    `propmaps_jax.models` (whose CPU batch was measured, see BENCHMARKS.md)."""
+    return isinstance(apply_fn, models.InferenceApply) and type(
+        apply_fn.module
+    ).__module__.startswith("propmaps_jax.")
 
 
 def memory_estimate(
@@ -248,8 +273,8 @@ def attack_stream(
       slots: images attacked at once over all devices (rounded up to a multiple of
         the device count); default `default_slots` (about 32768 / population per
         accelerator, fewer where that would not fit in half the device's memory
-        by `memory_estimate`; 512 // population per CPU device). Given, it is used
-        as is.
+        by `memory_estimate`; 512 // population per CPU device, 4096 // population
+        for a model the project does not know). Given, it is used as is.
       chunk_ends: increasing end positions; one AttackResult is yielded for each
         [previous end, end). Default: one chunk of all images.
       start: attack only images [start, N) (resuming a run; the program and so
@@ -300,6 +325,7 @@ def attack_stream(
             n,
             mesh,
             platform,
+            is_project_model(apply_fn),
         )
     layout = _Layout.create(mesh, config, n, slots, capacity)
     if isinstance(candidate_forward, str):
@@ -346,7 +372,7 @@ def attack_stream(
 
 
 def _memory_aware_slots(
-    apply_fn, variables, config, image_shape, n, mesh, platform
+    apply_fn, variables, config, image_shape, n, mesh, platform, project_model
 ) -> int:
     """`default_slots` per device, lowered to fit the device's memory where JAX
     reports it (not on a CPU)."""
@@ -358,7 +384,13 @@ def _memory_aware_slots(
             apply_fn, variables, config, 1, n, mesh=mesh, image_shape=image_shape
         )
     return default_slots(
-        config.population, n, devices, platform, memory_bytes=limit, estimate=estimate
+        config.population,
+        n,
+        devices,
+        platform,
+        memory_bytes=limit,
+        estimate=estimate,
+        project_model=project_model,
     )
 
 

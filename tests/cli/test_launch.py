@@ -1,8 +1,10 @@
 """The launcher: experiment selection, one-line errors, flags shared by experiments."""
 
+import importlib
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 from conftest import ROOT
@@ -161,3 +163,16 @@ def test_all_experiment_modules_import_together():
     result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "resnet"
+
+
+def test_the_console_command_is_the_launcher():
+    """pyproject's `propmaps` command (`pip install .`) runs what `python launch.py`
+    runs, and the packages it needs are installed with it."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    module, _, name = project["project"]["scripts"]["propmaps"].partition(":")
+    assert getattr(importlib.import_module(module), name) is launch.run
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {"experiments", "experiments.*", "propmaps_jax", "propmaps_jax.*"} <= set(
+        include
+    )

@@ -2,7 +2,9 @@
 
 The notebook is executed by nbclient in a Jupyter kernel of this very Python (a
 kernel spec written for the test, so no other installed "python3" kernel is
-picked), with its settings cell replaced by tiny values.
+picked), started in examples/ as a user opening the notebook there would start it,
+with its settings cell replaced by tiny values. It finds the repository root by
+itself: a REPO_URL that cannot be cloned shows that it clones nothing.
 """
 
 import json
@@ -18,7 +20,7 @@ NOTEBOOK = os.path.join(ROOT, "examples", "quickstart.ipynb")
 def _tiny_settings(cifar10_path: str, workdir: str) -> str:
     return "\n".join(
         [
-            'REPO_URL = ""',
+            'REPO_URL = "file:///nowhere/propmaps-jax.git"',
             'MODELS = "lenet"',
             "NUM_SAMPLES = 6",
             "POPULATION = 40",
@@ -64,12 +66,13 @@ def test_quickstart_notebook_runs(cifar10_path, tmp_path, monkeypatch):
         notebook,
         kernel_name="propmaps-test",
         timeout=300,
-        resources={"metadata": {"path": ROOT}},
+        resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}},
     )
     client.execute()  # CellExecutionError (with the cell's traceback) on failure
 
     text = "\n".join(_outputs(c) for c in notebook.cells if c.cell_type == "code")
     assert f"Python {sys.executable}" in text  # the kernel is this interpreter
+    assert f"Repository {os.path.realpath(ROOT)}" in text  # found from examples/
     assert "# Table 1" in text and "LeNet (paper)" in text  # rendered table
     images = [
         o

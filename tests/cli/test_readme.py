@@ -1,30 +1,66 @@
-"""The README's "Use from your own JAX code" example runs as written, and every
-`python launch.py ...` command in it parses with the current flags."""
+"""The README and the pages under docs/ stay true: the README's example is
+examples/api.py and runs, the library page's example runs, every `propmaps` /
+`python launch.py` command in them parses with the current flags, the quick start
+has its two commands, and every relative link resolves."""
 
+import glob
 import os
 import re
 import shlex
+import sys
 
+import pytest
 from conftest import ROOT
 
-SECTION = "## Use from your own JAX code"
+EXAMPLE_SECTION = "## The library in one example"
+EXAMPLE_FILE = os.path.join(ROOT, "examples", "api.py")
+LIBRARY_PAGE = os.path.join("docs", "library.md")
+LIBRARY_SECTION = "## Use from your own JAX code"
+# The pages whose commands and links are checked: the README and docs/*.md.
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))
+)
 
 
-def readme_example() -> str:
-    """The first python block of the README section SECTION."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    assert SECTION in text, f"README.md lost its section {SECTION!r}"
-    section = text.split(SECTION, 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, f"no python block in the README section {SECTION!r}"
+def read(page: str) -> str:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def python_block(page: str, section: str) -> str:
+    """The first python block of `section` (a heading line) of `page`."""
+    text = read(page)
+    assert section in text, f"{page} lost its section {section!r}"
+    match = re.search(r"```python\n(.*?)```", text.split(section, 1)[1], re.DOTALL)
+    assert match, f"no python block in the {page} section {section!r}"
     return match.group(1)
 
 
-def test_readme_example_runs(capsys):
-    code = readme_example()
-    namespace: dict = {"__name__": "readme_example"}
-    exec(compile(code, "README.md", "exec"), namespace)
+def test_readme_example_is_examples_api_py():
+    with open(EXAMPLE_FILE, encoding="utf-8") as f:
+        assert python_block("README.md", EXAMPLE_SECTION) == f.read()
+
+
+def test_readme_example_runs(cifar10_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # it reads a committed run, relative to the root
+    monkeypatch.delenv("PROPMAPS_RUN", raising=False)
+    with open(EXAMPLE_FILE, encoding="utf-8") as f:
+        code = f.read()
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(code, EXAMPLE_FILE, "exec"), namespace)
+    result, maps, table = namespace["result"], namespace["maps"], namespace["table"]
+    assert result.pixels.shape == (len(namespace["images"]), 1, 5)
+    assert list(maps) == ["conv1", "conv2"]  # LeNet's convolutions, forward order
+    assert maps["conv1"].shape == (4, 28, 28)
+    assert table["pixels"].shape == (1000, 1, 5) and table["success"].sum() > 4
+    out = capsys.readouterr().out
+    assert "fooled" in out and "docs/results/lenet_1000_cpu:" in out
+
+
+def test_library_page_example_runs(capsys):
+    code = python_block(LIBRARY_PAGE, LIBRARY_SECTION)
+    namespace: dict = {"__name__": "library_example"}
+    exec(compile(code, LIBRARY_PAGE, "exec"), namespace)
     result, maps, layers = namespace["result"], namespace["maps"], namespace["layers"]
     images = namespace["images"]
     assert result.pixels.shape == (len(images), 1, 5)
@@ -33,7 +69,7 @@ def test_readme_example_runs(capsys):
     assert "success" in capsys.readouterr().out
 
 
-# --- Every `python launch.py ...` command of the README parses with today's flags.
+# --- Every `propmaps ...` / `python launch.py ...` command parses with today's flags.
 
 PATH_FLAGS = ("weights", "init_weights", "cifar10_path")
 PLACEHOLDER = "/path/to/"
@@ -54,24 +90,27 @@ def shell_commands(text: str) -> list[list[str]]:
     return commands
 
 
+def environment(words: list[str]) -> dict[str, str]:
+    """The leading VAR=value words of a command, taken off `words`."""
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return env
+
+
 def launch_commands(text: str) -> list[tuple[dict[str, str], list[str]]]:
-    """(environment assignments, arguments after launch.py) of every launch.py
-    command in `text`."""
+    """(environment assignments, arguments after the command) of every `propmaps`
+    or `python launch.py` command in `text`."""
     out = []
     for words in shell_commands(text):
-        env = {}
-        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
-            key, value = words.pop(0).split("=", 1)
-            env[key] = value
-        if len(words) >= 2 and words[1] == "launch.py":
+        env = environment(words)
+        if words and words[0] == "propmaps":
+            out.append((env, words[1:]))
+        elif len(words) >= 2 and words[1] == "launch.py":
             assert words[0] in ("python", "python3"), words
             out.append((env, words[2:]))
     return out
-
-
-def readme_text() -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
-        return f.read()
 
 
 def flag_values(args: list[str]) -> dict[str, str]:
@@ -108,11 +147,45 @@ def problems(text: str) -> list[str]:
     return found
 
 
-def test_readme_launch_commands_parse_with_the_current_flags():
-    commands = launch_commands(readme_text())
+# docs/cloud_tpu.md's blocks are scripts for gcloud and ssh (multi-line quoted
+# commands run on a TPU VM), not commands run from the repository root.
+@pytest.mark.parametrize("page", [p for p in PAGES if not p.endswith("cloud_tpu.md")])
+def test_launch_commands_parse_with_the_current_flags(page):
+    assert problems(read(page)) == []
+
+
+def test_the_experiments_page_shows_every_main_experiment():
+    commands = launch_commands(read(os.path.join("docs", "experiments.md")))
     experiments = {launch_args[0].split("=", 1)[1] for _, launch_args in commands}
     assert {"locality", "attack", "propagation", "statistics", "train"} <= experiments
-    assert problems(readme_text()) == []
+
+
+def test_quick_start_is_two_commands_with_the_data_variable_where_it_works():
+    """One installs and runs the main job, one installs and runs the tests; each
+    data variable sits right before the command that reads it, not before pip."""
+    quick_start = read("README.md").split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = shell_commands(quick_start)
+    assert len(commands) == 4, commands  # two lines, each `pip install ... && X`
+    (install_run, run), (install_test, test) = commands[:2], commands[2:]
+    assert install_run[:2] == ["pip", "install"] and "requirements.txt" in install_run
+    assert install_test[:2] == ["pip", "install"]
+    assert "requirements-dev.txt" in install_test
+    assert run[0] == "propmaps" and "--experiment=locality" in run
+    assert environment(run) == {}  # CIFAR-10 is downloaded, or see the text
+    assert environment(test) == {
+        "CIFAR10_PATH": "/path/to/cifar-10-batches-py",
+        "KERAS_WEIGHTS_DIR": "/path/to/one-pixel-attack-keras",
+    }
+    assert test == ["python", "-m", "pytest", "-q", "-rs"] == ci_test_command()
+    text = " ".join(quick_start.split())
+    assert "`CIFAR10_PATH=/path/to/cifar-10-batches-py` right before `propmaps`" in text
+
+
+def ci_test_command() -> list[str]:
+    """The pytest command of .ci/run (the README's test command)."""
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        (line,) = [x for x in f if x.startswith("python -m pytest")]
+    return shlex.split(line)
 
 
 def test_readme_check_catches_a_misspelled_flag_and_a_missing_path():
@@ -131,3 +204,58 @@ CIFAR10_PATH=data/nowhere python launch.py --experiment=attack --sample=last
     assert "--num_sample is not a flag of --experiment=attack" in found[0]
     assert "weights=resnet.h5 does not exist" in found[1]
     assert "--sample=last: value should be one of" in found[2]
+
+
+# --- Every relative link of the pages resolves: to a file, and to its heading.
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """`text` without its fenced code blocks."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def heading_ids(path: str) -> set[str]:
+    """GitHub's ids of the headings of a markdown file: lower case, punctuation
+    dropped, spaces as hyphens."""
+    with open(path, encoding="utf-8") as f:
+        headings = re.findall(r"^#+ (.*)$", prose(f.read()), re.MULTILINE)
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings
+    }
+
+
+def broken_links(page: str) -> list[str]:
+    found = []
+    for target in LINK.findall(prose(read(page))):
+        if re.match(r"[a-z]+:", target):
+            continue  # https://, mailto:
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path))
+        if not os.path.exists(full):
+            found.append(f"{page}: {target} does not exist")
+        elif anchor and anchor not in heading_ids(
+            full if path else os.path.join(ROOT, page)
+        ):
+            found.append(f"{page}: {target} names no heading of {path or page}")
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES + ["BENCHMARKS.md"])
+def test_every_relative_link_resolves(page):
+    assert broken_links(page) == []
+
+
+def test_a_broken_link_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "A.md").write_text("# The `top`: one, two\n")
+    (tmp_path / "docs" / "b.md").write_text(
+        "[ok](../A.md#the-top-one-two) [bad](../A.md#nowhere) [gone](c.md) "
+        "[web](https://example.com/x)\n```\n[code](not/checked.md)\n```\n"
+    )
+    assert broken_links(os.path.join("docs", "b.md")) == [
+        "docs/b.md: ../A.md#nowhere names no heading of ../A.md",
+        "docs/b.md: c.md does not exist",
+    ]
