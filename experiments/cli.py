@@ -116,7 +116,8 @@ def overview() -> str:
         *(f"  {name:<{width}}  {summary(name)}" for name in EXPERIMENTS),
         "",
         "python launch.py --experiment=NAME --help lists the flags of one experiment.",
-        "docs/experiments.md describes each experiment, its outputs and an example command.",
+        "docs/experiments.md describes each experiment, its outputs and an example "
+        "command.",
     ]
     return "\n".join(lines) + "\n"
 

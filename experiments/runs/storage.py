@@ -166,7 +166,8 @@ def _filesystem(path: str) -> tuple[Any, str]:
     except ImportError:
         raise StorageError(
             f"{path} needs gcsfs to reach Cloud Storage, which is not installed: "
-            "pip install gcsfs (the gcs extra: pip install '.[gcs]'), or use a local path"
+            "pip install gcsfs (the gcs extra: pip install '.[gcs]'), or use a local "
+            "path"
         ) from None
     emulator = os.environ.get(EMULATOR_VARIABLE)
     # An emulator takes no credentials; never look for them (or for a metadata
