@@ -23,3 +23,7 @@
 - `within_image`: conditional (fixed-effects) logistic regression and the
   bootstrap over images (clusters) that every interval over positions uses.
 """
+
+from propmaps_jax._lazy import submodule_getattr  # noqa: E402
+
+__getattr__ = submodule_getattr(__name__, __path__)

@@ -10,6 +10,8 @@ claims.py, whose git date is the date of the verdict rules.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from propmaps_jax.analysis import propagation
 from propmaps_jax.analysis.claims import figure_examples, moved_by_one, neighbours
 from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.models import inference_kwargs
 from propmaps_jax.types import Variables
 
 
@@ -31,10 +34,9 @@ def neighbour_prob_true(
     candidates = np.repeat(pixel[None], len(moves), axis=0)
     candidates[:, 0, :2] = moves
     batch = np.broadcast_to(image, (candidates.shape[0], *image.shape))
-    logits = jax.jit(module.apply, static_argnames="train")(
+    logits = jax.jit(functools.partial(module.apply, **inference_kwargs(module)))(
         variables,
         apply_pixels_batch(jnp.asarray(batch, jnp.float32), jnp.asarray(candidates)),
-        train=False,
     )
     p_true = np.asarray(jax.nn.softmax(logits)[:, label], np.float64)
     return dict(zip(moves, p_true, strict=True))

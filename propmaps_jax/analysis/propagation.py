@@ -40,7 +40,7 @@ from flax import linen as nn
 from propmaps_jax import batching
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.models import is_conv, layer_outputs
+from propmaps_jax.models import inference_kwargs, is_conv, layer_outputs
 from propmaps_jax.types import FeatureMaps, Images, LayerMaps, Variables
 
 REDUCTIONS = ("max", "avg")
@@ -112,7 +112,11 @@ def feature_maps(
 ) -> LayerMaps:
     """{layer: feature maps (N, H, W, K)} of `images` in forward order (inference)."""
     _, layers = layer_outputs(
-        module, variables, jnp.asarray(images, jnp.float32), filter_fn, train=False
+        module,
+        variables,
+        jnp.asarray(images, jnp.float32),
+        filter_fn,
+        **inference_kwargs(module),
     )
     return layers
 
@@ -126,7 +130,7 @@ def layer_shapes(
     """{layer: (H, W, K)} in forward order, computed abstractly (no FLOPs)."""
 
     def layers_of(v: Variables, x: jax.Array) -> LayerMaps:
-        return layer_outputs(module, v, x, filter_fn, train=False)[1]
+        return layer_outputs(module, v, x, filter_fn, **inference_kwargs(module))[1]
 
     dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     shapes = jax.eval_shape(layers_of, variables, dummy)
@@ -156,7 +160,9 @@ def paired_feature_maps(
     # Inference mode (BatchNorm running averages): examples are independent, so one
     # forward pass over the concatenation gives both sets of feature maps.
     both = jnp.concatenate([images, perturbed_images], axis=0)
-    logits, layers = layer_outputs(module, variables, both, filter_fn, train=False)
+    logits, layers = layer_outputs(
+        module, variables, both, filter_fn, **inference_kwargs(module)
+    )
     if not layers:
         raise PropmapsError(
             "the layer filter selects no layer of this model (e.g. bn_relu on a "

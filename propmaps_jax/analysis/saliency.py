@@ -431,7 +431,11 @@ def analyse_changes(
     flat = jnp.asarray(changes, jnp.int32).reshape(n * m, 1, 5)
     changed = apply_pixels_batch(x[image_of], flat)
     logits, layers = models.layer_outputs(
-        module, variables, jnp.concatenate([x, changed]), models.is_conv, train=False
+        module,
+        variables,
+        jnp.concatenate([x, changed]),
+        models.is_conv,
+        **models.inference_kwargs(module),
     )
     fm = layers[last_layer]
     pm = propagation.difference_map(fm[:n][image_of], fm[n:], "max")
@@ -441,7 +445,7 @@ def analyse_changes(
 
     # One batched saliency pass: clean (true class), clean (new class), changed
     # (true class), changed (new class).
-    apply_fn = functools.partial(module.apply, train=False)
+    apply_fn = functools.partial(module.apply, **models.inference_kwargs(module))
     which = jnp.concatenate([jnp.arange(n), image_of, image_of, image_of])
     maps = saliency_map(
         keys[which] if config.uses_key else None,

@@ -69,3 +69,7 @@ __all__ = [
     "move_pixels",
     "validate_inputs",
 ]
+
+from propmaps_jax._lazy import submodule_getattr  # noqa: E402
+
+__getattr__ = submodule_getattr(__name__, __path__)

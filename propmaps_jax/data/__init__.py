@@ -64,3 +64,7 @@ __all__ = [
     "load_from_tfds",
     "validate_split",
 ]
+
+from propmaps_jax._lazy import submodule_getattr  # noqa: E402
+
+__getattr__ = submodule_getattr(__name__, __path__)

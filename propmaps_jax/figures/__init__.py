@@ -8,3 +8,7 @@ curves and ROC. Each function takes host arrays or the records a library study
 returns and gives back a matplotlib figure; matplotlib is an optional dependency,
 imported by these modules only (never by `import propmaps_jax`).
 """
+
+from propmaps_jax._lazy import submodule_getattr  # noqa: E402
+
+__getattr__ = submodule_getattr(__name__, __path__)

@@ -38,6 +38,7 @@ from propmaps_jax.models.nets import (
     create_model,
     default_config,
     for_platform,
+    inference_kwargs,
     init_variables,
     inverse_permutation,
     is_conv,
@@ -82,6 +83,7 @@ __all__ = [
     "is_conv",
     "is_conv_or_block",
     "layer_outputs",
+    "inference_kwargs",
     "make_apply_fn",
     "make_logits_fn",
     "normalize",
@@ -89,3 +91,7 @@ __all__ = [
     "pixel_permutation",
     "variables_template",
 ]
+
+from propmaps_jax._lazy import submodule_getattr  # noqa: E402
+
+__getattr__ = submodule_getattr(__name__, __path__)

@@ -405,6 +405,13 @@ def make_apply_fn(module: nn.Module) -> ApplyFn:
     return InferenceApply(module, _takes_train(module))
 
 
+def inference_kwargs(module: nn.Module) -> dict[str, bool]:
+    """The keyword arguments of an inference call of a linen `module`: `train=False`
+    where its `__call__` has a `train` argument, else none (the contract of
+    `make_apply_fn`; a PropmapsError for a module it cannot call)."""
+    return {"train": False} if _takes_train(module) else {}
+
+
 def _takes_train(module: nn.Module) -> bool:
     """Whether `module.__call__` has a `train` argument; PropmapsError when it
     cannot be called on images alone."""

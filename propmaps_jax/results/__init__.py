@@ -19,3 +19,7 @@ that results record (`hashing`) and that identify a model's weights and data
 from propmaps_jax.results.attack_csv import AttackResults, read_attack_results
 
 __all__ = ["AttackResults", "read_attack_results"]
+
+from propmaps_jax._lazy import submodule_getattr  # noqa: E402
+
+__getattr__ = submodule_getattr(__name__, __path__)

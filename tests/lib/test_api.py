@@ -93,6 +93,26 @@ def test_the_attack_runs_on_a_module_without_train():
     assert result.pixels.shape == (2, 1, 5)
 
 
+@pytest.mark.parametrize("module", [NoTrain(), WithTrain()])
+def test_propagation_maps_of_a_module_with_or_without_train(module):
+    """One contract for the attack and the maps: the maps of a result are those of
+    the clean and the perturbed image taken apart (|FM - FM_adv| by hand)."""
+    variables = module.init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)), **pj.models.inference_kwargs(module)
+    )
+    images = _images(2)
+    pixels = np.array([[[1, 2, 255, 0, 0]], [[5, 6, 0, 0, 255]]], np.int32)
+    maps = pj.analysis.propagation.maps_of_result(module, variables, images, pixels)
+    (layer,) = maps["order"]
+    assert layer.endswith("conv1")
+    clean = pj.analysis.propagation.feature_maps(module, variables, images)[layer]
+    adversarial = pj.analysis.propagation.feature_maps(
+        module, variables, pj.attack.apply_pixels_batch(images, pixels)
+    )[layer]
+    expected = np.abs(np.asarray(clean) - np.asarray(adversarial)).max(-1)
+    np.testing.assert_allclose(maps["pm"]["max"][layer], expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "model, words",
     [
