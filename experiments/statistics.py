@@ -85,12 +85,7 @@ class StatisticsConfig:
     @property
     def output_folder(self) -> str:
         """statistics, or statistics_signed / statistics_<layers> for other maps."""
-        name = "statistics"
-        if self.signed:
-            name += "_signed"
-        if self.layers != "conv":
-            name += f"_{self.layers}"
-        return name
+        return common.maps_folder("statistics", self.signed, self.layers)
 
 
 def _progress(total: int, what: str):
