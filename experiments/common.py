@@ -105,6 +105,16 @@ flags.DEFINE_float(
 FLAGS = flags.FLAGS
 
 
+def maps_folder(name: str, signed: bool, layers: str) -> str:
+    """`name` for the default propagation maps; `name`_signed, `name`_<layers> or
+    both for those of --signed and of --layers other than conv."""
+    if signed:
+        name += "_signed"
+    if layers != "conv":
+        name += f"_{layers}"
+    return name
+
+
 def default_batch_size(default: int) -> int:
     """Set --batch_size to this experiment's default when not given; check it."""
     if FLAGS.batch_size is None:

@@ -87,12 +87,7 @@ class PropagationConfig:
     @property
     def paper_folder(self) -> str:
         """paper_figures, or paper_figures_signed / paper_figures_<layers>."""
-        folder = "paper_figures"
-        if self.signed:
-            folder += "_signed"
-        if self.layers != "conv":
-            folder += f"_{self.layers}"
-        return folder
+        return common.maps_folder("paper_figures", self.signed, self.layers)
 
 
 def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:

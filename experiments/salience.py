@@ -51,14 +51,14 @@ from absl import flags
 from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
-from experiments.runs import rundir, storage
+from experiments.runs import storage
 from propmaps_jax import batching, locality, models, propagation, saliency
 from propmaps_jax.analysis import salience as salience_study
 from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import salience as salience_figures
-from propmaps_jax.results import locality_csv
+from propmaps_jax.results import _io, locality_csv
 from propmaps_jax.results.attack_csv import (
     load_attack_run,
     read_summary,
@@ -176,7 +176,7 @@ def locality_positions(
 
 def table_csv(rows: list[dict]) -> str:
     header = list(rows[0])
-    return rundir.csv_text(header, [[r[h] for h in header] for r in rows])
+    return _io.csv_text(header, [[r[h] for h in header] for r in rows])
 
 
 def per_image_csv(
@@ -209,7 +209,7 @@ def per_image_csv(
                     for name in per_class
                 ]
             )
-    return rundir.csv_text(header, out)
+    return _io.csv_text(header, out)
 
 
 # ----- the experiment -----------------------------------------------------------

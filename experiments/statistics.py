@@ -53,7 +53,7 @@ from propmaps_jax import propagation, stats
 from propmaps_jax.analysis import statistics
 from propmaps_jax.analysis.claims_markdown import claims_table
 from propmaps_jax.figures import propagation as propagation_figures
-from propmaps_jax.results import attack_csv, claims_json
+from propmaps_jax.results import _io, attack_csv, claims_json, hashing
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py).
@@ -85,12 +85,7 @@ class StatisticsConfig:
     @property
     def output_folder(self) -> str:
         """statistics, or statistics_signed / statistics_<layers> for other maps."""
-        name = "statistics"
-        if self.signed:
-            name += "_signed"
-        if self.layers != "conv":
-            name += f"_{self.layers}"
-        return name
+        return common.maps_folder("statistics", self.signed, self.layers)
 
 
 def _progress(total: int, what: str):
@@ -195,7 +190,7 @@ def _summary(
         "per_layer": {
             layer: {
                 outcome: {
-                    s: rundir.finite_json(layer_stats[outcome][s][j])
+                    s: hashing.finite_json(layer_stats[outcome][s][j])
                     for s in layer_stats[outcome]
                 }
                 for outcome in OUTCOMES
@@ -278,7 +273,7 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
     )
     rundir.write_text(
         os.path.join(out_dir, "per_layer.csv"),
-        rundir.csv_text(*statistics.per_layer_rows(shapes, layer_stats, masks)),
+        _io.csv_text(*statistics.per_layer_rows(shapes, layer_stats, masks)),
     )
     summary = _summary(
         cfg,

@@ -34,6 +34,7 @@ from experiments.report.progress import format_duration
 from experiments.runs import rundir, storage
 from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import hashing
 
 flags.DEFINE_integer("epochs", 100, "Training epochs.")
 flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate (after warmup).")
@@ -487,7 +488,7 @@ def train(cfg: TrainConfig) -> None:
         storage.write_bytes(
             ckpt_path,
             checkpoint.checkpoint_bytes(
-                config, state.variables, rundir.finite_json(metadata), train_state
+                config, state.variables, hashing.finite_json(metadata), train_state
             ),
         )
         saved_step = int(state.step)
@@ -608,12 +609,12 @@ def train(cfg: TrainConfig) -> None:
     storage.write_bytes(
         os.path.join(workdir, MODEL),
         checkpoint.checkpoint_bytes(
-            config, state.variables, rundir.finite_json(metadata)
+            config, state.variables, hashing.finite_json(metadata)
         ),
     )
     common.write_json(
         os.path.join(workdir, "train.json"),
-        rundir.finite_json({**metadata, "history": history}),
+        hashing.finite_json({**metadata, "history": history}),
     )
     logging.info(
         "done: test accuracy %.2f%% after %d epochs, %s wall; wrote %s",

@@ -8,15 +8,13 @@ per-attack data files (locality.csv, controls.csv) are in experiments/tables.py.
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 import numpy as np
 
-from experiments.runs import rundir
 from propmaps_jax import locality_controls as lc
 from propmaps_jax import stats
+from propmaps_jax.results import _io
 
 # The paper's Table 1 (5,000 CIFAR-10 test samples): original / random / nearby.
 PAPER_TABLE1 = {
@@ -296,11 +294,9 @@ def within_image_markdown(results: dict[str, dict]) -> str:
 
 def table1_csv(results: dict[str, dict]) -> str:
     """DIR/table1.csv: a row per Table 1 row, rate/count/interval columns per model."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
     names = list(results)
     fields = ("rate", "successes", "n", "ci_low", "ci_high", "paper_rate")
-    writer.writerow(["row"] + [f"{n}_{f}" for n in names for f in fields])
+    rows = []
     for key, label in _rows(results):
         row: list[Any] = [label]
         for n in names:
@@ -317,8 +313,8 @@ def table1_csv(results: dict[str, dict]) -> str:
                 f"{prop['ci_high']:.6f}",
                 paper,
             ]
-        writer.writerow(row)
-    return buffer.getvalue()
+        rows.append(row)
+    return _io.csv_text(["row"] + [f"{n}_{f}" for n in names for f in fields], rows)
 
 
 def _rate(prop: dict | None) -> str:
@@ -487,7 +483,7 @@ def controls_table_csv(results: dict[str, dict]) -> str:
                 )
     header = ["model", "stratum", "measure", "successes", "n", "rate", "ci_low"]
     header += ["ci_high", "nearby_only", "random_only", "mcnemar_p"]
-    return rundir.csv_text(header, rows)
+    return _io.csv_text(header, rows)
 
 
 SEED_ROWS = (

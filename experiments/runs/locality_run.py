@@ -50,6 +50,36 @@ def _model_log(name: str) -> Callable[[str], None]:
     return lambda message: say(f"{name}: {message}")
 
 
+# Each step's record (DIR/<model>/NAME) and the files beside it that it vouches for.
+RECORD_FILES = {
+    "locality.json": ["locality.csv", "vulnerability_maps.npz"],
+    "controls.json": ["controls.csv"],
+    "within_image.json": [WITHIN_IMAGE_ROWS],
+}
+
+
+def _reused(
+    name: str, model_dir: str, record_name: str, settings: dict, what: str
+) -> dict | None:
+    """The record DIR/<model>/`record_name` when made with these settings and its
+    files are intact (`integrity.reusable`), else None; one line says which."""
+    cache = os.path.join(model_dir, record_name)
+    cached, why = integrity.reusable(cache, settings, RECORD_FILES[record_name])
+    if cached is not None:
+        say(f"{name}: reusing the {what} in {cache}")
+    elif why:
+        integrity.note(f"{name}: recomputing the {what}: {why}")
+    return cached
+
+
+def _write_record(model_dir: str, record_name: str, record: dict) -> None:
+    """DIR/<model>/`record_name`, with the hashes of its files (marks its step done)."""
+    record["files_sha256"] = integrity.files_sha256(
+        model_dir, RECORD_FILES[record_name]
+    )
+    rundir.write_json(os.path.join(model_dir, record_name), record)
+
+
 def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
     """The stored study of DIR/<model>/ when made with these settings and its files
     are intact (`integrity.reusable`), else None (one line says why)."""
@@ -75,10 +105,7 @@ def _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record
             locality_file.text(table, succ_rows, study),
         )
     rundir.write_npz(os.path.join(model_dir, "vulnerability_maps.npz"), maps_arrays)
-    record["files_sha256"] = integrity.files_sha256(
-        model_dir, ["locality.csv", "vulnerability_maps.npz"]
-    )
-    rundir.write_json(os.path.join(model_dir, "locality.json"), record)
+    _write_record(model_dir, "locality.json", record)
 
 
 def _model(loaded: tuple):
@@ -183,13 +210,9 @@ def controls_for_model(
     if not table["attacked"].any():
         say(f"{name}: no attacked image, no locality controls")
         return None
-    cache = os.path.join(model_dir, "controls.json")
-    cached, why = integrity.reusable(cache, settings, ["controls.csv"])
+    cached = _reused(name, model_dir, "controls.json", settings, "locality controls")
     if cached is not None:
-        say(f"{name}: reusing the locality controls in {cache}")
         return cached
-    if why:
-        integrity.note(f"{name}: recomputing the locality controls: {why}")
     if len(succ_rows) and not has_moves:
         raise PropmapsError(
             f"{locality_csv} is missing: delete {model_dir}/locality.json and run the "
@@ -228,8 +251,7 @@ def controls_for_model(
             os.path.join(model_dir, "controls.csv"),
             controls_csv.controls_csv(attacked, per_attack, draws),
         )
-        record["files_sha256"] = integrity.files_sha256(model_dir, ["controls.csv"])
-        rundir.write_json(cache, record)
+        _write_record(model_dir, "controls.json", record)
     return record
 
 
@@ -267,13 +289,11 @@ def within_image_for_model(
         "rate_resamples": content.RATE_RESAMPLES,
         "version": WITHIN_IMAGE_VERSION,
     }
-    cache = os.path.join(model_dir, "within_image.json")
-    cached, why = integrity.reusable(cache, settings, [WITHIN_IMAGE_ROWS])
+    cached = _reused(
+        name, model_dir, "within_image.json", settings, "within-image analysis"
+    )
     if cached is not None:
-        say(f"{name}: reusing the within-image analysis in {cache}")
         return cached
-    if why:
-        integrity.note(f"{name}: recomputing the within-image analysis: {why}")
     moved = locality_file.read(
         locality_csv, max_distance=max_distance, network=permutation is not None
     )
@@ -300,8 +320,7 @@ def within_image_for_model(
     record = {"settings": settings, **result}
     if jax.process_index() == 0:
         rundir.write_npz(os.path.join(model_dir, WITHIN_IMAGE_ROWS), arrays)
-        record["files_sha256"] = integrity.files_sha256(model_dir, [WITHIN_IMAGE_ROWS])
-        rundir.write_json(cache, record)
+        _write_record(model_dir, "within_image.json", record)
     return record
 
 

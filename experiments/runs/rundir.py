@@ -8,11 +8,9 @@ with the list of differences.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 
 from experiments.runs import storage
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import hashing
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -34,31 +33,12 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def finite_json(obj: Any) -> Any:
-    """`obj` with every NaN or infinite float (Python or NumPy) replaced by None.
-
-    JSON has no NaN or Infinity: json.dumps would write bare `NaN`, which strict
-    readers (jq, JavaScript, most languages' parsers) refuse.
-    """
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return finite_json(obj.tolist())
-    return obj
-
-
 def write_json(path: str, obj: Any) -> None:
     """Atomically write a JSON file (indented, keys in insertion order); always
     valid JSON: NaN and infinities are written as null."""
-    write_text(path, json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n")
+    write_text(
+        path, json.dumps(hashing.finite_json(obj), indent=2, allow_nan=False) + "\n"
+    )
 
 
 def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> None:
@@ -68,24 +48,13 @@ def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> Non
     write_bytes(path, buffer.getvalue())
 
 
-def csv_text(header: list[str], rows: list[list]) -> str:
-    """A CSV file's text: the header, then the rows (newline line ends)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def file_sha256(path: str) -> str:
-    """The SHA-256 hex digest of a file's bytes, read in blocks."""
+    """The SHA-256 hex digest of a file's bytes: a gs:// file read through the
+    store (its failures one `StorageError` line), a local one in blocks
+    (`hashing.file_sha256`)."""
     if storage.is_url(path):
         return hashlib.sha256(storage.read_bytes(path)).hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hashing.file_sha256(path)
 
 
 def read_json(path: str) -> Any:

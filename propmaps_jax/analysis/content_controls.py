@@ -239,12 +239,7 @@ def draw_content_controls(
     if len(pixels) == 0:
         empty = np.zeros((0, 3), np.int32)
         return ContentControls(
-            empty,
-            empty,
-            np.zeros((0, 2), np.int32),
-            np.zeros(0, bool),
-            np.zeros(0, np.int32),
-            np.zeros(0, np.float32),
+            empty, empty, *locality_controls.drawn_positions([np.zeros(0)] * 5)
         )
     base = jax.random.fold_in(jax.random.key(seed), CONTENT_CONTROLS_STREAM)
     own, nearby, matched = jax.device_get(
@@ -259,14 +254,10 @@ def draw_content_controls(
             float(centre_tolerance),
         )
     )
-    m_row, m_col, found, count, distance = (np.asarray(x) for x in matched)
     return ContentControls(
         colours[np.asarray(own)],
         colours[np.asarray(nearby)],
-        np.stack([m_row, m_col], axis=1).astype(np.int32),
-        found.astype(bool),
-        count.astype(np.int32),
-        distance.astype(np.float32),
+        *locality_controls.drawn_positions(matched),
     )
 
 

@@ -33,6 +33,7 @@ attack's or the protocol's randomness.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -208,6 +209,20 @@ def sample_from_mask(
     )
 
 
+def drawn_positions(
+    draws: Sequence[jax.Array],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(position (N, 2) int32, found (N,) bool, candidates (N,) int32, distance
+    (N,) float32) of N `sample_from_mask` draws, as the controls record them."""
+    row, col, found, count, distance = (np.asarray(x) for x in draws)
+    return (
+        np.stack([row, col], axis=1).astype(np.int32),
+        found.astype(bool),
+        count.astype(np.int32),
+        distance.astype(np.float32),
+    )
+
+
 def random_colour(key: jax.Array) -> jax.Array:
     """A colour (3,) int32 uniform over 0..255 per channel."""
     return jax.random.randint(key, (3,), 0, 256, jnp.int32)
@@ -250,13 +265,7 @@ def draw_controls(
     if len(pixels) == 0:
         empty = np.zeros((0, 3), np.int32)
         return Controls(
-            empty,
-            empty,
-            np.zeros((0, 2), np.int32),
-            np.zeros(0, bool),
-            np.zeros(0, np.int32),
-            np.zeros(0, np.float32),
-            np.zeros(0, np.float32),
+            empty, empty, *drawn_positions([np.zeros(0)] * 5), np.zeros(0, np.float32)
         )
     base = jax.random.fold_in(jax.random.key(seed), CONTROLS_STREAM)
     own, near, context, nearby_distance = jax.device_get(
@@ -271,14 +280,10 @@ def draw_controls(
             int(min_distance),
         )
     )
-    c_row, c_col, found, count, distance = (np.asarray(x) for x in context)
     return Controls(
         np.asarray(own, np.int32),
         np.asarray(near, np.int32),
-        np.stack([c_row, c_col], axis=1).astype(np.int32),
-        found.astype(bool),
-        count.astype(np.int32),
-        distance.astype(np.float32),
+        *drawn_positions(context),
         np.asarray(nearby_distance, np.float32),
     )
 

@@ -185,6 +185,23 @@ def test_lock_is_released_on_error_and_create_is_exclusive(setup, tmp_path):
     assert open(path, "rb").read() == b"a"
 
 
+def launch_refused(kwargs, npz, workdir):
+    """The one error line of an attack on `workdir` through launch.py, which must
+    exit 2 without a traceback."""
+    proc = launch(
+        "--experiment=attack",
+        "--model=lenet_tiny",
+        f"--weights={kwargs['weights']}",
+        f"--cifar10_path={npz}",
+        f"--workdir={workdir}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
 def test_launch_refuses_a_locked_workdir_with_exit_2(setup, tmp_path):
     """Through launch.py: exit 2 and one line naming the running run."""
     _, kwargs, (*_, npz) = setup
@@ -192,20 +209,11 @@ def test_launch_refuses_a_locked_workdir_with_exit_2(setup, tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lock(workdir, lock_record(sleeper.pid))
-        proc = launch(
-            "--experiment=attack",
-            "--model=lenet_tiny",
-            f"--weights={kwargs['weights']}",
-            f"--cifar10_path={npz}",
-            f"--workdir={workdir}",
-        )
+        line = launch_refused(kwargs, npz, workdir)
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and f"pid {sleeper.pid} on host" in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert f"pid {sleeper.pid} on host" in line
 
 
 def test_a_lock_that_is_a_folder_is_one_line(setup, tmp_path):
@@ -218,17 +226,7 @@ def test_a_lock_that_is_a_folder_is_one_line(setup, tmp_path):
         runlock.acquire(str(workdir))
     message = str(e.value)
     assert "\n" not in message and "is a folder, not a lock file" in message
-    proc = launch(
-        "--experiment=attack",
-        "--model=lenet_tiny",
-        f"--weights={kwargs['weights']}",
-        f"--cifar10_path={npz}",
-        f"--workdir={workdir}",
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and "is a folder, not a lock file" in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "is a folder, not a lock file" in launch_refused(kwargs, npz, workdir)
     assert os.listdir(workdir) == [runlock.LOCK_NAME]
     assert os.listdir(workdir / runlock.LOCK_NAME) == []
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, launch
 
-from experiments.runs import rundir
 from propmaps_jax import checkpoint, models, training
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results import hashing
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def train_experiment():
 
 def test_json_safe_writes_non_finite_numbers_as_null(train_experiment):
     value = {"a": float("nan"), "b": [1.5, np.float32(np.inf), -np.inf], "c": "x"}
-    safe = rundir.finite_json(value)
+    safe = hashing.finite_json(value)
     assert safe == {"a": None, "b": [1.5, None, None], "c": "x"}
     json.dumps(safe, allow_nan=False)
 
