@@ -27,7 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from propmaps_jax import attack, batching, checkpoint, models  # noqa: E402
+from propmaps_jax import attack, batching, models  # noqa: E402
+from propmaps_jax.models import checkpoint
 
 flags.DEFINE_list("models", ["lenet", "resnet"], "Models (registry names).")
 flags.DEFINE_integer("population", 400, "DE population size.")

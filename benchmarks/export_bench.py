@@ -37,19 +37,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from propmaps_jax import (  # noqa: E402
-    attack,
-    attack_engine,
-    backend,
-    locality,
-    memory,
-    models,
-    propagation,
-    receptive,
-    saliency,
-    training,
-)
+from propmaps_jax import attack, backend, memory, models, training  # noqa: E402
+from propmaps_jax.analysis import locality, propagation, saliency  # noqa: E402
+from propmaps_jax.attack import engine as attack_engine  # noqa: E402
 from propmaps_jax.attack.de import AttackConfig, attack_image  # noqa: E402
+from propmaps_jax.models import receptive  # noqa: E402
 
 PLATFORMS = ("tpu", "cuda")
 # Custom calls that the partitioner (shard_map) or a platform's own lowering emits

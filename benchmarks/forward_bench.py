@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from propmaps_jax import checkpoint, models  # noqa: E402
+from propmaps_jax import models  # noqa: E402
+from propmaps_jax.models import checkpoint
 
 flags.DEFINE_list("models", ["lenet", "resnet"], "Models with bundled weights.")
 flags.DEFINE_list("batches", ["100", "200", "400", "800", "1600", "3200"], "Sizes.")

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import torch_models  # noqa: E402
-from propmaps_jax import attack, checkpoint, data, models  # noqa: E402
+from propmaps_jax import attack, data, models  # noqa: E402
+from propmaps_jax.models import checkpoint
 
 flags.DEFINE_list("models", ["lenet", "resnet"], "Models: lenet, resnet.")
 flags.DEFINE_integer("num_images", 100, "First N test images (correct ones attacked).")
@@ -82,7 +83,7 @@ def run_ours(name, config, variables, images, labels, indices) -> dict:
     apply_fn = models.make_apply_fn(module)
     candidate_forward = None
     if FLAGS.receptive:
-        from propmaps_jax import receptive
+        from propmaps_jax.models import receptive
 
         candidate_forward = receptive.make_candidate_forward(module, 1)
     cfg = attack.AttackConfig(

@@ -25,7 +25,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from propmaps_jax import attack_de, checkpoint, models, receptive  # noqa: E402
+from propmaps_jax import models  # noqa: E402
+from propmaps_jax.attack import de as attack_de
+from propmaps_jax.models import (
+    checkpoint,
+    receptive,  # noqa: E402
+)
 
 flags.DEFINE_list("models", ["lenet", "resnet"], "Bundled models (registry names).")
 flags.DEFINE_list("slots", ["1", "4"], "Images per forward (S).")

@@ -20,8 +20,9 @@ from absl import flags, logging
 
 from experiments.report.progress import say
 from experiments.runs import rundir, storage
-from propmaps_jax import checkpoint, data, models
+from propmaps_jax import data, models
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
 
 flags.DEFINE_string(
     "cifar10_path",

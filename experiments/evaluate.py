@@ -18,7 +18,8 @@ from absl import flags
 from experiments import common, flag_groups
 from experiments.report.progress import Progress
 from experiments.runs import rundir
-from propmaps_jax import checkpoint, evaluation, models
+from propmaps_jax import evaluation, models
+from propmaps_jax.models import checkpoint
 
 flags.DEFINE_bool(
     "save_predictions", False, "Also write predictions.npz (probs (N, 10), labels)."

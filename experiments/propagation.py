@@ -17,7 +17,8 @@ readable at a page's width).
         --paper_figures [--signed] [--layers=bn_relu]
 
 chooses the attacks of the paper's figures 2-6 from DIR/attack.csv by the rules of
-`propmaps_jax.claims.figure_examples` (on the default maps, so that --signed and
+`propmaps_jax.analysis.claims.figure_examples` (on the default maps, so that
+--signed and
 --layers show the same attacks): figures 2 and 3, PM_max and PM_avg of the
 successful attack of median p(true) before the attack; figure 4, its colour moved
 to the neighbouring position where p(true) stays highest; figure 5, the failed
@@ -40,8 +41,7 @@ from absl import flags, logging
 from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.runs import rundir, storage
-from propmaps_jax import propagation
-from propmaps_jax.analysis import paper_examples
+from propmaps_jax.analysis import paper_examples, propagation
 from propmaps_jax.attack.perturb import apply_pixels
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import propagation as propagation_figures

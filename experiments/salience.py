@@ -52,7 +52,8 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import storage
-from propmaps_jax import batching, locality, models, propagation, saliency
+from propmaps_jax import batching, models
+from propmaps_jax.analysis import locality, propagation, saliency
 from propmaps_jax.analysis import salience as salience_study
 from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
 from propmaps_jax.attack.perturb import apply_pixels_batch

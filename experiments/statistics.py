@@ -22,7 +22,8 @@ DIR/statistics/:
   the mean |dFM| and mean FM; per outcome the distance of the pixel from the centre;
 - mean_maps.npz: the mean PM_avg and PM_max maps per layer and outcome;
 - claims.json and claims.md: the paper's sentences read as the paper means them
-  (`propmaps_jax.claims.CLAIMS`; the format: `propmaps_jax.results.claims_json`, the
+  (`propmaps_jax.analysis.claims.CLAIMS`; the format:
+  `propmaps_jax.results.claims_json`, the
   markdown: `propmaps_jax.analysis.claims_markdown`). The effort-matched secondary
   of "failed attacks farther from the centre" is each attack's best candidate of
   its initial population (recomputed from the run's seed, kept in
@@ -49,8 +50,8 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import integrity, rundir, storage
-from propmaps_jax import propagation, stats
-from propmaps_jax.analysis import statistics
+from propmaps_jax import stats
+from propmaps_jax.analysis import propagation, statistics
 from propmaps_jax.analysis.claims_markdown import claims_table
 from propmaps_jax.figures import propagation as propagation_figures
 from propmaps_jax.results import _io, attack_csv, claims_json, hashing

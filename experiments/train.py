@@ -32,8 +32,9 @@ from flax import serialization
 from experiments import common
 from experiments.report.progress import format_duration
 from experiments.runs import rundir, storage
-from propmaps_jax import checkpoint, models, training
+from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
 from propmaps_jax.results import hashing
 
 flags.DEFINE_integer("epochs", 100, "Training epochs.")

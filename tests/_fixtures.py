@@ -12,8 +12,9 @@ from conftest import start
 
 from experiments.runs import attack_run
 from experiments.runs import chunks as chunk_store
-from propmaps_jax import checkpoint, data, models
+from propmaps_jax import data, models
 from propmaps_jax.attack import AttackConfig
+from propmaps_jax.models import checkpoint
 
 
 def save_lenet_tiny(path, seed: int):

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from propmaps_jax import locality_controls as lc
 from propmaps_jax import stats
+from propmaps_jax.analysis import locality_controls as lc
 from propmaps_jax.results import _io
 
 # The paper's Table 1 (5,000 CIFAR-10 test samples): original / random / nearby.

@@ -27,10 +27,11 @@ import numpy as np
 from experiments import common
 from experiments.report.progress import Progress, say
 from experiments.runs import attack_run, integrity, rundir, storage
-from propmaps_jax import checkpoint, locality, locality_controls, models, stats
-from propmaps_jax.analysis import content, readings
+from propmaps_jax import models, stats
+from propmaps_jax.analysis import content, locality, locality_controls, readings
 from propmaps_jax.analysis import locality_study as study_lib
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
 from propmaps_jax.results import controls_csv, provenance
 from propmaps_jax.results import locality_csv as locality_file
 from propmaps_jax.results.attack_csv import (

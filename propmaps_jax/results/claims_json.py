@@ -1,6 +1,7 @@
 """claims.json of the statistics experiment: its schema, reader and provenance dates.
 
-Schema 2 (the claims read as the paper means them, `propmaps_jax.claims.CLAIMS`):
+Schema 2 (the claims read as the paper means them,
+`propmaps_jax.analysis.claims.CLAIMS`):
 {"schema": 2, "provenance", "maps", "layers", "counts", "claims": {key: entry}},
 each entry a `claims.claim_record` (the paper's words, the layers, the primary
 statistic and why, the secondaries, the rule; "primary", "secondary",

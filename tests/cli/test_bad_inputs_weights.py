@@ -16,8 +16,9 @@ import pytest
 from conftest import launch
 from flax import serialization
 
-from propmaps_jax import checkpoint, models
+from propmaps_jax import models
 from propmaps_jax.errors import WeightsError
+from propmaps_jax.models import checkpoint
 from tests._fixtures import classified_images, save_lenet_tiny, save_npz
 
 

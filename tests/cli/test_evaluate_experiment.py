@@ -8,7 +8,8 @@ import pytest
 import scipy.special
 from conftest import launch
 
-from propmaps_jax import checkpoint, models
+from propmaps_jax import models
+from propmaps_jax.models import checkpoint
 
 
 def _launch(*args: str):

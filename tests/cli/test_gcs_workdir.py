@@ -24,9 +24,9 @@ from test_run_trust import (  # noqa: F401 (fixtures used below)
 )
 
 from experiments.runs import attack_run, lock, storage
-from propmaps_jax import checkpoint
 from propmaps_jax.attack import AttackConfig
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
 from propmaps_jax.results.attack_csv import read_attack_csv
 from tests import _gcs_emulator
 from tests._fixtures import stop_after_chunks

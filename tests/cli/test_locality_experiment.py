@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from propmaps_jax import locality, models
+from propmaps_jax import models
+from propmaps_jax.analysis import locality
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.results.attack_csv import read_attack_csv
 from tests._fixtures import save_lenet_tiny

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from propmaps_jax import checkpoint, claims, models, propagation
+from propmaps_jax import models
+from propmaps_jax.analysis import claims, propagation
 from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.models import checkpoint
 from propmaps_jax.results import claims_json, provenance
 from propmaps_jax.results.attack_csv import attack_columns
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import launch
 
-from propmaps_jax import checkpoint, models
+from propmaps_jax import models
+from propmaps_jax.models import checkpoint
 from propmaps_jax.results import locality_csv
 
 NUM_SAMPLES = 16

@@ -21,7 +21,8 @@ import scipy.stats
 from conftest import launch
 
 from experiments import salience
-from propmaps_jax import data, locality, models
+from propmaps_jax import data, models
+from propmaps_jax.analysis import locality
 from propmaps_jax.analysis import salience as salience_study
 from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, launch
 
-from propmaps_jax import checkpoint, models, training
+from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
 from propmaps_jax.results import hashing
 
 

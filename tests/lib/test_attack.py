@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import attack, attack_engine, models
+from propmaps_jax import attack, models
+from propmaps_jax.attack import engine as attack_engine
 from propmaps_jax.errors import PropmapsError
 from tests._attack_case import CONFIG, SLOTS, attack_args, attack_case, lenet_case
 
@@ -502,7 +503,7 @@ def test_forward_of_active_slots_uses_the_smallest_bucket(slots):
 
 
 def test_receptive_forward_is_the_cpu_default_for_lenet_and_resnet(case):
-    from propmaps_jax import receptive
+    from propmaps_jax.models import receptive
 
     apply_fn = case[0]
     chosen = attack.default_candidate_forward(apply_fn, None, CONFIG, "cpu")

@@ -12,17 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import (
-    attack,
-    attack_engine,
-    backend,
-    checkpoint,
-    data,
-    memory,
-    models,
-)
+from propmaps_jax import attack, backend, data, memory, models
+from propmaps_jax.attack import engine as attack_engine
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.models import column_pair
+from propmaps_jax.models import checkpoint, column_pair
 from tests._attack_case import CONFIG, SLOTS, attack_case, lenet_case
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")

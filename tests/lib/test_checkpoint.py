@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from propmaps_jax import checkpoint, models
+from propmaps_jax import models
 from propmaps_jax.errors import WeightsError
+from propmaps_jax.models import checkpoint
 
 CONFIG = models.ModelConfig("lenet_tiny", mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0))
 

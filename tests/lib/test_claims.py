@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import attack_de, claims, models, propagation, stats
+from propmaps_jax import models, stats
+from propmaps_jax.analysis import claims, propagation
+from propmaps_jax.attack import de as attack_de
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.results import attack_csv as results
 

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from propmaps_jax import checkpoint, data, evaluation, keras_import, models
+from propmaps_jax import data, evaluation, models
 from propmaps_jax.errors import WeightsError
+from propmaps_jax.models import checkpoint, keras_import
 from tests.keras_reference import KerasReference
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from propmaps_jax import locality, models, stats
+from propmaps_jax import models, stats
+from propmaps_jax.analysis import locality
 from propmaps_jax.errors import PropmapsError
 
 H = W = 32

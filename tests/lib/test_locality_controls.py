@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from propmaps_jax import locality, stats
-from propmaps_jax import locality_controls as lc
+from propmaps_jax import stats
+from propmaps_jax.analysis import locality
+from propmaps_jax.analysis import locality_controls as lc
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.results import locality_csv
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from propmaps_jax import models, propagation
+from propmaps_jax import models
+from propmaps_jax.analysis import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import layer_outputs
 

@@ -1,8 +1,9 @@
-"""The public API survives the library's move into subpackages: every short name
-is an attribute of the package, and every old dotted path imports the module that
-now holds it (the same object, so monkeypatching either reaches both)."""
+"""The public API: every module and subpackage is an attribute of the package, and
+every module of a subpackage an attribute of that subpackage, each imported on
+first use and found under its one dotted path (no aliases)."""
 
 import importlib
+import pkgutil
 import subprocess
 import sys
 
@@ -11,23 +12,42 @@ import pytest
 import propmaps_jax as pj
 
 
-@pytest.mark.parametrize("name", sorted(pj.SUBMODULES))
-def test_short_names_are_the_modules(name):
-    assert getattr(pj, name) is importlib.import_module(pj.SUBMODULES[name])
+@pytest.mark.parametrize("name", pj.SUBMODULES)
+def test_modules_are_attributes_of_the_package(name):
+    assert getattr(pj, name) is importlib.import_module(f"propmaps_jax.{name}")
 
 
-@pytest.mark.parametrize("old", sorted(pj.MOVED))
-def test_old_dotted_paths_import_the_new_module(old):
-    module = importlib.import_module(old)
-    home = pj.MOVED[old]
-    assert module is importlib.import_module(home)
-    assert module.__name__ == home and module.__spec__.name == home
+SUBPACKAGES = ("analysis", "attack", "data", "figures", "models", "results")
 
 
-def test_from_imports_of_old_paths():
-    from propmaps_jax.checkpoint import atomic_write_bytes
-    from propmaps_jax.perturb import apply_pixels
-    from propmaps_jax.propagation import propagation_maps
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_a_fresh_import_reaches_every_module_of_a_subpackage(package):
+    """`pj.analysis.propagation` works in a new process (no earlier import)."""
+    path = importlib.import_module(f"propmaps_jax.{package}").__path__
+    names = sorted(m.name for m in pkgutil.iter_modules(path))
+    code = (
+        "import propmaps_jax as pj\n"
+        f"for name in {names!r}:\n"
+        f"    module = getattr(pj.{package}, name)\n"
+        f"    assert module.__name__ == 'propmaps_jax.{package}.' + name, name\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("old", ["propagation", "perturb", "attack_de", "receptive"])
+def test_no_alias_of_a_moved_module(old):
+    with pytest.raises(AttributeError, match=old):
+        getattr(pj, old)
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"propmaps_jax.{old}")
+
+
+def test_from_imports_of_the_modules():
+    from propmaps_jax.analysis.propagation import propagation_maps
+    from propmaps_jax.attack.perturb import apply_pixels
+    from propmaps_jax.models.checkpoint import atomic_write_bytes
 
     assert apply_pixels is pj.attack.perturb.apply_pixels
     assert propagation_maps is pj.analysis.propagation.propagation_maps

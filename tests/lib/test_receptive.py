@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from propmaps_jax import attack_de, checkpoint, models, receptive
+from propmaps_jax import models
+from propmaps_jax.attack import de as attack_de
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint, receptive
 
 TOLERANCE = 1e-5
 

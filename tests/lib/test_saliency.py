@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from propmaps_jax import saliency
+from propmaps_jax.analysis import saliency
 from propmaps_jax.analysis.saliency import SaliencyConfig
 from propmaps_jax.errors import PropmapsError
 
@@ -251,7 +251,7 @@ def test_top_overlap_by_hand():
 
 
 def test_change_positions_are_the_protocol_moves_unless_stored():
-    from propmaps_jax import locality
+    from propmaps_jax.analysis import locality
 
     indices = np.array([4, 9, 20])
     pixels = np.array([[[3, 5, 10, 20, 30]], [[0, 0, 1, 2, 3]], [[31, 31, 9, 9, 9]]])

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import checkpoint, models
+from propmaps_jax import models
 from propmaps_jax.analysis import locality
 from propmaps_jax.attack import de as attack_de
 from propmaps_jax.errors import PropmapsError, WeightsError
-from propmaps_jax.models import receptive
+from propmaps_jax.models import checkpoint, receptive
 
 
 def test_permutation_round_trip():

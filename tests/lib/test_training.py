@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from propmaps_jax import checkpoint, data, models, training
+from propmaps_jax import data, models, training
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.models import checkpoint
 
 
 def test_schedule_values():
