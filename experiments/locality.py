@@ -335,5 +335,7 @@ def run(workdir: str, config: LocalityConfig) -> None:
         },
     )
     say(f"wrote {workdir}/table1.md, table1.csv, locality.json and figures")
-    # The result, on stdout (progress and logs go to stderr).
-    print(table1, flush=True)
+    # The result, on stdout (progress and logs go to stderr): Table 1 and the
+    # verdicts last, so that they do not scroll away.
+    path = os.path.join(workdir, "table1.md")
+    print(report_tables.table1_summary(table1, path), flush=True)

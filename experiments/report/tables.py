@@ -534,3 +534,12 @@ def seeds_markdown(records: dict[int, dict]) -> str:
             + " | |"
         )
     return "\n".join(lines) + "\n"
+
+
+def table1_summary(table1: str, path: str) -> str:
+    """What the locality job prints last: Table 1 itself (table1.md up to its first
+    section), each model's verdict line, and where the full tables are."""
+    head = table1.split("\n## ", 1)[0].rstrip()
+    verdicts = [line for line in table1.splitlines() if line.startswith("**Verdict")]
+    return "\n\n".join([head, *verdicts, f"All the tables and controls: {path}"])
+

@@ -108,6 +108,11 @@ def test_end_to_end_writes_every_file(finished_run, tiny_setup):
     assert "images/s" in proc.stderr  # progress lines
     # The results table goes to stdout, progress and logs to stderr.
     assert "# Table 1" in proc.stdout and "# Table 1" not in proc.stderr
+    # It ends with Table 1 and the verdict, the other tables left to table1.md.
+    last = proc.stdout.strip().splitlines()
+    assert last[-1] == f"All the tables and controls: {workdir}/table1.md", last[-3:]
+    assert last[-3].startswith("**Verdict (lenet_tiny): locality beyond fragility")
+    assert "## Controls" not in proc.stdout and "## Within images" not in proc.stdout
 
     summary = json.load(open(os.path.join(workdir, "locality.json")))
     res = summary["models"]["lenet_tiny"]

@@ -9,6 +9,7 @@ import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -48,13 +49,23 @@ def test_readme_example_runs(cifar10_path, monkeypatch, capsys):
         code = f.read()
     namespace: dict = {"__name__": "__main__"}
     exec(compile(code, EXAMPLE_FILE, "exec"), namespace)
-    result, maps, table = namespace["result"], namespace["maps"], namespace["table"]
+    result, maps, run = namespace["result"], namespace["maps"], namespace["run"]
+    study = namespace["study"]
     assert result.pixels.shape == (len(namespace["images"]), 1, 5)
-    assert list(maps) == ["conv1", "conv2"]  # LeNet's convolutions, forward order
-    assert maps["conv1"].shape == (4, 28, 28)
-    assert table["pixels"].shape == (1000, 1, 5) and table["success"].sum() > 4
+    # The maps of the result: LeNet's convolutions, forward order, one per image.
+    assert list(maps["pm"]["max"]) == ["conv1", "conv2"]
+    assert maps["pm"]["max"]["conv1"].shape == (8, 28, 28)
+    # The locality study counts what the attack found.
+    logits = namespace["apply_fn"](namespace["variables"], namespace["images"])
+    right = np.asarray(logits).argmax(-1) == namespace["labels"]
+    found = study.summary["original_correct"]
+    assert (found["successes"], found["n"]) == (
+        (result.success & right).sum(),
+        right.sum(),
+    )
+    assert run.pixels.shape == (1000, 1, 5) and run.success.sum() > 4
     out = capsys.readouterr().out
-    assert "fooled" in out and "docs/results/lenet_1000_cpu:" in out
+    assert "fooled" in out and "| on nearby pixels |" in out
 
 
 def test_library_page_example_runs(capsys):

@@ -23,9 +23,16 @@ def test_claims_of_a_folder_without_them_name_the_experiment(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert "python launch.py --experiment=statistics" in message
-    # A committed claims.json of the first schema stays readable; its claims as
-    # the paper means them are not there: one line, with the run's model.
-    old = os.path.join(ROOT, "docs", "results", "lenet_1000_cpu", "statistics")
+    # A claims.json of the first schema (the committed runs' until 2026-12-07)
+    # stays readable; its claims as the paper means them are not there: one line,
+    # with the run's model.
+    old = tmp_path / "schema1" / "statistics"
+    old.mkdir(parents=True)
+    (old / "claims.json").write_text(
+        json.dumps({"rules": {}, "close_to_max": {"holds": True}})
+    )
+    (old / "summary.json").write_text(json.dumps({"model": "lenet"}))
+    old = str(old)
     report = claims_json.read_claims(old)
     assert report["schema"] == 1 and "close_to_max" in report
     with pytest.raises(PropmapsError) as error:
