@@ -6,7 +6,7 @@ atomic (a temporary file in the same folder, then `os.replace`), so an interrupt
 write never leaves a half-written checkpoint behind.
 
 Why not orbax (installed with flax): a checkpoint here is one file that ships in
-the wheel as package data (`importlib.resources`), read by a model card's hash,
+the wheel as package data (`importlib.resources`),
 with the model's config and the training state beside the variables; orbax's
 `StandardCheckpointer` writes a folder of 13 files for ResNet-32's variables alone
 (0.19 s to save and to restore on this project's 2-core CPU, 2026-12-07, against
