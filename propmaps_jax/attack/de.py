@@ -80,8 +80,9 @@ class ImageResult(struct.PyTreeNode):
 
     success: jax.Array  # bool ()
     pixels: jax.Array  # int32 (k, 5): the adversarial / best candidate
-    prob_true: jax.Array  # float32 (): p(label) of that candidate
-    pred: jax.Array  # int32 (): predicted class of that candidate
+    # The same names as `AttackResult` (and attack.csv's columns): after the attack.
+    prob_true_after: jax.Array  # float32 (): p(label) of that candidate
+    pred_after: jax.Array  # int32 (): predicted class of that candidate
     generations: jax.Array  # int32 (): DE generations run (0: initial population)
     evaluations: jax.Array  # int32 (): population * (generations + 1)
     # int32 (): successes of a search forward that the report forward rejected
@@ -378,8 +379,8 @@ def attack_image(
     return ImageResult(
         success=found.success,
         pixels=found.pixels,
-        prob_true=found.prob_true,
-        pred=found.pred,
+        prob_true_after=found.prob_true,
+        pred_after=found.pred,
         generations=gen,
         evaluations=jnp.int32(config.population) * (gen + 1),
         search_rejections=rejections,

@@ -351,10 +351,12 @@ def test_attack_image_under_jit_and_vmap_matches_the_engine(case, engine_result)
     out = attack_all(jax.random.key(7), variables, images, labels, indices)
     np.testing.assert_array_equal(out.success, reference.success)
     np.testing.assert_array_equal(out.pixels, reference.pixels)
-    np.testing.assert_array_equal(out.pred, reference.pred_after)
+    np.testing.assert_array_equal(out.pred_after, reference.pred_after)
     np.testing.assert_array_equal(out.generations, reference.generations)
     np.testing.assert_array_equal(out.evaluations, reference.evaluations)
-    np.testing.assert_allclose(out.prob_true, reference.prob_true_after, rtol=1e-5)
+    np.testing.assert_allclose(
+        out.prob_true_after, reference.prob_true_after, rtol=1e-5
+    )
     # New weights of the same shapes: no new trace (chex counts them).
     halved = jax.tree_util.tree_map(lambda x: x / 2, variables)
     attack_all(jax.random.key(7), halved, images, labels, indices)
@@ -411,7 +413,7 @@ def test_attack_works_with_x64_enabled(case):
         one = jax.jit(
             lambda k, v, x, y: attack.attack_image(k, apply_fn, v, x, y, config)
         )(jax.random.key(1), variables, images[0], labels[0])
-    assert one.pixels.dtype == jnp.int32 and one.prob_true.dtype == jnp.float32
+    assert one.pixels.dtype == jnp.int32 and one.prob_true_after.dtype == jnp.float32
     assert result.pixels.shape == (3, 1, 5)
     for i in range(3):
         perturbed = apply_np(images[i], result.pixels[i])[None]
