@@ -542,4 +542,3 @@ def table1_summary(table1: str, path: str) -> str:
     head = table1.split("\n## ", 1)[0].rstrip()
     verdicts = [line for line in table1.splitlines() if line.startswith("**Verdict")]
     return "\n\n".join([head, *verdicts, f"All the tables and controls: {path}"])
-
