@@ -32,20 +32,18 @@ paper_figures_signed/, paper_figures_<layers>/.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
 from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.runs import rundir, storage
-from propmaps_jax.analysis import paper_examples, propagation
-from propmaps_jax.attack.perturb import apply_pixels
+from propmaps_jax.analysis import paper_examples
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import propagation as propagation_figures
-from propmaps_jax.models import CIFAR10_CLASSES
 from propmaps_jax.results import attack_csv
 
 flags.DEFINE_integer("index", None, "Index of the test image.")
@@ -165,11 +163,6 @@ def check_pixels(pixels: np.ndarray, image_shape: tuple[int, ...], flag: str) ->
         raise PropmapsError(f"colours from {flag} must be in 0..255")
 
 
-def class_name(index: int, num_classes: int) -> str:
-    """CIFAR-10 name of a class (its number for other class counts)."""
-    return CIFAR10_CLASSES[index] if num_classes == len(CIFAR10_CLASSES) else str(index)
-
-
 def _perturbation(
     cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, str, str, dict | None]:
@@ -192,141 +185,25 @@ def _perturbation(
     return pixels, source, name, recorded
 
 
-def _disagreement(result, recorded: dict | None, num_classes: int) -> str:
-    """'' when this run predicts what attack.csv records, else how they differ.
-
-    With the run's model and weights a prediction flips only at a near tie (another
-    device or precision); the figure then says so instead of contradicting itself.
-    """
-    if recorded is None:
-        return ""
-    ours = {
-        "pred_before": int(np.argmax(result["probs"])),
-        "pred_after": int(np.argmax(result["probs_adv"])),
-    }
-    differ = [k for k in ours if ours[k] != recorded[k]]
-    return "; ".join(
-        f"{k}: attack.csv {class_name(recorded[k], num_classes)}, here "
-        f"{class_name(ours[k], num_classes)}"
-        for k in differ
-    )
+def _save_figures(folder: str, figures: dict) -> None:
+    """Each {file name: figure} as a PNG in `folder`."""
+    for file, fig in figures.items():
+        path = os.path.join(folder, file)
+        plots.save_figure(fig, path)
+        print(f"wrote {path}")
 
 
-def _captions(result, label, pixels, num_classes) -> tuple[str, str, str]:
-    """(caption of the natural image, of the perturbed one, the pixels as text)."""
-    probs, probs_adv = result["probs"], result["probs_adv"]
+def _print_summary(maps: paper_examples.AttackMaps) -> None:
+    probs, probs_adv = maps.result["probs"], maps.result["probs_adv"]
     before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
-    changed = "class changed" if after != before else "class unchanged"
-    pixel_text = "; ".join(
-        f"({r}, {c}) -> RGB ({cr}, {cg}, {cb})" for r, c, cr, cg, cb in pixels
-    )
-    natural = (
-        f"natural, true class: {class_name(label, num_classes)}\n"
-        f"predicted {class_name(before, num_classes)} {probs[before]:.1%}"
-    )
-    true_prob = (
-        f", {class_name(label, num_classes)} {probs_adv[label]:.1%}"
-        if after != label
-        else ""
-    )
-    perturbed = (
-        f"perturbed: {changed}\npredicted {class_name(after, num_classes)} "
-        f"{probs_adv[after]:.1%}{true_prob}\npixel {pixel_text}"
-    )
-    return natural, perturbed, pixel_text
-
-
-def _analyze_attack(cfg, module, variables, config, image, label, pixels) -> tuple:
-    """(perturbed image, the maps of this one attack (`maps_of_result` of one
-    image), (natural, perturbed) captions, pixels as text) of the perturbation
-    `pixels` (k, 5) on the clean `image`."""
-    perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
-    maps = propagation.maps_of_result(
-        module, variables, image[None], pixels[None], cfg.signed, cfg.layers
-    )
-    result = {
-        "order": maps["order"],
-        "probs": maps["probs"][0],
-        "probs_adv": maps["probs_adv"][0],
-        "pm": {r: {n: m[0] for n, m in pm.items()} for r, pm in maps["pm"].items()},
-        "summaries": {k: v[0] for k, v in maps["summaries"].items()},
-    }
-    natural, perturbed_caption, pixel_text = _captions(
-        result, label, pixels, config.num_classes
-    )
-    return perturbed, result, (natural, perturbed_caption), pixel_text
-
-
-def _figures(
-    cfg,
-    name,
-    index,
-    source,
-    result,
-    image,
-    perturbed,
-    pixels,
-    captions,
-    folder="propagation",
-    heading=None,
-):
-    """DIR/<folder>/<name>_pm_max.png and _pm_avg.png, and their _selected
-    versions for a model of many layers (`heading`: {reduce: the
-    first line of the title})."""
-    # A model of many layers also gets the figures of a few of them, readable at
-    # the size a page shows them (`propagation_figures.SELECTED_LAYERS`).
-    many = len(result["order"]) > propagation_figures.SELECTED_LAYERS
-    for selected, suffix in ((False, ""), (True, "_selected"))[: 1 + many]:
-        figures = propagation_figures.attack_maps_figures(
-            result,
-            image,
-            perturbed,
-            pixels,
-            captions,
-            f"{cfg.model}, test image {index} ({source})",
-            signed=cfg.signed,
-            layers=cfg.layers,
-            columns=cfg.columns,
-            heading=heading,
-            selected=selected,
-        )
-        for reduce, fig in figures.items():
-            path = os.path.join(cfg.workdir, folder, f"{name}_pm_{reduce}{suffix}.png")
-            plots.save_figure(fig, path)
-            print(f"wrote {path}")
-
-
-def _maps_arrays(result, image, perturbed, pixels, label, index, signed) -> dict:
-    """The contents of DIR/propagation/<name>_maps.npz."""
-    order = result["order"]
-    arrays: dict[str, np.ndarray] = {
-        "layers": np.array(list(order)),
-        "shapes": np.array([order[n] for n in order], np.int64),
-        "image": image,
-        "perturbed": perturbed,
-        "pixels": pixels,
-        "label": np.array(label),
-        "index": np.array(index),
-        "probs": result["probs"],
-        "probs_adv": result["probs_adv"],
-        "signed": np.array(signed),
-    }
-    arrays.update(result["summaries"])
-    for reduce in ("max", "avg"):
-        arrays.update({f"pm_{reduce}/{n}": result["pm"][reduce][n] for n in order})
-    return arrays
-
-
-def _print_summary(index, label, pixel_text, result, num_classes) -> None:
-    probs, probs_adv = result["probs"], result["probs_adv"]
-    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
+    name = functools.partial(paper_examples.class_name, num_classes=maps.num_classes)
     print(
-        f"test image {index}: {class_name(before, num_classes)} {probs[before]:.1%} -> "
-        f"{class_name(after, num_classes)} {probs_adv[after]:.1%} "
-        f"(true {class_name(label, num_classes)}), perturbation {pixel_text}"
+        f"test image {maps.index}: {name(before)} {probs[before]:.1%} -> "
+        f"{name(after)} {probs_adv[after]:.1%} (true {name(maps.label)}), "
+        f"perturbation {maps.pixels_text}"
     )
     print(f"{'layer':<28} {'HxWxK':>9} {'max|dFM|/maxFM':>15} {'spread>10%':>11}")
-    order, summaries = result["order"], result["summaries"]
+    order, summaries = maps.result["order"], maps.result["summaries"]
     for i, n in enumerate(order):
         print(
             f"{n:<28} {'x'.join(map(str, order[n])):>9} "
@@ -342,88 +219,36 @@ def paper_figures(
     run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=cfg.model, weights=cfg.weights
     )
-    table = run.table
     loaded = common.load_model(cfg.model, cfg.weights)
     common.check_computes(loaded, images, cfg.model, cfg.weights)
-    config, module, variables, _ = loaded
-    examples = paper_examples.paper_figure_examples(
-        module, variables, images, labels, table
+    _, module, variables, _ = loaded
+    figures = paper_examples.paper_figures(
+        module, variables, images, labels, run.table, cfg.signed, cfg.layers
     )
-    if not examples:
+    if not figures:
         raise PropmapsError(
             f"{run.csv_path} holds no attacked image: attack more images first"
         )
-    folder = cfg.paper_folder
-    storage.makedirs(os.path.join(workdir, folder))
-    record = []
-    for figure, row, pixels, rule in examples:
-        if figure == "3":
-            continue  # drawn with figure 2 (the same attack's PM_avg)
-        index, label = int(table["index"][row]), int(table["label"][row])
-        image = images[index]
-        perturbed, result, captions, pixel_text = _analyze_attack(
-            cfg, module, variables, config, image, label, pixels
+    folder = os.path.join(workdir, cfg.paper_folder)
+    storage.makedirs(folder)
+    for figure in figures:
+        _save_figures(
+            folder, propagation_figures.paper_figure(figure, cfg.model, cfg.columns)
         )
-        outcome = "successful" if table["success"][row] else "failed (best candidate)"
-        source = f"attack.csv, {outcome}" if figure != "4" else "moved pixel"
-        name = f"figure{'2_3' if figure == '2' else figure}_{index}"
-        heading = {
-            reduce: (
-                f"Figure {'2' if reduce == 'max' else '3'} of the paper"
-                if figure == "2"
-                else f"Figure {figure} of the paper"
-                + ("" if reduce == "max" else " (which shows its PM_max)")
-            )
-            + f", chosen by rule: {rule}.\n"
-            for reduce in ("max", "avg")
-        }
-        _figures(
-            cfg,
-            name,
-            index,
-            source,
-            result,
-            image,
-            perturbed,
-            pixels,
-            captions,
-            folder=folder,
-            heading=heading,
-        )
-        probs, probs_adv = result["probs"], result["probs_adv"]
-        record.append(
-            {
-                "figure": "2 and 3" if figure == "2" else figure,
-                "rule": rule,
-                "index": index,
-                "label": label,
-                "pixels": pixel_text,
-                "pred_before": int(np.argmax(probs)),
-                "confidence_before": float(np.max(probs)),
-                "prob_true_before": float(probs[label]),
-                "pred_after": int(np.argmax(probs_adv)),
-                "confidence_after": float(np.max(probs_adv)),
-                "prob_true_after": float(probs_adv[label]),
-                "last_layer_max_ratio": float(result["summaries"]["max_ratio"][-1]),
-                "last_layer_spread_strong": float(
-                    result["summaries"]["spread_strong"][-1]
-                ),
-                "files": [f"{name}_pm_max.png", f"{name}_pm_avg.png"],
-            }
-        )
+        r = figure.record()
         print(
-            f"figure {record[-1]['figure']}: test image {index}, {pixel_text}, "
-            f"p(true) {probs[label]:.1%} -> {probs_adv[label]:.1%}; {rule}"
+            f"figure {r['figure']}: test image {r['index']}, {r['pixels']}, p(true) "
+            f"{r['prob_true_before']:.1%} -> {r['prob_true_after']:.1%}; {r['rule']}"
         )
     rundir.write_json(
-        os.path.join(workdir, folder, "figures.json"),
+        os.path.join(folder, "figures.json"),
         {
             "model": cfg.model,
             "weights": cfg.weights,
             "signed": cfg.signed,
             "layers": cfg.layers,
             "attack_csv": run.csv_path,
-            "figures": record,
+            "figures": [figure.record() for figure in figures],
         },
     )
 
@@ -441,27 +266,33 @@ def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -
     )
     loaded = common.load_model(cfg.model, cfg.weights)
     common.check_computes(loaded, images, cfg.model, cfg.weights)
-    config, module, variables, _ = loaded
-    image, label = images[index], int(labels[index])
-    perturbed, result, captions, pixel_text = _analyze_attack(
-        cfg, module, variables, config, image, label, pixels
+    _, module, variables, _ = loaded
+    maps = paper_examples.attack_maps(
+        module,
+        variables,
+        images[index],
+        int(labels[index]),
+        pixels,
+        index,
+        cfg.signed,
+        cfg.layers,
     )
-    disagreement = _disagreement(result, recorded, config.num_classes)
+    disagreement = paper_examples.disagreement(maps.result, recorded)
     if disagreement:
         logging.warning(
             "this model's predictions differ from attack.csv (%s)", disagreement
         )
         source += f"; predictions differ, {disagreement}"
-    logging.info("perturbation from %s: %s", source, pixel_text)
-    storage.makedirs(os.path.join(cfg.workdir, "propagation"))
-    _figures(cfg, name, index, source, result, image, perturbed, pixels, captions)
-    npz_path = os.path.join(cfg.workdir, "propagation", f"{name}_maps.npz")
-    rundir.write_npz(
-        npz_path,
-        _maps_arrays(result, image, perturbed, pixels, label, index, cfg.signed),
-    )
+    logging.info("perturbation from %s: %s", source, maps.pixels_text)
+    folder = os.path.join(cfg.workdir, "propagation")
+    storage.makedirs(folder)
+    about = f"{cfg.model}, test image {index} ({source})"
+    figures = propagation_figures.attack_figures(maps, about, cfg.columns)
+    _save_figures(folder, {f"{name}_{k}.png": f for k, f in figures.items()})
+    npz_path = os.path.join(folder, f"{name}_maps.npz")
+    rundir.write_npz(npz_path, maps.arrays())
     print(f"wrote {npz_path}")
-    _print_summary(index, label, pixel_text, result, config.num_classes)
+    _print_summary(maps)
 
 
 def main(argv: list[str]) -> None:

@@ -1,4 +1,11 @@
-"""Which attacks the paper's figures 2-6 show, chosen by rule from an attack table.
+"""One attack's propagation maps as the paper's figures 2-6 show them, and which
+attacks those figures show, chosen by rule from an attack table.
+
+`attack_maps` gives the maps of one perturbation of one image with what a figure
+and its saved arrays need (`AttackMaps`: the perturbed image, the predictions, the
+per-layer maps and summaries, `arrays()` for an .npz). `paper_figures` chooses
+the attacks of figures 2-6 and maps each (`PaperFigure`, with the record that
+figures.json keeps); `propmaps_jax.figures.propagation` draws them.
 
 `claims.figure_examples` holds the rules over an attack table's columns (median
 p(true) for figure 2, the largest last-layer max|dFM| / max FM for figures 5 and
@@ -10,7 +17,9 @@ claims.py, whose git date is the date of the verdict rules.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +27,8 @@ import numpy as np
 
 from propmaps_jax.analysis import propagation
 from propmaps_jax.analysis.claims import figure_examples, moved_by_one, neighbours
-from propmaps_jax.attack.perturb import apply_pixels_batch
-from propmaps_jax.models import inference_kwargs
+from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
+from propmaps_jax.models import CIFAR10_CLASSES, inference_kwargs
 from propmaps_jax.types import Variables
 
 
@@ -81,3 +90,179 @@ def paper_figure_examples(
                 )
             )
     return sorted(examples, key=lambda e: e[0])
+
+
+def class_name(index: int, num_classes: int) -> str:
+    """CIFAR-10 name of a class (its number for other class counts)."""
+    return CIFAR10_CLASSES[index] if num_classes == len(CIFAR10_CLASSES) else str(index)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackMaps:
+    """The propagation maps of one perturbation of one image (figures 2-6).
+
+    `result` is `propagation.maps_of_result` of this one image: "order" {layer:
+    (H, W, K)}, "probs" and "probs_adv" (classes,), "pm" {"max", "avg": {layer:
+    (H, W)}}, "summaries" {name: (layers,)}.
+    """
+
+    index: int
+    label: int
+    image: np.ndarray
+    perturbed: np.ndarray
+    pixels: np.ndarray
+    result: dict[str, Any]
+    signed: bool = False
+    layers: str = "conv"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.result["probs"])
+
+    @property
+    def pixels_text(self) -> str:
+        """'(12, 30) -> RGB (255, 0, 0)' per changed pixel, joined by '; '."""
+        return "; ".join(
+            f"({r}, {c}) -> RGB ({cr}, {cg}, {cb})" for r, c, cr, cg, cb in self.pixels
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What an .npz of these maps holds (the propagation experiment's
+        <name>_maps.npz): layers, shapes, images, pixels, predictions, the
+        summaries and "pm_max/<layer>", "pm_avg/<layer>"."""
+        result = self.result
+        order = result["order"]
+        arrays: dict[str, np.ndarray] = {
+            "layers": np.array(list(order)),
+            "shapes": np.array([order[n] for n in order], np.int64),
+            "image": self.image,
+            "perturbed": self.perturbed,
+            "pixels": self.pixels,
+            "label": np.array(self.label),
+            "index": np.array(self.index),
+            "probs": result["probs"],
+            "probs_adv": result["probs_adv"],
+            "signed": np.array(self.signed),
+        }
+        arrays.update(result["summaries"])
+        for reduce in ("max", "avg"):
+            arrays.update({f"pm_{reduce}/{n}": result["pm"][reduce][n] for n in order})
+        return arrays
+
+
+def attack_maps(
+    module,
+    variables: Variables,
+    image: np.ndarray,
+    label: int,
+    pixels: np.ndarray,
+    index: int,
+    signed: bool = False,
+    layers: str = "conv",
+) -> AttackMaps:
+    """The maps of the perturbation `pixels` (k, 5) on the clean `image` (H, W, C,
+    0..255) of true class `label`, test image `index`; `signed` and `layers` as
+    in `propagation.maps_of_result`."""
+    perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
+    maps = propagation.maps_of_result(
+        module, variables, image[None], pixels[None], signed, layers
+    )
+    result = {
+        "order": maps["order"],
+        "probs": maps["probs"][0],
+        "probs_adv": maps["probs_adv"][0],
+        "pm": {r: {n: m[0] for n, m in pm.items()} for r, pm in maps["pm"].items()},
+        "summaries": {k: v[0] for k, v in maps["summaries"].items()},
+    }
+    return AttackMaps(index, label, image, perturbed, pixels, result, signed, layers)
+
+
+def disagreement(result: dict[str, Any], recorded: dict | None) -> str:
+    """'' when `result` ("probs", "probs_adv") predicts what an attack table's row
+    `recorded` ("pred_before", "pred_after") records, else how they differ.
+
+    With the run's model and weights a prediction flips only at a near tie (another
+    device or precision); the figure then says so instead of contradicting itself.
+    """
+    if recorded is None:
+        return ""
+    num_classes = len(result["probs"])
+    ours = {
+        "pred_before": int(np.argmax(result["probs"])),
+        "pred_after": int(np.argmax(result["probs_adv"])),
+    }
+    differ = [k for k in ours if ours[k] != recorded[k]]
+    return "; ".join(
+        f"{k}: attack.csv {class_name(recorded[k], num_classes)}, here "
+        f"{class_name(ours[k], num_classes)}"
+        for k in differ
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperFigure:
+    """One of the paper's figures 2-6: `figure` "2" (also figure 3, its PM_avg),
+    "4", "5" or "6", the `rule` that chose its attack, where the perturbation
+    comes from (`source`) and its maps."""
+
+    figure: str
+    rule: str
+    source: str
+    maps: AttackMaps
+
+    @property
+    def name(self) -> str:
+        """The files' stem: figure<N>_<test image> (figure2_3_<I> for 2 and 3)."""
+        return f"figure{'2_3' if self.figure == '2' else self.figure}_{self.maps.index}"
+
+    def record(self) -> dict[str, Any]:
+        """The figure's entry of figures.json: rule, attack, confidences, files."""
+        maps, label = self.maps, self.maps.label
+        probs, probs_adv = maps.result["probs"], maps.result["probs_adv"]
+        summaries = maps.result["summaries"]
+        return {
+            "figure": "2 and 3" if self.figure == "2" else self.figure,
+            "rule": self.rule,
+            "index": maps.index,
+            "label": label,
+            "pixels": maps.pixels_text,
+            "pred_before": int(np.argmax(probs)),
+            "confidence_before": float(np.max(probs)),
+            "prob_true_before": float(probs[label]),
+            "pred_after": int(np.argmax(probs_adv)),
+            "confidence_after": float(np.max(probs_adv)),
+            "prob_true_after": float(probs_adv[label]),
+            "last_layer_max_ratio": float(summaries["max_ratio"][-1]),
+            "last_layer_spread_strong": float(summaries["spread_strong"][-1]),
+            "files": [f"{self.name}_pm_max.png", f"{self.name}_pm_avg.png"],
+        }
+
+
+def paper_figures(
+    module,
+    variables: Variables,
+    images: np.ndarray,
+    labels: np.ndarray,
+    table: dict[str, np.ndarray],
+    signed: bool = False,
+    layers: str = "conv",
+) -> list[PaperFigure]:
+    """The paper's figures 2-6 of an attack table on the clean test `images` /
+    `labels`, each attack chosen by `paper_figure_examples` (on the default maps,
+    so that `signed` and `layers` show the same attacks) and mapped with `signed`
+    and `layers`; ordered by figure, figure 3 drawn with figure 2. Empty when
+    nothing was attacked."""
+    figures = []
+    for figure, row, pixels, rule in paper_figure_examples(
+        module, variables, images, labels, table
+    ):
+        if figure == "3":
+            continue  # drawn with figure 2 (the same attack's PM_avg)
+        index, label = int(table["index"][row]), int(table["label"][row])
+        maps = attack_maps(
+            module, variables, images[index], label, pixels, index, signed, layers
+        )
+        outcome = "successful" if table["success"][row] else "failed (best candidate)"
+        source = f"attack.csv, {outcome}" if figure != "4" else "moved pixel"
+        figures.append(PaperFigure(figure, rule, source, maps))
+    return figures

@@ -1,4 +1,6 @@
-"""Figures of propagation maps: one attack's maps (paper figures 2-6), the mean maps
+"""Figures of propagation maps: one attack's maps (paper figures 2-6, with
+`attack_figures` and `paper_figure` drawing the maps of
+`propmaps_jax.analysis.paper_examples`), the mean maps
 over many attacks (figures 7/8), the layer means (figure 9) and where the attacked
 pixels lie.
 
@@ -18,6 +20,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Circle
+
+from propmaps_jax.analysis.paper_examples import AttackMaps, PaperFigure, class_name
 
 
 def layer_title(name: str, shape: Sequence[int]) -> str:
@@ -332,6 +336,82 @@ def attack_maps_figures(
             font_scale=SELECTED_FONT_SCALE if selected else 1.0,
         )
     return figures
+
+
+def attack_captions(maps: AttackMaps) -> tuple[str, str]:
+    """(caption of the natural image, of the perturbed one) of one attack: true
+    class, the predictions and confidences, the changed pixels."""
+    probs, probs_adv = maps.result["probs"], maps.result["probs_adv"]
+    label, num_classes = maps.label, maps.num_classes
+    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
+    changed = "class changed" if after != before else "class unchanged"
+    natural = (
+        f"natural, true class: {class_name(label, num_classes)}\n"
+        f"predicted {class_name(before, num_classes)} {probs[before]:.1%}"
+    )
+    true_prob = (
+        f", {class_name(label, num_classes)} {probs_adv[label]:.1%}"
+        if after != label
+        else ""
+    )
+    perturbed = (
+        f"perturbed: {changed}\npredicted {class_name(after, num_classes)} "
+        f"{probs_adv[after]:.1%}{true_prob}\npixel {maps.pixels_text}"
+    )
+    return natural, perturbed
+
+
+def attack_figures(
+    maps: AttackMaps,
+    about: str,
+    columns: int = 6,
+    heading: dict[str, str] | None = None,
+) -> dict[str, plt.Figure]:
+    """{"pm_max": figure, "pm_avg": figure} of one attack's maps
+    (`paper_examples.attack_maps`), and for a model of more than `SELECTED_LAYERS`
+    layers also "pm_max_selected" and "pm_avg_selected" (a few of its layers,
+    readable at the size a page shows them); `about` and `heading` as in
+    `attack_maps_figures`."""
+    many = len(maps.result["order"]) > SELECTED_LAYERS
+    captions = attack_captions(maps)
+    out = {}
+    for selected, suffix in ((False, ""), (True, "_selected"))[: 1 + many]:
+        figures = attack_maps_figures(
+            maps.result,
+            maps.image,
+            maps.perturbed,
+            maps.pixels,
+            captions,
+            about,
+            signed=maps.signed,
+            layers=maps.layers,
+            columns=columns,
+            heading=heading,
+            selected=selected,
+        )
+        out.update({f"pm_{reduce}{suffix}": fig for reduce, fig in figures.items()})
+    return out
+
+
+def paper_figure(
+    figure: PaperFigure, model: str, columns: int = 6
+) -> dict[str, plt.Figure]:
+    """{file name: figure} of one of the paper's figures 2-6
+    (`paper_examples.paper_figures`) of the model named `model`: PM_max and PM_avg,
+    titled with the figure's number and the rule that chose its attack."""
+    heading = {
+        reduce: (
+            f"Figure {'2' if reduce == 'max' else '3'} of the paper"
+            if figure.figure == "2"
+            else f"Figure {figure.figure} of the paper"
+            + ("" if reduce == "max" else " (which shows its PM_max)")
+        )
+        + f", chosen by rule: {figure.rule}.\n"
+        for reduce in ("max", "avg")
+    }
+    about = f"{model}, test image {figure.maps.index} ({figure.source})"
+    figures = attack_figures(figure.maps, about, columns, heading)
+    return {f"{figure.name}_{suffix}.png": fig for suffix, fig in figures.items()}
 
 
 def mean_maps_figure(

@@ -1,7 +1,8 @@
 """Tiny runs of the propagation and statistics experiments, and their figures.
 
 The experiments run end to end through launch.py (in process), as a user runs
-them; the figures themselves are tested in tests/lib/test_figures.py.
+them; the figures themselves are tested in tests/lib/test_figures.py, one
+attack's maps and a paper figure's record in tests/lib/test_paper_examples.py.
 """
 
 import csv
@@ -486,28 +487,6 @@ def test_a_run_that_does_not_belong_is_refused(tiny_setup, experiment, change, m
     assert str(workdir / "attack.csv") in last or "attack run in" in last, last
     assert "Traceback" not in result.stderr
     assert sorted(os.listdir(workdir)) == ["attack.csv", "attack_summary.json"]
-
-
-def test_a_prediction_that_differs_from_attack_csv_is_said_not_hidden():
-    """At a near tie (another device or precision) this run's prediction may differ
-    from the one attack.csv records: the figure's title says so (issue 13: the
-    figure said "(attack.csv, successful)" beside "class unchanged")."""
-    from experiments import propagation as propagation_experiment
-
-    def result(before, after):
-        return {"probs": np.eye(10)[before], "probs_adv": np.eye(10)[after]}
-
-    recorded = {"pred_before": 8, "pred_after": 0}
-    disagreement = propagation_experiment._disagreement
-    assert disagreement(result(8, 0), recorded, 10) == ""
-    assert disagreement(result(8, 0), None, 10) == ""  # --pixel/--rgb or --move_to
-    assert disagreement(result(8, 8), recorded, 10) == (
-        "pred_after: attack.csv airplane, here ship"
-    )
-    assert disagreement(result(1, 8), recorded, 10) == (
-        "pred_before: attack.csv ship, here automobile; "
-        "pred_after: attack.csv airplane, here ship"
-    )
 
 
 @pytest.mark.parametrize("experiment", ["propagation", "statistics"])

@@ -87,3 +87,64 @@ def test_distance_histogram_names_its_metric_and_shows_uniform():
         assert "successful (n=3, median 3.5)" in labels
     finally:
         plt.close(fig)
+
+
+def _attack_maps(layers: int, before: int = 8, after: int = 0):
+    from propmaps_jax.analysis.paper_examples import AttackMaps
+
+    order = {f"conv{i}": (6, 6, 2) for i in range(layers)}
+    probs, probs_adv = np.full(10, 0.05), np.full(10, 0.04)
+    probs[before], probs_adv[after] = 0.55, 0.64
+    result = {
+        "order": order,
+        "probs": probs,
+        "probs_adv": probs_adv,
+        "pm": {r: {n: np.ones((6, 6)) for n in order} for r in ("max", "avg")},
+        "summaries": {"fm_max": np.full(layers, 2.0)},
+    }
+    image = np.zeros((8, 8, 3), np.uint8)
+    return AttackMaps(4, 8, image, image, np.array([[1, 2, 255, 0, 0]]), result)
+
+
+def test_attack_captions_say_classes_confidences_and_the_pixel():
+    natural, perturbed = propagation_figures.attack_captions(_attack_maps(2))
+    assert natural == "natural, true class: ship\npredicted ship 55.0%"
+    assert perturbed == (
+        "perturbed: class changed\npredicted airplane 64.0%, ship 4.0%\n"
+        "pixel (1, 2) -> RGB (255, 0, 0)"
+    )
+    _, same = propagation_figures.attack_captions(_attack_maps(2, 8, 8))
+    assert same.startswith("perturbed: class unchanged\npredicted ship 64.0%\n")
+
+
+def test_attack_figures_and_the_paper_figure_files():
+    from propmaps_jax.analysis.paper_examples import PaperFigure
+
+    few = propagation_figures.attack_figures(_attack_maps(2), "lenet, test image 4")
+    many = propagation_figures.attack_figures(_attack_maps(9), "resnet")
+    paper = propagation_figures.paper_figure(
+        PaperFigure("5", "the rule", "attack.csv, failed", _attack_maps(2)), "lenet"
+    )
+    try:
+        assert list(few) == ["pm_max", "pm_avg"]
+        assert list(many) == [
+            "pm_max",
+            "pm_avg",
+            "pm_max_selected",
+            "pm_avg_selected",
+        ]
+        # The selected figures: 8 of the 9 layers, the images' two panels.
+        panels = [ax for ax in many["pm_max_selected"].axes if ax.get_title()]
+        assert len(panels) == 2 + propagation_figures.SELECTED_LAYERS
+        assert list(paper) == ["figure5_4_pm_max.png", "figure5_4_pm_avg.png"]
+        titles = {k: f._suptitle.get_text() for k, f in paper.items()}
+        assert titles["figure5_4_pm_max.png"].startswith(
+            "Figure 5 of the paper, chosen by rule: the rule.\n"
+        )
+        assert "(which shows its PM_max)" in titles["figure5_4_pm_avg.png"]
+        assert "lenet, test image 4 (attack.csv, failed)" in " ".join(
+            titles["figure5_4_pm_max.png"].split()
+        )
+    finally:
+        for fig in (*few.values(), *many.values(), *paper.values()):
+            plt.close(fig)
