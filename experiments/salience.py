@@ -38,13 +38,10 @@ roc.png; nothing is written when the input is refused.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -52,14 +49,12 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import storage
-from propmaps_jax import batching, models
-from propmaps_jax.analysis import locality, propagation, saliency
+from propmaps_jax.analysis import locality, saliency
 from propmaps_jax.analysis import salience as salience_study
-from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
-from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.analysis.saliency import TOP_FRACTION, WINDOWS
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import salience as salience_figures
-from propmaps_jax.results import _io, locality_csv
+from propmaps_jax.results import locality_csv, salience_csv
 from propmaps_jax.results.attack_csv import (
     load_attack_run,
     read_summary,
@@ -91,13 +86,6 @@ FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py).
 FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, "batch_size", "seed")
 
-SALIENCE_STREAM = 0x5A1
-BOOTSTRAP_STREAM = 0xB007
-LOCALITY_COLUMNS = locality_csv.POSITION_COLUMNS
-
-
-# ----- reading and checking the attack run --------------------------------------
-
 
 def resolve_model(
     workdir: str, model: str, model_given: bool, weights: str | None
@@ -110,110 +98,6 @@ def resolve_model(
     if made_by is None or model_given:
         return model, weights
     return made_by, weights if weights is not None else recorded_weights(summary)
-
-
-def read_locality_positions(
-    path: str, indices: np.ndarray, pixels: np.ndarray
-) -> dict[int, tuple[int, int, int, int]]:
-    """{dataset index: (nearby row, col, random row, col)} from a locality.csv."""
-    read = locality_csv.read(
-        path,
-        LOCALITY_COLUMNS,
-        remedy="run the locality experiment again or delete it",
-    )
-    rows = [
-        {c: int(read[c][k]) for c in LOCALITY_COLUMNS}
-        for k in range(len(read["index"]))
-    ]
-    where = {int(i): j for j, i in enumerate(indices)}
-    out = {}
-    for r in rows:
-        j = where.get(r["index"])
-        stored = [r["row"], r["col"], r["r"], r["g"], r["b"]]
-        if j is None or stored != [int(v) for v in pixels[j, 0]]:
-            raise PropmapsError(
-                f"{path} does not match attack.csv (test image {r['index']}): run "
-                "the locality experiment again or delete it"
-            )
-        out[r["index"]] = (
-            r["nearby_row"],
-            r["nearby_col"],
-            r["random_row"],
-            r["random_col"],
-        )
-    return out
-
-
-def locality_positions(
-    workdir: str,
-    indices: np.ndarray,
-    pixels: np.ndarray,
-    success: np.ndarray,
-    height: int,
-    width: int,
-) -> dict[int, tuple[int, int, int, int]] | None:
-    """The moves of DIR/locality.csv (`read_locality_positions`), checked against
-    attack.csv and the image size; None when the locality study did not run."""
-    path = os.path.join(workdir, "locality.csv")
-    if not storage.isfile(path):
-        return None
-    stored = read_locality_positions(path, indices, pixels)
-    if len(stored) != int(success.sum()):
-        raise PropmapsError(
-            f"{path} has {len(stored)} rows but attack.csv {int(success.sum())} "
-            "successful attacks: run the locality experiment again or delete it"
-        )
-    moved = np.array(list(stored.values()), np.int64).reshape(-1, 2, 2)
-    if np.any((moved < 0) | (moved >= np.array([height, width]))):
-        raise PropmapsError(
-            f"{path} has a position outside the {height}x{width} image: run the "
-            "locality experiment again or delete it"
-        )
-    return stored
-
-
-# ----- outputs ------------------------------------------------------------------
-
-
-def table_csv(rows: list[dict]) -> str:
-    header = list(rows[0])
-    return _io.csv_text(header, [[r[h] for h in header] for r in rows])
-
-
-def per_image_csv(
-    table: dict, attacked: np.ndarray, results: dict, changes, from_locality
-) -> str:
-    """One row per (attacked image, change)."""
-    header = ["index", "label", "outcome", "change", "positions_from"]
-    header += ["row", "col", "r", "g", "b", "pred_before", "pred_after"]
-    header += ["class_changed", "prob_true_after", "pm_last_max", "pm_last_mean"]
-    per_class = [f"capture{s}_{w}" for s in WINDOWS for w in ("before", "after")]
-    per_class += ["spearman", "top5"]
-    header += [f"{t}_{name}" for t in salience_study.CLASSES for name in per_class]
-    out = []
-    for i, row in enumerate(attacked):
-        label = int(table["label"][row])
-        for j, change in enumerate(CHANGES):
-            drawn = j == 0 or not from_locality[i]
-            out.append(
-                [int(table["index"][row]), label]
-                + ["successful" if table["success"][row] else "failed", change]
-                + ["attack" if j == 0 else ("drawn" if drawn else "locality")]
-                + [int(v) for v in changes[i, j]]
-                + [int(results["pred_before"][i]), int(results["pred_after"][i, j])]
-                + [int(results["pred_after"][i, j] != label)]
-                + [f"{results[k][i, j]:.6g}" for k in ("prob_true_after",)]
-                + [f"{results[k][i, j]:.6g}" for k in ("pm_last_max", "pm_last_mean")]
-                + [
-                    f"{results[f'{t}_{name}'][i, j]:.6g}"
-                    for t in salience_study.CLASSES
-                    for name in per_class
-                ]
-            )
-    return _io.csv_text(header, out)
-
-
-# ----- the experiment -----------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,14 +123,14 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
     """The salience study of the attack run in cfg.workdir; returns the summary."""
     start = time.time()
     workdir, model_name, weights = cfg.workdir, cfg.model_name, cfg.weights
-    config, seed, batch_size = cfg.config, cfg.seed, cfg.batch_size
-    resamples, examples = cfg.resamples, cfg.examples
+    config, seed, resamples = cfg.config, cfg.seed, cfg.resamples
     if resamples < 100:
         raise PropmapsError(f"--bootstrap must be at least 100, got {resamples}")
-    if examples < 0:
-        raise PropmapsError(f"--examples must be >= 0, got {examples}")
+    if cfg.examples < 0:
+        raise PropmapsError(f"--examples must be >= 0, got {cfg.examples}")
+    batch_size = cfg.batch_size
     if batch_size is None:
-        batch_size = max(1, min(64, 128 // config.passes))
+        batch_size = salience_study.default_batch_size(config)
     if batch_size < 1:
         raise PropmapsError(f"--batch_size must be at least 1, got {batch_size}")
     x_test, y_test = dataset.split("test")
@@ -266,13 +150,13 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
     pixels = table["pixels"][attacked].astype(np.int32)
     success = table["success"][attacked]
     height, width = x_test.shape[1:3]
+    moves, path = None, os.path.join(workdir, locality_csv.NAME)
+    if storage.isfile(path):  # the locality study ran here: its moves
+        moves = salience_csv.locality_positions(
+            path, indices, pixels, success, height, width
+        )
     changes, from_locality = saliency.change_positions(
-        seed,
-        indices,
-        pixels,
-        height,
-        width,
-        locality_positions(workdir, indices, pixels, success, height, width),
+        seed, indices, pixels, height, width, moves
     )
     loaded = common.load_model(model_name, weights)
     _, module, variables, _ = loaded
@@ -280,74 +164,31 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
     common.check_computes(loaded, images, model_name, weights)
 
     # The model must be the attack's: its predictions must match attack.csv.
-    check = jax.jit(
-        lambda v, x, p: (
-            jnp.argmax(
-                module.apply(
-                    v,
-                    jnp.concatenate([x, apply_pixels_batch(x, p)]).astype(jnp.float32),
-                    train=False,
-                ),
-                axis=-1,
-            )
-            .reshape(2, -1)
-            .T
-        )
-    )
-    preds = batching.map_batches(
-        functools.partial(check, variables), [images, pixels], 256
-    ).T
+    preds = salience_study.attack_predictions(module, variables, images, pixels)
     expected = np.stack([table["pred_before"][attacked], table["pred_after"][attacked]])
     mismatches = int(np.sum(np.any(preds != expected, axis=0)))
     require_predictions_match(csv_path, mismatches, len(indices))
 
-    # The last convolution's output (for ResNets the last block's second conv,
-    # before the residual add), as the paper's maps are of convolution outputs.
-    shapes = propagation.layer_shapes(
-        module, variables, x_test.shape[1:], models.is_conv
-    )
-    last_layer = list(shapes)[-1]
-    analyse = jax.jit(
-        functools.partial(saliency.analyse_changes, config, module, last_layer),
-        static_argnames="return_maps",
-    )
-    base = jax.random.fold_in(jax.random.key(seed), SALIENCE_STREAM)
-    keys = locality.image_keys(base, indices)
     print(
         f"salience: {len(indices)} attacks ({int(success.sum())} successful), 3 "
         f"changes each, {config.method} maps, {batch_size} attacks per batch",
         flush=True,
     )
-    results = batching.map_batches(
-        functools.partial(analyse, variables),
-        [images, labels, changes, keys],
+    study = salience_study.study_attacks(
+        module,
+        variables,
+        indices,
+        images,
+        labels,
+        changes,
+        success,
+        config,
+        seed,
         batch_size,
+        resamples,
+        cfg.examples,
         on_batch=Progress(len(indices), "attacks").update,
     )
-
-    rng = np.random.default_rng([seed, BOOTSTRAP_STREAM])
-    rows = salience_study.p1_rows(results, success, rng, resamples)
-    p2, roc = salience_study.p2_rows(results, labels, rng, resamples)
-    rows += p2 + salience_study.p3_rows(results, success, rng, resamples)
-    groups = salience_study.group_summary(results, success, rng, resamples)
-
-    # Example maps for the figure: the first successful and failed attacks.
-    chosen = np.concatenate(
-        [np.flatnonzero(success)[:examples], np.flatnonzero(~success)[:examples]]
-    )
-    example_maps = None
-    if chosen.size:
-        example_maps = jax.device_get(
-            analyse(
-                variables,
-                images[chosen],
-                labels[chosen],
-                changes[chosen],
-                keys[chosen],
-                return_maps=True,
-            )
-        )
-
     settings = {
         "model": model_name,
         "weights": os.path.abspath(weights) if weights else None,
@@ -357,7 +198,7 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
         "bootstrap": resamples,
         "windows": list(WINDOWS),
         "top_fraction": TOP_FRACTION,
-        "last_layer": last_layer,
+        "last_layer": study.last_layer,
         "attacks": int(len(indices)),
         "successful": int(success.sum()),
         "failed": int((~success).sum()),
@@ -365,72 +206,38 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
     }
     summary = {
         "settings": settings,
-        "class_changed": {
-            change: int(np.sum(results["pred_after"][:, j] != labels))
-            for j, change in enumerate(CHANGES)
-        },
+        "class_changed": study.class_changed(),
         "attack_csv_mismatches": mismatches,
-        "predictions": rows,
+        "predictions": study.rows,
         "rule": {
             "no_effect": salience_study.NO_EFFECT,
             "meaningful": salience_study.MEANINGFUL,
             "min_n": salience_study.MIN_N,
         },
-        "groups": groups,
+        "groups": study.groups,
         "device": common.device_description(),
-        "seconds": round(time.time() - start, 2),
+        "seconds": None,
     }
     out_dir = os.path.join(workdir, "salience")
     storage.makedirs(out_dir)
     common.write_text(
         os.path.join(out_dir, "per_image.csv"),
-        per_image_csv(table, attacked, results, changes, from_locality),
+        salience_csv.per_image_csv(study, from_locality),
     )
-    common.write_text(os.path.join(out_dir, "table.csv"), table_csv(rows))
+    common.write_text(
+        os.path.join(out_dir, "table.csv"), salience_csv.table_csv(study.rows)
+    )
     title = f"{model_name}, {config.method} saliency ({config.score})"
-    if example_maps is not None:
-        plots.save_figure(
-            salience_figures.examples_figure(
-                images[chosen],
-                example_maps,
-                labels[chosen],
-                success[chosen],
-                indices[chosen],
-                changes[chosen, 0, :2],
-                f"{last_layer}, {'x'.join(str(v) for v in shapes[last_layer][:2])}",
-                title,
-            ),
-            os.path.join(out_dir, "examples.png"),
-        )
-    capture = {
-        cls: {
-            group: {
-                when: salience_study.group_values(
-                    results[f"{cls}_capture3_{when}"], success
-                )[group]
-                for when in ("before", "after")
-            }
-            for group in salience_study.GROUPS
-        }
-        for cls in salience_study.CLASSES
-    }
-    plots.save_figure(
-        salience_figures.capture_figure(capture, title),
-        os.path.join(out_dir, "attention_capture.png"),
-    )
-    plots.save_figure(
-        salience_figures.roc_figure(roc, salience_study.MEASURES, title),
-        os.path.join(out_dir, "roc.png"),
-    )
+    for name, fig in salience_figures.study_figures(study, title).items():
+        plots.save_figure(fig, os.path.join(out_dir, name))
     summary["seconds"] = round(time.time() - start, 2)
     common.write_json(
         os.path.join(out_dir, "summary.json"), salience_study.json_safe(summary)
     )
     # The table is written last: its presence marks a finished study.
-    common.write_text(
-        os.path.join(out_dir, "table.md"), salience_study.table_markdown(rows, settings)
-    )
-    print(salience_study.table_markdown(rows, settings))
+    table_md = salience_study.table_markdown(study.rows, settings)
+    common.write_text(os.path.join(out_dir, "table.md"), table_md)
+    print(table_md)
     print(f"results in {out_dir}")
     return summary
 

@@ -10,17 +10,32 @@ change: ROC AUC), P3 (propagation maps and disturbance agree: Spearman), each ro
 with its bootstrap interval over images and the verdict of `verdict`; the group
 means (`group_summary`) and the table as markdown (`table_markdown`). NumPy,
 vectorised; the random draws come from the caller's generator, in a fixed order.
+
+`study_attacks` is the whole study of a set of attacks in one call: the maps and
+measures on the device, batched, then the table, the ROC curves, the group means
+and the maps of a few examples (`SalienceStudy`); its keys and its bootstrap
+generator come from one seed, so that its numbers depend on nothing else.
+`attack_predictions` gives what a model predicts before and after each attack,
+to check that a stored attack run is this model's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from propmaps_jax import stats
+from propmaps_jax import batching, models, stats
+from propmaps_jax.analysis import locality, propagation, saliency
 from propmaps_jax.analysis.saliency import CHANGES, WINDOWS, SaliencyConfig
+from propmaps_jax.attack.perturb import apply_pixels_batch
+from propmaps_jax.types import Variables
 
 # Groups of changes: the attack's pixel of successful / failed attacks, and the
 # moves of successful attacks (the locality protocol).
@@ -31,6 +46,9 @@ NO_EFFECT = {"capture": 0.0, "auc": 0.5, "spearman": 0.0}
 MEANINGFUL = {"capture": 0.01, "auc": 0.6, "spearman": 0.1}
 # Fewer items than this in a row: a bootstrap interval is not trusted.
 MIN_N = 10
+# fold_in streams of the study's seed: the per-image saliency keys, the bootstrap.
+SALIENCE_STREAM = 0x5A1
+BOOTSTRAP_STREAM = 0xB007
 MEASURES = {
     "spearman": "1 - Spearman correlation of the maps",
     "top5": "1 - overlap of the top-5% pixels",
@@ -318,3 +336,170 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def default_batch_size(config: SaliencyConfig) -> int:
+    """Attacks per jitted step: as many as fit 128 forward passes, at most 64."""
+    return max(1, min(64, 128 // config.passes))
+
+
+def attack_predictions(
+    module, variables: Variables, images: np.ndarray, pixels: np.ndarray
+) -> np.ndarray:
+    """(2, N) predicted classes of the clean `images` (N, H, W, C) and of them
+    perturbed by `pixels` (N, k, 5): an attack run's pred_before and pred_after
+    when it is this model's."""
+    check = jax.jit(
+        lambda v, x, p: (
+            jnp.argmax(
+                module.apply(
+                    v,
+                    jnp.concatenate([x, apply_pixels_batch(x, p)]).astype(jnp.float32),
+                    train=False,
+                ),
+                axis=-1,
+            )
+            .reshape(2, -1)
+            .T
+        )
+    )
+    return batching.map_batches(
+        functools.partial(check, variables), [images, pixels], 256
+    ).T
+
+
+@dataclasses.dataclass(frozen=True)
+class SalienceStudy:
+    """The salience study of N attacks (`study_attacks`).
+
+    The inputs: test `indices`, `images`, `labels`, `success` (N,), `changes` (N,
+    3, 5); `last_layer` and its `last_shape` (H, W, K), the layer of the
+    propagation-map measures; `results`: `saliency.analyse_changes`' measures per
+    change, (N,) or (N, 3); `rows`: the verdict table (P1, P2, P3); `roc`: the
+    ROC curves of P2 {(class, measure): {"fpr", "tpr", "row"}}; `groups`:
+    `group_summary`; `chosen`: the attacks shown as examples (first successful,
+    then failed), `example_maps` their maps (None when none is shown).
+    """
+
+    indices: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+    success: np.ndarray
+    changes: np.ndarray
+    last_layer: str
+    last_shape: tuple[int, ...]
+    results: dict[str, np.ndarray]
+    rows: list[dict]
+    roc: dict
+    groups: dict[str, Any]
+    chosen: np.ndarray
+    example_maps: dict[str, np.ndarray] | None
+
+    def class_changed(self) -> dict[str, int]:
+        """{change: how many of the N changes changed the predicted class}."""
+        return {
+            change: int(np.sum(self.results["pred_after"][:, j] != self.labels))
+            for j, change in enumerate(CHANGES)
+        }
+
+    def capture(self) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+        """{class: {group: {"before", "after": the 3x3 capture of each change}}}."""
+        return {
+            cls: {
+                group: {
+                    when: group_values(
+                        self.results[f"{cls}_capture3_{when}"], self.success
+                    )[group]
+                    for when in ("before", "after")
+                }
+                for group in GROUPS
+            }
+            for cls in CLASSES
+        }
+
+
+def study_attacks(
+    module,
+    variables: Variables,
+    indices: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    changes: np.ndarray,
+    success: np.ndarray,
+    config: SaliencyConfig | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    resamples: int = 2000,
+    examples: int = 3,
+    on_batch: Callable[[int], Any] | None = None,
+) -> SalienceStudy:
+    """The salience study of N attacks on the clean test `images` (N, H, W, C)
+    with test `indices` and true `labels` (N,): the three `changes` (N, 3, 5) of
+    each (`saliency.change_positions`), `success` (N,) of the attack; `config`
+    the saliency maps' (default `SaliencyConfig()`).
+
+    Keys: `fold_in(key(seed), SALIENCE_STREAM)` then per test index; the
+    bootstrap (`resamples`) draws from `default_rng([seed, BOOTSTRAP_STREAM])`.
+    `batch_size` attacks per jitted step (None: `default_batch_size`);
+    `on_batch(done)` after each; `examples`: how many successful and failed
+    attacks keep their maps for a figure.
+    """
+    config = config or SaliencyConfig()
+    if batch_size is None:
+        batch_size = default_batch_size(config)
+    # The last convolution's output (for ResNets the last block's second conv,
+    # before the residual add), as the paper's maps are of convolution outputs.
+    shapes = propagation.layer_shapes(
+        module, variables, images.shape[1:], models.is_conv
+    )
+    last_layer = list(shapes)[-1]
+    analyse = jax.jit(
+        functools.partial(saliency.analyse_changes, config, module, last_layer),
+        static_argnames="return_maps",
+    )
+    base = jax.random.fold_in(jax.random.key(seed), SALIENCE_STREAM)
+    keys = locality.image_keys(base, indices)
+    results = batching.map_batches(
+        functools.partial(analyse, variables),
+        [images, labels, changes, keys],
+        batch_size,
+        on_batch=on_batch,
+    )
+
+    rng = np.random.default_rng([seed, BOOTSTRAP_STREAM])
+    rows = p1_rows(results, success, rng, resamples)
+    p2, roc = p2_rows(results, labels, rng, resamples)
+    rows += p2 + p3_rows(results, success, rng, resamples)
+    groups = group_summary(results, success, rng, resamples)
+
+    # Example maps for the figure: the first successful and failed attacks.
+    chosen = np.concatenate(
+        [np.flatnonzero(success)[:examples], np.flatnonzero(~success)[:examples]]
+    )
+    example_maps = None
+    if chosen.size:
+        example_maps = jax.device_get(
+            analyse(
+                variables,
+                images[chosen],
+                labels[chosen],
+                changes[chosen],
+                keys[chosen],
+                return_maps=True,
+            )
+        )
+    return SalienceStudy(
+        indices,
+        images,
+        labels,
+        success,
+        changes,
+        last_layer,
+        tuple(shapes[last_layer]),
+        results,
+        rows,
+        roc,
+        groups,
+        chosen,
+        example_maps,
+    )

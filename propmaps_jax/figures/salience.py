@@ -1,4 +1,6 @@
-"""Figures of the salience study (experiments/salience.py).
+"""Figures of the salience study (`propmaps_jax.analysis.salience`): the examples'
+maps, the attention capture per group of changes, the ROC curves of P2;
+`study_figures` draws all three of a `SalienceStudy`.
 
 Every function takes host arrays (NumPy) and returns a matplotlib figure; saliency
 maps are shown as each map's share of its total mass per pixel, so that one colour
@@ -14,6 +16,7 @@ import numpy as np
 from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.patches import Rectangle
 
+from propmaps_jax.analysis.salience import MEASURES, SalienceStudy
 from propmaps_jax.models import CIFAR10_CLASSES
 
 GROUP_COLOURS = {
@@ -281,3 +284,26 @@ def roc_figure(roc: dict, measures: dict[str, str], title: str) -> plt.Figure:
     )
     fig.tight_layout()
     return fig
+
+
+def study_figures(study: SalienceStudy, title: str) -> dict[str, plt.Figure]:
+    """{file name: figure} of a salience study (`salience.study_attacks`):
+    examples.png (when it kept example maps), attention_capture.png, roc.png;
+    `title` ends each figure's title (the model and the saliency method)."""
+    figures = {}
+    if study.example_maps is not None:
+        chosen = study.chosen
+        height, width = study.last_shape[:2]
+        figures["examples.png"] = examples_figure(
+            study.images[chosen],
+            study.example_maps,
+            study.labels[chosen],
+            study.success[chosen],
+            study.indices[chosen],
+            study.changes[chosen, 0, :2],
+            f"{study.last_layer}, {height}x{width}",
+            title,
+        )
+    figures["attention_capture.png"] = capture_figure(study.capture(), title)
+    figures["roc.png"] = roc_figure(study.roc, MEASURES, title)
+    return figures
