@@ -32,7 +32,6 @@ paper_figures_signed/, paper_figures_<layers>/.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import numpy as np
@@ -105,10 +104,31 @@ def parse_ints(text: str, count: int, flag: str, what: str) -> tuple[int, ...]:
 
 def perturbation_from_flags(
     cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, str, str, dict | None]:
+    """(pixels (k, 5), where they come from, output name, the attack.csv row's
+    predictions or None) from --pixel/--rgb or DIR/attack.csv (checked against
+    --model, --weights and the test split `images`/`labels`), and --move_to."""
+    pixels, source, recorded = _flag_or_recorded_pixels(cfg, images, labels)
+    name = str(cfg.index)
+    if cfg.move_to is not None:
+        if pixels.shape[0] != 1:
+            raise PropmapsError(
+                f"--move_to moves a one-pixel perturbation; this one has "
+                f"{pixels.shape[0]} pixels"
+            )
+        row, col = parse_ints(cfg.move_to, 2, "move_to", "ROW,COL")
+        pixels = pixels.copy()
+        pixels[0, :2] = (row, col)
+        source += f", moved to ({row}, {col})"
+        name += f"_moved_{row}_{col}"
+        recorded = None  # attack.csv's predictions are of the unmoved pixel
+    return pixels, source, name, recorded
+
+
+def _flag_or_recorded_pixels(
+    cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, str, dict | None]:
-    """(pixels (k, 5), where they come from, the attack.csv row or None) from
-    --pixel/--rgb or DIR/attack.csv (checked against --model, --weights and the
-    test split `images`/`labels`)."""
+    """(pixels, source, the attack.csv row's predictions) before --move_to."""
     index = cfg.index
     if cfg.pixel is not None or cfg.rgb is not None:
         if cfg.pixel is None or cfg.rgb is None:
@@ -163,52 +183,12 @@ def check_pixels(pixels: np.ndarray, image_shape: tuple[int, ...], flag: str) ->
         raise PropmapsError(f"colours from {flag} must be in 0..255")
 
 
-def _perturbation(
-    cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, str, str, dict | None]:
-    """(pixels (k, 5), where they come from, output name, the attack.csv row's
-    predictions or None) from the flags."""
-    pixels, source, recorded = perturbation_from_flags(cfg, images, labels)
-    name = str(cfg.index)
-    if cfg.move_to is not None:
-        if pixels.shape[0] != 1:
-            raise PropmapsError(
-                f"--move_to moves a one-pixel perturbation; this one has "
-                f"{pixels.shape[0]} pixels"
-            )
-        row, col = parse_ints(cfg.move_to, 2, "move_to", "ROW,COL")
-        pixels = pixels.copy()
-        pixels[0, :2] = (row, col)
-        source += f", moved to ({row}, {col})"
-        name += f"_moved_{row}_{col}"
-        recorded = None  # attack.csv's predictions are of the unmoved pixel
-    return pixels, source, name, recorded
-
-
 def _save_figures(folder: str, figures: dict) -> None:
     """Each {file name: figure} as a PNG in `folder`."""
     for file, fig in figures.items():
         path = os.path.join(folder, file)
         plots.save_figure(fig, path)
         print(f"wrote {path}")
-
-
-def _print_summary(maps: paper_examples.AttackMaps) -> None:
-    probs, probs_adv = maps.result["probs"], maps.result["probs_adv"]
-    before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
-    name = functools.partial(paper_examples.class_name, num_classes=maps.num_classes)
-    print(
-        f"test image {maps.index}: {name(before)} {probs[before]:.1%} -> "
-        f"{name(after)} {probs_adv[after]:.1%} (true {name(maps.label)}), "
-        f"perturbation {maps.pixels_text}"
-    )
-    print(f"{'layer':<28} {'HxWxK':>9} {'max|dFM|/maxFM':>15} {'spread>10%':>11}")
-    order, summaries = maps.result["order"], maps.result["summaries"]
-    for i, n in enumerate(order):
-        print(
-            f"{n:<28} {'x'.join(map(str, order[n])):>9} "
-            f"{summaries['max_ratio'][i]:>15.3f} {summaries['spread'][i]:>11.1%}"
-        )
 
 
 def paper_figures(
@@ -260,7 +240,7 @@ def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -
         raise PropmapsError(
             f"--index={index} is outside the test set (0..{images.shape[0] - 1})"
         )
-    pixels, source, name, recorded = _perturbation(cfg, images, labels)
+    pixels, source, name, recorded = perturbation_from_flags(cfg, images, labels)
     check_pixels(
         pixels, images.shape[1:], "--move_to" if cfg.move_to is not None else source
     )
@@ -292,7 +272,7 @@ def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -
     npz_path = os.path.join(folder, f"{name}_maps.npz")
     rundir.write_npz(npz_path, maps.arrays())
     print(f"wrote {npz_path}")
-    _print_summary(maps)
+    print(maps.summary())
 
 
 def main(argv: list[str]) -> None:

@@ -12,8 +12,10 @@
   `claims_markdown` renders their report (claims.md);
 - `statistics`: the maps over many attacks (running sums, controls, the initial
   populations) and the claims report of them;
-- `paper_examples`: the attacks the paper's figures 2-6 show, chosen by rule;
-- `salience`: the salience study's predictions, bootstrap intervals and verdicts;
+- `paper_examples`: one attack's maps as figures 2-6 show them (`attack_maps`),
+  and the attacks those figures show, chosen by rule (`paper_figures`);
+- `salience`: the salience study in one call (`study_attacks`): its predictions,
+  bootstrap intervals and verdicts;
 - `readings`: receptive field or image content: what each reading predicts for the
   locality tests, the rule that decides between them, and the measures;
 - `content`: one model's locality measures clustered by image (rates, rings, the

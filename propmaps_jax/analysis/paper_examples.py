@@ -117,6 +117,7 @@ class AttackMaps:
 
     @property
     def num_classes(self) -> int:
+        """The model's number of classes."""
         return len(self.result["probs"])
 
     @property
@@ -125,6 +126,26 @@ class AttackMaps:
         return "; ".join(
             f"({r}, {c}) -> RGB ({cr}, {cg}, {cb})" for r, c, cr, cg, cb in self.pixels
         )
+
+    def summary(self) -> str:
+        """Lines of text: the predictions before and after, the perturbation, and
+        per layer its shape, max|dFM| / max FM and the spread of the map."""
+        probs, probs_adv = self.result["probs"], self.result["probs_adv"]
+        before, after = int(np.argmax(probs)), int(np.argmax(probs_adv))
+        name = functools.partial(class_name, num_classes=self.num_classes)
+        lines = [
+            f"test image {self.index}: {name(before)} {probs[before]:.1%} -> "
+            f"{name(after)} {probs_adv[after]:.1%} (true {name(self.label)}), "
+            f"perturbation {self.pixels_text}",
+            f"{'layer':<28} {'HxWxK':>9} {'max|dFM|/maxFM':>15} {'spread>10%':>11}",
+        ]
+        order, summaries = self.result["order"], self.result["summaries"]
+        for i, n in enumerate(order):
+            lines.append(
+                f"{n:<28} {'x'.join(map(str, order[n])):>9} "
+                f"{summaries['max_ratio'][i]:>15.3f} {summaries['spread'][i]:>11.1%}"
+            )
+        return "\n".join(lines)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What an .npz of these maps holds (the propagation experiment's

@@ -1,12 +1,12 @@
-"""Figures of propagation maps: one attack's maps (paper figures 2-6, with
-`attack_figures` and `paper_figure` drawing the maps of
-`propmaps_jax.analysis.paper_examples`), the mean maps
+"""Figures of propagation maps: one attack's maps (paper figures 2-6), the mean maps
 over many attacks (figures 7/8), the layer means (figure 9) and where the attacked
 pixels lie.
 
-Each function takes host arrays (NumPy) in forward layer order and returns a
-matplotlib figure; saving it is the caller's (the experiments write it atomically
-with `experiments.report.plots.save_figure`). matplotlib is imported here, not by
+Each function takes host arrays (NumPy) in forward layer order, or the records of
+`propmaps_jax.analysis.paper_examples` (`attack_figures` of an `AttackMaps`,
+`paper_figure` of a `PaperFigure`), and returns matplotlib figures; saving them is
+the caller's (the experiments write them atomically with
+`experiments.report.plots.save_figure`). matplotlib is imported here, not by
 `import propmaps_jax`.
 """
 

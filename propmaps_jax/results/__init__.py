@@ -11,9 +11,9 @@ files go, atomic writes, the lock, resuming.
     run = results.read_attack_results("docs/results/lenet_1000_cpu/attack.csv")
     run.success.mean(), run.pixels.shape  # (N, k, 5): row, col, r, g, b
 
-Modules: `attack_csv`, `locality_csv`, `controls_csv`, `claims_json`; the hashes
-that results record (`hashing`) and that identify a model's weights and data
-(`provenance`).
+Modules: `attack_csv`, `locality_csv`, `controls_csv`, `salience_csv`,
+`claims_json`; the hashes that results record (`hashing`) and that identify a
+model's weights and data (`provenance`).
 """
 
 from propmaps_jax.results.attack_csv import AttackResults, read_attack_results

@@ -8,11 +8,15 @@ random): the image, the outcome, where the position came from, the change, the
 predictions, the last-layer propagation map's max and mean, and per class
 (true, new) the 3x3 and 5x5 capture before and after, the Spearman correlation
 and the top-5% overlap of the maps. Numbers are written with 6 significant
-digits. `locality_positions` reads the nearby and random positions of the
-locality study's successful attacks, checked against the attack run.
+digits. `read_table` and `read_per_image` read them back; `locality_positions`
+reads the nearby and random positions of the locality study's successful
+attacks, checked against the attack run.
 """
 
 from __future__ import annotations
+
+import csv
+import io
 
 import numpy as np
 
@@ -32,6 +36,9 @@ PER_IMAGE_COLUMNS = (
     + ["class_changed", "prob_true_after", "pm_last_max", "pm_last_mean"]
     + [f"{t}_{name}" for t in CLASSES for name in PER_CLASS]
 )
+# per_image.csv's columns of text; every other column holds a number.
+PER_IMAGE_TEXT = ("outcome", "change", "positions_from")
+TABLE_TEXT = ("id", "prediction", "class", "measure", "verdict")
 LOCALITY_COLUMNS = locality_csv.POSITION_COLUMNS
 REMEDY = "run the locality experiment again or delete it"
 
@@ -68,6 +75,44 @@ def per_image_csv(study: SalienceStudy, from_locality: np.ndarray) -> str:
                 ]
             )
     return _io.csv_text(PER_IMAGE_COLUMNS, out)
+
+
+def _read(path: str, columns: list[str] | None) -> list[dict[str, str]]:
+    rows = list(csv.DictReader(io.StringIO(_io.read_text(path), newline="")))
+    if columns is not None and rows and list(rows[0]) != list(columns):
+        raise PropmapsError(
+            f"{path} does not have the columns of this version: run the salience "
+            "experiment again"
+        )
+    return rows
+
+
+def read_table(path: str) -> list[dict]:
+    """table.csv's rows as `table_csv` was given them (numbers as floats, n as
+    an int)."""
+    return [
+        {
+            k: v if k in TABLE_TEXT else int(v) if k == "n" else float(v)
+            for k, v in row.items()
+        }
+        for row in _read(path, None)
+    ]
+
+
+def read_per_image(path: str) -> dict[str, np.ndarray]:
+    """per_image.csv as {column: array (N * 3,)}: text columns as str, the others
+    as int64 or float64."""
+    rows = _read(path, PER_IMAGE_COLUMNS)
+    out = {}
+    for column in PER_IMAGE_COLUMNS:
+        values = [row[column] for row in rows]
+        if column in PER_IMAGE_TEXT:
+            out[column] = np.array(values, str)
+        elif column.startswith(("true_", "new_", "pm_", "prob_")):
+            out[column] = np.array(values, np.float64)
+        else:
+            out[column] = np.array(values, np.int64)
+    return out
 
 
 def read_locality_positions(

@@ -76,7 +76,11 @@ def _maps(before: int, after: int, label: int = 8) -> paper_examples.AttackMaps:
         "probs": probs,
         "probs_adv": probs_adv,
         "pm": {r: {"conv1": np.zeros((4, 4))} for r in ("max", "avg")},
-        "summaries": {"max_ratio": np.array([0.25]), "spread_strong": np.array([0.5])},
+        "summaries": {
+            "max_ratio": np.array([0.25]),
+            "spread": np.array([0.125]),
+            "spread_strong": np.array([0.5]),
+        },
     }
     image = np.zeros((4, 4, 3), np.uint8)
     pixels = np.array([[1, 2, 255, 0, 0]])
@@ -117,3 +121,12 @@ def test_paper_figure_names_its_files_and_records_its_attack():
     assert record["last_layer_max_ratio"] == 0.25
     assert record["last_layer_spread_strong"] == 0.5
     assert paper_examples.PaperFigure("5", "r", "s", _maps(8, 8)).name == "figure5_5"
+
+
+def test_the_summary_text():
+    assert _maps(8, 0).summary().splitlines() == [
+        "test image 5: ship 55.0% -> airplane 64.0% (true ship), perturbation "
+        "(1, 2) -> RGB (255, 0, 0)",
+        "layer                            HxWxK  max|dFM|/maxFM  spread>10%",
+        "conv1                            4x4x2           0.250       12.5%",
+    ]

@@ -132,6 +132,29 @@ def test_per_image_and_table_csv(study):
     assert list(table[0]) == list(out.rows[0]) and len(table) == 12
 
 
+def test_the_files_read_back(study, tmp_path):
+    out, _ = study
+    from_locality = np.zeros(6, bool)
+    (tmp_path / "per_image.csv").write_text(
+        salience_csv.per_image_csv(out, from_locality)
+    )
+    (tmp_path / "table.csv").write_text(salience_csv.table_csv(out.rows))
+    per_image = salience_csv.read_per_image(str(tmp_path / "per_image.csv"))
+    np.testing.assert_array_equal(per_image["index"], np.repeat(INDICES, 3))
+    np.testing.assert_array_equal(
+        per_image["pred_after"], out.results["pred_after"].ravel()
+    )
+    np.testing.assert_allclose(
+        per_image["true_spearman"], out.results["true_spearman"].ravel(), rtol=1e-5
+    )
+    assert per_image["change"][:3].tolist() == list(saliency.CHANGES)
+    table = salience_csv.read_table(str(tmp_path / "table.csv"))
+    assert [r["id"] for r in table] == [r["id"] for r in out.rows]
+    for got, row in zip(table, out.rows, strict=True):
+        assert got["n"] == row["n"] and got["verdict"] == row["verdict"]
+        np.testing.assert_allclose(got["estimate"], row["estimate"], rtol=1e-12)
+
+
 def _locality_csv(path, rows):
     header = ["index", "label", "row", "col", "r", "g", "b"]
     header += ["nearby_row", "nearby_col", "nearby_pred", "nearby_success"]
