@@ -45,7 +45,7 @@ from propmaps_jax.analysis import paper_examples, propagation
 from propmaps_jax.attack.perturb import apply_pixels
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import propagation as propagation_figures
-from propmaps_jax.models import CIFAR10_CLASSES
+from propmaps_jax.models import CIFAR10_CLASSES, linen_features
 from propmaps_jax.results import attack_csv
 
 flags.DEFINE_integer("index", None, "Index of the test image.")
@@ -242,7 +242,11 @@ def _analyze_attack(cfg, module, variables, config, image, label, pixels) -> tup
     `pixels` (k, 5) on the clean `image`."""
     perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
     maps = propagation.maps_of_result(
-        module, variables, image[None], pixels[None], cfg.signed, cfg.layers
+        linen_features(module, cfg.layers),
+        variables,
+        image[None],
+        pixels[None],
+        cfg.signed,
     )
     result = {
         "order": maps["order"],
@@ -347,7 +351,7 @@ def paper_figures(
     common.check_computes(loaded, images, cfg.model, cfg.weights)
     config, module, variables, _ = loaded
     examples = paper_examples.paper_figure_examples(
-        module, variables, images, labels, table
+        linen_features(module), variables, images, labels, table
     )
     if not examples:
         raise PropmapsError(

@@ -53,7 +53,7 @@ from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import storage
 from propmaps_jax import batching, models
-from propmaps_jax.analysis import locality, propagation, saliency
+from propmaps_jax.analysis import locality, saliency
 from propmaps_jax.analysis import salience as salience_study
 from propmaps_jax.analysis.saliency import CHANGES, TOP_FRACTION, WINDOWS
 from propmaps_jax.attack.perturb import apply_pixels_batch
@@ -303,12 +303,11 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
 
     # The last convolution's output (for ResNets the last block's second conv,
     # before the residual add), as the paper's maps are of convolution outputs.
-    shapes = propagation.layer_shapes(
-        module, variables, x_test.shape[1:], models.is_conv
-    )
+    features = models.linen_features(module)
+    shapes = models.check_model(features, variables, x_test.shape[1:])
     last_layer = list(shapes)[-1]
     analyse = jax.jit(
-        functools.partial(saliency.analyse_changes, config, module, last_layer),
+        functools.partial(saliency.analyse_changes, config, features, last_layer),
         static_argnames="return_maps",
     )
     base = jax.random.fold_in(jax.random.key(seed), SALIENCE_STREAM)

@@ -10,8 +10,6 @@ claims.py, whose git date is the date of the verdict rules.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +17,16 @@ import numpy as np
 from propmaps_jax.analysis import propagation
 from propmaps_jax.analysis.claims import figure_examples, moved_by_one, neighbours
 from propmaps_jax.attack.perturb import apply_pixels_batch
-from propmaps_jax.models import inference_kwargs
-from propmaps_jax.types import Variables
+from propmaps_jax.models import logits_of
+from propmaps_jax.types import ApplyFn, FeaturesFn, Variables
 
 
 def neighbour_prob_true(
-    module, variables: Variables, image: np.ndarray, label: int, pixel: np.ndarray
+    apply_fn: ApplyFn,
+    variables: Variables,
+    image: np.ndarray,
+    label: int,
+    pixel: np.ndarray,
 ) -> dict[tuple[int, int], float]:
     """{neighbour position: p(label)} of the clean `image` with the colour of the
     one-pixel perturbation `pixel` (1, 5) put at each neighbour (Chebyshev
@@ -34,7 +36,7 @@ def neighbour_prob_true(
     candidates = np.repeat(pixel[None], len(moves), axis=0)
     candidates[:, 0, :2] = moves
     batch = np.broadcast_to(image, (candidates.shape[0], *image.shape))
-    logits = jax.jit(functools.partial(module.apply, **inference_kwargs(module)))(
+    logits = jax.jit(apply_fn)(
         variables,
         apply_pixels_batch(jnp.asarray(batch, jnp.float32), jnp.asarray(candidates)),
     )
@@ -43,7 +45,7 @@ def neighbour_prob_true(
 
 
 def paper_figure_examples(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: np.ndarray,
     labels: np.ndarray,
@@ -52,11 +54,15 @@ def paper_figure_examples(
     """The attacks of the paper's figures 2-6, chosen by rule from an attack table
     on the clean test `images`/`labels`: (figure, table row, pixels (k, 5), rule),
     ordered by figure ("2" and "3" are one attack; "4" is figure 2's colour moved
-    by `moved_by_one`). Empty when nothing was attacked."""
+    by `moved_by_one`). Empty when nothing was attacked. The ratios are of
+    `features_fn`'s layers (the paper's: `models.linen_features(module)`)."""
     failed = np.flatnonzero(table["attacked"] & ~table["success"])
     ratio = np.full(table["index"].shape, np.nan)
     ratio[failed] = propagation.last_layer_max_ratio(
-        module, variables, images[table["index"][failed]], table["pixels"][failed]
+        features_fn,
+        variables,
+        images[table["index"][failed]],
+        table["pixels"][failed],
     )
     examples = []
     for figure, pick in figure_examples(table, ratio).items():
@@ -66,7 +72,11 @@ def paper_figure_examples(
             index, pixel = int(table["index"][row]), table["pixels"][row]
             to = moved_by_one(
                 neighbour_prob_true(
-                    module, variables, images[index], int(labels[index]), pixel
+                    logits_of(features_fn),
+                    variables,
+                    images[index],
+                    int(labels[index]),
+                    pixel,
                 )
             )
             moved = pixel.copy()
