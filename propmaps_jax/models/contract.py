@@ -81,6 +81,172 @@ FilterFn = Callable[[nn.Module, str], bool] | bool
 _SEE = "see propmaps_jax.models.contract"
 
 
+def check_model(
+    features_fn: FeaturesFn,
+    variables: Variables,
+    image_shape: Sequence[int] = (32, 32, 3),
+) -> dict[str, tuple[int, ...]]:
+    """Check a model against the contract, abstractly (no FLOPs); return its
+    {layer: (H, W, K)} in forward order. One PropmapsError says what to change."""
+    try:
+        hash(features_fn)
+    except TypeError:
+        raise PropmapsError(
+            f"a model must be hashable (compiled programs are cached on it), "
+            f"{type(features_fn).__name__} is not: use a function or a frozen "
+            f"dataclass ({_SEE})"
+        ) from None
+    batch = 2  # not 1, so that a model that drops the batch axis is caught
+    dummy = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    try:
+        _, layers = jax.eval_shape(
+            lambda v, x: call_features(features_fn, v, x), variables, dummy
+        )
+    except PropmapsError:
+        raise
+    except Exception as error:  # the model's own error, in one line
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise PropmapsError(
+            f"the model fails on float32 images {dummy.shape} with its variables: "
+            f"{type(error).__name__}: {first} ({_SEE})"
+        ) from error
+    return collections.OrderedDict(
+        (name, tuple(value.shape[1:])) for name, value in layers.items()
+    )
+
+
+def call_features(
+    features_fn: FeaturesFn, variables: Variables, images: Images
+) -> tuple[jax.Array, LayerMaps]:
+    """(logits, layers) of `features_fn` on float32 `images`, checked against the
+    contract (free under `jax.jit`: only shapes are checked, while tracing)."""
+    images = jnp.asarray(images, jnp.float32)
+    return _check_outputs(features_fn(variables, images), images.shape[0])
+
+
+def _check_outputs(out: Any, batch: int) -> tuple[Any, LayerMaps]:
+    """(logits, layers) of one call on `batch` images, or the PropmapsError that
+    says which requirement of the contract they break."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise PropmapsError(
+            f"a model returns (logits, layers), got {type(out).__name__}; return "
+            f"the logits and an OrderedDict of feature maps ({_SEE})"
+        )
+    logits, layers = out
+    shape = tuple(getattr(logits, "shape", ()))
+    if len(shape) != 2 or shape[0] != batch:
+        raise PropmapsError(
+            f"a model's logits must be (N, classes), got shape {shape} for N={batch} "
+            f"images; return one row of logits per image ({_SEE})"
+        )
+    if not isinstance(layers, collections.OrderedDict):
+        raise PropmapsError(
+            f"a model's layers must be a collections.OrderedDict in forward order, "
+            f"got {type(layers).__name__} (a plain dict comes back from jax.jit with "
+            f"its keys sorted); build them with collections.OrderedDict ({_SEE})"
+        )
+    if not layers:
+        raise PropmapsError(
+            "the model gives no layer (for a linen module: its layer kind selects "
+            "none, e.g. bn_relu on a model without BatchNorm): choose another "
+            f"layer kind or return at least one feature map ({_SEE})"
+        )
+    for name, value in layers.items():
+        shape = tuple(getattr(value, "shape", ()))
+        if not isinstance(name, str) or len(shape) != 4 or shape[0] != batch:
+            raise PropmapsError(
+                f"layer {name!r} has shape {shape} for N={batch} images: each layer "
+                "must be named by a string and be feature maps (N, H, W, K); "
+                f"reshape it or leave it out ({_SEE})"
+            )
+    return logits, layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Logits:
+    """The logits half of a model: `apply_fn(variables, images) -> logits`."""
+
+    features_fn: FeaturesFn
+
+    def __call__(self, variables: Variables, images: Images) -> jax.Array:
+        return self.features_fn(variables, images)[0]
+
+
+def logits_of(features_fn: FeaturesFn) -> ApplyFn:
+    """The attack's `apply_fn` of a model: `make_apply_fn(module)` for a linen
+    adapter (so the attack's fast paths for the project's models apply), else its
+    logits half (hashable when the model is)."""
+    if isinstance(features_fn, LinenFeatures):
+        return InferenceApply(features_fn.module, features_fn.takes_train)
+    return Logits(features_fn)
+
+
+def linen_features(module: nn.Module, layers: str | FilterFn = "conv") -> LinenFeatures:
+    """The model of a Flax linen module: its logits and the layers `layers` selects
+    (a `LAYER_KINDS` name or a `(module, method_name) -> bool` filter)."""
+    _layer_selection(layers)  # an unknown kind is refused here, not when traced
+    return LinenFeatures(module, layers, _takes_train(module, "linen_features"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenFeatures:
+    """`features_fn(variables, images) -> (logits, layers)` of a linen module in
+    inference mode (`linen_features` builds it; hashable like `InferenceApply`)."""
+
+    module: nn.Module
+    layers: str | FilterFn = "conv"
+    takes_train: bool = True
+
+    def __call__(
+        self, variables: Variables, images: Images
+    ) -> tuple[jax.Array, LayerMaps]:
+        filter_fn, relu = _layer_selection(self.layers)
+        kwargs = {"train": False} if self.takes_train else {}
+        logits, layers = layer_outputs(
+            self.module,
+            variables,
+            jnp.asarray(images, jnp.float32),
+            filter_fn,
+            **kwargs,
+        )
+        if relu:
+            layers = collections.OrderedDict(
+                (name, jax.nn.relu(value)) for name, value in layers.items()
+            )
+        return logits, layers
+
+
+def _layer_selection(layers: str | FilterFn) -> tuple[FilterFn, bool]:
+    """(filter_fn, relu) of a `LAYER_KINDS` name, or (layers, False) of a filter."""
+    if not isinstance(layers, str):
+        return layers, False
+    if layers == "conv":
+        return is_conv, False
+    if layers == "conv_relu":
+        return is_conv, True
+    if layers == "bn_relu":
+        return is_batch_norm, True
+    raise PropmapsError(
+        f"unknown layer kind {layers!r}; choose one of: {', '.join(LAYER_KINDS)}"
+    )
+
+
+def is_batch_norm(module: nn.Module, method_name: str) -> bool:
+    """Filter of `layer_outputs`: the output of every BatchNorm."""
+    return isinstance(module, nn.BatchNorm) and method_name == "__call__"
+
+
+def make_apply_fn(module: nn.Module) -> ApplyFn:
+    """The inference `apply_fn(variables, images) -> logits` of a Flax linen module.
+
+    The module's `__call__` takes the images (float32 (N, H, W, C), 0..255) as its
+    one required argument, and `train=False` when it has a `train` argument. Any
+    other model (an nnx module, a plain function) enters the library as its own
+    `apply_fn(variables, images) -> logits`; a PropmapsError says so.
+    """
+    return InferenceApply(module, _takes_train(module))
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceApply:
     """`apply_fn(variables, images) -> logits` of a module in inference mode.
@@ -97,17 +263,6 @@ class InferenceApply:
     def __call__(self, variables: Variables, images: Images) -> jax.Array:
         kwargs = {"train": False} if self.takes_train else {}
         return self.module.apply(variables, jnp.asarray(images, jnp.float32), **kwargs)
-
-
-def make_apply_fn(module: nn.Module) -> ApplyFn:
-    """The inference `apply_fn(variables, images) -> logits` of a Flax linen module.
-
-    The module's `__call__` takes the images (float32 (N, H, W, C), 0..255) as its
-    one required argument, and `train=False` when it has a `train` argument. Any
-    other model (an nnx module, a plain function) enters the library as its own
-    `apply_fn(variables, images) -> logits`; a PropmapsError says so.
-    """
-    return InferenceApply(module, _takes_train(module))
 
 
 def inference_kwargs(module: nn.Module) -> dict[str, bool]:
@@ -169,158 +324,3 @@ def make_logits_fn(module: nn.Module, variables: Variables) -> LogitsFn:
     """
     apply_fn = make_apply_fn(module)
     return lambda images: apply_fn(variables, images)
-
-
-def is_batch_norm(module: nn.Module, method_name: str) -> bool:
-    """Filter of `layer_outputs`: the output of every BatchNorm."""
-    return isinstance(module, nn.BatchNorm) and method_name == "__call__"
-
-
-def _layer_selection(layers: str | FilterFn) -> tuple[FilterFn, bool]:
-    """(filter_fn, relu) of a `LAYER_KINDS` name, or (layers, False) of a filter."""
-    if not isinstance(layers, str):
-        return layers, False
-    if layers == "conv":
-        return is_conv, False
-    if layers == "conv_relu":
-        return is_conv, True
-    if layers == "bn_relu":
-        return is_batch_norm, True
-    raise PropmapsError(
-        f"unknown layer kind {layers!r}; choose one of: {', '.join(LAYER_KINDS)}"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class LinenFeatures:
-    """`features_fn(variables, images) -> (logits, layers)` of a linen module in
-    inference mode (`linen_features` builds it; hashable like `InferenceApply`)."""
-
-    module: nn.Module
-    layers: str | FilterFn = "conv"
-    takes_train: bool = True
-
-    def __call__(
-        self, variables: Variables, images: Images
-    ) -> tuple[jax.Array, LayerMaps]:
-        filter_fn, relu = _layer_selection(self.layers)
-        kwargs = {"train": False} if self.takes_train else {}
-        logits, layers = layer_outputs(
-            self.module,
-            variables,
-            jnp.asarray(images, jnp.float32),
-            filter_fn,
-            **kwargs,
-        )
-        if relu:
-            layers = collections.OrderedDict(
-                (name, jax.nn.relu(value)) for name, value in layers.items()
-            )
-        return logits, layers
-
-
-def linen_features(module: nn.Module, layers: str | FilterFn = "conv") -> LinenFeatures:
-    """The model of a Flax linen module: its logits and the layers `layers` selects
-    (a `LAYER_KINDS` name or a `(module, method_name) -> bool` filter)."""
-    _layer_selection(layers)  # an unknown kind is refused here, not when traced
-    return LinenFeatures(module, layers, _takes_train(module, "linen_features"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Logits:
-    """The logits half of a model: `apply_fn(variables, images) -> logits`."""
-
-    features_fn: FeaturesFn
-
-    def __call__(self, variables: Variables, images: Images) -> jax.Array:
-        return self.features_fn(variables, images)[0]
-
-
-def logits_of(features_fn: FeaturesFn) -> ApplyFn:
-    """The attack's `apply_fn` of a model: `make_apply_fn(module)` for a linen
-    adapter (so the attack's fast paths for the project's models apply), else its
-    logits half (hashable when the model is)."""
-    if isinstance(features_fn, LinenFeatures):
-        return InferenceApply(features_fn.module, features_fn.takes_train)
-    return Logits(features_fn)
-
-
-def _check_outputs(out: Any, batch: int) -> tuple[Any, LayerMaps]:
-    """(logits, layers) of one call on `batch` images, or the PropmapsError that
-    says which requirement of the contract they break."""
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise PropmapsError(
-            f"a model returns (logits, layers), got {type(out).__name__}; return "
-            f"the logits and an OrderedDict of feature maps ({_SEE})"
-        )
-    logits, layers = out
-    shape = tuple(getattr(logits, "shape", ()))
-    if len(shape) != 2 or shape[0] != batch:
-        raise PropmapsError(
-            f"a model's logits must be (N, classes), got shape {shape} for N={batch} "
-            f"images; return one row of logits per image ({_SEE})"
-        )
-    if not isinstance(layers, collections.OrderedDict):
-        raise PropmapsError(
-            f"a model's layers must be a collections.OrderedDict in forward order, "
-            f"got {type(layers).__name__} (a plain dict comes back from jax.jit with "
-            f"its keys sorted); build them with collections.OrderedDict ({_SEE})"
-        )
-    if not layers:
-        raise PropmapsError(
-            "the model gives no layer (for a linen module: its layer kind selects "
-            "none, e.g. bn_relu on a model without BatchNorm): choose another "
-            f"layer kind or return at least one feature map ({_SEE})"
-        )
-    for name, value in layers.items():
-        shape = tuple(getattr(value, "shape", ()))
-        if not isinstance(name, str) or len(shape) != 4 or shape[0] != batch:
-            raise PropmapsError(
-                f"layer {name!r} has shape {shape} for N={batch} images: each layer "
-                "must be named by a string and be feature maps (N, H, W, K); "
-                f"reshape it or leave it out ({_SEE})"
-            )
-    return logits, layers
-
-
-def call_features(
-    features_fn: FeaturesFn, variables: Variables, images: Images
-) -> tuple[jax.Array, LayerMaps]:
-    """(logits, layers) of `features_fn` on float32 `images`, checked against the
-    contract (free under `jax.jit`: only shapes are checked, while tracing)."""
-    images = jnp.asarray(images, jnp.float32)
-    return _check_outputs(features_fn(variables, images), images.shape[0])
-
-
-def check_model(
-    features_fn: FeaturesFn,
-    variables: Variables,
-    image_shape: Sequence[int] = (32, 32, 3),
-) -> dict[str, tuple[int, ...]]:
-    """Check a model against the contract, abstractly (no FLOPs); return its
-    {layer: (H, W, K)} in forward order. One PropmapsError says what to change."""
-    try:
-        hash(features_fn)
-    except TypeError:
-        raise PropmapsError(
-            f"a model must be hashable (compiled programs are cached on it), "
-            f"{type(features_fn).__name__} is not: use a function or a frozen "
-            f"dataclass ({_SEE})"
-        ) from None
-    batch = 2  # not 1, so that a model that drops the batch axis is caught
-    dummy = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
-    try:
-        _, layers = jax.eval_shape(
-            lambda v, x: call_features(features_fn, v, x), variables, dummy
-        )
-    except PropmapsError:
-        raise
-    except Exception as error:  # the model's own error, in one line
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise PropmapsError(
-            f"the model fails on float32 images {dummy.shape} with its variables: "
-            f"{type(error).__name__}: {first} ({_SEE})"
-        ) from error
-    return collections.OrderedDict(
-        (name, tuple(value.shape[1:])) for name, value in layers.items()
-    )
