@@ -273,7 +273,7 @@ SCALES = {
         "layers by the numbers on the colour bars",
     ),
 }
-# What the maps of each layer kind (`propagation.LAYER_KINDS`) are taken of.
+# What the maps of each layer kind (`models.LAYER_KINDS`) are taken of.
 MAPS_OF = {
     "conv": "convolution outputs",
     "conv_relu": "ReLU(convolution outputs)",

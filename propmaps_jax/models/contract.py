@@ -22,11 +22,12 @@ mode, abstractly (no FLOPs), with one one-line PropmapsError naming what to chan
 it returns {layer: (H, W, K)} in forward order. The map functions check each call's
 output the same way while tracing (`call_features`).
 
-The attack needs only the first half, `apply_fn(variables, images) -> logits`
-(`logits_of(features_fn)`, or a function of your own), with the same images,
-inference mode and hashability. It attacks uint8 images (N, H, W, C) with their
-labels and distinct dataset indices (image i's random numbers come from its index),
-and attacks every image it is given: pass the correctly classified ones.
+The attack and the locality study need only the first half, `apply_fn(variables,
+images) -> logits` (`logits_of(features_fn)`, or a function of your own), with
+the same images, inference mode and hashability. The attack takes uint8 images
+(N, H, W, C), their labels and distinct dataset indices (image i's random numbers
+come from its index), and attacks every image it is given: pass the correctly
+classified ones.
 
 Adapters:
 - Flax linen: `linen_features(module, layers="conv")` records the layers with
