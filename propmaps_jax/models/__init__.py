@@ -24,7 +24,7 @@ from propmaps_jax.models.contract import (
     LAYER_KINDS,
     InferenceApply,
     LinenFeatures,
-    Logits,
+    LogitsOf,
     call_features,
     check_model,
     inference_kwargs,
@@ -68,7 +68,7 @@ from propmaps_jax.models.nets import (
 __all__ = [
     "LAYER_KINDS",
     "LinenFeatures",
-    "Logits",
+    "LogitsOf",
     "call_features",
     "check_model",
     "is_batch_norm",

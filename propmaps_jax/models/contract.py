@@ -164,7 +164,7 @@ def _check_outputs(out: Any, batch: int) -> tuple[Any, LayerMaps]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Logits:
+class LogitsOf:
     """The logits half of a model: `apply_fn(variables, images) -> logits`."""
 
     features_fn: FeaturesFn
@@ -179,7 +179,7 @@ def logits_of(features_fn: FeaturesFn) -> ApplyFn:
     logits half (hashable when the model is)."""
     if isinstance(features_fn, LinenFeatures):
         return InferenceApply(features_fn.module, features_fn.takes_train)
-    return Logits(features_fn)
+    return LogitsOf(features_fn)
 
 
 def linen_features(module: nn.Module, layers: str | FilterFn = "conv") -> LinenFeatures:
