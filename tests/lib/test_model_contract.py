@@ -16,6 +16,7 @@ import propmaps_jax as pj
 from propmaps_jax import models
 from propmaps_jax.analysis import propagation
 from propmaps_jax.errors import PropmapsError
+from tests._fixtures import numpy_conv_same
 
 SHAPE = (8, 8, 3)
 
@@ -50,34 +51,10 @@ def _plain_params():
     return {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
 
 
-def _numpy_conv(x, w, b, stride):
-    """float64 SAME convolution (TensorFlow's padding: the extra row/col after)."""
-    n, height, width, _ = x.shape
-    k = w.shape[0]
-    out_h, out_w = -(-height // stride), -(-width // stride)
-    pad_h = max((out_h - 1) * stride + k - height, 0)
-    pad_w = max((out_w - 1) * stride + k - width, 0)
-    x = np.pad(
-        x,
-        (
-            (0, 0),
-            (pad_h // 2, pad_h - pad_h // 2),
-            (pad_w // 2, pad_w - pad_w // 2),
-            (0, 0),
-        ),
-    )
-    out = np.zeros((n, out_h, out_w, w.shape[-1]))
-    for i in range(out_h):
-        for j in range(out_w):
-            patch = x[:, i * stride : i * stride + k, j * stride : j * stride + k]
-            out[:, i, j] = np.einsum("nhwc,hwco->no", patch, w)
-    return out + b
-
-
 def _numpy_layers(params, images):
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    conv1 = _numpy_conv(images.astype(np.float64) / 255.0, p["w1"], p["b1"], 1)
-    conv2 = _numpy_conv(np.maximum(conv1, 0), p["w2"], p["b2"], 2)
+    conv1 = numpy_conv_same(images.astype(np.float64) / 255.0, p["w1"], p["b1"], 1)
+    conv2 = numpy_conv_same(np.maximum(conv1, 0), p["w2"], p["b2"], 2)
     return {"conv1": conv1, "conv2": conv2}
 
 

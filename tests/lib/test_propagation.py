@@ -11,6 +11,7 @@ from propmaps_jax import models
 from propmaps_jax.analysis import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import layer_outputs
+from tests._fixtures import numpy_conv_same
 
 
 class ConvStack(nn.Module):
@@ -38,30 +39,6 @@ class ConvStack(nn.Module):
             if self.relu and i < len(self.features) - 1:
                 x = nn.relu(x)
         return x.reshape((x.shape[0], -1)).sum(axis=-1, keepdims=True)
-
-
-def numpy_conv_same(x, kernel, bias, stride):
-    """float64 NHWC convolution with XLA/TensorFlow 'SAME' padding."""
-    n, h, w, _ = x.shape
-    kh, kw, _, out = kernel.shape
-    out_h, out_w = -(-h // stride), -(-w // stride)
-    pad_h = max((out_h - 1) * stride + kh - h, 0)
-    pad_w = max((out_w - 1) * stride + kw - w, 0)
-    xp = np.pad(
-        x,
-        (
-            (0, 0),
-            (pad_h // 2, pad_h - pad_h // 2),
-            (pad_w // 2, pad_w - pad_w // 2),
-            (0, 0),
-        ),
-    )
-    y = np.zeros((n, out_h, out_w, out), np.float64)
-    for i in range(out_h):
-        for j in range(out_w):
-            patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
-            y[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, kernel)
-    return y + (0.0 if bias is None else bias)
 
 
 def numpy_stack_maps(module, params, images):
