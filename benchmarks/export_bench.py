@@ -151,6 +151,7 @@ def programs(
     """
     image_shape = (32, 32, 3)
     module = models.for_platform(models.create_model(model_name), platform)
+    features = models.linen_features(module)  # the maps' model: every conv output
     variables = _abstract_variables(module, image_shape)
     apply_fn = models.make_apply_fn(module)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (attack.AXIS,)) if mesh is None else mesh
@@ -199,7 +200,7 @@ def programs(
         Program(
             "propagation.analyze (one attack)",
             jax.jit(
-                lambda v, x, xa: propagation.analyze(module, v, x, xa, signed=False)
+                lambda v, x, xa: propagation.analyze(features, v, x, xa, signed=False)
             ),
             (
                 variables,
@@ -209,12 +210,12 @@ def programs(
         )
     )
     # Propagation statistics over many attacks (experiments/statistics.py `_stream`).
-    shapes = propagation.layer_shapes(module, variables, image_shape)
+    shapes = models.check_model(features, variables, image_shape)
     stats = _spec(jax.eval_shape(lambda: propagation.init_statistics(shapes)))
 
     def statistics_step(state, v, x, x_adv, success, valid):
         return propagation.accumulate_statistics(
-            state, module, v, x, x_adv, success, valid, False
+            state, features, v, x, x_adv, success, valid, False
         )
 
     out.append(
@@ -277,13 +278,11 @@ def programs(
                 (key_data, variables, _images(batch, image_shape), _ints(batch)),
             )
         )
-    conv_shapes = propagation.layer_shapes(
-        module, variables, image_shape, models.is_conv
-    )
+    conv_shapes = models.check_model(features, variables, image_shape)
     sconfig = saliency.SaliencyConfig(method="smoothgrad", samples=saliency_samples)
     analyse = jax.jit(
         functools.partial(
-            saliency.analyse_changes, sconfig, module, list(conv_shapes)[-1]
+            saliency.analyse_changes, sconfig, features, list(conv_shapes)[-1]
         )
     )
     keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype)

@@ -15,10 +15,11 @@ import propmaps_jax as pj
 from propmaps_jax.analysis import locality_study, propagation
 from propmaps_jax.models import checkpoint
 
-# A model is data: apply_fn(variables, images in 0..255) -> logits, plus variables.
+# A model is data: features(variables, images in 0..255) -> (logits, {layer: maps}),
+# any JAX function (pj.models.contract says what it must be), plus its variables.
 model_config, variables, _ = checkpoint.load_weights("lenet")  # the bundled LeNet
-model = pj.models.create_model(model_config)
-apply_fn = pj.models.make_apply_fn(model)  # any linen module, with `train` or not
+features = pj.models.linen_features(pj.models.create_model(model_config))
+apply_fn = pj.models.logits_of(features)  # the attack's half: logits only
 
 # The first test images (CIFAR10_PATH, else downloaded once into ~/.cache).
 test = pj.data.load_cifar10(os.environ.get("CIFAR10_PATH"))
@@ -41,7 +42,7 @@ print(locality_study.table1_markdown({"lenet": study}))
 
 # The propagation maps of an attack result: per convolution, the max over channels
 # of |FM - FM_adv|, (images, height, width), in forward order.
-maps = propagation.maps_of_result(model, variables, images, result.pixels)
+maps = propagation.maps_of_result(features, variables, images, result.pixels)
 print({layer: pm.shape for layer, pm in maps["pm"]["max"].items()})
 
 # A committed run's attack.csv as arrays, every row checked.

@@ -43,6 +43,7 @@ from experiments.runs import rundir, storage
 from propmaps_jax.analysis import paper_examples
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import propagation as propagation_figures
+from propmaps_jax.models import linen_features
 from propmaps_jax.results import attack_csv
 
 flags.DEFINE_integer("index", None, "Index of the test image.")
@@ -203,7 +204,13 @@ def paper_figures(
     common.check_computes(loaded, images, cfg.model, cfg.weights)
     _, module, variables, _ = loaded
     figures = paper_examples.paper_figures(
-        module, variables, images, labels, run.table, cfg.signed, cfg.layers
+        linen_features(module, cfg.layers),
+        variables,
+        images,
+        labels,
+        run.table,
+        cfg.signed,
+        chosen_by=linen_features(module),
     )
     if not figures:
         raise PropmapsError(
@@ -248,14 +255,13 @@ def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -
     common.check_computes(loaded, images, cfg.model, cfg.weights)
     _, module, variables, _ = loaded
     maps = paper_examples.attack_maps(
-        module,
+        linen_features(module, cfg.layers),
         variables,
         images[index],
         int(labels[index]),
         pixels,
         index,
         cfg.signed,
-        cfg.layers,
     )
     disagreement = paper_examples.disagreement(maps.result, recorded)
     if disagreement:

@@ -49,6 +49,7 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import storage
+from propmaps_jax import models
 from propmaps_jax.analysis import locality, saliency
 from propmaps_jax.analysis import salience as salience_study
 from propmaps_jax.analysis.saliency import TOP_FRACTION, WINDOWS
@@ -164,7 +165,9 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
     common.check_computes(loaded, images, model_name, weights)
 
     # The model must be the attack's: its predictions must match attack.csv.
-    preds = salience_study.attack_predictions(module, variables, images, pixels)
+    preds = salience_study.attack_predictions(
+        models.make_apply_fn(module), variables, images, pixels
+    )
     expected = np.stack([table["pred_before"][attacked], table["pred_after"][attacked]])
     mismatches = int(np.sum(np.any(preds != expected, axis=0)))
     require_predictions_match(csv_path, mismatches, len(indices))
@@ -175,7 +178,7 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
         flush=True,
     )
     study = salience_study.study_attacks(
-        module,
+        models.linen_features(module),
         variables,
         indices,
         images,

@@ -50,7 +50,7 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import integrity, rundir, storage
-from propmaps_jax import stats
+from propmaps_jax import models, stats
 from propmaps_jax.analysis import propagation, statistics
 from propmaps_jax.analysis.claims_markdown import claims_table
 from propmaps_jax.figures import propagation as propagation_figures
@@ -119,7 +119,12 @@ def _generation0(module, variables, images, rows, summary, workdir):
             "settings"
         )
     out = statistics.generation0_best_candidates(
-        module, variables, images, rows, settings, progress=_progress
+        models.make_apply_fn(module),
+        variables,
+        images,
+        rows,
+        settings,
+        progress=_progress,
     )
     rundir.write_npz(
         path, {**out, "index": rows["index"], "settings": np.array(record)}
@@ -214,12 +219,12 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
     loaded = common.load_model(cfg.model, cfg.weights)
     common.check_computes(loaded, images, cfg.model, cfg.weights)
     config, module, variables, _ = loaded
-    filter_fn, _ = propagation.layer_selection(cfg.layers)
-    shapes = propagation.layer_shapes(module, variables, config.image_shape, filter_fn)
+    model = models.linen_features(module, cfg.layers)
+    shapes = models.check_model(model, variables, config.image_shape)
     order = list(shapes)
-    maps_of = dict(signed=cfg.signed, layers=cfg.layers, progress=_progress)
+    maps_of = dict(signed=cfg.signed, progress=_progress)
     state, scalars, predicted = statistics.stream_statistics(
-        module, variables, shapes, images, rows, cfg.batch_size, **maps_of
+        model, variables, shapes, images, rows, cfg.batch_size, **maps_of
     )
     success, total = rows["success"], rows["index"].size
     counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
@@ -238,7 +243,7 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
 
     if rows["pixels"].shape[1] == 1:
         control_states = statistics.control_statistics(
-            module, variables, shapes, images, rows, cfg.batch_size, cfg.seed, **maps_of
+            model, variables, shapes, images, rows, cfg.batch_size, cfg.seed, **maps_of
         )
     else:
         control_states = {}

@@ -24,3 +24,7 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 # apply_fn(variables, images float32 (N, H, W, 3) in 0..255) -> logits (N, classes),
 # e.g. models.make_apply_fn(module): a model is this function plus its variables.
 ApplyFn = Callable[[Variables, jax.Array], jax.Array]
+# features_fn(variables, images as ApplyFn's) -> (logits (N, classes), {layer: (N,
+# H, W, K)} an OrderedDict in forward order): the model contract of
+# propmaps_jax.models.contract, e.g. models.linen_features(module).
+FeaturesFn = Callable[[Variables, jax.Array], tuple[jax.Array, LayerMaps]]

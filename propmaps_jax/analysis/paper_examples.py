@@ -28,12 +28,16 @@ import numpy as np
 from propmaps_jax.analysis import propagation
 from propmaps_jax.analysis.claims import figure_examples, moved_by_one, neighbours
 from propmaps_jax.attack.perturb import apply_pixels, apply_pixels_batch
-from propmaps_jax.models import CIFAR10_CLASSES, inference_kwargs
-from propmaps_jax.types import Variables
+from propmaps_jax.models import CIFAR10_CLASSES, logits_of
+from propmaps_jax.types import ApplyFn, FeaturesFn, Variables
 
 
 def neighbour_prob_true(
-    module, variables: Variables, image: np.ndarray, label: int, pixel: np.ndarray
+    apply_fn: ApplyFn,
+    variables: Variables,
+    image: np.ndarray,
+    label: int,
+    pixel: np.ndarray,
 ) -> dict[tuple[int, int], float]:
     """{neighbour position: p(label)} of the clean `image` with the colour of the
     one-pixel perturbation `pixel` (1, 5) put at each neighbour (Chebyshev
@@ -43,7 +47,7 @@ def neighbour_prob_true(
     candidates = np.repeat(pixel[None], len(moves), axis=0)
     candidates[:, 0, :2] = moves
     batch = np.broadcast_to(image, (candidates.shape[0], *image.shape))
-    logits = jax.jit(functools.partial(module.apply, **inference_kwargs(module)))(
+    logits = jax.jit(apply_fn)(
         variables,
         apply_pixels_batch(jnp.asarray(batch, jnp.float32), jnp.asarray(candidates)),
     )
@@ -52,7 +56,7 @@ def neighbour_prob_true(
 
 
 def paper_figure_examples(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: np.ndarray,
     labels: np.ndarray,
@@ -61,11 +65,15 @@ def paper_figure_examples(
     """The attacks of the paper's figures 2-6, chosen by rule from an attack table
     on the clean test `images`/`labels`: (figure, table row, pixels (k, 5), rule),
     ordered by figure ("2" and "3" are one attack; "4" is figure 2's colour moved
-    by `moved_by_one`). Empty when nothing was attacked."""
+    by `moved_by_one`). Empty when nothing was attacked. The ratios are of
+    `features_fn`'s layers (the paper's: `models.linen_features(module)`)."""
     failed = np.flatnonzero(table["attacked"] & ~table["success"])
     ratio = np.full(table["index"].shape, np.nan)
     ratio[failed] = propagation.last_layer_max_ratio(
-        module, variables, images[table["index"][failed]], table["pixels"][failed]
+        features_fn,
+        variables,
+        images[table["index"][failed]],
+        table["pixels"][failed],
     )
     examples = []
     for figure, pick in figure_examples(table, ratio).items():
@@ -75,7 +83,11 @@ def paper_figure_examples(
             index, pixel = int(table["index"][row]), table["pixels"][row]
             to = moved_by_one(
                 neighbour_prob_true(
-                    module, variables, images[index], int(labels[index]), pixel
+                    logits_of(features_fn),
+                    variables,
+                    images[index],
+                    int(labels[index]),
+                    pixel,
                 )
             )
             moved = pixel.copy()
@@ -113,6 +125,8 @@ class AttackMaps:
     pixels: np.ndarray
     result: dict[str, Any]
     signed: bool = False
+    # The layers' kind (`models.LAYER_KINDS`), for captions; "layers" for a model
+    # that is not the linen adapter of a kind.
     layers: str = "conv"
 
     @property
@@ -172,21 +186,20 @@ class AttackMaps:
 
 
 def attack_maps(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     image: np.ndarray,
     label: int,
     pixels: np.ndarray,
     index: int,
     signed: bool = False,
-    layers: str = "conv",
 ) -> AttackMaps:
     """The maps of the perturbation `pixels` (k, 5) on the clean `image` (H, W, C,
-    0..255) of true class `label`, test image `index`; `signed` and `layers` as
-    in `propagation.maps_of_result`."""
+    0..255) of true class `label`, test image `index`, through the layers of
+    `features_fn` (`models.contract`); `signed` as in `propagation.maps_of_result`."""
     perturbed = np.asarray(apply_pixels(jnp.asarray(image), jnp.asarray(pixels)))
     maps = propagation.maps_of_result(
-        module, variables, image[None], pixels[None], signed, layers
+        features_fn, variables, image[None], pixels[None], signed
     )
     result = {
         "order": maps["order"],
@@ -195,6 +208,8 @@ def attack_maps(
         "pm": {r: {n: m[0] for n, m in pm.items()} for r, pm in maps["pm"].items()},
         "summaries": {k: v[0] for k, v in maps["summaries"].items()},
     }
+    layers = getattr(features_fn, "layers", None)
+    layers = layers if isinstance(layers, str) else "layers"
     return AttackMaps(index, label, image, perturbed, pixels, result, signed, layers)
 
 
@@ -260,28 +275,30 @@ class PaperFigure:
 
 
 def paper_figures(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: np.ndarray,
     labels: np.ndarray,
     table: dict[str, np.ndarray],
     signed: bool = False,
-    layers: str = "conv",
+    *,
+    chosen_by: FeaturesFn | None = None,
 ) -> list[PaperFigure]:
     """The paper's figures 2-6 of an attack table on the clean test `images` /
-    `labels`, each attack chosen by `paper_figure_examples` (on the default maps,
-    so that `signed` and `layers` show the same attacks) and mapped with `signed`
-    and `layers`; ordered by figure, figure 3 drawn with figure 2. Empty when
-    nothing was attacked."""
+    `labels`, each attack chosen by `paper_figure_examples` on the maps of
+    `chosen_by` (default `features_fn`; the experiment passes the default layers,
+    `models.linen_features(module)`, so that every `signed` and layer kind shows the
+    same attacks) and mapped by `features_fn` with `signed`; ordered by figure,
+    figure 3 drawn with figure 2. Empty when nothing was attacked."""
     figures = []
     for figure, row, pixels, rule in paper_figure_examples(
-        module, variables, images, labels, table
+        chosen_by or features_fn, variables, images, labels, table
     ):
         if figure == "3":
             continue  # drawn with figure 2 (the same attack's PM_avg)
         index, label = int(table["index"][row]), int(table["label"][row])
         maps = attack_maps(
-            module, variables, images[index], label, pixels, index, signed, layers
+            features_fn, variables, images[index], label, pixels, index, signed
         )
         outcome = "successful" if table["success"][row] else "failed (best candidate)"
         source = f"attack.csv, {outcome}" if figure != "4" else "moved pixel"

@@ -12,15 +12,17 @@ and `signed=True` gives the equations literally (max_k / mean_k of FM - FM_adv).
 The per-layer scalar summaries (`layer_summaries`) use absolute differences unless
 asked for the signed ones.
 
-Which tensors are "the feature maps" is a choice too (`LAYER_KINDS`): by default
-the raw convolution outputs (`is_conv`); "conv_relu" takes ReLU of them (LeNet's
-activations, as its ReLU follows each convolution) and "bn_relu" ReLU of every
-BatchNorm output (the activations of the pre-activation ResNet, whose every ReLU
-follows a BatchNorm). `layer_selection(kind)` gives the filter and whether to apply
-ReLU; every function below takes them as `filter_fn` and `relu`.
+Every function takes the model as `features_fn(variables, images) -> (logits,
+layers)`, the contract of `propmaps_jax.models.contract`: any JAX model whose layers
+are feature maps (N, H, W, K) in forward order. Which tensors are "the feature
+maps" is the model's choice; for a linen module `models.linen_features(module,
+kind)` takes a `models.LAYER_KINDS` name: by default the raw convolution outputs;
+"conv_relu" ReLU of them (LeNet's activations, as its ReLU follows each
+convolution) and "bn_relu" ReLU of every BatchNorm output (the activations of the
+pre-activation ResNet, whose every ReLU follows a BatchNorm).
 
 Everything here is pure: arrays in, arrays out; `jax.jit` is applied by callers
-(close over the module, or pass it as a static argument; pass the variables as an
+(close over the model, or pass it as a static argument; pass the variables as an
 argument). Per-layer results are `OrderedDict`s in forward order, also through
 `jax.jit`.
 """
@@ -35,20 +37,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from propmaps_jax import batching
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.models import inference_kwargs, is_conv, layer_outputs
-from propmaps_jax.types import FeatureMaps, Images, LayerMaps, Variables
+from propmaps_jax.models import call_features, check_model
+from propmaps_jax.types import FeatureMaps, FeaturesFn, Images, LayerMaps, Variables
 
 REDUCTIONS = ("max", "avg")
 # A position "is reached" when PM_max exceeds this fraction of the layer's original max.
 SPREAD_THRESHOLD = 0.1
 # ... and "strongly" reached above this one (the paper's "influence strongly").
 STRONG_THRESHOLD = 0.5
-LAYER_KINDS = ("conv", "conv_relu", "bn_relu")
 SUMMARY_NAMES = (
     "fm_max",  # max of the original feature maps over (H, W, K)
     "max_abs_diff",  # max |FM - FM_adv| over (H, W, K)
@@ -60,27 +60,6 @@ SUMMARY_NAMES = (
     "mean_abs_fm",  # mean |FM| of the original feature maps over (H, W, K)
     "pm_avg_peak",  # max over (H, W) of PM_avg (the brightest point of figure 3)
 )
-
-FilterFn = Callable[[nn.Module, str], bool] | bool
-
-
-def is_batch_norm(module: nn.Module, method_name: str) -> bool:
-    """Filter of `layer_outputs`: the output of every BatchNorm."""
-    return isinstance(module, nn.BatchNorm) and method_name == "__call__"
-
-
-def layer_selection(kind: str) -> tuple[FilterFn, bool]:
-    """(filter_fn, relu) of a layer kind: "conv" raw convolution outputs,
-    "conv_relu" ReLU of them, "bn_relu" ReLU of every BatchNorm output."""
-    if kind == "conv":
-        return is_conv, False
-    if kind == "conv_relu":
-        return is_conv, True
-    if kind == "bn_relu":
-        return is_batch_norm, True
-    raise PropmapsError(
-        f"unknown layer kind {kind!r}; choose one of: {', '.join(LAYER_KINDS)}"
-    )
 
 
 def _check_reduce(reduce: str) -> None:
@@ -105,50 +84,19 @@ def difference_map(
 
 
 def feature_maps(
-    module: nn.Module,
-    variables: Variables,
-    images: Images,
-    filter_fn: FilterFn = is_conv,
+    features_fn: FeaturesFn, variables: Variables, images: Images
 ) -> LayerMaps:
-    """{layer: feature maps (N, H, W, K)} of `images` in forward order (inference)."""
-    _, layers = layer_outputs(
-        module,
-        variables,
-        jnp.asarray(images, jnp.float32),
-        filter_fn,
-        **inference_kwargs(module),
-    )
-    return layers
-
-
-def layer_shapes(
-    module: nn.Module,
-    variables: Variables,
-    image_shape: Sequence[int] = (32, 32, 3),
-    filter_fn: FilterFn = is_conv,
-) -> dict[str, tuple[int, ...]]:
-    """{layer: (H, W, K)} in forward order, computed abstractly (no FLOPs)."""
-
-    def layers_of(v: Variables, x: jax.Array) -> LayerMaps:
-        return layer_outputs(module, v, x, filter_fn, **inference_kwargs(module))[1]
-
-    dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    shapes = jax.eval_shape(layers_of, variables, dummy)
-    return collections.OrderedDict(
-        (name, tuple(shape.shape[1:])) for name, shape in shapes.items()
-    )
+    """{layer: feature maps (N, H, W, K)} of `images` in forward order."""
+    return call_features(features_fn, variables, images)[1]
 
 
 def paired_feature_maps(
-    module: nn.Module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: Images,
     perturbed_images: Images,
-    filter_fn: FilterFn = is_conv,
-    relu: bool = False,
 ) -> tuple[jax.Array, jax.Array, LayerMaps, LayerMaps]:
-    """(logits, logits_adv, FM, FM_adv) of natural and perturbed images, one pass
-    (ReLU applied to every recorded output when `relu`)."""
+    """(logits, logits_adv, FM, FM_adv) of natural and perturbed images, one pass."""
     images = jnp.asarray(images, jnp.float32)
     perturbed_images = jnp.asarray(perturbed_images, jnp.float32)
     if images.shape != perturbed_images.shape:
@@ -160,40 +108,28 @@ def paired_feature_maps(
     # Inference mode (BatchNorm running averages): examples are independent, so one
     # forward pass over the concatenation gives both sets of feature maps.
     both = jnp.concatenate([images, perturbed_images], axis=0)
-    logits, layers = layer_outputs(
-        module, variables, both, filter_fn, **inference_kwargs(module)
-    )
-    if not layers:
-        raise PropmapsError(
-            "the layer filter selects no layer of this model (e.g. bn_relu on a "
-            "model without BatchNorm): choose another layer kind"
-        )
-    if relu:
-        layers = _per_layer(lambda name: jax.nn.relu(layers[name]), layers)
+    logits, layers = call_features(features_fn, variables, both)
     fm = _per_layer(lambda name: layers[name][:n], layers)
     fm_adv = _per_layer(lambda name: layers[name][n:], layers)
     return logits[:n], logits[n:], fm, fm_adv
 
 
 def propagation_maps(
-    module: nn.Module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: Images,
     perturbed_images: Images,
     reduce: str = "max",
     signed: bool = False,
-    filter_fn: FilterFn = is_conv,
-    relu: bool = False,
 ) -> LayerMaps:
     """Propagation maps {layer: (N, H, W)} for reduce "max" or "avg".
 
-    Layers are those recorded by `models.layer_outputs` with `filter_fn` (by default
-    every convolution output), in forward order (an OrderedDict, also through
+    Layers are the model's, in forward order (an OrderedDict, also through
     `jax.jit`). `analyze` gives both reductions and per-layer scalars in one pass.
     """
     _check_reduce(reduce)
     _, _, fm, fm_adv = paired_feature_maps(
-        module, variables, images, perturbed_images, filter_fn, relu
+        features_fn, variables, images, perturbed_images
     )
     return _per_layer(
         lambda name: difference_map(fm[name], fm_adv[name], reduce, signed), fm
@@ -244,13 +180,11 @@ def layer_summaries(
 
 
 def analyze(
-    module: nn.Module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: Images,
     perturbed_images: Images,
     signed: bool = False,
-    filter_fn: FilterFn = is_conv,
-    relu: bool = False,
 ) -> dict[str, Any]:
     """Everything a single-attack figure needs, from one forward pass.
 
@@ -258,7 +192,7 @@ def analyze(
     {layer: (N, H, W)}, "summaries": {layer: {name: (N,)}}}.
     """
     logits, logits_adv, fm, fm_adv = paired_feature_maps(
-        module, variables, images, perturbed_images, filter_fn, relu
+        features_fn, variables, images, perturbed_images
     )
     return {
         "logits": logits,
@@ -275,33 +209,32 @@ def analyze(
     }
 
 
+# Compiled once per model and `signed` (the model is hashable by the contract).
+_analyze = jax.jit(analyze, static_argnums=0, static_argnames="signed")
+
+
 def maps_of_result(
-    module: nn.Module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: Images,
     result_pixels: np.ndarray,
     signed: bool = False,
-    layers: str = "conv",
 ) -> dict[str, Any]:
     """The propagation maps of an attack result, on the host.
 
-    `images` (N, H, W, C) are the clean images (0..255), `result_pixels` (N, k, 5)
+    `features_fn` is the model (e.g. `models.linen_features(module, "conv")`),
+    `images` (N, H, W, C) the clean images (0..255), `result_pixels` (N, k, 5)
     the perturbations the attack found (`AttackResult.pixels`, or attack.csv's
-    `pixels` column: a failed attack's best candidate); `layers` a `LAYER_KINDS`
-    name. Returns {"order": {layer: (H, W, K)} in forward order, "probs",
-    "probs_adv": (N, classes), "pm": {"max", "avg": {layer: (N, H, W)}},
-    "summaries": {name: (N, layers)} (`SUMMARY_NAMES`)}.
+    `pixels` column: a failed attack's best candidate). Returns {"order": {layer:
+    (H, W, K)} in forward order, "probs", "probs_adv": (N, classes), "pm": {"max",
+    "avg": {layer: (N, H, W)}}, "summaries": {name: (N, layers)} (`SUMMARY_NAMES`)}.
     """
-    filter_fn, relu = layer_selection(layers)
     images = jnp.asarray(images)
-    order = layer_shapes(module, variables, tuple(images.shape[1:]), filter_fn)
+    order = check_model(features_fn, variables, tuple(images.shape[1:]))
     perturbed = apply_pixels_batch(images, jnp.asarray(result_pixels))
-    run = jax.jit(
-        lambda v, x, x_adv: analyze(
-            module, v, x, x_adv, signed=signed, filter_fn=filter_fn, relu=relu
-        )
+    out = jax.device_get(
+        _analyze(features_fn, variables, images, perturbed, signed=signed)
     )
-    out = jax.device_get(run(variables, images, perturbed))
     return {
         "order": order,
         "probs": np.asarray(jax.nn.softmax(out["logits"])),
@@ -320,18 +253,20 @@ def maps_of_result(
 
 
 def last_layer_max_ratio(
-    module: nn.Module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: np.ndarray,
     result_pixels: np.ndarray,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Last-layer max|dFM| / max FM (N,) of the default maps (raw convolution
-    outputs, absolute differences) of clean `images` (N, H, W, C) perturbed by
-    `result_pixels` (N, k, 5), in batches: `claims.figure_examples`' input."""
+    """Last-layer max|dFM| / max FM (N,) of the model's maps (absolute differences)
+    of clean `images` (N, H, W, C) perturbed by `result_pixels` (N, k, 5), in
+    batches: `claims.figure_examples`' input (of the raw convolution outputs)."""
 
     def ratio(v, x, p):
-        _, _, fm, fm_adv = paired_feature_maps(module, v, x, apply_pixels_batch(x, p))
+        _, _, fm, fm_adv = paired_feature_maps(
+            features_fn, v, x, apply_pixels_batch(x, p)
+        )
         last = list(fm)[-1]
         return layer_summaries(fm[last], fm_adv[last])["max_ratio"]
 
@@ -359,15 +294,13 @@ def init_statistics(layer_shapes: dict[str, Sequence[int]]) -> dict[str, Any]:
 
 def accumulate_statistics(
     state: dict[str, Any],
-    module: nn.Module,
+    features_fn: FeaturesFn,
     variables: Variables,
     images: Images,
     perturbed_images: Images,
     success: jax.Array,
     valid: jax.Array,
     signed: bool = False,
-    filter_fn: FilterFn = is_conv,
-    relu: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Add one batch to the running sums; also return its per-image scalars.
 
@@ -377,7 +310,7 @@ def accumulate_statistics(
     small (N x layers) and let callers compute percentiles on the host.
     """
     _, logits_adv, fm, fm_adv = paired_feature_maps(
-        module, variables, images, perturbed_images, filter_fn, relu
+        features_fn, variables, images, perturbed_images
     )
     valid = jnp.asarray(valid, bool)
     success = jnp.asarray(success, bool)

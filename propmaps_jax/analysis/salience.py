@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from propmaps_jax import batching, models, stats
-from propmaps_jax.analysis import locality, propagation, saliency
+from propmaps_jax.analysis import locality, saliency
 from propmaps_jax.analysis.saliency import CHANGES, WINDOWS, SaliencyConfig
 from propmaps_jax.attack.perturb import apply_pixels_batch
-from propmaps_jax.types import Variables
+from propmaps_jax.types import ApplyFn, FeaturesFn, Variables
 
 # Groups of changes: the attack's pixel of successful / failed attacks, and the
 # moves of successful attacks (the locality protocol).
@@ -344,7 +344,7 @@ def default_batch_size(config: SaliencyConfig) -> int:
 
 
 def attack_predictions(
-    module, variables: Variables, images: np.ndarray, pixels: np.ndarray
+    apply_fn: ApplyFn, variables: Variables, images: np.ndarray, pixels: np.ndarray
 ) -> np.ndarray:
     """(2, N) predicted classes of the clean `images` (N, H, W, C) and of them
     perturbed by `pixels` (N, k, 5): an attack run's pred_before and pred_after
@@ -352,10 +352,9 @@ def attack_predictions(
     check = jax.jit(
         lambda v, x, p: (
             jnp.argmax(
-                module.apply(
+                apply_fn(
                     v,
                     jnp.concatenate([x, apply_pixels_batch(x, p)]).astype(jnp.float32),
-                    train=False,
                 ),
                 axis=-1,
             )
@@ -419,7 +418,7 @@ class SalienceStudy:
 
 
 def study_attacks(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     indices: np.ndarray,
     images: np.ndarray,
@@ -433,7 +432,9 @@ def study_attacks(
     examples: int = 3,
     on_batch: Callable[[int], Any] | None = None,
 ) -> SalienceStudy:
-    """The salience study of N attacks on the clean test `images` (N, H, W, C)
+    """The salience study of N attacks of the model `features_fn`
+    (`models.contract`; the paper's: `models.linen_features(module)`, the
+    convolution outputs) on the clean test `images` (N, H, W, C)
     with test `indices` and true `labels` (N,): the three `changes` (N, 3, 5) of
     each (`saliency.change_positions`), `success` (N,) of the attack; `config`
     the saliency maps' (default `SaliencyConfig()`).
@@ -447,14 +448,12 @@ def study_attacks(
     config = config or SaliencyConfig()
     if batch_size is None:
         batch_size = default_batch_size(config)
-    # The last convolution's output (for ResNets the last block's second conv,
-    # before the residual add), as the paper's maps are of convolution outputs.
-    shapes = propagation.layer_shapes(
-        module, variables, images.shape[1:], models.is_conv
-    )
+    # The model's last layer (the linen adapter's default: the last convolution's
+    # output, for ResNets the last block's second conv, before the residual add).
+    shapes = models.check_model(features_fn, variables, images.shape[1:])
     last_layer = list(shapes)[-1]
     analyse = jax.jit(
-        functools.partial(saliency.analyse_changes, config, module, last_layer),
+        functools.partial(saliency.analyse_changes, config, features_fn, last_layer),
         static_argnames="return_maps",
     )
     base = jax.random.fold_in(jax.random.key(seed), SALIENCE_STREAM)

@@ -40,9 +40,7 @@ the disturbance of the maps and the last convolution's propagation map.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +50,10 @@ from propmaps_jax import models, stats
 from propmaps_jax.analysis import locality, propagation
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import SaliencyError
-from propmaps_jax.types import Images, Labels, PRNGKey, Variables
+from propmaps_jax.types import ApplyFn, FeaturesFn, Images, Labels, PRNGKey, Variables
 
 METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad")
 SCORES = ("logit", "probability")
-# apply_fn(variables, images float (N, H, W, C) in 0..255) -> logits (N, classes),
-# e.g. functools.partial(module.apply, train=False).
-ApplyFn = Callable[[Variables, Images], jax.Array]
 # Smilkov et al. recommend noise of 10-20% of the input range.
 DEFAULT_SIGMA = 0.15 * 255.0
 
@@ -407,7 +402,7 @@ def change_positions(
 
 def analyse_changes(
     config: SaliencyConfig,
-    module,
+    features_fn: FeaturesFn,
     last_layer: str,
     variables: Variables,
     images: Images,
@@ -418,6 +413,8 @@ def analyse_changes(
 ) -> dict[str, jax.Array]:
     """Saliency and propagation measures of M changes per image (pure, jittable).
 
+    `features_fn` is the model (`models.contract`; its layer `last_layer` gives
+    the propagation maps, its logits the saliency maps);
     images (N, H, W, C) 0..255, labels (N,), changes (N, M, 5) one pixel each,
     keys (N,) one per image (SmoothGrad: the same noise before and after). Returns
     per change (N, M): pred_after, prob_true_after, pm_last_max, pm_last_mean and
@@ -430,12 +427,8 @@ def analyse_changes(
     image_of = jnp.repeat(jnp.arange(n), m)  # change -> its image, image-major
     flat = jnp.asarray(changes, jnp.int32).reshape(n * m, 1, 5)
     changed = apply_pixels_batch(x[image_of], flat)
-    logits, layers = models.layer_outputs(
-        module,
-        variables,
-        jnp.concatenate([x, changed]),
-        models.is_conv,
-        **models.inference_kwargs(module),
+    logits, layers = models.call_features(
+        features_fn, variables, jnp.concatenate([x, changed])
     )
     fm = layers[last_layer]
     pm = propagation.difference_map(fm[:n][image_of], fm[n:], "max")
@@ -445,7 +438,7 @@ def analyse_changes(
 
     # One batched saliency pass: clean (true class), clean (new class), changed
     # (true class), changed (new class).
-    apply_fn = functools.partial(module.apply, **models.inference_kwargs(module))
+    apply_fn = models.logits_of(features_fn)
     which = jnp.concatenate([jnp.arange(n), image_of, image_of, image_of])
     maps = saliency_map(
         keys[which] if config.uses_key else None,

@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from propmaps_jax import batching, models
+from propmaps_jax import batching
 from propmaps_jax.analysis import claims, propagation
 from propmaps_jax.attack import de as attack_de
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.types import Variables
+from propmaps_jax.types import ApplyFn, FeaturesFn, Variables
 
 OUTCOMES = ("successful", "failed", "all")
 # fold_in constant of the control positions' key (apart from the attack's keys).
@@ -80,35 +80,32 @@ def _no_progress(total: int, what: str) -> Callable[..., None]:
 
 
 def stream_statistics(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     shapes: dict[str, tuple[int, ...]],
     images: np.ndarray,
     rows: dict[str, Any],
     batch_size: int,
     signed: bool,
-    layers: str = "conv",
     progress: Progress = _no_progress,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     """(running sums, per-image scalars {name: (N, L)}, predictions after) of every
     attack of `rows` on the clean test `images`, in batches through one jitted step
-    (the sums stay on the device; `layers`: a `propagation.LAYER_KINDS` name)."""
+    (the sums stay on the device); `features_fn` is the model (`models.contract`),
+    `shapes` its `models.check_model`."""
     order = list(shapes)
-    filter_fn, relu = propagation.layer_selection(layers)
 
     def step(state, v, batch_images, batch_pixels, batch_success, valid):
         perturbed = apply_pixels_batch(batch_images, batch_pixels)
         return propagation.accumulate_statistics(
             state,
-            module,
+            features_fn,
             v,
             batch_images,
             perturbed,
             batch_success,
             valid,
             signed,
-            filter_fn,
-            relu,
         )
 
     step = jax.jit(step, donate_argnums=0)
@@ -144,7 +141,7 @@ def stream_statistics(
 
 
 def control_statistics(
-    module,
+    features_fn: FeaturesFn,
     variables: Variables,
     shapes: dict[str, tuple[int, ...]],
     images: np.ndarray,
@@ -152,7 +149,6 @@ def control_statistics(
     batch_size: int,
     seed: int,
     signed: bool,
-    layers: str = "conv",
     progress: Progress = _no_progress,
 ) -> dict[str, dict[str, Any]]:
     """{"uniform_positions", "distance_matched"}: running sums of the one-pixel
@@ -175,14 +171,13 @@ def control_statistics(
         moved = rows["pixels"].copy()
         moved[:, 0, :2] = positions
         states[name], _, _ = stream_statistics(
-            module,
+            features_fn,
             variables,
             shapes,
             images,
             {**rows, "pixels": moved},
             batch_size,
             signed,
-            layers,
             progress,
         )
     return states
@@ -208,7 +203,7 @@ def generation0_record(settings: dict[str, Any]) -> str:
 
 
 def generation0_best_candidates(
-    module,
+    apply_fn: ApplyFn,
     variables: Variables,
     images: np.ndarray,
     rows: dict[str, Any],
@@ -217,7 +212,8 @@ def generation0_best_candidates(
 ) -> dict[str, np.ndarray]:
     """{"best", "reported": pixels (N, k, 5), "success": (N,)} of every attack's
     initial population, recomputed from the run's seed and `settings` (see
-    `claims.generation0_best`; check `generation0_problem` first)."""
+    `claims.generation0_best`; check `generation0_problem` first); `apply_fn` is
+    the attack's (e.g. `models.make_apply_fn(module)`)."""
     config = attack_de.AttackConfig(
         **{
             k: settings[k]
@@ -232,7 +228,6 @@ def generation0_best_candidates(
         }
     )
     key = jax.random.key(int(settings["seed"]))
-    apply_fn = models.make_apply_fn(module)
 
     def one(index, v, image, label):
         return claims.generation0_best(

@@ -277,7 +277,7 @@ SCALES = {
         "layers by the numbers on the colour bars",
     ),
 }
-# What the maps of each layer kind (`propagation.LAYER_KINDS`) are taken of.
+# What the maps of each layer kind (`models.LAYER_KINDS`) are taken of.
 MAPS_OF = {
     "conv": "convolution outputs",
     "conv_relu": "ReLU(convolution outputs)",
@@ -317,7 +317,7 @@ def attack_maps_figures(
         first = (heading or {}).get(reduce, "")
         title = (
             f"{first}PM_{reduce} = {what} over channels of {difference} "
-            f"({MAPS_OF[layers]}), {about}"
+            f"({MAPS_OF.get(layers, 'layer outputs')}), {about}"
         )
         figures[reduce] = single_attack_figure(
             _selected(result["pm"][reduce], shown),

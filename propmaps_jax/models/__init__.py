@@ -1,8 +1,11 @@
 """The networks and what loads them.
 
+- `contract`: what any model (linen, nnx, a plain function) must be to be attacked
+  and mapped, `features_fn(variables, images) -> (logits, layers)`, checked by
+  `check_model`; the linen adapters `linen_features` and `make_apply_fn`;
 - `nets`: LeNet, the pre-activation ResNets, `ModelConfig`, `create_model` and the
-  one helper for feature maps, `layer_outputs` (its names are re-exported here:
-  `pj.models.layer_outputs`);
+  one helper for feature maps, `layer_outputs` (the names of both are re-exported
+  here: `pj.models.layer_outputs`);
 - `column_pair`: LeNet's first convolution on pairs of columns (a CPU speed trick);
 - `receptive`: the attack's candidate forward that recomputes only the receptive
   field of the changed pixel;
@@ -17,13 +20,26 @@ from propmaps_jax.models.checks import (
     check_outputs_finite,
 )
 from propmaps_jax.models.column_pair import ColumnPairConv, column_pair_conv
+from propmaps_jax.models.contract import (
+    LAYER_KINDS,
+    InferenceApply,
+    LinenFeatures,
+    LogitsOf,
+    call_features,
+    check_model,
+    inference_kwargs,
+    is_batch_norm,
+    linen_features,
+    logits_of,
+    make_apply_fn,
+    make_logits_fn,
+)
 from propmaps_jax.models.nets import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
     CIFAR10_STD,
     MLP,
     MODEL_REGISTRY,
-    InferenceApply,
     LeNet,
     LeNetTiny,
     ModelConfig,
@@ -38,14 +54,11 @@ from propmaps_jax.models.nets import (
     create_model,
     default_config,
     for_platform,
-    inference_kwargs,
     init_variables,
     inverse_permutation,
     is_conv,
     is_conv_or_block,
     layer_outputs,
-    make_apply_fn,
-    make_logits_fn,
     normalize,
     permute_pixels,
     pixel_permutation,
@@ -53,6 +66,14 @@ from propmaps_jax.models.nets import (
 )
 
 __all__ = [
+    "LAYER_KINDS",
+    "LinenFeatures",
+    "LogitsOf",
+    "call_features",
+    "check_model",
+    "is_batch_norm",
+    "linen_features",
+    "logits_of",
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from flax import serialization
 from propmaps_jax import backend
 from propmaps_jax.errors import PropmapsError, WeightsError
 from propmaps_jax.models.column_pair import ColumnPairConv
-from propmaps_jax.types import ApplyFn, Images, LayerMaps, LogitsFn, Variables
+from propmaps_jax.types import Images, LayerMaps, Variables
 
 # Normalisation of the public Keras models (one-pixel-attack-keras): x in 0..255.
 CIFAR10_MEAN = (125.307, 122.95, 113.865)
@@ -374,93 +373,6 @@ def init_variables(
 def count_params(variables: Variables) -> int:
     """Number of trainable parameters."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables["params"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceApply:
-    """`apply_fn(variables, images) -> logits` of a module in inference mode.
-
-    A model is this function plus its variables, passed as data: compiled programs
-    that take an `InferenceApply` are cached on the module (equal modules compare
-    equal), so new weights never recompile them. `train=False` is passed when the
-    module's `__call__` has a `train` argument (`make_apply_fn` finds out).
-    """
-
-    module: nn.Module
-    takes_train: bool = True
-
-    def __call__(self, variables: Variables, images: Images) -> jax.Array:
-        kwargs = {"train": False} if self.takes_train else {}
-        return self.module.apply(variables, jnp.asarray(images, jnp.float32), **kwargs)
-
-
-def make_apply_fn(module: nn.Module) -> ApplyFn:
-    """The inference `apply_fn(variables, images) -> logits` of a Flax linen module.
-
-    The module's `__call__` takes the images (float32 (N, H, W, C), 0..255) as its
-    one required argument, and `train=False` when it has a `train` argument. Any
-    other model (an nnx module, a plain function) enters the library as its own
-    `apply_fn(variables, images) -> logits`; a PropmapsError says so.
-    """
-    return InferenceApply(module, _takes_train(module))
-
-
-def inference_kwargs(module: nn.Module) -> dict[str, bool]:
-    """The keyword arguments of an inference call of a linen `module`: `train=False`
-    where its `__call__` has a `train` argument, else none (the contract of
-    `make_apply_fn`; a PropmapsError for a module it cannot call)."""
-    return {"train": False} if _takes_train(module) else {}
-
-
-def _takes_train(module: nn.Module) -> bool:
-    """Whether `module.__call__` has a `train` argument; PropmapsError when it
-    cannot be called on images alone."""
-    other = "write apply_fn(variables, images) -> logits for it instead"
-    if not isinstance(module, nn.Module):
-        raise PropmapsError(
-            f"make_apply_fn takes a flax.linen Module, got {type(module).__name__}; "
-            f"{other}"
-        )
-    name = type(module).__name__
-    try:
-        parameters = inspect.signature(module.__call__).parameters
-    except (AttributeError, TypeError, ValueError):
-        raise PropmapsError(
-            f"make_apply_fn needs a module with a __call__ method; {name} has none "
-            f"usable: define __call__(self, images) or {other}"
-        ) from None
-    params = list(parameters.values())
-    positional = (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    )
-    takes_images = bool(params) and (
-        params[0].kind in positional or params[0].kind is params[0].VAR_POSITIONAL
-    )
-    required = [
-        p.name
-        for p in params[takes_images:]
-        if p.default is p.empty
-        and p.name != "train"
-        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    if not takes_images or required:
-        raise PropmapsError(
-            f"make_apply_fn calls {name}(images) (with train=False where __call__ "
-            f"has `train`), but its __call__ takes ({', '.join(parameters)}): give "
-            f"it the images as first argument and defaults to the others, or {other}"
-        )
-    return "train" in parameters
-
-
-def make_logits_fn(module: nn.Module, variables: Variables) -> LogitsFn:
-    """A closure images -> logits (inference) for one-off calls in scripts and tests.
-
-    The library's engines take `apply_fn` and `variables` instead (see
-    `make_apply_fn`), so that weights are data, not constants of the program.
-    """
-    apply_fn = make_apply_fn(module)
-    return lambda images: apply_fn(variables, images)
 
 
 def is_conv(module: nn.Module, method_name: str) -> bool:

@@ -141,7 +141,7 @@ def test_propagation_experiment_from_attack_csv(tiny_setup):
         assert (result.stdout + result.stderr).count(f"wrote {path}") == 1
     module, variables = tiny_setup["module"], tiny_setup["variables"]
     with np.load(os.path.join(out, "2_maps.npz")) as npz:
-        shapes = propagation.layer_shapes(module, variables)
+        shapes = models.check_model(models.linen_features(module), variables)
         assert list(npz["layers"]) == list(shapes)
         pixel = tiny_setup["rows"][2, -5:].astype(np.int64)
         np.testing.assert_array_equal(npz["pixels"], pixel[None])
@@ -246,9 +246,10 @@ def test_statistics_experiment_equals_direct_computation(tiny_setup):
     images = tiny_setup["x_test"][rows[attacked, 0].astype(np.int64)]
     perturbed = np.asarray(apply_pixels_batch(jnp.asarray(images), jnp.asarray(pixels)))
     module, variables = tiny_setup["module"], tiny_setup["variables"]
-    analyze = jax.jit(lambda x, x_adv: propagation.analyze(module, variables, x, x_adv))
+    model = models.linen_features(module)
+    analyze = jax.jit(lambda x, x_adv: propagation.analyze(model, variables, x, x_adv))
     direct = jax.device_get(analyze(images, perturbed))
-    shapes = propagation.layer_shapes(module, variables)
+    shapes = models.check_model(model, variables)
 
     with open(os.path.join(out, "per_layer.csv")) as f:
         table = list(csv.DictReader(f))
@@ -432,7 +433,9 @@ def test_paper_figures_are_chosen_by_the_rules(tiny_setup):
     images = tiny_setup["x_test"][rows[failed, 0].astype(np.int64)]
     perturbed = apply_pixels_batch(jnp.asarray(images), jnp.asarray(pixels))
     module, variables = tiny_setup["module"], tiny_setup["variables"]
-    direct = propagation.analyze(module, variables, images, perturbed)
+    direct = propagation.analyze(
+        models.linen_features(module), variables, images, perturbed
+    )
     last = list(direct["summaries"])[-1]
     ratio = np.asarray(direct["summaries"][last]["max_ratio"])
     assert figures["5"]["index"] == int(rows[failed[np.nanargmax(ratio)], 0])

@@ -102,12 +102,13 @@ def test_propagation_maps_of_a_module_with_or_without_train(module):
     )
     images = _images(2)
     pixels = np.array([[[1, 2, 255, 0, 0]], [[5, 6, 0, 0, 255]]], np.int32)
-    maps = pj.analysis.propagation.maps_of_result(module, variables, images, pixels)
+    model = pj.models.linen_features(module)
+    maps = pj.analysis.propagation.maps_of_result(model, variables, images, pixels)
     (layer,) = maps["order"]
     assert layer.endswith("conv1")
-    clean = pj.analysis.propagation.feature_maps(module, variables, images)[layer]
+    clean = pj.analysis.propagation.feature_maps(model, variables, images)[layer]
     adversarial = pj.analysis.propagation.feature_maps(
-        module, variables, pj.attack.apply_pixels_batch(images, pixels)
+        model, variables, pj.attack.apply_pixels_batch(images, pixels)
     )[layer]
     expected = np.abs(np.asarray(clean) - np.asarray(adversarial)).max(-1)
     np.testing.assert_allclose(maps["pm"]["max"][layer], expected, rtol=1e-6)

@@ -206,12 +206,11 @@ def test_post_activation_and_signed_summaries_against_numpy(tiny_resnet):
     # bn_relu: ReLU of every BatchNorm output, as the model computes it.
     module, variables = tiny_resnet
     images = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
-    filter_fn, relu = propagation.layer_selection("bn_relu")
     _, _, maps, _ = propagation.paired_feature_maps(
-        module, variables, images, images, filter_fn, relu
+        models.linen_features(module, "bn_relu"), variables, images, images
     )
     _, raw = models.layer_outputs(
-        module, variables, jnp.asarray(images), propagation.is_batch_norm, train=False
+        module, variables, jnp.asarray(images), models.is_batch_norm, train=False
     )
     assert list(maps)[0] == "stage1_block1/bn1" and list(maps)[-1] == "bn_final"
     for name in raw:
@@ -219,16 +218,14 @@ def test_post_activation_and_signed_summaries_against_numpy(tiny_resnet):
             maps[name], np.maximum(raw[name], 0.0), rtol=1e-5, atol=1e-6
         )
     with pytest.raises(PropmapsError, match="layer kind"):
-        propagation.layer_selection("post")
+        models.linen_features(module, "post")
     lenet = models.create_model("lenet_tiny")
-    with pytest.raises(PropmapsError, match="selects no layer"):
+    with pytest.raises(PropmapsError, match="gives no layer"):
         propagation.paired_feature_maps(
-            lenet,
+            models.linen_features(lenet, "bn_relu"),
             models.init_variables(lenet, jax.random.key(0)),
             images,
             images,
-            filter_fn,
-            relu,
         )
 
 

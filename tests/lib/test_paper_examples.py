@@ -14,7 +14,8 @@ def test_attack_maps_against_the_feature_maps(tiny_lenet, random_images):
     module, variables = tiny_lenet
     image, label = random_images[0], 3
     pixels = np.array([[12, 10, 255, 0, 0]])
-    maps = paper_examples.attack_maps(module, variables, image, label, pixels, 7)
+    features = models.linen_features(module)
+    maps = paper_examples.attack_maps(features, variables, image, label, pixels, 7)
 
     by_hand = image.copy()
     by_hand[12, 10] = (255, 0, 0)

@@ -11,6 +11,7 @@ from propmaps_jax import models
 from propmaps_jax.analysis import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import layer_outputs
+from tests._fixtures import numpy_conv_same
 
 
 class ConvStack(nn.Module):
@@ -38,30 +39,6 @@ class ConvStack(nn.Module):
             if self.relu and i < len(self.features) - 1:
                 x = nn.relu(x)
         return x.reshape((x.shape[0], -1)).sum(axis=-1, keepdims=True)
-
-
-def numpy_conv_same(x, kernel, bias, stride):
-    """float64 NHWC convolution with XLA/TensorFlow 'SAME' padding."""
-    n, h, w, _ = x.shape
-    kh, kw, _, out = kernel.shape
-    out_h, out_w = -(-h // stride), -(-w // stride)
-    pad_h = max((out_h - 1) * stride + kh - h, 0)
-    pad_w = max((out_w - 1) * stride + kw - w, 0)
-    xp = np.pad(
-        x,
-        (
-            (0, 0),
-            (pad_h // 2, pad_h - pad_h // 2),
-            (pad_w // 2, pad_w - pad_w // 2),
-            (0, 0),
-        ),
-    )
-    y = np.zeros((n, out_h, out_w, out), np.float64)
-    for i in range(out_h):
-        for j in range(out_w):
-            patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
-            y[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, kernel)
-    return y + (0.0 if bias is None else bias)
 
 
 def numpy_stack_maps(module, params, images):
@@ -118,7 +95,12 @@ def test_maps_match_float64_numpy_conv_stack(stack, reduce, signed):
     images = rng.normal(size=(3, 9, 10, 3)).astype(np.float32)
     perturbed = images + rng.normal(scale=0.5, size=images.shape).astype(np.float32)
     maps = propagation.propagation_maps(
-        module, variables, images, perturbed, reduce=reduce, signed=signed
+        models.linen_features(module),
+        variables,
+        images,
+        perturbed,
+        reduce=reduce,
+        signed=signed,
     )
     ref = numpy_stack_maps(module, variables["params"], images)
     ref_adv = numpy_stack_maps(module, variables["params"], perturbed)
@@ -137,8 +119,9 @@ def test_both_reductions_and_jit(stack):
     images = rng.normal(size=(2, 9, 10, 3)).astype(np.float32)
     perturbed = images.copy()
     perturbed[:, 4, 5] += 3.0
+    model = models.linen_features(module)
     both = {
-        r: propagation.propagation_maps(module, variables, images, perturbed, r)
+        r: propagation.propagation_maps(model, variables, images, perturbed, r)
         for r in ("max", "avg")
     }
 
@@ -146,7 +129,7 @@ def test_both_reductions_and_jit(stack):
     @chex.assert_max_traces(n=1)
     def jitted(v, x, x_adv):
         return {
-            r: propagation.propagation_maps(module, v, x, x_adv, r)
+            r: propagation.propagation_maps(model, v, x, x_adv, r)
             for r in ("max", "avg")
         }
 
@@ -158,9 +141,9 @@ def test_both_reductions_and_jit(stack):
         for name in both[r]:
             np.testing.assert_allclose(out[r][name], both[r][name], rtol=1e-6)
     with pytest.raises(PropmapsError, match="unknown reduction"):
-        propagation.propagation_maps(module, variables, images, perturbed, "median")
+        propagation.propagation_maps(model, variables, images, perturbed, "median")
     with pytest.raises(PropmapsError, match="unknown reduction"):
-        propagation.propagation_maps(module, variables, images, perturbed, "both")
+        propagation.propagation_maps(model, variables, images, perturbed, "both")
 
 
 def _expected_mask(height, width, rows, cols):
@@ -192,7 +175,7 @@ def test_one_pixel_reaches_exactly_its_receptive_field():
         lambda x, x_adv: {
             signed: {
                 reduce: propagation.propagation_maps(
-                    module, variables, x, x_adv, reduce, signed=signed
+                    models.linen_features(module), variables, x, x_adv, reduce, signed
                 )
                 for reduce in ("max", "avg")
             }
@@ -268,14 +251,15 @@ def test_layer_summaries_against_numpy():
 
 def test_resnet_layers_in_forward_order_and_maps_of_layer_outputs(tiny_resnet):
     module, variables = tiny_resnet
-    shapes = propagation.layer_shapes(module, variables)
+    model = models.linen_features(module)
+    shapes = models.check_model(model, variables)
     assert list(shapes)[:3] == ["stem", "stage1_block1/conv1", "stage1_block1/conv2"]
     assert shapes["stage3_block1/conv1"] == (8, 8, 8)
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     perturbed = images.copy()
     perturbed[:, 16, 16] = (255, 0, 0)
-    maps = propagation.propagation_maps(module, variables, images, perturbed, "max")
+    maps = propagation.propagation_maps(model, variables, images, perturbed, "max")
     assert list(maps) == list(shapes)
     # Independent of the paired forward pass: two separate layer_outputs calls.
     _, fm = layer_outputs(module, variables, jnp.asarray(images, jnp.float32))
@@ -287,7 +271,8 @@ def test_resnet_layers_in_forward_order_and_maps_of_layer_outputs(tiny_resnet):
 
 def test_streamed_statistics_equal_direct_sums(tiny_resnet):
     module, variables = tiny_resnet
-    shapes = propagation.layer_shapes(module, variables)
+    model = models.linen_features(module)
+    shapes = models.check_model(model, variables)
     rng = np.random.default_rng(6)
     images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     perturbed = images.copy()
@@ -296,7 +281,7 @@ def test_streamed_statistics_equal_direct_sums(tiny_resnet):
     success = np.array([True, False, True, True, False])
     step = jax.jit(
         lambda s, v, x, xa, ok, valid: propagation.accumulate_statistics(
-            s, module, v, x, xa, ok, valid
+            s, model, v, x, xa, ok, valid
         )
     )
     state = propagation.init_statistics(shapes)
@@ -314,7 +299,7 @@ def test_streamed_statistics_equal_direct_sums(tiny_resnet):
         state, _ = step(
             state, variables, images[take], perturbed[take], success[take], valid
         )
-    direct = propagation.analyze(module, variables, images, perturbed)
+    direct = propagation.analyze(model, variables, images, perturbed)
     np.testing.assert_allclose(state["count"], [2, 3])
     for name in shapes:
         pm = np.asarray(direct["pm_avg"][name], np.float64)
@@ -335,7 +320,7 @@ def test_maps_with_x64_enabled(stack):
     perturbed = images + 1.0
 
     def analyze(v, x, x_adv):
-        return propagation.analyze(module, v, x, x_adv)
+        return propagation.analyze(models.linen_features(module), v, x, x_adv)
 
     expected = jax.jit(analyze)(variables, images, perturbed)
     with jax.enable_x64(True):
@@ -371,7 +356,9 @@ def test_block_outputs_in_forward_order_through_jit(tiny_resnet, random_images):
         "stage2_block1/conv1",
     ]
     assert names == list(
-        propagation.layer_shapes(module, variables, filter_fn=models.is_conv_or_block)
+        models.check_model(
+            models.linen_features(module, models.is_conv_or_block), variables
+        )
     )
     # A block's output is its shortcut plus its branch: same shape as its conv2.
     assert layers["stage2_block1"].shape == layers["stage2_block1/conv2"].shape
@@ -406,22 +393,14 @@ def test_maps_of_result_equal_analyze_of_the_perturbed_images(
     pixels = np.array(
         [[[5, 7, 255, 0, 0]], [[0, 31, 0, 255, 0]], [[16, 16, 10, 20, 30]]]
     )
-    maps = propagation.maps_of_result(
-        module, variables, images, pixels, signed=signed, layers=layers
-    )
-    filter_fn, relu = propagation.layer_selection(layers)
-    order = propagation.layer_shapes(module, variables, (32, 32, 3), filter_fn)
+    model = models.linen_features(module, layers)
+    maps = propagation.maps_of_result(model, variables, images, pixels, signed=signed)
+    order = models.check_model(model, variables, (32, 32, 3))
     assert maps["order"] == order
     for i in range(images.shape[0]):
         perturbed = apply_pixels(jnp.asarray(images[i]), jnp.asarray(pixels[i]))
         out = propagation.analyze(
-            module,
-            variables,
-            images[i][None],
-            perturbed[None],
-            signed=signed,
-            filter_fn=filter_fn,
-            relu=relu,
+            model, variables, images[i][None], perturbed[None], signed=signed
         )
         np.testing.assert_allclose(
             maps["probs_adv"][i], jax.nn.softmax(out["logits_adv"][0]), rtol=1e-5
@@ -447,9 +426,10 @@ def test_last_layer_max_ratio_is_the_last_summary_of_the_maps(
     tiny_lenet, random_images
 ):
     module, variables = tiny_lenet
+    model = models.linen_features(module)
     pixels = np.tile(np.array([[[9, 9, 255, 255, 255]]]), (5, 1, 1))
     ratio = propagation.last_layer_max_ratio(
-        module, variables, random_images[:5], pixels, batch_size=2
+        model, variables, random_images[:5], pixels, batch_size=2
     )
-    maps = propagation.maps_of_result(module, variables, random_images[:5], pixels)
+    maps = propagation.maps_of_result(model, variables, random_images[:5], pixels)
     np.testing.assert_allclose(ratio, maps["summaries"]["max_ratio"][:, -1], rtol=1e-5)

@@ -29,7 +29,7 @@ def study(tiny_lenet):
     pixels = np.array([[[5 * i, 31 - 4 * i, 255, 40 * i, 0]] for i in range(6)])
     changes, _ = saliency.change_positions(0, INDICES, pixels, 32, 32)
     out = salience_study.study_attacks(
-        module,
+        models.linen_features(module),
         variables,
         INDICES,
         images,
@@ -68,7 +68,9 @@ def test_the_study_against_the_model_and_its_feature_maps(study, tiny_lenet):
             out.results["pm_last_mean"][i], pm.mean((1, 2)), rtol=1e-4, atol=1e-5
         )
     # The attack's predictions (attack.csv's pred_before, pred_after).
-    predicted = salience_study.attack_predictions(module, variables, out.images, pixels)
+    predicted = salience_study.attack_predictions(
+        models.make_apply_fn(module), variables, out.images, pixels
+    )
     np.testing.assert_array_equal(predicted[0], out.results["pred_before"])
     np.testing.assert_array_equal(predicted[1], out.results["pred_after"][:, 0])
     changed = out.results["pred_after"] != out.labels[:, None]

@@ -65,7 +65,9 @@ def test_neighbour_prob_true_is_p_true_of_the_moved_colour(tiny_lenet, random_im
     module, variables = tiny_lenet
     image, label = random_images[0], 3
     pixel = np.array([[0, 5, 255, 0, 0]])
-    got = paper_examples.neighbour_prob_true(module, variables, image, label, pixel)
+    got = paper_examples.neighbour_prob_true(
+        models.make_apply_fn(module), variables, image, label, pixel
+    )
     assert sorted(got) == [(0, 4), (0, 6), (1, 4), (1, 5), (1, 6)]
     moved = np.repeat(pixel[None], len(got), axis=0)
     moved[:, 0, :2] = sorted(got)
