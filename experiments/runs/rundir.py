@@ -41,11 +41,16 @@ def write_json(path: str, obj: Any) -> None:
     )
 
 
-def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> None:
-    """Atomically write an .npz of `arrays` (compressed unless told otherwise)."""
+def npz_bytes(arrays: dict[str, Any], compressed: bool = True) -> bytes:
+    """The bytes of an .npz file of `arrays` (compressed unless told otherwise)."""
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
-    write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> None:
+    """Atomically write an .npz of `arrays` (compressed unless told otherwise)."""
+    write_bytes(path, npz_bytes(arrays, compressed))
 
 
 def file_sha256(path: str) -> str:
