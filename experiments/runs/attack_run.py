@@ -2,20 +2,23 @@
 DIR/attack.csv + DIR/attack_summary.json, chunk by chunk, resumable.
 
 `run_attack(workdir, model_name=..., weights=..., dataset=..., ...)` attacks the
-sampled test images. Everything (the arguments, the workdir, the weights loaded
-against the model, the data) is checked before anything is written; DIR is created
-with the first result. Results are kept chunk by chunk in DIR/.attack_chunks/ (each
-chunk written atomically, ending after at most MAX_CHUNK_S seconds of work, and
-carrying its settings' hash); a run stopped by Ctrl-C (exit 130), SIGTERM (143),
---max_minutes (75) or a failed write (74), each with one line, or killed, started
-again with the same arguments, resumes after the last finished chunk, and the final
-files equal those of an uninterrupted run (apart from timings in the summary). One
-run at a time holds DIR (`runs.lock`); a damaged attack.csv is rebuilt from the
-chunks (`integrity`). A run is identified by its settings: the model, the SHA-256
-of its weights and of the test split (`provenance`), and the attack settings; the
-same weights under another path resume, other weights, data or settings are
-refused in one line naming the difference. With target="all" each target class
-gets its own DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
+sampled test images and returns the run in memory (`attack_csv.AttackRun`: the rows,
+the SHA-256 of attack.csv's bytes, the summary), so that the locality study goes on
+from it without reading the files back. Everything (the arguments, the workdir, the
+weights loaded against the model, the data) is checked before anything is written;
+DIR is created with the first result. Results are kept chunk by chunk in
+DIR/.attack_chunks/ (each chunk written atomically, ending after at most MAX_CHUNK_S
+seconds of work, and carrying its settings' hash); a run stopped by Ctrl-C (exit
+130), SIGTERM (143), --max_minutes (75) or a failed write (74), each with one line,
+or killed, started again with the same arguments, resumes after the last finished
+chunk, and the final files equal those of an uninterrupted run (apart from timings
+in the summary). One run at a time holds DIR (`runs.lock`); a damaged attack.csv is
+rebuilt from the chunks (`integrity`). A run is identified by its settings: the
+model, the SHA-256 of its weights and of the test split (`provenance`), and the
+attack settings; the same weights under another path resume, other weights, data or
+settings are refused in one line naming the difference. With target="all" each
+target class gets its own DIR/target_<c>/ run and DIR/attack_summary.json aggregates
+them.
 
 The attack's flags are defined here, because both experiments read them
 (`flag_groups.ATTACK`); nothing here reads them: each experiment's `main` passes
@@ -448,7 +451,8 @@ def _open_workdir(
                 settings.get("target"),
                 image_shape,
             )
-            chunks.sort_out_chunks(chunks_dir, kinds, hashing.settings_sha256(settings))
+            shash = hashing.settings_sha256(settings)
+            chunks.sort_out_chunks(chunks_dir, kinds, shash, done_chunks)
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
         return -1, [], finished
@@ -843,10 +847,8 @@ def _write_results(
     )
     summary["attack_csv_sha256"] = hashing.text_sha256(text)
     summary["settings_sha256"] = hashing.settings_sha256(summary["settings"])
-    summary["chunks_sha256"] = {
-        os.path.basename(c["_path"]): rundir.file_sha256(c["_path"])
-        for c in done_chunks
-        if c.get("_path") and storage.isfile(c["_path"])
+    summary["chunks_sha256"] = {  # of the bytes written or read back
+        os.path.basename(c["_path"]): c["_sha256"] for c in done_chunks
     }
     rundir.write_text(csv_path, text)
     rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)

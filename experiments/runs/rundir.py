@@ -34,11 +34,15 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Atomically write a JSON file (indented, keys in insertion order); always
-    valid JSON: NaN and infinities are written as null."""
-    write_text(
-        path, json.dumps(hashing.finite_json(obj), indent=2, allow_nan=False) + "\n"
-    )
+    """Atomically write a JSON file (`json_bytes`)."""
+    write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes of a JSON file of `obj` (indented, keys in insertion order);
+    always valid JSON: NaN and infinities are written as null."""
+    text = json.dumps(hashing.finite_json(obj), indent=2, allow_nan=False) + "\n"
+    return text.encode("utf-8")
 
 
 def npz_bytes(arrays: dict[str, Any], compressed: bool = True) -> bytes:

@@ -7,9 +7,10 @@ number of pixels at that distance inside the image (`ring<d>_n`) and how many of
 them fool the model with the attack's colour (`ring<d>_success`). A pixel-permuted
 model's file adds the same moves in the network's coordinates (`netnearby_*`,
 `netring<d>_*`, in image positions: see `locality.network_protocol_moves`). Every
-value is an integer. Written by the locality experiment; read back by its controls
-(every column, the rings of its --max_distance) and by the salience study (the
-positions only).
+value is an integer. Written by the locality experiment (whose later steps take
+the same moves in memory, `locality_study.moves_table`); read back by its rerun
+when the study is reused (every column, the rings of its --max_distance), by the
+readings experiment and by the salience study (the positions only).
 """
 
 from __future__ import annotations
