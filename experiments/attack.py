@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 
-import jax
 from absl import flags
 
 from experiments import common, flag_groups
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> None:
     workdir = common.require_workdir(create=False)
     loaded = common.load_model(FLAGS.model, FLAGS.weights)
     dataset = common.load_data()
-    summary = attack_run.run_attack(
+    run = attack_run.run_attack(
         workdir,
         model_name=FLAGS.model,
         weights=FLAGS.weights,
@@ -64,7 +63,8 @@ def main(argv: list[str]) -> None:
         loaded=loaded,
         **options.arguments(),
     )
-    if jax.process_index() == 0:
+    if run is not None:  # the first process (the others take part in the attack)
+        summary = run.summary
         # The result, on stdout (progress and logs go to stderr).
         say(
             f"success rate {100 * summary.get('success_rate_attacked', 0.0):.2f}% of "

@@ -40,14 +40,7 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report import tables as report_tables
 from experiments.report.progress import say
-from experiments.runs import (
-    attack_run,
-    budget,
-    chunks,
-    locality_run,
-    lock,
-    rundir,
-)
+from experiments.runs import attack_run, budget, chunks, locality_run, rundir
 from propmaps_jax import models
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import locality as locality_figures
@@ -276,25 +269,26 @@ def run(workdir: str, config: LocalityConfig) -> None:
     results: dict[str, dict] = {}
     attack_summaries: dict[str, Any] = {}
     maps: dict[str, dict] = {}
-    for name in names:
+    moves: dict[str, dict] = {}
+    for i, name in enumerate(names):
         if common.past_deadline():
-            raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
-        later = names[names.index(name) + 1 :]
-        with lock.hold(os.path.join(workdir, name), jax.process_index() == 0):
-            attack_summaries[name], record = locality_run.attack_and_study(
-                name,
-                os.path.join(workdir, name),
-                weights[name],
-                loaded[name],
-                dataset,
-                options[name],
-                max_distance=config.max_distance,
-                num_maps=config.vulnerability_maps,
-                batch_size=config.batch_size,
-                later_work_s=sum(estimate[n] for n in later),
-            )
-        maps[name] = record.pop("maps")
-        results[name] = record
+            raise common.TimeLimit(f"{', '.join(names[:i])} done, {name} not started")
+        studied = locality_run.attack_and_study(
+            name,
+            os.path.join(workdir, name),
+            weights[name],
+            loaded[name],
+            dataset,
+            options[name],
+            max_distance=config.max_distance,
+            num_maps=config.vulnerability_maps,
+            batch_size=config.batch_size,
+            later_work_s=sum(estimate[n] for n in names[i + 1 :]),
+        )
+        if studied is None:  # another process of a multi-host run: the attack only
+            continue
+        attack_summaries[name], results[name], moves[name] = studied
+        maps[name] = results[name].pop("maps")
     if jax.process_index() != 0:
         return
     settings = {
@@ -314,7 +308,7 @@ def run(workdir: str, config: LocalityConfig) -> None:
         "batch_size": config.batch_size,
         "dataset": dataset.source,
     }
-    locality_run.compare_nearby(workdir, results, seed)
+    locality_run.compare_nearby(results, moves, seed)
     table1, figures = _write_tables_and_figures(
         workdir, results, maps, settings, dataset
     )

@@ -2,20 +2,23 @@
 DIR/attack.csv + DIR/attack_summary.json, chunk by chunk, resumable.
 
 `run_attack(workdir, model_name=..., weights=..., dataset=..., ...)` attacks the
-sampled test images. Everything (the arguments, the workdir, the weights loaded
-against the model, the data) is checked before anything is written; DIR is created
-with the first result. Results are kept chunk by chunk in DIR/.attack_chunks/ (each
-chunk written atomically, ending after at most MAX_CHUNK_S seconds of work, and
-carrying its settings' hash); a run stopped by Ctrl-C (exit 130), SIGTERM (143),
---max_minutes (75) or a failed write (74), each with one line, or killed, started
-again with the same arguments, resumes after the last finished chunk, and the final
-files equal those of an uninterrupted run (apart from timings in the summary). One
-run at a time holds DIR (`runs.lock`); a damaged attack.csv is rebuilt from the
-chunks (`integrity`). A run is identified by its settings: the model, the SHA-256
-of its weights and of the test split (`provenance`), and the attack settings; the
-same weights under another path resume, other weights, data or settings are
-refused in one line naming the difference. With target="all" each target class
-gets its own DIR/target_<c>/ run and DIR/attack_summary.json aggregates them.
+sampled test images and returns the run in memory (`attack_csv.AttackRun`: the rows,
+the SHA-256 of attack.csv's bytes, the summary), so that the locality study goes on
+from it without reading the files back. Everything (the arguments, the workdir, the
+weights loaded against the model, the data) is checked before anything is written;
+DIR is created with the first result. Results are kept chunk by chunk in
+DIR/.attack_chunks/ (each chunk written atomically, ending after at most MAX_CHUNK_S
+seconds of work, and carrying its settings' hash); a run stopped by Ctrl-C (exit
+130), SIGTERM (143), --max_minutes (75) or a failed write (74), each with one line,
+or killed, started again with the same arguments, resumes after the last finished
+chunk, and the final files equal those of an uninterrupted run (apart from timings
+in the summary). One run at a time holds DIR (`runs.lock`); a damaged attack.csv is
+rebuilt from the chunks (`integrity`). A run is identified by its settings: the
+model, the SHA-256 of its weights and of the test split (`provenance`), and the
+attack settings; the same weights under another path resume, other weights, data or
+settings are refused in one line naming the difference. With target="all" each
+target class gets its own DIR/target_<c>/ run and DIR/attack_summary.json aggregates
+them.
 
 The attack's flags are defined here, because both experiments read them
 (`flag_groups.ATTACK`); nothing here reads them: each experiment's `main` passes
@@ -329,26 +332,26 @@ def _require_same(workdir: str, stored: Any, settings: dict, legacy: dict) -> No
         rundir.require_same_settings(workdir, stored, settings, "an attack")
 
 
-def _finished_problem(workdir: str, summary: dict) -> str:
-    """'' when DIR/attack.csv is the finished result its summary records, else what
-    is wrong with it (missing, edited, truncated, or rows that fail the checks)."""
+def _finished(workdir: str, summary: dict) -> tuple[attack_csv.AttackRun | None, str]:
+    """(the finished run, '') when DIR/attack.csv is the finished result its
+    summary records (read once: its rows and the SHA-256 of its bytes), else
+    (None, what is wrong with it: missing, edited, truncated, or rows that fail
+    the checks)."""
     csv_path = os.path.join(workdir, CSV_NAME)
-    problem = attack_csv.attack_csv_problem(csv_path, summary)
-    if problem:
-        return problem
     try:
-        attack_csv.read_attack_csv(csv_path, summary=summary)
+        table, sha256 = attack_csv.read_recorded_csv(csv_path, summary)
     except PropmapsError as e:
-        return str(e).replace(f": {attack_csv._RERUN}", "")
-    return ""
+        remedies = (f": {attack_csv._RERUN}", f"; {attack_csv._REBUILD}")
+        return None, str(e).replace(remedies[0], "").replace(remedies[1], "")
+    return attack_csv.AttackRun(workdir, csv_path, table, summary, sha256), ""
 
 
 def _check_workdir(
     workdir: str, settings: dict, legacy: dict
-) -> tuple[str, dict | None, bool]:
-    """(status, summary, legacy_ok): ("finished", summary, _) / ("resume", None, _)
-    / ("new", None, _); error on a clash of settings. legacy_ok: the run's
-    settings.json matches, so chunks written before chunks recorded their
+) -> tuple[str, attack_csv.AttackRun | None, bool]:
+    """(status, run, legacy_ok): ("finished", the finished run, _) / ("resume",
+    None, _) / ("new", None, _); error on a clash of settings. legacy_ok: the
+    run's settings.json matches, so chunks written before chunks recorded their
     settings hash may be taken.
 
     A settings.json without any chunk (left by a run that failed or was stopped
@@ -391,9 +394,9 @@ def _check_workdir(
         _require_same(workdir, stored, settings, legacy)
         legacy_ok = True
     if summary is not None:
-        problem = _finished_problem(workdir, summary)
-        if not problem:
-            return "finished", summary, legacy_ok
+        finished, problem = _finished(workdir, summary)
+        if finished is not None:
+            return "finished", finished, legacy_ok
         integrity.note(
             f"{problem}: "
             + (
@@ -422,8 +425,9 @@ def _open_workdir(
     indices: np.ndarray,
     num_test: int,
     image_shape: tuple[int, int] | None = None,
-) -> tuple[int, list[dict], dict | None]:
-    """(resume_from, finished chunks, None), or (-1, [], summary) for a finished run.
+) -> tuple[int, list[dict], attack_csv.AttackRun | None]:
+    """(resume_from, finished chunks, None), or (-1, [], the run) for a finished run
+    (None on the processes other than the first).
 
     Every chunk is checked before it is believed (`attack_csv.read_chunk`: its
     content hash, or the summary's record of its file, its settings hash, its rows
@@ -433,9 +437,9 @@ def _open_workdir(
     from the hashes added to chunks that predate them and chunks moved aside.
     Process 0 owns the files; the others follow its decision.
     """
-    status, resume_from, finished_summary, done_chunks = "new", 0, None, []
+    status, resume_from, finished, done_chunks = "new", 0, None, []
     if _is_main_process():
-        status, finished_summary, legacy_ok = _check_workdir(workdir, settings, legacy)
+        status, finished, legacy_ok = _check_workdir(workdir, settings, legacy)
         chunks_dir = os.path.join(workdir, CHUNKS_DIR)
         if status != "finished" and storage.isdir(chunks_dir):
             resume_from, done_chunks, kinds = chunks.finished_prefix(
@@ -447,10 +451,11 @@ def _open_workdir(
                 settings.get("target"),
                 image_shape,
             )
-            chunks.sort_out_chunks(chunks_dir, kinds, hashing.settings_sha256(settings))
+            shash = hashing.settings_sha256(settings)
+            chunks.sort_out_chunks(chunks_dir, kinds, shash, done_chunks)
     resume_from = _broadcast(-1 if status == "finished" else resume_from)
     if resume_from < 0:
-        return -1, [], finished_summary or {"settings": settings}
+        return -1, [], finished
     return resume_from, done_chunks, None
 
 
@@ -812,8 +817,9 @@ def _attack_chunks(
 
 def _write_results(
     workdir: str, before: _Before, pixels: int, done_chunks: list[dict], summary: dict
-) -> None:
-    """attack.csv and attack_summary.json from the chunks.
+) -> attack_csv.AttackRun | None:
+    """attack.csv and attack_summary.json from the chunks; the run as written
+    (None on the processes other than the first, which write nothing).
 
     The rows must be exactly one per sampled image, in order: a repeated or
     missing row is never written. The summary records the SHA-256 of attack.csv
@@ -821,7 +827,7 @@ def _write_results(
     damaged attack.csv is rebuilt from them by the same command.
     """
     if not _is_main_process():
-        return
+        return None
     rows = [row for c in done_chunks for row in c["rows"]]
     row_indices = [attack_csv.row_index(row) for row in rows]
     if row_indices != [int(i) for i in before.indices]:
@@ -830,9 +836,10 @@ def _write_results(
             "(repeated or missing rows); delete it and run again"
         )
     text = attack_csv.csv_text(pixels, rows)
+    csv_path = os.path.join(workdir, CSV_NAME)
     # The rows pass the same rules every reader applies, before anything is written.
-    attack_csv.read_attack_text(
-        os.path.join(workdir, CSV_NAME),
+    table = attack_csv.read_attack_text(
+        csv_path,
         text,
         summary["settings"]["target"],
         tuple(before.images.shape[1:3]),
@@ -840,22 +847,24 @@ def _write_results(
     )
     summary["attack_csv_sha256"] = hashing.text_sha256(text)
     summary["settings_sha256"] = hashing.settings_sha256(summary["settings"])
-    summary["chunks_sha256"] = {
-        os.path.basename(c["_path"]): rundir.file_sha256(c["_path"])
-        for c in done_chunks
-        if c.get("_path") and storage.isfile(c["_path"])
+    summary["chunks_sha256"] = {  # of the bytes written or read back
+        os.path.basename(c["_path"]): c["_sha256"] for c in done_chunks
     }
-    rundir.write_text(os.path.join(workdir, CSV_NAME), text)
+    rundir.write_text(csv_path, text)
     rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
+    return attack_csv.AttackRun(
+        workdir, csv_path, table, summary, summary["attack_csv_sha256"]
+    )
 
 
-def run_attack(workdir: str, **kwargs: Any) -> dict:
-    """`_run_attack` while holding the workdir's lock (`runs.lock`): one writer per
-    run directory; a second run on it is refused with one line naming the first.
+def run_attack(workdir: str, **kwargs: Any) -> attack_csv.AttackRun | None:
+    """`_run_attack` in the checked `workdir` (`rundir.check_workdir`), holding its
+    lock (`runs.lock`): one writer per run directory; a second run on it is
+    refused with one line naming the first. Only the first process of a
+    multi-host run holds it (and gets the run; the others get None).
     """
-    if not _is_main_process():
-        return _run_attack(workdir, **kwargs)
-    with lock.hold(rundir.check_workdir(workdir)):
+    workdir = rundir.check_workdir(workdir)
+    with lock.hold(workdir, _is_main_process()):
         return _run_attack(workdir, **kwargs)
 
 
@@ -875,7 +884,7 @@ def _run_attack(
     search_dtype: str = "float32",
     loaded: tuple | None = None,
     later_work_s: float | None = None,
-) -> dict:
+) -> attack_csv.AttackRun | None:
     """Attack sampled test images; write workdir/attack.csv and attack_summary.json.
 
     Everything is checked before anything is written (the arguments, the data,
@@ -887,10 +896,11 @@ def _run_attack(
     class, or "all" (one run per class in workdir/target_<c>/). `loaded`:
     `common.load_model(model_name, weights)` when already done. `later_work_s`:
     the seconds of work expected after this run in the same job (the progress
-    lines' whole-job ETA). Returns the summary.
+    lines' whole-job ETA). Returns the run (`attack_csv.AttackRun`: its rows as
+    written or, when finished before, as read once, with their SHA-256 and the
+    summary); None on the processes other than the first of a multi-host run.
     """
     target = parse_target(target)
-    workdir = rundir.check_workdir(workdir)
     chunk_size = _default_chunk_size(chunk_size, num_samples)
     _check_slots(slots)
     _check_search_dtype(search_dtype)
@@ -932,7 +942,7 @@ def _run_attack(
     resume_from, done_chunks, finished = _open_workdir(
         workdir, settings, legacy, indices, len(x_test), tuple(x_test.shape[1:3])
     )
-    if finished is not None:
+    if resume_from < 0:
         logging.info("%s: finished run with the same settings, nothing to do", workdir)
         return finished
 
@@ -973,8 +983,7 @@ def _run_attack(
         chunk_size=chunk_size,
     )
     logging.info("attack finished in %.1f s", time.time() - start_time)
-    _write_results(workdir, before, config.pixels, done_chunks, summary)
-    return summary
+    return _write_results(workdir, before, config.pixels, done_chunks, summary)
 
 
 def check_run_flags(
@@ -1076,13 +1085,18 @@ def _summary(
     }
 
 
-def _run_all_targets(workdir: str, **kwargs: Any) -> dict:
-    """Targeted attacks at every class, one sub-run each, and an aggregate summary."""
-    per_target = {}
-    for target in range(10):
-        per_target[target] = run_attack(
+def _run_all_targets(workdir: str, **kwargs: Any) -> attack_csv.AttackRun | None:
+    """Targeted attacks at every class, one sub-run each, and an aggregate summary
+    (the run's, without rows of its own)."""
+    runs = {
+        target: run_attack(
             os.path.join(workdir, f"target_{target}"), target=target, **kwargs
         )
+        for target in range(10)
+    }
+    if not _is_main_process():
+        return None
+    per_target = {target: run.summary for target, run in runs.items()}
     attacked = sum(s["attacked"] for s in per_target.values())
     successes = sum(s["successes"] for s in per_target.values())
     first = per_target[0]
@@ -1106,6 +1120,7 @@ def _run_all_targets(workdir: str, **kwargs: Any) -> dict:
         "wall_time_s": sum(s["wall_time_s"] for s in per_target.values()),
         "device": common.device_description(),
     }
-    if _is_main_process():
-        rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
-    return summary
+    rundir.write_json(os.path.join(workdir, SUMMARY_NAME), summary)
+    return attack_csv.AttackRun(
+        workdir, os.path.join(workdir, CSV_NAME), None, summary, None
+    )

@@ -12,6 +12,7 @@ to .attack_chunks/stale/ (`sort_out_chunks`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Collection
@@ -68,7 +69,7 @@ def finished_prefix(
     """
     found = chunk_files(chunks_dir)
     recorded = recorded or {}
-    end, chunks = 0, []
+    end, chunks, walked = 0, [], set()
     kinds: dict[str, list[str]] = {
         "legacy": [],
         "damaged": [],
@@ -79,6 +80,7 @@ def finished_prefix(
         for next_end, path in sorted(found[end], reverse=True):
             if next_end <= end or next_end > len(indices):
                 continue
+            walked.add(path)
             chunk, kind = _read_chunk(
                 path,
                 indices[end:next_end],
@@ -96,10 +98,11 @@ def finished_prefix(
                 break
         else:
             break
-    # Chunks of other settings anywhere in the folder, not only on the walk.
+    # Chunks of other settings anywhere in the folder, not only on the walk (whose
+    # chunks were read and sorted there).
     for entries in found.values():
         for _, path in entries:
-            if any(path in kinds[k] for k in ("other", "unproven", "damaged")):
+            if path in walked:
                 continue
             try:
                 recorded_hash = rundir.read_json(path).get("settings_sha256")
@@ -115,24 +118,35 @@ def finished_prefix(
 
 
 def _read_chunk(path: str, *args) -> tuple[dict | None, str]:
-    """`attack_csv.read_chunk` of the file at `path`; (None, "damaged") when it
-    cannot be read (a store that cannot be reached stays one StorageError)."""
+    """`attack_csv.read_chunk` of the file at `path`, with the SHA-256 of its bytes
+    (chunk["_sha256"]); (None, "damaged") when it cannot be read (a store that
+    cannot be reached stays one StorageError)."""
     try:
         data = storage.read_bytes(path)
     except storage.StorageError:
         raise  # the store is unreachable: one line, never "a bad chunk"
     except OSError:
         return None, "damaged"
-    return attack_csv.read_chunk(path, data, *args)
+    chunk, kind = attack_csv.read_chunk(path, data, *args)
+    if chunk is not None:
+        chunk["_sha256"] = hashlib.sha256(data).hexdigest()
+    return chunk, kind
 
 
 def save_chunk(chunks_dir: str, start: int, end: int, chunk: dict) -> None:
     """Atomically write one finished chunk of rows, with the hash of its content."""
-    content = {k: v for k, v in chunk.items() if not k.startswith("_")}
-    rundir.write_json(
-        chunk_path(chunks_dir, start, end),
-        {**content, CONTENT_KEY: chunk_sha256(content)},
-    )
+    _write_chunk(chunk_path(chunks_dir, start, end), chunk)
+
+
+def _write_chunk(path: str, chunk: dict) -> None:
+    """Write `chunk` (its content, then its content hash) at `path`; the SHA-256
+    of the bytes written goes to chunk["_sha256"] (what the summary records)."""
+    content = {
+        k: v for k, v in chunk.items() if k != CONTENT_KEY and not k.startswith("_")
+    }
+    data = rundir.json_bytes({**content, CONTENT_KEY: chunk_sha256(content)})
+    rundir.write_bytes(path, data)
+    chunk["_sha256"] = hashlib.sha256(data).hexdigest()
 
 
 def _move_aside(path: str, folder: str) -> None:
@@ -145,20 +159,21 @@ def _move_aside(path: str, folder: str) -> None:
     storage.move(path, target)
 
 
-def sort_out_chunks(chunks_dir: str, kinds: dict[str, list[str]], shash: str) -> None:
-    """Legacy chunks taken: their settings hash and content hash are written now
-    (accepted once, recorded for good). Damaged chunks: moved to
-    .attack_chunks/damaged/, their images attacked again. Chunks of other or
-    unproven settings: moved to .attack_chunks/stale/, never merged. One line
-    each."""
+def sort_out_chunks(
+    chunks_dir: str, kinds: dict[str, list[str]], shash: str, taken: list[dict]
+) -> None:
+    """Legacy chunks taken (among `taken`, `finished_prefix`'s chunks): their
+    settings hash and content hash are written now (accepted once, recorded for
+    good). Damaged chunks: moved to .attack_chunks/damaged/, their images
+    attacked again. Chunks of other or unproven settings: moved to
+    .attack_chunks/stale/, never merged. One line each."""
     if kinds["legacy"]:
-        unhashed = 0
+        unhashed, by_path = 0, {chunk["_path"]: chunk for chunk in taken}
         for path in kinds["legacy"]:
-            chunk = rundir.read_json(path)
-            chunk = {k: v for k, v in chunk.items() if k != CONTENT_KEY}
+            chunk = by_path[path]
             unhashed += "settings_sha256" not in chunk
             chunk["settings_sha256"] = chunk.get("settings_sha256") or shash
-            rundir.write_json(path, {**chunk, CONTENT_KEY: chunk_sha256(chunk)})
+            _write_chunk(path, chunk)
         what = (
             "their settings are taken (their settings.json matches these settings"
             if unhashed

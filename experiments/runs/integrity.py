@@ -9,7 +9,7 @@ Every result records the hashes of what it was made from:
   files it wrote (`files_sha256`).
 
 The hashes themselves, and the check that an attack.csv is the one its summary
-records (`check_attack_csv`, applied by every consumer: statistics, salience,
+records (`read_recorded_csv`, applied by every consumer: statistics, salience,
 propagation, locality), are the results formats' (`propmaps_jax.results`). A
 rerun recomputes what is missing, truncated, edited or stale and says so in one
 line (`note`). Files written before these records existed carry no hash:
@@ -54,15 +54,6 @@ def read_npz(path: str) -> dict[str, np.ndarray] | None:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
         return None
-
-
-def files_sha256(folder: str, names: list[str]) -> dict[str, str]:
-    """{name: SHA-256} of the files of `folder` that exist."""
-    return {
-        name: rundir.file_sha256(os.path.join(folder, name))
-        for name in names
-        if storage.isfile(os.path.join(folder, name))
-    }
 
 
 def reusable(path: str, settings: dict, required: list[str]) -> tuple[dict | None, str]:

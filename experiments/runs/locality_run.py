@@ -1,27 +1,30 @@
 """The locality study's run directory, one model at a time: DIR/<model>/.
 
 `attack_and_study` runs one model's steps: the attack (`attack_run`), then the
-study, its controls and the within-image analysis. Each step reads what the step
-before it wrote (attack.csv, then locality.csv), computes through
-`propmaps_jax.analysis.locality_study`, and writes its files once, with a JSON
-record that marks it done: locality.csv, vulnerability_maps.npz and
+study, its controls and the within-image analysis. Each step takes what the
+steps before it computed, in memory (the attack's rows, the study's moves, and
+the SHA-256 of the bytes written for them: attack.csv, locality.csv), computes
+through `propmaps_jax.analysis.locality_study`, and writes its files once, with
+a JSON record that marks it done: locality.csv, vulnerability_maps.npz and
 locality.json (`locality_for_model`); controls.csv and controls.json
 (`controls_for_model`); within_image_rows.npz and within_image.json
 (`within_image_for_model`). A step is reused, not recomputed, when its record
 holds the same settings (the input files and the weights by content, and the
-study's own settings) and its files are intact (`integrity.reusable`): the
-settings dicts here are what committed runs under docs/results/ recorded, so
-their keys and values must not change.
+study's own settings) and its files are intact (`integrity.reusable`); a reused
+step's results are read back once (the attack's attack.csv, the study's
+locality.csv) and passed on in the same way. The settings dicts here are what
+committed runs under docs/results/ recorded, so their keys and values must not
+change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
 from experiments import common
@@ -34,12 +37,7 @@ from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import checkpoint
 from propmaps_jax.results import controls_csv, provenance
 from propmaps_jax.results import locality_csv as locality_file
-from propmaps_jax.results.attack_csv import (
-    check_attack_csv,
-    check_dataset,
-    read_attack_csv,
-    read_summary,
-)
+from propmaps_jax.results.attack_csv import CSV_NAME, AttackRun, check_dataset
 
 WITHIN_IMAGE_VERSION = 2
 # Per (attack, ring position): what the readings experiment refits across runs.
@@ -51,9 +49,9 @@ def _model_log(name: str) -> Callable[[str], None]:
     return lambda message: say(f"{name}: {message}")
 
 
-# Each step's record (DIR/<model>/NAME) and the files beside it that it vouches for.
+# The controls' and the within-image records (DIR/<model>/NAME) and the files
+# beside them that they vouch for (locality.json: `_reuse`).
 RECORD_FILES = {
-    "locality.json": ["locality.csv", "vulnerability_maps.npz"],
     "controls.json": ["controls.csv"],
     "within_image.json": [WITHIN_IMAGE_ROWS],
 }
@@ -73,17 +71,27 @@ def _reused(
     return cached
 
 
-def _write_record(model_dir: str, record_name: str, record: dict) -> None:
-    """DIR/<model>/`record_name`, with the hashes of its files (marks its step done)."""
-    record["files_sha256"] = integrity.files_sha256(
-        model_dir, RECORD_FILES[record_name]
-    )
+def _write_step(
+    model_dir: str, record_name: str, record: dict, files: dict[str, bytes]
+) -> None:
+    """A step's `files` ({name: bytes}) in DIR/<model>/, then its record
+    `record_name` with their hashes (which marks the step done)."""
+    for name, data in files.items():
+        rundir.write_bytes(os.path.join(model_dir, name), data)
+    record["files_sha256"] = {
+        name: hashlib.sha256(data).hexdigest() for name, data in files.items()
+    }
     rundir.write_json(os.path.join(model_dir, record_name), record)
 
 
-def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
+def _reuse(
+    name: str, model_dir: str, settings: dict, table: dict, network: bool
+) -> tuple[dict, dict[str, np.ndarray], str | None] | None:
     """The stored study of DIR/<model>/ when made with these settings and its files
-    are intact (`integrity.reusable`), else None (one line says why)."""
+    are intact (`integrity.reusable`), else None (one line says why): its record
+    with its maps, its moves read back once from locality.csv, checked to hold
+    the successful attacks of `table` (attack.csv's rows), and that file's
+    SHA-256 (None without a successful attack)."""
     cache = os.path.join(model_dir, "locality.json")
     cached, why = integrity.reusable(cache, settings, ["vulnerability_maps.npz"])
     maps = integrity.read_npz(os.path.join(model_dir, "vulnerability_maps.npz"))
@@ -95,18 +103,27 @@ def _reuse(name: str, model_dir: str, settings: dict) -> dict | None:
         return None
     say(f"{name}: reusing the locality results in {cache}")
     cached["maps"] = maps
-    return cached
-
-
-def _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record):
-    """locality.csv, vulnerability_maps.npz, then locality.json (marks it done)."""
-    if len(succ_rows):
-        rundir.write_text(
-            os.path.join(model_dir, "locality.csv"),
-            locality_file.text(table, succ_rows, study),
+    max_distance, succ_rows = settings["max_distance"], np.flatnonzero(table["success"])
+    if not len(succ_rows):
+        return cached, study_lib.moves_table(table, {}, max_distance), None
+    path = os.path.join(model_dir, locality_file.NAME)
+    if not storage.isfile(path):
+        raise PropmapsError(f"{path} is missing: {locality_file.rerun_locality(path)}")
+    data = storage.read_bytes(path)
+    moved = locality_file.parse(
+        path, data.decode(), max_distance=max_distance, network=network
+    )
+    if not np.array_equal(moved["index"], table["index"][succ_rows]) or not (
+        np.array_equal(
+            np.stack([moved["row"], moved["col"]], 1), table["pixels"][succ_rows, 0, :2]
         )
-    rundir.write_npz(os.path.join(model_dir, "vulnerability_maps.npz"), maps_arrays)
-    _write_record(model_dir, "locality.json", record)
+    ):
+        raise PropmapsError(
+            f"{path} does not hold the successful attacks of "
+            f"{os.path.join(model_dir, CSV_NAME)}: delete {cache} and run the "
+            "locality experiment again"
+        )
+    return cached, moved, hashlib.sha256(data).hexdigest()
 
 
 def _model(loaded: tuple):
@@ -120,38 +137,38 @@ def _model(loaded: tuple):
 def locality_for_model(
     name: str,
     model_dir: str,
-    weights: str | None,
+    weights_sha256: str,
     loaded: tuple,
     dataset,
+    run: AttackRun,
     seed: int,
     max_distance: int,
     num_maps: int,
     batch_size: int,
-) -> dict[str, Any]:
-    """The locality study of one model from DIR/<model>/attack.csv (reused if done).
+) -> tuple[dict[str, Any], dict[str, np.ndarray], str | None]:
+    """(record, moves, locality.csv's SHA-256 or None without a successful attack):
+    the locality study of one model's attack `run` (reused if done).
 
     `loaded`: `common.load_model(name, weights)`. The study is reused when made
-    from the same attack.csv and weights (both by content) and settings.
+    from the same attack.csv and weights (both by content) and settings; its
+    moves are then read back from DIR/<model>/locality.csv, once.
     """
-    attack_csv = os.path.join(model_dir, "attack.csv")
-    summary = read_summary(model_dir)
-    check_attack_csv(attack_csv, summary)
-    table = read_attack_csv(attack_csv, summary=summary)
+    table = run.table
     locality.check_one_pixel(table["pixels"])
     settings = {
-        "attack_csv_sha256": rundir.file_sha256(attack_csv),
-        "weights_sha256": provenance.weights_sha256(name, weights),
+        "attack_csv_sha256": run.csv_sha256,
+        "weights_sha256": weights_sha256,
         "seed": seed,
         "max_distance": max_distance,
         "vulnerability_maps": num_maps,
     }
-    cached = _reuse(name, model_dir, settings)
-    if cached is not None:
-        return cached
-    x_test, y_test = dataset.split("test")
-    check_dataset(attack_csv, table, x_test, y_test)
     apply_fn, variables, permutation = _model(loaded)
+    reused = _reuse(name, model_dir, settings, table, permutation is not None)
+    if reused is not None:
+        return reused
     succ_rows = np.flatnonzero(table["success"])
+    x_test, y_test = dataset.split("test")
+    check_dataset(run.csv_path, table, x_test, y_test)
     start = time.time()
     progress = Progress(len(succ_rows), what="images")
     result, study, maps_arrays = study_lib.study_attacks(
@@ -168,39 +185,42 @@ def locality_for_model(
         log=_model_log(name),
         on_batch=progress.update,
     )
-    if jax.process_index() != 0:  # only the main process writes
-        return {"settings": settings, **result, "maps": maps_arrays}
     result["locality_wall_time_s"] = time.time() - start
     record = {"settings": settings, **result}
-    _write_model_results(model_dir, table, succ_rows, study, maps_arrays, record)
+    files = {}
+    if len(succ_rows):
+        files[locality_file.NAME] = locality_file.text(table, succ_rows, study).encode()
+    files["vulnerability_maps.npz"] = rundir.npz_bytes(maps_arrays)
+    _write_step(model_dir, "locality.json", record, files)
     record["maps"] = maps_arrays
-    return record
+    moved = study_lib.moves_table(table, study, max_distance)
+    return record, moved, record["files_sha256"].get(locality_file.NAME)
 
 
 def controls_for_model(
     name: str,
     model_dir: str,
-    weights: str | None,
+    weights_sha256: str,
     loaded: tuple,
     dataset,
+    run: AttackRun,
+    moved: dict[str, np.ndarray],
+    locality_sha256: str | None,
     seed: int,
     max_distance: int,
     batch_size: int,
 ) -> dict[str, Any] | None:
-    """The controls of one model from DIR/<model>/attack.csv and locality.csv.
+    """The controls of one model's attack `run` and its study's moves (`moved`,
+    locality.csv's rows; `locality_sha256`: that file's SHA-256).
 
     Reused (DIR/<model>/controls.json) when made from the same two files, weights
     and settings; writes DIR/<model>/controls.csv and controls.json.
     """
-    attack_csv = os.path.join(model_dir, "attack.csv")
-    locality_csv = os.path.join(model_dir, "locality.csv")
-    table = read_attack_csv(attack_csv)
-    succ_rows = np.flatnonzero(table["success"])
-    has_moves = storage.isfile(locality_csv)
+    table = run.table
     settings = {
-        "attack_csv_sha256": rundir.file_sha256(attack_csv),
-        "locality_csv_sha256": rundir.file_sha256(locality_csv) if has_moves else None,
-        "weights_sha256": provenance.weights_sha256(name, weights),
+        "attack_csv_sha256": run.csv_sha256,
+        "locality_csv_sha256": locality_sha256,
+        "weights_sha256": weights_sha256,
         "seed": seed,
         "max_distance": max_distance,
         "context_tolerance": locality_controls.CONTEXT_TOLERANCE,
@@ -214,25 +234,6 @@ def controls_for_model(
     cached = _reused(name, model_dir, "controls.json", settings, "locality controls")
     if cached is not None:
         return cached
-    if len(succ_rows) and not has_moves:
-        raise PropmapsError(
-            f"{locality_csv} is missing: delete {model_dir}/locality.json and run the "
-            "locality experiment again on this --workdir (it reuses attack.csv)"
-        )
-    moved = (
-        locality_file.read(locality_csv, max_distance=max_distance)
-        if len(succ_rows)
-        else study_lib.moves_table(table, {}, max_distance)
-    )
-    if not np.array_equal(moved["index"], table["index"][succ_rows]) or not (
-        np.array_equal(
-            np.stack([moved["row"], moved["col"]], 1), table["pixels"][succ_rows, 0, :2]
-        )
-    ):
-        raise PropmapsError(
-            f"{locality_csv} does not hold the successful attacks of {attack_csv}: "
-            f"delete {model_dir}/locality.json and run the locality experiment again"
-        )
     x_test, y_test = dataset.split("test")
     apply_fn, variables, _ = _model(loaded)
     summary, attacked, per_attack, draws = study_lib.controls_study(
@@ -247,43 +248,40 @@ def controls_for_model(
         log=_model_log(name),
     )
     record = {"settings": settings, **summary}
-    if jax.process_index() == 0:
-        rundir.write_text(
-            os.path.join(model_dir, "controls.csv"),
-            controls_csv.controls_csv(attacked, per_attack, draws),
-        )
-        _write_record(model_dir, "controls.json", record)
+    text = controls_csv.controls_csv(attacked, per_attack, draws)
+    _write_step(model_dir, "controls.json", record, {"controls.csv": text.encode()})
     return record
 
 
 def within_image_for_model(
     name: str,
     model_dir: str,
-    weights: str | None,
+    weights_sha256: str,
     loaded: tuple,
     dataset,
+    run: AttackRun,
+    moved: dict[str, np.ndarray],
+    locality_sha256: str | None,
     seed: int,
     max_distance: int,
     batch_size: int,
 ) -> dict[str, Any] | None:
     """Receptive field or image content: one model's measures (`content`), from
-    DIR/<model>/attack.csv and locality.csv; DIR/<model>/within_image.json.
+    its attack `run` and its study's moves (`moved`, locality.csv's rows);
+    DIR/<model>/within_image.json.
 
     The ring outcomes per position are recomputed (locality.csv keeps their counts
     only) and checked against locality.csv's nearby and random outcomes.
     """
-    attack_csv = os.path.join(model_dir, "attack.csv")
-    locality_csv = os.path.join(model_dir, "locality.csv")
-    table = read_attack_csv(attack_csv)
-    succ_rows = np.flatnonzero(table["success"])
-    if not len(succ_rows):
+    table = run.table
+    if not table["success"].any():
         say(f"{name}: no successful attack, no within-image analysis")
         return None
     apply_fn, variables, permutation = _model(loaded)
     settings = {
-        "attack_csv_sha256": rundir.file_sha256(attack_csv),
-        "locality_csv_sha256": rundir.file_sha256(locality_csv),
-        "weights_sha256": provenance.weights_sha256(name, weights),
+        "attack_csv_sha256": run.csv_sha256,
+        "locality_csv_sha256": locality_sha256,
+        "weights_sha256": weights_sha256,
         "seed": seed,
         "max_distance": max_distance,
         "fit_resamples": content.FIT_RESAMPLES,
@@ -295,9 +293,6 @@ def within_image_for_model(
     )
     if cached is not None:
         return cached
-    moved = locality_file.read(
-        locality_csv, max_distance=max_distance, network=permutation is not None
-    )
     x_test, y_test = dataset.split("test")
     try:
         result, arrays = study_lib.within_image_study(
@@ -314,14 +309,14 @@ def within_image_for_model(
             log=_model_log(name),
         )
     except study_lib.OutcomesMismatch:
+        locality_csv = os.path.join(model_dir, locality_file.NAME)
         raise PropmapsError(
             f"{locality_csv}'s nearby/random outcomes are not this model's: delete "
             f"{model_dir}/locality.json and run the locality experiment again"
         ) from None
     record = {"settings": settings, **result}
-    if jax.process_index() == 0:
-        rundir.write_npz(os.path.join(model_dir, WITHIN_IMAGE_ROWS), arrays)
-        _write_record(model_dir, "within_image.json", record)
+    rows = rundir.npz_bytes(arrays)
+    _write_step(model_dir, "within_image.json", record, {WITHIN_IMAGE_ROWS: rows})
     return record
 
 
@@ -364,12 +359,16 @@ def attack_and_study(
     num_maps: int,
     batch_size: int,
     later_work_s: float | None = None,
-) -> tuple[dict, dict]:
-    """(attack summary, locality record) of one model in DIR/<model>/: the attack
-    (`attack_run.run_attack` with `options`), then the study, its controls and the
-    within-image analysis; each reused when done."""
+) -> tuple[dict, dict, dict[str, np.ndarray]] | None:
+    """(attack summary, locality record, moves) of one model in DIR/<model>/: the
+    attack (`attack_run.run_attack` with `options`), then the study, its controls
+    and the within-image analysis, each reused when done; each step takes what
+    the steps before it computed (or read back, once, when reused). None on the
+    processes of a multi-host run other than the first: they take part in the
+    attack only.
+    """
     say(f"{name}: one-pixel attack on {options.num_samples} samples in {model_dir}")
-    summary = attack_run.run_attack(
+    run = attack_run.run_attack(
         model_dir,
         model_name=name,
         weights=weights,
@@ -378,28 +377,37 @@ def attack_and_study(
         later_work_s=later_work_s,
         **options.arguments(),
     )
-    steps = (name, model_dir, weights, loaded, dataset, options.seed, max_distance)
-    record = locality_for_model(*steps, num_maps, batch_size)
-    record["controls"] = controls_for_model(*steps, batch_size)
-    record["within_image"] = within_image_for_model(*steps, batch_size)
+    if run is None:
+        return None
+    weights_sha256 = provenance.weights_sha256(name, weights)
+    given = (name, model_dir, weights_sha256, loaded, dataset, run)
+    record, moved, locality_sha256 = locality_for_model(
+        *given, options.seed, max_distance, num_maps, batch_size
+    )
+    steps = (*given, moved, locality_sha256, options.seed, max_distance, batch_size)
+    record["controls"] = controls_for_model(*steps)
+    record["within_image"] = within_image_for_model(*steps)
     say(
         f"{name}: original {stats.format_proportion(record['original_all'])}; "
         f"random {stats.format_proportion(record['random'])}; "
         f"nearby {stats.format_proportion(record['nearby'])}"
     )
-    return summary, record
+    return run.summary, record, moved
 
 
-def compare_nearby(workdir: str, results: dict[str, dict], seed: int) -> None:
-    """The nearby rate across this run's models, with intervals on the differences
-    (`readings.nearby_rate_comparison`), kept in each model's within-image record."""
+def compare_nearby(
+    results: dict[str, dict], moves: dict[str, dict[str, np.ndarray]], seed: int
+) -> None:
+    """The nearby rate across this run's models (their `moves`), with intervals on
+    the differences (`readings.nearby_rate_comparison`), kept in each model's
+    within-image record."""
     names = [n for n in results if results[n].get("within_image")]
     if len(names) < 2:
         return
-    runs = {}
-    for name in names:
-        moved = locality_file.read(os.path.join(workdir, name, locality_file.NAME))
-        runs[name] = (moved["index"], moved["nearby_success"].astype(bool))
+    runs = {
+        name: (moves[name]["index"], moves[name]["nearby_success"].astype(bool))
+        for name in names
+    }
     comparison = readings.nearby_rate_comparison(runs, seed)
     for name in names:
         results[name]["nearby_comparison"] = comparison

@@ -34,18 +34,27 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Atomically write a JSON file (indented, keys in insertion order); always
-    valid JSON: NaN and infinities are written as null."""
-    write_text(
-        path, json.dumps(hashing.finite_json(obj), indent=2, allow_nan=False) + "\n"
-    )
+    """Atomically write a JSON file (`json_bytes`)."""
+    write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes of a JSON file of `obj` (indented, keys in insertion order);
+    always valid JSON: NaN and infinities are written as null."""
+    text = json.dumps(hashing.finite_json(obj), indent=2, allow_nan=False) + "\n"
+    return text.encode("utf-8")
+
+
+def npz_bytes(arrays: dict[str, Any], compressed: bool = True) -> bytes:
+    """The bytes of an .npz file of `arrays` (compressed unless told otherwise)."""
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def write_npz(path: str, arrays: dict[str, Any], compressed: bool = True) -> None:
     """Atomically write an .npz of `arrays` (compressed unless told otherwise)."""
-    buffer = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, npz_bytes(arrays, compressed))
 
 
 def file_sha256(path: str) -> str:

@@ -59,6 +59,10 @@ MAX_PREDICTION_MISMATCH = 0.05
 # The target of the run is not known (no attack_summary.json next to the file).
 UNKNOWN = "unknown"
 _RERUN = "run the attack again (into an empty --workdir)"
+_REBUILD = (
+    "run the same attack command again: it rebuilds the file from its chunks (or "
+    "attacks again)"
+)
 
 
 def attack_columns(pixels: int) -> list[str]:
@@ -322,12 +326,45 @@ def read_attack_csv(
     if isinstance(summary, str):
         summary = read_summary(os.path.dirname(path))
     if not _io.isfile(path):
-        raise PropmapsError(
-            f"{path} does not exist: run the attack first "
-            "(python launch.py --experiment=attack --workdir=...)"
-        )
+        raise PropmapsError(_missing(path))
     text = _io.read_text(path)
     return read_attack_text(path, text, _summary_target(summary), image_shape, summary)
+
+
+def _missing(path: str) -> str:
+    return (
+        f"{path} does not exist: run the attack first "
+        "(python launch.py --experiment=attack --workdir=...)"
+    )
+
+
+def read_recorded_csv(
+    path: str, summary: dict | None, image_shape: tuple[int, int] | None = None
+) -> tuple[dict[str, np.ndarray], str]:
+    """attack.csv read once, as its `summary` records it: (its rows as
+    `read_attack_csv` gives them, the SHA-256 of the bytes they were read from).
+
+    Refused with one line (PropmapsError): a missing file, a file that is not the
+    one the summary records (`attack_csv_sha256`: edited or truncated since; a
+    summary made before the record existed is not compared), a row that breaks a
+    rule of `read_attack_text` or the summary's counts.
+    """
+    if not _io.isfile(path):
+        if summary is None:
+            raise PropmapsError(_missing(path))
+        raise PropmapsError(f"{path} is missing; {_REBUILD}")
+    data = _io.read_bytes(path)
+    found = hashlib.sha256(data).hexdigest()
+    recorded = (summary or {}).get("attack_csv_sha256")
+    if isinstance(recorded, str) and found != recorded:
+        raise PropmapsError(
+            f"{path} is not the file its attack run wrote (SHA-256 {found[:12]}, "
+            f"recorded {recorded[:12]}: edited or truncated since); {_REBUILD}"
+        )
+    table = read_attack_text(
+        path, data.decode("utf-8"), _summary_target(summary), image_shape, summary
+    )
+    return table, found
 
 
 def read_attack_text(
@@ -420,14 +457,12 @@ def read_attack_results(
 
     Refused with one line (PropmapsError): a file that is not the one its
     attack_summary.json records, or a row that breaks a rule of
-    `read_attack_text`.
+    `read_attack_text` (`read_recorded_csv`: the file is read once).
     """
     if not path.endswith(".csv"):
         path = os.path.join(path, CSV_NAME)
     summary = read_summary(os.path.dirname(path))
-    if summary is not None:
-        check_attack_csv(path, summary)
-    table = read_attack_csv(path, image_shape, summary)
+    table, _ = read_recorded_csv(path, summary, image_shape)
     names = [f.name for f in dataclasses.fields(AttackResults) if f.name != "summary"]
     return AttackResults(**{name: table[name] for name in names}, summary=summary)
 
@@ -518,12 +553,18 @@ def _remedy(summary: dict, expected: dict[str, str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AttackRun:
-    """A checked attack run: its attack.csv as arrays and its summary (or None)."""
+    """A checked attack run: its attack.csv as arrays, its summary (or None) and
+    the SHA-256 of the attack.csv bytes the arrays were read from (or written as).
+
+    A --target=all run has no attack.csv of its own (one run per class in
+    DIR/target_<c>/): its table and csv_sha256 are None.
+    """
 
     directory: str
     csv_path: str
-    table: dict[str, np.ndarray]
+    table: dict[str, np.ndarray] | None
     summary: dict[str, Any] | None
+    csv_sha256: str | None
 
     @property
     def weights_verified(self) -> bool:
@@ -544,7 +585,7 @@ def load_attack_run(
     used with (images/labels: the whole test split the samples were drawn from).
 
     Refused with one line: an attack.csv that is not the file its summary records
-    (by SHA-256: edited or truncated since; `check_attack_csv`); a run whose
+    (by SHA-256: edited or truncated since; `read_recorded_csv`); a run whose
     attack_summary.json records another model,
     other weights or other data (by content); a row that repeats an image, that
     contradicts itself or the summary, or whose image or label is not in the data.
@@ -557,7 +598,7 @@ def load_attack_run(
             f"--workdir={os.path.join(directory, 'target_<class>')}"
         )
     if not _io.isfile(csv_path):
-        read_attack_csv(csv_path)  # the one message for a missing file
+        raise PropmapsError(_missing(csv_path))
     if summary is not None:
         expected = given_provenance(model_name, weights, images, labels)
         provenance.require_match(
@@ -566,40 +607,9 @@ def load_attack_run(
             expected,
             _remedy(summary, expected),
         )
-    check_attack_csv(csv_path, summary)
-    table = read_attack_csv(csv_path, tuple(images.shape[1:3]), summary)
+    table, sha256 = read_recorded_csv(csv_path, summary, tuple(images.shape[1:3]))
     check_dataset(csv_path, table, images, labels)
-    return AttackRun(directory, csv_path, table, summary)
-
-
-def attack_csv_problem(csv_path: str, summary: dict | None) -> str:
-    """'' when attack.csv is the file its summary records (by SHA-256), else why not.
-
-    A summary without the record (runs made before it existed) is not compared
-    here; the rows are still checked by `read_attack_csv`.
-    """
-    recorded = (summary or {}).get("attack_csv_sha256")
-    if not _io.isfile(csv_path):
-        return f"{csv_path} is missing"
-    if not isinstance(recorded, str):
-        return ""
-    found = hashing.file_sha256(csv_path)
-    if found != recorded:
-        return (
-            f"{csv_path} is not the file its attack run wrote (SHA-256 {found[:12]}, "
-            f"recorded {recorded[:12]}: edited or truncated since)"
-        )
-    return ""
-
-
-def check_attack_csv(csv_path: str, summary: dict | None) -> None:
-    """PropmapsError (one line, how to rebuild) unless attack.csv is as recorded."""
-    problem = attack_csv_problem(csv_path, summary)
-    if problem:
-        raise PropmapsError(
-            f"{problem}; run the same attack command again: it rebuilds the file "
-            "from its chunks (or attacks again)"
-        )
+    return AttackRun(directory, csv_path, table, summary, sha256)
 
 
 def require_predictions_match(csv_path: str, mismatches: int, total: int) -> None:

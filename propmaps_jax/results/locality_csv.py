@@ -7,9 +7,10 @@ number of pixels at that distance inside the image (`ring<d>_n`) and how many of
 them fool the model with the attack's colour (`ring<d>_success`). A pixel-permuted
 model's file adds the same moves in the network's coordinates (`netnearby_*`,
 `netring<d>_*`, in image positions: see `locality.network_protocol_moves`). Every
-value is an integer. Written by the locality experiment; read back by its controls
-(every column, the rings of its --max_distance) and by the salience study (the
-positions only).
+value is an integer. Written by the locality experiment (whose later steps take
+the same moves in memory, `locality_study.moves_table`); read back by its rerun
+when the study is reused (every column, the rings of its --max_distance), by the
+readings experiment and by the salience study (the positions only).
 """
 
 from __future__ import annotations
@@ -117,15 +118,28 @@ def read(
     --max_distance), holds a value that is not an integer or inconsistent counts
     is refused with one line ending in `remedy` (default: how to remake it).
     """
+    try:
+        content = _io.read_text(path)
+    except OSError as e:
+        remedy = remedy or rerun_locality(path)
+        raise PropmapsError(f"cannot read {path} ({e.strerror}): {remedy}") from None
+    return parse(path, content, columns, max_distance, remedy, network)
+
+
+def parse(
+    path: str,
+    content: str,
+    columns: tuple[str, ...] = BASE_COLUMNS,
+    max_distance: int | None = None,
+    remedy: str | None = None,
+    network: bool = False,
+) -> dict[str, np.ndarray]:
+    """`read` of the locality.csv text `content` (`path` names it in messages)."""
     remedy = remedy or rerun_locality(path)
     if network:
         columns = (*columns, *NETWORK_COLUMNS)
     prefixes = ("ring", "netring") if network else ("ring",)
     rings = [c for p in prefixes for c in ring_columns(max_distance or 0, p)]
-    try:
-        content = _io.read_text(path)
-    except OSError as e:
-        raise PropmapsError(f"cannot read {path} ({e.strerror}): {remedy}") from None
     reader = csv.reader(io.StringIO(content, newline=""))
     header = next(reader, [])
     rows = list(reader)

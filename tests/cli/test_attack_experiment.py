@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
 def finished(setup):
     folder, kwargs, _ = setup
     workdir = str(folder / "uninterrupted")
-    summary = attack_run.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs).summary
     return workdir, summary
 
 
@@ -105,7 +105,7 @@ def test_finished_run_is_not_recomputed(setup, finished, monkeypatch):
         raise AssertionError("attack_stream called for a finished run")
 
     monkeypatch.setattr(attack_run, "attack_stream", fail)
-    assert attack_run.run_attack(workdir, **kwargs) == summary
+    assert attack_run.run_attack(workdir, **kwargs).summary == summary
 
 
 def test_other_settings_are_refused(setup, finished):
@@ -141,7 +141,9 @@ def test_interrupted_run_resumes_to_the_same_files(setup, finished, monkeypatch)
     assert calls == [(0, 4), (4, 8)]
     assert not os.path.exists(os.path.join(resumed, "attack.csv"))
     # Resume with another chunk size: only [8, 10) is attacked.
-    resumed_summary = attack_run.run_attack(resumed, **dict(kwargs, chunk_size=1))
+    resumed_summary = attack_run.run_attack(
+        resumed, **dict(kwargs, chunk_size=1)
+    ).summary
     assert calls[2:] == [(8, 9), (9, 10)]
     with (
         open(os.path.join(workdir, "attack.csv")) as a,
@@ -173,7 +175,7 @@ def test_a_run_grows_and_is_read_at_fewer_samples(setup, finished, monkeypatch, 
     attack_run.run_attack(grown, **dict(kwargs, num_samples=6))
     six_csv = open(os.path.join(grown, "attack.csv")).read()
     assert saved == [(0, 4), (4, 6)] and len(six_csv.splitlines()) == 1 + 6
-    summary = attack_run.run_attack(grown, **kwargs)
+    summary = attack_run.run_attack(grown, **kwargs).summary
     assert saved[2:] == [(6, 8), (8, 10)]  # only the new images are attacked
     assert summary["num_samples"] == NUM_SAMPLES
     assert open(os.path.join(grown, "attack.csv")).read() == full_csv
@@ -240,7 +242,7 @@ def test_bfloat16_search_reports_float32_results(setup):
     number is the float32 model's, and the run's settings and summary say so."""
     folder, kwargs, (module, variables, x_test, y_test) = setup
     workdir = str(folder / "bfloat16")
-    summary = attack_run.run_attack(workdir, **kwargs, search_dtype="bfloat16")
+    summary = attack_run.run_attack(workdir, **kwargs, search_dtype="bfloat16").summary
     assert summary["settings"]["search_dtype"] == "bfloat16"
     assert summary["search_dtype"] == "bfloat16" and summary["search_rejections"] >= 0
     table = results.read_attack_csv(os.path.join(workdir, "attack.csv"))
@@ -274,7 +276,9 @@ def test_same_weights_under_another_path_resume(setup, finished, monkeypatch):
         os.symlink(kwargs["weights"], link)
     with open(os.path.join(workdir, "attack_summary.json")) as f:
         stored = json.load(f)
-    assert attack_run.run_attack(workdir, **dict(kwargs, weights=copy)) == (stored)
+    assert attack_run.run_attack(workdir, **dict(kwargs, weights=copy)).summary == (
+        stored
+    )
     resumed = str(folder / "resumed_by_link")
     interrupted_run(resumed, kwargs, monkeypatch)
     attack_run.run_attack(resumed, **dict(kwargs, weights=link))

@@ -97,7 +97,7 @@ def test_bad_inputs_leave_nothing_and_the_fixed_run_works(files):
         assert message in str(e.value), (changes, str(e.value))
         assert "\n" not in str(e.value)
         assert not os.path.exists(workdir), changes
-    summary = attack_run.run_attack(workdir, **run_kwargs(files))
+    summary = attack_run.run_attack(workdir, **run_kwargs(files)).summary
     assert summary["num_samples"] == 6
     # The chunks are kept beside the results (attack.csv is rebuilt from them).
     assert sorted(os.listdir(workdir)) == [

@@ -92,7 +92,7 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
     assert not storage.exists(storage.join(workdir, lock.LOCK_NAME))
     assert not storage.exists(storage.join(workdir, "attack.csv"))
 
-    summary = attack_run.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs).summary
     assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
     assert chunk_names(workdir) == [
         "chunk_0000000_0000004.json",
@@ -113,7 +113,8 @@ def test_attack_interrupted_and_resumed_on_gcs_equals_local(
         attack_run, "_attack_chunks", lambda *a, **k: pytest.fail("attacked")
     )
     assert (
-        attack_run.run_attack(workdir, **kwargs)["successes"] == (summary["successes"])
+        attack_run.run_attack(workdir, **kwargs).summary["successes"]
+        == (summary["successes"])
     )
     monkeypatch.setattr(attack_run, "_attack_chunks", attack_chunks)
     other = dict(kwargs, config=AttackConfig(pixels=1, population=9, generations=3))

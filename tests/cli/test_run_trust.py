@@ -55,7 +55,7 @@ def reference(setup):
     """An uninterrupted run: (workdir, attack.csv text, summary)."""
     folder, kwargs, _ = setup
     workdir = str(folder / "reference")
-    summary = attack_run.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs).summary
     return workdir, read(workdir, "attack.csv"), summary
 
 
@@ -278,7 +278,7 @@ def test_old_chunks_without_hash_are_accepted_once_and_written(
     interrupted_run(workdir, kwargs, monkeypatch, chunks=2)
     strip_hashes(workdir)
     capsys.readouterr()
-    summary = attack_run.run_attack(workdir, **kwargs)
+    summary = attack_run.run_attack(workdir, **kwargs).summary
     assert "2 chunks written before chunks recorded their settings are taken" in (
         capsys.readouterr().err
     )
@@ -336,7 +336,7 @@ def test_an_edited_chunk_is_moved_aside_and_attacked_again(
     damage_chunk(os.path.join(workdir, ".attack_chunks", name), edit)
     os.remove(os.path.join(workdir, "attack.csv"))
     capsys.readouterr()
-    again = attack_run.run_attack(workdir, **kwargs)
+    again = attack_run.run_attack(workdir, **kwargs).summary
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "fail their checks" in line]
     assert len(said) == 1 and name in said[0], err
@@ -414,7 +414,7 @@ def test_other_numerics_are_other_settings(setup, reference, monkeypatch):
             attack_run.run_attack(source, **kwargs)
     with pytest.raises(PropmapsError, match=r"other settings \(.*search_dtype"):
         attack_run.run_attack(workdir, **kwargs, search_dtype="bfloat16")
-    assert attack_run.run_attack(source, **kwargs) == summary
+    assert attack_run.run_attack(source, **kwargs).summary == summary
 
 
 def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
@@ -455,35 +455,32 @@ def test_truncated_or_edited_attack_csv_is_rebuilt_and_refused_by_consumers(
 
 def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
     """An empty locality.json or a truncated vulnerability_maps.npz: recomputed
-    with one line, not a traceback; an intact record is reused."""
+    with one line, not a traceback; an intact record is reused, its moves read
+    back once from locality.csv (the same as the study's in memory)."""
     folder, kwargs, (module, variables, *_) = setup
-    source, _, _ = reference
+    source, expected, _ = reference
     workdir = str(folder / "locality")
     shutil.copytree(source, workdir)
     loaded = (models.ModelConfig("lenet_tiny"), module, variables, {})
+    weights_sha256 = provenance.weights_sha256("lenet_tiny", kwargs["weights"])
 
     def study():
-        return locality_run.locality_for_model(
-            "lenet_tiny",
-            workdir,
-            kwargs["weights"],
-            loaded,
-            kwargs["dataset"],
-            0,
-            2,
-            1,
-            256,
-        )
+        run = attack_run.run_attack(workdir, **kwargs)
+        given = ("lenet_tiny", workdir, weights_sha256, loaded, kwargs["dataset"])
+        return locality_run.locality_for_model(*given, run, 0, 2, 1, 256)
 
-    first = study()
+    first, moved, locality_sha256 = study()
     record = json.load(open(os.path.join(workdir, "locality.json")))
     assert set(record["files_sha256"]) >= {"vulnerability_maps.npz"}
-    assert record["settings"]["attack_csv_sha256"] == rundir.file_sha256(
-        os.path.join(workdir, "attack.csv")
-    )
+    csv_path = os.path.join(workdir, "attack.csv")
+    assert record["settings"]["attack_csv_sha256"] == rundir.file_sha256(csv_path)
+    assert locality_sha256 == rundir.file_sha256(os.path.join(workdir, "locality.csv"))
     capsys.readouterr()
-    study()
+    _, moved_again, sha_again = study()
     assert "reusing the locality results" in capsys.readouterr().err
+    assert sha_again == locality_sha256 and set(moved_again) <= set(moved)
+    for column, values in moved_again.items():
+        np.testing.assert_array_equal(moved[column], values, err_msg=column)
     for name, damage in (
         ("locality.json", b""),
         (
@@ -493,17 +490,19 @@ def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
     ):
         with open(os.path.join(workdir, name), "wb") as f:
             f.write(damage)
-        again = study()
+        again = study()[0]
         err = capsys.readouterr().err
         assert "recomputing the locality study" in err and name in err
         assert again["nearby"] == first["nearby"]
-    # An attack.csv edited after its run wrote it is refused here too.
-    csv_path = os.path.join(workdir, "attack.csv")
-    text = read(workdir, "attack.csv")
+    # An attack.csv edited after its run wrote it is never studied: the attack
+    # step rebuilds it from its chunks, and the study is then reused.
     with open(csv_path, "w") as f:
-        f.write(text.replace(",1,1,", ",1,0,", 1))
-    with pytest.raises(PropmapsError, match="not the file its attack run wrote"):
-        study()
+        f.write(expected.replace(",1,1,", ",1,0,", 1))
+    study()
+    err = capsys.readouterr().err
+    assert "rebuilding it from the run's chunks" in err
+    assert "reusing the locality results" in err
+    assert read(workdir, "attack.csv") == expected
 
 
 def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
@@ -526,7 +525,7 @@ def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
         raise AssertionError("a finished run was attacked again")
 
     monkeypatch.setattr(attack_run, "_attack_chunks", no_attack)
-    summary = attack_run.run_attack(
+    run = attack_run.run_attack(
         copy,
         model_name="lenet",
         weights=None,
@@ -540,7 +539,10 @@ def test_committed_runs_still_load(cifar10_path, tmp_path, monkeypatch):
             generations=settings["generations"],
         ),
     )
-    assert summary["settings"] == settings
+    assert run.summary["settings"] == settings
+    # Its rows, read once, and the SHA-256 of the bytes they were read from.
+    assert run.table["index"].size == settings["num_samples"]
+    assert run.csv_sha256 == hashing.file_sha256(os.path.join(copy, "attack.csv"))
     assert sorted(os.listdir(copy)) == sorted(
         os.listdir(os.path.join(ROOT, "docs", "results", "lenet_1000_cpu"))
     )

@@ -86,9 +86,10 @@ def test_locality_study_on_a_tiny_model_matches_the_hand_computed_rings():
     assert "| 1 | 40.0% (2/5" in md and "| 3 | 0.0% (0/4" in md
 
 
-def tiny_moves(max_distance):
+def tiny_moves(max_distance, permutation=None):
     """(table, moves as locality.csv holds them, images, labels, the study's
-    arrays) of the tiny case, without maps."""
+    arrays) of the tiny case, without maps (network-space moves too with a pixel
+    `permutation`)."""
     images, labels, attack = tiny_case()
     table = locality_study.attack_table(
         np.arange(3), labels, np.array([0, 0, 0]), np.array([0.9, 0.9, 0.9]), attack
@@ -103,6 +104,7 @@ def tiny_moves(max_distance):
         max_distance=max_distance,
         num_maps=0,
         batch_size=16,
+        permutation=permutation,
     )
     moved = locality_study.moves_table(table, moves, max_distance)
     return table, moved, images, labels, moves
@@ -128,15 +130,19 @@ def test_a_model_that_does_not_reproduce_the_moves_is_refused():
         )
 
 
-def test_moves_table_equals_locality_csv_read_back(tmp_path):
-    """The one call's in-memory moves are what the experiment writes and reads."""
+@pytest.mark.parametrize("permutation", [None, tuple(range(H * W))[::-1]])
+def test_moves_table_equals_locality_csv_read_back(tmp_path, permutation):
+    """The in-memory moves (what the locality experiment's steps pass on, and the
+    one call uses) are what the experiment writes and a rerun reads back, with a
+    pixel-permuted model's network-space moves too."""
     from propmaps_jax.results import locality_csv
 
-    table, moved, _, _, study = tiny_moves(3)
+    table, moved, _, _, study = tiny_moves(3, permutation)
     path = tmp_path / "locality.csv"
     path.write_text(locality_csv.text(table, np.flatnonzero(table["success"]), study))
-    read = locality_csv.read(str(path), max_distance=3)
-    assert set(read) <= set(moved)
+    network = permutation is not None
+    read = locality_csv.read(str(path), max_distance=3, network=network)
+    assert set(read) == set(moved) and ("netring_n" in read) == network
     for column, values in read.items():
         np.testing.assert_array_equal(moved[column], values, err_msg=column)
         assert moved[column].dtype == values.dtype, column

@@ -118,8 +118,18 @@ def test_header_and_summary_counts_refused_in_one_line(tmp_path):
     summary["attack_csv_sha256"] = hashing.text_sha256(text_of(ROWS))
     (tmp_path / "attack_summary.json").write_text(json.dumps(summary))
     assert len(results.read_attack_results(str(tmp_path))) == 3
+    # Read once: the rows, and the SHA-256 of the very bytes they came from.
+    table, sha256 = attack_csv.read_recorded_csv(str(path), summary, (32, 32))
+    assert sha256 == summary["attack_csv_sha256"] and table["index"].tolist() == [
+        3,
+        7,
+        9,
+    ]
     path.write_text(text_of(ROWS[:2]))
     with pytest.raises(PropmapsError, match="not the file its attack run wrote"):
+        results.read_attack_results(str(path))
+    path.unlink()
+    with pytest.raises(PropmapsError, match="attack.csv is missing; run the same"):
         results.read_attack_results(str(path))
 
 
