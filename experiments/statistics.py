@@ -5,8 +5,9 @@
 Reads every attacked image of DIR/attack.csv (a failed attack contributes its best
 candidate; a run made with another model, other weights or other data than the
 ones given is refused, and so is one whose predictions the model does not
-reproduce), streams them through the maps (`propmaps_jax.analysis.statistics`:
-running sums on the device, per-image scalars on the host), and writes to
+reproduce), streams them through the maps in one library call
+(`propmaps_jax.analysis.statistics.study_attacks`: running sums on the device,
+per-image scalars on the host), and writes to
 DIR/statistics/:
 
 - mean_pm_avg_successful.png, mean_pm_avg_failed.png (figures 7/8): per layer the
@@ -50,11 +51,11 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
 from experiments.runs import integrity, rundir, storage
-from propmaps_jax import models, stats
-from propmaps_jax.analysis import propagation, statistics
+from propmaps_jax import models
+from propmaps_jax.analysis import statistics
 from propmaps_jax.analysis.claims_markdown import claims_table
 from propmaps_jax.figures import propagation as propagation_figures
-from propmaps_jax.results import _io, attack_csv, claims_json, hashing
+from propmaps_jax.results import _io, attack_csv, claims_json, statistics_json
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py).
@@ -66,7 +67,6 @@ FLAGS_READ = (
     "seed",
 )
 
-OUTCOMES = statistics.OUTCOMES
 GENERATION0_NAME = "generation0.npz"
 
 
@@ -93,22 +93,18 @@ def _progress(total: int, what: str):
     return Progress(total, what).update
 
 
-def _generation0(module, variables, images, rows, summary, workdir):
-    """`statistics.generation0_best_candidates`, or a string saying why it cannot
-    be computed. Kept in DIR/generation0.npz, reused when it is of the same
-    attacks and settings (the maps chosen do not change it)."""
-    settings = (summary or {}).get("settings", {})
-    problem = statistics.generation0_problem(settings)
-    if problem is not None:
-        return problem
-    record = statistics.generation0_record(settings)
-    path = os.path.join(workdir, GENERATION0_NAME)
+def _kept_generation0(path: str, settings: dict, rows: dict) -> dict | None:
+    """The initial populations' best candidates kept in DIR/generation0.npz when
+    they are of the same attacks and settings (the maps chosen do not change
+    them), else None (recomputed by the study)."""
+    if statistics.generation0_problem(settings) is not None:
+        return None
     kept = integrity.read_npz(path)  # None when missing, truncated or unreadable
     needed_arrays = ("best", "reported", "success", "index", "settings")
     if (
         kept is not None
         and all(k in kept for k in needed_arrays)
-        and str(kept["settings"]) == record
+        and str(kept["settings"]) == statistics.generation0_record(settings)
         and np.array_equal(kept["index"], rows["index"])
     ):
         logging.info("initial populations' best candidates from %s", path)
@@ -118,93 +114,7 @@ def _generation0(module, variables, images, rows, summary, workdir):
             f"recomputing {GENERATION0_NAME}: unreadable, or of other attacks or "
             "settings"
         )
-    out = statistics.generation0_best_candidates(
-        models.make_apply_fn(module),
-        variables,
-        images,
-        rows,
-        settings,
-        progress=_progress,
-    )
-    rundir.write_npz(
-        path, {**out, "index": rows["index"], "settings": np.array(record)}
-    )
-    return out
-
-
-def _figures(cfg, out_dir, mean_maps, shapes, counts, layer_stats, distances, bins):
-    """Figures 7, 8 and 9 of the paper and the distance histogram."""
-    figures = propagation_figures.statistics_figures(
-        mean_maps,
-        shapes,
-        counts,
-        layer_stats,
-        distances,
-        bins,
-        model=cfg.model,
-        signed=cfg.signed,
-        columns=cfg.columns,
-    )
-    for outcome in ("successful", "failed"):
-        if counts[outcome] == 0:
-            path = os.path.join(out_dir, f"mean_pm_avg_{outcome}.png")
-            logging.info("no %s attacks: no %s", outcome, path)
-    for name, fig in figures.items():
-        path = os.path.join(out_dir, name)
-        plots.save_figure(fig, path)
-        print(f"wrote {path}")
-
-
-def _print_table(out_dir, order, counts, layer_stats) -> None:
-    print(
-        f"{sum(counts.values())} attacks ({counts['successful']} successful, "
-        f"{counts['failed']} failed); results in {out_dir}"
-    )
-    print(f"{'layer':<26} {'outcome':<11} {'ratio mean':>10} {'p95':>7} {'spread':>7}")
-    for j, layer in enumerate(order):
-        for outcome in ("successful", "failed"):
-            s = layer_stats[outcome]
-            print(
-                f"{layer:<26} {outcome:<11} {s['max_ratio_mean'][j]:>10.3f} "
-                f"{s['max_ratio_p95'][j]:>7.3f} {s['spread_mean'][j]:>7.1%}"
-            )
-
-
-def _summary(
-    cfg, csv_path, rows, counts, mismatches, distances, bins, order, layer_stats
-):
-    """summary.json (without its wall time): counts, distances, per-layer numbers."""
-    bin_edges, uniform = bins
-    return {
-        "model": cfg.model,
-        "weights": cfg.weights,
-        "attack_csv": csv_path,
-        "signed_maps": cfg.signed,
-        "layers": cfg.layers,
-        "spread_threshold": propagation.SPREAD_THRESHOLD,
-        "attacks": int(rows["index"].size),
-        "successful": counts["successful"],
-        "failed": counts["failed"],
-        "not_attacked": rows["not_attacked"],
-        "pred_after_mismatches": mismatches,
-        "distance_from_centre": {
-            "metric": f"{propagation_figures.DISTANCE_METRIC} from the image centre, "
-            "in pixels",
-            **{o: stats.distance_stats(distances[o], bin_edges) for o in OUTCOMES},
-            "uniform_histogram_fractions": [float(f) for f in uniform],
-        },
-        "per_layer": {
-            layer: {
-                outcome: {
-                    s: hashing.finite_json(layer_stats[outcome][s][j])
-                    for s in layer_stats[outcome]
-                }
-                for outcome in OUTCOMES
-            }
-            for j, layer in enumerate(order)
-        },
-        "device": common.device_description(),
-    }
+    return None
 
 
 def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
@@ -218,123 +128,74 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
     rows = statistics.attacked_rows(attack_run.table, csv_path)
     loaded = common.load_model(cfg.model, cfg.weights)
     common.check_computes(loaded, images, cfg.model, cfg.weights)
-    config, module, variables, _ = loaded
-    model = models.linen_features(module, cfg.layers)
-    shapes = models.check_model(model, variables, config.image_shape)
-    order = list(shapes)
-    maps_of = dict(signed=cfg.signed, progress=_progress)
-    state, scalars, predicted = statistics.stream_statistics(
-        model, variables, shapes, images, rows, cfg.batch_size, **maps_of
+    _, module, variables, _ = loaded
+    settings = (attack_run.summary or {}).get("settings", {})
+    generation0_path = os.path.join(workdir, GENERATION0_NAME)
+    kept = _kept_generation0(generation0_path, settings, rows)
+    # Refused before anything is written when the model does not predict what
+    # attack.csv records.
+    study = statistics.study_attacks(
+        models.linen_features(module, cfg.layers),
+        variables,
+        images,
+        rows,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.signed,
+        attack_settings=settings,
+        generation0=kept,
+        source=csv_path,
+        progress=_progress,
     )
-    success, total = rows["success"], rows["index"].size
-    counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
-    mismatches = int(np.sum(predicted != rows["pred_after"]))
-    # Before anything is written: the model must predict what attack.csv records
-    # (the one check of runs recorded without a weights hash; a few near ties
-    # may flip on another device).
-    attack_csv.require_predictions_match(csv_path, mismatches, total)
-    if mismatches:
+    if study.mismatches:
         logging.warning(
             "%d of %d perturbed images are now predicted differently from the "
             "pred_after column of attack.csv (another model or data set?)",
-            mismatches,
-            total,
+            study.mismatches,
+            rows["index"].size,
         )
-
-    if rows["pixels"].shape[1] == 1:
-        control_states = statistics.control_statistics(
-            model, variables, shapes, images, rows, cfg.batch_size, cfg.seed, **maps_of
-        )
-    else:
-        control_states = {}
+    if not study.control_maps:
         logging.info("no control positions: attacks of more than one pixel")
-    generation0 = _generation0(
-        module, variables, images, rows, attack_run.summary, workdir
-    )
-
-    masks = {"successful": success, "failed": ~success, "all": np.ones_like(success)}
-    layer_stats = {
-        o: propagation.per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES
-    }
-    height, width = images.shape[1:3]
-    distances = stats.distance_from_centre(rows["pixels"], height, width)
-    bin_edges = stats.distance_bin_edges(height, width)
-    distance_by_outcome = {o: distances[masks[o]].reshape(-1) for o in OUTCOMES}
-    bins = (bin_edges, stats.uniform_distance_fractions(height, width, bin_edges))
+    if kept is None and not isinstance(study.generation0, str):
+        record = np.array(statistics.generation0_record(settings))
+        rundir.write_npz(
+            generation0_path,
+            {**study.generation0, "index": rows["index"], "settings": record},
+        )
 
     out_dir = os.path.join(workdir, cfg.output_folder)
     storage.makedirs(out_dir)
-    mean_maps = statistics.mean_maps(state, counts, order)
-    rundir.write_npz(
-        os.path.join(out_dir, "mean_maps.npz"),
-        {
-            "layers": np.array(order),
-            "counts": np.array([counts["failed"], counts["successful"]]),
-            **{
-                f"{key}/{layer}": value
-                for key, maps in mean_maps.items()
-                for layer, value in maps.items()
-            },
-        },
-    )
+    rundir.write_npz(os.path.join(out_dir, "mean_maps.npz"), study.mean_maps_arrays())
     rundir.write_text(
-        os.path.join(out_dir, "per_layer.csv"),
-        _io.csv_text(*statistics.per_layer_rows(shapes, layer_stats, masks)),
+        os.path.join(out_dir, "per_layer.csv"), _io.csv_text(*study.per_layer_rows())
     )
-    summary = _summary(
-        cfg,
-        csv_path,
-        rows,
-        counts,
-        mismatches,
-        distance_by_outcome,
-        bins,
-        order,
-        layer_stats,
-    )
-    control_maps = {
-        name: statistics.mean_maps(s, counts, order)
-        for name, s in control_states.items()
-    }
-    report = {
-        "schema": claims_json.SCHEMA,
-        **statistics.claims_report(
-            rows,
-            scalars,
-            order,
-            mean_maps,
-            control_maps,
-            generation0,
-            (height, width),
-            cfg.signed,
-            cfg.layers,
-        ),
-    }
+    report = {"schema": claims_json.SCHEMA, **study.claims_report(cfg.layers)}
     # Before claims.json is written: an earlier one's dates count.
     report["provenance"] = claims_json.run_provenance(csv_path, out_dir, start)
     rundir.write_json(os.path.join(out_dir, claims_json.NAME), report)
     table = claims_table(report)
     rundir.write_text(os.path.join(out_dir, "claims.md"), table)
-    if control_maps and counts["successful"]:
-        fig = propagation_figures.mean_maps_figure(
-            control_maps["uniform_positions"]["pm_avg/successful"],
-            shapes,
-            f"Control: mean PM_avg of the {counts['successful']} successful attacks' "
-            f"colours put at uniformly drawn positions, {cfg.model} (compare "
-            "figure 7: what padding geometry alone gives)",
-            "colour scale of each layer: 0 .. the maximum of its mean map",
-            columns=cfg.columns,
-            bar_title="mean PM_avg",
-        )
-        plots.save_figure(
-            fig, os.path.join(out_dir, "mean_pm_avg_uniform_positions.png")
-        )
+    for outcome in ("successful", "failed"):
+        if study.counts[outcome] == 0:
+            path = os.path.join(out_dir, f"mean_pm_avg_{outcome}.png")
+            logging.info("no %s attacks: no %s", outcome, path)
+    for name, fig in propagation_figures.study_figures(
+        study, cfg.model, cfg.columns
+    ).items():
+        path = os.path.join(out_dir, name)
+        plots.save_figure(fig, path)
+        print(f"wrote {path}")
+    summary = statistics_json.summary(
+        study, cfg.model, cfg.weights, csv_path, cfg.layers, common.device_description()
+    )
     summary["seconds"] = round(time.time() - start, 2)
     rundir.write_json(os.path.join(out_dir, "summary.json"), summary)
-    _figures(
-        cfg, out_dir, mean_maps, shapes, counts, layer_stats, distance_by_outcome, bins
+    counts = study.counts
+    print(
+        f"{sum(counts.values())} attacks ({counts['successful']} successful, "
+        f"{counts['failed']} failed); results in {out_dir}"
     )
-    _print_table(out_dir, order, counts, layer_stats)
+    print(study.layer_table())
     print(table)
 
 

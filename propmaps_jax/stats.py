@@ -341,6 +341,10 @@ def roc_curve(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
 # ----- where pixels lie: distance from the image centre ----------------------------
 
 
+# How `distance_from_centre` measures, as the figures and summaries name it.
+DISTANCE_METRIC = "Chebyshev distance (max(|dr|, |dc|))"
+
+
 def distance_from_centre(pixels: Any, height: int, width: int) -> np.ndarray:
     """Chebyshev distance max(|dr|, |dc|) of pixels (..., >= 2) (row, col first)
     from the image centre ((height - 1) / 2, (width - 1) / 2).

@@ -15,7 +15,10 @@ here, so that a user of the package re-runs it on any attack result:
   the run's seed and settings (`generation0_problem` says why it cannot be);
 - `mean_maps`, `per_layer_rows`, `claims_report`: the mean maps per outcome, the
   rows of per_layer.csv and the claims report (`claims_markdown.claims_table`
-  renders it).
+  renders it);
+- `study_attacks`: all of it in one call, a `StatisticsStudy` (what the
+  experiment's files hold: `figures.propagation.study_figures` draws it,
+  `results.statistics_json.summary` is its summary.json).
 
 Arrays in, arrays and dicts out; the run directory, the cache of the generation-0
 file and the reports are the shell's (experiments/statistics.py).
@@ -23,6 +26,7 @@ file and the reports are the shell's (experiments/statistics.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from propmaps_jax import batching
+from propmaps_jax import batching, models, stats
 from propmaps_jax.analysis import claims, propagation
 from propmaps_jax.attack import de as attack_de
 from propmaps_jax.attack.perturb import apply_pixels_batch
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.results.attack_csv import require_predictions_match
 from propmaps_jax.types import ApplyFn, FeaturesFn, Variables
 
 OUTCOMES = ("successful", "failed", "all")
@@ -77,6 +82,11 @@ def attacked_rows(table: dict[str, np.ndarray], source: str) -> dict[str, Any]:
 def _no_progress(total: int, what: str) -> Callable[..., None]:
     del total, what
     return lambda done, successes=None: None
+
+
+def outcome_masks(success: np.ndarray) -> dict[str, np.ndarray]:
+    """{outcome of `OUTCOMES`: which attacks it holds} of the attacks' `success`."""
+    return {"successful": success, "failed": ~success, "all": np.ones_like(success)}
 
 
 def stream_statistics(
@@ -365,3 +375,169 @@ def claims_report(
             for claim in claims.CLAIMS
         },
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsStudy:
+    """The propagation maps over many attacks (`study_attacks`).
+
+    `rows`: the attacks (`attacked_rows`); `shapes`: the layers' (H, W, K);
+    `signed`: the maps' sign kept; `scalars`: per-image statistics {name: (N, L)};
+    `mismatches`: attacks now predicted otherwise than `rows["pred_after"]`;
+    `counts`: {"successful", "failed"}; `layer_stats`: {outcome:
+    `propagation.per_outcome_layer_stats`}; `distances`: {outcome: each attacked
+    pixel's Chebyshev distance from the centre}; `bin_edges` and `uniform`: one
+    distance bin per square ring and the share of positions in each; `mean_maps`
+    and `control_maps` ({control: mean maps}, empty for attacks of more than one
+    pixel): `mean_maps`; `generation0`: `generation0_best_candidates`, or why it
+    was not computed; `image_shape`: (H, W).
+    """
+
+    rows: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    signed: bool
+    scalars: dict[str, np.ndarray]
+    mismatches: int
+    counts: dict[str, int]
+    layer_stats: dict[str, dict[str, np.ndarray]]
+    distances: dict[str, np.ndarray]
+    bin_edges: np.ndarray
+    uniform: np.ndarray
+    mean_maps: dict
+    control_maps: dict[str, dict]
+    generation0: dict[str, np.ndarray] | str
+    image_shape: tuple[int, int]
+
+    @property
+    def order(self) -> list[str]:
+        """The layers in forward order."""
+        return list(self.shapes)
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """{outcome: which attacks it holds} (`outcome_masks`)."""
+        return outcome_masks(self.rows["success"])
+
+    def mean_maps_arrays(self) -> dict[str, np.ndarray]:
+        """The contents of mean_maps.npz: layers, counts (failed, successful) and
+        "<pm_avg|pm_max>/<outcome>/<layer>" maps."""
+        return {
+            "layers": np.array(self.order),
+            "counts": np.array([self.counts["failed"], self.counts["successful"]]),
+            **{
+                f"{key}/{layer}": value
+                for key, maps in self.mean_maps.items()
+                for layer, value in maps.items()
+            },
+        }
+
+    def per_layer_rows(self) -> tuple[list[str], list[list[Any]]]:
+        """(header, rows) of per_layer.csv (`per_layer_rows`)."""
+        return per_layer_rows(self.shapes, self.layer_stats, self.masks())
+
+    def claims_report(self, layers: str) -> dict[str, Any]:
+        """`claims_report` of the study; `layers` names the maps' layer kind."""
+        return claims_report(
+            self.rows,
+            self.scalars,
+            self.order,
+            self.mean_maps,
+            self.control_maps,
+            self.generation0,
+            self.image_shape,
+            self.signed,
+            layers,
+        )
+
+    def layer_table(self) -> str:
+        """Per layer and outcome the mean and 95th percentile of max|dFM| / max FM
+        and the spread, as the experiment prints them."""
+        lines = [
+            f"{'layer':<26} {'outcome':<11} {'ratio mean':>10} {'p95':>7} {'spread':>7}"
+        ]
+        for j, layer in enumerate(self.order):
+            for outcome in ("successful", "failed"):
+                s = self.layer_stats[outcome]
+                lines.append(
+                    f"{layer:<26} {outcome:<11} {s['max_ratio_mean'][j]:>10.3f} "
+                    f"{s['max_ratio_p95'][j]:>7.3f} {s['spread_mean'][j]:>7.1%}"
+                )
+        return "\n".join(lines)
+
+
+def study_attacks(
+    features_fn: FeaturesFn,
+    variables: Variables,
+    images: np.ndarray,
+    rows: dict[str, Any],
+    batch_size: int,
+    seed: int = 0,
+    signed: bool = False,
+    *,
+    attack_settings: dict[str, Any] | None = None,
+    generation0: dict[str, np.ndarray] | None = None,
+    source: str = "the attack table",
+    progress: Progress = _no_progress,
+) -> StatisticsStudy:
+    """The propagation maps of every attack of `rows` (`attacked_rows`) on the
+    clean test `images`, of the model `features_fn` (`models.contract`; the
+    paper's: `models.linen_features(module)`), `batch_size` attacks per step.
+
+    Refused (PropmapsError naming `source`) when the model predicts too many
+    perturbed images otherwise than `rows["pred_after"]`. One-pixel attacks also
+    stream the controls (`control_statistics`, keys from `seed`). `generation0`:
+    the initial populations' best candidates when known (e.g. kept from an
+    earlier run), else recomputed from `attack_settings` (the attack run's
+    settings; `generation0_problem` says when they cannot be)."""
+    shapes = models.check_model(features_fn, variables, images.shape[1:])
+    order = list(shapes)
+    state, scalars, predicted = stream_statistics(
+        features_fn, variables, shapes, images, rows, batch_size, signed, progress
+    )
+    success, total = rows["success"], rows["index"].size
+    counts = {"failed": int(state["count"][0]), "successful": int(state["count"][1])}
+    mismatches = int(np.sum(predicted != rows["pred_after"]))
+    # The one check of runs recorded without a weights hash (a few near ties may
+    # flip on another device).
+    require_predictions_match(source, mismatches, total)
+    control_states = {}
+    if rows["pixels"].shape[1] == 1:
+        control_states = control_statistics(
+            features_fn,
+            variables,
+            shapes,
+            images,
+            rows,
+            batch_size,
+            seed,
+            signed,
+            progress,
+        )
+    if generation0 is None:
+        settings = attack_settings or {}
+        generation0 = generation0_problem(settings) or generation0_best_candidates(
+            models.logits_of(features_fn), variables, images, rows, settings, progress
+        )
+    masks = outcome_masks(success)
+    height, width = images.shape[1:3]
+    distances = stats.distance_from_centre(rows["pixels"], height, width)
+    bin_edges = stats.distance_bin_edges(height, width)
+    return StatisticsStudy(
+        rows=rows,
+        shapes=shapes,
+        signed=signed,
+        scalars=scalars,
+        mismatches=mismatches,
+        counts=counts,
+        layer_stats={
+            o: propagation.per_outcome_layer_stats(scalars, masks[o]) for o in OUTCOMES
+        },
+        distances={o: distances[masks[o]].reshape(-1) for o in OUTCOMES},
+        bin_edges=bin_edges,
+        uniform=stats.uniform_distance_fractions(height, width, bin_edges),
+        mean_maps=mean_maps(state, counts, order),
+        control_maps={
+            name: mean_maps(s, counts, order) for name, s in control_states.items()
+        },
+        generation0=generation0,
+        image_shape=(height, width),
+    )

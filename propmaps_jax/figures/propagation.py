@@ -4,7 +4,8 @@ pixels lie.
 
 Each function takes host arrays (NumPy) in forward layer order, or the records of
 `propmaps_jax.analysis.paper_examples` (`attack_figures` of an `AttackMaps`,
-`paper_figure` of a `PaperFigure`), and returns matplotlib figures; saving them is
+`paper_figure` of a `PaperFigure`, `study_figures` of a
+`statistics.StatisticsStudy`), and returns matplotlib figures; saving them is
 the caller's (the experiments write them atomically with
 `experiments.report.plots.save_figure`). matplotlib is imported here, not by
 `import propmaps_jax`.
@@ -21,7 +22,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Circle
 
+from propmaps_jax import stats
 from propmaps_jax.analysis.paper_examples import AttackMaps, PaperFigure, class_name
+from propmaps_jax.analysis.statistics import StatisticsStudy
 
 
 def layer_title(name: str, shape: Sequence[int]) -> str:
@@ -511,9 +514,6 @@ def distance_histogram_figure(
     return fig
 
 
-DISTANCE_METRIC = "Chebyshev distance (max(|dr|, |dc|))"
-
-
 def statistics_figures(
     mean_maps: dict[str, dict[str, np.ndarray]],
     shapes: dict[str, Sequence[int]],
@@ -592,8 +592,41 @@ def statistics_figures(
     figures["distance_from_centre.png"] = distance_histogram_figure(
         {o: distances[o] for o in ("successful", "failed")},
         bin_edges,
-        f"Attacked pixels: {DISTANCE_METRIC} from the image centre, {model}",
-        f"{DISTANCE_METRIC} of the attacked pixel from the image centre (pixels)",
+        f"Attacked pixels: {stats.DISTANCE_METRIC} from the image centre, {model}",
+        f"{stats.DISTANCE_METRIC} of the attacked pixel from the image centre (pixels)",
         uniform=uniform,
     )
+    return figures
+
+
+def study_figures(
+    study: StatisticsStudy, model: str, columns: int = 6
+) -> dict[str, plt.Figure]:
+    """{file name: figure} of a statistics study of the model named `model`:
+    `statistics_figures` and, when the controls ran and some attack succeeded,
+    mean_pm_avg_uniform_positions.png (the successful attacks' colours at
+    uniformly drawn positions: what padding geometry alone gives)."""
+    figures = statistics_figures(
+        study.mean_maps,
+        study.shapes,
+        study.counts,
+        study.layer_stats,
+        study.distances,
+        (study.bin_edges, study.uniform),
+        model=model,
+        signed=study.signed,
+        columns=columns,
+    )
+    successful = study.counts["successful"]
+    if study.control_maps and successful:
+        figures["mean_pm_avg_uniform_positions.png"] = mean_maps_figure(
+            study.control_maps["uniform_positions"]["pm_avg/successful"],
+            study.shapes,
+            f"Control: mean PM_avg of the {successful} successful attacks' "
+            f"colours put at uniformly drawn positions, {model} (compare "
+            "figure 7: what padding geometry alone gives)",
+            "colour scale of each layer: 0 .. the maximum of its mean map",
+            columns=columns,
+            bar_title="mean PM_avg",
+        )
     return figures

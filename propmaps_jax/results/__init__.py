@@ -12,7 +12,7 @@ files go, atomic writes, the lock, resuming.
     run.success.mean(), run.pixels.shape  # (N, k, 5): row, col, r, g, b
 
 Modules: `attack_csv`, `locality_csv`, `controls_csv`, `salience_csv`,
-`claims_json`; the hashes that results record (`hashing`) and that identify a
+`claims_json`, `statistics_json`; the hashes that results record (`hashing`) and that identify a
 model's weights and data (`provenance`).
 """
 

@@ -1,6 +1,6 @@
-"""The statistics streams' host parts, the attacks of figures 2-6, and the figures
-of many attacks (propmaps_jax.analysis.statistics, paper_examples,
-figures.propagation.statistics_figures)."""
+"""The statistics streams' host parts and the study in one call, the attacks of
+figures 2-6, and the figures of many attacks (propmaps_jax.analysis.statistics,
+paper_examples, figures.propagation.statistics_figures and study_figures)."""
 
 import jax
 import matplotlib
@@ -15,6 +15,7 @@ from propmaps_jax.analysis import paper_examples, statistics  # noqa: E402
 from propmaps_jax.attack.perturb import apply_pixels_batch  # noqa: E402
 from propmaps_jax.errors import PropmapsError  # noqa: E402
 from propmaps_jax.figures import propagation as propagation_figures  # noqa: E402
+from propmaps_jax.results import statistics_json  # noqa: E402
 
 
 def _table(attacked):
@@ -109,3 +110,87 @@ def test_statistics_figures_one_per_outcome_with_attacks():
     finally:
         for fig in figures.values():
             plt.close(fig)
+
+
+def test_study_attacks_of_a_tiny_model_against_numpy(tiny_lenet, random_images):
+    """An installed user's call: the statistics of six one-pixel attacks on a tiny
+    LeNet; the first layer's mean PM_avg map against a float64 NumPy computation
+    (a VALID convolution is linear: FM - FM_adv is the kernel times the pixel's
+    normalised change, the bias cancels) and the distances by hand."""
+    module, variables = tiny_lenet
+    images = random_images
+    pixels = np.array(
+        [[[r, c, 255 * (r % 2), 0, 255]] for r, c in [(0, 0), (5, 9), (16, 16)]]
+        + [[[r, c, 0, 255, 30]] for r, c in [(31, 2), (10, 27), (14, 17)]],
+        np.int64,
+    )
+    index = np.array([0, 2, 3, 4, 6, 7])
+    perturbed = apply_pixels_batch(images[index].astype(np.float32), pixels)
+    apply_fn = models.make_apply_fn(module)
+    rows = {
+        "index": index,
+        "label": np.asarray(apply_fn(variables, images[index])).argmax(-1),
+        "pixels": pixels,
+        "success": np.array([True, True, True, False, False, False]),
+        "pred_after": np.asarray(apply_fn(variables, perturbed)).argmax(-1),
+        "generations": np.array([0, 3, 5, 5, 5, 5]),
+        "not_attacked": 2,
+    }
+    settings = {"seed": 0, "pixels": 1, "population": 8, "generations": 5}
+    study = statistics.study_attacks(
+        models.linen_features(module),
+        variables,
+        images,
+        rows,
+        batch_size=4,
+        attack_settings=settings,
+    )
+    assert study.order == ["conv1", "conv2"] and study.mismatches == 0
+    assert study.counts == {"successful": 3, "failed": 3}
+    assert set(study.control_maps) == {"uniform_positions", "distance_matched"}
+    assert study.generation0["best"].shape == (6, 1, 5)
+
+    kernel = np.asarray(variables["params"]["conv1"]["kernel"], np.float64)
+    std = np.asarray(models.nets.CIFAR10_STD)
+    expected = np.zeros((28, 28))
+    for (r, c, *rgb), i in zip(pixels[:3, 0], index[:3], strict=True):
+        delta = (images[i, r, c].astype(np.float64) - rgb) / std
+        d_fm = np.zeros((28, 28, 3))
+        for dr in range(5):
+            for dc in range(5):
+                if 0 <= r - dr < 28 and 0 <= c - dc < 28:
+                    d_fm[r - dr, c - dc] = delta @ kernel[dr, dc]
+        expected += np.abs(d_fm).mean(-1) / 3
+    np.testing.assert_allclose(
+        study.mean_maps["pm_avg/successful"]["conv1"], expected, rtol=1e-4, atol=1e-6
+    )
+    distances = np.maximum(abs(pixels[:, 0, 0] - 15.5), abs(pixels[:, 0, 1] - 15.5))
+    np.testing.assert_array_equal(study.distances["failed"], distances[3:])
+
+    # The files' contents come from the study alone.
+    assert study.mean_maps_arrays()["counts"].tolist() == [3, 3]
+    header, csv_rows = study.per_layer_rows()
+    assert [r[:5] for r in csv_rows[:3]] == [
+        ["conv1", 28, 28, 3, o] for o in ("successful", "failed", "all")
+    ]
+    report = study.claims_report("conv")
+    assert report["counts"] == {"successful": 3, "failed": 3, "all": 6}
+    summary = statistics_json.summary(study, "lenet_tiny", None, "a.csv", "conv", {})
+    assert summary["attacks"] == 6 and summary["not_attacked"] == 2
+    figures = propagation_figures.study_figures(study, "lenet_tiny")
+    try:
+        assert "mean_pm_avg_uniform_positions.png" in figures
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+
+    # A model that does not predict the recorded pred_after is refused.
+    with pytest.raises(PropmapsError, match="run.csv was not made by this model"):
+        statistics.study_attacks(
+            models.linen_features(module),
+            variables,
+            images,
+            {**rows, "pred_after": rows["pred_after"] + 1},
+            batch_size=4,
+            source="run.csv",
+        )
