@@ -329,6 +329,8 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         import logging
 
+        import jax
+
         from experiments.runs import lock as runlock
         from experiments.runs import rundir
 
@@ -349,17 +351,15 @@ def main() -> None:
                 common.start_backend()
             if workdir and not flags.FLAGS.distributed:
                 locked = workdir if runlock.acquire(workdir) else None
-            common.under_precision(module.main)(argv)
+            with jax.default_matmul_precision(flags.FLAGS.precision):
+                module.main(argv)
         except PropmapsError as e:
             _fail(common.in_flag_terms(str(e)))
         except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
-            stop = common.stop_message(e, workdir)
-            if stop is None:
-                raise
-            common.stopping()
-            say(stop[0])
-            sys.exit(stop[1])
+            common.exit_when_stopped(e, workdir)
+            raise
         finally:
+            common.start_deadline(None)  # --max_minutes ends with its run
             if locked:
                 runlock.release(locked)
 

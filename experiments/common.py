@@ -5,14 +5,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import functools
 import os
 import platform
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -103,8 +101,6 @@ flags.DEFINE_float(
     "to continue (the same command resumes) and exit status 75 (not finished).",
 )
 
-FLAGS = flags.FLAGS
-
 
 def maps_folder(name: str, signed: bool, layers: str) -> str:
     """`name` for the default propagation maps; `name`_signed, `name`_<layers> or
@@ -116,21 +112,21 @@ def maps_folder(name: str, signed: bool, layers: str) -> str:
     return name
 
 
-def default_batch_size(default: int) -> int:
-    """Set --batch_size to this experiment's default when not given; check it."""
-    if FLAGS.batch_size is None:
-        FLAGS.batch_size = default
-    if FLAGS.batch_size < 1:
-        raise PropmapsError(f"--batch_size must be at least 1, got {FLAGS.batch_size}")
-    return FLAGS.batch_size
+def default_batch_size(batch_size: int | None, default: int) -> int:
+    """--batch_size, else this experiment's `default`; checked."""
+    if batch_size is None:
+        batch_size = default
+    if batch_size < 1:
+        raise PropmapsError(f"--batch_size must be at least 1, got {batch_size}")
+    return batch_size
 
 
-def require_workdir(create: bool = True, default: str | None = None) -> str:
-    """The --workdir flag (else `default`), checked to be a usable folder (see
+def require_workdir(workdir: str | None, create: bool = True) -> str:
+    """--workdir (or the experiment's default), checked to be a usable folder (see
     `rundir.check_workdir`); created unless `create=False` (experiments that
     create it only when their first result is written). One-line error otherwise.
     """
-    workdir = rundir.check_workdir(FLAGS.workdir or default)
+    workdir = rundir.check_workdir(workdir)
     if create:
         storage.makedirs(workdir)
     return workdir
@@ -142,14 +138,15 @@ def cifar10_path(flag_value: str | None) -> str | None:
     return flag_value or os.environ.get("CIFAR10_PATH") or None
 
 
-def load_data() -> data.Cifar10:
-    """CIFAR-10 from --cifar10_path / $CIFAR10_PATH, else the download cache
-    (downloaded on first use), with --data_split in its test slot (the split every
-    experiment attacks or evaluates: `data.attack_split`); its source is recorded
-    as an absolute path, with " [train split]" when that split is the training one.
+def load_data(path: str | None, split: str) -> data.Cifar10:
+    """CIFAR-10 from --cifar10_path (`path`) / $CIFAR10_PATH, else the download
+    cache (downloaded on first use), with --data_split (`split`) in its test slot
+    (the split every experiment attacks or evaluates: `data.attack_split`); its
+    source is recorded as an absolute path, with " [train split]" when that split
+    is the training one.
     """
-    dataset = data.load_cifar10(cifar10_path(FLAGS.cifar10_path))
-    dataset = data.attack_split(dataset, FLAGS.data_split)
+    dataset = data.load_cifar10(cifar10_path(path))
+    dataset = data.attack_split(dataset, split)
     logging.info("CIFAR-10 from %s", dataset.source)
     return dataset
 
@@ -230,16 +227,21 @@ def _available_platforms() -> list[str]:
     return found
 
 
-def initialize_distributed() -> None:
-    """jax.distributed.initialize() from the flags (unset ones are auto-detected)."""
+def initialize_distributed(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+) -> None:
+    """jax.distributed.initialize() from --coordinator_address, --num_processes and
+    --process_id (None: auto-detected)."""
     # CPU devices of different processes need a collectives implementation (it
     # does not affect accelerators). No backend may start before initialize().
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
         )
     except (ValueError, RuntimeError) as e:
         raise PropmapsError(
@@ -269,17 +271,6 @@ def in_flag_terms(message: str) -> str:
     for argument, flag in FLAG_NAMES.items():
         message = message.replace(argument, flag)
     return message
-
-
-def under_precision(main: Callable[[list[str]], None]) -> Callable:
-    """Run an experiment's `main` under `jax.default_matmul_precision(--precision)`."""
-
-    @functools.wraps(main)
-    def wrapped(argv: list[str]) -> None:
-        with jax.default_matmul_precision(FLAGS.precision):
-            main(argv)
-
-    return wrapped
 
 
 class Terminated(KeyboardInterrupt):
@@ -481,33 +472,16 @@ def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] |
     return None
 
 
-def resumable(default_workdir: str | None = None) -> Callable:
-    """Decorator: a resumable experiment's `main` stopped by Ctrl-C, SIGTERM,
-    --max_minutes or a failed write (disk full, read-only, permission) gives one
-    line (what was kept, how to resume) and its exit status instead of a traceback
-    (`stop_message`). `default_workdir`: the folder used without --workdir.
-    """
-
-    def decorator(main: Callable[[list[str]], None]) -> Callable:
-        @functools.wraps(main)
-        def wrapped(argv: list[str]) -> None:
-            handle_sigterm()
-            try:
-                start_deadline(FLAGS.max_minutes)
-                main(argv)
-            except (KeyboardInterrupt, TimeLimit, OSError) as e:
-                stop = stop_message(e, FLAGS.workdir or default_workdir)
-                if stop is None:
-                    raise
-                stopping()
-                say(stop[0])
-                sys.exit(stop[1])
-            finally:
-                _DEADLINE[0] = None
-
-        return wrapped
-
-    return decorator
+def exit_when_stopped(error: BaseException, workdir: str | None) -> None:
+    """Exit with the one line and status of a run stopped by `error` (Ctrl-C,
+    SIGTERM, --max_minutes, a failed write: `stop_message`); return for any other
+    error, for the caller to raise."""
+    stop = stop_message(error, workdir)
+    if stop is None:
+        return
+    stopping()
+    say(stop[0])
+    sys.exit(stop[1])
 
 
 def device_description() -> dict[str, Any]:

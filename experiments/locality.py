@@ -102,6 +102,8 @@ class LocalityConfig:
     max_distance: int
     vulnerability_maps: int
     batch_size: int
+    cifar10_path: str | None
+    data_split: str
 
 
 def parse_models(text: str) -> list[str]:
@@ -208,7 +210,6 @@ def _write_tables_and_figures(
     return table1, figures
 
 
-@common.resumable(DEFAULT_WORKDIR)
 def main(argv: list[str]) -> None:
     """Attack each model (or reuse), run the locality study, write tables, figures.
 
@@ -216,7 +217,8 @@ def main(argv: list[str]) -> None:
     the first attack starts and before anything is written.
     """
     del argv
-    common.default_batch_size(4096)
+    common.start_deadline(FLAGS.max_minutes)
+    batch_size = common.default_batch_size(FLAGS.batch_size, 4096)
     names = parse_models(FLAGS.models)
     own_num_samples = {
         n: FLAGS[f"num_samples_{n}"].value for n in models.MODEL_REGISTRY
@@ -232,14 +234,18 @@ def main(argv: list[str]) -> None:
         attack=attack_run.attack_options(FLAGS),
         max_distance=FLAGS.max_distance,
         vulnerability_maps=FLAGS.vulnerability_maps,
-        batch_size=FLAGS.batch_size,
+        batch_size=batch_size,
+        cifar10_path=FLAGS.cifar10_path,
+        data_split=FLAGS.data_split,
     )
     check_config(
         config, [n for n in ("model", "weights") if n in FLAGS and FLAGS[n].present]
     )
     if FLAGS.distributed:
-        common.initialize_distributed()
-    workdir = common.require_workdir(create=False, default=DEFAULT_WORKDIR)
+        common.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
+    workdir = common.require_workdir(FLAGS.workdir or DEFAULT_WORKDIR, create=False)
     run(workdir, config)
 
 
@@ -251,7 +257,7 @@ def run(workdir: str, config: LocalityConfig) -> None:
         locality_run.check_weights(name, weights[name])
     loaded = locality_run.load_models(names, weights)
     start = time.time()
-    dataset = common.load_data()
+    dataset = common.load_data(config.cifar10_path, config.data_split)
     check_sample_counts(config, len(dataset.x_test))
     for name in names:  # every model computes, before the first attack starts
         common.check_computes(loaded[name], dataset.x_test, name, weights[name])

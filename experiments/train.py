@@ -13,7 +13,6 @@ seed, the epoch and the example's index).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import platform
@@ -80,6 +79,7 @@ class TrainConfig:
     `main`; `stop_after_epochs` and `max_minutes` are not part of its identity."""
 
     workdir: str | None
+    cifar10_path: str | None
     model: str
     epochs: int
     batch_size: int
@@ -279,15 +279,27 @@ def _exists(path: str) -> bool:
         return False
 
 
-class Diverged(PropmapsError):
-    """Training reached a non-finite loss or non-finite weights."""
-
-
-def diverged(epoch: int, what: str, kept: str, learning_rate: float) -> Diverged:
-    """The one-line error of a run whose loss or weights are no longer finite."""
-    return Diverged(
-        f"training diverged at epoch {epoch} ({what}); lower --learning_rate "
-        f"(now {learning_rate:g}) and start again in a new --workdir; {kept}"
+def diverged(
+    error: training.Diverged,
+    saved_step: int | None,
+    steps_per_epoch: int,
+    ckpt_path: str,
+    cfg: TrainConfig,
+) -> PropmapsError:
+    """The one-line error of a run whose loss or weights are no longer finite,
+    naming the last good checkpoint (written while everything was finite)."""
+    if saved_step is None:
+        kept = "nothing was saved"
+    else:
+        when = (
+            f"after epoch {saved_step // steps_per_epoch}"
+            if saved_step % steps_per_epoch == 0
+            else f"at step {saved_step}"
+        )
+        kept = f"the last good checkpoint ({ckpt_path}, {when}) is kept"
+    return PropmapsError(
+        f"{error}; lower --learning_rate (now {cfg.learning_rate:g}) and start "
+        f"again in a new --workdir; {kept}"
     )
 
 
@@ -320,8 +332,9 @@ def main(argv: list[str]) -> None:
     del argv
     try:
         cfg = TrainConfig(
-            batch_size=common.default_batch_size(128),
+            batch_size=common.default_batch_size(FLAGS.batch_size, 128),
             workdir=FLAGS.workdir,
+            cifar10_path=FLAGS.cifar10_path,
             model=FLAGS.model,
             epochs=FLAGS.epochs,
             learning_rate=FLAGS.learning_rate,
@@ -354,12 +367,13 @@ def main(argv: list[str]) -> None:
 
 
 def train(cfg: TrainConfig) -> None:
-    """The training run of `main`."""
+    """The training run of `main`: `training.fit` between a checkpoint (if any)
+    and DIR/model.msgpack + train.json, with the checkpoints written as it goes."""
     common.start_deadline(cfg.max_minutes)
     workdir = workdir_path(cfg.workdir)
-    dataset = common.load_data()
-    x_train, y_train = dataset.x_train, dataset.y_train
-    x_test, y_test = dataset.x_test, dataset.y_test
+    # Training always trains on the train split and evaluates on test.
+    dataset = common.load_data(cfg.cifar10_path, "test")
+    x_train, x_test = dataset.x_train, dataset.x_test
     steps_per_epoch = len(x_train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise PropmapsError(
@@ -412,32 +426,25 @@ def train(cfg: TrainConfig) -> None:
     augment_key = jax.random.fold_in(base_key, 1)
     wall_before = 0.0
     history: list[dict[str, Any]] = []
-
+    saved_step = None
     if ckpt is not None:
         state, augment_key = _resumed_state(state, ckpt, ckpt_path)
         wall_before = float(ckpt["metadata"].get("wall_time_s", 0.0))
         history = list(ckpt["metadata"].get("history", []))
+        saved_step = int(state.step)
         logging.info(
             "resuming from %s at step %d/%d (epoch %d)",
             ckpt_path,
-            int(state.step),
+            saved_step,
             total_steps,
-            int(state.step) // steps_per_epoch,
+            saved_step // steps_per_epoch,
         )
 
-    train_fn = jax.jit(
-        functools.partial(
-            training.train_step, module, optimizer, do_augment=cfg.augment
-        ),
-        donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(functools.partial(training.eval_step, module))
-    finite_fn = jax.jit(training.all_finite)
-    saved_step = int(state.step) if ckpt is not None else None
+    steps = training.jit_steps(module, optimizer, cfg.augment)
     start_time = time.time()
     if init_variables is not None:
         init_accuracy, init_loss = training.evaluate(
-            eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
+            steps.eval, state.variables, x_test, dataset.y_test, cfg.eval_batch_size
         )
         history.append(
             {"epoch": 0, "test_accuracy": init_accuracy, "test_loss": init_loss}
@@ -449,30 +456,7 @@ def train(cfg: TrainConfig) -> None:
             init_loss,
         )
 
-    def require_finite(
-        epoch: int, loss: float, check_weights: bool = True, loss_name: str = "loss"
-    ) -> None:
-        """Stop with one line, before anything is saved, once training diverged: a
-        non-finite training or test loss, or non-finite weights."""
-        weights_finite = not check_weights or bool(finite_fn(state.variables))
-        if math.isfinite(loss) and weights_finite:
-            return
-        what = f"{loss_name} {loss:.4g}"
-        if not weights_finite:
-            what += ", weights not finite"
-        if saved_step is None:
-            kept = "nothing was saved"
-        else:
-            when = (
-                f"after epoch {saved_step // steps_per_epoch}"
-                if saved_step % steps_per_epoch == 0
-                else f"at step {saved_step}"
-            )
-            kept = f"the last good checkpoint ({ckpt_path}, {when}) is kept"
-        remove_if_empty(workdir, created)
-        raise diverged(epoch, what, kept, cfg.learning_rate)
-
-    def save(test_accuracy: float | None) -> None:
+    def save(state, history, test_accuracy: float | None) -> None:
         nonlocal saved_step
         metadata = {
             "settings": settings,
@@ -494,11 +478,6 @@ def train(cfg: TrainConfig) -> None:
         )
         saved_step = int(state.step)
 
-    step = int(state.step)
-    last_epoch = cfg.epochs
-    if cfg.stop_after_epochs is not None:
-        last_epoch = min(last_epoch, cfg.stop_after_epochs)
-    test_accuracy = None
     logging.info(
         "training %s: %d epochs x %d steps of %d images, %d parameters",
         cfg.model,
@@ -507,88 +486,41 @@ def train(cfg: TrainConfig) -> None:
         cfg.batch_size,
         models.count_params(state.variables),
     )
-    while step < last_epoch * steps_per_epoch:
-        epoch = step // steps_per_epoch
-        order = training.epoch_permutation(cfg.seed, epoch, len(x_train))
-        epoch_key = jax.random.fold_in(augment_key, epoch)
-        epoch_start, last_log = time.time(), time.time()
-        first_step = step
-        loss_sum = jnp.zeros(()), jnp.zeros(())
-        for position in range(step % steps_per_epoch, steps_per_epoch):
-            idx = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-            state, metrics = train_fn(
-                state, x_train[idx], y_train[idx], idx.astype(np.int32), epoch_key
-            )
-            loss_sum = (
-                loss_sum[0] + metrics["loss"],
-                loss_sum[1] + metrics["accuracy"],
-            )
-            step += 1
-            done = step - first_step
-            now = time.time()
-            if now - last_log >= LOG_EVERY_S or position == steps_per_epoch - 1:
-                last_log = now
-                require_finite(epoch + 1, float(loss_sum[0]) / done, False)
-                rate = done * cfg.batch_size / max(now - epoch_start, 1e-9)
-                eta = (total_steps - step) * cfg.batch_size / rate
-                logging.info(
-                    "epoch %d/%d step %d/%d: loss %.4f, train acc %.2f%%, "
-                    "%.0f images/s, ETA %s",
-                    epoch + 1,
-                    cfg.epochs,
-                    step,
-                    total_steps,
-                    float(loss_sum[0]) / done,
-                    100 * float(loss_sum[1]) / done,
-                    rate,
-                    format_duration(eta),
-                )
-            every = cfg.checkpoint_every_steps
-            if every and step % every == 0 and step % steps_per_epoch:
-                require_finite(epoch + 1, float(loss_sum[0]) / done)
-                save(None)
-        epoch_done = step // steps_per_epoch
-        require_finite(epoch + 1, float(loss_sum[0]) / max(step - first_step, 1))
-        test_accuracy = None
-        if epoch_done % cfg.eval_every == 0 or epoch_done == cfg.epochs:
-            test_accuracy, test_loss = training.evaluate(
-                eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
-            )
-            require_finite(epoch + 1, test_loss, False, "test loss")
-            logging.info(
-                "epoch %d/%d: test accuracy %.2f%%, test loss %.4f (%.1f s)",
-                epoch_done,
-                cfg.epochs,
-                100 * test_accuracy,
-                test_loss,
-                time.time() - epoch_start,
-            )
-        history.append(
-            {
-                "epoch": epoch_done,
-                "train_loss": float(loss_sum[0]) / max(step - first_step, 1),
-                "train_accuracy": float(loss_sum[1]) / max(step - first_step, 1),
-                "test_accuracy": test_accuracy,
-                "seconds": time.time() - epoch_start,
-            }
+    try:
+        state, history, test_accuracy = training.fit(
+            steps,
+            state,
+            augment_key,
+            (x_train, dataset.y_train),
+            (x_test, dataset.y_test),
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            eval_every=cfg.eval_every,
+            eval_batch_size=cfg.eval_batch_size,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            stop_after_epochs=cfg.stop_after_epochs,
+            history=history,
+            on_checkpoint=save,
+            should_stop=common.past_deadline,
+            log=logging.info,
+            log_every_s=LOG_EVERY_S,
         )
-        save(test_accuracy)
-        if common.past_deadline() and step < last_epoch * steps_per_epoch:
-            raise common.TimeLimit(f"epoch {epoch_done} of {cfg.epochs} is saved")
-
-    if step < total_steps:
+    except training.Diverged as e:
+        remove_if_empty(workdir, created)
+        raise diverged(e, saved_step, steps_per_epoch, ckpt_path, cfg) from None
+    epochs_done = int(state.step) // steps_per_epoch
+    if epochs_done < min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs):
+        raise common.TimeLimit(f"epoch {epochs_done} of {cfg.epochs} is saved")
+    if int(state.step) < total_steps:
         logging.info(
             "stopped after epoch %d of %d (--stop_after_epochs); rerun the same "
             "command without it to resume",
-            step // steps_per_epoch,
+            epochs_done,
             cfg.epochs,
         )
         return
 
-    if test_accuracy is None:
-        test_accuracy, _ = training.evaluate(
-            eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
-        )
     wall = wall_before + time.time() - start_time
     command = "python " + shlex.join(
         [a for a in sys.argv if not a.startswith("--stop_after_epochs")]

@@ -81,14 +81,21 @@ def chunk_names(workdir):
 
 
 def as_launched(workdir, run, parsed):
-    """Call `run()` as `main` is called (common.resumable); (exit status, stderr
-    lines) of the stop it ends with."""
-    parsed.workdir = workdir
+    """Call `run()` as the launcher calls `main` (experiments/cli.py: the stop
+    signals handled, the --max_minutes clock started, a stop as one line); the
+    exit status of the stop it ends with."""
     old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    common.handle_sigterm()
     try:
         with pytest.raises(SystemExit) as stop:
-            common.resumable()(lambda argv: run())([])
+            try:
+                common.start_deadline(parsed.max_minutes)
+                run()
+            except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
+                common.exit_when_stopped(e, workdir)
+                raise
     finally:
+        common.start_deadline(None)
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
         common._STOPPING[0] = None
