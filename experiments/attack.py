@@ -26,7 +26,7 @@ from absl import flags
 
 from experiments import common, flag_groups
 from experiments.report.progress import say
-from experiments.runs import attack_run
+from experiments.runs import attack_run, stopping
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py); the attack's
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     checked before anything is written; Ctrl-C keeps the finished chunks.
     """
     del argv
-    common.start_deadline(FLAGS.max_minutes)
+    stopping.start_deadline(FLAGS.max_minutes)
     if FLAGS.distributed:
         common.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id

@@ -317,6 +317,7 @@ def main() -> None:
         return
 
     from experiments import common
+    from experiments.runs import stopping
     from propmaps_jax.errors import PropmapsError
 
     def parse(argv: list[str]) -> list[str]:
@@ -343,7 +344,7 @@ def main() -> None:
         # run (multi-host runs excepted: see runlock).
         workdir = flags.FLAGS.workdir or getattr(module, "DEFAULT_WORKDIR", None)
         locked = None
-        common.handle_sigterm()
+        stopping.handle_sigterm()
         try:
             if workdir:  # a name its filesystem refuses: before any loading
                 rundir.check_name_lengths(workdir)
@@ -355,11 +356,11 @@ def main() -> None:
                 module.main(argv)
         except PropmapsError as e:
             _fail(common.in_flag_terms(str(e)))
-        except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
-            common.exit_when_stopped(e, workdir)
+        except (KeyboardInterrupt, stopping.TimeLimit, OSError) as e:
+            stopping.exit_when_stopped(e, workdir)
             raise
         finally:
-            common.start_deadline(None)  # --max_minutes ends with its run
+            stopping.start_deadline(None)  # --max_minutes ends with its run
             if locked:
                 runlock.release(locked)
 
@@ -372,9 +373,9 @@ def run() -> None:
     try:
         main()
     except KeyboardInterrupt as e:
-        from experiments import common
+        from experiments.runs import stopping
 
-        common.stopping()
+        stopping.stopping()
         terminated = type(e).__name__ == "Terminated"
         say("terminated (SIGTERM)" if terminated else "interrupted")
         sys.exit(143 if terminated else 130)

@@ -47,6 +47,7 @@ from experiments.runs import (
     locality_run,
     lock,
     rundir,
+    stopping,
 )
 from propmaps_jax import models
 from propmaps_jax.errors import PropmapsError
@@ -217,7 +218,7 @@ def main(argv: list[str]) -> None:
     the first attack starts and before anything is written.
     """
     del argv
-    common.start_deadline(FLAGS.max_minutes)
+    stopping.start_deadline(FLAGS.max_minutes)
     batch_size = common.default_batch_size(FLAGS.batch_size, 4096)
     names = parse_models(FLAGS.models)
     own_num_samples = {
@@ -283,8 +284,8 @@ def run(workdir: str, config: LocalityConfig) -> None:
     attack_summaries: dict[str, Any] = {}
     maps: dict[str, dict] = {}
     for name in names:
-        if common.past_deadline():
-            raise common.TimeLimit(f"{', '.join(results)} done, {name} not started")
+        if stopping.past_deadline():
+            raise stopping.TimeLimit(f"{', '.join(results)} done, {name} not started")
         later = names[names.index(name) + 1 :]
         with lock.hold(os.path.join(workdir, name), jax.process_index() == 0):
             attack_summaries[name], record = locality_run.attack_and_study(

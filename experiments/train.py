@@ -30,7 +30,7 @@ from flax import serialization
 
 from experiments import common
 from experiments.report.progress import format_duration
-from experiments.runs import rundir, storage
+from experiments.runs import rundir, stopping, storage
 from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import checkpoint
@@ -358,18 +358,18 @@ def main(argv: list[str]) -> None:
             message += "again to resume"
         else:
             message = "no checkpoint was written yet"
-        # SIGTERM (common.Terminated) as Ctrl-C, with the shell's status 143.
-        term = isinstance(stop, common.Terminated)
+        # SIGTERM (stopping.Terminated) as Ctrl-C, with the shell's status 143.
+        term = isinstance(stop, stopping.Terminated)
         sys.stderr.write(
             f"{'terminated (SIGTERM)' if term else 'interrupted'}: {message}\n"
         )
-        sys.exit(common.EXIT_TERMINATED if term else common.EXIT_INTERRUPTED)
+        sys.exit(stopping.EXIT_TERMINATED if term else stopping.EXIT_INTERRUPTED)
 
 
 def train(cfg: TrainConfig) -> None:
     """The training run of `main`: `training.fit` between a checkpoint (if any)
     and DIR/model.msgpack + train.json, with the checkpoints written as it goes."""
-    common.start_deadline(cfg.max_minutes)
+    stopping.start_deadline(cfg.max_minutes)
     workdir = workdir_path(cfg.workdir)
     # Training always trains on the train split and evaluates on test.
     dataset = common.load_data(cfg.cifar10_path, "test")
@@ -502,7 +502,7 @@ def train(cfg: TrainConfig) -> None:
             stop_after_epochs=cfg.stop_after_epochs,
             history=history,
             on_checkpoint=save,
-            should_stop=common.past_deadline,
+            should_stop=stopping.past_deadline,
             log=logging.info,
             log_every_s=LOG_EVERY_S,
         )
@@ -511,7 +511,7 @@ def train(cfg: TrainConfig) -> None:
         raise diverged(e, saved_step, steps_per_epoch, ckpt_path, cfg) from None
     epochs_done = int(state.step) // steps_per_epoch
     if epochs_done < min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs):
-        raise common.TimeLimit(f"epoch {epochs_done} of {cfg.epochs} is saved")
+        raise stopping.TimeLimit(f"epoch {epochs_done} of {cfg.epochs} is saved")
     if int(state.step) < total_steps:
         logging.info(
             "stopped after epoch %d of %d (--stop_after_epochs); rerun the same "

@@ -21,12 +21,13 @@ import pytest
 from absl import flags
 from conftest import ROOT, launch, start
 
-from experiments import cli, common
+from experiments import cli
 from experiments.runs import (
     attack_run,
     budget,
     locality_run,
     rundir,
+    stopping,
     storage,
 )
 from experiments.runs import lock as runlock
@@ -85,20 +86,20 @@ def as_launched(workdir, run, parsed):
     signals handled, the --max_minutes clock started, a stop as one line); the
     exit status of the stop it ends with."""
     old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    common.handle_sigterm()
+    stopping.handle_sigterm()
     try:
         with pytest.raises(SystemExit) as stop:
             try:
-                common.start_deadline(parsed.max_minutes)
+                stopping.start_deadline(parsed.max_minutes)
                 run()
-            except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
-                common.exit_when_stopped(e, workdir)
+            except (KeyboardInterrupt, stopping.TimeLimit, OSError) as e:
+                stopping.exit_when_stopped(e, workdir)
                 raise
     finally:
-        common.start_deadline(None)
+        stopping.start_deadline(None)
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
-        common._STOPPING[0] = None
+        stopping._STOPPING[0] = None
     return stop.value.code
 
 
