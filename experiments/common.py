@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from typing import Any
 
 import jax
@@ -279,3 +280,17 @@ def device_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), else platform.processor()."""
+    try:
+        out = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10
+        ).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown CPU"

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import serialization
 
 from propmaps_jax import batching, models
 from propmaps_jax.errors import PropmapsError
@@ -69,6 +70,26 @@ def state_from_variables(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=optimizer.init(params),
     )
+
+
+def initial_state(
+    module: nn.Module,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    image_shape: tuple[int, int, int] = (32, 32, 3),
+    variables: Variables | None = None,
+) -> tuple[TrainState, PRNGKey]:
+    """(state, augmentation key) of a run with `seed`: the two streams of
+    `key(seed)`, `fold_in(·, 0)` to initialise the variables (unless `variables`
+    are given: a fine-tune) and `fold_in(·, 1)` for the augmentation."""
+    base_key = jax.random.key(seed)
+    if variables is None:
+        state = create_train_state(
+            module, optimizer, jax.random.fold_in(base_key, 0), image_shape
+        )
+    else:
+        state = state_from_variables(variables, optimizer)
+    return state, jax.random.fold_in(base_key, 1)
 
 
 def kernel_mask(params: Any) -> Any:
@@ -268,6 +289,39 @@ def evaluate(
         for k in totals:
             totals[k] += float(out[k])
     return totals["correct"] / totals["count"], totals["loss"] / totals["count"]
+
+
+def resume_record(state: TrainState, augment_key: PRNGKey) -> dict[str, Any]:
+    """What a checkpoint keeps besides the variables to resume exactly: the step,
+    the optimizer state and the augmentation key (read back by `restore`)."""
+    return {
+        "step": np.asarray(state.step),
+        "opt_state": state.opt_state,
+        "rng": np.asarray(jax.random.key_data(augment_key)),
+    }
+
+
+def restore(
+    fresh: TrainState, variables: Variables, record: dict[str, Any] | None
+) -> tuple[TrainState, PRNGKey]:
+    """(train state, augmentation key) of a checkpoint: its `variables` (checked to
+    fit the model) and its `resume_record`, read with `fresh` (a new state of the
+    same model and optimizer) as the template of the optimizer state.
+    PropmapsError "no usable training state (...)" when the record does not fit."""
+    record = record or {}
+    try:
+        opt_state = serialization.from_state_dict(fresh.opt_state, record["opt_state"])
+        step = int(record["step"])
+        augment_key = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PropmapsError(f"no usable training state ({e})") from None
+    state = TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=jax.tree_util.tree_map(jnp.asarray, opt_state),
+    )
+    return state, augment_key
 
 
 class Diverged(PropmapsError):
