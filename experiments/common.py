@@ -1,4 +1,5 @@
-"""What experiments share: flags, loading data and models, progress, device record."""
+"""What experiments share: the shared flags, loading data and models, the device
+record. The helpers read no flag: each experiment's `main` passes the values."""
 
 from __future__ import annotations
 
