@@ -103,8 +103,8 @@ class LocalityConfig:
     max_distance: int
     vulnerability_maps: int
     batch_size: int
-    cifar10_path: str | None
-    data_split: str
+    cifar10_path: str | None = None  # --cifar10_path (None: $CIFAR10_PATH or cache)
+    data_split: str = "test"  # --data_split
 
 
 def parse_models(text: str) -> list[str]:
