@@ -25,7 +25,7 @@ from absl import flags
 
 from experiments import common, flag_groups
 from experiments.report.progress import say
-from experiments.runs import attack_run
+from experiments.runs import attack_run, stopping
 
 FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py); the attack's
@@ -40,7 +40,6 @@ FLAGS_READ = (
 )
 
 
-@common.resumable()
 def main(argv: list[str]) -> None:
     """Run the attack experiment from flags.
 
@@ -48,13 +47,16 @@ def main(argv: list[str]) -> None:
     checked before anything is written; Ctrl-C keeps the finished chunks.
     """
     del argv
+    stopping.start_deadline(FLAGS.max_minutes)
     if FLAGS.distributed:
-        common.initialize_distributed()
+        common.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
     options = attack_run.attack_options(FLAGS)
     options.check()
-    workdir = common.require_workdir(create=False)
+    workdir = common.require_workdir(FLAGS.workdir, create=False)
     loaded = common.load_model(FLAGS.model, FLAGS.weights)
-    dataset = common.load_data()
+    dataset = common.load_data(FLAGS.cifar10_path, FLAGS.data_split)
     run = attack_run.run_attack(
         workdir,
         model_name=FLAGS.model,

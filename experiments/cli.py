@@ -317,6 +317,7 @@ def main() -> None:
         return
 
     from experiments import common
+    from experiments.runs import stopping
     from propmaps_jax.errors import PropmapsError
 
     def parse(argv: list[str]) -> list[str]:
@@ -328,6 +329,8 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         import logging
+
+        import jax
 
         from experiments.runs import lock as runlock
         from experiments.runs import rundir
@@ -341,7 +344,7 @@ def main() -> None:
         # run (multi-host runs excepted: see runlock).
         workdir = flags.FLAGS.workdir or getattr(module, "DEFAULT_WORKDIR", None)
         locked = None
-        common.handle_sigterm()
+        stopping.handle_sigterm()
         try:
             if workdir:  # a name its filesystem refuses: before any loading
                 rundir.check_name_lengths(workdir)
@@ -349,17 +352,15 @@ def main() -> None:
                 common.start_backend()
             if workdir and not flags.FLAGS.distributed:
                 locked = workdir if runlock.acquire(workdir) else None
-            common.under_precision(module.main)(argv)
+            with jax.default_matmul_precision(flags.FLAGS.precision):
+                module.main(argv)
         except PropmapsError as e:
             _fail(common.in_flag_terms(str(e)))
-        except (KeyboardInterrupt, common.TimeLimit, OSError) as e:
-            stop = common.stop_message(e, workdir)
-            if stop is None:
-                raise
-            common.stopping()
-            say(stop[0])
-            sys.exit(stop[1])
+        except (KeyboardInterrupt, stopping.TimeLimit, OSError) as e:
+            stopping.exit_when_stopped(e, workdir)
+            raise
         finally:
+            stopping.start_deadline(None)  # --max_minutes ends with its run
             if locked:
                 runlock.release(locked)
 
@@ -372,9 +373,9 @@ def run() -> None:
     try:
         main()
     except KeyboardInterrupt as e:
-        from experiments import common
+        from experiments.runs import stopping
 
-        common.stopping()
+        stopping.stopping()
         terminated = type(e).__name__ == "Terminated"
         say("terminated (SIGTERM)" if terminated else "interrupted")
         sys.exit(143 if terminated else 130)

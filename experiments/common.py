@@ -1,24 +1,17 @@
-"""What experiments share: flags, loading data and models, progress, device record."""
+"""What experiments share: the shared flags, loading data and models, the device
+record. The helpers read no flag: each experiment's `main` passes the values."""
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import errno
-import functools
 import os
 import platform
 import re
-import signal
-import sys
-import time
-from collections.abc import Callable
+import subprocess
 from typing import Any
 
 import jax
 from absl import flags, logging
 
-from experiments.report.progress import say
 from experiments.runs import rundir, storage
 from propmaps_jax import data, models
 from propmaps_jax.errors import PropmapsError
@@ -103,8 +96,6 @@ flags.DEFINE_float(
     "to continue (the same command resumes) and exit status 75 (not finished).",
 )
 
-FLAGS = flags.FLAGS
-
 
 def maps_folder(name: str, signed: bool, layers: str) -> str:
     """`name` for the default propagation maps; `name`_signed, `name`_<layers> or
@@ -116,21 +107,21 @@ def maps_folder(name: str, signed: bool, layers: str) -> str:
     return name
 
 
-def default_batch_size(default: int) -> int:
-    """Set --batch_size to this experiment's default when not given; check it."""
-    if FLAGS.batch_size is None:
-        FLAGS.batch_size = default
-    if FLAGS.batch_size < 1:
-        raise PropmapsError(f"--batch_size must be at least 1, got {FLAGS.batch_size}")
-    return FLAGS.batch_size
+def default_batch_size(batch_size: int | None, default: int) -> int:
+    """--batch_size, else this experiment's `default`; checked."""
+    if batch_size is None:
+        batch_size = default
+    if batch_size < 1:
+        raise PropmapsError(f"--batch_size must be at least 1, got {batch_size}")
+    return batch_size
 
 
-def require_workdir(create: bool = True, default: str | None = None) -> str:
-    """The --workdir flag (else `default`), checked to be a usable folder (see
+def require_workdir(workdir: str | None, create: bool = True) -> str:
+    """--workdir (or the experiment's default), checked to be a usable folder (see
     `rundir.check_workdir`); created unless `create=False` (experiments that
     create it only when their first result is written). One-line error otherwise.
     """
-    workdir = rundir.check_workdir(FLAGS.workdir or default)
+    workdir = rundir.check_workdir(workdir)
     if create:
         storage.makedirs(workdir)
     return workdir
@@ -142,14 +133,15 @@ def cifar10_path(flag_value: str | None) -> str | None:
     return flag_value or os.environ.get("CIFAR10_PATH") or None
 
 
-def load_data() -> data.Cifar10:
-    """CIFAR-10 from --cifar10_path / $CIFAR10_PATH, else the download cache
-    (downloaded on first use), with --data_split in its test slot (the split every
-    experiment attacks or evaluates: `data.attack_split`); its source is recorded
-    as an absolute path, with " [train split]" when that split is the training one.
+def load_data(path: str | None, split: str) -> data.Cifar10:
+    """CIFAR-10 from --cifar10_path (`path`) / $CIFAR10_PATH, else the download
+    cache (downloaded on first use), with --data_split (`split`) in its test slot
+    (the split every experiment attacks or evaluates: `data.attack_split`); its
+    source is recorded as an absolute path, with " [train split]" when that split
+    is the training one.
     """
-    dataset = data.load_cifar10(cifar10_path(FLAGS.cifar10_path))
-    dataset = data.attack_split(dataset, FLAGS.data_split)
+    dataset = data.load_cifar10(cifar10_path(path))
+    dataset = data.attack_split(dataset, split)
     logging.info("CIFAR-10 from %s", dataset.source)
     return dataset
 
@@ -230,16 +222,21 @@ def _available_platforms() -> list[str]:
     return found
 
 
-def initialize_distributed() -> None:
-    """jax.distributed.initialize() from the flags (unset ones are auto-detected)."""
+def initialize_distributed(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+) -> None:
+    """jax.distributed.initialize() from --coordinator_address, --num_processes and
+    --process_id (None: auto-detected)."""
     # CPU devices of different processes need a collectives implementation (it
     # does not affect accelerators). No backend may start before initialize().
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
         )
     except (ValueError, RuntimeError) as e:
         raise PropmapsError(
@@ -271,245 +268,6 @@ def in_flag_terms(message: str) -> str:
     return message
 
 
-def under_precision(main: Callable[[list[str]], None]) -> Callable:
-    """Run an experiment's `main` under `jax.default_matmul_precision(--precision)`."""
-
-    @functools.wraps(main)
-    def wrapped(argv: list[str]) -> None:
-        with jax.default_matmul_precision(FLAGS.precision):
-            main(argv)
-
-    return wrapped
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, `timeout`, `docker stop`), handled like Ctrl-C."""
-
-
-class TimeLimit(Exception):
-    """--max_minutes has passed: the run stopped itself between chunks."""
-
-
-# Exit statuses of a stopped run (README "What a run guarantees").
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
-EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
-EXIT_TIME_LIMIT = 75  # --max_minutes reached (EX_TEMPFAIL: not finished, resume)
-EXIT_WRITE_FAILED = 74  # disk full, read-only or no permission (EX_IOERR)
-WRITE_ERRNOS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the filesystem is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
-_DEADLINE: list[float | None] = [None]
-
-
-def start_deadline(max_minutes: float | None) -> None:
-    """Start the --max_minutes clock (None: no limit)."""
-    if max_minutes is not None and not (0 < max_minutes < 10**7):
-        raise PropmapsError(
-            f"--max_minutes must be a positive number of minutes, got {max_minutes}"
-        )
-    _DEADLINE[0] = None if max_minutes is None else time.time() + 60 * max_minutes
-
-
-def past_deadline() -> bool:
-    """Whether the --max_minutes limit has passed (False without a limit)."""
-    return _DEADLINE[0] is not None and time.time() >= _DEADLINE[0]
-
-
-# The signal this process is stopping for (None: none yet). A second signal while
-# the first one's stop is under way (TERM then INT from a scheduler, Ctrl-C
-# pressed twice) is ignored: its exception would land in the middle of the
-# cleanup (the lock's release, the stop line, JAX's teardown at exit), as a
-# traceback, another exit status, or worse.
-_STOPPING: list[int | None] = [None]
-# Read end of the pipe where the C-level handler writes each signal's number as it
-# arrives (`signal.set_wakeup_fd`). Python runs pending handlers by signal number,
-# not in order of arrival (SIGINT before SIGTERM when both came during one long
-# device call): the pipe says which came first.
-_ARRIVALS: list[int | None] = [None]
-
-
-def _drain_arrivals() -> bytes:
-    if _ARRIVALS[0] is None:
-        return b""
-    data = b""
-    with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
-        while chunk := os.read(_ARRIVALS[0], 512):
-            data += chunk
-    return data
-
-
-def _watch_arrivals() -> None:
-    """Record the signals' order of arrival (main thread only; nothing when
-    another part of the program already uses the wakeup fd)."""
-    if _ARRIVALS[0] is not None:
-        _drain_arrivals()  # left from an earlier run in this process
-        return
-    read, write = os.pipe()
-    os.set_blocking(read, False)
-    os.set_blocking(write, False)
-    try:
-        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread
-        previous = None
-    if previous == -1:
-        _ARRIVALS[0] = read
-        return
-    if previous is not None:
-        signal.set_wakeup_fd(previous)
-    os.close(read)
-    os.close(write)
-
-
-def _on_stop_signal(signum, frame) -> None:
-    if _STOPPING[0] is not None:
-        return
-    arrived = [s for s in _drain_arrivals() if s in (signal.SIGINT, signal.SIGTERM)]
-    first = arrived[0] if arrived else signum
-    _STOPPING[0] = first
-    _ignore_further_signals()
-    raise Terminated() if first == signal.SIGTERM else KeyboardInterrupt()
-
-
-def _absorb(signum, frame) -> None:
-    """A signal after the first: nothing (the first one's stop is under way)."""
-
-
-def _ignore_at_exit() -> None:
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-_IGNORE_AT_EXIT = [False]
-
-
-def _ignore_further_signals() -> None:
-    """Later SIGINT and SIGTERM do nothing. Until exit a Python handler absorbs
-    them: signals that arrived together during one long device call are run one
-    after the other, and setting SIG_IGN here would make CPython print "Signal 15
-    ignored due to race condition" for the ones still pending. At exit (an atexit
-    hook, registered after JAX's and so run before its teardown) the OS ignores
-    them instead: Python puts its own handlers back to the default action, which
-    kills the process, but leaves an ignored signal ignored."""
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGINT, _absorb)
-        signal.signal(signal.SIGTERM, _absorb)
-    if not _IGNORE_AT_EXIT[0]:
-        atexit.register(_ignore_at_exit)
-        _IGNORE_AT_EXIT[0] = True
-
-
-def _raise_terminated(signum, frame) -> None:
-    _on_stop_signal(signum, frame)
-
-
-def handle_sigterm() -> None:
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt): every Ctrl-C path applies.
-    SIGINT (when Python's own handler is in place) and SIGTERM stop the run once:
-    after the first, both are ignored until the process ends (`_STOPPING`)."""
-    _STOPPING[0] = None
-    try:
-        signal.signal(signal.SIGTERM, _on_stop_signal)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _on_stop_signal)
-    except ValueError:  # not the main thread (e.g. a test runner's worker)
-        return
-    _watch_arrivals()
-
-
-def stopping() -> None:
-    """A stop is under way (also one not raised by our handler, e.g. a
-    KeyboardInterrupt from elsewhere): later signals are ignored."""
-    if _STOPPING[0] is None:
-        _STOPPING[0] = signal.SIGINT
-    _ignore_further_signals()
-
-
-def _holds_results(workdir: str | None) -> bool:
-    """Whether `workdir` holds anything but the run's lock (`runs.lock`); False when
-    it cannot be listed (a store that is gone)."""
-    if not workdir:
-        return False
-    try:
-        return any(name != ".lock" for name in storage.listdir(workdir))
-    except (OSError, storage.StorageError):
-        return False
-
-
-def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] | None:
-    """(one line, exit status) of a run stopped by `error`; None for other errors.
-
-    What stops a run without a fault of its own: Ctrl-C, SIGTERM, --max_minutes,
-    and a write that fails (disk full, quota, read-only filesystem, permission
-    lost). The finished results are on disk (each written atomically), so the
-    same command resumes.
-    """
-    kept = _holds_results(workdir)
-    where = (
-        f"the finished results are kept in {workdir}"
-        if kept
-        else "no result was written yet"
-    )
-    if isinstance(error, KeyboardInterrupt):
-        terminated = isinstance(error, Terminated)
-        what = "terminated (SIGTERM)" if terminated else "interrupted"
-        if not kept:
-            return f"{what} before the first result was written", (
-                EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-            )
-        return (
-            f"{what}: {where}; run the same command again to resume",
-            EXIT_TERMINATED if terminated else EXIT_INTERRUPTED,
-        )
-    if isinstance(error, TimeLimit):
-        return (
-            f"stopped after --max_minutes: {error}; run the same command again to "
-            f"continue (exit {EXIT_TIME_LIMIT}: not finished)",
-            EXIT_TIME_LIMIT,
-        )
-    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
-        target = f" {error.filename}" if error.filename else ""
-        return (
-            f"could not write{target}: {WRITE_ERRNOS[error.errno]}; {where}; make "
-            "room or fix the permissions, then run the same command again to resume",
-            EXIT_WRITE_FAILED,
-        )
-    return None
-
-
-def resumable(default_workdir: str | None = None) -> Callable:
-    """Decorator: a resumable experiment's `main` stopped by Ctrl-C, SIGTERM,
-    --max_minutes or a failed write (disk full, read-only, permission) gives one
-    line (what was kept, how to resume) and its exit status instead of a traceback
-    (`stop_message`). `default_workdir`: the folder used without --workdir.
-    """
-
-    def decorator(main: Callable[[list[str]], None]) -> Callable:
-        @functools.wraps(main)
-        def wrapped(argv: list[str]) -> None:
-            handle_sigterm()
-            try:
-                start_deadline(FLAGS.max_minutes)
-                main(argv)
-            except (KeyboardInterrupt, TimeLimit, OSError) as e:
-                stop = stop_message(e, FLAGS.workdir or default_workdir)
-                if stop is None:
-                    raise
-                stopping()
-                say(stop[0])
-                sys.exit(stop[1])
-            finally:
-                _DEADLINE[0] = None
-
-        return wrapped
-
-    return decorator
-
-
 def device_description() -> dict[str, Any]:
     """Backend, device kinds and count, precision, versions: for summaries."""
     devices = jax.devices()
@@ -523,3 +281,17 @@ def device_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), else platform.processor()."""
+    try:
+        out = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10
+        ).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown CPU"

@@ -33,11 +33,11 @@ FLAGS_READ = (*flag_groups.RUN, *flag_groups.MODEL, "batch_size")
 def main(argv: list[str]) -> None:
     """Evaluate --model with --weights on the test split and write the results."""
     del argv
-    common.default_batch_size(500)
-    workdir = common.require_workdir()
+    batch_size = common.default_batch_size(FLAGS.batch_size, 500)
+    workdir = common.require_workdir(FLAGS.workdir)
     config, module, variables, metadata = common.load_model(FLAGS.model, FLAGS.weights)
     weights = FLAGS.weights or checkpoint.bundled_checkpoint_path(FLAGS.model)
-    dataset = common.load_data()
+    dataset = common.load_data(FLAGS.cifar10_path, FLAGS.data_split)
     images, labels = dataset.split("test")
     common.check_computes(
         (config, module, variables, metadata), images, FLAGS.model, FLAGS.weights
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
         models.make_apply_fn(module),
         variables,
         images,
-        FLAGS.batch_size,
+        batch_size,
         on_batch=progress.update,
     )
     wall_time = time.time() - start
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
         "per_class_accuracy": {
             names[c]: v["accuracy"] for c, v in summary["per_class"].items()
         },
-        "batch_size": FLAGS.batch_size,
+        "batch_size": batch_size,
         "wall_time_s": round(wall_time, 3),
         "device": common.device_description(),
     }

@@ -13,7 +13,7 @@ attack and locality experiments).
 """
 
 # Every experiment: where its input and output are, and which split of the input
-# it attacks or evaluates (common.load_data applies --data_split).
+# it attacks or evaluates (passed to common.load_data).
 RUN = ("cifar10_path", "data_split", "workdir")
 # One model to load: --model and its weights.
 MODEL = ("model", "weights")

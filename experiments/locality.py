@@ -40,7 +40,7 @@ from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report import tables as report_tables
 from experiments.report.progress import say
-from experiments.runs import attack_run, budget, chunks, locality_run, rundir
+from experiments.runs import attack_run, budget, chunks, locality_run, rundir, stopping
 from propmaps_jax import models
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.figures import locality as locality_figures
@@ -95,6 +95,8 @@ class LocalityConfig:
     max_distance: int
     vulnerability_maps: int
     batch_size: int
+    cifar10_path: str | None = None  # --cifar10_path (None: $CIFAR10_PATH or cache)
+    data_split: str = "test"  # --data_split
 
 
 def parse_models(text: str) -> list[str]:
@@ -201,7 +203,6 @@ def _write_tables_and_figures(
     return table1, figures
 
 
-@common.resumable(DEFAULT_WORKDIR)
 def main(argv: list[str]) -> None:
     """Attack each model (or reuse), run the locality study, write tables, figures.
 
@@ -209,7 +210,8 @@ def main(argv: list[str]) -> None:
     the first attack starts and before anything is written.
     """
     del argv
-    common.default_batch_size(4096)
+    stopping.start_deadline(FLAGS.max_minutes)
+    batch_size = common.default_batch_size(FLAGS.batch_size, 4096)
     names = parse_models(FLAGS.models)
     own_num_samples = {
         n: FLAGS[f"num_samples_{n}"].value for n in models.MODEL_REGISTRY
@@ -225,14 +227,18 @@ def main(argv: list[str]) -> None:
         attack=attack_run.attack_options(FLAGS),
         max_distance=FLAGS.max_distance,
         vulnerability_maps=FLAGS.vulnerability_maps,
-        batch_size=FLAGS.batch_size,
+        batch_size=batch_size,
+        cifar10_path=FLAGS.cifar10_path,
+        data_split=FLAGS.data_split,
     )
     check_config(
         config, [n for n in ("model", "weights") if n in FLAGS and FLAGS[n].present]
     )
     if FLAGS.distributed:
-        common.initialize_distributed()
-    workdir = common.require_workdir(create=False, default=DEFAULT_WORKDIR)
+        common.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
+    workdir = common.require_workdir(FLAGS.workdir or DEFAULT_WORKDIR, create=False)
     run(workdir, config)
 
 
@@ -244,7 +250,7 @@ def run(workdir: str, config: LocalityConfig) -> None:
         locality_run.check_weights(name, weights[name])
     loaded = locality_run.load_models(names, weights)
     start = time.time()
-    dataset = common.load_data()
+    dataset = common.load_data(config.cifar10_path, config.data_split)
     check_sample_counts(config, len(dataset.x_test))
     for name in names:  # every model computes, before the first attack starts
         common.check_computes(loaded[name], dataset.x_test, name, weights[name])
@@ -271,8 +277,8 @@ def run(workdir: str, config: LocalityConfig) -> None:
     maps: dict[str, dict] = {}
     moves: dict[str, dict] = {}
     for i, name in enumerate(names):
-        if common.past_deadline():
-            raise common.TimeLimit(f"{', '.join(names[:i])} done, {name} not started")
+        if stopping.past_deadline():
+            raise stopping.TimeLimit(f"{', '.join(names[:i])} done, {name} not started")
         studied = locality_run.attack_and_study(
             name,
             os.path.join(workdir, name),

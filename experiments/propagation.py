@@ -287,7 +287,7 @@ def main(argv: list[str]) -> None:
     del argv
     cfg = PropagationConfig(
         # Not created here: a mistyped --workdir is not left behind by an error.
-        workdir=common.require_workdir(create=False),
+        workdir=common.require_workdir(FLAGS.workdir, create=False),
         model=FLAGS.model,
         weights=FLAGS.weights,
         signed=FLAGS.signed,
@@ -305,11 +305,15 @@ def main(argv: list[str]) -> None:
                 "--paper_figures chooses the attacks itself: drop --index, --pixel, "
                 "--rgb and --move_to"
             )
-        images, labels = common.load_data().split("test")
+        images, labels = common.load_data(FLAGS.cifar10_path, FLAGS.data_split).split(
+            "test"
+        )
         paper_figures(cfg, images, labels)
         return
     if cfg.index is None:
         raise PropmapsError("--index is required: the test image to analyse")
     # Data before the model: bad input is reported without compiling anything.
-    images, labels = common.load_data().split("test")
+    images, labels = common.load_data(FLAGS.cifar10_path, FLAGS.data_split).split(
+        "test"
+    )
     one_attack(cfg, images, labels)

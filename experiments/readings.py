@@ -228,7 +228,7 @@ def main(argv: list[str]) -> None:
     """Measure the tests, decide, compare the nearby rates, write the report."""
     del argv
     paths = parse_runs(FLAGS.runs)
-    workdir = common.require_workdir()
+    workdir = common.require_workdir(FLAGS.workdir)
     start = time.time()
     runs = {label: load_run(label, path) for label, path in paths.items()}
     print(f"readings: measuring {len(runs)} runs", file=sys.stderr, flush=True)

@@ -285,5 +285,5 @@ def main(argv: list[str]) -> None:
             resamples=FLAGS.bootstrap,
             examples=FLAGS.examples,
         ),
-        common.load_data(),
+        common.load_data(FLAGS.cifar10_path, FLAGS.data_split),
     )

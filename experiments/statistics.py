@@ -202,10 +202,10 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
 def main(argv: list[str]) -> None:
     """Stream all attacks of DIR/attack.csv through the maps and write statistics."""
     del argv
-    batch_size = common.default_batch_size(64)
+    batch_size = common.default_batch_size(FLAGS.batch_size, 64)
     cfg = StatisticsConfig(
         # Not created here: a mistyped --workdir is not left behind by an error.
-        workdir=common.require_workdir(create=False),
+        workdir=common.require_workdir(FLAGS.workdir, create=False),
         model=FLAGS.model,
         weights=FLAGS.weights,
         batch_size=batch_size,
@@ -215,5 +215,7 @@ def main(argv: list[str]) -> None:
         columns=FLAGS.columns,
     )
     # Data before the model: bad input is reported without compiling anything.
-    images, labels = common.load_data().split("test")
+    images, labels = common.load_data(FLAGS.cifar10_path, FLAGS.data_split).split(
+        "test"
+    )
     run(cfg, images, labels)

@@ -13,25 +13,20 @@ seed, the epoch and the example's index).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags, logging
-from flax import serialization
 
 from experiments import common
 from experiments.report.progress import format_duration
-from experiments.runs import rundir, storage
+from experiments.runs import stopping, storage, train_run
 from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import checkpoint
@@ -69,7 +64,6 @@ FLAGS = flags.FLAGS
 # The shared flags this experiment reads (experiments/flag_groups.py).
 # Not --data_split: training always trains on the train split and evaluates on test.
 FLAGS_READ = ("cifar10_path", "workdir", "model", "batch_size", "seed", "max_minutes")
-CHECKPOINT = "checkpoint.msgpack"
 MODEL = "model.msgpack"
 LOG_EVERY_S = 15.0
 
@@ -80,6 +74,7 @@ class TrainConfig:
     `main`; `stop_after_epochs` and `max_minutes` are not part of its identity."""
 
     workdir: str | None
+    cifar10_path: str | None
     model: str
     epochs: int
     batch_size: int
@@ -131,26 +126,8 @@ def run_settings(cfg: TrainConfig, num_train: int) -> dict[str, Any]:
         "augment": cfg.augment,
         "seed": cfg.seed,
         "train_examples": num_train,
-        "init_weights_sha256": init_weights_sha256(cfg.init_weights),
+        "init_weights_sha256": train_run.init_weights_sha256(cfg.init_weights),
     }
-
-
-def init_weights_sha256(path: str | None) -> str | None:
-    """What identifies the starting weights: the SHA-256 of the file's bytes (never
-    its path, so that a resume through a symlink or another path is the same run)."""
-    if path is None:
-        return None
-    if os.path.isdir(path):
-        raise PropmapsError(
-            f"--init_weights={path} is a folder: pass a Keras .h5 file or a "
-            "checkpoint of ours"
-        )
-    if not os.path.isfile(path):
-        raise PropmapsError(
-            f"--init_weights={path} does not exist: pass a Keras .h5 file or a "
-            "checkpoint of ours"
-        )
-    return rundir.file_sha256(path)
 
 
 def load_init_weights(model: str, path: str):
@@ -162,166 +139,14 @@ def load_init_weights(model: str, path: str):
     return config, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (lscpu), else platform.processor()."""
-    try:
-        out = subprocess.run(
-            ["lscpu"], capture_output=True, text=True, timeout=10
-        ).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _saved_setting(saved: dict[str, Any], key: str, current: Any) -> Any:
-    """A checkpoint's setting; a checkpoint written before the starting weights were
-    recorded by full hash ("name sha256:<first 16 hex digits>") counts as equal when
-    the digits are the start of the current hash."""
-    if key == "init_weights_sha256" and key not in saved and "init_weights" in saved:
-        old = saved["init_weights"]
-        if old is None:
-            return None
-        digits = str(old).rsplit("sha256:", 1)[-1]
-        return current if current and current.startswith(digits) else digits
-    return saved.get(key)
-
-
-def _setting_text(key: str, value: Any) -> str:
-    if key == "init_weights_sha256":
-        return "none" if value is None else f"SHA-256 {value[:12]}"
-    return repr(value)
-
-
-def check_settings(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
-    """Raise unless the checkpoint was written under the same settings."""
-    flag_names = {"init_weights_sha256": "init_weights", "train_examples": None}
-    diffs = []
-    for key, value in current.items():
-        old = _saved_setting(saved, key, value)
-        if old == value:
-            continue
-        name = flag_names.get(key, key)
-        old_text, new_text = _setting_text(key, old), _setting_text(key, value)
-        if name is None:
-            diffs.append(f"{old_text} {key.replace('_', ' ')} (now {new_text})")
-        elif key == "init_weights_sha256":
-            diffs.append(f"--{name} of {old_text} (now {new_text})")
-        else:
-            diffs.append(f"--{name}={old_text} (now {new_text})")
-    if diffs:
-        raise PropmapsError(
-            f"{path} was trained with other settings: {', '.join(diffs)}; "
-            "rerun with the same flags to resume, or use a new --workdir"
-        )
-
-
-def workdir_path(path: str | None) -> str:
-    """--workdir, checked without creating anything: given, and not a file or under
-    one (created later by `prepare_workdir`, once every input is checked)."""
-    if not path:
-        raise PropmapsError(
-            "--workdir is required: the folder where results are written"
-        )
-    if storage.is_url(path):
-        return storage.normalize(path)  # checked by prepare_workdir
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        where = (
-            "is" if parent == os.path.abspath(path) else f"is under {parent}, which is"
-        )
-        raise PropmapsError(f"--workdir={path} {where} a file: pass a folder")
-    return path
-
-
-def prepare_workdir(path: str) -> bool:
-    """Create --workdir if needed and check that files can be written there (a probe
-    file created and removed) before training; True when this run created it."""
-    if storage.is_url(path):
-        rundir.check_workdir(path)  # the bucket, the credentials (one line)
-        return False
-    created = not os.path.isdir(path)
-    probe = os.path.join(path, f".write-probe-{os.getpid()}")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        remove_if_empty(path, created)
-        raise PropmapsError(
-            f"--workdir={path} is not writable ({e.strerror}): pass a folder you "
-            "can write to"
-        ) from None
-    return created
-
-
-def remove_if_empty(path: str, created: bool) -> None:
-    """Remove a workdir this run created when nothing was written into it."""
-    if (
-        created
-        and not storage.is_url(path)
-        and os.path.isdir(path)
-        and not os.listdir(path)
-    ):
-        os.rmdir(path)
-
-
-def _exists(path: str) -> bool:
-    """Whether `path` exists; False when its store cannot be reached."""
-    try:
-        return storage.isfile(path)
-    except (OSError, storage.StorageError):
-        return False
-
-
-class Diverged(PropmapsError):
-    """Training reached a non-finite loss or non-finite weights."""
-
-
-def diverged(epoch: int, what: str, kept: str, learning_rate: float) -> Diverged:
-    """The one-line error of a run whose loss or weights are no longer finite."""
-    return Diverged(
-        f"training diverged at epoch {epoch} ({what}); lower --learning_rate "
-        f"(now {learning_rate:g}) and start again in a new --workdir; {kept}"
-    )
-
-
-def _resumed_state(state, ckpt: dict[str, Any], ckpt_path: str):
-    """(train state, augmentation key) of a checkpoint, checked to fit `state`."""
-    variables = checkpoint.check_variables_fit(
-        state.variables, ckpt["variables"], ckpt_path
-    )
-    saved = ckpt["train_state"] or {}
-    try:
-        opt_state = serialization.from_state_dict(state.opt_state, saved["opt_state"])
-        step = int(saved["step"])
-        augment_key = jax.random.wrap_key_data(np.asarray(saved["rng"], np.uint32))
-    except (KeyError, TypeError, ValueError) as e:
-        raise PropmapsError(
-            f"{ckpt_path} has no usable training state ({e}); "
-            "delete it to start over or use a new --workdir"
-        ) from None
-    resumed = training.TrainState(
-        step=jnp.asarray(step, jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=jax.tree_util.tree_map(jnp.asarray, opt_state),
-    )
-    return resumed, augment_key
-
-
 def main(argv: list[str]) -> None:
     """Train (see the module docstring); Ctrl-C: one line, exit 130."""
     del argv
     try:
         cfg = TrainConfig(
-            batch_size=common.default_batch_size(128),
+            batch_size=common.default_batch_size(FLAGS.batch_size, 128),
             workdir=FLAGS.workdir,
+            cifar10_path=FLAGS.cifar10_path,
             model=FLAGS.model,
             epochs=FLAGS.epochs,
             learning_rate=FLAGS.learning_rate,
@@ -339,27 +164,17 @@ def main(argv: list[str]) -> None:
         check_config(cfg)
         train(cfg)
     except KeyboardInterrupt as stop:
-        kept = os.path.join(FLAGS.workdir or "", CHECKPOINT)
-        if FLAGS.workdir and _exists(kept):
-            message = f"{kept} (the last checkpoint) is kept; run the same command "
-            message += "again to resume"
-        else:
-            message = "no checkpoint was written yet"
-        # SIGTERM (common.Terminated) as Ctrl-C, with the shell's status 143.
-        term = isinstance(stop, common.Terminated)
-        sys.stderr.write(
-            f"{'terminated (SIGTERM)' if term else 'interrupted'}: {message}\n"
-        )
-        sys.exit(common.EXIT_TERMINATED if term else common.EXIT_INTERRUPTED)
+        train_run.exit_interrupted(stop, FLAGS.workdir)
 
 
 def train(cfg: TrainConfig) -> None:
-    """The training run of `main`."""
-    common.start_deadline(cfg.max_minutes)
-    workdir = workdir_path(cfg.workdir)
-    dataset = common.load_data()
-    x_train, y_train = dataset.x_train, dataset.y_train
-    x_test, y_test = dataset.x_test, dataset.y_test
+    """The training run of `main`: `training.fit` between a checkpoint (if any)
+    and DIR/model.msgpack + train.json, with the checkpoints written as it goes."""
+    stopping.start_deadline(cfg.max_minutes)
+    workdir = train_run.workdir_path(cfg.workdir)
+    # Training always trains on the train split and evaluates on test.
+    dataset = common.load_data(cfg.cifar10_path, "test")
+    x_train, x_test = dataset.x_train, dataset.x_test
     steps_per_epoch = len(x_train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise PropmapsError(
@@ -379,11 +194,13 @@ def train(cfg: TrainConfig) -> None:
     settings = run_settings(cfg, len(x_train))
 
     # Check a previous run's settings before any compilation: fail fast.
-    ckpt_path = os.path.join(workdir, CHECKPOINT)
+    ckpt_path = os.path.join(workdir, train_run.CHECKPOINT)
     ckpt = None
     if storage.exists(ckpt_path):
         ckpt = checkpoint.parse_checkpoint(storage.read_bytes(ckpt_path), ckpt_path)
-        check_settings(ckpt["metadata"].get("settings", {}), settings, ckpt_path)
+        train_run.check_settings(
+            ckpt["metadata"].get("settings", {}), settings, ckpt_path
+        )
 
     # A fine-tune trains the starting weights' model, normalisation included
     # (load_weights checks that it is --model and that the variables fit); a resume
@@ -397,47 +214,43 @@ def train(cfg: TrainConfig) -> None:
         config = models.default_config(cfg.model)
     # Flags, data and starting weights are checked: only now is the workdir
     # created (and probed), before anything is compiled.
-    created = prepare_workdir(workdir)
+    created = train_run.prepare_workdir(workdir)
     module = models.create_model(config)
     optimizer = training.make_optimizer(
         cfg.learning_rate, cfg.weight_decay, total_steps, warmup_steps
     )
-    base_key = jax.random.key(cfg.seed)
-    if init_variables is None:
-        state = training.create_train_state(
-            module, optimizer, jax.random.fold_in(base_key, 0), config.image_shape
-        )
-    else:
-        state = training.state_from_variables(init_variables, optimizer)
-    augment_key = jax.random.fold_in(base_key, 1)
+    state, augment_key = training.initial_state(
+        module, optimizer, cfg.seed, config.image_shape, init_variables
+    )
     wall_before = 0.0
     history: list[dict[str, Any]] = []
-
+    saved_step = None
     if ckpt is not None:
-        state, augment_key = _resumed_state(state, ckpt, ckpt_path)
+        variables = checkpoint.check_variables_fit(
+            state.variables, ckpt["variables"], ckpt_path
+        )
+        try:
+            state, augment_key = training.restore(state, variables, ckpt["train_state"])
+        except PropmapsError as e:
+            raise PropmapsError(
+                f"{ckpt_path} has {e}; delete it to start over or use a new --workdir"
+            ) from None
         wall_before = float(ckpt["metadata"].get("wall_time_s", 0.0))
         history = list(ckpt["metadata"].get("history", []))
+        saved_step = int(state.step)
         logging.info(
             "resuming from %s at step %d/%d (epoch %d)",
             ckpt_path,
-            int(state.step),
+            saved_step,
             total_steps,
-            int(state.step) // steps_per_epoch,
+            saved_step // steps_per_epoch,
         )
 
-    train_fn = jax.jit(
-        functools.partial(
-            training.train_step, module, optimizer, do_augment=cfg.augment
-        ),
-        donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(functools.partial(training.eval_step, module))
-    finite_fn = jax.jit(training.all_finite)
-    saved_step = int(state.step) if ckpt is not None else None
+    steps = training.jit_steps(module, optimizer, cfg.augment)
     start_time = time.time()
     if init_variables is not None:
         init_accuracy, init_loss = training.evaluate(
-            eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
+            steps.eval, state.variables, x_test, dataset.y_test, cfg.eval_batch_size
         )
         history.append(
             {"epoch": 0, "test_accuracy": init_accuracy, "test_loss": init_loss}
@@ -449,30 +262,7 @@ def train(cfg: TrainConfig) -> None:
             init_loss,
         )
 
-    def require_finite(
-        epoch: int, loss: float, check_weights: bool = True, loss_name: str = "loss"
-    ) -> None:
-        """Stop with one line, before anything is saved, once training diverged: a
-        non-finite training or test loss, or non-finite weights."""
-        weights_finite = not check_weights or bool(finite_fn(state.variables))
-        if math.isfinite(loss) and weights_finite:
-            return
-        what = f"{loss_name} {loss:.4g}"
-        if not weights_finite:
-            what += ", weights not finite"
-        if saved_step is None:
-            kept = "nothing was saved"
-        else:
-            when = (
-                f"after epoch {saved_step // steps_per_epoch}"
-                if saved_step % steps_per_epoch == 0
-                else f"at step {saved_step}"
-            )
-            kept = f"the last good checkpoint ({ckpt_path}, {when}) is kept"
-        remove_if_empty(workdir, created)
-        raise diverged(epoch, what, kept, cfg.learning_rate)
-
-    def save(test_accuracy: float | None) -> None:
+    def save(state, history, test_accuracy: float | None) -> None:
         nonlocal saved_step
         metadata = {
             "settings": settings,
@@ -481,24 +271,17 @@ def train(cfg: TrainConfig) -> None:
             "test_accuracy": test_accuracy,
             "history": history,
         }
-        train_state = {
-            "step": np.asarray(state.step),
-            "opt_state": state.opt_state,
-            "rng": np.asarray(jax.random.key_data(augment_key)),
-        }
         storage.write_bytes(
             ckpt_path,
             checkpoint.checkpoint_bytes(
-                config, state.variables, hashing.finite_json(metadata), train_state
+                config,
+                state.variables,
+                hashing.finite_json(metadata),
+                training.resume_record(state, augment_key),
             ),
         )
         saved_step = int(state.step)
 
-    step = int(state.step)
-    last_epoch = cfg.epochs
-    if cfg.stop_after_epochs is not None:
-        last_epoch = min(last_epoch, cfg.stop_after_epochs)
-    test_accuracy = None
     logging.info(
         "training %s: %d epochs x %d steps of %d images, %d parameters",
         cfg.model,
@@ -507,88 +290,45 @@ def train(cfg: TrainConfig) -> None:
         cfg.batch_size,
         models.count_params(state.variables),
     )
-    while step < last_epoch * steps_per_epoch:
-        epoch = step // steps_per_epoch
-        order = training.epoch_permutation(cfg.seed, epoch, len(x_train))
-        epoch_key = jax.random.fold_in(augment_key, epoch)
-        epoch_start, last_log = time.time(), time.time()
-        first_step = step
-        loss_sum = jnp.zeros(()), jnp.zeros(())
-        for position in range(step % steps_per_epoch, steps_per_epoch):
-            idx = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-            state, metrics = train_fn(
-                state, x_train[idx], y_train[idx], idx.astype(np.int32), epoch_key
-            )
-            loss_sum = (
-                loss_sum[0] + metrics["loss"],
-                loss_sum[1] + metrics["accuracy"],
-            )
-            step += 1
-            done = step - first_step
-            now = time.time()
-            if now - last_log >= LOG_EVERY_S or position == steps_per_epoch - 1:
-                last_log = now
-                require_finite(epoch + 1, float(loss_sum[0]) / done, False)
-                rate = done * cfg.batch_size / max(now - epoch_start, 1e-9)
-                eta = (total_steps - step) * cfg.batch_size / rate
-                logging.info(
-                    "epoch %d/%d step %d/%d: loss %.4f, train acc %.2f%%, "
-                    "%.0f images/s, ETA %s",
-                    epoch + 1,
-                    cfg.epochs,
-                    step,
-                    total_steps,
-                    float(loss_sum[0]) / done,
-                    100 * float(loss_sum[1]) / done,
-                    rate,
-                    format_duration(eta),
-                )
-            every = cfg.checkpoint_every_steps
-            if every and step % every == 0 and step % steps_per_epoch:
-                require_finite(epoch + 1, float(loss_sum[0]) / done)
-                save(None)
-        epoch_done = step // steps_per_epoch
-        require_finite(epoch + 1, float(loss_sum[0]) / max(step - first_step, 1))
-        test_accuracy = None
-        if epoch_done % cfg.eval_every == 0 or epoch_done == cfg.epochs:
-            test_accuracy, test_loss = training.evaluate(
-                eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
-            )
-            require_finite(epoch + 1, test_loss, False, "test loss")
-            logging.info(
-                "epoch %d/%d: test accuracy %.2f%%, test loss %.4f (%.1f s)",
-                epoch_done,
-                cfg.epochs,
-                100 * test_accuracy,
-                test_loss,
-                time.time() - epoch_start,
-            )
-        history.append(
-            {
-                "epoch": epoch_done,
-                "train_loss": float(loss_sum[0]) / max(step - first_step, 1),
-                "train_accuracy": float(loss_sum[1]) / max(step - first_step, 1),
-                "test_accuracy": test_accuracy,
-                "seconds": time.time() - epoch_start,
-            }
+    try:
+        state, history, test_accuracy = training.fit(
+            steps,
+            state,
+            augment_key,
+            (x_train, dataset.y_train),
+            (x_test, dataset.y_test),
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            eval_every=cfg.eval_every,
+            eval_batch_size=cfg.eval_batch_size,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            stop_after_epochs=cfg.stop_after_epochs,
+            history=history,
+            on_checkpoint=save,
+            should_stop=stopping.past_deadline,
+            log=logging.info,
+            log_every_s=LOG_EVERY_S,
         )
-        save(test_accuracy)
-        if common.past_deadline() and step < last_epoch * steps_per_epoch:
-            raise common.TimeLimit(f"epoch {epoch_done} of {cfg.epochs} is saved")
-
-    if step < total_steps:
+    except training.Diverged as e:
+        train_run.remove_if_empty(workdir, created)
+        kept = train_run.kept_after_divergence(saved_step, steps_per_epoch, ckpt_path)
+        raise PropmapsError(
+            f"{e}; lower --learning_rate (now {cfg.learning_rate:g}) and start "
+            f"again in a new --workdir; {kept}"
+        ) from None
+    epochs_done = int(state.step) // steps_per_epoch
+    if epochs_done < min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs):
+        raise stopping.TimeLimit(f"epoch {epochs_done} of {cfg.epochs} is saved")
+    if int(state.step) < total_steps:
         logging.info(
             "stopped after epoch %d of %d (--stop_after_epochs); rerun the same "
             "command without it to resume",
-            step // steps_per_epoch,
+            epochs_done,
             cfg.epochs,
         )
         return
 
-    if test_accuracy is None:
-        test_accuracy, _ = training.evaluate(
-            eval_fn, state.variables, x_test, y_test, cfg.eval_batch_size
-        )
     wall = wall_before + time.time() - start_time
     command = "python " + shlex.join(
         [a for a in sys.argv if not a.startswith("--stop_after_epochs")]
@@ -604,7 +344,7 @@ def train(cfg: TrainConfig) -> None:
         "init_weights": (
             None if cfg.init_weights is None else os.path.abspath(cfg.init_weights)
         ),
-        "device": {**common.device_description(), "cpu": cpu_model()},
+        "device": {**common.device_description(), "cpu": common.cpu_model()},
         "wall_time_s": wall,
     }
     storage.write_bytes(

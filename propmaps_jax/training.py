@@ -9,8 +9,11 @@ shuffle order is a function of (seed, epoch) only.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import serialization
 
 from propmaps_jax import batching, models
 from propmaps_jax.errors import PropmapsError
@@ -66,6 +70,26 @@ def state_from_variables(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=optimizer.init(params),
     )
+
+
+def initial_state(
+    module: nn.Module,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    image_shape: tuple[int, int, int] = (32, 32, 3),
+    variables: Variables | None = None,
+) -> tuple[TrainState, PRNGKey]:
+    """(state, augmentation key) of a run with `seed`: the two streams of
+    `key(seed)`, `fold_in(·, 0)` to initialise the variables (unless `variables`
+    are given: a fine-tune) and `fold_in(·, 1)` for the augmentation."""
+    base_key = jax.random.key(seed)
+    if variables is None:
+        state = create_train_state(
+            module, optimizer, jax.random.fold_in(base_key, 0), image_shape
+        )
+    else:
+        state = state_from_variables(variables, optimizer)
+    return state, jax.random.fold_in(base_key, 1)
 
 
 def kernel_mask(params: Any) -> Any:
@@ -265,3 +289,197 @@ def evaluate(
         for k in totals:
             totals[k] += float(out[k])
     return totals["correct"] / totals["count"], totals["loss"] / totals["count"]
+
+
+def resume_record(state: TrainState, augment_key: PRNGKey) -> dict[str, Any]:
+    """What a checkpoint keeps besides the variables to resume exactly: the step,
+    the optimizer state and the augmentation key (read back by `restore`)."""
+    return {
+        "step": np.asarray(state.step),
+        "opt_state": state.opt_state,
+        "rng": np.asarray(jax.random.key_data(augment_key)),
+    }
+
+
+def restore(
+    fresh: TrainState, variables: Variables, record: dict[str, Any] | None
+) -> tuple[TrainState, PRNGKey]:
+    """(train state, augmentation key) of a checkpoint: its `variables` (checked to
+    fit the model) and its `resume_record`, read with `fresh` (a new state of the
+    same model and optimizer) as the template of the optimizer state.
+    PropmapsError "no usable training state (...)" when the record does not fit."""
+    record = record or {}
+    try:
+        opt_state = serialization.from_state_dict(fresh.opt_state, record["opt_state"])
+        step = int(record["step"])
+        augment_key = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PropmapsError(f"no usable training state ({e})") from None
+    state = TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=jax.tree_util.tree_map(jnp.asarray, opt_state),
+    )
+    return state, augment_key
+
+
+class Diverged(PropmapsError):
+    """Training reached a non-finite loss or non-finite weights (`fit` raises it
+    before anything of that step is checkpointed)."""
+
+    def __init__(self, epoch: int, what: str):
+        super().__init__(f"training diverged at epoch {epoch} ({what})")
+        self.epoch, self.what = epoch, what
+
+
+class StepFns(NamedTuple):
+    """The jitted steps of one model and optimizer (`jit_steps`)."""
+
+    train: Callable  # (state, images, labels, indices, epoch_key): state donated
+    eval: Callable  # (variables, images, labels, mask) -> batch sums
+    finite: Callable  # (variables) -> bool array
+
+
+def jit_steps(
+    module: nn.Module, optimizer: optax.GradientTransformation, do_augment: bool
+) -> StepFns:
+    """`train_step` (donating the state), `eval_step` and `all_finite`, jitted."""
+    return StepFns(
+        train=jax.jit(
+            functools.partial(train_step, module, optimizer, do_augment=do_augment),
+            donate_argnums=(0,),
+        ),
+        eval=jax.jit(functools.partial(eval_step, module)),
+        finite=jax.jit(all_finite),
+    )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def fit(
+    steps: StepFns,
+    state: TrainState,
+    augment_key: PRNGKey,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    eval_every: int = 1,
+    eval_batch_size: int = 1000,
+    checkpoint_every_steps: int = 0,
+    stop_after_epochs: int | None = None,
+    history: list[dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[TrainState, list, float | None], None] = lambda *a: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    log: Callable[..., None] = lambda *a: None,
+    log_every_s: float = 15.0,
+) -> tuple[TrainState, list[dict[str, Any]], float | None]:
+    """Train from `state` (step 0, or a resumed one) to the end of epoch `epochs`.
+
+    Each epoch shuffles by `epoch_permutation(seed, epoch)` and augments with
+    `fold_in(augment_key, epoch)`, so that a run resumed at any step ends with
+    exactly the model of an uninterrupted one. `on_checkpoint(state, history,
+    test_accuracy)` is called at the end of every epoch (after its evaluation, every
+    `eval_every` epochs and at the last) and every `checkpoint_every_steps` steps
+    inside one (test accuracy None); `Diverged` is raised instead once the loss or
+    the weights are no longer finite. Stops early, after an epoch's checkpoint, at
+    the end of epoch `stop_after_epochs` or when `should_stop()`. `log(format,
+    *args)` gets a progress line every `log_every_s` seconds and each evaluation.
+
+    Returns (state, history: one record per epoch, test accuracy: of the last
+    epoch, measured at the end of training when that epoch was not evaluated).
+    """
+    x_train, y_train = train
+    x_test, y_test = test
+    history = [] if history is None else history
+    steps_per_epoch = len(x_train) // batch_size
+    total_steps = steps_per_epoch * epochs
+    last_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
+
+    def require_finite(
+        epoch: int, loss: float, check_weights: bool = True, name: str = "loss"
+    ) -> None:
+        weights_finite = not check_weights or bool(steps.finite(state.variables))
+        if math.isfinite(loss) and weights_finite:
+            return
+        what = f"{name} {loss:.4g}"
+        raise Diverged(epoch, what if weights_finite else what + ", weights not finite")
+
+    step = int(state.step)
+    test_accuracy = None
+    while step < last_epoch * steps_per_epoch:
+        epoch = step // steps_per_epoch
+        order = epoch_permutation(seed, epoch, len(x_train))
+        epoch_key = jax.random.fold_in(augment_key, epoch)
+        epoch_start, last_log = time.time(), time.time()
+        first_step = step
+        loss_sum = jnp.zeros(()), jnp.zeros(())
+        for position in range(step % steps_per_epoch, steps_per_epoch):
+            idx = order[position * batch_size : (position + 1) * batch_size]
+            state, metrics = steps.train(
+                state, x_train[idx], y_train[idx], idx.astype(np.int32), epoch_key
+            )
+            loss_sum = loss_sum[0] + metrics["loss"], loss_sum[1] + metrics["accuracy"]
+            step += 1
+            done = step - first_step
+            now = time.time()
+            if now - last_log >= log_every_s or position == steps_per_epoch - 1:
+                last_log = now
+                require_finite(epoch + 1, float(loss_sum[0]) / done, False)
+                rate = done * batch_size / max(now - epoch_start, 1e-9)
+                log(
+                    "epoch %d/%d step %d/%d: loss %.4f, train acc %.2f%%, "
+                    "%.0f images/s, ETA %s",
+                    epoch + 1,
+                    epochs,
+                    step,
+                    total_steps,
+                    float(loss_sum[0]) / done,
+                    100 * float(loss_sum[1]) / done,
+                    rate,
+                    _clock((total_steps - step) * batch_size / rate),
+                )
+            every = checkpoint_every_steps
+            if every and step % every == 0 and step % steps_per_epoch:
+                require_finite(epoch + 1, float(loss_sum[0]) / done)
+                on_checkpoint(state, history, None)
+        epoch_done = step // steps_per_epoch
+        done = max(step - first_step, 1)
+        require_finite(epoch + 1, float(loss_sum[0]) / done)
+        test_accuracy = None
+        if epoch_done % eval_every == 0 or epoch_done == epochs:
+            test_accuracy, test_loss = evaluate(
+                steps.eval, state.variables, x_test, y_test, eval_batch_size
+            )
+            require_finite(epoch + 1, test_loss, False, "test loss")
+            log(
+                "epoch %d/%d: test accuracy %.2f%%, test loss %.4f (%.1f s)",
+                epoch_done,
+                epochs,
+                100 * test_accuracy,
+                test_loss,
+                time.time() - epoch_start,
+            )
+        history.append(
+            {
+                "epoch": epoch_done,
+                "train_loss": float(loss_sum[0]) / done,
+                "train_accuracy": float(loss_sum[1]) / done,
+                "test_accuracy": test_accuracy,
+                "seconds": time.time() - epoch_start,
+            }
+        )
+        on_checkpoint(state, history, test_accuracy)
+        if should_stop() and step < last_epoch * steps_per_epoch:
+            return state, history, test_accuracy
+    if step == total_steps and test_accuracy is None:
+        test_accuracy, _ = evaluate(
+            steps.eval, state.variables, x_test, y_test, eval_batch_size
+        )
+    return state, history, test_accuracy

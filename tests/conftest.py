@@ -228,7 +228,8 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
     from absl import app, command_name
     from absl import logging as absl_logging
 
-    from experiments import cli, common
+    from experiments import cli
+    from experiments.runs import stopping
 
     out, err = io.StringIO(), io.StringIO()
     saved_env = {name: os.environ.get(name) for name in env}
@@ -276,8 +277,8 @@ def _launch_in_process(args: list[str], env: dict[str, str | None]) -> Launched:
         reset_flags()
         # Process-wide state a run leaves behind when it stops early: in a new
         # process it would start empty.
-        common._DEADLINE[0] = None
-        common._STOPPING[0] = None
+        stopping._DEADLINE[0] = None
+        stopping._STOPPING[0] = None
     return Launched(code, out.getvalue(), err.getvalue())
 
 

@@ -40,7 +40,15 @@ from absl import flags, logging
 
 from experiments import common
 from experiments.report.progress import format_duration, say
-from experiments.runs import budget, chunks, integrity, lock, rundir, storage
+from experiments.runs import (
+    budget,
+    chunks,
+    integrity,
+    lock,
+    rundir,
+    stopping,
+    storage,
+)
 from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
@@ -732,7 +740,7 @@ def _attack_chunks(
     depend on it (per-image keys), only the file boundaries do. The run's
     settings.json is written just before the first chunk of this execution, so
     that a run that fails before any result leaves nothing behind. Past the
-    --max_minutes deadline, `common.TimeLimit` is raised after the chunk that
+    --max_minutes deadline, `stopping.TimeLimit` is raised after the chunk that
     was being written.
     """
     n = len(before.indices)
@@ -795,7 +803,7 @@ def _attack_chunks(
         progress.on_chunk(queue_end, result, last=end == n)
         piece_start, queue_start = end, queue_end
         now = time.time()
-        late = common.past_deadline()
+        late = stopping.past_deadline()
         if not (end == n or end % chunk_size == 0 or now - tick >= MAX_CHUNK_S or late):
             continue
         chunk = {**pending, "seconds": now - tick, "settings_sha256": shash}
@@ -809,7 +817,7 @@ def _attack_chunks(
         )
         chunk_start = end
         if late and end < n:
-            raise common.TimeLimit(
+            raise stopping.TimeLimit(
                 f"{end} of {n} sampled images are done and kept in {workdir}"
             )
     return done_chunks

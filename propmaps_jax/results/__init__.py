@@ -12,8 +12,8 @@ files go, atomic writes, the lock, resuming.
     run.success.mean(), run.pixels.shape  # (N, k, 5): row, col, r, g, b
 
 Modules: `attack_csv`, `locality_csv`, `controls_csv`, `salience_csv`,
-`claims_json`, `statistics_json`; the hashes that results record (`hashing`) and that identify a
-model's weights and data (`provenance`).
+`claims_json`, `statistics_json`; the hashes that results record (`hashing`) and
+that identify a model's weights and data (`provenance`).
 """
 
 from propmaps_jax.results.attack_csv import AttackResults, read_attack_results

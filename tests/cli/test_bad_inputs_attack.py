@@ -338,8 +338,8 @@ def test_a_second_signal_during_the_stop_is_ignored(files, gap_s):
 SIGNALS_IN_ONE_CALL = textwrap.dedent(
     """
     import os, signal, sys, threading, time
-    from experiments import common
-    common.handle_sigterm()
+    from experiments.runs import stopping
+    stopping.handle_sigterm()
     def send():
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -43,7 +43,7 @@ def test_experiment_help_lists_its_own_and_shared_flags():
 
 def test_flags_read_by_each_experiment():
     """What each experiment declares (its FLAGS_READ) behind --help and the flag
-    check: shared flags read through helpers (common.load_data reads
+    check: shared flags read and passed to helpers (common.load_data takes
     --cifar10_path) are declared, unused ones are not."""
     read = {name: launch.flags_read(name) for name in launch.EXPERIMENTS}
     for name in launch.EXPERIMENTS:

@@ -21,12 +21,13 @@ import pytest
 from absl import flags
 from conftest import ROOT, launch, start
 
-from experiments import cli, common
+from experiments import cli
 from experiments.runs import (
     attack_run,
     budget,
     locality_run,
     rundir,
+    stopping,
     storage,
 )
 from experiments.runs import lock as runlock
@@ -81,17 +82,24 @@ def chunk_names(workdir):
 
 
 def as_launched(workdir, run, parsed):
-    """Call `run()` as `main` is called (common.resumable); (exit status, stderr
-    lines) of the stop it ends with."""
-    parsed.workdir = workdir
+    """Call `run()` as the launcher calls `main` (experiments/cli.py: the stop
+    signals handled, the --max_minutes clock started, a stop as one line); the
+    exit status of the stop it ends with."""
     old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stopping.handle_sigterm()
     try:
         with pytest.raises(SystemExit) as stop:
-            common.resumable()(lambda argv: run())([])
+            try:
+                stopping.start_deadline(parsed.max_minutes)
+                run()
+            except (KeyboardInterrupt, stopping.TimeLimit, OSError) as e:
+                stopping.exit_when_stopped(e, workdir)
+                raise
     finally:
+        stopping.start_deadline(None)
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
-        common._STOPPING[0] = None
+        stopping._STOPPING[0] = None
     return stop.value.code
 
 

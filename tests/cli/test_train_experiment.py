@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, launch
 
+from experiments.runs import train_run
 from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import checkpoint
@@ -209,59 +210,52 @@ def test_training_diverges_with_one_line_and_keeps_the_last_good_checkpoint(
     json.dumps(saved["metadata"], allow_nan=False)
 
 
-@pytest.fixture(scope="module")
-def train_experiment():
-    import experiments.train
-
-    return experiments.train
-
-
-def test_json_safe_writes_non_finite_numbers_as_null(train_experiment):
+def test_json_safe_writes_non_finite_numbers_as_null():
     value = {"a": float("nan"), "b": [1.5, np.float32(np.inf), -np.inf], "c": "x"}
     safe = hashing.finite_json(value)
     assert safe == {"a": None, "b": [1.5, None, None], "c": "x"}
     json.dumps(safe, allow_nan=False)
 
 
-def test_workdir_checked_before_anything_is_written(train_experiment, tmp_path):
+def test_workdir_checked_before_anything_is_written(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(PropmapsError, match="--workdir is required"):
-        train_experiment.workdir_path(None)
+        train_run.workdir_path(None)
     with pytest.raises(PropmapsError, match=f"--workdir={a_file} is a file"):
-        train_experiment.workdir_path(str(a_file))
+        train_run.workdir_path(str(a_file))
     with pytest.raises(PropmapsError, match=f"is under {a_file}, which is a file"):
-        train_experiment.workdir_path(str(a_file / "sub" / "dir"))
+        train_run.workdir_path(str(a_file / "sub" / "dir"))
     new = tmp_path / "new" / "run"
-    assert train_experiment.workdir_path(str(new)) == str(new)
+    assert train_run.workdir_path(str(new)) == str(new)
     assert not (tmp_path / "new").exists()  # checked, not created
 
-    assert train_experiment.prepare_workdir(str(new)) is True
+    assert train_run.prepare_workdir(str(new)) is True
     assert new.is_dir() and list(new.iterdir()) == []  # the probe file is gone
-    assert train_experiment.prepare_workdir(str(new)) is False
-    train_experiment.remove_if_empty(str(new), created=True)
+    assert train_run.prepare_workdir(str(new)) is False
+    train_run.remove_if_empty(str(new), created=True)
     assert not new.exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
-def test_unwritable_workdir_is_one_line(train_experiment, tmp_path):
+def test_unwritable_workdir_is_one_line(tmp_path):
     # /proc refuses new files even to root (chmod does not stop root).
     with pytest.raises(PropmapsError, match="--workdir=/proc is not writable"):
-        train_experiment.prepare_workdir("/proc")
+        train_run.prepare_workdir("/proc")
     with pytest.raises(PropmapsError, match="--workdir=/proc/propmaps is not writable"):
-        train_experiment.prepare_workdir("/proc/propmaps")
+        train_run.prepare_workdir("/proc/propmaps")
     if os.geteuid() != 0:
         read_only = tmp_path / "read_only"
         read_only.mkdir()
         read_only.chmod(0o555)
         with pytest.raises(PropmapsError, match="is not writable"):
-            train_experiment.prepare_workdir(str(read_only))
+            train_run.prepare_workdir(str(read_only))
 
 
-def test_resume_compares_the_starting_weights_by_content(train_experiment):
+def test_resume_compares_the_starting_weights_by_content():
     digest = "ab" * 32
     settings = {"model": "lenet", "init_weights_sha256": digest}
-    check = train_experiment.check_settings
+    check = train_run.check_settings
     check(dict(settings), settings, "ckpt")
     # a checkpoint written before the full hash was recorded: name + 16 digits
     check(

@@ -23,8 +23,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 from conftest import launch
 
 from experiments import common
@@ -510,20 +508,16 @@ def test_precedence_flag_then_environment_then_cache(env, tmp_path, monkeypatch)
     monkeypatch.setenv(data.MD5_ENV, _md5(server_payload))
     mirror = Server(server_payload)
     monkeypatch.setenv(data.URL_ENV, mirror.url)
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
     try:
         monkeypatch.setenv("CIFAR10_PATH", env_folder)
-        with flagsaver.flagsaver(cifar10_path=flag_folder):
-            assert_dataset_equal(common.load_data(), flag_splits)
-        with flagsaver.flagsaver(cifar10_path=None):
-            dataset = common.load_data()
-            assert_dataset_equal(dataset, env_splits)
-            assert dataset.source == env_folder
-            monkeypatch.setenv("CIFAR10_PATH", "")  # set but empty: not a source
-            dataset = common.load_data()
-            assert_dataset_equal(dataset, cache_splits)
-            assert dataset.source == str(env / data.BATCHES_DIR)
+        assert_dataset_equal(common.load_data(flag_folder, "test"), flag_splits)
+        dataset = common.load_data(None, "test")
+        assert_dataset_equal(dataset, env_splits)
+        assert dataset.source == env_folder
+        monkeypatch.setenv("CIFAR10_PATH", "")  # set but empty: not a source
+        dataset = common.load_data(None, "test")
+        assert_dataset_equal(dataset, cache_splits)
+        assert dataset.source == str(env / data.BATCHES_DIR)
         assert mirror.requests == 1
     finally:
         mirror.close()

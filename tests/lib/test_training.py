@@ -301,3 +301,87 @@ def test_optimizer_rejects_non_finite_or_non_positive_rates(
 
 
 # --- the train experiment's helpers, in-process
+
+
+def test_fit_resumed_from_any_checkpoint_ends_where_an_uninterrupted_run_does():
+    """`fit` from a mid-epoch checkpoint (its `resume_record`, read by `restore`)
+    gives the very weights of a run never stopped; a checkpoint every 3 steps and
+    at each epoch's end; `stop_after_epochs` stops after that epoch's checkpoint."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40, dtype=np.int32) % 10
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    module = models.create_model("lenet_tiny")
+    tx = training.make_optimizer(0.05, 1e-4, total_steps=10, warmup_steps=2)
+    steps = training.jit_steps(module, tx, do_augment=True)
+
+    def run(state, key, **options):
+        saved = []
+
+        def keep(state, history, accuracy):  # as a checkpoint file keeps them
+            raw = checkpoint.checkpoint_bytes(
+                models.default_config("lenet_tiny"),
+                state.variables,
+                {"step": int(state.step)},
+                training.resume_record(state, key),
+            )
+            saved.append((checkpoint.parse_checkpoint(raw, "ckpt"), accuracy))
+
+        options = dict(seed=0, epochs=2, batch_size=8, eval_batch_size=16, **options)
+        state, history, accuracy = training.fit(
+            steps,
+            state,
+            key,
+            (images, labels),
+            (images[:20], labels[:20]),
+            checkpoint_every_steps=3,
+            on_checkpoint=keep,
+            **options,
+        )
+        return state, history, accuracy, saved
+
+    fresh = functools.partial(training.initial_state, module, tx, 0)
+    straight, history, accuracy, saved = run(*fresh())
+    assert [h["epoch"] for h in history] == [1, 2] and accuracy is not None
+    # steps 3 and 9 inside an epoch, 5 and 10 at epoch ends (with test accuracy)
+    assert [c["metadata"]["step"] for c, _ in saved] == [3, 5, 6, 9, 10]
+    assert [a is None for _, a in saved] == [True, False, True, True, False]
+    ckpt = saved[2][0]  # step 6: mid-epoch 2
+    state, key = training.restore(fresh()[0], ckpt["variables"], ckpt["train_state"])
+    resumed, _, resumed_accuracy, _ = run(state, key)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        jax.device_get(straight.variables),
+        jax.device_get(resumed.variables),
+    )
+    assert resumed_accuracy == accuracy
+
+    stopped, history, _, saved = run(*fresh(), stop_after_epochs=1)
+    assert int(stopped.step) == 5 and [h["epoch"] for h in history] == [1]
+    with pytest.raises(PropmapsError, match="no usable training state"):
+        training.restore(fresh()[0], ckpt["variables"], {"step": 1})
+
+
+def test_fit_raises_diverged_before_the_checkpoint():
+    images = np.full((16, 32, 32, 3), 255, np.uint8)
+    labels = np.arange(16, dtype=np.int32) % 10
+    module = models.create_model("lenet_tiny")
+    tx = training.make_optimizer(1e30, 0.0, total_steps=4, warmup_steps=0)
+    saved = []
+
+    def keep(state, history, accuracy):
+        saved.append(bool(training.all_finite(state.variables)))
+
+    with pytest.raises(training.Diverged, match="training diverged at epoch 1 ") as e:
+        training.fit(
+            training.jit_steps(module, tx, do_augment=False),
+            *training.initial_state(module, tx, 0),
+            (images, labels),
+            (images, labels),
+            seed=0,
+            epochs=2,
+            batch_size=8,
+            checkpoint_every_steps=1,
+            on_checkpoint=keep,
+        )
+    assert e.value.epoch == 1 and e.value.what.startswith("loss ")
+    assert saved == [True]  # step 1, before the first non-finite loss
