@@ -25,11 +25,11 @@ import jax.numpy as jnp
 from absl import flags, logging
 
 from experiments import common
-from experiments.report.progress import format_duration
 from experiments.runs import stopping, storage, train_run
 from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import checkpoint
+from propmaps_jax.progress import format_duration
 from propmaps_jax.results import hashing
 
 flags.DEFINE_integer("epochs", 100, "Training epochs.")

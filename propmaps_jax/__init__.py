@@ -15,7 +15,7 @@ The library, one room per concept:
 - `data/`: CIFAR-10 (`cifar10`) and its download (`download`);
 - `stats` (every statistic: intervals, tests, Spearman, ROC), `batching` (the one
   padded fixed-shape batch loop), `evaluation`, `training`, `backend`, `locking`,
-  `memory`, `errors`, `types`.
+  `memory`, `progress` (the H:MM:SS of progress lines), `errors`, `types`.
 
 Each of them is an attribute of the package imported on first use, and so is each
 module of a subpackage (`pj.analysis.propagation`, `pj.models.receptive`), so
@@ -41,6 +41,7 @@ SUBMODULES = (
     "locking",
     "memory",
     "models",
+    "progress",
     "results",
     "stats",
     "training",

@@ -25,6 +25,7 @@ from flax import serialization
 
 from propmaps_jax import batching, models
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.progress import format_duration
 from propmaps_jax.types import Images, Labels, PRNGKey, Variables
 
 MOMENTUM = 0.9
@@ -355,11 +356,6 @@ def jit_steps(
     )
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def fit(
     steps: StepFns,
     state: TrainState,
@@ -443,7 +439,7 @@ def fit(
                     float(loss_sum[0]) / done,
                     100 * float(loss_sum[1]) / done,
                     rate,
-                    _clock((total_steps - step) * batch_size / rate),
+                    format_duration((total_steps - step) * batch_size / rate),
                 )
             every = checkpoint_every_steps
             if every and step % every == 0 and step % steps_per_epoch:

@@ -1,11 +1,13 @@
-"""Progress lines of the experiments, the one way they are printed (`say`), and the
-one H:MM:SS formatter they share."""
+"""Progress lines of the experiments and the one way they are printed (`say`); their
+H:MM:SS is the library's (`propmaps_jax.progress.format_duration`)."""
 
 import contextlib
 import os
 import sys
 import time
 from typing import TextIO
+
+from propmaps_jax.progress import format_duration
 
 
 def say(line: str, stream: TextIO | None = None) -> None:
@@ -54,11 +56,3 @@ class Progress:
         line += f", {rate:.2f} {self.what}/s, elapsed {elapsed_text}, ETA {eta_text}"
         # One line: under absl, logging.info would print it to stderr a second time.
         say(line)
-
-
-def format_duration(seconds: float) -> str:
-    """H:MM:SS, or "?" for an unknown (infinite) duration."""
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

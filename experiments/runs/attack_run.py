@@ -39,7 +39,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common
-from experiments.report.progress import format_duration, say
+from experiments.report.progress import say
 from experiments.runs import (
     budget,
     chunks,
@@ -52,6 +52,7 @@ from experiments.runs import (
 from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
 from propmaps_jax.errors import PropmapsError
+from propmaps_jax.progress import format_duration
 from propmaps_jax.results import attack_csv, hashing, provenance
 
 flags.DEFINE_integer("num_samples", 5000, "Number of CIFAR-10 test images sampled.")

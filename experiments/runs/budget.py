@@ -180,7 +180,7 @@ def announce_job(
     """Print what the locality job will run and its estimated time per model and
     in all (labelled as an estimate), with a way to a first look in minutes when
     it passes an hour. Returns {model: estimated seconds}."""
-    from experiments.report.progress import format_duration
+    from propmaps_jax.progress import format_duration
 
     log(
         "locality job: "

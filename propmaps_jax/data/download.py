@@ -42,6 +42,7 @@ from typing import TextIO
 
 from propmaps_jax import locking
 from propmaps_jax.errors import DataError
+from propmaps_jax.progress import format_duration
 
 # The archive's layout: the folder it extracts to and the batches in it.
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -122,11 +123,6 @@ def _size(n: float, unit: tuple[float, str] | None = None) -> str:
     return f"{n / divisor:.1f} {name}"
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class _DownloadProgress:
     """Bytes done/total, rate and ETA: rewritten in place on a terminal, else a
     line every `every_s` seconds (a log file gets a few lines, not thousands)."""
@@ -150,9 +146,9 @@ class _DownloadProgress:
             text = f"CIFAR-10: {_size(done)}"
         text += f", {_size(rate)}/s"
         if final:
-            text += f", in {_clock(elapsed)}"
+            text += f", in {format_duration(elapsed)}"
         elif self.total and rate > 0:
-            text += f", ETA {_clock((self.total - done) / rate)}"
+            text += f", ETA {format_duration((self.total - done) / rate)}"
         return text
 
     def update(self, done: int, final: bool = False) -> None:
