@@ -165,6 +165,14 @@ def _weights_name(name: str, weights: str | None) -> str:
     return weights or checkpoint.bundled_checkpoint_path(name)
 
 
+def load_checked_model(name: str, weights: str | None, images: Any) -> tuple:
+    """`load_model(name, weights)`, then `check_computes` on the first few `images`:
+    (config, module, variables, metadata) of a model that computes."""
+    loaded = load_model(name, weights)
+    check_computes(loaded, images, name, weights)
+    return loaded
+
+
 def check_computes(loaded: tuple, images: Any, name: str, weights: str | None) -> None:
     """One line unless the model of `loaded` (`load_model(name, weights)`) gives
     finite logits on the first few `images`: before any work starts."""
@@ -172,11 +180,6 @@ def check_computes(loaded: tuple, images: Any, name: str, weights: str | None) -
     models.check_outputs_finite(
         models.make_apply_fn(module), variables, images, _weights_name(name, weights)
     )
-
-
-# The run directory's atomic writers, under the names experiments have used.
-write_text = rundir.write_text
-write_json = rundir.write_json
 
 
 def start_backend() -> None:

@@ -200,9 +200,7 @@ def paper_figures(
     run = attack_csv.load_attack_run(
         workdir, images, labels, model_name=cfg.model, weights=cfg.weights
     )
-    loaded = common.load_model(cfg.model, cfg.weights)
-    common.check_computes(loaded, images, cfg.model, cfg.weights)
-    _, module, variables, _ = loaded
+    _, module, variables, _ = common.load_checked_model(cfg.model, cfg.weights, images)
     figures = paper_examples.paper_figures(
         linen_features(module, cfg.layers),
         variables,
@@ -251,9 +249,7 @@ def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -
     check_pixels(
         pixels, images.shape[1:], "--move_to" if cfg.move_to is not None else source
     )
-    loaded = common.load_model(cfg.model, cfg.weights)
-    common.check_computes(loaded, images, cfg.model, cfg.weights)
-    _, module, variables, _ = loaded
+    _, module, variables, _ = common.load_checked_model(cfg.model, cfg.weights, images)
     maps = paper_examples.attack_maps(
         linen_features(module, cfg.layers),
         variables,

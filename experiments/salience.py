@@ -48,7 +48,7 @@ from absl import flags
 from experiments import common, flag_groups
 from experiments.report import plots
 from experiments.report.progress import Progress
-from experiments.runs import storage
+from experiments.runs import rundir, storage
 from propmaps_jax import models
 from propmaps_jax.analysis import locality, saliency
 from propmaps_jax.analysis import salience as salience_study
@@ -223,23 +223,23 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
     }
     out_dir = os.path.join(workdir, "salience")
     storage.makedirs(out_dir)
-    common.write_text(
+    rundir.write_text(
         os.path.join(out_dir, "per_image.csv"),
         salience_csv.per_image_csv(study, from_locality),
     )
-    common.write_text(
+    rundir.write_text(
         os.path.join(out_dir, "table.csv"), salience_csv.table_csv(study.rows)
     )
     title = f"{model_name}, {config.method} saliency ({config.score})"
     for name, fig in salience_figures.study_figures(study, title).items():
         plots.save_figure(fig, os.path.join(out_dir, name))
     summary["seconds"] = round(time.time() - start, 2)
-    common.write_json(
+    rundir.write_json(
         os.path.join(out_dir, "summary.json"), salience_study.json_safe(summary)
     )
     # The table is written last: its presence marks a finished study.
     table_md = salience_study.table_markdown(study.rows, settings)
-    common.write_text(os.path.join(out_dir, "table.md"), table_md)
+    rundir.write_text(os.path.join(out_dir, "table.md"), table_md)
     print(table_md)
     print(f"results in {out_dir}")
     return summary

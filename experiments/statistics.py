@@ -126,9 +126,7 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
     )
     csv_path = attack_run.csv_path
     rows = statistics.attacked_rows(attack_run.table, csv_path)
-    loaded = common.load_model(cfg.model, cfg.weights)
-    common.check_computes(loaded, images, cfg.model, cfg.weights)
-    _, module, variables, _ = loaded
+    _, module, variables, _ = common.load_checked_model(cfg.model, cfg.weights, images)
     settings = (attack_run.summary or {}).get("settings", {})
     generation0_path = os.path.join(workdir, GENERATION0_NAME)
     kept = _kept_generation0(generation0_path, settings, rows)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 
 from experiments import common
-from experiments.runs import stopping, storage, train_run
+from experiments.runs import rundir, stopping, storage, train_run
 from propmaps_jax import models, training
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import checkpoint
@@ -353,7 +353,7 @@ def train(cfg: TrainConfig) -> None:
             config, state.variables, hashing.finite_json(metadata)
         ),
     )
-    common.write_json(
+    rundir.write_json(
         os.path.join(workdir, "train.json"),
         hashing.finite_json({**metadata, "history": history}),
     )
