@@ -117,6 +117,31 @@ def pytest_runtest_protocol(item, nextitem):
         _CURRENT_TEST[0] = "(between tests)"
 
 
+# pytest-xdist hands whole files to its workers in collection order: the longest
+# files (minutes of a full run, measured) go first, so that no worker is left
+# alone with a long file at the end while the other waits.
+LONG_FILES = (
+    "tests/cli/test_bad_inputs_attack.py",
+    "tests/cli/test_propagation_experiments.py",
+    "tests/lib/test_attack.py",
+    "tests/lib/test_receptive.py",
+    "tests/cli/test_locality_experiment.py",
+    "tests/cli/test_salience_experiment.py",
+    "tests/cli/test_readme.py",
+    "tests/cli/test_gcs_workdir.py",
+    "tests/lib/test_saliency.py",
+    "tests/lib/test_keras_import.py",
+    "tests/lib/test_training.py",
+    "tests/lib/test_study_models.py",
+    "tests/lib/test_content.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 def pytest_sessionfinish(session):
     # A pytest-xdist worker sends what its cache and compiler did to the controller.
     if hasattr(session.config, "workeroutput"):
