@@ -1,12 +1,12 @@
 """Race processes over a stale lock, trial after trial; print what was seen.
 
-python tests/_lock_race.py WORKDIR PROCESSES SECONDS
+python tests/_lock_race.py WORKDIR PROCESSES SECONDS TRIALS
 
 Each trial: a lock of a dead process is written in WORKDIR, then PROCESSES
 forked workers, released together, each try `lock.acquire(WORKDIR)` and keep
 what they got until every one has tried (so two holders would overlap); then the
-holders release. Trials go on until SECONDS have passed. Prints one JSON line:
-{"trials": n, "holders": [count of holders per trial]}.
+holders release. Trials go on until TRIALS are done or SECONDS have passed.
+Prints one JSON line: {"trials": n, "holders": [count of holders per trial]}.
 
 A separate script (not the test process): the workers are forked from a process
 that has not started JAX's threads.
@@ -42,7 +42,7 @@ def _worker(workdir, start, tried, released, holders, stop) -> None:
         released.wait()
 
 
-def main(workdir: str, processes: int, seconds: float) -> None:
+def main(workdir: str, processes: int, seconds: float, trials: int) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     os.makedirs(workdir, exist_ok=True)
@@ -59,7 +59,7 @@ def main(workdir: str, processes: int, seconds: float) -> None:
     for worker in workers:
         worker.start()
     seen, until = [], time.time() + seconds
-    while time.time() < until:
+    while time.time() < until and len(seen) < trials:
         holders.value = 0
         with open(path, "w") as f:
             json.dump(
@@ -85,4 +85,4 @@ def main(workdir: str, processes: int, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))

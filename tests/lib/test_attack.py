@@ -308,9 +308,10 @@ def test_early_stop_failure_targeted_and_three_pixels(key):
     # Image 2 targeted at class 2: success means prediction 2, not just != 0.
     assert result.success[2] and result.pred_after[2] == 2
     # Every reported candidate reproduces its reported prediction and p(true).
+    toy_logits = lambda x: toy_apply(None, x)  # noqa: E731 (one program for the loop)
     for i in range(3):
         adversarial = apply_np(images[i], result.pixels[i])
-        probs = probs_np(lambda x: toy_apply(None, x), adversarial[None])[0]
+        probs = probs_np(toy_logits, adversarial[None])[0]
         assert probs.argmax() == result.pred_after[i]
         np.testing.assert_allclose(probs[0], result.prob_true_after[i], rtol=1e-5)
 
@@ -386,9 +387,10 @@ def test_new_weights_never_recompile_the_engine(case):
     )
     assert attack_engine.TRACE_COUNT == before + 1
     # The new weights were used: p(label) of the reported pixels, recomputed.
+    logits_fn = models.make_logits_fn(module, other)
     for i in range(len(images)):
         perturbed = apply_np(images[i], second.pixels[i])[None]
-        probs = probs_np(models.make_logits_fn(module, other), perturbed)[0]
+        probs = probs_np(logits_fn, perturbed)[0]
         np.testing.assert_allclose(
             probs[other_labels[i]], second.prob_true_after[i], rtol=1e-5
         )
@@ -415,9 +417,9 @@ def test_attack_works_with_x64_enabled(case):
         )(jax.random.key(1), variables, images[0], labels[0])
     assert one.pixels.dtype == jnp.int32 and one.prob_true_after.dtype == jnp.float32
     assert result.pixels.shape == (3, 1, 5)
+    logits_fn = models.make_logits_fn(apply_fn.module, variables)
     for i in range(3):
         perturbed = apply_np(images[i], result.pixels[i])[None]
-        logits_fn = models.make_logits_fn(apply_fn.module, variables)
         probs = probs_np(logits_fn, perturbed)[0]
         np.testing.assert_allclose(
             probs[labels[i]], result.prob_true_after[i], rtol=1e-5

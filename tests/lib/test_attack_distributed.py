@@ -28,8 +28,11 @@ def test_two_processes_of_two_devices_match_one_device(tmp_path):
     """2 localhost processes (jax.distributed, gloo) of 2 forced CPU devices each:
     the attack sharded over 4 devices of 2 processes gives the 1-device results."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    # Only the device count: other compiler options could change the last float bits.
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    # This process's compiler options (conftest's: others could change the last
+    # float bits) and the device count.
+    env["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    )
     address = f"localhost:{free_port()}"
     runs = [
         subprocess.Popen(
@@ -95,7 +98,6 @@ def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
-            env={"XLA_FLAGS": None},
         )
         for i in range(2)
     ]

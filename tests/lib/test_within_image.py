@@ -31,7 +31,7 @@ def _simulate(num_strata, low, high, seed, coef=(0.7, -0.4)):
 def test_conditional_logit_matches_statsmodels():
     from statsmodels.discrete.conditional_models import ConditionalLogit
 
-    y, x, groups = _simulate(150, 20, 60, seed=0)
+    y, x, groups = _simulate(150, 10, 30, seed=0)
     fit = wi.conditional_logit(y, x, groups)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its note on the dropped strata
