@@ -3,19 +3,46 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, launch, start
+from conftest import launch, start
 
 from tests._attack_case import SLOTS, attack_case
 from tests._fixtures import classified_images, save_lenet_tiny, save_npz
 
 # Several real processes (jax.distributed on localhost): end to end.
 pytestmark = pytest.mark.e2e
-WORKER = os.path.join(ROOT, "tests", "_attack_worker.py")
+
+# One pair of processes serves both checks (a process start, JAX's import and the
+# sharded engine's compilation are most of their time): each runs
+# `launch.py --experiment=attack --distributed ...` (argv after OUT.npz), then, on
+# the same cluster, the fixed attack case, whose results process 0 writes to OUT.npz.
+WORKER = """
+import sys
+
+import jax
+import numpy as np
+
+from experiments import cli
+
+out, sys.argv = sys.argv[1], ["launch.py", *sys.argv[2:]]
+try:
+    cli.run()
+except SystemExit as e:
+    if e.code:
+        raise
+from tests._attack_case import SLOTS, attack_case
+
+result = attack_case(slots=SLOTS)
+if jax.process_index() == 0:
+    np.savez(
+        out,
+        device_count=jax.device_count(),
+        process_count=jax.process_count(),
+        **result._asdict(),
+    )
+"""
 
 
 def free_port() -> int:
@@ -26,47 +53,9 @@ def free_port() -> int:
 
 def test_two_processes_of_two_devices_match_one_device(tmp_path):
     """2 localhost processes (jax.distributed, gloo) of 2 forced CPU devices each:
-    the attack sharded over 4 devices of 2 processes gives the 1-device results."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    # This process's compiler options (conftest's: others could change the last
-    # float bits) and the device count.
-    env["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    )
-    address = f"localhost:{free_port()}"
-    runs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(tmp_path / f"p{i}.npz"), str(i), "2", address],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    reference = attack_case(slots=SLOTS)  # in this process, one device
-    for run in runs:
-        output, _ = run.communicate(timeout=240)
-        assert run.returncode == 0, output.decode()[-3000:]
-    got = np.load(tmp_path / "p0.npz")
-    assert not (tmp_path / "p1.npz").exists()  # only process 0 writes
-    assert int(got["device_count"]) == 4 and int(got["process_count"]) == 2
-    # Every decision (success, pixels, predictions, generations, evaluations) is
-    # the same bit for bit. Probabilities agree to float32 rounding: the devices
-    # run another batch shape (1 slot each against 4), and on some CPUs (an AMD
-    # EPYC here, 2026-11-30) XLA's kernels then differ in the last bit (1.5e-8
-    # measured), as the README says.
-    for name, expected in reference._asdict().items():
-        if np.issubdtype(np.asarray(expected).dtype, np.floating):
-            np.testing.assert_allclose(
-                got[name], expected, rtol=1e-6, atol=1e-7, err_msg=name
-            )
-        else:
-            np.testing.assert_array_equal(got[name], expected, err_msg=name)
-
-
-def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
-    """launch.py --experiment=attack --distributed on 2 localhost processes: process 0
-    alone writes, and attack.csv equals that of a single-process run."""
+    the attack sharded over 4 devices of 2 processes gives the 1-device results,
+    and launch.py --experiment=attack --distributed on them: process 0 alone
+    writes, and attack.csv equals that of a single-process run."""
     weights = str(tmp_path / "lenet_tiny.msgpack")
     model, variables = save_lenet_tiny(weights, 2)
     # Two misclassified images: not attacked.
@@ -89,8 +78,14 @@ def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
         ]
 
     address = f"localhost:{free_port()}"
+    # This process's compiler options (conftest's: others could change the last
+    # float bits) and the device count.
+    flags = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    )
     runs = [
         start(
+            str(tmp_path / f"p{i}.npz"),
             *command(
                 tmp_path / "two",
                 "--distributed",
@@ -98,20 +93,41 @@ def test_experiment_on_two_processes_writes_the_same_files(tmp_path):
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
+            code=WORKER,
+            env={"XLA_FLAGS": flags},
         )
         for i in range(2)
     ]
-    single = launch(*command(tmp_path / "one"))  # in this process, one device
+    # In this process, one device.
+    single = launch(*command(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
+    reference = attack_case(slots=SLOTS)
     for run in runs:
         _, err = run.communicate(timeout=240)
         assert run.returncode == 0, err[-3000:]
+
     one = (tmp_path / "one" / "attack.csv").read_text()
     two = (tmp_path / "two" / "attack.csv").read_text()
     assert one == two
     summary = json.loads((tmp_path / "two" / "attack_summary.json").read_text())
     assert summary["device"]["process_count"] == 2
     assert summary["attacked"] == 10 and summary["not_attacked_misclassified"] == 2
+
+    got = np.load(tmp_path / "p0.npz")
+    assert not (tmp_path / "p1.npz").exists()  # only process 0 writes
+    assert int(got["device_count"]) == 4 and int(got["process_count"]) == 2
+    # Every decision (success, pixels, predictions, generations, evaluations) is
+    # the same bit for bit. Probabilities agree to float32 rounding: the devices
+    # run another batch shape (1 slot each against 4), and on some CPUs (an AMD
+    # EPYC here, 2026-11-30) XLA's kernels then differ in the last bit (1.5e-8
+    # measured), as the README says.
+    for name, expected in reference._asdict().items():
+        if np.issubdtype(np.asarray(expected).dtype, np.floating):
+            np.testing.assert_allclose(
+                got[name], expected, rtol=1e-6, atol=1e-7, err_msg=name
+            )
+        else:
+            np.testing.assert_array_equal(got[name], expected, err_msg=name)
 
 
 def test_distributed_without_a_cluster_is_a_clear_error(tmp_path):
