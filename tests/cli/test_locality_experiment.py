@@ -141,7 +141,10 @@ def test_sample_count_per_model(tiny_setup):
     """--num_samples_<model>: each model attacks its own first N images; the table
     says how many; a count for a model not in --models is refused."""
     workdir = str(tiny_setup["folder"] / "per_model")
-    args = [a for a in tiny_args(tiny_setup, workdir) if not a.startswith("--models")]
+    args = [
+        *(a for a in tiny_args(tiny_setup, workdir) if not a.startswith("--models")),
+        "--vulnerability_maps=0",  # their figures are end_to_end's
+    ]
     run_launch(*args, "--models=lenet_tiny,lenet", "--num_samples_lenet=4")
     summary = json.load(open(os.path.join(workdir, "locality.json")))
     assert summary["settings"]["num_samples"] == {"lenet_tiny": NUM_SAMPLES, "lenet": 4}

@@ -22,7 +22,7 @@ def _tiny_settings(cifar10_path: str, workdir: str) -> str:
         [
             'REPO_URL = "file:///nowhere/propmaps-jax.git"',
             'MODELS = "lenet"',
-            "NUM_SAMPLES = 6",
+            "NUM_SAMPLES = 2",  # the second is fooled at population 40
             "POPULATION = 40",
             "GENERATIONS = 10",
             f"CIFAR10_PATH = {cifar10_path!r}",
