@@ -266,13 +266,6 @@ class InferenceApply:
         return self.module.apply(variables, jnp.asarray(images, jnp.float32), **kwargs)
 
 
-def inference_kwargs(module: nn.Module) -> dict[str, bool]:
-    """The keyword arguments of an inference call of a linen `module`: `train=False`
-    where its `__call__` has a `train` argument, else none (the contract of
-    `make_apply_fn`; a PropmapsError for a module it cannot call)."""
-    return {"train": False} if _takes_train(module) else {}
-
-
 def _takes_train(module: nn.Module, caller: str = "make_apply_fn") -> bool:
     """Whether `module.__call__` has a `train` argument; PropmapsError (naming
     `caller`) when it cannot be called on images alone."""

@@ -93,13 +93,13 @@ def test_the_attack_runs_on_a_module_without_train():
     assert result.pixels.shape == (2, 1, 5)
 
 
-@pytest.mark.parametrize("module", [NoTrain(), WithTrain()])
-def test_propagation_maps_of_a_module_with_or_without_train(module):
+@pytest.mark.parametrize(
+    "module, init_kwargs", [(NoTrain(), {}), (WithTrain(), {"train": False})]
+)
+def test_propagation_maps_of_a_module_with_or_without_train(module, init_kwargs):
     """One contract for the attack and the maps: the maps of a result are those of
     the clean and the perturbed image taken apart (|FM - FM_adv| by hand)."""
-    variables = module.init(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 3)), **pj.models.inference_kwargs(module)
-    )
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), **init_kwargs)
     images = _images(2)
     pixels = np.array([[[1, 2, 255, 0, 0]], [[5, 6, 0, 0, 255]]], np.int32)
     model = pj.models.linen_features(module)
