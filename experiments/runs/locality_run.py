@@ -94,9 +94,10 @@ def _reuse(
     SHA-256 (None without a successful attack)."""
     cache = os.path.join(model_dir, "locality.json")
     cached, why = integrity.reusable(cache, settings, ["vulnerability_maps.npz"])
-    maps = integrity.read_npz(os.path.join(model_dir, "vulnerability_maps.npz"))
-    if cached is not None and maps is None:
-        cached, why = None, "vulnerability_maps.npz is truncated or unreadable"
+    if cached is not None:  # read only when the study would be reused
+        maps = integrity.read_npz(os.path.join(model_dir, "vulnerability_maps.npz"))
+        if maps is None:
+            cached, why = None, "vulnerability_maps.npz is truncated or unreadable"
     if cached is None:
         if why:
             integrity.note(f"{name}: recomputing the locality study: {why}")
