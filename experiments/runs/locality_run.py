@@ -198,6 +198,24 @@ def locality_for_model(
     return record, moved, record["files_sha256"].get(locality_file.NAME)
 
 
+def _inputs(
+    run: AttackRun,
+    locality_sha256: str | None,
+    weights_sha256: str,
+    seed: int,
+    max_distance: int,
+) -> dict[str, Any]:
+    """What a step after the study is made from, the first settings of its record
+    (controls.json, within_image.json): reused only when all of them are equal."""
+    return {
+        "attack_csv_sha256": run.csv_sha256,
+        "locality_csv_sha256": locality_sha256,
+        "weights_sha256": weights_sha256,
+        "seed": seed,
+        "max_distance": max_distance,
+    }
+
+
 def controls_for_model(
     name: str,
     model_dir: str,
@@ -219,11 +237,7 @@ def controls_for_model(
     """
     table = run.table
     settings = {
-        "attack_csv_sha256": run.csv_sha256,
-        "locality_csv_sha256": locality_sha256,
-        "weights_sha256": weights_sha256,
-        "seed": seed,
-        "max_distance": max_distance,
+        **_inputs(run, locality_sha256, weights_sha256, seed, max_distance),
         "context_tolerance": locality_controls.CONTEXT_TOLERANCE,
         "context_min_distance": locality_controls.CONTEXT_MIN_DISTANCE,
         "bootstrap": study_lib.CONTROLS_BOOTSTRAP,
@@ -280,11 +294,7 @@ def within_image_for_model(
         return None
     apply_fn, variables, permutation = _model(loaded)
     settings = {
-        "attack_csv_sha256": run.csv_sha256,
-        "locality_csv_sha256": locality_sha256,
-        "weights_sha256": weights_sha256,
-        "seed": seed,
-        "max_distance": max_distance,
+        **_inputs(run, locality_sha256, weights_sha256, seed, max_distance),
         "fit_resamples": content.FIT_RESAMPLES,
         "rate_resamples": content.RATE_RESAMPLES,
         "version": WITHIN_IMAGE_VERSION,
