@@ -230,8 +230,13 @@ def _default_mesh() -> Mesh:
 
 
 def _local_len(positions: int, devices: int) -> int:
-    """Queue length per device (position g goes to device g % n, local slot g // n)."""
-    return max(1, math.ceil(positions / devices))
+    """Queue length per device (position g goes to device g % n, local slot g // n),
+    rounded up to a power of two: runs of a similar number of images share one
+    compiled program (the queue's shape is part of it). Positions past N are never
+    loaded, so the results do not depend on it; the queue holds an image and a few
+    numbers per position, small beside the search's state."""
+    need = max(1, math.ceil(positions / devices))
+    return 1 << (need - 1).bit_length()
 
 
 def attack_stream(

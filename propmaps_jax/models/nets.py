@@ -366,8 +366,25 @@ def init_variables(
     module: nn.Module, key: jax.Array, image_shape: Sequence[int] = (32, 32, 3)
 ) -> Variables:
     """Fresh variables ({"params", and "batch_stats" for BatchNorm models})."""
-    dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    return jax.jit(lambda k: module.init(k, dummy, train=False))(key)
+    image_shape = tuple(image_shape)
+    if not _hashable(module):  # a module with list attributes: traced each call
+        return _init.__wrapped__(module, key, image_shape)
+    return _init(module, key, image_shape)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(module: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> Variables:
+    # One program per (module, image shape), traced once per process: linen
+    # modules are frozen dataclasses, equal when their settings are.
+    return module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
 
 
 def count_params(variables: Variables) -> int:
@@ -478,6 +495,14 @@ def check_variables_fit(
 
 def variables_template(config: ModelConfig) -> Variables:
     """Shapes and dtypes of a model's variables, without compiling or running it."""
+    template = _template(config) if _hashable(config) else _template.__wrapped__(config)
+    # A fresh copy of the containers: callers may change what they are given.
+    return jax.tree_util.tree_map(lambda t: t, template)
+
+
+@functools.cache
+def _template(config: ModelConfig) -> Variables:
+    # Traced once per process and model (ModelConfig is frozen, so hashable).
     module = create_model(config)
     dummy = jnp.zeros((1, *config.image_shape), jnp.float32)
     return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy, train=False))
