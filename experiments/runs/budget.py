@@ -112,16 +112,66 @@ def check_batch(
 
 
 def _largest_population(module, variables, free: int, pixels: int) -> int:
-    """The largest population (at least 4) whose one slot fits in `free` bytes,
-    by bisection over `slot_bytes` (it grows with the population); 0: none."""
+    """The largest population (at least 4) whose one slot fits in `free` bytes;
+    0: none. `slot_bytes` grows with the population, and each population it has
+    not seen traces the DE step once (about 0.1 s): a plain bisection traces about
+    25. The step's bytes are a quadratic in the population (its population x
+    population arrays), so the quadratic through three exact values proposes the
+    answer, which exact values at it and one above confirm; where they do not,
+    steps from it bracket the answer for a bisection."""
+
+    def fits(population: int) -> bool:
+        return slot_bytes(module, variables, population, pixels) <= free
+
     low, high = 3, max(4, free // max(1, candidate_bytes(module, variables)))
+    # Invariant: `low` fits (3 stands for "none"), every population above `high`
+    # does not.
+    guess = _quadratic_root(
+        [(p, slot_bytes(module, variables, p, pixels)) for p in (16, 32, 64)], free
+    )
+    if guess is not None and low < guess <= high:
+        # From the guess, steps doubling until the answer is bracketed (two exact
+        # values when the guess is right), then bisection.
+        step = 1
+        if fits(guess):
+            low = guess
+            while low < high:
+                probe = min(high, low + step)
+                if not fits(probe):
+                    high = probe - 1
+                    break
+                low, step = probe, 2 * step
+        else:
+            high = guess - 1
+            while low < high:
+                probe = max(low + 1, high - step + 1)
+                if fits(probe):
+                    low = probe
+                    break
+                high, step = probe - 1, 2 * step
     while low < high:
         middle = (low + high + 1) // 2
-        if slot_bytes(module, variables, middle, pixels) <= free:
+        if fits(middle):
             low = middle
         else:
             high = middle - 1
     return low if low >= 4 else 0
+
+
+def _quadratic_root(points: list[tuple[int, int]], level: int) -> int | None:
+    """The largest integer x with q(x) <= level, q the quadratic through the three
+    (x, y) `points`; None when q does not rise to `level` there."""
+    (x1, y1), (x2, y2), (x3, y3) = points
+    a, b, c = np.linalg.solve(
+        np.array([[x * x, x, 1] for x in (x1, x2, x3)], np.float64),
+        np.array([y1, y2, y3], np.float64),
+    )
+    if a <= 0:
+        return None
+    disc = b * b - 4 * a * (c - level)
+    if disc < 0:
+        return None
+    return int(np.floor((-b + np.sqrt(disc)) / (2 * a)))
 
 
 def generation_seconds(apply_fn, variables, config, repeats: int = 2) -> float:

@@ -831,6 +831,35 @@ def test_the_memory_check_counts_the_de_step_that_grows_with_population_squared(
     assert estimate.total >= 2 * slot
 
 
+@pytest.mark.parametrize("step_bytes", ["traced", "cubic", "jumps"])
+def test_the_largest_population_that_fits_is_found_however_the_step_grows(
+    setup, monkeypatch, step_bytes
+):
+    """The "at most N" of the refusal is the largest population that fits (it fits,
+    one more does not): with the DE step's bytes as traced (a quadratic: the first
+    guess is right), and with a cubic and a stepped growth (wrong guesses, above
+    and below the answer)."""
+    _, _, (module, variables, *_) = setup
+    if step_bytes != "traced":
+        grow = {
+            "cubic": lambda p: p**3 // 7,
+            "jumps": lambda p: 12 * p * p + (5_000_000 if p > 700 else 0),
+        }[step_bytes]
+        monkeypatch.setattr(
+            budget.memory, "search_bytes_per_slot", lambda p, k=1: grow(p)
+        )
+
+    def slot(population):
+        return budget.slot_bytes(module, variables, population)
+
+    for free in (slot(4) - 1, slot(4), 3 * slot(4) + 5, 10**7, 2 * 10**7, 10**9):
+        fits = budget._largest_population(module, variables, free, 1)
+        if fits == 0:
+            assert slot(4) > free
+        else:  # slot_bytes grows: the boundary is the answer
+            assert fits >= 4 and slot(fits) <= free < slot(fits + 1), (free, fits)
+
+
 # --- 5. The whole job's cost up front.
 
 
