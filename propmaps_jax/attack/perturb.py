@@ -2,7 +2,8 @@
 
 A perturbation of k pixels is an int array (..., k, 5) of (row, col, r, g, b): the
 pixel at (row, col) is *replaced* by the colour (r, g, b). Rows/cols must lie inside
-the image and colours in 0..255; the result keeps the image's dtype.
+the image and colours in 0..255; the result keeps the image's dtype. The functions
+are jitted: called outside a jit, each shape compiles once, not op by op.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 from propmaps_jax.types import Images, Perturbation
 
 
+@jax.jit
 def apply_pixels(image: jax.Array, pixels: Perturbation) -> jax.Array:
     """Replace k pixels of one image (H, W, C) by the (row, col, r, g, b) rows (k, 5).
 
@@ -32,6 +34,7 @@ def apply_pixels(image: jax.Array, pixels: Perturbation) -> jax.Array:
     return image
 
 
+@jax.jit
 def apply_pixels_batch(images: Images, pixels: Perturbation) -> jax.Array:
     """`apply_pixels` over a batch: images (N, H, W, C), pixels (N, k, 5)."""
     return jax.vmap(apply_pixels)(images, pixels)

@@ -80,7 +80,11 @@ def test_gradient_matches_finite_differences(tiny_lenet, random_images):
     apply_fn = _apply_fn(module)
     images = random_images[:2].astype(np.float32)
     classes = np.array([3, 7], np.int32)
-    grads = np.asarray(saliency.input_gradients(apply_fn, variables, images, classes))
+    # Jitted: one program per shape, not op by op (the same numbers).
+    gradients = jax.jit(
+        lambda x, c: saliency.input_gradients(apply_fn, variables, x, c)
+    )
+    grads = np.asarray(gradients(images, classes))
     scores = jax.jit(lambda x: saliency.class_scores(apply_fn, variables, x, classes))
     rng = np.random.default_rng(0)
     eps = 0.5  # pixel units (0..255): a float32 logit resolves this change well
@@ -92,7 +96,7 @@ def test_gradient_matches_finite_differences(tiny_lenet, random_images):
         numeric = (np.asarray(scores(plus)) - np.asarray(scores(minus))) / (2 * eps)
         np.testing.assert_allclose(grads[:, r, c, ch], numeric, rtol=2e-2, atol=2e-5)
     # Each image's gradient is its own: computing it alone gives the same.
-    alone = saliency.input_gradients(apply_fn, variables, images[1:], classes[1:])
+    alone = gradients(images[1:], classes[1:])
     np.testing.assert_allclose(grads[1:], alone, rtol=1e-5, atol=1e-7)
 
 
@@ -147,18 +151,22 @@ def test_smoothgrad_keys_per_image_and_sigma_zero(tiny_lenet, random_images, key
     batch = run(keys, images, classes)
     alone = run(keys[2:3], images[2:3], classes[2:3])
     np.testing.assert_allclose(batch[2:3], alone, rtol=1e-5, atol=1e-8)
-    gradient = saliency.saliency_map(
-        None, apply_fn, variables, images, classes, SaliencyConfig()
-    )
+    gradient = jax.jit(
+        lambda x, c: saliency.saliency_map(
+            None, apply_fn, variables, x, c, SaliencyConfig()
+        )
+    )(images, classes)
     assert not np.allclose(batch, gradient)
-    noiseless = saliency.saliency_map(
-        keys,
-        apply_fn,
-        variables,
-        images,
-        classes,
-        SaliencyConfig(method="smoothgrad", samples=2, sigma=0.0),
-    )
+    noiseless = jax.jit(
+        lambda k, x, c: saliency.saliency_map(
+            k,
+            apply_fn,
+            variables,
+            x,
+            c,
+            SaliencyConfig(method="smoothgrad", samples=2, sigma=0.0),
+        )
+    )(keys, images, classes)
     np.testing.assert_allclose(noiseless, gradient, rtol=1e-5, atol=1e-8)
 
 

@@ -82,10 +82,12 @@ def test_candidate_forward_equals_plain_forward(name):
     pos = rng.integers(0, 32, (2, 6, 1, 2))
     colour = rng.integers(0, 256, (2, 6, 1, 3))
     pixels = np.concatenate([pos, colour], -1).astype(np.int32)
-    want = models.make_apply_fn(module)(
+    # Both jitted: one program each, not op by op.
+    want = jax.jit(models.make_apply_fn(module))(
         variables, attack_de.perturbed_batch(jnp.asarray(images), jnp.asarray(pixels))
     )
-    np.testing.assert_allclose(forward(variables, images, pixels), want, atol=2e-5)
+    got = jax.jit(forward)(variables, images, pixels)
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_kernel_sizes_change_only_the_first_convolution():

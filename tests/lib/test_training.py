@@ -219,22 +219,17 @@ def test_first_step_loss_of_given_weights_is_their_loss(tiny_resnet, random_imag
     labels = np.arange(len(random_images)) % 10
     optimizer = training.make_optimizer(0.1, 5e-4, total_steps=10)
     state = training.state_from_variables(variables, optimizer)
-    _, metrics = training.train_step(
-        module,
-        optimizer,
-        state,
-        random_images,
-        labels,
-        np.arange(len(labels)),
-        jax.random.key(0),
-        do_augment=False,
+    # Jitted (one program, not op by op), without jit_steps' donation of the
+    # state: it holds `variables` themselves.
+    step = jax.jit(
+        functools.partial(training.train_step, module, optimizer, do_augment=False)
     )
-    logits, _ = module.apply(
-        variables,
-        random_images.astype(np.float32),
-        train=True,
-        mutable=["batch_stats"],
+    _, metrics = step(
+        state, random_images, labels, np.arange(len(labels)), jax.random.key(0)
     )
+    logits, _ = jax.jit(
+        lambda x: module.apply(variables, x, train=True, mutable=["batch_stats"])
+    )(random_images.astype(np.float32))
     logits = np.asarray(logits, np.float64)
     log_probs = (
         logits
