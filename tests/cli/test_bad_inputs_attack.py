@@ -367,7 +367,15 @@ def test_signals_pending_together_stop_once_without_a_message(trial):
         timeout=120,
     )
     assert child.returncode == 0, child.stderr[-2000:]
-    assert child.stderr.strip() == "stopped by Terminated", child.stderr[-2000:]
+    # One stop and nothing else (no "Signal 15 ignored due to race condition").
+    # Which one: SIGTERM was sent first, and the wakeup pipe says so when the
+    # kernel delivered them in that order; on a loaded machine both can be pending
+    # on the main thread at once, and Linux then delivers SIGINT first (as in
+    # test_a_second_signal_during_the_stop_is_ignored at gap 0).
+    assert child.stderr.strip() in (
+        "stopped by Terminated",
+        "stopped by KeyboardInterrupt",
+    ), child.stderr[-2000:]
 
 
 @pytest.mark.e2e
