@@ -22,6 +22,7 @@ import signal
 import subprocess as _subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 # The suite compiles a few hundred small XLA programs, and compiling, not running
@@ -85,6 +86,10 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # What the cache did in this process, shown at the end of the session, and the
 # seconds XLA spent compiling per test (the tests that compile the most are shown).
 _CACHE_EVENTS = {"hits": 0, "misses": 0, "saved_s": 0.0}
+# Each pytest-xdist worker's seconds from its start to its last test's end (shown
+# with --durations): how evenly the files were shared out.
+_STARTED = time.time()
+_WORKER_S: dict[str, float] = {}
 _COMPILE_S: dict[str, float] = {}
 _CURRENT_TEST = ["(collection)"]
 
@@ -118,22 +123,28 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 # pytest-xdist hands whole files to its workers in collection order: the longest
-# files (minutes of a full run, measured) go first, so that no worker is left
-# alone with a long file at the end while the other waits.
+# files (by their seconds in a full run, 2026-12-08) go first, longest first, so
+# that no worker is left alone with a long file at the end while the other waits.
 LONG_FILES = (
     "tests/cli/test_bad_inputs_attack.py",
-    "tests/cli/test_propagation_experiments.py",
-    "tests/lib/test_attack.py",
-    "tests/lib/test_receptive.py",
-    "tests/cli/test_locality_experiment.py",
-    "tests/cli/test_salience_experiment.py",
-    "tests/cli/test_readme.py",
     "tests/cli/test_gcs_workdir.py",
-    "tests/lib/test_saliency.py",
-    "tests/lib/test_keras_import.py",
+    "tests/lib/test_attack.py",
+    "tests/cli/test_propagation_experiments.py",
+    "tests/cli/test_run_trust.py",
+    "tests/cli/test_locality_experiment.py",
+    "tests/lib/test_attack_distributed.py",
+    "tests/cli/test_notebook.py",
+    "tests/lib/test_receptive.py",
+    "tests/cli/test_salience_experiment.py",
+    "tests/cli/test_train_experiment.py",
     "tests/lib/test_training.py",
-    "tests/lib/test_study_models.py",
-    "tests/lib/test_content.py",
+    "tests/lib/test_export.py",
+    "tests/cli/test_readings_experiment.py",
+    "tests/cli/test_readme.py",
+    "tests/lib/test_keras_import.py",
+    "tests/lib/test_saliency.py",
+    "tests/lib/test_locality.py",
+    "tests/cli/test_bad_inputs_train_launch.py",
 )
 
 
@@ -148,6 +159,7 @@ def pytest_sessionfinish(session):
         session.config.workeroutput["jax_compile"] = {
             "events": dict(_CACHE_EVENTS),
             "seconds": dict(_COMPILE_S),
+            "worker_s": time.time() - _STARTED,
         }
 
 
@@ -158,6 +170,7 @@ def pytest_testnodedown(node, error):
     if report:
         for name, value in report["events"].items():
             _CACHE_EVENTS[name] += value
+        _WORKER_S[node.gateway.id] = report["worker_s"]
         for test, seconds in report["seconds"].items():
             _COMPILE_S[test] = _COMPILE_S.get(test, 0.0) + seconds
 
@@ -175,6 +188,11 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"XLA compilation in the test processes: {sum(_COMPILE_S.values()):.0f} s"
             "; the most: " + "; ".join(f"{t} {s:.1f} s" for t, s in top)
+        )
+    if _WORKER_S and terminalreporter.config.option.durations is not None:
+        terminalreporter.write_line(
+            "Workers, start to end: "
+            + ", ".join(f"{w} {s:.0f} s" for w, s in sorted(_WORKER_S.items()))
         )
 
 
