@@ -11,6 +11,20 @@ class PropmapsError(ValueError):
     """
 
 
+class RefusedFile(PropmapsError):
+    """A results file that cannot be used: what is wrong with it (`problem`, naming
+    the file) and what to do (`remedy`), kept apart for callers that act on the
+    problem themselves (rebuilding a finished run's attack.csv from its chunks);
+    the message is the two joined by `sep`."""
+
+    def __init__(self, problem: str, remedy: str, sep: str = ": ") -> None:
+        super().__init__(f"{problem}{sep}{remedy}")
+        self.problem, self.remedy, self.sep = problem, remedy, sep
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.remedy, self.sep)
+
+
 class DataError(PropmapsError):
     """A data source is missing, corrupt or does not have the expected layout."""
 

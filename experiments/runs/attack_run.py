@@ -51,7 +51,7 @@ from experiments.runs import (
 )
 from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
-from propmaps_jax.errors import PropmapsError
+from propmaps_jax.errors import PropmapsError, RefusedFile
 from propmaps_jax.progress import format_duration
 from propmaps_jax.results import attack_csv, hashing, provenance
 
@@ -349,9 +349,8 @@ def _finished(workdir: str, summary: dict) -> tuple[attack_csv.AttackRun | None,
     csv_path = os.path.join(workdir, CSV_NAME)
     try:
         table, sha256 = attack_csv.read_recorded_csv(csv_path, summary)
-    except PropmapsError as e:
-        remedies = (f": {attack_csv._RERUN}", f"; {attack_csv._REBUILD}")
-        return None, str(e).replace(remedies[0], "").replace(remedies[1], "")
+    except PropmapsError as e:  # the problem alone: the caller says what it does
+        return None, e.problem if isinstance(e, RefusedFile) else str(e)
     return attack_csv.AttackRun(workdir, csv_path, table, summary, sha256), ""
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from propmaps_jax.errors import PropmapsError
+from propmaps_jax.errors import PropmapsError, RefusedFile
 from propmaps_jax.models import checkpoint
 from propmaps_jax.results import _io, hashing, provenance
 
@@ -89,7 +89,7 @@ def read_summary(directory: str) -> dict[str, Any] | None:
     if not isinstance(summary, dict) or not isinstance(
         summary.get("settings", {}), dict
     ):
-        raise PropmapsError(f"{path} is not an attack summary (JSON object): {_RERUN}")
+        raise RefusedFile(f"{path} is not an attack summary (JSON object)", _RERUN)
     return summary
 
 
@@ -108,7 +108,7 @@ def _parse(path: str, text: str) -> tuple[list[str], np.ndarray]:
         try:
             header = next(reader)
         except StopIteration:
-            raise PropmapsError(f"{path} is empty: {_RERUN}") from None
+            raise RefusedFile(f"{path} is empty", _RERUN) from None
         rows = list(reader)
     k = num_pixels(header)
     expected = attack_columns(max(k, 1))
@@ -124,14 +124,14 @@ def _parse(path: str, text: str) -> tuple[list[str], np.ndarray]:
             )
             if part
         )
-        raise PropmapsError(
-            f"{path} does not have the columns of an attack.csv ({detail}): {_RERUN}"
+        raise RefusedFile(
+            f"{path} does not have the columns of an attack.csv ({detail})", _RERUN
         )
     for line, row in enumerate(rows, start=2):
         if len(row) != len(header):
-            raise PropmapsError(
-                f"{path} line {line} has {len(row)} fields, the header "
-                f"{len(header)}: {_RERUN}"
+            raise RefusedFile(
+                f"{path} line {line} has {len(row)} fields, the header {len(header)}",
+                _RERUN,
             )
     try:
         table = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
@@ -141,9 +141,9 @@ def _parse(path: str, text: str) -> tuple[list[str], np.ndarray]:
                 try:
                     float(value)
                 except ValueError:
-                    raise PropmapsError(
-                        f"{path} line {line}: {name} is {value!r}, not a number: "
-                        f"{_RERUN}"
+                    raise RefusedFile(
+                        f"{path} line {line}: {name} is {value!r}, not a number",
+                        _RERUN,
                     ) from None
         raise
     return header, table
@@ -284,10 +284,11 @@ def _check_duplicates(path: str, index: np.ndarray) -> None:
         return
     repeated = sorted(set(range(index.size)) - set(first.tolist()))[0]
     earlier = int(np.flatnonzero(index == index[repeated])[0])
-    raise PropmapsError(
+    raise RefusedFile(
         f"{path} line {repeated + 2}: test image {index[repeated]} appears again "
         f"(first on line {earlier + 2}); an attack.csv holds one row per image (is it "
-        f"two runs put together?): {_RERUN}"
+        "two runs put together?)",
+        _RERUN,
     )
 
 
@@ -305,9 +306,11 @@ def _check_summary_counts(path: str, table: dict, summary: dict | None) -> None:
     if differ:
         said = ", ".join(f"{k} {recorded[k]}" for k in differ)
         holds = ", ".join(f"{k} {found[k]}" for k in differ)
-        raise PropmapsError(
+        raise RefusedFile(
             f"{path} holds {holds} but its {SUMMARY_NAME} says {said}: the two files "
-            f"are not of the same run; {_RERUN}"
+            "are not of the same run",
+            _RERUN,
+            "; ",
         )
 
 
@@ -352,14 +355,16 @@ def read_recorded_csv(
     if not _io.isfile(path):
         if summary is None:
             raise PropmapsError(_missing(path))
-        raise PropmapsError(f"{path} is missing; {_REBUILD}")
+        raise RefusedFile(f"{path} is missing", _REBUILD, "; ")
     data = _io.read_bytes(path)
     found = hashlib.sha256(data).hexdigest()
     recorded = (summary or {}).get("attack_csv_sha256")
     if isinstance(recorded, str) and found != recorded:
-        raise PropmapsError(
+        raise RefusedFile(
             f"{path} is not the file its attack run wrote (SHA-256 {found[:12]}, "
-            f"recorded {recorded[:12]}: edited or truncated since); {_REBUILD}"
+            f"recorded {recorded[:12]}: edited or truncated since)",
+            _REBUILD,
+            "; ",
         )
     table = read_attack_text(
         path, data.decode("utf-8"), _summary_target(summary), image_shape, summary
@@ -394,10 +399,10 @@ def read_attack_text(
     )
     if np.any(bad):
         row, col = (int(v) for v in np.argwhere(bad)[0])
-        raise PropmapsError(
+        raise RefusedFile(
             f"{path} line {row + 2}: {header[col]} is {table[row, col]:g}, not "
-            f"{'a finite number' if header[col] in FLOAT_COLUMNS else 'an integer'}: "
-            f"{_RERUN}"
+            f"{'a finite number' if header[col] in FLOAT_COLUMNS else 'an integer'}",
+            _RERUN,
         )
     out: dict[str, np.ndarray] = {}
     for j, name in enumerate(header):
@@ -411,9 +416,9 @@ def read_attack_text(
     for mask, problem in _row_problems(out, target, image_shape):
         if np.any(mask):
             j = int(np.flatnonzero(mask)[0])
-            raise PropmapsError(
-                f"{path} line {j + 2} (test image {out['index'][j]}): {problem(j)}: "
-                f"{_RERUN}"
+            raise RefusedFile(
+                f"{path} line {j + 2} (test image {out['index'][j]}): {problem(j)}",
+                _RERUN,
             )
     out["attacked"] = out["attacked"].astype(bool)
     out["success"] = out["success"].astype(bool)
@@ -688,7 +693,7 @@ def chunk_problem(
             path, csv_text(max(pixels, 1), rows), target, image_shape
         )
     except PropmapsError as e:
-        return str(e).replace(f": {_RERUN}", "")
+        return e.problem if isinstance(e, RefusedFile) else str(e)
     found = {
         "successes": int(table["success"].sum()),
         "evaluations": int(table["evaluations"].sum()),

@@ -4,6 +4,7 @@ in one line, and the chunk format's checks."""
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 from propmaps_jax import results
-from propmaps_jax.errors import PropmapsError
+from propmaps_jax.errors import PropmapsError, RefusedFile
 from propmaps_jax.results import attack_csv, hashing
 
 COMMITTED = [
@@ -198,3 +199,22 @@ def test_settings_hash_is_canonical_json():
     settings = {"b": 1, "a": [np.int64(2), float("nan")], "c": np.float32(0.5)}
     canonical = '{"a":[2,null],"b":1,"c":0.5}'
     assert hashing.settings_sha256(settings) == hashing.text_sha256(canonical)
+
+
+def test_a_refused_file_gives_its_problem_and_its_remedy_apart(tmp_path):
+    """One line for the user (problem, then what to do); the problem alone for a
+    caller that acts on it itself (the attack rebuilds a finished run's file)."""
+    path = tmp_path / "attack.csv"
+    path.write_text("")
+    with pytest.raises(RefusedFile) as refused:
+        attack_csv.read_attack_csv(str(path))
+    error = refused.value
+    assert error.problem == f"{path} is empty"
+    assert str(error) == f"{error.problem}: {error.remedy}"
+    assert error.remedy.startswith("run the attack again")
+    again = pickle.loads(pickle.dumps(error))
+    assert (str(again), again.problem, again.remedy) == (
+        str(error),
+        error.problem,
+        error.remedy,
+    )
