@@ -19,6 +19,7 @@ change.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -127,61 +128,83 @@ def _reuse(
     return cached, moved, hashlib.sha256(data).hexdigest()
 
 
-def _model(loaded: tuple):
-    """(apply_fn, variables, pixel permutation or None) of `common.load_model`'s
-    result."""
-    _, module, variables, _ = loaded
-    permutation = getattr(module, "permutation", None)
-    return models.make_apply_fn(module), variables, permutation
+@dataclasses.dataclass(frozen=True)
+class ModelRun:
+    """One model's attack run and what the steps after it (the study, its
+    controls, the within-image analysis) take from the experiment: each step
+    reads it and records `inputs` (with its own settings) to be reused."""
+
+    name: str
+    model_dir: str
+    weights_sha256: str
+    loaded: tuple  # `common.load_model`'s (config, module, variables, meta)
+    dataset: Any
+    run: AttackRun
+    seed: int
+    max_distance: int
+    batch_size: int
+
+    def model(self):
+        """(apply_fn, variables, pixel permutation or None)."""
+        _, module, variables, _ = self.loaded
+        permutation = getattr(module, "permutation", None)
+        return models.make_apply_fn(module), variables, permutation
+
+    def attacked_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """The test images and labels of the run's rows, in its order."""
+        x_test, y_test = self.dataset.split("test")
+        index = self.run.table["index"]
+        return x_test[index], y_test[index]
+
+    def inputs(self, locality_sha256: str | None) -> dict[str, Any]:
+        """What a step after the study is made from, the first settings of its
+        record (controls.json, within_image.json): reused only when all are equal."""
+        return {
+            "attack_csv_sha256": self.run.csv_sha256,
+            "locality_csv_sha256": locality_sha256,
+            "weights_sha256": self.weights_sha256,
+            "seed": self.seed,
+            "max_distance": self.max_distance,
+        }
 
 
 def locality_for_model(
-    name: str,
-    model_dir: str,
-    weights_sha256: str,
-    loaded: tuple,
-    dataset,
-    run: AttackRun,
-    seed: int,
-    max_distance: int,
-    num_maps: int,
-    batch_size: int,
+    step: ModelRun, num_maps: int
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], str | None]:
     """(record, moves, locality.csv's SHA-256 or None without a successful attack):
-    the locality study of one model's attack `run` (reused if done).
+    the locality study of one model's attack run (reused if done).
 
-    `loaded`: `common.load_model(name, weights)`. The study is reused when made
-    from the same attack.csv and weights (both by content) and settings; its
-    moves are then read back from DIR/<model>/locality.csv, once.
+    The study is reused when made from the same attack.csv and weights (both by
+    content) and settings; its moves are then read back from
+    DIR/<model>/locality.csv, once.
     """
+    name, model_dir, run = step.name, step.model_dir, step.run
     table = run.table
     locality.check_one_pixel(table["pixels"])
     settings = {
         "attack_csv_sha256": run.csv_sha256,
-        "weights_sha256": weights_sha256,
-        "seed": seed,
-        "max_distance": max_distance,
+        "weights_sha256": step.weights_sha256,
+        "seed": step.seed,
+        "max_distance": step.max_distance,
         "vulnerability_maps": num_maps,
     }
-    apply_fn, variables, permutation = _model(loaded)
+    apply_fn, variables, permutation = step.model()
     reused = _reuse(name, model_dir, settings, table, permutation is not None)
     if reused is not None:
         return reused
     succ_rows = np.flatnonzero(table["success"])
-    x_test, y_test = dataset.split("test")
-    check_dataset(run.csv_path, table, x_test, y_test)
+    check_dataset(run.csv_path, table, *step.dataset.split("test"))
     start = time.time()
     progress = Progress(len(succ_rows), what="images")
     result, study, maps_arrays = study_lib.study_attacks(
         apply_fn,
         variables,
         table,
-        x_test[table["index"]],
-        y_test[table["index"]],
-        seed=seed,
-        max_distance=max_distance,
+        *step.attacked_images(),
+        seed=step.seed,
+        max_distance=step.max_distance,
         num_maps=num_maps,
-        batch_size=batch_size,
+        batch_size=step.batch_size,
         permutation=permutation,
         log=_model_log(name),
         on_batch=progress.update,
@@ -194,50 +217,22 @@ def locality_for_model(
     files["vulnerability_maps.npz"] = rundir.npz_bytes(maps_arrays)
     _write_step(model_dir, "locality.json", record, files)
     record["maps"] = maps_arrays
-    moved = study_lib.moves_table(table, study, max_distance)
+    moved = study_lib.moves_table(table, study, step.max_distance)
     return record, moved, record["files_sha256"].get(locality_file.NAME)
 
 
-def _inputs(
-    run: AttackRun,
-    locality_sha256: str | None,
-    weights_sha256: str,
-    seed: int,
-    max_distance: int,
-) -> dict[str, Any]:
-    """What a step after the study is made from, the first settings of its record
-    (controls.json, within_image.json): reused only when all of them are equal."""
-    return {
-        "attack_csv_sha256": run.csv_sha256,
-        "locality_csv_sha256": locality_sha256,
-        "weights_sha256": weights_sha256,
-        "seed": seed,
-        "max_distance": max_distance,
-    }
-
-
 def controls_for_model(
-    name: str,
-    model_dir: str,
-    weights_sha256: str,
-    loaded: tuple,
-    dataset,
-    run: AttackRun,
-    moved: dict[str, np.ndarray],
-    locality_sha256: str | None,
-    seed: int,
-    max_distance: int,
-    batch_size: int,
+    step: ModelRun, moved: dict[str, np.ndarray], locality_sha256: str | None
 ) -> dict[str, Any] | None:
-    """The controls of one model's attack `run` and its study's moves (`moved`,
+    """The controls of one model's attack run and its study's moves (`moved`,
     locality.csv's rows; `locality_sha256`: that file's SHA-256).
 
     Reused (DIR/<model>/controls.json) when made from the same two files, weights
     and settings; writes DIR/<model>/controls.csv and controls.json.
     """
-    table = run.table
+    name, model_dir, table = step.name, step.model_dir, step.run.table
     settings = {
-        **_inputs(run, locality_sha256, weights_sha256, seed, max_distance),
+        **step.inputs(locality_sha256),
         "context_tolerance": locality_controls.CONTEXT_TOLERANCE,
         "context_min_distance": locality_controls.CONTEXT_MIN_DISTANCE,
         "bootstrap": study_lib.CONTROLS_BOOTSTRAP,
@@ -249,17 +244,15 @@ def controls_for_model(
     cached = _reused(name, model_dir, "controls.json", settings, "locality controls")
     if cached is not None:
         return cached
-    x_test, y_test = dataset.split("test")
-    apply_fn, variables, _ = _model(loaded)
+    apply_fn, variables, _ = step.model()
     summary, attacked, per_attack, draws = study_lib.controls_study(
         apply_fn,
         variables,
         table,
         moved,
-        x_test[table["index"]],
-        y_test[table["index"]],
-        seed,
-        batch_size,
+        *step.attacked_images(),
+        step.seed,
+        step.batch_size,
         log=_model_log(name),
     )
     record = {"settings": settings, **summary}
@@ -269,32 +262,22 @@ def controls_for_model(
 
 
 def within_image_for_model(
-    name: str,
-    model_dir: str,
-    weights_sha256: str,
-    loaded: tuple,
-    dataset,
-    run: AttackRun,
-    moved: dict[str, np.ndarray],
-    locality_sha256: str | None,
-    seed: int,
-    max_distance: int,
-    batch_size: int,
+    step: ModelRun, moved: dict[str, np.ndarray], locality_sha256: str | None
 ) -> dict[str, Any] | None:
     """Receptive field or image content: one model's measures (`content`), from
-    its attack `run` and its study's moves (`moved`, locality.csv's rows);
+    its attack run and its study's moves (`moved`, locality.csv's rows);
     DIR/<model>/within_image.json.
 
     The ring outcomes per position are recomputed (locality.csv keeps their counts
     only) and checked against locality.csv's nearby and random outcomes.
     """
-    table = run.table
+    name, model_dir, table = step.name, step.model_dir, step.run.table
     if not table["success"].any():
         say(f"{name}: no successful attack, no within-image analysis")
         return None
-    apply_fn, variables, permutation = _model(loaded)
+    apply_fn, variables, permutation = step.model()
     settings = {
-        **_inputs(run, locality_sha256, weights_sha256, seed, max_distance),
+        **step.inputs(locality_sha256),
         "fit_resamples": content.FIT_RESAMPLES,
         "rate_resamples": content.RATE_RESAMPLES,
         "version": WITHIN_IMAGE_VERSION,
@@ -304,18 +287,16 @@ def within_image_for_model(
     )
     if cached is not None:
         return cached
-    x_test, y_test = dataset.split("test")
     try:
         result, arrays = study_lib.within_image_study(
             apply_fn,
             variables,
             table,
             moved,
-            x_test[table["index"]],
-            y_test[table["index"]],
-            seed,
-            max_distance,
-            batch_size,
+            *step.attacked_images(),
+            step.seed,
+            step.max_distance,
+            step.batch_size,
             permutation,
             log=_model_log(name),
         )
@@ -390,14 +371,20 @@ def attack_and_study(
     )
     if run is None:
         return None
-    weights_sha256 = provenance.weights_sha256(name, weights)
-    given = (name, model_dir, weights_sha256, loaded, dataset, run)
-    record, moved, locality_sha256 = locality_for_model(
-        *given, options.seed, max_distance, num_maps, batch_size
+    step = ModelRun(
+        name,
+        model_dir,
+        provenance.weights_sha256(name, weights),
+        loaded,
+        dataset,
+        run,
+        options.seed,
+        max_distance,
+        batch_size,
     )
-    steps = (*given, moved, locality_sha256, options.seed, max_distance, batch_size)
-    record["controls"] = controls_for_model(*steps)
-    record["within_image"] = within_image_for_model(*steps)
+    record, moved, locality_sha256 = locality_for_model(step, num_maps)
+    record["controls"] = controls_for_model(step, moved, locality_sha256)
+    record["within_image"] = within_image_for_model(step, moved, locality_sha256)
     say(
         f"{name}: original {stats.format_proportion(record['original_all'])}; "
         f"random {stats.format_proportion(record['random'])}; "

@@ -475,8 +475,18 @@ def test_unreadable_locality_outputs_are_recomputed(setup, reference, capsys):
 
     def study():
         run = attack_run.run_attack(workdir, **kwargs)
-        given = ("lenet_tiny", workdir, weights_sha256, loaded, kwargs["dataset"])
-        return locality_run.locality_for_model(*given, run, 0, 2, 1, 256)
+        step = locality_run.ModelRun(
+            "lenet_tiny",
+            workdir,
+            weights_sha256,
+            loaded,
+            kwargs["dataset"],
+            run,
+            seed=0,
+            max_distance=2,
+            batch_size=256,
+        )
+        return locality_run.locality_for_model(step, num_maps=1)
 
     first, moved, locality_sha256 = study()
     record = json.load(open(os.path.join(workdir, "locality.json")))
