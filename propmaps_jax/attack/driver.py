@@ -286,6 +286,8 @@ def attack_stream(
         the compiled code stay the same as for a run from 0).
       capacity: queue length to compile for (>= N); runs with the same capacity
         share one compiled program whatever their N (e.g. targets, resumes).
+        Either way the queue is rounded up to a power of two per device, so runs
+        of similar sizes share one program too.
       mesh: a 1-D mesh whose devices share the images; default all devices.
       num_classes: checks labels/targets against it when given.
       on_progress: called as on_progress(info: ProgressInfo) about every
