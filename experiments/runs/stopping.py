@@ -179,6 +179,14 @@ def _holds_results(workdir: str | None) -> bool:
         return False
 
 
+def interruption(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """(what stopped the run, its exit status) of Ctrl-C or SIGTERM (`Terminated`):
+    ("interrupted", 130) or ("terminated (SIGTERM)", 143)."""
+    if isinstance(stop, Terminated):
+        return "terminated (SIGTERM)", EXIT_TERMINATED
+    return "interrupted", EXIT_INTERRUPTED
+
+
 def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] | None:
     """(one line, exit status) of a run stopped by `error`; None for other errors.
 
@@ -194,16 +202,10 @@ def stop_message(error: BaseException, workdir: str | None) -> tuple[str, int] |
         else "no result was written yet"
     )
     if isinstance(error, KeyboardInterrupt):
-        terminated = isinstance(error, Terminated)
-        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        what, status = interruption(error)
         if not kept:
-            return f"{what} before the first result was written", (
-                EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-            )
-        return (
-            f"{what}: {where}; run the same command again to resume",
-            EXIT_TERMINATED if terminated else EXIT_INTERRUPTED,
-        )
+            return f"{what} before the first result was written", status
+        return f"{what}: {where}; run the same command again to resume", status
     if isinstance(error, TimeLimit):
         return (
             f"stopped after --max_minutes: {error}; run the same command again to "

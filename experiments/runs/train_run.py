@@ -161,8 +161,6 @@ def exit_interrupted(stop: KeyboardInterrupt, workdir: str | None) -> None:
         message += "again to resume"
     else:
         message = "no checkpoint was written yet"
-    term = isinstance(stop, stopping.Terminated)
-    sys.stderr.write(
-        f"{'terminated (SIGTERM)' if term else 'interrupted'}: {message}\n"
-    )
-    sys.exit(stopping.EXIT_TERMINATED if term else stopping.EXIT_INTERRUPTED)
+    what, status = stopping.interruption(stop)
+    sys.stderr.write(f"{what}: {message}\n")
+    sys.exit(status)
