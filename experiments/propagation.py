@@ -184,14 +184,6 @@ def check_pixels(pixels: np.ndarray, image_shape: tuple[int, ...], flag: str) ->
         raise PropmapsError(f"colours from {flag} must be in 0..255")
 
 
-def _save_figures(folder: str, figures: dict) -> None:
-    """Each {file name: figure} as a PNG in `folder`."""
-    for file, fig in figures.items():
-        path = os.path.join(folder, file)
-        plots.save_figure(fig, path)
-        print(f"wrote {path}")
-
-
 def paper_figures(
     cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray
 ) -> None:
@@ -217,7 +209,7 @@ def paper_figures(
     folder = os.path.join(workdir, cfg.paper_folder)
     storage.makedirs(folder)
     for figure in figures:
-        _save_figures(
+        plots.save_figures(
             folder, propagation_figures.paper_figure(figure, cfg.model, cfg.columns)
         )
         r = figure.record()
@@ -270,7 +262,7 @@ def one_attack(cfg: PropagationConfig, images: np.ndarray, labels: np.ndarray) -
     storage.makedirs(folder)
     about = f"{cfg.model}, test image {index} ({source})"
     figures = propagation_figures.attack_figures(maps, about, cfg.columns)
-    _save_figures(folder, {f"{name}_{k}.png": f for k, f in figures.items()})
+    plots.save_figures(folder, {f"{name}_{k}.png": f for k, f in figures.items()})
     npz_path = os.path.join(folder, f"{name}_maps.npz")
     rundir.write_npz(npz_path, maps.arrays())
     print(f"wrote {npz_path}")

@@ -231,8 +231,9 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
         os.path.join(out_dir, "table.csv"), salience_csv.table_csv(study.rows)
     )
     title = f"{model_name}, {config.method} saliency ({config.score})"
-    for name, fig in salience_figures.study_figures(study, title).items():
-        plots.save_figure(fig, os.path.join(out_dir, name))
+    plots.save_figures(
+        out_dir, salience_figures.study_figures(study, title), echo=False
+    )
     summary["seconds"] = round(time.time() - start, 2)
     rundir.write_json(
         os.path.join(out_dir, "summary.json"), salience_study.json_safe(summary)

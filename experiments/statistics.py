@@ -177,12 +177,9 @@ def run(cfg: StatisticsConfig, images: np.ndarray, labels: np.ndarray) -> None:
         if study.counts[outcome] == 0:
             path = os.path.join(out_dir, f"mean_pm_avg_{outcome}.png")
             logging.info("no %s attacks: no %s", outcome, path)
-    for name, fig in propagation_figures.study_figures(
-        study, cfg.model, cfg.columns
-    ).items():
-        path = os.path.join(out_dir, name)
-        plots.save_figure(fig, path)
-        print(f"wrote {path}")
+    plots.save_figures(
+        out_dir, propagation_figures.study_figures(study, cfg.model, cfg.columns)
+    )
     summary = statistics_json.summary(
         study, cfg.model, cfg.weights, csv_path, cfg.layers, common.device_description()
     )
