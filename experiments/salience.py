@@ -129,11 +129,9 @@ def run(cfg: SalienceConfig, dataset) -> dict[str, Any]:
         raise PropmapsError(f"--bootstrap must be at least 100, got {resamples}")
     if cfg.examples < 0:
         raise PropmapsError(f"--examples must be >= 0, got {cfg.examples}")
-    batch_size = cfg.batch_size
-    if batch_size is None:
-        batch_size = salience_study.default_batch_size(config)
-    if batch_size < 1:
-        raise PropmapsError(f"--batch_size must be at least 1, got {batch_size}")
+    batch_size = common.default_batch_size(
+        cfg.batch_size, salience_study.default_batch_size(config)
+    )
     x_test, y_test = dataset.split("test")
     run = load_attack_run(
         workdir, x_test, y_test, model_name=model_name, weights=weights
