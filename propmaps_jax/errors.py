@@ -10,6 +10,13 @@ class PropmapsError(ValueError):
     showing a traceback.
     """
 
+    @property
+    def problem(self) -> str:
+        """What is wrong, for a caller that says itself what it does about it: the
+        whole message, less the remedy where the error keeps it apart
+        (`RefusedFile`)."""
+        return str(self)
+
 
 class RefusedFile(PropmapsError):
     """A results file that cannot be used: what is wrong with it (`problem`, naming
@@ -19,7 +26,11 @@ class RefusedFile(PropmapsError):
 
     def __init__(self, problem: str, remedy: str, sep: str = ": ") -> None:
         super().__init__(f"{problem}{sep}{remedy}")
-        self.problem, self.remedy, self.sep = problem, remedy, sep
+        self._problem, self.remedy, self.sep = problem, remedy, sep
+
+    @property
+    def problem(self) -> str:
+        return self._problem
 
     def __reduce__(self):
         return type(self), (self.problem, self.remedy, self.sep)

@@ -51,7 +51,7 @@ from experiments.runs import (
 )
 from propmaps_jax import data, evaluation, models
 from propmaps_jax.attack import AttackConfig, ProgressInfo, attack_stream
-from propmaps_jax.errors import PropmapsError, RefusedFile
+from propmaps_jax.errors import PropmapsError
 from propmaps_jax.progress import format_duration
 from propmaps_jax.results import attack_csv, hashing, provenance
 
@@ -350,7 +350,7 @@ def _finished(workdir: str, summary: dict) -> tuple[attack_csv.AttackRun | None,
     try:
         table, sha256 = attack_csv.read_recorded_csv(csv_path, summary)
     except PropmapsError as e:  # the problem alone: the caller says what it does
-        return None, e.problem if isinstance(e, RefusedFile) else str(e)
+        return None, e.problem
     return attack_csv.AttackRun(workdir, csv_path, table, summary, sha256), ""
 
 

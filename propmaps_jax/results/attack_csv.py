@@ -693,7 +693,7 @@ def chunk_problem(
             path, csv_text(max(pixels, 1), rows), target, image_shape
         )
     except PropmapsError as e:
-        return e.problem if isinstance(e, RefusedFile) else str(e)
+        return e.problem
     found = {
         "successes": int(table["success"].sum()),
         "evaluations": int(table["evaluations"].sum()),

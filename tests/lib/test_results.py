@@ -212,6 +212,8 @@ def test_a_refused_file_gives_its_problem_and_its_remedy_apart(tmp_path):
     assert error.problem == f"{path} is empty"
     assert str(error) == f"{error.problem}: {error.remedy}"
     assert error.remedy.startswith("run the attack again")
+    # Other errors keep their remedy in their one message: that is their problem.
+    assert PropmapsError("x is wrong: do y").problem == "x is wrong: do y"
     again = pickle.loads(pickle.dumps(error))
     assert (str(again), again.problem, again.remedy) == (
         str(error),
