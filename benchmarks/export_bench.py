@@ -195,7 +195,7 @@ def programs(
             (variables, _images(batch, image_shape)),
         )
     )
-    # Propagation maps of one attack (experiments/propagation.py `_analyze`).
+    # Propagation maps of one attack (`paper_examples.attack_maps`).
     out.append(
         Program(
             "propagation.analyze (one attack)",
@@ -209,7 +209,7 @@ def programs(
             ),
         )
     )
-    # Propagation statistics over many attacks (experiments/statistics.py `_stream`).
+    # Propagation statistics over many attacks (`statistics.study_attacks`).
     shapes = models.check_model(features, variables, image_shape)
     stats = _spec(jax.eval_shape(lambda: propagation.init_statistics(shapes)))
 
@@ -278,12 +278,9 @@ def programs(
                 (key_data, variables, _images(batch, image_shape), _ints(batch)),
             )
         )
-    conv_shapes = models.check_model(features, variables, image_shape)
     sconfig = saliency.SaliencyConfig(method="smoothgrad", samples=saliency_samples)
     analyse = jax.jit(
-        functools.partial(
-            saliency.analyse_changes, sconfig, features, list(conv_shapes)[-1]
-        )
+        functools.partial(saliency.analyse_changes, sconfig, features, list(shapes)[-1])
     )
     keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype)
     out.append(
