@@ -1,7 +1,6 @@
 """Set-up that several test files share: a tiny LeNet saved as a checkpoint, fake
 CIFAR-10 images labelled with its own predictions (a few changed: misclassified,
-so not attacked), that data as an .npz, the comparison of loaded datasets, and a
-float64 NumPy convolution (the independent reference of the propagation maps)."""
+so not attacked), that data as an .npz, and the comparison of loaded datasets."""
 
 import os
 import subprocess
@@ -125,27 +124,3 @@ def start_interruptible(code: str, *args: str, stdout=subprocess.PIPE):
         "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     )
     return start(*args, code=restore_sigint + code, stdout=stdout)
-
-
-def numpy_conv_same(x, kernel, bias, stride):
-    """float64 NHWC convolution with XLA/TensorFlow 'SAME' padding."""
-    n, h, w, _ = x.shape
-    kh, kw, _, out = kernel.shape
-    out_h, out_w = -(-h // stride), -(-w // stride)
-    pad_h = max((out_h - 1) * stride + kh - h, 0)
-    pad_w = max((out_w - 1) * stride + kw - w, 0)
-    xp = np.pad(
-        x,
-        (
-            (0, 0),
-            (pad_h // 2, pad_h - pad_h // 2),
-            (pad_w // 2, pad_w - pad_w // 2),
-            (0, 0),
-        ),
-    )
-    y = np.zeros((n, out_h, out_w, out), np.float64)
-    for i in range(out_h):
-        for j in range(out_w):
-            patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
-            y[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, kernel)
-    return y + (0.0 if bias is None else bias)

@@ -16,7 +16,7 @@ import propmaps_jax as pj
 from propmaps_jax import models
 from propmaps_jax.analysis import propagation
 from propmaps_jax.errors import PropmapsError
-from tests._fixtures import numpy_conv_same
+from tests.keras_reference import conv2d
 
 SHAPE = (8, 8, 3)
 
@@ -53,8 +53,8 @@ def _plain_params():
 
 def _numpy_layers(params, images):
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    conv1 = numpy_conv_same(images.astype(np.float64) / 255.0, p["w1"], p["b1"], 1)
-    conv2 = numpy_conv_same(np.maximum(conv1, 0), p["w2"], p["b2"], 2)
+    conv1 = conv2d(images.astype(np.float64) / 255.0, p["w1"], p["b1"], (1, 1), "same")
+    conv2 = conv2d(np.maximum(conv1, 0), p["w2"], p["b2"], (2, 2), "same")
     return {"conv1": conv1, "conv2": conv2}
 
 

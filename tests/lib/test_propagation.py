@@ -11,7 +11,7 @@ from propmaps_jax import models
 from propmaps_jax.analysis import propagation
 from propmaps_jax.errors import PropmapsError
 from propmaps_jax.models import layer_outputs
-from tests._fixtures import numpy_conv_same
+from tests.keras_reference import conv2d
 
 
 class ConvStack(nn.Module):
@@ -47,8 +47,8 @@ def numpy_stack_maps(module, params, images):
     out = {}
     for i, s in enumerate(module.strides):
         p = params[f"conv{i + 1}"]
-        bias = np.asarray(p["bias"], np.float64) if "bias" in p else None
-        x = numpy_conv_same(x, np.asarray(p["kernel"], np.float64), bias, s)
+        bias = np.asarray(p["bias"], np.float64) if "bias" in p else 0.0
+        x = conv2d(x, np.asarray(p["kernel"], np.float64), bias, (s, s), "same")
         out[f"conv{i + 1}"] = x
         if module.relu and i < len(module.strides) - 1:
             x = np.maximum(x, 0.0)
