@@ -15,6 +15,7 @@
 
 import contextlib
 import dataclasses
+import gc
 import io
 import os
 import shutil
@@ -24,6 +25,18 @@ import sys
 import tempfile
 import time
 import traceback
+
+# Where PYTHONDONTWRITEBYTECODE is set (the project's machines set it), every
+# process the suite starts (about 35: launch.py, the notebook's kernel, the
+# fresh-import checks) would compile this tree's modules from source again, 0.15 s
+# each: their bytecode goes to a folder of the session instead, removed at its end,
+# so nothing is written into the tree. A user's own PYTHONPYCACHEPREFIX wins.
+_OWN_PYCACHE = sys.dont_write_bytecode and "PYTHONPYCACHEPREFIX" not in os.environ
+if _OWN_PYCACHE:
+    sys.pycache_prefix = tempfile.mkdtemp(prefix="propmaps-test-pycache-")
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
 
 # The suite compiles a few hundred small XLA programs, and compiling, not running
 # them, is most of its time: XLA's optimisations are switched off for the test
@@ -122,6 +135,13 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
     finally:
         _CURRENT_TEST[0] = "(between tests)"
+        # A test process ends holding about 1.5 million objects (JAX's caches of
+        # traced and compiled programs), and each of Python's full collections
+        # walks them all. What is alive after a test is moved out of the
+        # collector's way; a test's own objects are still collected while it runs.
+        # Measured in a full run (2026-12-08): full collections 18 -> 4
+        # CPU-seconds; the workers' peak memory 4.0 and 3.4 GB -> 4.0 and 4.0 GB.
+        gc.freeze()
 
 
 # pytest-xdist hands whole files to its workers in collection order: the longest
@@ -201,6 +221,8 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_unconfigure(config):
     if _OWN_COMPILE_CACHE:
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+    if _OWN_PYCACHE:
+        shutil.rmtree(sys.pycache_prefix, ignore_errors=True)
 
 
 @dataclasses.dataclass
