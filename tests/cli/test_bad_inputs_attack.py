@@ -215,21 +215,23 @@ def test_locality_checks_every_model_before_attacking(files):
     assert not os.path.exists(workdir)
 
 
-# The attack through launch.py, slowed down after each saved chunk, so that the
-# test can interrupt it between the first and the last chunk.
+# The attack through launch.py, slowed down after each saved chunk (by $SLOW_SAVE_S
+# seconds, default 0.5), so that the test can interrupt it between the first and
+# the last chunk.
 # A shell's background job ignores SIGINT and its children inherit that: the child
 # restores Python's handler, as in a user's terminal.
 SLOW_ATTACK = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     import experiments.runs.chunks as chunk_store
     import launch
 
     save_chunk = chunk_store.save_chunk
+    pause_s = float(os.environ.get("SLOW_SAVE_S", "0.5"))
 
     def slow_save(*args):
         save_chunk(*args)
-        time.sleep(0.5)
+        time.sleep(pause_s)
 
     chunk_store.save_chunk = slow_save
     sys.argv = ["launch.py"] + sys.argv[1:]
@@ -341,12 +343,14 @@ SIGNALS_IN_ONE_CALL = textwrap.dedent(
     from experiments.runs import stopping
     stopping.handle_sigterm()
     def send():
-        time.sleep(0.3)
+        time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
     threading.Thread(target=send).start()
     try:
-        sum(range(6 * 10**7))  # holds the GIL: the thread sends during the sleep
+        # One C call that holds the GIL for about 0.4 s (quiet machine, 2026-12-08):
+        # the thread wakes during it and sends both once it ends.
+        sum(range(2 * 10**7))
         sum(range(10))
         time.sleep(2)
     except KeyboardInterrupt as e:
@@ -384,10 +388,12 @@ def test_a_closed_pipe_does_not_stop_the_run(files, reference_run):
     the progress lines and the result that follow go nowhere, and the run
     finishes (exit 0) with the attack.csv of any other run."""
     workdir, args = _slow_attack_args(files, "closed_pipe")
+    # The pipe is closed long before the first chunk (the attack compiles first):
+    # a short pause after each chunk keeps the later lines apart, no more is needed.
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_ATTACK, *args],
         cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "SLOW_SAVE_S": "0.05"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,  # 2>&1
     )
