@@ -4,7 +4,8 @@ Against fake-gcs-server on 127.0.0.1 (conftest's `gcs_emulator`/`gcs_bucket`,
 reached through STORAGE_EMULATOR_HOST), skipped where it is not installed. The
 experiments run in this process with a tiny LeNet (conftest's `launch`); real
 processes only where the process is the point: a first start against a missing
-bucket, and the two-process run.
+bucket. The two-process run on gs:// (process 0 alone touches it) is in
+tests/lib/test_attack_distributed.py, on the processes that check its results.
 """
 
 import json
@@ -16,7 +17,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import launch, start
+from conftest import launch
 from test_run_trust import (  # noqa: F401 (fixtures used below)
     as_launched,
     reference,
@@ -267,15 +268,9 @@ def test_store_gone_mid_run_is_one_line_and_a_rerun_resumes(
 ALONE = {"CIFAR10_PATH": None}
 
 
-def finished(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return out, err
-
-
 def ran(*args: str):
-    """launch.py in this process, as `start` would run it (no $CIFAR10_PATH),
-    checked to exit 0: what it did (conftest.Launched)."""
+    """launch.py in this process, as a process of its own would run it (no
+    $CIFAR10_PATH), checked to exit 0: what it did (conftest.Launched)."""
     done = launch(*args, env=ALONE)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -372,45 +367,6 @@ def test_locality_and_propagation_on_gcs_write_what_a_local_disk_gets(
         with open(os.path.join(local, "lenet_tiny", name), "rb") as f:
             got = storage.read_bytes(storage.join(remote, "lenet_tiny", name))
             assert got == f.read(), name
-
-
-@pytest.mark.e2e  # two real launch.py processes at once (conftest's `start`)
-def test_two_processes_only_process_0_touches_gcs(tiny, local_csv, gcs_bucket):
-    """--distributed on 2 localhost processes with a gs:// workdir: process 1 is
-    pointed at a store that does not answer, so any read or write of it would
-    fail the run (after retries); both exit 0 and attack.csv on gs:// is the
-    single-process local one."""
-    _, kwargs, npz = tiny
-    address = f"localhost:{_gcs_emulator.free_port()}"
-    dead = f"http://127.0.0.1:{_gcs_emulator.free_port()}"
-    workdir = storage.join(gcs_bucket, "two")
-    runs = [
-        start(
-            "--experiment=attack",
-            "--model=lenet_tiny",
-            f"--weights={kwargs['weights']}",
-            f"--cifar10_path={npz}",
-            "--num_samples=10",
-            "--population=8",
-            "--generations=3",
-            "--slots=3",
-            "--chunk_size=4",
-            f"--workdir={workdir}",
-            "--distributed",
-            f"--coordinator_address={address}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            env=ALONE if i == 0 else {**ALONE, "STORAGE_EMULATOR_HOST": dead},
-        )
-        for i in range(2)
-    ]
-    outputs = [finished(r) for r in runs]
-    assert f"results in {workdir}" in outputs[0][0]
-    assert storage.read_text(storage.join(workdir, "attack.csv")) == local_csv
-    summary = json.loads(
-        storage.read_text(storage.join(workdir, "attack_summary.json"))
-    )
-    assert summary["device"]["process_count"] == 2
 
 
 def test_train_stopped_and_resumed_on_gcs_then_evaluate(gcs_bucket, tmp_path):

@@ -1,4 +1,5 @@
-"""The attack on 4 forced CPU devices and on 2 processes gives the 1-device results."""
+"""The attack on 4 forced CPU devices and on 2 processes gives the 1-device results;
+on 2 processes with a gs:// workdir, process 0 alone touches it."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import launch, start
 
+from experiments.runs import storage
 from tests._attack_case import SLOTS, attack_case
 from tests._fixtures import classified_images, save_lenet_tiny, save_npz
 
@@ -51,11 +53,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_two_devices_match_one_device(tmp_path):
+def test_two_processes_of_two_devices_match_one_device(tmp_path, gcs_bucket):
     """2 localhost processes (jax.distributed, gloo) of 2 forced CPU devices each:
-    the attack sharded over 4 devices of 2 processes gives the 1-device results,
-    and launch.py --experiment=attack --distributed on them: process 0 alone
-    writes, and attack.csv equals that of a single-process run."""
+    the attack sharded over 4 devices of 2 processes gives the 1-device results;
+    and launch.py --experiment=attack --distributed on them with a gs:// workdir:
+    process 0 alone touches it (process 1 is pointed at a store that does not
+    answer, so any read or write of it would fail the run, after retries), and its
+    attack.csv is that of a single-process run on a local disk."""
     weights = str(tmp_path / "lenet_tiny.msgpack")
     model, variables = save_lenet_tiny(weights, 2)
     # Two misclassified images: not attacked.
@@ -78,6 +82,8 @@ def test_two_processes_of_two_devices_match_one_device(tmp_path):
         ]
 
     address = f"localhost:{free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
+    remote = storage.join(gcs_bucket, "two")
     # This process's compiler options (conftest's: others could change the last
     # float bits) and the device count.
     flags = (
@@ -87,14 +93,14 @@ def test_two_processes_of_two_devices_match_one_device(tmp_path):
         start(
             str(tmp_path / f"p{i}.npz"),
             *command(
-                tmp_path / "two",
+                remote,
                 "--distributed",
                 f"--coordinator_address={address}",
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
             code=WORKER,
-            env={"XLA_FLAGS": flags},
+            env={"XLA_FLAGS": flags, **({"STORAGE_EMULATOR_HOST": dead} if i else {})},
         )
         for i in range(2)
     ]
@@ -102,14 +108,16 @@ def test_two_processes_of_two_devices_match_one_device(tmp_path):
     single = launch(*command(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
     reference = attack_case(slots=SLOTS)
+    outputs = []
     for run in runs:
-        _, err = run.communicate(timeout=240)
+        out, err = run.communicate(timeout=240)
         assert run.returncode == 0, err[-3000:]
+        outputs.append(out)
+    assert f"results in {remote}" in outputs[0]
 
     one = (tmp_path / "one" / "attack.csv").read_text()
-    two = (tmp_path / "two" / "attack.csv").read_text()
-    assert one == two
-    summary = json.loads((tmp_path / "two" / "attack_summary.json").read_text())
+    assert storage.read_text(storage.join(remote, "attack.csv")) == one
+    summary = json.loads(storage.read_text(storage.join(remote, "attack_summary.json")))
     assert summary["device"]["process_count"] == 2
     assert summary["attacked"] == 10 and summary["not_attacked_misclassified"] == 2
 
