@@ -125,6 +125,7 @@ def image_keys(key: PRNGKey, indices: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices))
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
 def sample_nearby(
     key: PRNGKey,
     indices: jax.Array,
@@ -143,6 +144,7 @@ def sample_nearby(
     )
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
 def sample_random(
     key: PRNGKey,
     indices: jax.Array,
