@@ -206,12 +206,15 @@ def test_post_activation_and_signed_summaries_against_numpy(tiny_resnet):
     # bn_relu: ReLU of every BatchNorm output, as the model computes it.
     module, variables = tiny_resnet
     images = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
-    _, _, maps, _ = propagation.paired_feature_maps(
+    # Both forwards compiled, each as one program (not op by op).
+    _, _, maps, _ = jax.jit(propagation.paired_feature_maps, static_argnums=0)(
         models.linen_features(module, "bn_relu"), variables, images, images
     )
-    _, raw = models.layer_outputs(
-        module, variables, jnp.asarray(images), models.is_batch_norm, train=False
-    )
+    _, raw = jax.jit(
+        lambda v, x: models.layer_outputs(
+            module, v, x, models.is_batch_norm, train=False
+        )
+    )(variables, jnp.asarray(images))
     assert list(maps)[0] == "stage1_block1/bn1" and list(maps)[-1] == "bn_final"
     for name in raw:
         np.testing.assert_allclose(
