@@ -353,14 +353,13 @@ def test_programs_are_the_tested_functions_compiled_once(tiny_lenet, random_imag
     assert locality.moves_program(apply_fn, 2) is program
     got = program(variables, random_images, labels, pixels, nearby, far)
     offsets, _ = locality.chebyshev_offsets(2)
+    # The tested functions, each compiled on its own (op by op they would compile
+    # a program per operation).
+    evaluate_moved = jax.jit(locality.evaluate_moved, static_argnums=0)
     expected = (
-        locality.evaluate_moved(
-            apply_fn, variables, random_images, labels, pixels, *nearby.T
-        ),
-        locality.evaluate_moved(
-            apply_fn, variables, random_images, labels, pixels, *far.T
-        ),
-        *locality.evaluate_offsets(
+        evaluate_moved(apply_fn, variables, random_images, labels, pixels, *nearby.T),
+        evaluate_moved(apply_fn, variables, random_images, labels, pixels, *far.T),
+        *jax.jit(locality.evaluate_offsets, static_argnums=0)(
             apply_fn, variables, random_images, labels, pixels, offsets
         ),
     )
@@ -375,7 +374,7 @@ def test_programs_are_the_tested_functions_compiled_once(tiny_lenet, random_imag
     assert locality.vulnerability_program(apply_fn, 300) is vulnerability
     colour = np.array([250, 5, 120])
     got = vulnerability(variables, random_images[0], 3, colour)
-    expected = locality.vulnerability_map(
+    expected = jax.jit(locality.vulnerability_map, static_argnums=(0, 5))(
         apply_fn, variables, random_images[0], 3, colour, 300
     )
     np.testing.assert_array_equal(got.pred, expected.pred)
