@@ -72,7 +72,10 @@ from propmaps_jax import models  # noqa: E402
 # the download without a source gets a private cache and a refused address (port 9,
 # discard), so it fails at once with the offline error. This process's environment
 # is inherited by the tests' subprocesses. Download tests set their own server.
-os.environ["PROPMAPS_CACHE"] = tempfile.mkdtemp(prefix="propmaps-test-cache-")
+# Each test process makes its own (removed at its end).
+_TEST_CACHE = os.environ["PROPMAPS_CACHE"] = tempfile.mkdtemp(
+    prefix="propmaps-test-cache-"
+)
 os.environ["PROPMAPS_CIFAR10_URL"] = "http://127.0.0.1:9/cifar-10-python.tar.gz"
 os.environ.pop("PROPMAPS_CIFAR10_MD5", None)
 
@@ -83,9 +86,11 @@ os.environ.pop("PROPMAPS_CIFAR10_MD5", None)
 # that an earlier process compiled (2026-12-08: 16 CPU-seconds less than keeping
 # only those over 0.1 s). A user's own JAX_COMPILATION_CACHE_DIR wins.
 _OWN_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-COMPILE_CACHE = os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="propmaps-test-xla-")
-)
+if _OWN_COMPILE_CACHE:  # the workers inherit the controller's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="propmaps-test-xla-"
+    )
+COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update(
@@ -219,6 +224,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
     if _OWN_COMPILE_CACHE:
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     if _OWN_PYCACHE:
