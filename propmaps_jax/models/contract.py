@@ -65,7 +65,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from propmaps_jax.errors import PropmapsError
-from propmaps_jax.models.nets import is_conv, layer_outputs
+from propmaps_jax.models.nets import is_conv, is_hashable, layer_outputs
 from propmaps_jax.types import (
     ApplyFn,
     FeaturesFn,
@@ -90,14 +90,12 @@ def check_model(
 ) -> dict[str, tuple[int, ...]]:
     """Check a model against the contract, abstractly (no FLOPs); return its
     {layer: (H, W, K)} in forward order. One PropmapsError says what to change."""
-    try:
-        hash(features_fn)
-    except TypeError:
+    if not is_hashable(features_fn):
         raise PropmapsError(
             f"a model must be hashable (compiled programs are cached on it), "
             f"{type(features_fn).__name__} is not: use a function or a frozen "
             f"dataclass ({_SEE})"
-        ) from None
+        )
     batch = 2  # not 1, so that a model that drops the batch axis is caught
     dummy = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     try:
@@ -315,11 +313,14 @@ def make_logits_fn(module: nn.Module, variables: Variables) -> LogitsFn:
     """A closure images -> logits (inference) for one-off calls in scripts and tests.
 
     One compiled program per module and image shape, shared by every closure of an
-    equal module (op by op, a LeNet forward would compile about 15). The library's
-    engines take `apply_fn` and `variables` instead (see `make_apply_fn`), so that
-    weights are data, not constants of the program.
+    equal module (op by op, a LeNet forward would compile about 15); a module that
+    cannot key that cache (a list attribute) runs op by op. The library's engines
+    take `apply_fn` and `variables` instead (see `make_apply_fn`), so that weights
+    are data, not constants of the program.
     """
     apply_fn = make_apply_fn(module)
+    if not is_hashable(apply_fn):
+        return lambda images: apply_fn(variables, images)
     return lambda images: _compiled_apply(apply_fn, variables, images)
 
 

@@ -367,12 +367,13 @@ def init_variables(
 ) -> Variables:
     """Fresh variables ({"params", and "batch_stats" for BatchNorm models})."""
     image_shape = tuple(image_shape)
-    if not _hashable(module):  # a module with list attributes: traced each call
+    if not is_hashable(module):  # a module with list attributes: traced each call
         return _init.__wrapped__(module, key, image_shape)
     return _init(module, key, image_shape)
 
 
-def _hashable(value: Any) -> bool:
+def is_hashable(value: Any) -> bool:
+    """Whether `value` can key a cache (a static argument of a jitted function)."""
     try:
         hash(value)
     except TypeError:
@@ -495,7 +496,9 @@ def check_variables_fit(
 
 def variables_template(config: ModelConfig) -> Variables:
     """Shapes and dtypes of a model's variables, without compiling or running it."""
-    template = _template(config) if _hashable(config) else _template.__wrapped__(config)
+    template = (
+        _template(config) if is_hashable(config) else _template.__wrapped__(config)
+    )
     # A fresh copy of the containers: callers may change what they are given.
     return jax.tree_util.tree_map(lambda t: t, template)
 

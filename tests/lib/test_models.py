@@ -180,6 +180,32 @@ def test_works_for_any_linen_module(key):
     assert models.layer_outputs(module, variables, x)[1] == {}
 
 
+class ListWidths(nn.Module):
+    """A user's module with a list attribute: it cannot be hashed."""
+
+    widths: list
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        for width in self.widths:
+            x = nn.Dense(width)(x)
+        return x
+
+
+def test_a_module_that_cannot_be_hashed_is_initialised_and_applied(key):
+    # init_variables and make_logits_fn compile one program per hashable module;
+    # this one takes their op-by-op paths, with the same numbers.
+    module = ListWidths([4, 3])
+    with pytest.raises(TypeError):
+        hash(module)
+    variables = models.init_variables(module, key, (2, 2, 3))
+    assert variables["params"]["Dense_1"]["kernel"].shape == (4, 3)
+    x = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
+    logits = models.make_logits_fn(module, variables)(x)
+    np.testing.assert_allclose(logits, module.apply(variables, x.astype(np.float32)))
+
+
 @pytest.mark.parametrize("fixture", ["tiny_lenet", "tiny_resnet"])
 def test_normalisation_inside_the_model(fixture, request, random_images):
     module, variables = request.getfixturevalue(fixture)
